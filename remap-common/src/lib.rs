@@ -1,0 +1,181 @@
+//! Types shared by the remap eBPF programs (kernel side) and the agent (user side).
+//!
+//! Everything here is `#[repr(C)]` plain old data: the same bytes are written by the eBPF
+//! programs and read by user space, and the BTF of the eBPF object carries the field names so
+//! that `bpftool map dump pinned ...` pretty-prints them.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Watched devices: kernel `dev_t` (major << 20 | minor) → [`WatchedDev`].
+pub const MAP_WATCHED: &str = "WATCHED_DEVS";
+/// Ring buffer of [`ErrorEvent`]s.
+pub const MAP_EVENTS: &str = "ERROR_EVENTS";
+/// Per-CPU [`Counters`] (one entry, index 0).
+pub const MAP_COUNTERS: &str = "COUNTERS";
+/// LRU of [`DedupKey`] → timestamp (ns) of the last event reported for that chunk.
+pub const MAP_DEDUP: &str = "DEDUP";
+
+/// Name of the read-only global carrying the tracepoint [`Layout`].
+pub const GLOBAL_LAYOUT: &str = "LAYOUT";
+/// Name of the read-only global carrying the de-duplication window in nanoseconds.
+pub const GLOBAL_DEDUP_WINDOW_NS: &str = "DEDUP_WINDOW_NS";
+
+/// eBPF program attached to `block:block_rq_error` (preferred: it runs only on errors).
+pub const PROG_RQ_ERROR: &str = "rq_error";
+/// eBPF program attached to `block:block_rq_complete` (fallback: filters `error == 0` itself).
+pub const PROG_RQ_COMPLETE: &str = "rq_complete";
+
+/// Ring buffer size in bytes (a power of two, a multiple of the page size).
+pub const EVENTS_RING_BYTES: usize = 256 * 1024;
+/// Capacity of the watched-device map.
+pub const MAX_WATCHED: usize = 1024;
+/// Capacity of the de-duplication LRU.
+pub const DEDUP_ENTRIES: usize = 16 * 1024;
+
+/// Where the fields of `block_rq_error` / `block_rq_complete` sit in the trace record.
+///
+/// The layout changed between kernels (6.1 puts `rwbs` at 32, 6.12 at 34), and Rust eBPF has
+/// no CO-RE field relocations yet, so user space parses the tracepoint's `format` file and
+/// hands the offsets to the program at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Layout {
+    pub dev: u32,
+    pub sector: u32,
+    pub nr_sector: u32,
+    pub error: u32,
+    pub rwbs: u32,
+    /// Set to 1 once filled in from a format file; the programs do nothing while it is 0, so a
+    /// program loaded without a layout can never report garbage.
+    pub valid: u32,
+}
+
+/// Value of the watched-device map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct WatchedDev {
+    /// log2 of the chunk size in 512-byte sectors: repeats within one chunk are de-duplicated.
+    pub chunk_shift: u32,
+    pub _reserved: u32,
+}
+
+/// Key of the de-duplication LRU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DedupKey {
+    pub dev: u32,
+    pub _pad: u32,
+    pub chunk: u64,
+}
+
+/// Operation of the failed request, decoded from the tracepoint's `rwbs` string.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Other = 0,
+    Read = 1,
+    Write = 2,
+    Discard = 3,
+}
+
+impl Op {
+    /// Decodes the first two bytes of `rwbs`: an optional `F` (pre-flush) then the operation
+    /// letter. Flag letters that follow (`F`, `A`, `S`, `M`) never collide with R/W/D.
+    #[inline(always)]
+    pub fn from_rwbs(b0: u8, b1: u8) -> Self {
+        match (b0, b1) {
+            (b'R', _) | (b'F', b'R') => Self::Read,
+            (b'W', _) | (b'F', b'W') => Self::Write,
+            (b'D', _) | (b'F', b'D') => Self::Discard,
+            _ => Self::Other,
+        }
+    }
+
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Read,
+            2 => Self::Write,
+            3 => Self::Discard,
+            _ => Self::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Discard => "discard",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// One failed block request, as pushed to the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ErrorEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the request completed.
+    pub ts_ns: u64,
+    /// First 512-byte sector of the failed request.
+    pub sector: u64,
+    /// Kernel `dev_t`: major << 20 | minor.
+    pub dev: u32,
+    pub nr_sector: u32,
+    /// Positive errno (EIO = 5, ENODATA = 61, ...).
+    pub errno: i32,
+    /// [`Op`] as u8.
+    pub op: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Detector counters, one per CPU; user space sums them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Counters {
+    /// Failed requests seen on any device.
+    pub errors: u64,
+    /// Events pushed to the ring buffer.
+    pub events: u64,
+    /// Repeats of a (dev, chunk) inside the window, not reported.
+    pub dedups: u64,
+    /// Events lost because the ring buffer was full.
+    pub drops: u64,
+    /// Failed requests on devices nobody watches.
+    pub unwatched: u64,
+    /// Failed requests without data (nr_sector 0, e.g. a SCSI sense-only command).
+    pub no_data: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, o: &Self) {
+        self.errors += o.errors;
+        self.events += o.events;
+        self.dedups += o.dedups;
+        self.drops += o.drops;
+        self.unwatched += o.unwatched;
+        self.no_data += o.no_data;
+    }
+}
+
+/// Kernel-internal `dev_t` encoding used by block tracepoints (MINORBITS = 20).
+#[inline(always)]
+pub const fn kernel_dev(major: u32, minor: u32) -> u32 {
+    (major << 20) | (minor & 0xfffff)
+}
+
+/// Splits a kernel `dev_t` into (major, minor).
+#[inline(always)]
+pub const fn split_kernel_dev(dev: u32) -> (u32, u32) {
+    (dev >> 20, dev & 0xfffff)
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all of these are #[repr(C)] Pod types without padding holes.
+    unsafe impl aya::Pod for super::Layout {}
+    unsafe impl aya::Pod for super::WatchedDev {}
+    unsafe impl aya::Pod for super::DedupKey {}
+    unsafe impl aya::Pod for super::ErrorEvent {}
+    unsafe impl aya::Pod for super::Counters {}
+}
