@@ -4,136 +4,14 @@
 //! failed requests) and `rq_complete` on `block:block_rq_complete` for kernels without the
 //! former (it returns at once on `error == 0`). Field offsets arrive in [`LAYOUT`], parsed by
 //! user space from the tracepoint's format file.
-#![no_std]
-#![no_main]
+// Only the bpf target builds the programs; on the host (a `--workspace` build) this crate is
+// an empty binary so that feature unification with user-space crates does no harm.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
-use aya_ebpf::{
-    Global,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    helpers::bpf_ktime_get_ns,
-    macros::{btf_map, tracepoint},
-    programs::TracePointContext,
-};
-use remap_common::{
-    Counters, DEDUP_ENTRIES, DedupKey, ErrorEvent, EVENTS_RING_BYTES, Layout, MAX_WATCHED, Op,
-    WatchedDev,
-};
+#[cfg(target_arch = "bpf")]
+mod detector;
 
-#[unsafe(no_mangle)]
-static LAYOUT: Global<Layout> = Global::new(Layout {
-    dev: 0,
-    sector: 0,
-    nr_sector: 0,
-    error: 0,
-    rwbs: 0,
-    valid: 0,
-});
-
-#[unsafe(no_mangle)]
-static DEDUP_WINDOW_NS: Global<u64> = Global::new(1_000_000_000);
-
-#[btf_map]
-static WATCHED_DEVS: HashMap<u32, WatchedDev, MAX_WATCHED> = HashMap::new();
-
-#[btf_map]
-static ERROR_EVENTS: RingBuf<ErrorEvent, EVENTS_RING_BYTES> = RingBuf::new();
-
-#[btf_map]
-static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
-
-#[btf_map]
-static DEDUP: LruHashMap<DedupKey, u64, DEDUP_ENTRIES> = LruHashMap::new();
-
-#[tracepoint]
-pub fn rq_error(ctx: TracePointContext) -> u32 {
-    handle(&ctx);
-    0
-}
-
-#[tracepoint]
-pub fn rq_complete(ctx: TracePointContext) -> u32 {
-    handle(&ctx);
-    0
-}
-
-#[inline(always)]
-fn bump(f: impl FnOnce(&mut Counters)) {
-    if let Some(c) = COUNTERS.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot, only this program on this CPU writes it while it runs.
-        f(unsafe { &mut *c });
-    }
-}
-
-#[inline(always)]
-fn handle(ctx: &TracePointContext) {
-    let layout = LAYOUT.load();
-    if layout.valid == 0 {
-        return;
-    }
-    // SAFETY: offsets come from the tracepoint's own format file; reads go through
-    // bpf_probe_read_kernel, so a wrong offset yields wrong values, never a fault.
-    let error: i32 = match unsafe { ctx.read_at(layout.error as usize) } {
-        Ok(e) => e,
-        Err(_) => return,
-    };
-    if error == 0 {
-        return;
-    }
-    bump(|c| c.errors += 1);
-    let (Ok(dev), Ok(sector), Ok(nr_sector), Ok(rwbs)) = (unsafe {
-        (
-            ctx.read_at::<u32>(layout.dev as usize),
-            ctx.read_at::<u64>(layout.sector as usize),
-            ctx.read_at::<u32>(layout.nr_sector as usize),
-            ctx.read_at::<[u8; 2]>(layout.rwbs as usize),
-        )
-    }) else {
-        return;
-    };
-    if nr_sector == 0 {
-        bump(|c| c.no_data += 1);
-        return;
-    }
-    let Some(watched) = WATCHED_DEVS.get_ptr(dev) else {
-        bump(|c| c.unwatched += 1);
-        return;
-    };
-    // SAFETY: value pointer returned by the map lookup, read once.
-    let shift = unsafe { (*watched).chunk_shift } & 63;
-    let now = unsafe { bpf_ktime_get_ns() };
-    let key = DedupKey {
-        dev,
-        _pad: 0,
-        chunk: sector >> shift,
-    };
-    if let Some(last) = DEDUP.get_ptr(key)
-        && now.wrapping_sub(unsafe { *last }) < DEDUP_WINDOW_NS.load()
-    {
-        bump(|c| c.dedups += 1);
-        return;
-    }
-    let _ = DEDUP.insert(key, now, 0);
-    let event = ErrorEvent {
-        ts_ns: now,
-        sector,
-        dev,
-        nr_sector,
-        errno: error.wrapping_neg(),
-        op: Op::from_rwbs(rwbs[0], rwbs[1]) as u8,
-        _pad: [0; 3],
-    };
-    match ERROR_EVENTS.output(event, 0) {
-        Ok(()) => bump(|c| c.events += 1),
-        Err(_) => bump(|c| c.drops += 1),
-    }
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("remap-ebpf is an eBPF object; remap-user's build.rs builds it for the bpf target");
 }

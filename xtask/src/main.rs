@@ -1,5 +1,12 @@
-//! Developer tasks for remap: `cargo xtask run`, `cargo xtask test`, and the VM laboratory.
+//! Developer tasks for remap. `cargo xtask run` and `cargo xtask test` set up what they need
+//! (toolchain, bpf-linker, packages, kernel mounts) before they build.
+mod demo;
+mod provision;
+mod testrun;
 mod vm;
+mod workspace;
+
+use std::ffi::OsString;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -13,41 +20,73 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the detector demo (placeholder until wired).
-    Run,
-    /// Run the tests.
+    /// Without arguments: a live demo of the error detector on a failing disk made on this
+    /// host. With arguments: builds and runs remapd with them (e.g. `watch --device /dev/sdb`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Unit tests, host-kernel tests and VM scenarios; ends with `N passed, N failed`.
     Test(TestArgs),
-    /// Boot the test VM.
+    /// The test VM, for developers.
     #[command(subcommand)]
     Vm(vm::VmCmd),
 }
 
 #[derive(clap::Args)]
 struct TestArgs {
-    /// Only run the VM scenarios.
-    #[arg(long)]
+    /// Only the VM scenarios.
+    #[arg(long, conflicts_with = "host")]
     vm: bool,
-    /// Guest kernel (6.1 or 6.12); both when absent.
+    /// Only the unit and host-kernel tests (no VM).
     #[arg(long)]
-    kernel: Option<String>,
+    host: bool,
+    /// Guest kernel (6.1 or 6.12, repeatable); both when absent.
+    #[arg(long)]
+    kernel: Vec<String>,
     /// Run only this scenario.
     #[arg(long)]
     scenario: Option<String>,
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
-    match cli.cmd {
-        Cmd::Run => Ok(()),
-        Cmd::Test(t) => {
-            let s = vm::run_scenarios(&vm::ScenarioOpts {
-                kernels: t.kernel.into_iter().collect(),
-                scenario: t.scenario,
-                force_vm: t.vm,
-            })?;
-            println!("{} passed, {} failed, {} skipped", s.passed, s.failed, s.skipped);
-            Ok(())
+fn main() {
+    let code = match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            1
         }
-        Cmd::Vm(c) => vm::run_cmd(c),
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Run { args } => {
+            provision::host(&[])?;
+            provision::kernel_mounts()?;
+            if args.is_empty() {
+                demo::run()?;
+                Ok(0)
+            } else {
+                demo::remapd(&args)
+            }
+        }
+        Cmd::Test(t) => {
+            let vm_pkgs: &[&str] = if t.host { &[] } else { vm::APT_PACKAGES };
+            provision::host(vm_pkgs)?;
+            let tally = testrun::run(&testrun::TestOpts {
+                vm_only: t.vm,
+                host_only: t.host,
+                kernels: t.kernel,
+                scenario: t.scenario,
+            })?;
+            println!("{}", tally.line());
+            Ok(i32::from(tally.failed > 0))
+        }
+        Cmd::Vm(c) => {
+            provision::host(vm::APT_PACKAGES)?;
+            vm::run_cmd(c).map(|()| 0)
+        }
     }
 }

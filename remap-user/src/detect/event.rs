@@ -1,0 +1,95 @@
+//! Events from the detector's ring buffer, decoded and named.
+use remap_common::{ErrorEvent, Op, split_kernel_dev};
+use serde::Serialize;
+
+/// One failed request on a watched device, as remapd reports it (one JSON line each).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ErrorRecord {
+    /// Path of the watched device, as given by the operator.
+    pub device: String,
+    pub major: u32,
+    pub minor: u32,
+    /// First failed 512-byte sector.
+    pub sector: u64,
+    pub nr_sector: u32,
+    /// Positive errno: 5 EIO, 61 ENODATA (medium error), ...
+    pub errno: i32,
+    pub op: &'static str,
+    /// CLOCK_MONOTONIC nanoseconds at completion.
+    pub ts_ns: u64,
+}
+
+/// Decodes one ring-buffer record. Returns `None` for a record of the wrong size, which would
+/// mean user space and the eBPF object disagree on the layout.
+pub fn decode_event(bytes: &[u8]) -> Option<ErrorEvent> {
+    bytemuck::try_pod_read_unaligned(bytes).ok()
+}
+
+impl ErrorRecord {
+    pub fn new(ev: &ErrorEvent, device: &str) -> Self {
+        let (major, minor) = split_kernel_dev(ev.dev);
+        Self {
+            device: device.to_owned(),
+            major,
+            minor,
+            sector: ev.sector,
+            nr_sector: ev.nr_sector,
+            errno: ev.errno,
+            op: Op::from_u8(ev.op).as_str(),
+            ts_ns: ev.ts_ns,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use remap_common::kernel_dev;
+
+    fn sample() -> ErrorEvent {
+        ErrorEvent {
+            ts_ns: 42,
+            sector: 4096,
+            dev: kernel_dev(7, 3),
+            nr_sector: 8,
+            errno: 5,
+            op: Op::Read as u8,
+            _pad: [0; 3],
+        }
+    }
+
+    #[test]
+    fn round_trip_through_ring_bytes() {
+        let ev = sample();
+        let bytes = bytemuck::bytes_of(&ev);
+        assert_eq!(bytes.len(), 32, "ABI shared with the eBPF object");
+        assert_eq!(decode_event(bytes), Some(ev));
+    }
+
+    #[test]
+    fn short_record_is_rejected() {
+        let ev = sample();
+        assert_eq!(decode_event(&bytemuck::bytes_of(&ev)[..31]), None);
+    }
+
+    #[test]
+    fn record_names_device_and_op() {
+        let r = ErrorRecord::new(&sample(), "/dev/loop3");
+        assert_eq!((r.major, r.minor, r.sector, r.nr_sector), (7, 3, 4096, 8));
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            json,
+            r#"{"device":"/dev/loop3","major":7,"minor":3,"sector":4096,"nr_sector":8,"errno":5,"op":"read","ts_ns":42}"#
+        );
+    }
+
+    #[test]
+    fn rwbs_decoding() {
+        assert_eq!(Op::from_rwbs(b'R', b'S'), Op::Read);
+        assert_eq!(Op::from_rwbs(b'W', b'S'), Op::Write);
+        assert_eq!(Op::from_rwbs(b'F', b'W'), Op::Write);
+        assert_eq!(Op::from_rwbs(b'D', 0), Op::Discard);
+        assert_eq!(Op::from_rwbs(b'F', b'S'), Op::Other);
+        assert_eq!(Op::from_rwbs(b'N', 0), Op::Other);
+    }
+}

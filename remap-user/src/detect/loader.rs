@@ -1,0 +1,448 @@
+//! Loads the detector into the kernel: checks what it needs, fills in the tracepoint layout,
+//! pins its maps under one bpffs folder, attaches one program, and hands out the event stream.
+use std::{
+    fmt, fs,
+    fs::File,
+    io,
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    },
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use remap_common::{
+    Counters, ErrorEvent, GLOBAL_DEDUP_WINDOW_NS, GLOBAL_LAYOUT, MAP_COUNTERS, MAP_DEDUP,
+    MAP_EVENTS, MAP_WATCHED, PROG_RQ_COMPLETE, PROG_RQ_ERROR, WatchedDev,
+};
+use tokio::io::unix::AsyncFd;
+
+use super::{decode_event, format::FormatError, parse_format};
+use crate::blockdev::BlockDev;
+
+/// The eBPF object built by aya-build from the remap-ebpf crate.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/remap"));
+
+/// Default folder for the pinned maps.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/remap";
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const PINNED_MAPS: [&str; 4] = [MAP_WATCHED, MAP_EVENTS, MAP_COUNTERS, MAP_DEDUP];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    #[error(
+        "remapd must run as root to load eBPF programs (run it with sudo, or as the systemd service)"
+    )]
+    NotRoot,
+    #[error(
+        "no tracefs found (tried {tried}); mount it with: mount -t tracefs nodev /sys/kernel/tracing"
+    )]
+    NoTracefs { tried: String },
+    #[error(
+        "this kernel has no block I/O tracepoints (no {0}); it needs CONFIG_BLK_DEV_IO_TRACE or CONFIG_TRACEPOINTS with the block events"
+    )]
+    NoTracepoint(String),
+    #[error("cannot read the tracepoint format {path}: {source}")]
+    FormatRead { path: PathBuf, source: io::Error },
+    #[error("cannot use the tracepoint format {path}: {source}")]
+    Format { path: PathBuf, source: FormatError },
+    #[error("{dir} is not on a BPF filesystem; mount it with: mount -t bpf bpf {mount}")]
+    NoBpffs { dir: PathBuf, mount: String },
+    #[error("another remapd is already using {0} (stop it first, or pass a different --pin-dir)")]
+    Busy(PathBuf),
+    #[error(
+        "cannot load the detector into the kernel ({0}); the kernel needs the BPF syscall (CONFIG_BPF_SYSCALL) and BTF"
+    )]
+    NoBpf(String),
+    #[error("{what}: {source}")]
+    Program {
+        what: String,
+        source: aya::programs::ProgramError,
+    },
+    #[error("{what}: {source}")]
+    Map {
+        what: String,
+        source: aya::maps::MapError,
+    },
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("chunk size {0} is not a power of two of at least 512 bytes")]
+    BadChunkSize(u64),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DetectError {
+    let what = what.into();
+    move |source| DetectError::Io { what, source }
+}
+
+/// Which tracepoint the detector attaches to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgramChoice {
+    /// `block_rq_error` where the kernel has it, else `block_rq_complete`.
+    Auto,
+    /// `block_rq_error` only (runs on failed requests only).
+    Error,
+    /// `block_rq_complete`, filtering `error == 0` in the kernel (costs a run per request).
+    Complete,
+}
+
+impl FromStr for ProgramChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "error" => Ok(Self::Error),
+            "complete" => Ok(Self::Complete),
+            _ => Err(format!(
+                "unknown detector `{s}`: use auto, error or complete"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for ProgramChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Error => "error",
+            Self::Complete => "complete",
+        })
+    }
+}
+
+/// Where tracefs is mounted.
+#[derive(Clone, Debug)]
+pub struct Tracefs(pub PathBuf);
+
+impl Tracefs {
+    const CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+    pub fn find() -> Result<Self, DetectError> {
+        Self::CANDIDATES
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.join("events").is_dir())
+            .map(Self)
+            .ok_or_else(|| DetectError::NoTracefs {
+                tried: Self::CANDIDATES.join(", "),
+            })
+    }
+
+    pub fn format_path(&self, event: &str) -> PathBuf {
+        self.0.join("events/block").join(event).join("format")
+    }
+
+    pub fn has_event(&self, event: &str) -> bool {
+        self.format_path(event).is_file()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DetectorConfig {
+    pub pin_dir: PathBuf,
+    pub program: ProgramChoice,
+    pub dedup_window: Duration,
+    /// Leave the pinned maps in place on exit (for inspection after the agent stops).
+    pub keep_pins: bool,
+}
+
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        Self {
+            pin_dir: DEFAULT_PIN_DIR.into(),
+            program: ProgramChoice::Auto,
+            dedup_window: Duration::from_secs(1),
+            keep_pins: false,
+        }
+    }
+}
+
+/// The loaded, attached detector. Dropping it detaches the program and removes the pins
+/// (unless `keep_pins`).
+pub struct Detector {
+    ebpf: Ebpf,
+    tracepoint: &'static str,
+    pin_dir: PathBuf,
+    keep_pins: bool,
+    /// flock on the pin folder: one detector per folder, released when dropped.
+    _lock: File,
+}
+
+impl Detector {
+    pub fn start(cfg: &DetectorConfig) -> Result<Self, DetectError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(DetectError::NotRoot);
+        }
+        let tracefs = Tracefs::find()?;
+        let (tracepoint, program) = match cfg.program {
+            ProgramChoice::Error => ("block_rq_error", PROG_RQ_ERROR),
+            ProgramChoice::Complete => ("block_rq_complete", PROG_RQ_COMPLETE),
+            ProgramChoice::Auto if tracefs.has_event("block_rq_error") => {
+                ("block_rq_error", PROG_RQ_ERROR)
+            }
+            ProgramChoice::Auto => ("block_rq_complete", PROG_RQ_COMPLETE),
+        };
+        let format_path = tracefs.format_path(tracepoint);
+        if !format_path.is_file() {
+            return Err(DetectError::NoTracepoint(format!("block:{tracepoint}")));
+        }
+        let text = fs::read_to_string(&format_path).map_err(|source| DetectError::FormatRead {
+            path: format_path.clone(),
+            source,
+        })?;
+        let layout = parse_format(&text)
+            .and_then(|f| f.block_rq_layout())
+            .map_err(|source| DetectError::Format {
+                path: format_path.clone(),
+                source,
+            })?;
+
+        let lock = prepare_pin_dir(&cfg.pin_dir)?;
+
+        let window_ns = u64::try_from(cfg.dedup_window.as_nanos()).unwrap_or(u64::MAX);
+        let ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_LAYOUT, &layout, true)
+            .override_global(GLOBAL_DEDUP_WINDOW_NS, &window_ns, true)
+            .load(OBJECT)
+            .map_err(|e| DetectError::NoBpf(e.to_string()))?;
+
+        let mut det = Self {
+            ebpf,
+            tracepoint,
+            pin_dir: cfg.pin_dir.clone(),
+            keep_pins: cfg.keep_pins,
+            _lock: lock,
+        };
+        for name in PINNED_MAPS {
+            let map = det.ebpf.map(name).ok_or_else(|| DetectError::Io {
+                what: format!("eBPF object has no map {name}"),
+                source: io::ErrorKind::NotFound.into(),
+            })?;
+            map.pin(det.pin_dir.join(name))
+                .map_err(|e| DetectError::Io {
+                    what: format!("pinning {name} under {}", det.pin_dir.display()),
+                    source: io::Error::other(e),
+                })?;
+        }
+
+        let prog: &mut TracePoint = det
+            .ebpf
+            .program_mut(program)
+            .ok_or_else(|| DetectError::Io {
+                what: format!("eBPF object has no program {program}"),
+                source: io::ErrorKind::NotFound.into(),
+            })?
+            .try_into()
+            .map_err(|source| DetectError::Program {
+                what: format!("{program} is not a tracepoint program"),
+                source,
+            })?;
+        prog.load().map_err(|source| DetectError::Program {
+            what: format!("the kernel refused the {program} program"),
+            source,
+        })?;
+        prog.attach("block", tracepoint)
+            .map_err(|source| DetectError::Program {
+                what: format!("attaching to block:{tracepoint}"),
+                source,
+            })?;
+        Ok(det)
+    }
+
+    /// The tracepoint the detector is attached to, e.g. `block:block_rq_error`.
+    pub fn tracepoint(&self) -> String {
+        format!("block:{}", self.tracepoint)
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Starts reporting errors of `dev`; repeats within one `chunk_bytes` chunk are merged.
+    pub fn watch(&mut self, dev: &BlockDev, chunk_bytes: u64) -> Result<(), DetectError> {
+        if chunk_bytes < 512 || !chunk_bytes.is_power_of_two() {
+            return Err(DetectError::BadChunkSize(chunk_bytes));
+        }
+        let value = WatchedDev {
+            chunk_shift: (chunk_bytes / 512).trailing_zeros(),
+            _reserved: 0,
+        };
+        let map = self.ebpf.map_mut(MAP_WATCHED).expect("checked at start");
+        let mut watched: HashMap<_, u32, WatchedDev> =
+            HashMap::try_from(map).map_err(|source| DetectError::Map {
+                what: "opening the watched-device map".into(),
+                source,
+            })?;
+        watched
+            .insert(dev.kernel_dev(), value, 0)
+            .map_err(|source| DetectError::Map {
+                what: format!("watching {}", dev.path.display()),
+                source,
+            })
+    }
+
+    /// The per-CPU counters, summed.
+    pub fn counters(&self) -> Result<Counters, DetectError> {
+        let map = self.ebpf.map(MAP_COUNTERS).expect("checked at start");
+        read_counters(map)
+    }
+
+    /// Takes the event stream (once).
+    pub fn events(&mut self) -> Result<EventStream, DetectError> {
+        let map = self
+            .ebpf
+            .take_map(MAP_EVENTS)
+            .ok_or_else(|| DetectError::Io {
+                what: "the event stream was already taken".into(),
+                source: io::ErrorKind::Other.into(),
+            })?;
+        let ring = RingBuf::try_from(map).map_err(|source| DetectError::Map {
+            what: "opening the event ring buffer".into(),
+            source,
+        })?;
+        // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, until dropped,
+        // and it is dropped only with the AsyncFd.
+        let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| io_err("registering the ring buffer with tokio")(e.into()))?;
+        Ok(EventStream { fd })
+    }
+}
+
+impl Drop for Detector {
+    fn drop(&mut self) {
+        if self.keep_pins {
+            return;
+        }
+        for name in PINNED_MAPS {
+            let _ = fs::remove_file(self.pin_dir.join(name));
+        }
+        // Only succeeds if nothing else lives there; anything else is not ours to delete.
+        let _ = fs::remove_dir(&self.pin_dir);
+    }
+}
+
+/// Reads and sums a per-CPU [`Counters`] map, live or pinned.
+pub fn read_counters(map: &aya::maps::Map) -> Result<Counters, DetectError> {
+    let arr: PerCpuArray<_, Counters> =
+        PerCpuArray::try_from(map).map_err(|source| DetectError::Map {
+            what: "opening the counters map".into(),
+            source,
+        })?;
+    let per_cpu = arr.get(&0, 0).map_err(|source| DetectError::Map {
+        what: "reading the counters".into(),
+        source,
+    })?;
+    let mut sum = Counters::default();
+    for c in per_cpu.iter() {
+        sum.add(c);
+    }
+    Ok(sum)
+}
+
+/// Reads the counters pinned by a running (or `--keep-pins`) detector.
+pub fn read_pinned_counters(pin_dir: &Path) -> Result<Counters, DetectError> {
+    let path = pin_dir.join(MAP_COUNTERS);
+    let data = MapData::from_pin(&path).map_err(|source| DetectError::Map {
+        what: format!("opening {} (is remapd running?)", path.display()),
+        source,
+    })?;
+    let map = aya::maps::Map::from_map_data(data).map_err(|source| DetectError::Map {
+        what: format!("opening {}", path.display()),
+        source,
+    })?;
+    read_counters(&map)
+}
+
+/// Creates the pin folder (owner-only), checks it is on bpffs, takes its lock and clears pins
+/// left by a detector that did not stop cleanly.
+fn prepare_pin_dir(dir: &Path) -> Result<File, DetectError> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let no_bpffs = || DetectError::NoBpffs {
+        dir: dir.to_owned(),
+        mount: parent.display().to_string(),
+    };
+    if !is_bpffs(parent) {
+        return Err(no_bpffs());
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err(format!("creating {}", dir.display()))(e)),
+    }
+    if !is_bpffs(dir) {
+        return Err(no_bpffs());
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(io_err(format!("restricting {}", dir.display())))?;
+    let lock = File::open(dir).map_err(io_err(format!("opening {}", dir.display())))?;
+    // SAFETY: valid fd owned by `lock`.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Err(DetectError::Busy(dir.to_owned()));
+        }
+        return Err(io_err(format!("locking {}", dir.display()))(e));
+    }
+    for name in PINNED_MAPS {
+        let p = dir.join(name);
+        if p.exists() {
+            tracing::warn!(pin = %p.display(), "removing a stale pin left by an earlier run");
+            fs::remove_file(&p).map_err(io_err(format!("removing stale pin {}", p.display())))?;
+        }
+    }
+    Ok(lock)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    #[expect(
+        clippy::unnecessary_cast,
+        reason = "f_type's width differs between libcs"
+    )]
+    let magic = st.f_type as i64;
+    rc == 0 && magic == BPF_FS_MAGIC
+}
+
+/// Error events as they arrive from the kernel.
+pub struct EventStream {
+    fd: AsyncFd<RingBuf<MapData>>,
+}
+
+impl EventStream {
+    /// Waits for at least one event and appends every available one to `out`.
+    pub async fn next_batch(&mut self, out: &mut Vec<ErrorEvent>) -> io::Result<()> {
+        loop {
+            let mut guard = self.fd.readable_mut().await?;
+            let ring = guard.get_inner_mut();
+            let before = out.len();
+            while let Some(item) = ring.next() {
+                match decode_event(&item) {
+                    Some(ev) => out.push(ev),
+                    None => tracing::error!(
+                        len = item.len(),
+                        "ring-buffer record of unexpected size: remapd and its eBPF object disagree"
+                    ),
+                }
+            }
+            guard.clear_ready();
+            if out.len() > before {
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Detection: the eBPF error detector, from the tracepoint layout it needs to the event
+//! stream it produces.
+//!
+//! [`format`] parses the tracepoint's format file (pure), [`event`] turns ring-buffer records
+//! into typed events (pure), [`loader`] loads, pins and attaches the programs (kernel).
+pub mod event;
+pub mod format;
+pub mod loader;
+
+pub use event::{ErrorRecord, decode_event};
+pub use format::{TracepointFormat, parse_format};
+pub use loader::{DetectError, Detector, DetectorConfig, ProgramChoice, Tracefs};

@@ -1,0 +1,225 @@
+//! `cargo xtask test`: unit tests, host-kernel tests and VM scenarios, with one summary.
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::{vm, workspace};
+
+/// Pass/fail/skip counts, summed over every part of the run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub passed: usize,
+    pub failed: usize,
+    pub skipped: usize,
+}
+
+impl Tally {
+    pub fn add(&mut self, o: Tally) {
+        self.passed += o.passed;
+        self.failed += o.failed;
+        self.skipped += o.skipped;
+    }
+
+    /// The summary line; `skipped` is shown only when something was skipped.
+    pub fn line(&self) -> String {
+        let mut s = format!("{} passed, {} failed", self.passed, self.failed);
+        if self.skipped > 0 {
+            s.push_str(&format!(", {} skipped", self.skipped));
+        }
+        s
+    }
+}
+
+/// Parses libtest's `test result: ok. 3 passed; 1 failed; 2 ignored; ...` line.
+pub fn parse_libtest_result(line: &str) -> Option<Tally> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let rest = rest.split_once(". ")?.1;
+    let mut t = Tally::default();
+    for part in rest.split(';') {
+        let mut words = part.split_whitespace();
+        let (Some(n), Some(what)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Ok(n) = n.parse::<usize>() else {
+            continue;
+        };
+        match what {
+            "passed" => t.passed = n,
+            "failed" => t.failed = n,
+            "ignored" => t.skipped = n,
+            _ => {}
+        }
+    }
+    Some(t)
+}
+
+/// Runs one `cargo test` invocation, echoing its output, and tallies its results. A run that
+/// fails without any result line (a compile error, a crash) counts as one failure.
+fn cargo_test(label: &str, args: &[&str], env: &[(&str, String)]) -> Result<Tally> {
+    println!("== {label}: cargo {}", args.join(" "));
+    let mut child = Command::new(env!("CARGO"))
+        .args(args)
+        .current_dir(workspace::root())
+        .envs(env.iter().map(|(k, v)| (*k, v)))
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let mut tally = Tally::default();
+    let mut saw_result = false;
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(t) = parse_libtest_result(&line) {
+            saw_result = true;
+            tally.add(t);
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && tally.failed == 0 {
+        println!("FAILED {label}: cargo test exited with {status}");
+        tally.failed += 1;
+    } else if !saw_result {
+        println!("FAILED {label}: no test results reported");
+        tally.failed += 1;
+    }
+    Ok(tally)
+}
+
+/// Lists the tests of a cargo test invocation without running them.
+fn count_tests(args: &[&str]) -> usize {
+    let mut args = args.to_vec();
+    args.extend(["--", "--list", "--format", "terse"]);
+    Command::new(env!("CARGO"))
+        .args(&args)
+        .current_dir(workspace::root())
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.ends_with(": test"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+pub struct TestOpts {
+    pub vm_only: bool,
+    pub host_only: bool,
+    pub kernels: Vec<String>,
+    pub scenario: Option<String>,
+}
+
+pub fn run(o: &TestOpts) -> Result<Tally> {
+    let mut total = Tally::default();
+    if !o.vm_only {
+        total.add(cargo_test("unit tests", &["test", "--workspace"], &[])?);
+        total.add(host_kernel_tests()?);
+    }
+    if !o.host_only {
+        let s = vm::run_scenarios(&vm::ScenarioOpts {
+            kernels: o.kernels.clone(),
+            scenario: o.scenario.clone(),
+            force_vm: o.vm_only,
+        })?;
+        total.add(Tally {
+            passed: s.passed,
+            failed: s.failed,
+            skipped: s.skipped,
+        });
+    }
+    Ok(total)
+}
+
+/// Tests that load eBPF into this machine's kernel and make it fail real I/O. They need root,
+/// the BPF syscall, tracefs and bpffs; when those are missing they are reported as skipped.
+fn host_kernel_tests() -> Result<Tally> {
+    const ARGS: &[&str] = &[
+        "test",
+        "--package",
+        "remap-tests",
+        "--features",
+        "host-tests",
+        "--test",
+        "host_*",
+    ];
+    let why_not = if unsafe { libc::geteuid() } != 0 {
+        Some("not root".to_owned())
+    } else {
+        crate::provision::kernel_mounts()
+            .err()
+            .map(|e| format!("{e:#}"))
+    };
+    if let Some(reason) = why_not {
+        let n = count_tests(ARGS).max(1);
+        println!("SKIPPED host-kernel tests ({n}): {reason}");
+        return Ok(Tally {
+            skipped: n,
+            ..Tally::default()
+        });
+    }
+    // The tests drive the real binaries; build them first so a stale one is never used.
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--package",
+            "remap-user",
+            "--package",
+            "remap-tests",
+            "--bins",
+        ])
+        .current_dir(workspace::root())
+        .status()?;
+    if !status.success() {
+        println!("FAILED host-kernel tests: building the binaries failed");
+        return Ok(Tally {
+            failed: 1,
+            ..Tally::default()
+        });
+    }
+    let bin_dir = workspace::target_dir().join("debug");
+    let mut args = ARGS.to_vec();
+    // One at a time: they share the tracepoints and the loop devices of this kernel.
+    args.extend(["--", "--test-threads=1"]);
+    cargo_test(
+        "host-kernel tests",
+        &args,
+        &[("REMAP_BIN_DIR", bin_dir.display().to_string())],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ok_and_failed_lines() {
+        let ok = "test result: ok. 12 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.01s";
+        assert_eq!(
+            parse_libtest_result(ok),
+            Some(Tally {
+                passed: 12,
+                failed: 0,
+                skipped: 2
+            })
+        );
+        let bad = "test result: FAILED. 3 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s";
+        assert_eq!(parse_libtest_result(bad).unwrap().failed, 1);
+        assert_eq!(parse_libtest_result("running 3 tests"), None);
+    }
+
+    #[test]
+    fn summary_line_shows_skipped_only_when_present() {
+        let mut t = Tally {
+            passed: 4,
+            failed: 1,
+            skipped: 0,
+        };
+        assert_eq!(t.line(), "4 passed, 1 failed");
+        t.skipped = 2;
+        assert_eq!(t.line(), "4 passed, 1 failed, 2 skipped");
+    }
+}
