@@ -33,7 +33,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/re
 /// Default folder for the pinned maps.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/remap";
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 const PINNED_MAPS: [&str; 4] = [MAP_WATCHED, MAP_EVENTS, MAP_COUNTERS, MAP_DEDUP];
 
 #[derive(Debug, thiserror::Error)]
@@ -410,11 +410,8 @@ fn is_bpffs(path: &Path) -> bool {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid C string and out-pointer.
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    #[expect(
-        clippy::unnecessary_cast,
-        reason = "f_type's width differs between libcs"
-    )]
-    let magic = st.f_type as i64;
+    // f_type is a signed long on glibc; the magic is compared as the 32-bit value it is.
+    let magic = (st.f_type as u64) & 0xffff_ffff;
     rc == 0 && magic == BPF_FS_MAGIC
 }
 
