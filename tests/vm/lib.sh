@@ -1,0 +1,44 @@
+# Shell library for guest scripts: `. /vm/lib.sh`.
+# Results go to the results channel through the `result` helper; see tests/vm/README.md.
+
+pass() { result pass "$@"; }
+fail() { result fail "$@"; }
+skip() { result skip "$@"; }
+info() { result info "$@"; }
+
+# expect_eq CASE WHAT EXPECTED ACTUAL: returns 1 (and reports FAIL CASE) when they differ.
+expect_eq() {
+    if [ "$3" != "$4" ]; then
+        fail "$1" "$2: expected '$3', got '$4'"
+        return 1
+    fi
+}
+
+# wait_for FILE PATTERN SECONDS: waits until FILE contains PATTERN (grep -E).
+wait_for() {
+    _n=$(( $3 * 10 ))
+    while [ "$_n" -gt 0 ]; do
+        grep -Eq -- "$2" "$1" 2>/dev/null && return 0
+        sleep 0.1
+        _n=$((_n - 1))
+    done
+    return 1
+}
+
+# json_num LINE KEY: the numeric value of "KEY":N in a one-line JSON object.
+json_num() { printf '%s\n' "$1" | sed -n "s/.*\"$2\":\(-\{0,1\}[0-9][0-9]*\).*/\1/p"; }
+
+# json_str LINE KEY: the string value of "KEY":"..." in a one-line JSON object.
+json_str() { printf '%s\n' "$1" | sed -n "s/.*\"$2\":\"\([^\"]*\)\".*/\1/p"; }
+
+# has_bin NAME: true when the product binary NAME is in the guest; otherwise reports why
+# (missing: not written yet; build-failed: broken) on stderr.
+has_bin() {
+    command -v "$1" >/dev/null 2>&1
+}
+
+# wanted CASE: true when CASE is among the declared cases of this run.
+wanted() {
+    case " $VM_CASES " in *" $1 "*) return 0 ;; esac
+    return 1
+}
