@@ -1,0 +1,383 @@
+//! Device-mapper tables (pure): from the volume model to the segments of each region device
+//! and of the volume device on top of them.
+use crate::volume::{Geometry, PendingMode, RemapTable, Sector, UnreadablePolicy};
+
+/// A device named by its role; resolved to `major:minor` when the table is rendered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DevRef {
+    Main,
+    Spare(u32),
+    Region(u32),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Linear {
+        dev: DevRef,
+        offset: Sector,
+    },
+    /// dm-flakey with `error_reads`, always down: reads fail, writes reach `dev`.
+    ErrorReads {
+        dev: DevRef,
+        offset: Sector,
+    },
+    /// dm-error: reads and writes fail.
+    Error,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Start within the device the table belongs to.
+    pub start: Sector,
+    pub len: Sector,
+    pub target: Target,
+}
+
+impl Segment {
+    fn end(&self) -> Sector {
+        self.start + self.len
+    }
+}
+
+/// Appends `seg`, merging it into the last segment when it continues it on the same device.
+fn push(out: &mut Vec<Segment>, seg: Segment) {
+    if seg.len == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        debug_assert_eq!(last.end(), seg.start);
+        let merged = match (last.target, seg.target) {
+            (Target::Linear { dev: a, offset: o }, Target::Linear { dev: b, offset: p })
+            | (
+                Target::ErrorReads { dev: a, offset: o },
+                Target::ErrorReads { dev: b, offset: p },
+            ) => a == b && o + last.len == p,
+            (Target::Error, Target::Error) => true,
+            _ => false,
+        };
+        if merged {
+            last.len += seg.len;
+            return;
+        }
+    }
+    out.push(seg);
+}
+
+/// The table of one region device: the main device 1:1, except remapped chunks, which point
+/// at their spare extents block by block (pending blocks per `mode`). Adjacent pieces that
+/// continue each other are merged, so contiguous remaps cost one segment.
+pub fn region_table(
+    geo: &Geometry,
+    region: u32,
+    remaps: &RemapTable,
+    mode: PendingMode,
+) -> Vec<Segment> {
+    let (start, len) = geo.region_span(region);
+    let end = start + len;
+    let mut out = Vec::new();
+    let mut pos = start;
+    let first = start / geo.chunk;
+    let last = end.div_ceil(geo.chunk);
+    for (chunk, r) in remaps.range(first..last) {
+        let cstart = chunk * geo.chunk;
+        push(
+            &mut out,
+            Segment {
+                start: pos - start,
+                len: cstart - pos,
+                target: Target::Linear {
+                    dev: DevRef::Main,
+                    offset: pos,
+                },
+            },
+        );
+        for b in 0..geo.blocks_per_chunk() {
+            let boff = u64::from(b) * geo.block;
+            let spare = DevRef::Spare(r.extent.spare);
+            let offset = r.extent.start + boff;
+            let target = if r.pending & (1 << b) == 0 {
+                Target::Linear { dev: spare, offset }
+            } else {
+                match mode {
+                    PendingMode::FlakeyErrorReads => Target::ErrorReads { dev: spare, offset },
+                    PendingMode::Policy(UnreadablePolicy::Error) => Target::Error,
+                    // The copy wrote zeros to the spare for this block.
+                    PendingMode::Policy(UnreadablePolicy::Zero) => {
+                        Target::Linear { dev: spare, offset }
+                    }
+                }
+            };
+            push(
+                &mut out,
+                Segment {
+                    start: cstart + boff - start,
+                    len: geo.block,
+                    target,
+                },
+            );
+        }
+        pos = cstart + geo.chunk;
+    }
+    push(
+        &mut out,
+        Segment {
+            start: pos - start,
+            len: end - pos,
+            target: Target::Linear {
+                dev: DevRef::Main,
+                offset: pos,
+            },
+        },
+    );
+    out
+}
+
+/// The volume device's own table: its regions, end to end.
+pub fn volume_table(geo: &Geometry) -> Vec<Segment> {
+    (0..geo.regions())
+        .map(|r| {
+            let (start, len) = geo.region_span(r);
+            Segment {
+                start,
+                len,
+                target: Target::Linear {
+                    dev: DevRef::Region(r),
+                    offset: 0,
+                },
+            }
+        })
+        .collect()
+}
+
+/// One line of a table as device-mapper takes it: (start, length, target type, parameters).
+pub type DmLine = (u64, u64, String, String);
+
+/// Renders segments for the kernel, naming devices with `resolve` (e.g. `8:16`).
+pub fn render(segments: &[Segment], resolve: impl Fn(DevRef) -> String) -> Vec<DmLine> {
+    segments
+        .iter()
+        .map(|s| {
+            let (ty, params) = match s.target {
+                Target::Linear { dev, offset } => ("linear", format!("{} {offset}", resolve(dev))),
+                // up 0 s, down 1 s: always down; one feature argument.
+                Target::ErrorReads { dev, offset } => (
+                    "flakey",
+                    format!("{} {offset} 0 1 1 error_reads", resolve(dev)),
+                ),
+                Target::Error => ("error", String::new()),
+            };
+            (s.start, s.len, ty.to_owned(), params)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::{Extent, Remap};
+
+    fn geo() -> Geometry {
+        Geometry::new(64 << 20, 512, 4096, 16 << 20).unwrap()
+    }
+
+    fn remap(spare: u32, start: Sector, pending: u64) -> Remap {
+        Remap {
+            extent: Extent { spare, start },
+            pending,
+        }
+    }
+
+    /// Every sector of the region is covered once, in order.
+    fn assert_covers(segs: &[Segment], len: Sector) {
+        let mut pos = 0;
+        for s in segs {
+            assert_eq!(s.start, pos, "gap or overlap at {pos}: {segs:?}");
+            assert!(s.len > 0);
+            pos += s.len;
+        }
+        assert_eq!(pos, len);
+    }
+
+    /// Where `sector` of the region reads from, according to the table.
+    fn lookup(segs: &[Segment], sector: Sector) -> Target {
+        let s = segs
+            .iter()
+            .find(|s| (s.start..s.end()).contains(&sector))
+            .unwrap();
+        match s.target {
+            Target::Linear { dev, offset } => Target::Linear {
+                dev,
+                offset: offset + sector - s.start,
+            },
+            Target::ErrorReads { dev, offset } => Target::ErrorReads {
+                dev,
+                offset: offset + sector - s.start,
+            },
+            Target::Error => Target::Error,
+        }
+    }
+
+    #[test]
+    fn no_remaps_is_one_linear_segment_per_region() {
+        let g = geo();
+        let t = RemapTable::default();
+        for r in 0..g.regions() {
+            let segs = region_table(&g, r, &t, PendingMode::FlakeyErrorReads);
+            assert_eq!(
+                segs,
+                vec![Segment {
+                    start: 0,
+                    len: g.region,
+                    target: Target::Linear {
+                        dev: DevRef::Main,
+                        offset: g.region_span(r).0
+                    }
+                }]
+            );
+        }
+    }
+
+    #[test]
+    fn one_remap_splits_its_region_only() {
+        let g = geo();
+        let mut t = RemapTable::default();
+        t.insert(4096 + 10, remap(0, 8192, 0));
+        let segs = region_table(&g, 1, &t, PendingMode::FlakeyErrorReads);
+        assert_eq!(segs.len(), 3);
+        assert_covers(&segs, g.region);
+        assert_eq!(
+            lookup(&segs, 80),
+            Target::Linear {
+                dev: DevRef::Spare(0),
+                offset: 8192
+            }
+        );
+        assert_eq!(
+            lookup(&segs, 88),
+            Target::Linear {
+                dev: DevRef::Main,
+                offset: g.region + 88
+            }
+        );
+        assert_eq!(
+            region_table(&g, 0, &t, PendingMode::FlakeyErrorReads).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn contiguous_remaps_coalesce() {
+        let g = geo();
+        let mut t = RemapTable::default();
+        for i in 0..100 {
+            t.insert(200 + i, remap(2, 4096 + i * 8, 0));
+        }
+        let segs = region_table(&g, 0, &t, PendingMode::FlakeyErrorReads);
+        assert_eq!(segs.len(), 3, "{segs:?}");
+        assert_eq!(segs[1].len, 800);
+    }
+
+    #[test]
+    fn pending_blocks_follow_the_mode() {
+        let g = geo();
+        let mut t = RemapTable::default();
+        t.insert(1, remap(0, 2048, 0b0000_0100));
+        for (mode, want) in [
+            (
+                PendingMode::FlakeyErrorReads,
+                Target::ErrorReads {
+                    dev: DevRef::Spare(0),
+                    offset: 2050,
+                },
+            ),
+            (PendingMode::Policy(UnreadablePolicy::Error), Target::Error),
+            (
+                PendingMode::Policy(UnreadablePolicy::Zero),
+                Target::Linear {
+                    dev: DevRef::Spare(0),
+                    offset: 2050,
+                },
+            ),
+        ] {
+            let segs = region_table(&g, 0, &t, mode);
+            assert_covers(&segs, g.region);
+            assert_eq!(lookup(&segs, 10), want, "{mode:?}");
+            assert_eq!(
+                lookup(&segs, 11),
+                Target::Linear {
+                    dev: DevRef::Spare(0),
+                    offset: 2051
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn remaps_at_region_edges() {
+        let g = geo();
+        let mut t = RemapTable::default();
+        let per_region = g.region / g.chunk;
+        t.insert(per_region - 1, remap(0, 0, 0));
+        t.insert(per_region, remap(0, 8, 0));
+        let r0 = region_table(&g, 0, &t, PendingMode::FlakeyErrorReads);
+        let r1 = region_table(&g, 1, &t, PendingMode::FlakeyErrorReads);
+        assert_covers(&r0, g.region);
+        assert_covers(&r1, g.region);
+        assert_eq!(r0.len(), 2);
+        assert_eq!(r1.len(), 2);
+        assert_eq!(
+            r1[0].target,
+            Target::Linear {
+                dev: DevRef::Spare(0),
+                offset: 8
+            }
+        );
+    }
+
+    #[test]
+    fn volume_table_concatenates_regions() {
+        let g = Geometry::new((40 << 20) + 4096, 512, 4096, 16 << 20).unwrap();
+        let v = volume_table(&g);
+        assert_covers(&v, g.size);
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[2].len, g.size - 2 * g.region);
+    }
+
+    #[test]
+    fn render_names_targets_the_kernel_way() {
+        let segs = [
+            Segment {
+                start: 0,
+                len: 8,
+                target: Target::Linear {
+                    dev: DevRef::Main,
+                    offset: 0,
+                },
+            },
+            Segment {
+                start: 8,
+                len: 1,
+                target: Target::ErrorReads {
+                    dev: DevRef::Spare(1),
+                    offset: 77,
+                },
+            },
+            Segment {
+                start: 9,
+                len: 1,
+                target: Target::Error,
+            },
+        ];
+        let lines = render(&segs, |d| match d {
+            DevRef::Main => "8:0".into(),
+            DevRef::Spare(i) => format!("8:{}", 16 * (i + 1)),
+            DevRef::Region(i) => format!("252:{i}"),
+        });
+        assert_eq!(lines[0], (0, 8, "linear".into(), "8:0 0".into()));
+        assert_eq!(
+            lines[1],
+            (8, 1, "flakey".into(), "8:32 77 0 1 1 error_reads".into())
+        );
+        assert_eq!(lines[2], (9, 1, "error".into(), String::new()));
+    }
+}

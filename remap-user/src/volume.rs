@@ -1,0 +1,323 @@
+//! The volume model (pure): geometry, chunks, regions and the remaps that replace chunks.
+//!
+//! A protected volume maps 1:1 onto its main device, chunk by chunk, except where a chunk was
+//! remapped to an extent of the spare pool. The volume is split into regions, each its own
+//! (hidden) device-mapper device, so that a remap reloads and suspends one region only.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// 512-byte sectors, the unit of every device-mapper table.
+pub type Sector = u64;
+
+pub const SECTOR: u64 = 512;
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GeometryError {
+    #[error(
+        "chunk size {0} bytes: use a power of two from 4 KiB to 32 KiB times the logical block size"
+    )]
+    ChunkSize(u64),
+    #[error("logical block size {0} bytes: expected 512 or a larger power of two up to 64 KiB")]
+    BlockSize(u64),
+    #[error("region size {region} bytes: use a multiple of the chunk size ({chunk} bytes)")]
+    RegionSize { region: u64, chunk: u64 },
+    #[error("device of {0} bytes is smaller than one chunk")]
+    TooSmall(u64),
+}
+
+/// The shape of a volume: its size and how it is cut into blocks, chunks and regions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Geometry {
+    /// Usable size in sectors: the main device's size rounded down to whole chunks.
+    pub size: Sector,
+    /// Logical block size of the main device, in sectors (the unit of locating bad blocks).
+    pub block: Sector,
+    /// Remap unit, in sectors.
+    pub chunk: Sector,
+    /// Region size in sectors (a multiple of the chunk).
+    pub region: Sector,
+}
+
+/// Default region size: small enough that a region's table stays short and its suspend brief,
+/// large enough that the volume's own table stays short (1 TiB → 1,024 regions).
+pub const DEFAULT_REGION_BYTES: u64 = 1 << 30;
+pub const DEFAULT_CHUNK_BYTES: u64 = 4096;
+
+impl Geometry {
+    pub fn new(
+        device_bytes: u64,
+        block_bytes: u64,
+        chunk_bytes: u64,
+        region_bytes: u64,
+    ) -> Result<Self, GeometryError> {
+        if block_bytes < SECTOR || !block_bytes.is_power_of_two() || block_bytes > 65536 {
+            return Err(GeometryError::BlockSize(block_bytes));
+        }
+        if !chunk_bytes.is_power_of_two()
+            || chunk_bytes < block_bytes.max(4096)
+            // Pending blocks of a chunk are kept in a 64-bit mask.
+            || chunk_bytes / block_bytes > 64
+        {
+            return Err(GeometryError::ChunkSize(chunk_bytes));
+        }
+        if region_bytes == 0 || region_bytes % chunk_bytes != 0 {
+            return Err(GeometryError::RegionSize {
+                region: region_bytes,
+                chunk: chunk_bytes,
+            });
+        }
+        let chunk = chunk_bytes / SECTOR;
+        let size = device_bytes / SECTOR / chunk * chunk;
+        if size == 0 {
+            return Err(GeometryError::TooSmall(device_bytes));
+        }
+        Ok(Self {
+            size,
+            block: block_bytes / SECTOR,
+            chunk,
+            region: region_bytes / SECTOR,
+        })
+    }
+
+    pub fn chunks(&self) -> u64 {
+        self.size / self.chunk
+    }
+
+    pub fn regions(&self) -> u32 {
+        self.size.div_ceil(self.region) as u32
+    }
+
+    pub fn blocks_per_chunk(&self) -> u32 {
+        (self.chunk / self.block) as u32
+    }
+
+    /// The chunk holding `sector`, if it is inside the volume.
+    pub fn chunk_of(&self, sector: Sector) -> Option<u64> {
+        (sector < self.size).then(|| sector / self.chunk)
+    }
+
+    pub fn region_of_chunk(&self, chunk: u64) -> u32 {
+        (chunk * self.chunk / self.region) as u32
+    }
+
+    /// First sector and length of a region (the last one may be short).
+    pub fn region_span(&self, region: u32) -> (Sector, Sector) {
+        let start = u64::from(region) * self.region;
+        (start, self.region.min(self.size - start))
+    }
+
+    /// The chunks touched by a request of `len` sectors at `sector` (clipped to the volume).
+    pub fn chunks_of_range(&self, sector: Sector, len: Sector) -> std::ops::Range<u64> {
+        let end = sector.saturating_add(len.max(1)).min(self.size);
+        if sector >= end {
+            return 0..0;
+        }
+        sector / self.chunk..end.div_ceil(self.chunk)
+    }
+}
+
+/// A chunk-sized piece of a spare device, in sectors from the start of that device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Extent {
+    /// Pool slot of the spare device.
+    pub spare: u32,
+    pub start: Sector,
+}
+
+/// One remapped chunk: where its data lives now, and which of its blocks could not be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remap {
+    pub extent: Extent,
+    /// Bit i set: logical block i of the chunk was unreadable when the chunk moved, and has
+    /// not been rewritten since ("pending", as drive firmware calls it).
+    pub pending: u64,
+}
+
+/// What an unreadable block turns into where the kernel cannot fail reads and pass writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnreadablePolicy {
+    /// Reads and writes of the block fail until the operator clears it.
+    Error,
+    /// The block reads as zeros (the loss is logged and listed, never silent in status).
+    Zero,
+}
+
+impl std::str::FromStr for UnreadablePolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "error" => Ok(Self::Error),
+            "zero" => Ok(Self::Zero),
+            _ => Err(format!("unknown policy `{s}`: use error or zero")),
+        }
+    }
+}
+
+/// How pending blocks are mapped on this kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PendingMode {
+    /// dm-flakey `error_reads` over the spare: reads fail, writes reach the spare.
+    FlakeyErrorReads,
+    /// No such target: the operator's policy applies.
+    Policy(UnreadablePolicy),
+}
+
+/// The remaps of one volume, by chunk.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RemapTable {
+    by_chunk: BTreeMap<u64, Remap>,
+}
+
+impl RemapTable {
+    pub fn get(&self, chunk: u64) -> Option<&Remap> {
+        self.by_chunk.get(&chunk)
+    }
+
+    pub fn insert(&mut self, chunk: u64, r: Remap) -> Option<Remap> {
+        self.by_chunk.insert(chunk, r)
+    }
+
+    pub fn remove(&mut self, chunk: u64) -> Option<Remap> {
+        self.by_chunk.remove(&chunk)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_chunk.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_chunk.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &Remap)> {
+        self.by_chunk.iter().map(|(c, r)| (*c, r))
+    }
+
+    /// Remaps of the chunks in `range`, in order.
+    pub fn range(&self, range: std::ops::Range<u64>) -> impl Iterator<Item = (u64, &Remap)> {
+        self.by_chunk.range(range).map(|(c, r)| (*c, r))
+    }
+
+    pub fn pending_blocks(&self) -> u64 {
+        self.by_chunk
+            .values()
+            .map(|r| u64::from(r.pending.count_ones()))
+            .sum()
+    }
+
+    /// The chunk whose data lives at `extent`, if any (errors on spares are remapped again).
+    pub fn chunk_at(&self, spare: u32, sector: Sector, chunk: Sector) -> Option<u64> {
+        self.by_chunk
+            .iter()
+            .find(|(_, r)| {
+                r.extent.spare == spare
+                    && (r.extent.start..r.extent.start + chunk).contains(&sector)
+            })
+            .map(|(c, _)| *c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geo() -> Geometry {
+        // 64 MiB, 512-byte blocks, 4 KiB chunks, 16 MiB regions.
+        Geometry::new(64 << 20, 512, 4096, 16 << 20).unwrap()
+    }
+
+    #[test]
+    fn geometry_counts() {
+        let g = geo();
+        assert_eq!(g.size, 131_072);
+        assert_eq!(g.chunks(), 16_384);
+        assert_eq!(g.regions(), 4);
+        assert_eq!(g.blocks_per_chunk(), 8);
+    }
+
+    #[test]
+    fn size_rounds_down_to_whole_chunks_and_last_region_is_short() {
+        let g = Geometry::new((40 << 20) + 1000, 512, 4096, 16 << 20).unwrap();
+        assert_eq!(g.size, 40 << 11);
+        assert_eq!(g.regions(), 3);
+        assert_eq!(g.region_span(2), (65_536, 16_384));
+    }
+
+    #[test]
+    fn sector_to_chunk_to_region() {
+        let g = geo();
+        assert_eq!(g.chunk_of(0), Some(0));
+        assert_eq!(g.chunk_of(7), Some(0));
+        assert_eq!(g.chunk_of(8), Some(1));
+        assert_eq!(g.chunk_of(g.size), None);
+        assert_eq!(g.region_of_chunk(4095), 0);
+        assert_eq!(g.region_of_chunk(4096), 1);
+        assert_eq!(g.region_of_chunk(g.chunks() - 1), 3);
+    }
+
+    #[test]
+    fn request_ranges_cover_every_chunk_touched() {
+        let g = geo();
+        assert_eq!(g.chunks_of_range(4096, 8), 512..513);
+        assert_eq!(g.chunks_of_range(4095, 2), 511..513);
+        assert_eq!(
+            g.chunks_of_range(16, 0),
+            2..3,
+            "zero-length still names its chunk"
+        );
+        assert_eq!(
+            g.chunks_of_range(g.size - 1, 100),
+            g.chunks() - 1..g.chunks()
+        );
+        assert_eq!(g.chunks_of_range(g.size, 8), 0..0);
+    }
+
+    #[test]
+    fn bad_geometry_is_refused() {
+        assert_eq!(
+            Geometry::new(1 << 20, 512, 3000, 1 << 20),
+            Err(GeometryError::ChunkSize(3000))
+        );
+        assert_eq!(
+            Geometry::new(1 << 20, 512, 64 << 10, 1 << 20),
+            Err(GeometryError::ChunkSize(64 << 10)),
+            "more than 64 blocks per chunk"
+        );
+        assert_eq!(
+            Geometry::new(1 << 20, 4096, 4096, 6144),
+            Err(GeometryError::RegionSize {
+                region: 6144,
+                chunk: 4096
+            })
+        );
+        assert_eq!(
+            Geometry::new(1000, 512, 4096, 1 << 20),
+            Err(GeometryError::TooSmall(1000))
+        );
+        assert_eq!(
+            Geometry::new(1 << 20, 1000, 4096, 1 << 20),
+            Err(GeometryError::BlockSize(1000))
+        );
+    }
+
+    #[test]
+    fn spare_sector_back_to_chunk() {
+        let mut t = RemapTable::default();
+        t.insert(
+            10,
+            Remap {
+                extent: Extent {
+                    spare: 1,
+                    start: 2048,
+                },
+                pending: 0b101,
+            },
+        );
+        assert_eq!(t.chunk_at(1, 2050, 8), Some(10));
+        assert_eq!(t.chunk_at(1, 2056, 8), None);
+        assert_eq!(t.chunk_at(0, 2050, 8), None);
+        assert_eq!(t.pending_blocks(), 2);
+    }
+}
