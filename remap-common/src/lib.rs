@@ -16,6 +16,10 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 /// LRU of [`DedupKey`] → timestamp (ns) of the last event reported for that chunk.
 pub const MAP_DEDUP: &str = "DEDUP";
 
+/// Chunks of spare devices holding pending blocks: [`DedupKey`] (dev, chunk) → 1. A successful
+/// write there is reported (errno 0) so the agent can map the rewritten blocks back in.
+pub const MAP_PENDING: &str = "PENDING_CHUNKS";
+
 /// Name of the read-only global carrying the tracepoint [`Layout`].
 pub const GLOBAL_LAYOUT: &str = "LAYOUT";
 /// Name of the read-only global carrying the de-duplication window in nanoseconds.
@@ -25,6 +29,8 @@ pub const GLOBAL_DEDUP_WINDOW_NS: &str = "DEDUP_WINDOW_NS";
 pub const PROG_RQ_ERROR: &str = "rq_error";
 /// eBPF program attached to `block:block_rq_complete` (fallback: filters `error == 0` itself).
 pub const PROG_RQ_COMPLETE: &str = "rq_complete";
+/// eBPF program on `block:block_rq_complete` that reports writes to pending chunks.
+pub const PROG_PENDING_WRITE: &str = "pending_write";
 
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_RING_BYTES: usize = 256 * 1024;
@@ -32,6 +38,10 @@ pub const EVENTS_RING_BYTES: usize = 256 * 1024;
 pub const MAX_WATCHED: usize = 1024;
 /// Capacity of the de-duplication LRU.
 pub const DEDUP_ENTRIES: usize = 16 * 1024;
+/// Capacity of the pending-chunk map.
+pub const PENDING_ENTRIES: usize = 64 * 1024;
+/// Longest request (in chunks) the pending-write watcher looks through.
+pub const PENDING_SCAN_CHUNKS: u64 = 64;
 
 /// Where the fields of `block_rq_error` / `block_rq_complete` sit in the trace record.
 ///
@@ -122,7 +132,8 @@ pub struct ErrorEvent {
     /// Kernel `dev_t`: major << 20 | minor.
     pub dev: u32,
     pub nr_sector: u32,
-    /// Positive errno (EIO = 5, ENODATA = 61, ...).
+    /// Positive errno (EIO = 5, ENODATA = 61, ...); 0 for a successful write to a pending
+    /// chunk (see [`MAP_PENDING`]).
     pub errno: i32,
     /// [`Op`] as u8.
     pub op: u8,
@@ -145,6 +156,8 @@ pub struct Counters {
     pub unwatched: u64,
     /// Failed requests without data (nr_sector 0, e.g. a SCSI sense-only command).
     pub no_data: u64,
+    /// Successful writes that landed on pending chunks (reported to the agent).
+    pub rewrites: u64,
 }
 
 impl Counters {
@@ -155,6 +168,7 @@ impl Counters {
         self.drops += o.drops;
         self.unwatched += o.unwatched;
         self.no_data += o.no_data;
+        self.rewrites += o.rewrites;
     }
 }
 

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use remap_common::{
     Counters, DEDUP_ENTRIES, DedupKey, EVENTS_RING_BYTES, ErrorEvent, Layout, MAX_WATCHED, Op,
-    WatchedDev,
+    PENDING_ENTRIES, PENDING_SCAN_CHUNKS, WatchedDev,
 };
 
 #[unsafe(no_mangle)]
@@ -36,6 +36,80 @@ static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
 
 #[btf_map]
 static DEDUP: LruHashMap<DedupKey, u64, DEDUP_ENTRIES> = LruHashMap::new();
+
+#[btf_map]
+static PENDING_CHUNKS: HashMap<DedupKey, u32, PENDING_ENTRIES> = HashMap::new();
+
+#[tracepoint]
+pub fn pending_write(ctx: TracePointContext) -> u32 {
+    watch_rewrites(&ctx);
+    0
+}
+
+/// Reports a successful write that touches a chunk holding pending blocks: on kernels where
+/// those blocks fail reads but pass writes (dm-flakey error_reads), the rewrite is what makes
+/// them good again, as on a drive.
+#[inline(always)]
+fn watch_rewrites(ctx: &TracePointContext) {
+    let layout = LAYOUT.load();
+    if layout.valid == 0 {
+        return;
+    }
+    // SAFETY: as in `handle`.
+    let Ok(error) = (unsafe { ctx.read_at::<i32>(layout.error as usize) }) else {
+        return;
+    };
+    if error != 0 {
+        return;
+    }
+    let Ok(rwbs) = (unsafe { ctx.read_at::<[u8; 2]>(layout.rwbs as usize) }) else {
+        return;
+    };
+    if Op::from_rwbs(rwbs[0], rwbs[1]) != Op::Write {
+        return;
+    }
+    let (Ok(dev), Ok(sector), Ok(nr_sector)) = (unsafe {
+        (
+            ctx.read_at::<u32>(layout.dev as usize),
+            ctx.read_at::<u64>(layout.sector as usize),
+            ctx.read_at::<u32>(layout.nr_sector as usize),
+        )
+    }) else {
+        return;
+    };
+    if nr_sector == 0 {
+        return;
+    }
+    let Some(watched) = WATCHED_DEVS.get_ptr(dev) else {
+        return;
+    };
+    let shift = unsafe { (*watched).chunk_shift } & 63;
+    let first = sector >> shift;
+    let last = (sector + u64::from(nr_sector) - 1) >> shift;
+    for i in 0..PENDING_SCAN_CHUNKS {
+        let chunk = first + i;
+        if chunk > last {
+            return;
+        }
+        let key = DedupKey { dev, _pad: 0, chunk };
+        if PENDING_CHUNKS.get_ptr(key).is_some() {
+            let event = ErrorEvent {
+                ts_ns: unsafe { bpf_ktime_get_ns() },
+                sector,
+                dev,
+                nr_sector,
+                errno: 0,
+                op: Op::Write as u8,
+                _pad: [0; 3],
+            };
+            match ERROR_EVENTS.output(event, 0) {
+                Ok(()) => bump(|c| c.rewrites += 1),
+                Err(_) => bump(|c| c.drops += 1),
+            }
+            return;
+        }
+    }
+}
 
 #[tracepoint]
 pub fn rq_error(ctx: TracePointContext) -> u32 {

@@ -2,9 +2,16 @@
 //!
 //! The modules follow the path of one bad sector: [`detect`] (eBPF error detector and its
 //! event stream) → [`volume`] (which chunk of which volume) → [`allocate`] (a spare extent)
-//! → [`table`] (the region's new device-mapper table); [`blockdev`] names devices.
+//! → [`engine`] (locate, copy, [`metadata`] commit) → [`table`] and [`dm`] (switch the region
+//! to its new table). [`blockdev`] names and reads devices; [`agent`] and [`control`] are
+//! the daemon and its socket protocol.
+pub mod agent;
 pub mod allocate;
 pub mod blockdev;
+pub mod control;
 pub mod detect;
+pub mod dm;
+pub mod engine;
+pub mod metadata;
 pub mod table;
 pub mod volume;

@@ -74,6 +74,7 @@ fn config(tag: &str, program: ProgramChoice) -> DetectorConfig {
         program,
         dedup_window: Duration::from_secs(5),
         keep_pins: false,
+        pending_watch: true,
     }
 }
 

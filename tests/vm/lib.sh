@@ -30,15 +30,3 @@ json_num() { printf '%s\n' "$1" | sed -n "s/.*\"$2\":\(-\{0,1\}[0-9][0-9]*\).*/\
 
 # json_str LINE KEY: the string value of "KEY":"..." in a one-line JSON object.
 json_str() { printf '%s\n' "$1" | sed -n "s/.*\"$2\":\"\([^\"]*\)\".*/\1/p"; }
-
-# has_bin NAME: true when the product binary NAME is in the guest; otherwise reports why
-# (missing: not written yet; build-failed: broken) on stderr.
-has_bin() {
-    command -v "$1" >/dev/null 2>&1
-}
-
-# wanted CASE: true when CASE is among the declared cases of this run.
-wanted() {
-    case " $VM_CASES " in *" $1 "*) return 0 ;; esac
-    return 1
-}

@@ -4,7 +4,10 @@ use std::{io::Write as _, path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use remap_user::{
-    blockdev::BlockDev,
+    agent::{self, AgentOptions},
+    blockdev::{BlockDev, DirectIo},
+    control::DEFAULT_SOCKET,
+    dm::Dm,
     detect::{Detector, DetectorConfig, ErrorRecord, ProgramChoice, loader::DEFAULT_PIN_DIR},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -15,9 +18,29 @@ use tokio::signal::unix::{SignalKind, signal};
     version,
     about = "remap agent: keeps a failing disk in service"
 )]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
+    /// Without a subcommand remapd runs the agent in the foreground (as systemd runs it).
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    agent: AgentArgs,
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Control socket (its folder is created root-only).
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// bpffs folder for the pinned maps.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Tracepoint: block_rq_error when the kernel has it (auto), or force one.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "error", "complete"])]
+    detector: String,
+    /// De-duplication window of the detector in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    dedup_window_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -59,12 +82,37 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Watch(a) => watch(a),
+        Some(Cmd::Watch(a)) => watch(a),
+        None => agent(cli.agent),
     };
     if let Err(e) = res {
         eprintln!("remapd: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn agent(a: AgentArgs) -> Result<()> {
+    let detector = DetectorConfig {
+        pin_dir: a.pin_dir,
+        program: a.detector.parse().map_err(anyhow::Error::msg)?,
+        dedup_window: Duration::from_millis(a.dedup_window_ms),
+        keep_pins: false,
+        pending_watch: true,
+    };
+    let dm = Dm::new()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(agent::run(
+        AgentOptions {
+            socket: a.socket,
+            detector,
+        },
+        dm,
+        DirectIo::default(),
+    ))?;
+    Ok(())
 }
 
 fn watch(a: WatchArgs) -> Result<()> {
@@ -79,6 +127,7 @@ fn watch(a: WatchArgs) -> Result<()> {
         program: a.detector.parse().map_err(anyhow::Error::msg)?,
         dedup_window: Duration::from_millis(a.dedup_window_ms),
         keep_pins: a.keep_pins,
+        pending_watch: false,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -19,8 +19,9 @@ use aya::{
     programs::TracePoint,
 };
 use remap_common::{
-    Counters, ErrorEvent, GLOBAL_DEDUP_WINDOW_NS, GLOBAL_LAYOUT, MAP_COUNTERS, MAP_DEDUP,
-    MAP_EVENTS, MAP_WATCHED, PROG_RQ_COMPLETE, PROG_RQ_ERROR, WatchedDev,
+    Counters, DedupKey, ErrorEvent, GLOBAL_DEDUP_WINDOW_NS, GLOBAL_LAYOUT, MAP_COUNTERS,
+    MAP_DEDUP, MAP_EVENTS, MAP_PENDING, MAP_WATCHED, PROG_PENDING_WRITE, PROG_RQ_COMPLETE,
+    PROG_RQ_ERROR, WatchedDev,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -34,7 +35,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/re
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/remap";
 
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
-const PINNED_MAPS: [&str; 4] = [MAP_WATCHED, MAP_EVENTS, MAP_COUNTERS, MAP_DEDUP];
+const PINNED_MAPS: [&str; 5] = [MAP_WATCHED, MAP_EVENTS, MAP_COUNTERS, MAP_DEDUP, MAP_PENDING];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DetectError {
@@ -152,6 +153,8 @@ pub struct DetectorConfig {
     pub dedup_window: Duration,
     /// Leave the pinned maps in place on exit (for inspection after the agent stops).
     pub keep_pins: bool,
+    /// Also watch for rewrites of pending blocks (a program on every completion).
+    pub pending_watch: bool,
 }
 
 impl Default for DetectorConfig {
@@ -161,6 +164,7 @@ impl Default for DetectorConfig {
             program: ProgramChoice::Auto,
             dedup_window: Duration::from_secs(1),
             keep_pins: false,
+            pending_watch: true,
         }
     }
 }
@@ -172,6 +176,7 @@ pub struct Detector {
     tracepoint: &'static str,
     pin_dir: PathBuf,
     keep_pins: bool,
+    watcher: Option<Watcher>,
     /// flock on the pin folder: one detector per folder, released when dropped.
     _lock: File,
 }
@@ -220,6 +225,7 @@ impl Detector {
             tracepoint,
             pin_dir: cfg.pin_dir.clone(),
             keep_pins: cfg.keep_pins,
+            watcher: None,
             _lock: lock,
         };
         for name in PINNED_MAPS {
@@ -255,7 +261,65 @@ impl Detector {
                 what: format!("attaching to block:{tracepoint}"),
                 source,
             })?;
+        if cfg.pending_watch {
+            det.attach_pending_watch(&tracefs, &layout)?;
+        }
+        let map = det.ebpf.take_map(MAP_WATCHED).expect("checked when pinning");
+        let map = HashMap::try_from(map).map_err(|source| DetectError::Map {
+            what: "opening the watched-device map".into(),
+            source,
+        })?;
+        let pending = det.ebpf.take_map(MAP_PENDING).expect("checked when pinning");
+        let pending = HashMap::try_from(pending).map_err(|source| DetectError::Map {
+            what: "opening the pending-chunk map".into(),
+            source,
+        })?;
+        det.watcher = Some(Watcher { map, pending });
         Ok(det)
+    }
+
+    /// Attaches the pending-write watcher to `block_rq_complete`. It reuses the detector's
+    /// layout, so the two formats must agree (they are one event class in the kernel).
+    fn attach_pending_watch(
+        &mut self,
+        tracefs: &Tracefs,
+        layout: &remap_common::Layout,
+    ) -> Result<(), DetectError> {
+        let path = tracefs.format_path("block_rq_complete");
+        let same = fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| parse_format(&t).ok())
+            .and_then(|f| f.block_rq_layout().ok())
+            .is_some_and(|l| l == *layout);
+        if !same {
+            tracing::warn!(
+                "block_rq_complete is missing or laid out unlike {}: rewrites of pending blocks will not be noticed",
+                self.tracepoint
+            );
+            return Ok(());
+        }
+        let prog: &mut TracePoint = self
+            .ebpf
+            .program_mut(PROG_PENDING_WRITE)
+            .ok_or_else(|| DetectError::Io {
+                what: format!("eBPF object has no program {PROG_PENDING_WRITE}"),
+                source: io::ErrorKind::NotFound.into(),
+            })?
+            .try_into()
+            .map_err(|source| DetectError::Program {
+                what: format!("{PROG_PENDING_WRITE} is not a tracepoint program"),
+                source,
+            })?;
+        prog.load().map_err(|source| DetectError::Program {
+            what: format!("the kernel refused the {PROG_PENDING_WRITE} program"),
+            source,
+        })?;
+        prog.attach("block", "block_rq_complete")
+            .map_err(|source| DetectError::Program {
+                what: "attaching the pending-write watcher to block:block_rq_complete".into(),
+                source,
+            })?;
+        Ok(())
     }
 
     /// The tracepoint the detector is attached to, e.g. `block:block_rq_error`.
@@ -267,27 +331,20 @@ impl Detector {
         &self.pin_dir
     }
 
-    /// Starts reporting errors of `dev`; repeats within one `chunk_bytes` chunk are merged.
+    /// Starts reporting errors of `dev` (see [`Watcher::watch`]).
     pub fn watch(&mut self, dev: &BlockDev, chunk_bytes: u64) -> Result<(), DetectError> {
-        if chunk_bytes < 512 || !chunk_bytes.is_power_of_two() {
-            return Err(DetectError::BadChunkSize(chunk_bytes));
+        match self.watcher.as_mut() {
+            Some(w) => w.watch(dev, chunk_bytes),
+            None => Err(DetectError::Io {
+                what: "the watched-device map was handed to the engine".into(),
+                source: io::ErrorKind::Other.into(),
+            }),
         }
-        let value = WatchedDev {
-            chunk_shift: (chunk_bytes / 512).trailing_zeros(),
-            _reserved: 0,
-        };
-        let map = self.ebpf.map_mut(MAP_WATCHED).expect("checked at start");
-        let mut watched: HashMap<_, u32, WatchedDev> =
-            HashMap::try_from(map).map_err(|source| DetectError::Map {
-                what: "opening the watched-device map".into(),
-                source,
-            })?;
-        watched
-            .insert(dev.kernel_dev(), value, 0)
-            .map_err(|source| DetectError::Map {
-                what: format!("watching {}", dev.path.display()),
-                source,
-            })
+    }
+
+    /// Hands the watched-device map to its owner (the engine), once.
+    pub fn take_watcher(&mut self) -> Option<Watcher> {
+        self.watcher.take()
     }
 
     /// The per-CPU counters, summed.
@@ -327,6 +384,63 @@ impl Drop for Detector {
         }
         // Only succeeds if nothing else lives there; anything else is not ours to delete.
         let _ = fs::remove_dir(&self.pin_dir);
+    }
+}
+
+/// The watched-device map: which devices the detector reports.
+pub struct Watcher {
+    map: HashMap<MapData, u32, WatchedDev>,
+    pending: HashMap<MapData, DedupKey, u32>,
+}
+
+impl Watcher {
+    /// Starts reporting errors of `dev`; repeats within one `chunk_bytes` chunk are merged.
+    pub fn watch(&mut self, dev: &BlockDev, chunk_bytes: u64) -> Result<(), DetectError> {
+        if chunk_bytes < 512 || !chunk_bytes.is_power_of_two() {
+            return Err(DetectError::BadChunkSize(chunk_bytes));
+        }
+        let value = WatchedDev {
+            chunk_shift: (chunk_bytes / 512).trailing_zeros(),
+            _reserved: 0,
+        };
+        self.map
+            .insert(dev.kernel_dev(), value, 0)
+            .map_err(|source| DetectError::Map {
+                what: format!("watching {}", dev.path.display()),
+                source,
+            })
+    }
+
+    /// Marks chunk `chunk` of `dev` (in units of that device's watched chunk size) as holding
+    /// pending blocks, or not.
+    pub fn set_pending(&mut self, dev: &BlockDev, chunk: u64, on: bool) -> Result<(), DetectError> {
+        let key = DedupKey {
+            dev: dev.kernel_dev(),
+            _pad: 0,
+            chunk,
+        };
+        let res = if on {
+            self.pending.insert(key, 1, 0)
+        } else {
+            match self.pending.remove(&key) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                r => r,
+            }
+        };
+        res.map_err(|source| DetectError::Map {
+            what: format!("marking chunk {chunk} of {} pending", dev.path.display()),
+            source,
+        })
+    }
+
+    pub fn unwatch(&mut self, dev: &BlockDev) -> Result<(), DetectError> {
+        match self.map.remove(&dev.kernel_dev()) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DetectError::Map {
+                what: format!("unwatching {}", dev.path.display()),
+                source,
+            }),
+        }
     }
 }
 

@@ -9,4 +9,4 @@ pub mod loader;
 
 pub use event::{ErrorRecord, decode_event};
 pub use format::{TracepointFormat, parse_format};
-pub use loader::{DetectError, Detector, DetectorConfig, ProgramChoice, Tracefs};
+pub use loader::{DetectError, Detector, DetectorConfig, ProgramChoice, Tracefs, Watcher};

@@ -1,0 +1,982 @@
+//! The engine: volumes, their pools and remaps, and the remap path
+//! (locate → allocate → suspend → copy → commit → load → resume).
+//!
+//! It is the single writer of metadata and tables. The kernel sits behind three small traits
+//! ([`DeviceMapper`], [`BlockIo`], [`Watch`]) so that all of this runs in unit tests against
+//! simulated devices, and against the real kernel in the VM scenarios.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    time::Instant,
+};
+
+use remap_common::ErrorEvent;
+use serde_json::{Value, json};
+
+use crate::{
+    allocate::{Policy, Pool, PoolError},
+    blockdev::{BlockDev, BlockIo, DevIdentity},
+    control::{Request, Response, exit},
+    dm::DeviceMapper,
+    metadata::{self, AREA_SECTORS, Metadata, SLOT_BYTES, SpareRecord, VolumeConfig},
+    table::{self, DevRef},
+    volume::{
+        Extent, Geometry, PendingMode, Remap, RemapTable, SECTOR, Sector, UnreadablePolicy,
+    },
+};
+
+/// Reads of a block before it is declared unreadable.
+const READ_TRIES: u32 = 3;
+
+/// Tells the error detector which devices to report.
+pub trait Watch {
+    fn watch(&mut self, dev: &BlockDev, chunk_bytes: u64) -> Result<(), String>;
+    fn unwatch(&mut self, dev: &BlockDev) -> Result<(), String>;
+    /// Reports writes to chunk `chunk` (in chunks from the start) of `dev`, or stops.
+    fn set_pending(&mut self, dev: &BlockDev, chunk: u64, on: bool) -> Result<(), String>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl EngineError {
+    pub fn code(&self) -> i32 {
+        match self {
+            Self::NotFound(_) => exit::NOT_FOUND,
+            Self::Refused(_) => exit::REFUSED,
+            Self::Invalid(_) => exit::USAGE,
+            Self::Failed(_) => exit::ERROR,
+        }
+    }
+}
+
+type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+fn failed(what: impl std::fmt::Display) -> impl FnOnce(String) -> EngineError {
+    let what = what.to_string();
+    move |e| EngineError::Failed(format!("{what}: {e}"))
+}
+
+/// A protected volume as the running agent knows it.
+pub struct Volume {
+    pub config: VolumeConfig,
+    pub generation: u64,
+    pub main: BlockDev,
+    pub spares: BTreeMap<u32, BlockDev>,
+    pub pool: Pool,
+    pub remaps: RemapTable,
+    /// major:minor of each region device, by region index.
+    pub regions: Vec<(u32, u32)>,
+}
+
+impl Volume {
+    fn geo(&self) -> &Geometry {
+        &self.config.geometry
+    }
+
+    fn resolve(&self, d: DevRef) -> String {
+        let (ma, mi) = match d {
+            DevRef::Main => (self.main.major, self.main.minor),
+            DevRef::Spare(s) => self
+                .spares
+                .get(&s)
+                .map(|b| (b.major, b.minor))
+                .unwrap_or((0, 0)),
+            DevRef::Region(r) => self.regions.get(r as usize).copied().unwrap_or((0, 0)),
+        };
+        format!("{ma}:{mi}")
+    }
+
+    fn region_lines(&self, region: u32) -> Vec<table::DmLine> {
+        let segs = table::region_table(
+            self.geo(),
+            region,
+            &self.remaps,
+            self.config.pending_mode,
+        );
+        table::render(&segs, |d| self.resolve(d))
+    }
+
+    fn metadata(&self, generation: u64) -> Metadata {
+        Metadata {
+            generation,
+            config: self.config.clone(),
+            remaps: self.remaps.clone(),
+        }
+    }
+
+    fn uses(&self, dev: &BlockDev) -> bool {
+        same(&self.main, dev) || self.spares.values().any(|s| same(s, dev))
+    }
+
+    fn spare_slot(&self, dev: &BlockDev) -> Option<u32> {
+        self.spares
+            .iter()
+            .find(|(_, s)| same(s, dev))
+            .map(|(slot, _)| *slot)
+    }
+}
+
+fn same(a: &BlockDev, b: &BlockDev) -> bool {
+    (a.major, a.minor) == (b.major, b.minor)
+}
+
+/// Name of the hidden device of one region: next to its volume in `dmsetup ls`, and plainly
+/// not a volume of its own.
+pub fn region_name(volume: &str, region: u32) -> String {
+    format!("{volume}-remap-r{region:04}")
+}
+
+fn dm_uuid(uuid: &str, region: Option<u32>) -> String {
+    match region {
+        Some(r) => format!("REMAP-{uuid}-r{r:04}"),
+        None => format!("REMAP-{uuid}"),
+    }
+}
+
+/// What one pass of the remap path did, for logs, metrics and the caller.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RemapReport {
+    pub volume: String,
+    pub remapped: Vec<u64>,
+    pub pending_blocks: u64,
+    pub exhausted: Vec<u64>,
+    pub regions: Vec<u32>,
+    pub micros: u64,
+    pub suspended_micros: u64,
+}
+
+pub struct Engine<D, I, W> {
+    dm: D,
+    io: I,
+    watch: W,
+    volumes: BTreeMap<String, Volume>,
+    /// Whether dm-flakey has `error_reads`, probed once.
+    error_reads: Option<bool>,
+}
+
+impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
+    pub fn new(dm: D, io: I, watch: W) -> Self {
+        Self {
+            dm,
+            io,
+            watch,
+            volumes: BTreeMap::new(),
+            error_reads: None,
+        }
+    }
+
+    pub fn volumes(&self) -> impl Iterator<Item = &Volume> {
+        self.volumes.values()
+    }
+
+    pub fn dm(&self) -> &D {
+        &self.dm
+    }
+
+    pub fn io(&self) -> &I {
+        &self.io
+    }
+
+    /// Serves one control request.
+    pub fn handle(&mut self, req: Request) -> Response {
+        let res = match req {
+            Request::Create {
+                name,
+                main,
+                spares,
+                chunk_bytes,
+                region_bytes,
+                policy,
+                unreadable,
+            } => self.create(&name, &main, &spares, chunk_bytes, region_bytes, policy, unreadable),
+            Request::Stop { name } => self.stop(&name),
+            Request::Status { name } => self.status(name.as_deref()),
+            Request::SpareAdd { name, dev } => self.spare_add(&name, &dev),
+            Request::SpareRemove { name, dev } => self.spare_remove(&name, &dev),
+            Request::SpareList { name } => self.spare_list(&name),
+            Request::RemapAdd { name, lba, count } => self.remap_add(&name, lba, count),
+            Request::RemapList { name } => self.remap_list(&name),
+            Request::Pending { name } => self.pending(&name),
+        };
+        match res {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(e.code(), e.to_string()),
+        }
+    }
+
+    fn volume(&self, name: &str) -> Result<&Volume> {
+        self.volumes
+            .get(name)
+            .ok_or_else(|| EngineError::NotFound(format!("no volume named `{name}`")))
+    }
+
+    /// Opens a device for a new role: it must exist, be a block device, and be free.
+    fn claimable(&self, path: &Path, role: &str) -> Result<BlockDev> {
+        let dev = BlockDev::open(path).map_err(|e| EngineError::Invalid(format!("{role}: {e}")))?;
+        if let Some(v) = self.volumes.values().find(|v| v.uses(&dev)) {
+            return Err(EngineError::Refused(format!(
+                "{role} {} is already part of volume `{}`",
+                path.display(),
+                v.config.name
+            )));
+        }
+        if let Some(why) = dev.in_use() {
+            return Err(EngineError::Refused(format!(
+                "{role} {} is in use ({why}); unmount or release it first",
+                path.display()
+            )));
+        }
+        Ok(dev)
+    }
+
+    fn identity(&self, dev: &BlockDev) -> Result<DevIdentity> {
+        dev.identity()
+            .map_err(|e| EngineError::Failed(format!("identifying {}: {e}", dev.path.display())))
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "mirrors the create request one to one")]
+    pub fn create(
+        &mut self,
+        name: &str,
+        main_path: &Path,
+        spare_paths: &[std::path::PathBuf],
+        chunk_bytes: u64,
+        region_bytes: u64,
+        policy: Policy,
+        unreadable: UnreadablePolicy,
+    ) -> Result<Value> {
+        validate_name(name)?;
+        if self.volumes.contains_key(name) {
+            return Err(EngineError::Refused(format!("volume `{name}` already exists")));
+        }
+        if !self.dm.list(name).map_err(|e| failed("listing device-mapper devices")(e.to_string()))?
+            .iter()
+            .all(|d| d.name != name)
+        {
+            return Err(EngineError::Refused(format!(
+                "a device-mapper device named `{name}` already exists"
+            )));
+        }
+        if spare_paths.is_empty() {
+            return Err(EngineError::Invalid(
+                "a volume needs at least one spare device (--spare DEV)".into(),
+            ));
+        }
+        let main = self.claimable(main_path, "main device")?;
+        let mut spares = BTreeMap::new();
+        for (i, p) in spare_paths.iter().enumerate() {
+            let s = self.claimable(p, "spare")?;
+            if same(&s, &main) {
+                return Err(EngineError::Invalid(format!(
+                    "spare {} is the main device itself",
+                    p.display()
+                )));
+            }
+            if spares.values().any(|o| same(o, &s)) {
+                return Err(EngineError::Invalid(format!(
+                    "spare {} is given twice",
+                    p.display()
+                )));
+            }
+            spares.insert(i as u32, s);
+        }
+        let main_size = main
+            .size_bytes()
+            .map_err(|e| failed(format!("size of {}", main_path.display()))(e.to_string()))?;
+        let block = main
+            .logical_block_size()
+            .map_err(|e| failed(format!("block size of {}", main_path.display()))(e.to_string()))?;
+        let geometry = Geometry::new(main_size, block, chunk_bytes, region_bytes)
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let mut pool = Pool::new(geometry.chunk, policy);
+        let mut records = Vec::new();
+        for (slot, s) in &spares {
+            let size = s
+                .size_bytes()
+                .map_err(|e| failed(format!("size of {}", s.path.display()))(e.to_string()))?
+                / SECTOR;
+            pool.add(*slot, size, AREA_SECTORS).map_err(|e| {
+                EngineError::Invalid(format!("spare {}: {e}", s.path.display()))
+            })?;
+            records.push(SpareRecord {
+                slot: *slot,
+                identity: self.identity(s)?,
+                size_sectors: size,
+                last_path: s.path.display().to_string(),
+            });
+        }
+        let pending_mode = self.pending_mode(&main, unreadable)?;
+        let config = VolumeConfig {
+            name: name.to_owned(),
+            uuid: new_uuid(),
+            geometry,
+            main: self.identity(&main)?,
+            main_last_path: main.path.display().to_string(),
+            spares: records,
+            policy,
+            unreadable,
+            pending_mode,
+            meta_area_sectors: AREA_SECTORS,
+        };
+        let mut vol = Volume {
+            config,
+            generation: 0,
+            main,
+            spares,
+            pool,
+            remaps: RemapTable::default(),
+            regions: Vec::new(),
+        };
+        // Old metadata on a spare must not outrank ours at assembly: wipe both slots first.
+        for s in vol.spares.values() {
+            self.wipe_metadata(s)?;
+        }
+        self.commit(&mut vol)?;
+        if let Err(e) = self.build_devices(&mut vol) {
+            self.teardown(&vol);
+            for s in vol.spares.values() {
+                let _ = self.wipe_metadata(s);
+            }
+            return Err(e);
+        }
+        let chunk_bytes = vol.geo().chunk * SECTOR;
+        for d in std::iter::once(&vol.main).chain(vol.spares.values()) {
+            if let Err(e) = self.watch.watch(d, chunk_bytes) {
+                tracing::error!(device = %d.path.display(), "cannot watch: {e}");
+            }
+        }
+        tracing::info!(
+            volume = name,
+            main = %vol.main.path.display(),
+            spares = vol.spares.len(),
+            regions = vol.regions.len(),
+            "created /dev/mapper/{name}"
+        );
+        let status = status_json(&vol);
+        self.volumes.insert(name.to_owned(), vol);
+        Ok(status)
+    }
+
+    fn pending_mode(&mut self, main: &BlockDev, unreadable: UnreadablePolicy) -> Result<PendingMode> {
+        let has = match self.error_reads {
+            Some(h) => h,
+            None => {
+                let h = self
+                    .dm
+                    .flakey_error_reads(&format!("{}:{}", main.major, main.minor))
+                    .unwrap_or(false);
+                self.error_reads = Some(h);
+                h
+            }
+        };
+        Ok(if has {
+            PendingMode::FlakeyErrorReads
+        } else {
+            tracing::warn!(
+                policy = ?unreadable,
+                "dm-flakey has no error_reads on this kernel: unreadable blocks follow the --unreadable policy"
+            );
+            PendingMode::Policy(unreadable)
+        })
+    }
+
+    /// Creates the region devices and the volume on top of them.
+    fn build_devices(&mut self, vol: &mut Volume) -> Result<()> {
+        for r in 0..vol.geo().regions() {
+            let lines = vol.region_lines(r);
+            let name = region_name(&vol.config.name, r);
+            let devno = self
+                .dm
+                .create(&name, &dm_uuid(&vol.config.uuid, Some(r)), &lines)
+                .map_err(|e| failed(format!("creating {name}"))(e.to_string()))?;
+            vol.regions.push(devno);
+        }
+        let lines = table::render(&table::volume_table(vol.geo()), |d| vol.resolve(d));
+        self.dm
+            .create(&vol.config.name, &dm_uuid(&vol.config.uuid, None), &lines)
+            .map_err(|e| failed(format!("creating {}", vol.config.name))(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Removes whatever devices of `vol` exist (volume first: it holds the regions).
+    fn teardown(&self, vol: &Volume) {
+        let _ = self.dm.remove(&vol.config.name);
+        for r in 0..vol.geo().regions() {
+            let _ = self.dm.remove(&region_name(&vol.config.name, r));
+        }
+    }
+
+    pub fn stop(&mut self, name: &str) -> Result<Value> {
+        let vol = self.volume(name)?;
+        self.dm.remove(name).map_err(|e| {
+            EngineError::Refused(format!(
+                "cannot remove /dev/mapper/{name} ({e}); is it mounted or open?"
+            ))
+        })?;
+        for r in 0..vol.geo().regions() {
+            let rn = region_name(name, r);
+            self.dm
+                .remove(&rn)
+                .map_err(|e| failed(format!("removing {rn}"))(e.to_string()))?;
+        }
+        let vol = self.volumes.remove(name).expect("looked up above");
+        for d in std::iter::once(&vol.main).chain(vol.spares.values()) {
+            let _ = self.watch.unwatch(d);
+        }
+        tracing::info!(volume = name, "stopped");
+        Ok(json!({ "stopped": name }))
+    }
+
+    pub fn status(&self, name: Option<&str>) -> Result<Value> {
+        match name {
+            Some(n) => Ok(status_json(self.volume(n)?)),
+            None => Ok(Value::Array(self.volumes.values().map(status_json).collect())),
+        }
+    }
+
+    pub fn spare_list(&self, name: &str) -> Result<Value> {
+        Ok(pool_json(self.volume(name)?))
+    }
+
+    pub fn spare_add(&mut self, name: &str, path: &Path) -> Result<Value> {
+        self.volume(name)?;
+        let dev = self.claimable(path, "spare")?;
+        let size = dev
+            .size_bytes()
+            .map_err(|e| failed(format!("size of {}", path.display()))(e.to_string()))?
+            / SECTOR;
+        let identity = self.identity(&dev)?;
+        let mut vol = self.volumes.remove(name).expect("looked up above");
+        let slot = vol.spares.keys().next_back().map_or(0, |s| s + 1);
+        let res = (|| {
+            vol.pool.add(slot, size, AREA_SECTORS).map_err(|e| {
+                EngineError::Invalid(format!("spare {}: {e}", path.display()))
+            })?;
+            self.wipe_metadata(&dev)?;
+            vol.spares.insert(slot, dev.clone());
+            vol.config.spares.push(SpareRecord {
+                slot,
+                identity,
+                size_sectors: size,
+                last_path: path.display().to_string(),
+            });
+            if let Err(e) = self.commit(&mut vol) {
+                vol.spares.remove(&slot);
+                vol.config.spares.retain(|s| s.slot != slot);
+                let _ = vol.pool.remove(slot);
+                return Err(e);
+            }
+            Ok(())
+        })();
+        let chunk_bytes = vol.geo().chunk * SECTOR;
+        let out = res.map(|()| pool_json(&vol));
+        if out.is_ok() {
+            let _ = self.watch.watch(&dev, chunk_bytes);
+            tracing::info!(volume = name, spare = %path.display(), slot, "spare added");
+        }
+        self.volumes.insert(name.to_owned(), vol);
+        out
+    }
+
+    pub fn spare_remove(&mut self, name: &str, path: &Path) -> Result<Value> {
+        let vol = self.volume(name)?;
+        let dev = BlockDev::open(path).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let slot = vol.spare_slot(&dev).ok_or_else(|| {
+            EngineError::NotFound(format!("{} is not a spare of `{name}`", path.display()))
+        })?;
+        if vol.spares.len() == 1 {
+            return Err(EngineError::Refused(format!(
+                "{} is the last spare of `{name}`, which keeps its metadata: add another spare first",
+                path.display()
+            )));
+        }
+        let mut vol = self.volumes.remove(name).expect("looked up above");
+        let res = (|| {
+            vol.pool.remove(slot).map_err(|e| match e {
+                PoolError::InUse { used, .. } => EngineError::Refused(format!(
+                    "{} holds {used} remapped chunks of `{name}`; it cannot be removed while it holds data",
+                    path.display()
+                )),
+                e => EngineError::Failed(e.to_string()),
+            })?;
+            let rec = vol.config.spares.clone();
+            vol.config.spares.retain(|s| s.slot != slot);
+            let removed = vol.spares.remove(&slot).expect("slot found above");
+            if let Err(e) = self.commit(&mut vol) {
+                vol.config.spares = rec;
+                vol.spares.insert(slot, removed);
+                let size = vol.config.spares.iter().find(|s| s.slot == slot).map_or(0, |s| s.size_sectors);
+                let _ = vol.pool.add(slot, size, AREA_SECTORS);
+                return Err(e);
+            }
+            let _ = self.wipe_metadata(&removed);
+            let _ = self.watch.unwatch(&removed);
+            Ok(())
+        })();
+        let out = res.map(|()| pool_json(&vol));
+        self.volumes.insert(name.to_owned(), vol);
+        out
+    }
+
+    pub fn remap_list(&self, name: &str) -> Result<Value> {
+        let vol = self.volume(name)?;
+        let chunk = vol.geo().chunk;
+        Ok(Value::Array(
+            vol.remaps
+                .iter()
+                .map(|(c, r)| {
+                    json!({
+                        "chunk": c,
+                        "lba": c * chunk,
+                        "sectors": chunk,
+                        "spare": vol.spares.get(&r.extent.spare).map(|s| s.path.display().to_string()),
+                        "spare_slot": r.extent.spare,
+                        "spare_sector": r.extent.start,
+                        "pending_blocks": r.pending.count_ones(),
+                    })
+                })
+                .collect(),
+        ))
+    }
+
+    pub fn pending(&self, name: &str) -> Result<Value> {
+        let vol = self.volume(name)?;
+        let g = vol.geo();
+        let mut out = Vec::new();
+        for (c, r) in vol.remaps.iter() {
+            for b in 0..g.blocks_per_chunk() {
+                if r.pending & (1 << b) != 0 {
+                    out.push(json!({
+                        "lba": c * g.chunk + u64::from(b) * g.block,
+                        "sectors": g.block,
+                    }));
+                }
+            }
+        }
+        Ok(json!({
+            "mode": mode_name(vol.config.pending_mode),
+            "blocks": out,
+        }))
+    }
+
+    pub fn remap_add(&mut self, name: &str, lba: u64, count: u64) -> Result<Value> {
+        let vol = self.volume(name)?;
+        let g = vol.geo();
+        if count == 0 {
+            return Err(EngineError::Invalid("--count must be at least 1".into()));
+        }
+        if lba.checked_add(count).is_none_or(|end| end > g.size) {
+            return Err(EngineError::Invalid(format!(
+                "LBA range {lba}+{count} is past the end of `{name}` ({} sectors)",
+                g.size
+            )));
+        }
+        let chunks: BTreeSet<u64> = g.chunks_of_range(lba, count).collect();
+        let report = self.remap(name, chunks)?;
+        Ok(serde_json::to_value(report).expect("plain struct"))
+    }
+
+    /// Feeds detector events to the remap path; one batch per volume.
+    pub fn on_errors(&mut self, events: &[ErrorEvent]) -> Vec<RemapReport> {
+        let mut work: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+        for ev in events {
+            for (name, chunk) in self.attribute(ev) {
+                work.entry(name).or_default().insert(chunk);
+            }
+        }
+        let mut reports = Vec::new();
+        for (name, chunks) in work {
+            match self.remap(&name, chunks) {
+                Ok(r) => reports.push(r),
+                Err(e) => tracing::error!(volume = name, "remap failed: {e}"),
+            }
+        }
+        reports
+    }
+
+    /// Which volume chunks an error event concerns. Errors on the main device matter for chunks
+    /// still there (a chunk already moved is a stale report, e.g. from locating it); errors on a
+    /// spare matter for the chunk whose data lives there now.
+    fn attribute(&self, ev: &ErrorEvent) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for v in self.volumes.values() {
+            let g = v.geo();
+            if v.main.matches_kernel_dev(ev.dev) {
+                out.extend(
+                    g.chunks_of_range(ev.sector, u64::from(ev.nr_sector))
+                        .filter(|c| v.remaps.get(*c).is_none())
+                        .map(|c| (v.config.name.clone(), c)),
+                );
+            } else if let Some((slot, _)) = v.spares.iter().find(|(_, s)| s.matches_kernel_dev(ev.dev)) {
+                if ev.sector < v.config.meta_area_sectors {
+                    tracing::error!(
+                        volume = v.config.name,
+                        spare = %v.spares[slot].path.display(),
+                        sector = ev.sector,
+                        "I/O error in a spare's metadata area; the other copies keep the volume safe"
+                    );
+                    continue;
+                }
+                let end = ev.sector + u64::from(ev.nr_sector.max(1));
+                let mut s = ev.sector - ev.sector % g.chunk;
+                while s < end {
+                    if let Some(c) = v.remaps.chunk_at(*slot, s, g.chunk) {
+                        out.push((v.config.name.clone(), c));
+                    }
+                    s += g.chunk;
+                }
+            }
+        }
+        out
+    }
+
+    /// The remap path for a batch of chunks of one volume.
+    pub fn remap(&mut self, name: &str, chunks: BTreeSet<u64>) -> Result<RemapReport> {
+        let t0 = Instant::now();
+        let mut vol = self
+            .volumes
+            .remove(name)
+            .ok_or_else(|| EngineError::NotFound(format!("no volume named `{name}`")))?;
+        let res = self.remap_in(&mut vol, chunks, t0);
+        self.volumes.insert(name.to_owned(), vol);
+        res
+    }
+
+    fn remap_in(&mut self, vol: &mut Volume, chunks: BTreeSet<u64>, t0: Instant) -> Result<RemapReport> {
+        let g = *vol.geo();
+        let bpc = g.blocks_per_chunk();
+        let block_bytes = (g.block * SECTOR) as usize;
+        let mut report = RemapReport {
+            volume: vol.config.name.clone(),
+            ..RemapReport::default()
+        };
+
+        // Locate: which blocks of each chunk can be read where the chunk lives now. Outside the
+        // suspend: retries on a failing disk can take long, and other I/O must not wait for it.
+        let mut plan: Vec<(u64, Option<Remap>, u64)> = Vec::new();
+        for &c in &chunks {
+            let old = vol.remaps.get(c).copied();
+            let (src, base) = source(vol, c, old);
+            let mut bad = old.map_or(0, |r| r.pending);
+            let mut buf = vec![0u8; block_bytes];
+            for b in 0..bpc {
+                if bad & (1 << b) != 0 {
+                    continue;
+                }
+                let off = (base + u64::from(b) * g.block) * SECTOR;
+                if !(0..READ_TRIES).any(|_| self.io.read_at(src, off, &mut buf).is_ok()) {
+                    bad |= 1 << b;
+                }
+            }
+            plan.push((c, old, bad));
+        }
+
+        // Allocate, in chunk order so neighbours can land next to each other.
+        let mut moves: Vec<(u64, Option<Remap>, Extent, u64)> = Vec::new();
+        let mut prev: Option<(u64, Extent)> = None;
+        for (c, old, bad) in plan {
+            let after = match prev {
+                Some((pc, e)) if pc + 1 == c => Some(e),
+                _ => c.checked_sub(1).and_then(|p| vol.remaps.get(p)).map(|r| r.extent),
+            };
+            match vol.pool.allocate(after) {
+                Ok(e) => {
+                    prev = Some((c, e));
+                    moves.push((c, old, e, bad));
+                }
+                Err(_) => report.exhausted.push(c),
+            }
+        }
+        if !report.exhausted.is_empty() {
+            tracing::error!(
+                volume = vol.config.name,
+                chunks = report.exhausted.len(),
+                "spare pool exhausted: errors on these chunks pass through until a spare is added"
+            );
+        }
+        if moves.is_empty() {
+            report.micros = t0.elapsed().as_micros() as u64;
+            return Ok(report);
+        }
+        let regions: BTreeSet<u32> = moves.iter().map(|(c, ..)| g.region_of_chunk(*c)).collect();
+        let release = |vol: &mut Volume, moves: &[(u64, Option<Remap>, Extent, u64)]| {
+            for (_, _, e, _) in moves {
+                let _ = vol.pool.release(*e);
+            }
+        };
+
+        // Suspend the regions: no I/O reaches these chunks until the new tables are live.
+        let ts = Instant::now();
+        let mut suspended = Vec::new();
+        for &r in &regions {
+            let rn = region_name(&vol.config.name, r);
+            if let Err(e) = self.dm.suspend(&rn) {
+                self.resume_all(&vol.config.name, &suspended);
+                release(vol, &moves);
+                return Err(EngineError::Failed(format!("suspending {rn}: {e}")));
+            }
+            suspended.push(r);
+        }
+
+        // Copy every block still readable; unreadable ones become zeros on the spare and pending.
+        let mut copied = Vec::new();
+        let mut copy_err = None;
+        for (c, old, e, bad) in &moves {
+            match self.copy_chunk(vol, *c, *old, *e, *bad) {
+                Ok(pending) => copied.push((*c, *old, *e, pending)),
+                Err(err) => {
+                    copy_err = Some(err);
+                    break;
+                }
+            }
+        }
+        if let Some(err) = copy_err {
+            self.resume_all(&vol.config.name, &suspended);
+            release(vol, &moves);
+            return Err(err);
+        }
+
+        // Commit: the new remaps are durable before any table points at them.
+        for (c, _, e, pending) in &copied {
+            vol.remaps.insert(
+                *c,
+                Remap {
+                    extent: *e,
+                    pending: *pending,
+                },
+            );
+        }
+        if let Err(err) = self.commit(vol) {
+            for (c, old, ..) in &copied {
+                match old {
+                    Some(o) => vol.remaps.insert(*c, *o),
+                    None => vol.remaps.remove(*c),
+                };
+            }
+            self.resume_all(&vol.config.name, &suspended);
+            release(vol, &moves);
+            return Err(err);
+        }
+
+        // Switch: load each region's new table and resume it.
+        for &r in &regions {
+            let rn = region_name(&vol.config.name, r);
+            if let Err(e) = self.dm.load(&rn, &vol.region_lines(r)) {
+                // Metadata already names the new extents; the old table still reads the old
+                // location, which is what was readable. Retry at the next event.
+                tracing::error!(region = rn, "loading the new table failed: {e}");
+            }
+        }
+        self.resume_all(&vol.config.name, &suspended);
+        report.suspended_micros = ts.elapsed().as_micros() as u64;
+
+        // The old extents of chunks that moved again are free now.
+        for (_, old, ..) in &copied {
+            if let Some(o) = old {
+                let _ = vol.pool.release(o.extent);
+            }
+        }
+        for (c, _, e, pending) in &copied {
+            report.remapped.push(*c);
+            report.pending_blocks += u64::from(pending.count_ones());
+            tracing::info!(
+                volume = vol.config.name,
+                chunk = c,
+                lba = c * g.chunk,
+                spare = %vol.spares[&e.spare].path.display(),
+                spare_sector = e.start,
+                pending = pending.count_ones(),
+                "chunk remapped"
+            );
+        }
+        report.regions = regions.into_iter().collect();
+        report.micros = t0.elapsed().as_micros() as u64;
+        Ok(report)
+    }
+
+    fn resume_all(&self, volume: &str, regions: &[u32]) {
+        for r in regions {
+            let rn = region_name(volume, *r);
+            if let Err(e) = self.dm.resume(&rn) {
+                tracing::error!(region = rn, "resume failed: {e}");
+            }
+        }
+    }
+
+    /// Copies chunk `c` to `dst`; returns the pending mask (blocks that could not be read).
+    fn copy_chunk(&self, vol: &Volume, c: u64, old: Option<Remap>, dst: Extent, bad: u64) -> Result<u64> {
+        let g = vol.geo();
+        let (src, base) = source(vol, c, old);
+        let spare = &vol.spares[&dst.spare];
+        let block_bytes = (g.block * SECTOR) as usize;
+        let mut data = vec![0u8; (g.chunk * SECTOR) as usize];
+        let mut pending = bad;
+        // One read of the whole chunk when it is healthy; block by block otherwise.
+        if bad != 0 || self.io.read_at(src, base * SECTOR, &mut data).is_err() {
+            for (b, buf) in data.chunks_mut(block_bytes).enumerate() {
+                if pending & (1 << b) != 0 {
+                    buf.fill(0);
+                    continue;
+                }
+                let off = (base + b as u64 * g.block) * SECTOR;
+                if !(0..READ_TRIES).any(|_| self.io.read_at(src, off, buf).is_ok()) {
+                    buf.fill(0);
+                    pending |= 1 << b;
+                }
+            }
+        }
+        self.io
+            .write_at(spare, dst.start * SECTOR, &data)
+            .and_then(|()| self.io.flush(spare))
+            .map_err(|e| {
+                EngineError::Failed(format!(
+                    "writing chunk {c} to spare {}: {e}",
+                    spare.path.display()
+                ))
+            })?;
+        Ok(pending)
+    }
+
+    /// Writes the next generation of the metadata to every spare and flushes it.
+    fn commit(&self, vol: &mut Volume) -> Result<()> {
+        let generation = vol.generation + 1;
+        let bytes = metadata::encode(&vol.metadata(generation))
+            .map_err(|e| EngineError::Failed(format!("encoding metadata: {e}")))?;
+        let off = metadata::slot_of(generation) * SLOT_BYTES;
+        for s in vol.spares.values() {
+            self.io
+                .write_at(s, off, &bytes)
+                .and_then(|()| self.io.flush(s))
+                .map_err(|e| {
+                    EngineError::Failed(format!(
+                        "writing metadata to {}: {e}",
+                        s.path.display()
+                    ))
+                })?;
+        }
+        vol.generation = generation;
+        Ok(())
+    }
+
+    fn wipe_metadata(&self, dev: &BlockDev) -> Result<()> {
+        let zero = vec![0u8; 4096];
+        for slot in 0..2 {
+            self.io
+                .write_at(dev, slot * SLOT_BYTES, &zero)
+                .map_err(|e| failed(format!("clearing metadata on {}", dev.path.display()))(e.to_string()))?;
+        }
+        self.io
+            .flush(dev)
+            .map_err(|e| failed(format!("flushing {}", dev.path.display()))(e.to_string()))
+    }
+}
+
+/// Where chunk `c` reads from now: its spare extent if remapped, else the main device.
+fn source(vol: &Volume, c: u64, old: Option<Remap>) -> (&BlockDev, Sector) {
+    match old {
+        Some(r) => (&vol.spares[&r.extent.spare], r.extent.start),
+        None => (&vol.main, c * vol.geo().chunk),
+    }
+}
+
+fn mode_name(m: PendingMode) -> &'static str {
+    match m {
+        PendingMode::FlakeyErrorReads => "error-reads",
+        PendingMode::Policy(UnreadablePolicy::Error) => "error",
+        PendingMode::Policy(UnreadablePolicy::Zero) => "zero",
+    }
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['-', '.'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'));
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::Invalid(format!(
+            "invalid volume name `{name}`: use 1-64 letters, digits, '-', '_', '.', '+', not starting with '-' or '.'"
+        )))
+    }
+}
+
+fn new_uuid() -> String {
+    let mut b = [0u8; 16];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
+        // No urandom (a test sandbox): time and pid are unique enough for a volume UUID.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        b.copy_from_slice(&(t ^ u128::from(std::process::id())).to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn pool_json(vol: &Volume) -> Value {
+    let chunk_bytes = vol.geo().chunk * SECTOR;
+    let devices: Vec<Value> = vol
+        .pool
+        .usage()
+        .iter()
+        .map(|u| {
+            let rec = vol.config.spares.iter().find(|s| s.slot == u.slot);
+            json!({
+                "slot": u.slot,
+                "path": vol.spares.get(&u.slot).map(|s| s.path.display().to_string()),
+                "identity": rec.map(|r| &r.identity),
+                "size_bytes": u.size_sectors * SECTOR,
+                "chunks": u.total,
+                "used": u.used,
+                "free": u.free,
+                "used_bytes": u.used * chunk_bytes,
+                "free_bytes": u.free * chunk_bytes,
+            })
+        })
+        .collect();
+    let total: u64 = vol.pool.usage().iter().map(|u| u.total).sum();
+    let available = vol.pool.available();
+    json!({
+        "policy": vol.pool.policy(),
+        "devices": devices,
+        "total": total,
+        "available": available,
+        "total_bytes": total * chunk_bytes,
+        "available_bytes": available * chunk_bytes,
+    })
+}
+
+fn status_json(vol: &Volume) -> Value {
+    let g = vol.geo();
+    json!({
+        "name": vol.config.name,
+        "uuid": vol.config.uuid,
+        "device": format!("/dev/mapper/{}", vol.config.name),
+        "main": vol.main.path.display().to_string(),
+        "main_identity": vol.config.main,
+        "size_bytes": g.size * SECTOR,
+        "chunk_size": g.chunk * SECTOR,
+        "region_size": g.region * SECTOR,
+        "regions": g.regions(),
+        "remaps": vol.remaps.len(),
+        "pending": vol.remaps.pending_blocks(),
+        "pending_mode": mode_name(vol.config.pending_mode),
+        "generation": vol.generation,
+        "pool": pool_json(vol),
+    })
+}
