@@ -42,13 +42,25 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     for p in &args[1..] {
-        match BlockDev::open(p).and_then(|d| d.identity()) {
+        let dev = match BlockDev::open(p) {
+            Ok(d) => d,
+            Err(e) => {
+                println!("IDENT {} error: {e}", p.display());
+                continue;
+            }
+        };
+        match dev.identity() {
             Ok(id) => println!(
                 "IDENT {} {}",
                 p.display(),
                 serde_json::to_string(&id).unwrap()
             ),
             Err(e) => println!("IDENT {} error: {e}", p.display()),
+        }
+        match dev.check_in_use() {
+            Ok(Some(why)) => println!("INUSE {} {why}", p.display()),
+            Ok(None) => println!("INUSE {} free", p.display()),
+            Err(e) => println!("INUSE {} error: {e}", p.display()),
         }
     }
     let mut r = Report { failed: 0 };
@@ -288,6 +300,16 @@ fn run(scratch: &Path, r: &mut Report) -> Result<()> {
     r.check(
         "a table the kernel rejects is refused as invalid",
         match dm.load(NAME, &[(0, 8, "linear".into(), "0:0 notanumber".into())]) {
+            Err(e @ DmError::InvalidTable { .. }) => {
+                println!("INFO {e}");
+                Ok(())
+            }
+            other => Err(anyhow::anyhow!("got {other:?}")),
+        },
+    );
+    r.check(
+        "a table naming a missing device is refused as invalid",
+        match dm.load(NAME, &[(0, 8, "linear".into(), "200:7 0".into())]) {
             Err(e @ DmError::InvalidTable { .. }) => {
                 println!("INFO {e}");
                 Ok(())

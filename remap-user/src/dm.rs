@@ -163,8 +163,8 @@ pub trait DeviceMapper {
     fn suspend(&self, name: &str) -> Result<(), DmError>;
     /// Resumes, swapping in the inactive table if one was loaded.
     fn resume(&self, name: &str) -> Result<(), DmError>;
-    /// Removes a device that nobody holds open. Refused while it is suspended: I/O queued in
-    /// it would be failed, so resume it first.
+    /// Removes a device that nobody holds open. Refused while it is suspended (the kernel
+    /// would allow it, failing the I/O queued in it): resume it first.
     fn remove(&self, name: &str) -> Result<(), DmError>;
     /// The live table as the kernel reports it.
     fn table(&self, name: &str) -> Result<Vec<DmLine>, DmError>;
@@ -407,6 +407,25 @@ impl Dm {
         })
     }
 
+    /// Loads into the inactive slot. ENXIO there means either device: ours, or one the table
+    /// names (a missing major:minor); tell them apart so the message blames the right one.
+    fn load_table(&self, dm_name: &DmName, table: &[DmLine]) -> Result<(), DmError> {
+        let op = DmOp::Load;
+        let name = dm_name.to_string();
+        let id = DevId::Name(dm_name);
+        match self.dm.table_load(&id, table, DmOptions::default()) {
+            Ok(_) => Ok(()),
+            Err(e) if ioctl_errno(&e) == Some(libc::ENXIO) && self.dm.device_info(&id).is_ok() => {
+                Err(DmError::InvalidTable {
+                    op,
+                    name,
+                    reason: "a device it names does not exist (ENXIO)".into(),
+                })
+            }
+            Err(e) => Err(map_err(op, &name, e)),
+        }
+    }
+
     fn do_create(&self, name: &str, uuid: &str, table: &[DmLine]) -> Result<(u32, u32), DmError> {
         let op = DmOp::Create;
         let dm_name = Self::name(op, name)?;
@@ -431,15 +450,11 @@ impl Dm {
             })?;
         let dev = info.device();
         let id = DevId::Name(dm_name);
-        let activate = self
-            .dm
-            .table_load(&id, table, DmOptions::default())
-            .map_err(|e| map_err(DmOp::Load, name, e))
-            .and_then(|_| {
-                self.dm
-                    .device_suspend(&id, DmOptions::default())
-                    .map_err(|e| map_err(DmOp::Resume, name, e))
-            });
+        let activate = self.load_table(dm_name, table).and_then(|()| {
+            self.dm
+                .device_suspend(&id, DmOptions::default())
+                .map_err(|e| map_err(DmOp::Resume, name, e))
+        });
         if let Err(e) = activate {
             // Leave nothing behind: a half-made device would make the next create fail.
             if let Err(cleanup) = self.dm.device_remove(&id, DmOptions::default()) {
@@ -463,10 +478,7 @@ impl DeviceMapper for Dm {
         let op = DmOp::Load;
         let dm_name = Self::name(op, name)?;
         validate_table(op, name, table)?;
-        self.dm
-            .table_load(&DevId::Name(dm_name), table, DmOptions::default())
-            .map_err(|e| map_err(op, name, e))?;
-        Ok(())
+        self.load_table(dm_name, table)
     }
 
     fn suspend(&self, name: &str) -> Result<(), DmError> {

@@ -586,12 +586,25 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         Ok(serde_json::to_value(report).expect("plain struct"))
     }
 
-    /// Feeds detector events to the remap path; one batch per volume.
+    /// Feeds detector events to the remap path; one batch per volume. Successful writes to
+    /// pending chunks (errno 0) clear the blocks they rewrote.
     pub fn on_errors(&mut self, events: &[ErrorEvent]) -> Vec<RemapReport> {
         let mut work: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+        let mut rewrites: BTreeMap<String, BTreeMap<u64, u64>> = BTreeMap::new();
         for ev in events {
+            if ev.errno == 0 {
+                for (name, chunk, mask) in self.rewritten(ev) {
+                    *rewrites.entry(name).or_default().entry(chunk).or_default() |= mask;
+                }
+                continue;
+            }
             for (name, chunk) in self.attribute(ev) {
                 work.entry(name).or_default().insert(chunk);
+            }
+        }
+        for (name, chunks) in rewrites {
+            if let Err(e) = self.clear_pending(&name, &chunks) {
+                tracing::error!(volume = name, "mapping rewritten blocks back failed: {e}");
             }
         }
         let mut reports = Vec::new();
@@ -638,6 +651,115 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
         }
         out
+    }
+
+    /// Pending blocks of remapped chunks that a successful write to their spare extent fully
+    /// covered: (volume, chunk, mask of rewritten pending blocks).
+    fn rewritten(&self, ev: &ErrorEvent) -> Vec<(String, u64, u64)> {
+        let mut out = Vec::new();
+        let end = ev.sector + u64::from(ev.nr_sector);
+        for v in self.volumes.values() {
+            let g = v.geo();
+            let Some((slot, _)) = v.spares.iter().find(|(_, s)| s.matches_kernel_dev(ev.dev)) else {
+                continue;
+            };
+            let mut s = ev.sector - ev.sector % g.chunk;
+            while s < end {
+                if let Some(c) = v.remaps.chunk_at(*slot, s, g.chunk) {
+                    let r = v.remaps.get(c).expect("found above");
+                    let mut mask = 0u64;
+                    for b in 0..g.blocks_per_chunk() {
+                        let bs = r.extent.start + u64::from(b) * g.block;
+                        if r.pending & (1 << b) != 0 && bs >= ev.sector && bs + g.block <= end {
+                            mask |= 1 << b;
+                        }
+                    }
+                    if mask != 0 {
+                        out.push((v.config.name.clone(), c, mask));
+                    }
+                }
+                s += g.chunk;
+            }
+        }
+        out
+    }
+
+    /// Maps rewritten pending blocks back as plain data: commit, then switch their regions.
+    /// The data is already on the spare (dm-flakey passed the write through).
+    fn clear_pending(&mut self, name: &str, chunks: &BTreeMap<u64, u64>) -> Result<()> {
+        let mut vol = self
+            .volumes
+            .remove(name)
+            .ok_or_else(|| EngineError::NotFound(format!("no volume named `{name}`")))?;
+        let res = (|| {
+            let before = vol.remaps.clone();
+            let mut regions = BTreeSet::new();
+            for (c, mask) in chunks {
+                if let Some(r) = vol.remaps.get(*c).copied() {
+                    vol.remaps.insert(
+                        *c,
+                        Remap {
+                            pending: r.pending & !mask,
+                            ..r
+                        },
+                    );
+                    regions.insert(vol.geo().region_of_chunk(*c));
+                }
+            }
+            if let Err(e) = self.commit(&mut vol) {
+                vol.remaps = before;
+                return Err(e);
+            }
+            self.switch(&vol, &regions)?;
+            for (c, mask) in chunks {
+                if let Some(r) = vol.remaps.get(*c).copied() {
+                    tracing::info!(
+                        volume = name,
+                        chunk = c,
+                        blocks = mask.count_ones(),
+                        "pending blocks rewritten: readable again"
+                    );
+                    if r.pending == 0 {
+                        self.mark_pending(&vol, r.extent, false);
+                    }
+                }
+            }
+            Ok(())
+        })();
+        self.volumes.insert(name.to_owned(), vol);
+        res
+    }
+
+    /// Suspends `regions`, loads their tables from the model and resumes them.
+    fn switch(&self, vol: &Volume, regions: &BTreeSet<u32>) -> Result<()> {
+        let mut suspended = Vec::new();
+        let mut res = Ok(());
+        for &r in regions {
+            let rn = region_name(&vol.config.name, r);
+            if let Err(e) = self.dm.suspend(&rn) {
+                res = Err(EngineError::Failed(format!("suspending {rn}: {e}")));
+                break;
+            }
+            suspended.push(r);
+            if let Err(e) = self.dm.load(&rn, &vol.region_lines(r)) {
+                res = Err(EngineError::Failed(format!("loading {rn}: {e}")));
+                break;
+            }
+        }
+        self.resume_all(&vol.config.name, &suspended);
+        res
+    }
+
+    /// Tells the detector to report writes to the spare extent `e` (it holds pending blocks)
+    /// or to stop.
+    fn mark_pending(&mut self, vol: &Volume, e: Extent, on: bool) {
+        if vol.config.pending_mode != PendingMode::FlakeyErrorReads {
+            return;
+        }
+        let spare = &vol.spares[&e.spare];
+        if let Err(err) = self.watch.set_pending(spare, e.start / vol.geo().chunk, on) {
+            tracing::error!(spare = %spare.path.display(), "pending watch: {err}");
+        }
     }
 
     /// The remap path for a batch of chunks of one volume.
@@ -781,9 +903,15 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         report.suspended_micros = ts.elapsed().as_micros() as u64;
 
         // The old extents of chunks that moved again are free now.
-        for (_, old, ..) in &copied {
+        for (_, old, e, pending) in &copied {
             if let Some(o) = old {
                 let _ = vol.pool.release(o.extent);
+                if o.pending != 0 {
+                    self.mark_pending(vol, o.extent, false);
+                }
+            }
+            if *pending != 0 {
+                self.mark_pending(vol, *e, true);
             }
         }
         for (c, _, e, pending) in &copied {
