@@ -91,7 +91,11 @@ fn watch_rewrites(ctx: &TracePointContext) {
         if chunk > last {
             return;
         }
-        let key = DedupKey { dev, _pad: 0, chunk };
+        let key = DedupKey {
+            dev,
+            _pad: 0,
+            chunk,
+        };
         if PENDING_CHUNKS.get_ptr(key).is_some() {
             let event = ErrorEvent {
                 ts_ns: unsafe { bpf_ktime_get_ns() },

@@ -117,7 +117,11 @@ pub struct AgentOptions {
 /// Creates the socket's folder root-only and binds the socket owner-only.
 fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
-        match fs::DirBuilder::new().mode(0o700).recursive(true).create(dir) {
+        match fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(dir)
+        {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
@@ -147,7 +151,9 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<Msg>) {
                 return;
             }
         }
-        if line.len() > MAX_REQUEST_BYTES || !line.ends_with('\n') && line.len() >= MAX_REQUEST_BYTES {
+        if line.len() > MAX_REQUEST_BYTES
+            || !line.ends_with('\n') && line.len() >= MAX_REQUEST_BYTES
+        {
             let resp = Response::err(
                 exit::USAGE,
                 format!("request larger than {MAX_REQUEST_BYTES} bytes refused"),

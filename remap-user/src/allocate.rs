@@ -191,7 +191,7 @@ impl Pool {
             .spares
             .get_mut(&e.spare)
             .ok_or(PoolError::NoSuchSpare(e.spare))?;
-        if e.start < s.data_start || e.start + chunk > s.size || e.start % chunk != 0 {
+        if e.start < s.data_start || e.start + chunk > s.size || !e.start.is_multiple_of(chunk) {
             return Err(PoolError::OutOfRange(e));
         }
         let Some((&start, &len)) = s.free.range(..=e.start).next_back() else {
@@ -222,7 +222,7 @@ impl Pool {
             .spares
             .get_mut(&e.spare)
             .ok_or(PoolError::NoSuchSpare(e.spare))?;
-        if e.start < s.data_start || e.start + chunk > s.size || e.start % chunk != 0 {
+        if e.start < s.data_start || e.start + chunk > s.size || !e.start.is_multiple_of(chunk) {
             return Err(PoolError::OutOfRange(e));
         }
         let mut start = e.start;

@@ -35,7 +35,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "MiB" | "M" => 1 << 20,
         "GiB" | "G" => 1 << 30,
         "TiB" | "T" => 1 << 40,
-        u => return Err(format!("unknown size unit `{u}` in `{s}`: use KiB, MiB, GiB or TiB")),
+        u => {
+            return Err(format!(
+                "unknown size unit `{u}` in `{s}`: use KiB, MiB, GiB or TiB"
+            ));
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("size `{s}` is too large"))
@@ -137,7 +141,11 @@ mod tests {
         assert_eq!(parse_size("1G"), Ok(1 << 30));
         assert!(parse_size("4MB").unwrap_err().contains("unknown size unit"));
         assert!(parse_size("lots").is_err());
-        assert!(parse_size("99999999999TiB").unwrap_err().contains("too large"));
+        assert!(
+            parse_size("99999999999TiB")
+                .unwrap_err()
+                .contains("too large")
+        );
     }
 
     #[test]

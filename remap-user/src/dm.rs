@@ -178,6 +178,43 @@ pub trait DeviceMapper {
     fn flakey_error_reads(&self, probe_dev: &str) -> Result<bool, DmError>;
 }
 
+macro_rules! forward_device_mapper {
+    ($($ptr:ty),*) => {$(
+        impl<T: DeviceMapper + ?Sized> DeviceMapper for $ptr {
+            fn create(&self, name: &str, uuid: &str, table: &[DmLine]) -> Result<(u32, u32), DmError> {
+                (**self).create(name, uuid, table)
+            }
+            fn load(&self, name: &str, table: &[DmLine]) -> Result<(), DmError> {
+                (**self).load(name, table)
+            }
+            fn suspend(&self, name: &str) -> Result<(), DmError> {
+                (**self).suspend(name)
+            }
+            fn resume(&self, name: &str) -> Result<(), DmError> {
+                (**self).resume(name)
+            }
+            fn remove(&self, name: &str) -> Result<(), DmError> {
+                (**self).remove(name)
+            }
+            fn table(&self, name: &str) -> Result<Vec<DmLine>, DmError> {
+                (**self).table(name)
+            }
+            fn list(&self, prefix: &str) -> Result<Vec<DmDevice>, DmError> {
+                (**self).list(prefix)
+            }
+            fn info(&self, name: &str) -> Result<DmInfo, DmError> {
+                (**self).info(name)
+            }
+            fn flakey_error_reads(&self, probe_dev: &str) -> Result<bool, DmError> {
+                (**self).flakey_error_reads(probe_dev)
+            }
+        }
+    )*};
+}
+
+// Lets a test keep a handle on the SimDm it gave the engine.
+forward_device_mapper!(&T, std::sync::Arc<T>);
+
 // ---------------------------------------------------------------------------------------------
 // Pure helpers shared by both implementations.
 
@@ -347,6 +384,14 @@ pub fn same_table(loaded: &[DmLine], live: &[DmLine]) -> bool {
 pub struct Dm {
     dm: DM,
     make_nodes: bool,
+}
+
+impl fmt::Debug for Dm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dm")
+            .field("make_nodes", &self.make_nodes)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where udev listens; the devicemapper crate uses the same test to decide whether to wait.
@@ -766,6 +811,16 @@ struct SimDevice {
 
 /// The major number [`SimDm`] gives its devices (the kernel's is dynamic, often 252-254).
 pub const SIM_MAJOR: u32 = 252;
+
+impl fmt::Debug for SimDm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = self.lock();
+        f.debug_struct("SimDm")
+            .field("devices", &st.devices.keys().collect::<Vec<_>>())
+            .field("error_reads", &st.error_reads)
+            .finish_non_exhaustive()
+    }
+}
 
 impl Default for SimDm {
     fn default() -> Self {
@@ -1363,6 +1418,17 @@ mod tests {
                 "create w (failed)"
             ]
         );
+    }
+
+    #[test]
+    fn a_shared_sim_sees_what_the_engine_did() {
+        fn engine_step(dm: impl DeviceMapper) {
+            dm.create("v", "", &[lin(0, 8, "7:0", 0)]).unwrap();
+        }
+        let dm = std::sync::Arc::new(SimDm::new());
+        engine_step(std::sync::Arc::clone(&dm));
+        engine_step(&SimDm::new());
+        assert_eq!(dm.log(), ["create v"]);
     }
 
     #[test]

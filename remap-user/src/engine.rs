@@ -20,9 +20,7 @@ use crate::{
     dm::DeviceMapper,
     metadata::{self, AREA_SECTORS, Metadata, SLOT_BYTES, SpareRecord, VolumeConfig},
     table::{self, DevRef},
-    volume::{
-        Extent, Geometry, PendingMode, Remap, RemapTable, SECTOR, Sector, UnreadablePolicy,
-    },
+    volume::{Extent, Geometry, PendingMode, Remap, RemapTable, SECTOR, Sector, UnreadablePolicy},
 };
 
 /// Reads of a block before it is declared unreadable.
@@ -97,12 +95,7 @@ impl Volume {
     }
 
     fn region_lines(&self, region: u32) -> Vec<table::DmLine> {
-        let segs = table::region_table(
-            self.geo(),
-            region,
-            &self.remaps,
-            self.config.pending_mode,
-        );
+        let segs = table::region_table(self.geo(), region, &self.remaps, self.config.pending_mode);
         table::render(&segs, |d| self.resolve(d))
     }
 
@@ -198,7 +191,15 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 region_bytes,
                 policy,
                 unreadable,
-            } => self.create(&name, &main, &spares, chunk_bytes, region_bytes, policy, unreadable),
+            } => self.create(
+                &name,
+                &main,
+                &spares,
+                chunk_bytes,
+                region_bytes,
+                policy,
+                unreadable,
+            ),
             Request::Stop { name } => self.stop(&name),
             Request::Status { name } => self.status(name.as_deref()),
             Request::SpareAdd { name, dev } => self.spare_add(&name, &dev),
@@ -244,7 +245,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             .map_err(|e| EngineError::Failed(format!("identifying {}: {e}", dev.path.display())))
     }
 
-    #[expect(clippy::too_many_arguments, reason = "mirrors the create request one to one")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "mirrors the create request one to one"
+    )]
     pub fn create(
         &mut self,
         name: &str,
@@ -257,9 +261,14 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     ) -> Result<Value> {
         validate_name(name)?;
         if self.volumes.contains_key(name) {
-            return Err(EngineError::Refused(format!("volume `{name}` already exists")));
+            return Err(EngineError::Refused(format!(
+                "volume `{name}` already exists"
+            )));
         }
-        if !self.dm.list(name).map_err(|e| failed("listing device-mapper devices")(e.to_string()))?
+        if !self
+            .dm
+            .list(name)
+            .map_err(|e| failed("listing device-mapper devices")(e.to_string()))?
             .iter()
             .all(|d| d.name != name)
         {
@@ -305,9 +314,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .size_bytes()
                 .map_err(|e| failed(format!("size of {}", s.path.display()))(e.to_string()))?
                 / SECTOR;
-            pool.add(*slot, size, AREA_SECTORS).map_err(|e| {
-                EngineError::Invalid(format!("spare {}: {e}", s.path.display()))
-            })?;
+            pool.add(*slot, size, AREA_SECTORS)
+                .map_err(|e| EngineError::Invalid(format!("spare {}: {e}", s.path.display())))?;
             records.push(SpareRecord {
                 slot: *slot,
                 identity: self.identity(s)?,
@@ -367,7 +375,11 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         Ok(status)
     }
 
-    fn pending_mode(&mut self, main: &BlockDev, unreadable: UnreadablePolicy) -> Result<PendingMode> {
+    fn pending_mode(
+        &mut self,
+        main: &BlockDev,
+        unreadable: UnreadablePolicy,
+    ) -> Result<PendingMode> {
         let has = match self.error_reads {
             Some(h) => h,
             None => {
@@ -440,7 +452,9 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     pub fn status(&self, name: Option<&str>) -> Result<Value> {
         match name {
             Some(n) => Ok(status_json(self.volume(n)?)),
-            None => Ok(Value::Array(self.volumes.values().map(status_json).collect())),
+            None => Ok(Value::Array(
+                self.volumes.values().map(status_json).collect(),
+            )),
         }
     }
 
@@ -459,9 +473,9 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let mut vol = self.volumes.remove(name).expect("looked up above");
         let slot = vol.spares.keys().next_back().map_or(0, |s| s + 1);
         let res = (|| {
-            vol.pool.add(slot, size, AREA_SECTORS).map_err(|e| {
-                EngineError::Invalid(format!("spare {}: {e}", path.display()))
-            })?;
+            vol.pool
+                .add(slot, size, AREA_SECTORS)
+                .map_err(|e| EngineError::Invalid(format!("spare {}: {e}", path.display())))?;
             self.wipe_metadata(&dev)?;
             vol.spares.insert(slot, dev.clone());
             vol.config.spares.push(SpareRecord {
@@ -515,7 +529,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             if let Err(e) = self.commit(&mut vol) {
                 vol.config.spares = rec;
                 vol.spares.insert(slot, removed);
-                let size = vol.config.spares.iter().find(|s| s.slot == slot).map_or(0, |s| s.size_sectors);
+                let size = vol
+                    .config
+                    .spares
+                    .iter()
+                    .find(|s| s.slot == slot)
+                    .map_or(0, |s| s.size_sectors);
                 let _ = vol.pool.add(slot, size, AREA_SECTORS);
                 return Err(e);
             }
@@ -630,7 +649,9 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                         .filter(|c| v.remaps.get(*c).is_none())
                         .map(|c| (v.config.name.clone(), c)),
                 );
-            } else if let Some((slot, _)) = v.spares.iter().find(|(_, s)| s.matches_kernel_dev(ev.dev)) {
+            } else if let Some((slot, _)) =
+                v.spares.iter().find(|(_, s)| s.matches_kernel_dev(ev.dev))
+            {
                 if ev.sector < v.config.meta_area_sectors {
                     tracing::error!(
                         volume = v.config.name,
@@ -660,7 +681,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let end = ev.sector + u64::from(ev.nr_sector);
         for v in self.volumes.values() {
             let g = v.geo();
-            let Some((slot, _)) = v.spares.iter().find(|(_, s)| s.matches_kernel_dev(ev.dev)) else {
+            let Some((slot, _)) = v.spares.iter().find(|(_, s)| s.matches_kernel_dev(ev.dev))
+            else {
                 continue;
             };
             let mut s = ev.sector - ev.sector % g.chunk;
@@ -774,7 +796,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         res
     }
 
-    fn remap_in(&mut self, vol: &mut Volume, chunks: BTreeSet<u64>, t0: Instant) -> Result<RemapReport> {
+    fn remap_in(
+        &mut self,
+        vol: &mut Volume,
+        chunks: BTreeSet<u64>,
+        t0: Instant,
+    ) -> Result<RemapReport> {
         let g = *vol.geo();
         let bpc = g.blocks_per_chunk();
         let block_bytes = (g.block * SECTOR) as usize;
@@ -809,7 +836,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         for (c, old, bad) in plan {
             let after = match prev {
                 Some((pc, e)) if pc + 1 == c => Some(e),
-                _ => c.checked_sub(1).and_then(|p| vol.remaps.get(p)).map(|r| r.extent),
+                _ => c
+                    .checked_sub(1)
+                    .and_then(|p| vol.remaps.get(p))
+                    .map(|r| r.extent),
             };
             match vol.pool.allocate(after) {
                 Ok(e) => {
@@ -942,7 +972,14 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     }
 
     /// Copies chunk `c` to `dst`; returns the pending mask (blocks that could not be read).
-    fn copy_chunk(&self, vol: &Volume, c: u64, old: Option<Remap>, dst: Extent, bad: u64) -> Result<u64> {
+    fn copy_chunk(
+        &self,
+        vol: &Volume,
+        c: u64,
+        old: Option<Remap>,
+        dst: Extent,
+        bad: u64,
+    ) -> Result<u64> {
         let g = vol.geo();
         let (src, base) = source(vol, c, old);
         let spare = &vol.spares[&dst.spare];
@@ -986,10 +1023,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .write_at(s, off, &bytes)
                 .and_then(|()| self.io.flush(s))
                 .map_err(|e| {
-                    EngineError::Failed(format!(
-                        "writing metadata to {}: {e}",
-                        s.path.display()
-                    ))
+                    EngineError::Failed(format!("writing metadata to {}: {e}", s.path.display()))
                 })?;
         }
         vol.generation = generation;
@@ -1001,7 +1035,9 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         for slot in 0..2 {
             self.io
                 .write_at(dev, slot * SLOT_BYTES, &zero)
-                .map_err(|e| failed(format!("clearing metadata on {}", dev.path.display()))(e.to_string()))?;
+                .map_err(|e| {
+                    failed(format!("clearing metadata on {}", dev.path.display()))(e.to_string())
+                })?;
         }
         self.io
             .flush(dev)

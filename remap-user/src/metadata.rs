@@ -127,8 +127,7 @@ pub fn slot_of(generation: u64) -> u64 {
 
 /// Encodes a slot, padded to a multiple of 4 KiB (the O_DIRECT unit).
 pub fn encode(m: &Metadata) -> Result<Vec<u8>, MetaError> {
-    let config =
-        serde_json::to_vec(&m.config).map_err(|e| MetaError::Config(e.to_string()))?;
+    let config = serde_json::to_vec(&m.config).map_err(|e| MetaError::Config(e.to_string()))?;
     let count = m.remaps.len();
     let len = HEADER_LEN + config.len() + count * RECORD_LEN;
     if len as u64 > SLOT_BYTES {
@@ -278,7 +277,7 @@ mod tests {
         let m = sample();
         let bytes = encode(&m).unwrap();
         assert_eq!(bytes.len() % 4096, 0);
-        assert_eq!(encoded_len(&bytes).unwrap() <= bytes.len(), true);
+        assert!(encoded_len(&bytes).unwrap() <= bytes.len());
         assert_eq!(decode(&bytes).unwrap(), m);
     }
 
@@ -301,7 +300,10 @@ mod tests {
         let mut torn = bytes.clone();
         torn[len / 2..].fill(0);
         assert_eq!(decode(&torn), Err(MetaError::PayloadCrc));
-        assert_eq!(decode(&bytes[..len - 1]), Err(MetaError::Truncated("payload")));
+        assert_eq!(
+            decode(&bytes[..len - 1]),
+            Err(MetaError::Truncated("payload"))
+        );
     }
 
     #[test]

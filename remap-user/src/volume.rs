@@ -61,7 +61,7 @@ impl Geometry {
         {
             return Err(GeometryError::ChunkSize(chunk_bytes));
         }
-        if region_bytes == 0 || region_bytes % chunk_bytes != 0 {
+        if region_bytes == 0 || !region_bytes.is_multiple_of(chunk_bytes) {
             return Err(GeometryError::RegionSize {
                 region: region_bytes,
                 chunk: chunk_bytes,

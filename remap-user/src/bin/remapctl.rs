@@ -84,7 +84,9 @@ enum RemapCmd {
         #[arg(long, default_value_t = 1)]
         count: u64,
     },
-    List { name: String },
+    List {
+        name: String,
+    },
 }
 
 fn main() {
@@ -202,7 +204,10 @@ fn print_pool(p: &Value) {
         bytes(&p["available_bytes"]),
         bytes(&p["total_bytes"]),
     );
-    println!("  {:<4} {:<24} {:>10} {:>8} {:>8}", "SLOT", "DEVICE", "SIZE", "USED", "FREE");
+    println!(
+        "  {:<4} {:<24} {:>10} {:>8} {:>8}",
+        "SLOT", "DEVICE", "SIZE", "USED", "FREE"
+    );
     for d in p["devices"].as_array().into_iter().flatten() {
         println!(
             "  {:<4} {:<24} {:>10} {:>8} {:>8}",
@@ -245,7 +250,10 @@ fn print_human(kind: &str, v: &Value) {
         },
         "spare-add" | "spare-remove" | "spare-list" => print_pool(v),
         "remap-list" => {
-            println!("{:>12} {:>8} {:<20} {:>12} {:>8}", "LBA", "SECTORS", "SPARE", "SPARE-LBA", "PENDING");
+            println!(
+                "{:>12} {:>8} {:<20} {:>12} {:>8}",
+                "LBA", "SECTORS", "SPARE", "SPARE-LBA", "PENDING"
+            );
             for r in v.as_array().into_iter().flatten() {
                 println!(
                     "{:>12} {:>8} {:<20} {:>12} {:>8}",

@@ -7,8 +7,8 @@ use remap_user::{
     agent::{self, AgentOptions},
     blockdev::{BlockDev, DirectIo},
     control::DEFAULT_SOCKET,
-    dm::Dm,
     detect::{Detector, DetectorConfig, ErrorRecord, ProgramChoice, loader::DEFAULT_PIN_DIR},
+    dm::Dm,
 };
 use tokio::signal::unix::{SignalKind, signal};
 

@@ -19,9 +19,9 @@ use aya::{
     programs::TracePoint,
 };
 use remap_common::{
-    Counters, DedupKey, ErrorEvent, GLOBAL_DEDUP_WINDOW_NS, GLOBAL_LAYOUT, MAP_COUNTERS,
-    MAP_DEDUP, MAP_EVENTS, MAP_PENDING, MAP_WATCHED, PROG_PENDING_WRITE, PROG_RQ_COMPLETE,
-    PROG_RQ_ERROR, WatchedDev,
+    Counters, DedupKey, ErrorEvent, GLOBAL_DEDUP_WINDOW_NS, GLOBAL_LAYOUT, MAP_COUNTERS, MAP_DEDUP,
+    MAP_EVENTS, MAP_PENDING, MAP_WATCHED, PROG_PENDING_WRITE, PROG_RQ_COMPLETE, PROG_RQ_ERROR,
+    WatchedDev,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -35,7 +35,13 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/re
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/remap";
 
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
-const PINNED_MAPS: [&str; 5] = [MAP_WATCHED, MAP_EVENTS, MAP_COUNTERS, MAP_DEDUP, MAP_PENDING];
+const PINNED_MAPS: [&str; 5] = [
+    MAP_WATCHED,
+    MAP_EVENTS,
+    MAP_COUNTERS,
+    MAP_DEDUP,
+    MAP_PENDING,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DetectError {
@@ -264,12 +270,18 @@ impl Detector {
         if cfg.pending_watch {
             det.attach_pending_watch(&tracefs, &layout)?;
         }
-        let map = det.ebpf.take_map(MAP_WATCHED).expect("checked when pinning");
+        let map = det
+            .ebpf
+            .take_map(MAP_WATCHED)
+            .expect("checked when pinning");
         let map = HashMap::try_from(map).map_err(|source| DetectError::Map {
             what: "opening the watched-device map".into(),
             source,
         })?;
-        let pending = det.ebpf.take_map(MAP_PENDING).expect("checked when pinning");
+        let pending = det
+            .ebpf
+            .take_map(MAP_PENDING)
+            .expect("checked when pinning");
         let pending = HashMap::try_from(pending).map_err(|source| DetectError::Map {
             what: "opening the pending-chunk map".into(),
             source,
