@@ -418,3 +418,52 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Any interleaving of allocations and releases: an extent is never out twice, never in
+        /// a metadata area, always chunk-aligned, and the counts add up.
+        #[test]
+        fn never_double_allocates(
+            ops in proptest::collection::vec((any::<bool>(), any::<u16>()), 1..400),
+            policy in prop_oneof![Just(Policy::FirstFit), Just(Policy::BestFit), Just(Policy::Contiguous)],
+        ) {
+            let chunk = 8;
+            let mut p = Pool::new(chunk, policy);
+            p.add(0, 1024 + 40 * chunk, 1024).unwrap();
+            p.add(1, 2048 + 25 * chunk, 2048).unwrap();
+            let mut out: Vec<Extent> = Vec::new();
+            for (alloc, pick) in ops {
+                if alloc || out.is_empty() {
+                    let hint = out.last().copied();
+                    match p.allocate(hint) {
+                        Ok(e) => {
+                            let reserved = if e.spare == 0 { 1024 } else { 2048 };
+                            prop_assert!(e.start >= reserved);
+                            prop_assert_eq!(e.start % chunk, 0);
+                            prop_assert!(!out.contains(&e), "{:?} handed out twice", e);
+                            out.push(e);
+                        }
+                        Err(PoolError::Exhausted) => prop_assert_eq!(out.len(), 65),
+                        Err(e) => prop_assert!(false, "{}", e),
+                    }
+                } else {
+                    let e = out.swap_remove(usize::from(pick) % out.len());
+                    p.release(e).unwrap();
+                }
+                let used: u64 = p.usage().iter().map(|u| u.used).sum();
+                prop_assert_eq!(used as usize, out.len());
+                prop_assert_eq!(p.available() as usize, 65 - out.len());
+                let distinct: BTreeSet<_> = out.iter().collect();
+                prop_assert_eq!(distinct.len(), out.len());
+            }
+        }
+    }
+}

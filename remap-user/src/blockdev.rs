@@ -487,6 +487,26 @@ pub trait BlockIo {
     fn release(&self, dev: &BlockDev) {
         let _ = dev;
     }
+
+    // What the engine needs to know about a device, through the same boundary so that a
+    // simulation can answer for devices that do not exist.
+
+    /// Resolves a path the operator gave to a block device.
+    fn open(&self, path: &Path) -> Result<BlockDev, BlockDevError> {
+        BlockDev::open(path)
+    }
+    fn size_bytes(&self, dev: &BlockDev) -> Result<u64, BlockDevError> {
+        dev.size_bytes()
+    }
+    fn logical_block_size(&self, dev: &BlockDev) -> Result<u64, BlockDevError> {
+        dev.logical_block_size()
+    }
+    fn identity(&self, dev: &BlockDev) -> Result<DevIdentity, BlockDevError> {
+        dev.identity()
+    }
+    fn in_use(&self, dev: &BlockDev) -> Option<InUse> {
+        dev.in_use()
+    }
 }
 
 impl<T: BlockIo + ?Sized> BlockIo for &T {
@@ -502,6 +522,21 @@ impl<T: BlockIo + ?Sized> BlockIo for &T {
     fn release(&self, dev: &BlockDev) {
         (**self).release(dev);
     }
+    fn open(&self, path: &Path) -> Result<BlockDev, BlockDevError> {
+        (**self).open(path)
+    }
+    fn size_bytes(&self, dev: &BlockDev) -> Result<u64, BlockDevError> {
+        (**self).size_bytes(dev)
+    }
+    fn logical_block_size(&self, dev: &BlockDev) -> Result<u64, BlockDevError> {
+        (**self).logical_block_size(dev)
+    }
+    fn identity(&self, dev: &BlockDev) -> Result<DevIdentity, BlockDevError> {
+        (**self).identity(dev)
+    }
+    fn in_use(&self, dev: &BlockDev) -> Option<InUse> {
+        (**self).in_use(dev)
+    }
 }
 
 impl<T: BlockIo + ?Sized> BlockIo for Arc<T> {
@@ -516,6 +551,21 @@ impl<T: BlockIo + ?Sized> BlockIo for Arc<T> {
     }
     fn release(&self, dev: &BlockDev) {
         (**self).release(dev);
+    }
+    fn open(&self, path: &Path) -> Result<BlockDev, BlockDevError> {
+        (**self).open(path)
+    }
+    fn size_bytes(&self, dev: &BlockDev) -> Result<u64, BlockDevError> {
+        (**self).size_bytes(dev)
+    }
+    fn logical_block_size(&self, dev: &BlockDev) -> Result<u64, BlockDevError> {
+        (**self).logical_block_size(dev)
+    }
+    fn identity(&self, dev: &BlockDev) -> Result<DevIdentity, BlockDevError> {
+        (**self).identity(dev)
+    }
+    fn in_use(&self, dev: &BlockDev) -> Option<InUse> {
+        (**self).in_use(dev)
     }
 }
 
@@ -671,6 +721,9 @@ impl BlockIo for DirectIo {
 #[derive(Default)]
 pub struct SimIo {
     devs: Mutex<HashMap<(u32, u32), SimDisk>>,
+    /// Paths that [`BlockIo::open`] resolves, and devices reported as in use.
+    paths: Mutex<HashMap<PathBuf, (u32, u32)>>,
+    busy: Mutex<HashMap<(u32, u32), InUse>>,
 }
 
 const PAGE: usize = 4096;
@@ -780,6 +833,21 @@ impl SimIo {
         f(disk)
     }
 
+    /// Adds a device that [`BlockIo::open`] finds at `path` (see [`Self::add_device`]).
+    pub fn add_disk(&self, path: &str, major: u32, minor: u32, size_bytes: u64, block_bytes: u64) {
+        self.add_device(major, minor, size_bytes, block_bytes);
+        lock(&self.paths).insert(PathBuf::from(path), (major, minor));
+    }
+
+    /// Reports the device as in use (mounted, held, opened exclusively), or not.
+    pub fn set_in_use(&self, major: u32, minor: u32, why: Option<InUse>) {
+        let mut busy = lock(&self.busy);
+        match why {
+            Some(w) => busy.insert((major, minor), w),
+            None => busy.remove(&(major, minor)),
+        };
+    }
+
     /// Adds (or replaces) a zero-filled device of `size_bytes` with logical blocks of
     /// `block_bytes`.
     pub fn add_device(&self, major: u32, minor: u32, size_bytes: u64, block_bytes: u64) {
@@ -857,6 +925,51 @@ impl SimIo {
 }
 
 impl BlockIo for SimIo {
+    fn open(&self, path: &Path) -> Result<BlockDev, BlockDevError> {
+        let (major, minor) =
+            lock(&self.paths)
+                .get(path)
+                .copied()
+                .ok_or_else(|| BlockDevError::Io {
+                    path: path.to_owned(),
+                    source: io::ErrorKind::NotFound.into(),
+                })?;
+        Ok(BlockDev {
+            path: path.to_owned(),
+            major,
+            minor,
+        })
+    }
+
+    fn size_bytes(&self, dev: &BlockDev) -> Result<u64, BlockDevError> {
+        self.with(dev.major, dev.minor, |d| Ok(d.size))
+            .map_err(|source| BlockDevError::Io {
+                path: dev.path.clone(),
+                source,
+            })
+    }
+
+    fn logical_block_size(&self, dev: &BlockDev) -> Result<u64, BlockDevError> {
+        self.with(dev.major, dev.minor, |d| Ok(d.block))
+            .map_err(|source| BlockDevError::Io {
+                path: dev.path.clone(),
+                source,
+            })
+    }
+
+    fn identity(&self, dev: &BlockDev) -> Result<DevIdentity, BlockDevError> {
+        Ok(DevIdentity {
+            wwn: None,
+            serial: Some(format!("sim-{}-{}", dev.major, dev.minor)),
+            by_id: None,
+            size_bytes: self.size_bytes(dev)?,
+        })
+    }
+
+    fn in_use(&self, dev: &BlockDev) -> Option<InUse> {
+        lock(&self.busy).get(&(dev.major, dev.minor)).cloned()
+    }
+
     fn read_at(&self, dev: &BlockDev, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.with(dev.major, dev.minor, |d| {
             d.stats.reads += 1;

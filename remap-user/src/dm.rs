@@ -783,7 +783,8 @@ fn map_err(op: DmOp, name: &str, e: devicemapper::DmError) -> DmError {
 /// cover its device from sector 0 without gaps; unknown targets and malformed `linear`/`flakey`
 /// parameters are refused (and `error_reads` when built [`SimDm::without_error_reads`], like
 /// 6.1); load fills the inactive slot and resume swaps it in (suspending first if needed);
-/// removing a device that is suspended, open, or referenced by another device's table fails.
+/// removing a device that is open or referenced by another device's table fails, and so does
+/// removing a suspended one (a rule of [`Dm`], not of the kernel).
 ///
 /// Every mutating call is recorded in [`SimDm::log`] as "op name" (" (failed)" appended when
 /// it failed); reads (table, list, info) are not, so tests can assert the exact sequence.
@@ -1427,8 +1428,11 @@ mod tests {
         }
         let dm = std::sync::Arc::new(SimDm::new());
         engine_step(std::sync::Arc::clone(&dm));
-        engine_step(&SimDm::new());
         assert_eq!(dm.log(), ["create v"]);
+        let plain = SimDm::new();
+        let by_ref: &SimDm = &plain;
+        engine_step(by_ref);
+        assert_eq!(plain.log(), ["create v"]);
     }
 
     #[test]

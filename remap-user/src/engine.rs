@@ -223,7 +223,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
 
     /// Opens a device for a new role: it must exist, be a block device, and be free.
     fn claimable(&self, path: &Path, role: &str) -> Result<BlockDev> {
-        let dev = BlockDev::open(path).map_err(|e| EngineError::Invalid(format!("{role}: {e}")))?;
+        let dev = self
+            .io
+            .open(path)
+            .map_err(|e| EngineError::Invalid(format!("{role}: {e}")))?;
         if let Some(v) = self.volumes.values().find(|v| v.uses(&dev)) {
             return Err(EngineError::Refused(format!(
                 "{role} {} is already part of volume `{}`",
@@ -231,7 +234,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 v.config.name
             )));
         }
-        if let Some(why) = dev.in_use() {
+        if let Some(why) = self.io.in_use(&dev) {
             return Err(EngineError::Refused(format!(
                 "{role} {} is in use ({why}); unmount or release it first",
                 path.display()
@@ -241,7 +244,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     }
 
     fn identity(&self, dev: &BlockDev) -> Result<DevIdentity> {
-        dev.identity()
+        self.io
+            .identity(dev)
             .map_err(|e| EngineError::Failed(format!("identifying {}: {e}", dev.path.display())))
     }
 
@@ -299,19 +303,22 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
             spares.insert(i as u32, s);
         }
-        let main_size = main
-            .size_bytes()
+        let main_size = self
+            .io
+            .size_bytes(&main)
             .map_err(|e| failed(format!("size of {}", main_path.display()))(e.to_string()))?;
-        let block = main
-            .logical_block_size()
+        let block = self
+            .io
+            .logical_block_size(&main)
             .map_err(|e| failed(format!("block size of {}", main_path.display()))(e.to_string()))?;
         let geometry = Geometry::new(main_size, block, chunk_bytes, region_bytes)
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
         let mut pool = Pool::new(geometry.chunk, policy);
         let mut records = Vec::new();
         for (slot, s) in &spares {
-            let size = s
-                .size_bytes()
+            let size = self
+                .io
+                .size_bytes(s)
                 .map_err(|e| failed(format!("size of {}", s.path.display()))(e.to_string()))?
                 / SECTOR;
             pool.add(*slot, size, AREA_SECTORS)
@@ -465,8 +472,9 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     pub fn spare_add(&mut self, name: &str, path: &Path) -> Result<Value> {
         self.volume(name)?;
         let dev = self.claimable(path, "spare")?;
-        let size = dev
-            .size_bytes()
+        let size = self
+            .io
+            .size_bytes(&dev)
             .map_err(|e| failed(format!("size of {}", path.display()))(e.to_string()))?
             / SECTOR;
         let identity = self.identity(&dev)?;
@@ -504,7 +512,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
 
     pub fn spare_remove(&mut self, name: &str, path: &Path) -> Result<Value> {
         let vol = self.volume(name)?;
-        let dev = BlockDev::open(path).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let dev = self
+            .io
+            .open(path)
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
         let slot = vol.spare_slot(&dev).ok_or_else(|| {
             EngineError::NotFound(format!("{} is not a spare of `{name}`", path.display()))
         })?;
@@ -1143,4 +1154,542 @@ fn status_json(vol: &Volume) -> Value {
         "generation": vol.generation,
         "pool": pool_json(vol),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The engine against simulated device-mapper and disks: the remap path's order of
+    //! operations, its batching, and what a failure at each step leaves behind.
+    use std::{cell::RefCell, rc::Rc, sync::Arc};
+
+    use remap_common::{ErrorEvent, Op, kernel_dev};
+
+    use super::*;
+    use crate::{
+        blockdev::{InUse, SimIo},
+        dm::{DmOp, SimDm},
+    };
+
+    const SIM: u32 = 240;
+    const MAIN: u32 = 0;
+    const S1: u32 = 1;
+    const S2: u32 = 2;
+    const MIB: u64 = 1 << 20;
+
+    #[derive(Clone, Default)]
+    struct SimWatch {
+        watched: Rc<RefCell<BTreeSet<(u32, u32)>>>,
+        pending: Rc<RefCell<BTreeSet<(u32, u64)>>>,
+    }
+
+    impl Watch for SimWatch {
+        fn watch(&mut self, dev: &BlockDev, _chunk_bytes: u64) -> Result<(), String> {
+            self.watched.borrow_mut().insert((dev.major, dev.minor));
+            Ok(())
+        }
+        fn unwatch(&mut self, dev: &BlockDev) -> Result<(), String> {
+            self.watched.borrow_mut().remove(&(dev.major, dev.minor));
+            Ok(())
+        }
+        fn set_pending(&mut self, dev: &BlockDev, chunk: u64, on: bool) -> Result<(), String> {
+            let key = (dev.minor, chunk);
+            if on {
+                self.pending.borrow_mut().insert(key);
+            } else {
+                self.pending.borrow_mut().remove(&key);
+            }
+            Ok(())
+        }
+    }
+
+    struct Rig {
+        dm: Arc<SimDm>,
+        io: Arc<SimIo>,
+        watch: SimWatch,
+        engine: Engine<Arc<SimDm>, Arc<SimIo>, SimWatch>,
+    }
+
+    /// A 64 MiB main disk full of a known pattern and two 24 MiB spares; regions of 16 MiB.
+    fn rig(dm: SimDm) -> Rig {
+        let dm = Arc::new(dm);
+        let io = Arc::new(SimIo::new());
+        io.add_disk("/sim/main", SIM, MAIN, 64 * MIB, 512);
+        io.add_disk("/sim/s1", SIM, S1, 24 * MIB, 512);
+        io.add_disk("/sim/s2", SIM, S2, 24 * MIB, 512);
+        io.add_disk("/sim/tiny", SIM, 9, 8 * MIB + 8192, 512);
+        for sector in (0..64 * MIB / 512).step_by(8) {
+            io.poke(SIM, MAIN, sector * 512, &pattern(sector)).unwrap();
+        }
+        let watch = SimWatch::default();
+        let engine = Engine::new(dm.clone(), io.clone(), watch.clone());
+        Rig {
+            dm,
+            io,
+            watch,
+            engine,
+        }
+    }
+
+    /// 4 KiB of data that names its own first sector.
+    fn pattern(sector: u64) -> Vec<u8> {
+        (0..4096u64)
+            .map(|i| (sector.wrapping_mul(31).wrapping_add(i / 512 * 7 + i)) as u8)
+            .collect()
+    }
+
+    impl Rig {
+        fn create(&mut self) -> Result<Value> {
+            self.engine.create(
+                "v",
+                Path::new("/sim/main"),
+                &["/sim/s1".into(), "/sim/s2".into()],
+                4096,
+                16 * MIB,
+                Policy::FirstFit,
+                UnreadablePolicy::Error,
+            )
+        }
+
+        fn status(&self) -> Value {
+            self.engine.status(Some("v")).unwrap()
+        }
+
+        fn error(&mut self, minor: u32, sector: u64, nr: u32) -> Vec<RemapReport> {
+            self.engine.on_errors(&[event(minor, sector, nr, 5)])
+        }
+
+        /// What reading `sector` through the volume returns, following the live tables.
+        fn read_volume(&self, sector: u64) -> Option<Vec<u8>> {
+            let vol = self.engine.volume("v").unwrap();
+            let g = *vol.geo();
+            let r = g.region_of_chunk(sector / g.chunk);
+            let lines = self.dm.table(&region_name("v", r)).unwrap();
+            let rel = sector - g.region_span(r).0;
+            let (start, _, ty, params) = lines
+                .iter()
+                .find(|(s, l, ..)| (*s..s + l).contains(&rel))
+                .unwrap();
+            let mut p = params.split_whitespace();
+            let dev = p.next().unwrap_or_default();
+            let off: u64 = p.next().map_or(0, |o| o.parse().unwrap());
+            match ty.as_str() {
+                "linear" => {
+                    let minor: u32 = dev.split(':').nth(1).unwrap().parse().unwrap();
+                    self.io
+                        .peek(SIM, minor, (off + rel - start) * 512, 512)
+                        .ok()
+                }
+                _ => None,
+            }
+        }
+    }
+
+    fn event(minor: u32, sector: u64, nr: u32, errno: i32) -> ErrorEvent {
+        ErrorEvent {
+            ts_ns: 0,
+            sector,
+            dev: kernel_dev(SIM, minor),
+            nr_sector: nr,
+            errno,
+            op: if errno == 0 { Op::Write } else { Op::Read } as u8,
+            _pad: [0; 3],
+        }
+    }
+
+    fn golden(sector: u64) -> Vec<u8> {
+        let base = sector - sector % 8;
+        let within = ((sector - base) * 512) as usize;
+        pattern(base)[within..within + 512].to_vec()
+    }
+
+    fn read_meta(io: &SimIo, minor: u32) -> Metadata {
+        let best = (0..2)
+            .filter_map(|slot| {
+                let head = io.peek(SIM, minor, slot * SLOT_BYTES, 4096).ok()?;
+                let len = metadata::encoded_len(&head).ok()?;
+                let bytes = io.peek(SIM, minor, slot * SLOT_BYTES, len).ok()?;
+                metadata::decode(&bytes).ok()
+            })
+            .max_by_key(|m| m.generation);
+        best.expect("valid metadata")
+    }
+
+    #[test]
+    fn create_builds_regions_under_the_volume_and_commits_generation_one() {
+        let mut r = rig(SimDm::new());
+        let st = r.create().unwrap();
+        assert_eq!(st["regions"], 4);
+        assert_eq!(st["pending_mode"], "error-reads");
+        let log: Vec<String> =
+            r.dm.take_log()
+                .into_iter()
+                .filter(|l| !l.contains("remap-probe"))
+                .collect();
+        assert_eq!(
+            log,
+            [
+                "create v-remap-r0000",
+                "create v-remap-r0001",
+                "create v-remap-r0002",
+                "create v-remap-r0003",
+                "create v"
+            ]
+        );
+        assert_eq!(r.dm.table("v").unwrap().len(), 4);
+        for s in [S1, S2] {
+            let m = read_meta(&r.io, s);
+            assert_eq!((m.generation, m.remaps.len()), (1, 0));
+            assert_eq!(m.config.name, "v");
+        }
+        assert_eq!(
+            r.watch.watched.borrow().len(),
+            3,
+            "main and both spares watched"
+        );
+    }
+
+    #[test]
+    fn a_bad_sector_moves_its_chunk_copying_every_readable_block() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        r.dm.take_log();
+        r.io.fail_reads(SIM, MAIN, 1001..1002);
+        let reports = r.error(MAIN, 1000, 8);
+        assert_eq!(reports[0].remapped, [125]);
+        assert_eq!(reports[0].pending_blocks, 1);
+        assert_eq!(
+            r.dm.take_log(),
+            [
+                "suspend v-remap-r0000",
+                "load v-remap-r0000",
+                "resume v-remap-r0000"
+            ],
+            "only the region of the chunk pauses, once"
+        );
+        for s in 1000..1008 {
+            if s == 1001 {
+                assert_eq!(
+                    r.read_volume(s),
+                    None,
+                    "unreadable block never reads as data"
+                );
+            } else {
+                assert_eq!(r.read_volume(s), Some(golden(s)), "sector {s}");
+            }
+        }
+        assert_eq!(
+            r.read_volume(999),
+            Some(golden(999)),
+            "neighbours untouched"
+        );
+        let st = r.status();
+        assert_eq!(
+            (st["remaps"].as_u64(), st["pending"].as_u64()),
+            (Some(1), Some(1))
+        );
+        let m = read_meta(&r.io, S2);
+        assert_eq!(
+            (m.generation, m.remaps.get(125).unwrap().pending),
+            (2, 0b10)
+        );
+        assert_eq!(r.watch.pending.borrow().len(), 1, "rewrite watch armed");
+    }
+
+    #[test]
+    fn a_burst_is_one_suspend_per_region_and_one_commit() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        r.dm.take_log();
+        let mut events = Vec::new();
+        for c in (10..20).chain([9000, 9001]) {
+            r.io.fail_reads(SIM, MAIN, c * 8..c * 8 + 1);
+            events.push(event(MAIN, c * 8, 8, 5));
+        }
+        let reports = r.engine.on_errors(&events);
+        assert_eq!(reports.len(), 1);
+        assert_eq!(reports[0].remapped.len(), 12);
+        assert_eq!(reports[0].regions, [0, 2]);
+        let log = r.dm.take_log();
+        assert_eq!(log.iter().filter(|l| l.starts_with("suspend")).count(), 2);
+        assert_eq!(log.iter().filter(|l| l.starts_with("load")).count(), 2);
+        assert_eq!(
+            read_meta(&r.io, S1).generation,
+            2,
+            "one commit for the batch"
+        );
+        // Contiguous chunks landed next to each other and coalesced into one segment.
+        let r0 = r.dm.table("v-remap-r0000").unwrap();
+        assert!(r0.len() <= 3 + 2 * 10, "{r0:?}");
+    }
+
+    #[test]
+    fn a_stale_report_for_a_moved_chunk_is_ignored() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        r.io.fail_reads(SIM, MAIN, 4000..4001);
+        assert_eq!(r.error(MAIN, 4000, 8)[0].remapped.len(), 1);
+        r.dm.take_log();
+        assert!(r.error(MAIN, 4000, 8).is_empty());
+        assert!(r.dm.take_log().is_empty());
+    }
+
+    #[test]
+    fn a_failed_commit_changes_nothing() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        let before = r.status();
+        let table = r.dm.table("v-remap-r0000").unwrap();
+        r.dm.take_log();
+        r.io.fail_writes(SIM, S2, 0..AREA_SECTORS);
+        r.io.fail_reads(SIM, MAIN, 16..17);
+        assert!(
+            r.error(MAIN, 16, 8).is_empty(),
+            "reported as failed, not done"
+        );
+        assert_eq!(r.status(), before, "remaps, pool and generation as before");
+        assert_eq!(r.dm.table("v-remap-r0000").unwrap(), table);
+        assert_eq!(
+            r.dm.take_log(),
+            ["suspend v-remap-r0000", "resume v-remap-r0000"],
+            "resumed on the old table"
+        );
+    }
+
+    #[test]
+    fn a_failed_suspend_releases_the_extent() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        let before = r.status();
+        r.dm.fail_next(DmOp::Suspend);
+        assert!(r.engine.remap("v", BTreeSet::from([7])).is_err());
+        assert_eq!(r.status(), before);
+    }
+
+    #[test]
+    fn errors_on_a_spare_extent_move_the_chunk_again() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        r.engine.remap_add("v", 800, 8).unwrap();
+        let first = r
+            .engine
+            .volume("v")
+            .unwrap()
+            .remaps
+            .get(100)
+            .copied()
+            .unwrap();
+        r.io.fail_reads(
+            SIM,
+            first.extent.spare + 1,
+            first.extent.start..first.extent.start + 1,
+        );
+        let rep = r.error(first.extent.spare + 1, first.extent.start, 8);
+        assert_eq!(rep[0].remapped, [100]);
+        let second = r
+            .engine
+            .volume("v")
+            .unwrap()
+            .remaps
+            .get(100)
+            .copied()
+            .unwrap();
+        assert_ne!(second.extent, first.extent);
+        assert_eq!(second.pending, 1, "the block the spare lost is pending");
+        for s in 801..808 {
+            assert_eq!(r.read_volume(s), Some(golden(s)));
+        }
+        assert_eq!(
+            r.status()["pool"]["devices"][0]["used"],
+            1,
+            "old extent released"
+        );
+    }
+
+    #[test]
+    fn an_exhausted_pool_is_reported_and_the_volume_keeps_serving() {
+        let mut r = rig(SimDm::new());
+        r.engine
+            .create(
+                "v",
+                Path::new("/sim/main"),
+                &["/sim/tiny".into()],
+                4096,
+                16 * MIB,
+                Policy::FirstFit,
+                UnreadablePolicy::Error,
+            )
+            .unwrap();
+        let rep = r.engine.remap("v", (0..5).collect()).unwrap();
+        assert_eq!(rep.remapped, [0, 1], "the two extents the spare has");
+        assert_eq!(rep.exhausted, [2, 3, 4]);
+        assert_eq!(r.status()["remaps"], 2);
+        assert_eq!(r.status()["pool"]["available"], 0);
+        for s in [0, 9, 16, 33] {
+            assert_eq!(r.read_volume(s), Some(golden(s)), "sector {s} still served");
+        }
+    }
+
+    #[test]
+    fn a_rewrite_of_a_pending_block_maps_it_back() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        r.io.fail_reads(SIM, MAIN, 2050..2051);
+        r.error(MAIN, 2048, 8);
+        let e = r
+            .engine
+            .volume("v")
+            .unwrap()
+            .remaps
+            .get(256)
+            .copied()
+            .unwrap()
+            .extent;
+        // The write went through dm-flakey to the spare; the watcher reports it.
+        let fresh = vec![0xabu8; 512];
+        r.io.poke(SIM, e.spare + 1, (e.start + 2) * 512, &fresh)
+            .unwrap();
+        r.engine.on_errors(&[event(e.spare + 1, e.start + 2, 1, 0)]);
+        assert_eq!(r.read_volume(2050), Some(fresh));
+        assert_eq!(r.status()["pending"], 0);
+        assert!(r.watch.pending.borrow().is_empty(), "watch disarmed");
+    }
+
+    #[test]
+    fn without_error_reads_the_policy_applies() {
+        let mut r = rig(SimDm::without_error_reads());
+        r.create().unwrap();
+        assert_eq!(r.status()["pending_mode"], "error");
+        r.io.fail_reads(SIM, MAIN, 8..9);
+        r.error(MAIN, 8, 8);
+        let t = r.dm.table("v-remap-r0000").unwrap();
+        assert!(
+            t.iter().any(|(_, l, ty, _)| ty == "error" && *l == 1),
+            "{t:?}"
+        );
+        assert!(r.watch.pending.borrow().is_empty());
+    }
+
+    #[test]
+    fn bad_input_is_refused_and_changes_nothing() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        r.io.set_in_use(SIM, 9, Some(InUse::Exclusive));
+        let before = r.status();
+        let cases: Vec<(Result<Value>, i32, &str)> = vec![
+            (
+                r.engine.spare_add("v", Path::new("/sim/nope")),
+                exit::USAGE,
+                "/sim/nope",
+            ),
+            (
+                r.engine.spare_add("v", Path::new("/sim/main")),
+                exit::REFUSED,
+                "already part of volume",
+            ),
+            (
+                r.engine.spare_add("v", Path::new("/sim/s1")),
+                exit::REFUSED,
+                "already part of volume",
+            ),
+            (
+                r.engine.spare_add("v", Path::new("/sim/tiny")),
+                exit::REFUSED,
+                "in use",
+            ),
+            (
+                r.engine.spare_add("x", Path::new("/sim/s1")),
+                exit::NOT_FOUND,
+                "no volume named",
+            ),
+            (
+                r.engine.remap_add("v", 64 * MIB / 512, 1),
+                exit::USAGE,
+                "past the end",
+            ),
+            (
+                r.engine.remap_add("v", u64::MAX, 2),
+                exit::USAGE,
+                "past the end",
+            ),
+            (r.engine.remap_add("v", 0, 0), exit::USAGE, "at least 1"),
+            (
+                r.engine.spare_remove("v", Path::new("/sim/tiny")),
+                exit::NOT_FOUND,
+                "not a spare",
+            ),
+            (r.create(), exit::REFUSED, "already exists"),
+        ];
+        for (i, (res, code, msg)) in cases.into_iter().enumerate() {
+            let e = res.expect_err(&format!("case {i} must fail"));
+            assert_eq!(e.code(), code, "case {i}: {e}");
+            assert!(e.to_string().contains(msg), "case {i}: {e}");
+        }
+        assert_eq!(r.status(), before);
+        r.io.set_in_use(SIM, 9, None);
+        let e = r
+            .engine
+            .create(
+                "w",
+                Path::new("/sim/tiny"),
+                &["/sim/tiny".into()],
+                4096,
+                16 * MIB,
+                Policy::FirstFit,
+                UnreadablePolicy::Error,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("main device itself"), "{e}");
+        for bad in ["", "-x", "a/b", "a b", &"n".repeat(65)] {
+            assert_eq!(
+                validate_name(bad).unwrap_err().code(),
+                exit::USAGE,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn spares_with_extents_stay_and_empty_ones_go() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        r.engine.remap_add("v", 0, 1).unwrap();
+        let e = r
+            .engine
+            .spare_remove("v", Path::new("/sim/s1"))
+            .unwrap_err();
+        assert_eq!(e.code(), exit::REFUSED);
+        r.engine.spare_remove("v", Path::new("/sim/s2")).unwrap();
+        assert_eq!(r.status()["pool"]["devices"].as_array().unwrap().len(), 1);
+        let m = read_meta(&r.io, S1);
+        assert_eq!(m.config.spares.len(), 1);
+        assert!(
+            metadata::decode(&r.io.peek(SIM, S2, 0, 4096).unwrap()).is_err(),
+            "wiped"
+        );
+        let e = r
+            .engine
+            .spare_remove("v", Path::new("/sim/s1"))
+            .unwrap_err();
+        assert!(e.to_string().contains("last spare"), "{e}");
+    }
+
+    #[test]
+    fn stop_removes_volume_then_regions() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        r.dm.take_log();
+        r.engine.stop("v").unwrap();
+        let log = r.dm.take_log();
+        assert_eq!(log[0], "remove v");
+        assert_eq!(log.len(), 5);
+        assert!(
+            r.engine
+                .status(None)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+        assert!(r.watch.watched.borrow().is_empty());
+    }
 }

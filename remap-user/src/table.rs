@@ -381,3 +381,74 @@ mod tests {
         assert_eq!(lines[2], (9, 1, "error".into(), String::new()));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::volume::{Extent, Remap};
+
+    proptest! {
+        /// For any set of remaps: every region's table covers it exactly, every sector reads
+        /// from where the model says, and no two adjacent segments could have been merged.
+        #[test]
+        fn tables_cover_and_route_every_sector(
+            chunks in proptest::collection::btree_map(0u64..2048, (0u32..3, 0u64..4096, any::<u8>()), 0..200),
+            mode_sel in 0u8..3,
+        ) {
+            let g = Geometry::new(8 << 20, 512, 4096, 1 << 20).unwrap();
+            let mode = match mode_sel {
+                0 => PendingMode::FlakeyErrorReads,
+                1 => PendingMode::Policy(UnreadablePolicy::Error),
+                _ => PendingMode::Policy(UnreadablePolicy::Zero),
+            };
+            let mut t = RemapTable::default();
+            for (c, (spare, slot, pending)) in &chunks {
+                t.insert(*c, Remap { extent: Extent { spare: *spare, start: 16384 + slot * 8 }, pending: u64::from(*pending) });
+            }
+            for r in 0..g.regions() {
+                let segs = region_table(&g, r, &t, mode);
+                let (rstart, rlen) = g.region_span(r);
+                let mut pos = 0;
+                for w in segs.windows(2) {
+                    let mut probe = vec![w[0]];
+                    push(&mut probe, w[1]);
+                    prop_assert_eq!(probe.len(), 2, "mergeable neighbours {:?}", w);
+                }
+                for s in &segs {
+                    prop_assert_eq!(s.start, pos);
+                    pos += s.len;
+                    for off in 0..s.len {
+                        let sector = rstart + s.start + off;
+                        let chunk = sector / g.chunk;
+                        let want = match t.get(chunk) {
+                            None => Target::Linear { dev: DevRef::Main, offset: sector },
+                            Some(rm) => {
+                                let b = (sector % g.chunk) / g.block;
+                                let at = rm.extent.start + sector % g.chunk;
+                                let dev = DevRef::Spare(rm.extent.spare);
+                                if rm.pending & (1 << b) == 0 {
+                                    Target::Linear { dev, offset: at }
+                                } else {
+                                    match mode {
+                                        PendingMode::FlakeyErrorReads => Target::ErrorReads { dev, offset: at },
+                                        PendingMode::Policy(UnreadablePolicy::Error) => Target::Error,
+                                        PendingMode::Policy(UnreadablePolicy::Zero) => Target::Linear { dev, offset: at },
+                                    }
+                                }
+                            }
+                        };
+                        let got = match s.target {
+                            Target::Linear { dev, offset } => Target::Linear { dev, offset: offset + off },
+                            Target::ErrorReads { dev, offset } => Target::ErrorReads { dev, offset: offset + off },
+                            Target::Error => Target::Error,
+                        };
+                        prop_assert_eq!(got, want, "sector {}", sector);
+                    }
+                }
+                prop_assert_eq!(pos, rlen);
+            }
+        }
+    }
+}

@@ -78,8 +78,14 @@ pub fn build(paths: &Paths) -> GuestBins {
         let tail: Vec<_> = stderr.lines().rev().take(40).collect();
         let tail: Vec<_> = tail.into_iter().rev().collect();
         eprintln!("{}", tail.join("\n"));
-        let first_error = stderr.lines().find(|l| l.starts_with("error")).unwrap_or("");
-        return GuestBins::Failed(format!("cargo build exited with {}: {first_error}", out.status));
+        let first_error = stderr
+            .lines()
+            .find(|l| l.starts_with("error"))
+            .unwrap_or("");
+        return GuestBins::Failed(format!(
+            "cargo build exited with {}: {first_error}",
+            out.status
+        ));
     }
     let dir = paths.target.join(TRIPLE).join("release");
     let bins: Vec<_> = GUEST_BINS

@@ -82,7 +82,14 @@ pub fn prepare(paths: &Paths, label: &str) -> Result<Kernel> {
         fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
     }
     fs::create_dir_all(&root)?;
-    run_capture(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+    if let Err(e) = run_capture(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root)) {
+        // Most likely a truncated download: drop it so the next run fetches it again.
+        let _ = fs::remove_file(&deb);
+        return Err(e.context(format!(
+            "unpacking {} (removed; run again to re-download)",
+            deb.display()
+        )));
+    }
     let release = single_release(&root)?;
 
     step(&format!("kernel {label}: depmod {release}"));

@@ -358,6 +358,7 @@ pub fn run_scenarios(o: &ScenarioOpts) -> Result<Summary> {
 
     let started = Instant::now();
     qemu::announce_accel();
+    let _lock = lock_lab(&paths)?;
     let lab = prepare_lab(paths, &labels, true);
     step(&format!(
         "prepared in {:.1}s",
@@ -556,6 +557,34 @@ fn boot_scenario(
     Ok((records, ends))
 }
 
+/// Serialises runs that share `target/vm` (kernel unpacking, base archives, run directories):
+/// a second run waits for the first instead of deleting its files under it. The lock is an
+/// OS file lock, released when the holder exits, however it exits.
+fn lock_lab(paths: &Paths) -> Result<std::fs::File> {
+    std::fs::create_dir_all(&paths.vm)?;
+    let path = paths.vm.join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            step(&format!(
+                "waiting for another VM run to finish ({})",
+                path.display()
+            ));
+            f.lock()?;
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).context(format!("locking {}", path.display()));
+        }
+    }
+    Ok(f)
+}
+
 /// `cargo xtask vm ...`
 pub fn run_cmd(c: VmCmd) -> Result<()> {
     let missing = missing_tools();
@@ -569,6 +598,7 @@ pub fn run_cmd(c: VmCmd) -> Result<()> {
     let paths = Paths::new()?;
     match c {
         VmCmd::Prepare { kernels } => {
+            let _lock = lock_lab(&paths)?;
             let lab = prepare_lab(paths, &labels(&kernels)?, false);
             for (l, r) in lab.kernels {
                 let (k, base) = r.with_context(|| format!("kernel {l}"))?;
@@ -635,6 +665,7 @@ fn boot_one(
     console: Console,
 ) -> Result<End> {
     qemu::announce_accel();
+    let lock = lock_lab(&paths)?;
     let disks: Vec<DiskSpec> = disks
         .iter()
         .map(|d| DiskSpec::parse(d))
@@ -681,6 +712,10 @@ fn boot_one(
         k.release,
         dir.display()
     ));
+    if console == Console::Interactive {
+        // A shell may stay up for hours: only its preparation needs the lab to itself.
+        drop(lock);
+    }
     let out = qemu::run(&qemu::Boot {
         kernel: k,
         initrd: &initrd,

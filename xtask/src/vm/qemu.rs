@@ -327,7 +327,7 @@ pub fn run(b: &Boot) -> Result<Outcome> {
     let mut end = None;
     let status = loop {
         reader.poll()?;
-        if reader.power_cut {
+        if reader.channel.power_cut {
             // SIGKILL at once: the point is that qemu gets no chance to write anything more.
             guard.0.kill().context("killing qemu")?;
             end = Some(End::PowerCut);
@@ -347,7 +347,7 @@ pub fn run(b: &Boot) -> Result<Outcome> {
         let _ = p.join();
     }
     reader.poll()?;
-    if let Some(n) = reader.exit {
+    if let Some(n) = reader.channel.exit {
         exit_status = Some(n);
     }
     let end = end.unwrap_or_else(|| match (exit_status, status.code()) {
@@ -365,7 +365,7 @@ pub fn run(b: &Boot) -> Result<Outcome> {
     });
     Ok(Outcome {
         end,
-        results: reader.lines,
+        results: reader.channel.lines,
         console: console_path,
         elapsed: started.elapsed(),
     })
@@ -375,20 +375,14 @@ pub fn run(b: &Boot) -> Result<Outcome> {
 /// interval.
 struct ResultsReader {
     file: fs::File,
-    partial: String,
-    lines: Vec<String>,
-    power_cut: bool,
-    exit: Option<i32>,
+    channel: Channel,
 }
 
 impl ResultsReader {
     fn new(path: &Path) -> Result<Self> {
         Ok(Self {
             file: fs::File::open(path)?,
-            partial: String::new(),
-            lines: Vec::new(),
-            power_cut: false,
-            exit: None,
+            channel: Channel::default(),
         })
     }
 
@@ -397,12 +391,29 @@ impl ResultsReader {
         // read_to_end stops at the current end and leaves the offset there: the next poll
         // continues with whatever qemu appended since.
         self.file.read_to_end(&mut buf)?;
-        self.partial.push_str(&String::from_utf8_lossy(&buf));
-        while let Some(i) = self.partial.find('\n') {
-            let line: String = self.partial.drain(..=i).collect();
-            let line = line
-                .trim_end_matches(['\n', '\r'])
-                .trim_start_matches('\r')
+        self.channel.feed(&buf);
+        Ok(())
+    }
+}
+
+/// The results channel's records, split into lines as bytes arrive.
+#[derive(Default)]
+struct Channel {
+    /// Bytes after the last newline (kept as bytes: a chunk may end inside a UTF-8 sequence).
+    partial: Vec<u8>,
+    lines: Vec<String>,
+    power_cut: bool,
+    exit: Option<i32>,
+}
+
+impl Channel {
+    fn feed(&mut self, bytes: &[u8]) {
+        self.partial.extend_from_slice(bytes);
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+            let raw: Vec<u8> = self.partial.drain(..=i).collect();
+            // The guest's tty may turn "\n" into "\r\n".
+            let line = String::from_utf8_lossy(&raw)
+                .trim_matches(['\n', '\r'])
                 .to_string();
             match line.trim() {
                 "@@POWERCUT" => self.power_cut = true,
@@ -410,7 +421,6 @@ impl ResultsReader {
                 _ => self.lines.push(line),
             }
         }
-        Ok(())
     }
 }
 
@@ -478,21 +488,15 @@ mod tests {
     }
 
     #[test]
-    fn results_reader_handles_partial_lines_and_control_records() {
-        let dir = std::env::temp_dir().join(format!("xtask-results-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("r.txt");
-        fs::write(&p, b"PASS a\r\nFA").unwrap();
-        let mut r = ResultsReader::new(&p).unwrap();
-        r.poll().unwrap();
-        assert_eq!(r.lines, ["PASS a"]);
-        let mut f = fs::OpenOptions::new().append(true).open(&p).unwrap();
-        f.write_all(b"IL b: x\r\n@@POWERCUT\r\n@@EXIT 3\r\n")
-            .unwrap();
-        r.poll().unwrap();
-        assert_eq!(r.lines, ["PASS a", "FAIL b: x"]);
-        assert!(r.power_cut);
-        assert_eq!(r.exit, Some(3));
-        fs::remove_dir_all(&dir).unwrap();
+    fn channel_handles_partial_lines_split_characters_and_control_records() {
+        let mut c = Channel::default();
+        c.feed(b"PASS a\r\nFA");
+        assert_eq!(c.lines, ["PASS a"]);
+        c.feed("IL b: caf\u{e9}".as_bytes().split_last().unwrap().1);
+        c.feed(&[0xa9]);
+        c.feed(b"\r\n@@POWERCUT\r\n@@EXIT 3\r\n");
+        assert_eq!(c.lines, ["PASS a", "FAIL b: caf\u{e9}"]);
+        assert!(c.power_cut);
+        assert_eq!(c.exit, Some(3));
     }
 }
