@@ -18,7 +18,11 @@ use crate::{
     blockdev::{BlockDev, BlockIo, DevIdentity},
     control::{Request, Response, exit},
     dm::DeviceMapper,
-    metadata::{self, AREA_SECTORS, Metadata, SLOT_BYTES, SpareRecord, VolumeConfig},
+    metadata::{
+        self, Copy, Journal, Layout, SpareRecord, VolumeConfig,
+        codec::{JournalOp, uuid_bytes},
+        crash_point,
+    },
     table::{self, DevRef},
     volume::{Extent, Geometry, PendingMode, Remap, RemapTable, SECTOR, Sector, UnreadablePolicy},
 };
@@ -67,7 +71,8 @@ fn failed(what: impl std::fmt::Display) -> impl FnOnce(String) -> EngineError {
 /// A protected volume as the running agent knows it.
 pub struct Volume {
     pub config: VolumeConfig,
-    pub generation: u64,
+    /// Commit state of the metadata (generation, journal position).
+    pub journal: Journal,
     pub main: BlockDev,
     pub spares: BTreeMap<u32, BlockDev>,
     pub pool: Pool,
@@ -99,12 +104,21 @@ impl Volume {
         table::render(&segs, |d| self.resolve(d))
     }
 
-    fn metadata(&self, generation: u64) -> Metadata {
-        Metadata {
-            generation,
-            config: self.config.clone(),
-            remaps: self.remaps.clone(),
-        }
+    /// The spares as metadata copies.
+    fn copies(&self) -> Vec<Copy<'_>> {
+        self.spares
+            .iter()
+            .map(|(slot, dev)| Copy {
+                dev,
+                slot: *slot,
+                uuid: self
+                    .config
+                    .spares
+                    .iter()
+                    .find(|s| s.slot == *slot)
+                    .map_or([0; 16], |s| uuid_bytes(&s.uuid)),
+            })
+            .collect()
     }
 
     fn uses(&self, dev: &BlockDev) -> bool {
@@ -313,19 +327,26 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             .map_err(|e| failed(format!("block size of {}", main_path.display()))(e.to_string()))?;
         let geometry = Geometry::new(main_size, block, chunk_bytes, region_bytes)
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        let mut pool = Pool::new(geometry.chunk, policy);
-        let mut records = Vec::new();
+        let mut sizes = BTreeMap::new();
         for (slot, s) in &spares {
             let size = self
                 .io
                 .size_bytes(s)
-                .map_err(|e| failed(format!("size of {}", s.path.display()))(e.to_string()))?
-                / SECTOR;
-            pool.add(*slot, size, AREA_SECTORS)
+                .map_err(|e| failed(format!("size of {}", s.path.display()))(e.to_string()))?;
+            sizes.insert(*slot, size);
+        }
+        let layout = Layout::for_spare(sizes.values().copied().min().unwrap_or(0));
+        let area = layout.area_bytes / SECTOR;
+        let mut pool = Pool::new(geometry.chunk, policy);
+        let mut records = Vec::new();
+        for (slot, s) in &spares {
+            let size = sizes[slot] / SECTOR;
+            pool.add(*slot, size, area)
                 .map_err(|e| EngineError::Invalid(format!("spare {}: {e}", s.path.display())))?;
             records.push(SpareRecord {
                 slot: *slot,
                 identity: self.identity(s)?,
+                uuid: new_uuid(),
                 size_sectors: size,
                 last_path: s.path.display().to_string(),
             });
@@ -341,11 +362,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             policy,
             unreadable,
             pending_mode,
-            meta_area_sectors: AREA_SECTORS,
+            meta_area_sectors: area,
         };
+        let journal = Journal::new(layout, uuid_bytes(&config.uuid));
         let mut vol = Volume {
             config,
-            generation: 0,
+            journal,
             main,
             spares,
             pool,
@@ -356,7 +378,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         for s in vol.spares.values() {
             self.wipe_metadata(s)?;
         }
-        self.commit(&mut vol)?;
+        self.checkpoint(&mut vol)?;
         if let Err(e) = self.build_devices(&mut vol) {
             self.teardown(&vol);
             for s in vol.spares.values() {
@@ -481,18 +503,20 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let mut vol = self.volumes.remove(name).expect("looked up above");
         let slot = vol.spares.keys().next_back().map_or(0, |s| s + 1);
         let res = (|| {
+            let area = vol.config.meta_area_sectors;
             vol.pool
-                .add(slot, size, AREA_SECTORS)
+                .add(slot, size, area)
                 .map_err(|e| EngineError::Invalid(format!("spare {}: {e}", path.display())))?;
             self.wipe_metadata(&dev)?;
             vol.spares.insert(slot, dev.clone());
             vol.config.spares.push(SpareRecord {
                 slot,
                 identity,
+                uuid: new_uuid(),
                 size_sectors: size,
                 last_path: path.display().to_string(),
             });
-            if let Err(e) = self.commit(&mut vol) {
+            if let Err(e) = self.checkpoint(&mut vol) {
                 vol.spares.remove(&slot);
                 vol.config.spares.retain(|s| s.slot != slot);
                 let _ = vol.pool.remove(slot);
@@ -537,7 +561,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             let rec = vol.config.spares.clone();
             vol.config.spares.retain(|s| s.slot != slot);
             let removed = vol.spares.remove(&slot).expect("slot found above");
-            if let Err(e) = self.commit(&mut vol) {
+            if let Err(e) = self.checkpoint(&mut vol) {
                 vol.config.spares = rec;
                 vol.spares.insert(slot, removed);
                 let size = vol
@@ -546,7 +570,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     .iter()
                     .find(|s| s.slot == slot)
                     .map_or(0, |s| s.size_sectors);
-                let _ = vol.pool.add(slot, size, AREA_SECTORS);
+                let area = vol.config.meta_area_sectors;
+                let _ = vol.pool.add(slot, size, area);
                 return Err(e);
             }
             let _ = self.wipe_metadata(&removed);
@@ -739,7 +764,16 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     regions.insert(vol.geo().region_of_chunk(*c));
                 }
             }
-            if let Err(e) = self.commit(&mut vol) {
+            let ops: Vec<JournalOp> = chunks
+                .keys()
+                .filter_map(|c| {
+                    vol.remaps.get(*c).map(|r| JournalOp::Set {
+                        chunk: *c,
+                        remap: *r,
+                    })
+                })
+                .collect();
+            if let Err(e) = self.commit_ops(&mut vol, &ops) {
                 vol.remaps = before;
                 return Err(e);
             }
@@ -878,6 +912,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
         };
 
+        crash_point("after-allocate");
+
         // Suspend the regions: no I/O reaches these chunks until the new tables are live.
         let ts = Instant::now();
         let mut suspended = Vec::new();
@@ -909,6 +945,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             return Err(err);
         }
 
+        crash_point("after-copy");
+
         // Commit: the new remaps are durable before any table points at them.
         for (c, _, e, pending) in &copied {
             vol.remaps.insert(
@@ -919,7 +957,17 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 },
             );
         }
-        if let Err(err) = self.commit(vol) {
+        let ops: Vec<JournalOp> = copied
+            .iter()
+            .map(|(c, _, e, pending)| JournalOp::Set {
+                chunk: *c,
+                remap: Remap {
+                    extent: *e,
+                    pending: *pending,
+                },
+            })
+            .collect();
+        if let Err(err) = self.commit_ops(vol, &ops) {
             for (c, old, ..) in &copied {
                 match old {
                     Some(o) => vol.remaps.insert(*c, *o),
@@ -931,15 +979,55 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             return Err(err);
         }
 
-        // Switch: load each region's new table and resume it.
+        // Switch: load each region's new table, then resume them all.
+        let mut load_err = None;
         for &r in &regions {
             let rn = region_name(&vol.config.name, r);
             if let Err(e) = self.dm.load(&rn, &vol.region_lines(r)) {
-                // Metadata already names the new extents; the old table still reads the old
-                // location, which is what was readable. Retry at the next event.
-                tracing::error!(region = rn, "loading the new table failed: {e}");
+                load_err = Some(format!("loading {rn}: {e}"));
+                break;
             }
+            crash_point("after-load");
         }
+        if let Some(err) = load_err {
+            // The metadata names the new extents but the kernel still maps the old ones:
+            // resuming now would send writes where assembly would not look. Put the metadata
+            // back first; if even that fails, the regions stay suspended (safe, not live).
+            let undo: Vec<JournalOp> = copied
+                .iter()
+                .map(|(c, old, ..)| match old {
+                    Some(o) => JournalOp::Set {
+                        chunk: *c,
+                        remap: *o,
+                    },
+                    None => JournalOp::Del { chunk: *c },
+                })
+                .collect();
+            for (c, old, ..) in &copied {
+                match old {
+                    Some(o) => vol.remaps.insert(*c, *o),
+                    None => vol.remaps.remove(*c),
+                };
+            }
+            if let Err(e) = self.commit_ops(vol, &undo) {
+                tracing::error!(
+                    volume = vol.config.name,
+                    "{err}; undoing the commit failed too ({e}): regions {regions:?} stay suspended"
+                );
+                return Err(EngineError::Failed(format!(
+                    "{err}; regions left suspended: {e}"
+                )));
+            }
+            for r in &regions {
+                let _ = self
+                    .dm
+                    .load(&region_name(&vol.config.name, *r), &vol.region_lines(*r));
+            }
+            self.resume_all(&vol.config.name, &suspended);
+            release(vol, &moves);
+            return Err(EngineError::Failed(err));
+        }
+        crash_point("before-resume");
         self.resume_all(&vol.config.name, &suspended);
         report.suspended_micros = ts.elapsed().as_micros() as u64;
 
@@ -1023,36 +1111,28 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         Ok(pending)
     }
 
-    /// Writes the next generation of the metadata to every spare and flushes it.
-    fn commit(&self, vol: &mut Volume) -> Result<()> {
-        let generation = vol.generation + 1;
-        let bytes = metadata::encode(&vol.metadata(generation))
-            .map_err(|e| EngineError::Failed(format!("encoding metadata: {e}")))?;
-        let off = metadata::slot_of(generation) * SLOT_BYTES;
-        for s in vol.spares.values() {
-            self.io
-                .write_at(s, off, &bytes)
-                .and_then(|()| self.io.flush(s))
-                .map_err(|e| {
-                    EngineError::Failed(format!("writing metadata to {}: {e}", s.path.display()))
-                })?;
-        }
-        vol.generation = generation;
+    /// Commits remap changes: one journal append on every spare (a checkpoint when the
+    /// journal is full).
+    fn commit_ops(&self, vol: &mut Volume, ops: &[JournalOp]) -> Result<()> {
+        let mut j = vol.journal.clone();
+        j.commit(&self.io, &vol.copies(), ops, &vol.config, &vol.remaps)
+            .map_err(|e| EngineError::Failed(format!("committing metadata: {e}")))?;
+        vol.journal = j;
+        crash_point("after-commit");
+        Ok(())
+    }
+
+    /// Writes the whole state (configuration changes) to every spare.
+    fn checkpoint(&self, vol: &mut Volume) -> Result<()> {
+        let mut j = vol.journal.clone();
+        j.checkpoint(&self.io, &vol.copies(), &vol.config, &vol.remaps)
+            .map_err(|e| EngineError::Failed(format!("writing metadata: {e}")))?;
+        vol.journal = j;
         Ok(())
     }
 
     fn wipe_metadata(&self, dev: &BlockDev) -> Result<()> {
-        let zero = vec![0u8; 4096];
-        for slot in 0..2 {
-            self.io
-                .write_at(dev, slot * SLOT_BYTES, &zero)
-                .map_err(|e| {
-                    failed(format!("clearing metadata on {}", dev.path.display()))(e.to_string())
-                })?;
-        }
-        self.io
-            .flush(dev)
-            .map_err(|e| failed(format!("flushing {}", dev.path.display()))(e.to_string()))
+        metadata::wipe(&self.io, dev).map_err(|e| EngineError::Failed(e.to_string()))
     }
 }
 
@@ -1151,7 +1231,8 @@ fn status_json(vol: &Volume) -> Value {
         "remaps": vol.remaps.len(),
         "pending": vol.remaps.pending_blocks(),
         "pending_mode": mode_name(vol.config.pending_mode),
-        "generation": vol.generation,
+        "generation": vol.journal.generation,
+        "metadata_capacity": vol.journal.layout.capacity(),
         "pool": pool_json(vol),
     })
 }
@@ -1302,16 +1383,13 @@ mod tests {
         pattern(base)[within..within + 512].to_vec()
     }
 
-    fn read_meta(io: &SimIo, minor: u32) -> Metadata {
-        let best = (0..2)
-            .filter_map(|slot| {
-                let head = io.peek(SIM, minor, slot * SLOT_BYTES, 4096).ok()?;
-                let len = metadata::encoded_len(&head).ok()?;
-                let bytes = io.peek(SIM, minor, slot * SLOT_BYTES, len).ok()?;
-                metadata::decode(&bytes).ok()
-            })
-            .max_by_key(|m| m.generation);
-        best.expect("valid metadata")
+    fn read_meta(io: &SimIo, minor: u32) -> metadata::DeviceMeta {
+        let dev = BlockDev {
+            path: format!("/sim/{minor}").into(),
+            major: SIM,
+            minor,
+        };
+        metadata::read_device(io, &dev).expect("valid metadata")
     }
 
     #[test]
@@ -1440,7 +1518,7 @@ mod tests {
         let before = r.status();
         let table = r.dm.table("v-remap-r0000").unwrap();
         r.dm.take_log();
-        r.io.fail_writes(SIM, S2, 0..AREA_SECTORS);
+        r.io.fail_writes(SIM, S2, 0..(8 << 20) / 512);
         r.io.fail_reads(SIM, MAIN, 16..17);
         assert!(
             r.error(MAIN, 16, 8).is_empty(),
@@ -1663,7 +1741,7 @@ mod tests {
         let m = read_meta(&r.io, S1);
         assert_eq!(m.config.spares.len(), 1);
         assert!(
-            metadata::decode(&r.io.peek(SIM, S2, 0, 4096).unwrap()).is_err(),
+            metadata::codec::Superblock::decode(&r.io.peek(SIM, S2, 0, 4096).unwrap()).is_err(),
             "wiped"
         );
         let e = r

@@ -1,0 +1,466 @@
+//! Byte layouts of the metadata area (pure): superblocks, checkpoints and journal blocks.
+//! docs/METADATA.md describes every field; this file is the one place that knows the bytes.
+use bytemuck::{Pod, Zeroable};
+
+use super::{MetaError, VolumeConfig};
+use crate::volume::{Extent, Remap, RemapTable};
+
+pub const BLOCK: usize = 4096;
+pub const SB_MAGIC: [u8; 8] = *b"REMAPSB2";
+pub const CKPT_MAGIC: [u8; 8] = *b"REMAPCKP";
+pub const JOURNAL_MAGIC: [u8; 8] = *b"REMAPJNL";
+pub const VERSION: u32 = 2;
+const HEADER: usize = 64;
+pub const RECORD: usize = 32;
+/// Records that fit one journal block after its header.
+pub const RECORDS_PER_BLOCK: usize = (BLOCK - HEADER) / RECORD;
+
+/// Superblock: where the current checkpoint is and where its journal starts. Two of them (at
+/// 0 and 4 KiB); the one naming the newest valid checkpoint wins.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Superblock {
+    pub magic: [u8; 8],
+    pub version: u32,
+    /// Pool slot of the device holding this superblock.
+    pub slot: u32,
+    pub volume_uuid: [u8; 16],
+    /// Identity of this device for devices without WWN or serial.
+    pub device_uuid: [u8; 16],
+    /// Generation of the checkpoint this superblock points to.
+    pub ckpt_gen: u64,
+    pub ckpt_bytes: u64,
+    pub ckpt_crc: u32,
+    /// Which of the two checkpoint slots holds it (0 or 1).
+    pub ckpt_slot: u32,
+    /// Journal block where the commits after the checkpoint begin.
+    pub journal_start: u32,
+    pub journal_blocks: u32,
+    /// Size of the metadata area in bytes; data extents start after it.
+    pub area_bytes: u64,
+    pub reserved: [u8; 36],
+    pub crc: u32,
+}
+
+/// One operation of a journal block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JournalOp {
+    /// Chunk now lives at this extent with these pending blocks.
+    Set { chunk: u64, remap: Remap },
+    /// Chunk is back on the main device (reserved for migration).
+    Del { chunk: u64 },
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Record {
+    chunk: u64,
+    spare: u32,
+    kind: u32,
+    start: u64,
+    pending: u64,
+}
+
+const KIND_SET: u32 = 1;
+const KIND_DEL: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct JournalHeader {
+    magic: [u8; 8],
+    volume_uuid: [u8; 16],
+    generation: u64,
+    part: u16,
+    parts: u16,
+    count: u32,
+    crc: u32,
+    reserved: [u8; 20],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct CkptHeader {
+    magic: [u8; 8],
+    version: u32,
+    config_len: u32,
+    volume_uuid: [u8; 16],
+    generation: u64,
+    count: u64,
+    payload_crc: u32,
+    crc: u32,
+    reserved: [u8; 8],
+}
+
+const _: () = assert!(
+    size_of::<Superblock>() == 128
+        && size_of::<JournalHeader>() == HEADER
+        && size_of::<CkptHeader>() == HEADER
+        && size_of::<Record>() == RECORD
+);
+
+/// crc32c of `v`'s bytes with the crc field (the last 4 bytes before `tail`) zeroed.
+fn crc_without(bytes: &[u8], crc_at: usize) -> u32 {
+    let mut d = crc32c::crc32c(&bytes[..crc_at]);
+    d = crc32c::crc32c_append(d, &[0; 4]);
+    crc32c::crc32c_append(d, &bytes[crc_at + 4..])
+}
+
+pub fn uuid_bytes(hex: &str) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let digits: Vec<u8> = hex
+        .bytes()
+        .filter_map(|c| (c as char).to_digit(16).map(|d| d as u8))
+        .collect();
+    for (i, pair) in digits.chunks(2).take(16).enumerate() {
+        out[i] = pair[0] << 4 | pair.get(1).copied().unwrap_or(0);
+    }
+    out
+}
+
+pub fn uuid_hex(b: &[u8; 16]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Superblock {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut sb = *self;
+        sb.magic = SB_MAGIC;
+        sb.version = VERSION;
+        sb.crc = 0;
+        let mut out = vec![0u8; BLOCK];
+        out[..128].copy_from_slice(bytemuck::bytes_of(&sb));
+        let crc = crc_without(&out, 124);
+        out[124..128].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, MetaError> {
+        let b = bytes
+            .get(..BLOCK)
+            .ok_or(MetaError::Truncated("superblock"))?;
+        let sb: Self = bytemuck::pod_read_unaligned(&b[..128]);
+        if sb.magic != SB_MAGIC {
+            return Err(MetaError::NoMagic);
+        }
+        if crc_without(b, 124) != sb.crc {
+            return Err(MetaError::Checksum("superblock"));
+        }
+        if sb.version != VERSION {
+            return Err(MetaError::Version(sb.version));
+        }
+        if sb.ckpt_slot > 1 || sb.journal_blocks == 0 {
+            return Err(MetaError::Invalid("superblock fields out of range"));
+        }
+        Ok(sb)
+    }
+}
+
+/// A full copy of the volume's state.
+pub fn encode_checkpoint(
+    uuid: &[u8; 16],
+    generation: u64,
+    config: &VolumeConfig,
+    remaps: &RemapTable,
+) -> Result<Vec<u8>, MetaError> {
+    let config = serde_json::to_vec(config).map_err(|e| MetaError::Config(e.to_string()))?;
+    let mut out = Vec::with_capacity(HEADER + config.len() + remaps.len() * RECORD + BLOCK);
+    out.extend_from_slice(&[0; HEADER]);
+    out.extend_from_slice(&config);
+    for (chunk, r) in remaps.iter() {
+        out.extend_from_slice(bytemuck::bytes_of(&record(&JournalOp::Set {
+            chunk,
+            remap: *r,
+        })));
+    }
+    let mut h = CkptHeader {
+        magic: CKPT_MAGIC,
+        version: VERSION,
+        config_len: config.len() as u32,
+        volume_uuid: *uuid,
+        generation,
+        count: remaps.len() as u64,
+        payload_crc: crc32c::crc32c(&out[HEADER..]),
+        crc: 0,
+        reserved: [0; 8],
+    };
+    h.crc = crc_without(bytemuck::bytes_of(&h), 52);
+    out[..HEADER].copy_from_slice(bytemuck::bytes_of(&h));
+    out.resize(out.len().next_multiple_of(BLOCK), 0);
+    Ok(out)
+}
+
+/// Length of the checkpoint whose first block is `head`.
+pub fn checkpoint_len(head: &[u8]) -> Result<usize, MetaError> {
+    let h = ckpt_header(head)?;
+    Ok(HEADER + h.config_len as usize + h.count as usize * RECORD)
+}
+
+fn ckpt_header(bytes: &[u8]) -> Result<CkptHeader, MetaError> {
+    let raw = bytes
+        .get(..HEADER)
+        .ok_or(MetaError::Truncated("checkpoint header"))?;
+    let h: CkptHeader = bytemuck::pod_read_unaligned(raw);
+    if h.magic != CKPT_MAGIC {
+        return Err(MetaError::NoMagic);
+    }
+    if crc_without(raw, 52) != h.crc {
+        return Err(MetaError::Checksum("checkpoint header"));
+    }
+    if h.version != VERSION {
+        return Err(MetaError::Version(h.version));
+    }
+    Ok(h)
+}
+
+pub struct Checkpoint {
+    pub uuid: [u8; 16],
+    pub generation: u64,
+    pub config: VolumeConfig,
+    pub remaps: RemapTable,
+}
+
+pub fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, MetaError> {
+    let h = ckpt_header(bytes)?;
+    let config_end = HEADER + h.config_len as usize;
+    let end = (h.count as usize)
+        .checked_mul(RECORD)
+        .and_then(|n| n.checked_add(config_end))
+        .ok_or(MetaError::Invalid("checkpoint length"))?;
+    let payload = bytes
+        .get(HEADER..end)
+        .ok_or(MetaError::Truncated("checkpoint"))?;
+    if crc32c::crc32c(payload) != h.payload_crc {
+        return Err(MetaError::Checksum("checkpoint payload"));
+    }
+    let config: VolumeConfig = serde_json::from_slice(&bytes[HEADER..config_end])
+        .map_err(|e| MetaError::Config(e.to_string()))?;
+    let mut remaps = RemapTable::default();
+    for rec in bytes[config_end..end].chunks_exact(RECORD) {
+        match op(rec)? {
+            JournalOp::Set { chunk, remap } => {
+                remaps.insert(chunk, remap);
+            }
+            JournalOp::Del { .. } => return Err(MetaError::Invalid("delete in a checkpoint")),
+        }
+    }
+    Ok(Checkpoint {
+        uuid: h.volume_uuid,
+        generation: h.generation,
+        config,
+        remaps,
+    })
+}
+
+fn record(op: &JournalOp) -> Record {
+    match *op {
+        JournalOp::Set { chunk, remap } => Record {
+            chunk,
+            spare: remap.extent.spare,
+            kind: KIND_SET,
+            start: remap.extent.start,
+            pending: remap.pending,
+        },
+        JournalOp::Del { chunk } => Record {
+            chunk,
+            spare: 0,
+            kind: KIND_DEL,
+            start: 0,
+            pending: 0,
+        },
+    }
+}
+
+fn op(bytes: &[u8]) -> Result<JournalOp, MetaError> {
+    let r: Record = bytemuck::pod_read_unaligned(bytes);
+    match r.kind {
+        KIND_SET => Ok(JournalOp::Set {
+            chunk: r.chunk,
+            remap: Remap {
+                extent: Extent {
+                    spare: r.spare,
+                    start: r.start,
+                },
+                pending: r.pending,
+            },
+        }),
+        KIND_DEL => Ok(JournalOp::Del { chunk: r.chunk }),
+        _ => Err(MetaError::Invalid("unknown record kind")),
+    }
+}
+
+/// The journal blocks of one commit (generation `generation`).
+pub fn encode_journal(uuid: &[u8; 16], generation: u64, ops: &[JournalOp]) -> Vec<u8> {
+    let parts = ops.len().div_ceil(RECORDS_PER_BLOCK).max(1);
+    let mut out = vec![0u8; parts * BLOCK];
+    for (part, block) in out.chunks_mut(BLOCK).enumerate() {
+        let these = ops
+            .iter()
+            .skip(part * RECORDS_PER_BLOCK)
+            .take(RECORDS_PER_BLOCK);
+        let mut n = 0;
+        for (i, o) in these.enumerate() {
+            let at = HEADER + i * RECORD;
+            block[at..at + RECORD].copy_from_slice(bytemuck::bytes_of(&record(o)));
+            n += 1;
+        }
+        let h = JournalHeader {
+            magic: JOURNAL_MAGIC,
+            volume_uuid: *uuid,
+            generation,
+            part: part as u16,
+            parts: parts as u16,
+            count: n,
+            crc: 0,
+            reserved: [0; 20],
+        };
+        block[..HEADER].copy_from_slice(bytemuck::bytes_of(&h));
+        let crc = crc_without(block, 40);
+        block[40..44].copy_from_slice(&crc.to_le_bytes());
+    }
+    out
+}
+
+/// One decoded journal block.
+#[derive(Debug, PartialEq, Eq)]
+pub struct JournalBlock {
+    pub generation: u64,
+    pub part: u16,
+    pub parts: u16,
+    pub ops: Vec<JournalOp>,
+}
+
+pub fn decode_journal(uuid: &[u8; 16], block: &[u8]) -> Result<JournalBlock, MetaError> {
+    let b = block
+        .get(..BLOCK)
+        .ok_or(MetaError::Truncated("journal block"))?;
+    let h: JournalHeader = bytemuck::pod_read_unaligned(&b[..HEADER]);
+    if h.magic != JOURNAL_MAGIC {
+        return Err(MetaError::NoMagic);
+    }
+    if crc_without(b, 40) != h.crc {
+        return Err(MetaError::Checksum("journal block"));
+    }
+    if h.volume_uuid != *uuid {
+        return Err(MetaError::Invalid("journal block of another volume"));
+    }
+    if h.count as usize > RECORDS_PER_BLOCK || h.part >= h.parts {
+        return Err(MetaError::Invalid("journal block header out of range"));
+    }
+    let ops = b[HEADER..HEADER + h.count as usize * RECORD]
+        .chunks_exact(RECORD)
+        .map(op)
+        .collect::<Result<_, _>>()?;
+    Ok(JournalBlock {
+        generation: h.generation,
+        part: h.part,
+        parts: h.parts,
+        ops,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::tests::sample_config;
+
+    fn remaps(n: u64) -> RemapTable {
+        let mut t = RemapTable::default();
+        for i in 0..n {
+            t.insert(
+                i * 3,
+                Remap {
+                    extent: Extent {
+                        spare: (i % 2) as u32,
+                        start: 16384 + i * 8,
+                    },
+                    pending: i % 5,
+                },
+            );
+        }
+        t
+    }
+
+    #[test]
+    fn superblock_round_trip_and_any_flip_is_caught() {
+        let sb = Superblock {
+            magic: SB_MAGIC,
+            version: VERSION,
+            slot: 1,
+            volume_uuid: [7; 16],
+            device_uuid: [9; 16],
+            ckpt_gen: 42,
+            ckpt_bytes: 8192,
+            ckpt_crc: 0xdead,
+            ckpt_slot: 1,
+            journal_start: 5,
+            journal_blocks: 256,
+            area_bytes: 8 << 20,
+            reserved: [0; 36],
+            crc: 0,
+        };
+        let bytes = sb.encode();
+        let back = Superblock::decode(&bytes).unwrap();
+        assert_eq!((back.ckpt_gen, back.journal_start, back.slot), (42, 5, 1));
+        for i in 0..BLOCK {
+            let mut b = bytes.clone();
+            b[i] ^= 1;
+            assert!(Superblock::decode(&b).is_err(), "flip at {i}");
+        }
+        assert_eq!(Superblock::decode(&[0; BLOCK]), Err(MetaError::NoMagic));
+    }
+
+    #[test]
+    fn checkpoint_round_trip_and_any_flip_is_caught() {
+        let cfg = sample_config();
+        let t = remaps(300);
+        let bytes = encode_checkpoint(&[3; 16], 9, &cfg, &t).unwrap();
+        let len = checkpoint_len(&bytes).unwrap();
+        let c = decode_checkpoint(&bytes).unwrap();
+        assert_eq!((c.generation, c.uuid), (9, [3; 16]));
+        assert_eq!(c.config, cfg);
+        assert_eq!(c.remaps, t);
+        for i in (0..len).step_by(7) {
+            let mut b = bytes.clone();
+            b[i] ^= 0x10;
+            assert!(decode_checkpoint(&b).is_err(), "flip at {i}");
+        }
+        let mut torn = bytes.clone();
+        torn[BLOCK..].fill(0);
+        assert!(decode_checkpoint(&torn).is_err());
+    }
+
+    #[test]
+    fn journal_commits_span_blocks_and_check_their_volume() {
+        let ops: Vec<_> = remaps(300)
+            .iter()
+            .map(|(chunk, r)| JournalOp::Set { chunk, remap: *r })
+            .chain([JournalOp::Del { chunk: 5 }])
+            .collect();
+        let bytes = encode_journal(&[1; 16], 77, &ops);
+        assert_eq!(bytes.len(), 3 * BLOCK);
+        let mut back = Vec::new();
+        for (i, b) in bytes.chunks(BLOCK).enumerate() {
+            let j = decode_journal(&[1; 16], b).unwrap();
+            assert_eq!((j.generation, j.part, j.parts), (77, i as u16, 3));
+            back.extend(j.ops);
+        }
+        assert_eq!(back, ops);
+        assert!(
+            decode_journal(&[2; 16], &bytes[..BLOCK]).is_err(),
+            "other volume"
+        );
+        for i in (0..BLOCK).step_by(3) {
+            let mut b = bytes[..BLOCK].to_vec();
+            b[i] ^= 0x80;
+            assert!(decode_journal(&[1; 16], &b).is_err(), "flip at {i}");
+        }
+        let empty = encode_journal(&[1; 16], 78, &[]);
+        assert_eq!(decode_journal(&[1; 16], &empty).unwrap().ops, []);
+    }
+
+    #[test]
+    fn uuid_hex_round_trip() {
+        let h = "0123456789abcdef0011223344556677";
+        assert_eq!(uuid_hex(&uuid_bytes(h)), h);
+    }
+}

@@ -1,0 +1,647 @@
+//! Metadata: the volume's configuration and remap table, durable and checksummed on every
+//! spare, with commit I/O bounded by what changed.
+//!
+//! Each spare starts with a metadata area: two superblocks, a journal ring and two checkpoint
+//! slots (docs/METADATA.md has the byte layout). A commit appends one journal block (more for a
+//! large batch) to every spare and flushes: that is the commit point. When the ring is full, or
+//! the configuration changes, a full checkpoint goes to the idle slot and a superblock naming it
+//! is written after it. Reading a device takes the newest valid checkpoint and replays the
+//! journal generations that follow it, complete ones only.
+pub mod codec;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    allocate::Policy,
+    blockdev::{BlockDev, BlockIo, DevIdentity},
+    volume::{Geometry, PendingMode, RemapTable, Sector, UnreadablePolicy},
+};
+use codec::{BLOCK, JournalOp, Superblock, VERSION};
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MetaError {
+    #[error("no remap metadata here")]
+    NoMagic,
+    #[error(
+        "metadata format version {0} is not supported by this remapd (it reads version {VERSION})"
+    )]
+    Version(u32),
+    #[error("{0} checksum mismatch (torn or corrupted write)")]
+    Checksum(&'static str),
+    #[error("metadata is truncated: {0}")]
+    Truncated(&'static str),
+    #[error("metadata is inconsistent: {0}")]
+    Invalid(&'static str),
+    #[error("metadata configuration is unreadable: {0}")]
+    Config(String),
+    #[error(
+        "{count} remaps do not fit this volume's metadata area ({capacity} at most); add a spare with a larger area or recreate with more metadata space"
+    )]
+    Full { count: usize, capacity: usize },
+    #[error("metadata I/O on {dev}: {error}")]
+    Io { dev: String, error: String },
+}
+
+/// One pool member as recorded in the metadata.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpareRecord {
+    pub slot: u32,
+    pub identity: DevIdentity,
+    /// Written in the device's superblock too: identifies devices with no WWN or serial.
+    pub uuid: String,
+    pub size_sectors: Sector,
+    /// The path it had when added (for messages; never used to find it).
+    pub last_path: String,
+}
+
+/// Everything about a volume except its remaps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeConfig {
+    pub name: String,
+    pub uuid: String,
+    pub geometry: Geometry,
+    pub main: DevIdentity,
+    pub main_last_path: String,
+    pub spares: Vec<SpareRecord>,
+    pub policy: Policy,
+    pub unreadable: UnreadablePolicy,
+    pub pending_mode: PendingMode,
+    pub meta_area_sectors: Sector,
+}
+
+/// Where things sit in a metadata area of a given size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub area_bytes: u64,
+    pub journal_blocks: u32,
+}
+
+const SB_AREA: u64 = 2 * BLOCK as u64;
+
+impl Layout {
+    /// A quarter of the area is journal, the rest two checkpoint slots.
+    pub fn new(area_bytes: u64) -> Self {
+        let journal_blocks = (area_bytes / 4 / BLOCK as u64).clamp(16, 1 << 20) as u32;
+        Self {
+            area_bytes,
+            journal_blocks,
+        }
+    }
+
+    /// The area for a pool whose smallest spare has `spare_bytes`: about 1/128 of it, between
+    /// 8 MiB (98k remaps) and 128 MiB (1.5M remaps).
+    pub fn for_spare(spare_bytes: u64) -> Self {
+        let want = (spare_bytes / 128).next_power_of_two();
+        Self::new(want.clamp(8 << 20, 128 << 20))
+    }
+
+    pub fn journal_offset(&self, block: u32) -> u64 {
+        SB_AREA + u64::from(block) * BLOCK as u64
+    }
+
+    pub fn ckpt_slot_bytes(&self) -> u64 {
+        let rest = self.area_bytes - self.journal_offset(self.journal_blocks);
+        rest / 2 / BLOCK as u64 * BLOCK as u64
+    }
+
+    pub fn ckpt_offset(&self, slot: u32) -> u64 {
+        self.journal_offset(self.journal_blocks) + u64::from(slot) * self.ckpt_slot_bytes()
+    }
+
+    /// Remaps a checkpoint slot holds (with room for a large configuration).
+    pub fn capacity(&self) -> usize {
+        (self.ckpt_slot_bytes().saturating_sub(64 * 1024) / codec::RECORD as u64) as usize
+    }
+}
+
+/// The commit state of one volume, in memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Journal {
+    pub layout: Layout,
+    pub uuid: [u8; 16],
+    pub generation: u64,
+    pub ckpt_slot: u32,
+    pub ckpt_gen: u64,
+    /// Next free journal block, and how many blocks (including skipped ones at the ring's
+    /// end) hold commits after the checkpoint.
+    pub next: u32,
+    pub used: u32,
+}
+
+/// A spare as the metadata writer addresses it.
+pub struct Copy<'a> {
+    pub dev: &'a BlockDev,
+    pub slot: u32,
+    pub uuid: [u8; 16],
+}
+
+fn io_err(dev: &BlockDev, e: std::io::Error) -> MetaError {
+    MetaError::Io {
+        dev: dev.path.display().to_string(),
+        error: e.to_string(),
+    }
+}
+
+fn write_all(
+    io: &impl BlockIo,
+    copies: &[Copy<'_>],
+    off: u64,
+    bytes: &[u8],
+) -> Result<(), MetaError> {
+    for c in copies {
+        io.write_at(c.dev, off, bytes)
+            .map_err(|e| io_err(c.dev, e))?;
+        io.flush(c.dev).map_err(|e| io_err(c.dev, e))?;
+    }
+    Ok(())
+}
+
+/// Points at which a test build can make remapd abort (REMAP_CRASH_AT), to prove that a crash
+/// anywhere on the remap path loses nothing.
+pub fn crash_point(name: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT
+        .get_or_init(|| std::env::var("REMAP_CRASH_AT").ok())
+        .as_deref()
+        == Some(name)
+    {
+        eprintln!("remapd: REMAP_CRASH_AT={name}: aborting here");
+        std::process::abort();
+    }
+}
+
+impl Journal {
+    pub fn new(layout: Layout, uuid: [u8; 16]) -> Self {
+        Self {
+            layout,
+            uuid,
+            generation: 0,
+            ckpt_slot: 1,
+            ckpt_gen: 0,
+            next: 0,
+            used: 0,
+        }
+    }
+
+    /// Writes the whole state as generation `generation + 1` to the idle checkpoint slot of
+    /// every copy, then a superblock naming it.
+    pub fn checkpoint(
+        &mut self,
+        io: &impl BlockIo,
+        copies: &[Copy<'_>],
+        config: &VolumeConfig,
+        remaps: &RemapTable,
+    ) -> Result<(), MetaError> {
+        let generation = self.generation + 1;
+        let bytes = codec::encode_checkpoint(&self.uuid, generation, config, remaps)?;
+        if bytes.len() as u64 > self.layout.ckpt_slot_bytes() {
+            return Err(MetaError::Full {
+                count: remaps.len(),
+                capacity: self.layout.capacity(),
+            });
+        }
+        let slot = 1 - self.ckpt_slot;
+        write_all(io, copies, self.layout.ckpt_offset(slot), &bytes)?;
+        let len = codec::checkpoint_len(&bytes)?;
+        for c in copies {
+            let sb = Superblock {
+                magic: codec::SB_MAGIC,
+                version: codec::VERSION,
+                slot: c.slot,
+                volume_uuid: self.uuid,
+                device_uuid: c.uuid,
+                ckpt_gen: generation,
+                ckpt_bytes: len as u64,
+                ckpt_crc: crc32c::crc32c(&bytes[..len]),
+                ckpt_slot: slot,
+                journal_start: self.next,
+                journal_blocks: self.layout.journal_blocks,
+                area_bytes: self.layout.area_bytes,
+                reserved: [0; 36],
+                crc: 0,
+            };
+            // Superblock i describes checkpoint slot i: a torn write leaves the other intact.
+            let off = u64::from(slot) * BLOCK as u64;
+            io.write_at(c.dev, off, &sb.encode())
+                .map_err(|e| io_err(c.dev, e))?;
+            io.flush(c.dev).map_err(|e| io_err(c.dev, e))?;
+        }
+        self.generation = generation;
+        self.ckpt_gen = generation;
+        self.ckpt_slot = slot;
+        self.used = 0;
+        Ok(())
+    }
+
+    /// Commits `ops` as generation `generation + 1`: a journal append when it fits, a
+    /// checkpoint of the new state otherwise.
+    pub fn commit(
+        &mut self,
+        io: &impl BlockIo,
+        copies: &[Copy<'_>],
+        ops: &[JournalOp],
+        config: &VolumeConfig,
+        remaps_after: &RemapTable,
+    ) -> Result<(), MetaError> {
+        let generation = self.generation + 1;
+        let bytes = codec::encode_journal(&self.uuid, generation, ops);
+        let parts = (bytes.len() / BLOCK) as u32;
+        let jb = self.layout.journal_blocks;
+        // A commit never wraps: it starts over at block 0, skipping the ring's tail.
+        let (at, skip) = if self.next + parts > jb {
+            (0, jb - self.next)
+        } else {
+            (self.next, 0)
+        };
+        if self.used + skip + parts > jb {
+            return self.checkpoint(io, copies, config, remaps_after);
+        }
+        let off = self.layout.journal_offset(at);
+        // A crash here leaves some copies with this generation and some without: assembly
+        // takes the newest complete one, and either is consistent with the data on disk.
+        for (i, c) in copies.iter().enumerate() {
+            io.write_at(c.dev, off, &bytes)
+                .map_err(|e| io_err(c.dev, e))?;
+            io.flush(c.dev).map_err(|e| io_err(c.dev, e))?;
+            if i == 0 {
+                crash_point("mid-metadata");
+            }
+        }
+        self.generation = generation;
+        self.next = (at + parts) % jb;
+        self.used += skip + parts;
+        Ok(())
+    }
+}
+
+/// Clears the superblocks of a device (it no longer belongs to the volume, or is about to).
+pub fn wipe(io: &impl BlockIo, dev: &BlockDev) -> Result<(), MetaError> {
+    io.write_at(dev, 0, &vec![0u8; 2 * BLOCK])
+        .and_then(|()| io.flush(dev))
+        .map_err(|e| io_err(dev, e))
+}
+
+/// What one device's metadata says, after replaying its journal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceMeta {
+    pub slot: u32,
+    pub volume_uuid: [u8; 16],
+    pub device_uuid: [u8; 16],
+    pub generation: u64,
+    pub config: VolumeConfig,
+    pub remaps: RemapTable,
+    pub layout: Layout,
+    /// What was skipped on the way (a damaged superblock or checkpoint), for the log.
+    pub notes: Vec<String>,
+}
+
+/// Reads a device's metadata: the newest valid checkpoint, then the complete journal
+/// generations after it, in order.
+pub fn read_device(io: &impl BlockIo, dev: &BlockDev) -> Result<DeviceMeta, MetaError> {
+    let mut head = vec![0u8; 2 * BLOCK];
+    io.read_at(dev, 0, &mut head).map_err(|e| io_err(dev, e))?;
+    let mut sbs: Vec<Superblock> = Vec::new();
+    let mut notes = Vec::new();
+    let mut first_err = None;
+    for i in 0..2 {
+        match Superblock::decode(&head[i * BLOCK..(i + 1) * BLOCK]) {
+            Ok(sb) => sbs.push(sb),
+            Err(e) => {
+                if e != MetaError::NoMagic {
+                    notes.push(format!("superblock {i}: {e}"));
+                }
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if sbs.is_empty() {
+        return Err(first_err.unwrap_or(MetaError::NoMagic));
+    }
+    sbs.sort_by_key(|sb| std::cmp::Reverse(sb.ckpt_gen));
+    let mut last = MetaError::NoMagic;
+    for sb in sbs {
+        let layout = Layout {
+            area_bytes: sb.area_bytes,
+            journal_blocks: sb.journal_blocks,
+        };
+        match read_from(io, dev, &sb, layout) {
+            Ok((generation, config, remaps)) => {
+                return Ok(DeviceMeta {
+                    slot: sb.slot,
+                    volume_uuid: sb.volume_uuid,
+                    device_uuid: sb.device_uuid,
+                    generation,
+                    config,
+                    remaps,
+                    layout,
+                    notes,
+                });
+            }
+            Err(e) => {
+                notes.push(format!(
+                    "checkpoint {} (generation {}): {e}",
+                    sb.ckpt_slot, sb.ckpt_gen
+                ));
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+fn read_from(
+    io: &impl BlockIo,
+    dev: &BlockDev,
+    sb: &Superblock,
+    layout: Layout,
+) -> Result<(u64, VolumeConfig, RemapTable), MetaError> {
+    if sb.ckpt_bytes > layout.ckpt_slot_bytes()
+        || layout.journal_offset(layout.journal_blocks) > layout.area_bytes
+    {
+        return Err(MetaError::Invalid("superblock sizes exceed the area"));
+    }
+    let len = (sb.ckpt_bytes as usize).next_multiple_of(BLOCK);
+    let mut buf = vec![0u8; len];
+    io.read_at(dev, layout.ckpt_offset(sb.ckpt_slot), &mut buf)
+        .map_err(|e| io_err(dev, e))?;
+    if crc32c::crc32c(&buf[..sb.ckpt_bytes as usize]) != sb.ckpt_crc {
+        return Err(MetaError::Checksum("checkpoint"));
+    }
+    let ckpt = codec::decode_checkpoint(&buf)?;
+    if ckpt.generation != sb.ckpt_gen || ckpt.uuid != sb.volume_uuid {
+        return Err(MetaError::Invalid(
+            "checkpoint does not match its superblock",
+        ));
+    }
+    let mut journal = vec![0u8; layout.journal_blocks as usize * BLOCK];
+    io.read_at(dev, layout.journal_offset(0), &mut journal)
+        .map_err(|e| io_err(dev, e))?;
+    let (generation, remaps) = replay(&sb.volume_uuid, ckpt.generation, ckpt.remaps, &journal);
+    Ok((generation, ckpt.config, remaps))
+}
+
+/// Applies the journal's complete generations after `from`, in order, stopping at the first
+/// missing or incomplete one. Positions do not matter: stale blocks carry older generations.
+pub fn replay(
+    uuid: &[u8; 16],
+    from: u64,
+    mut remaps: RemapTable,
+    journal: &[u8],
+) -> (u64, RemapTable) {
+    use std::collections::BTreeMap;
+    let mut by_gen: BTreeMap<u64, Vec<codec::JournalBlock>> = BTreeMap::new();
+    for block in journal.chunks_exact(BLOCK) {
+        if let Ok(j) = codec::decode_journal(uuid, block)
+            && j.generation > from
+        {
+            by_gen.entry(j.generation).or_default().push(j);
+        }
+    }
+    let mut generation = from;
+    while let Some(mut parts) = by_gen.remove(&(generation + 1)) {
+        parts.sort_by_key(|p| p.part);
+        parts.dedup_by_key(|p| p.part);
+        let complete = parts.iter().enumerate().all(|(i, p)| p.part as usize == i)
+            && parts
+                .first()
+                .is_some_and(|p| p.parts as usize == parts.len());
+        if !complete {
+            break;
+        }
+        for p in parts {
+            for op in p.ops {
+                match op {
+                    JournalOp::Set { chunk, remap } => {
+                        remaps.insert(chunk, remap);
+                    }
+                    JournalOp::Del { chunk } => {
+                        remaps.remove(chunk);
+                    }
+                }
+            }
+        }
+        generation += 1;
+    }
+    (generation, remaps)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{
+        blockdev::SimIo,
+        volume::{Extent, Remap},
+    };
+
+    pub(crate) fn sample_config() -> VolumeConfig {
+        let id = |serial: &str| DevIdentity {
+            wwn: None,
+            serial: Some(serial.into()),
+            by_id: None,
+            size_bytes: 64 << 20,
+        };
+        VolumeConfig {
+            name: "vol0".into(),
+            uuid: "0123456789abcdef0123456789abcdef".into(),
+            geometry: Geometry::new(64 << 20, 512, 4096, 16 << 20).unwrap(),
+            main: id("MAIN"),
+            main_last_path: "/dev/nullb0".into(),
+            spares: vec![SpareRecord {
+                slot: 0,
+                identity: id("S0"),
+                uuid: "aa".repeat(16),
+                size_sectors: 131_072,
+                last_path: "/dev/nullb1".into(),
+            }],
+            policy: Policy::FirstFit,
+            unreadable: UnreadablePolicy::Error,
+            pending_mode: PendingMode::FlakeyErrorReads,
+            meta_area_sectors: (8 << 20) / 512,
+        }
+    }
+
+    fn dev(minor: u32) -> BlockDev {
+        BlockDev {
+            path: format!("/sim/{minor}").into(),
+            major: 240,
+            minor,
+        }
+    }
+
+    fn set(chunk: u64, start: u64) -> JournalOp {
+        JournalOp::Set {
+            chunk,
+            remap: Remap {
+                extent: Extent { spare: 0, start },
+                pending: 0,
+            },
+        }
+    }
+
+    struct Two {
+        io: Arc<SimIo>,
+        a: BlockDev,
+        b: BlockDev,
+        j: Journal,
+        table: RemapTable,
+        cfg: VolumeConfig,
+    }
+
+    fn two() -> Two {
+        let io = Arc::new(SimIo::new());
+        io.add_device(240, 1, 32 << 20, 512);
+        io.add_device(240, 2, 32 << 20, 512);
+        let mut t = Two {
+            io,
+            a: dev(1),
+            b: dev(2),
+            j: Journal::new(Layout::new(1 << 20), [5; 16]),
+            table: RemapTable::default(),
+            cfg: sample_config(),
+        };
+        let copies = [
+            Copy {
+                dev: &t.a,
+                slot: 0,
+                uuid: [1; 16],
+            },
+            Copy {
+                dev: &t.b,
+                slot: 1,
+                uuid: [2; 16],
+            },
+        ];
+        t.j.checkpoint(&*t.io, &copies, &t.cfg, &t.table).unwrap();
+        t
+    }
+
+    impl Two {
+        fn commit(&mut self, ops: &[JournalOp]) {
+            for op in ops {
+                if let JournalOp::Set { chunk, remap } = op {
+                    self.table.insert(*chunk, *remap);
+                }
+            }
+            let copies = [
+                Copy {
+                    dev: &self.a,
+                    slot: 0,
+                    uuid: [1; 16],
+                },
+                Copy {
+                    dev: &self.b,
+                    slot: 1,
+                    uuid: [2; 16],
+                },
+            ];
+            self.j
+                .commit(&*self.io, &copies, ops, &self.cfg, &self.table)
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn commits_replay_to_the_same_table_on_every_copy() {
+        let mut t = two();
+        for i in 0..40 {
+            t.commit(&[set(i, 16384 + i * 8)]);
+        }
+        for d in [&t.a, &t.b] {
+            let m = read_device(&*t.io, d).unwrap();
+            assert_eq!(m.generation, 41);
+            assert_eq!(m.remaps, t.table);
+            assert_eq!(m.config, t.cfg);
+        }
+        assert_eq!(read_device(&*t.io, &t.b).unwrap().slot, 1);
+    }
+
+    #[test]
+    fn a_full_ring_turns_into_a_checkpoint_and_nothing_is_lost() {
+        let mut t = two();
+        let jb = t.j.layout.journal_blocks as u64;
+        for i in 0..3 * jb {
+            t.commit(&[set(i, 16384 + i * 8)]);
+        }
+        assert!(t.j.ckpt_gen > 1, "checkpointed along the way");
+        let m = read_device(&*t.io, &t.a).unwrap();
+        assert_eq!((m.generation, m.remaps.len() as u64), (3 * jb + 1, 3 * jb));
+        assert_eq!(m.remaps, t.table);
+    }
+
+    #[test]
+    fn a_large_batch_spans_blocks_and_replays_whole() {
+        let mut t = two();
+        let ops: Vec<_> = (0..1000).map(|i| set(i, 16384 + i * 8)).collect();
+        t.commit(&ops);
+        let m = read_device(&*t.io, &t.a).unwrap();
+        assert_eq!(m.remaps.len(), 1000);
+    }
+
+    #[test]
+    fn a_torn_commit_is_not_applied_and_the_previous_generation_stands() {
+        let mut t = two();
+        t.commit(&[set(1, 16384)]);
+        let ops: Vec<_> = (10..400).map(|i| set(i, 16384 + i * 8)).collect();
+        let next = t.j.next;
+        t.commit(&ops);
+        // Tear it: lose the second of its blocks on copy a.
+        t.io.poke(240, 1, t.j.layout.journal_offset(next + 1), &[0u8; BLOCK])
+            .unwrap();
+        let a = read_device(&*t.io, &t.a).unwrap();
+        let b = read_device(&*t.io, &t.b).unwrap();
+        assert_eq!((a.generation, a.remaps.len()), (2, 1));
+        assert_eq!((b.generation, b.remaps.len()), (3, 391));
+    }
+
+    #[test]
+    fn damaged_superblock_or_checkpoint_falls_back_to_the_other() {
+        let mut t = two();
+        t.commit(&[set(1, 16384)]);
+        let copies = [
+            Copy {
+                dev: &t.a,
+                slot: 0,
+                uuid: [1; 16],
+            },
+            Copy {
+                dev: &t.b,
+                slot: 1,
+                uuid: [2; 16],
+            },
+        ];
+        t.j.checkpoint(&*t.io, &copies, &t.cfg, &t.table).unwrap();
+        t.commit(&[set(2, 16392)]);
+        // Zero the newest superblock of a: the older checkpoint plus the journal still hold
+        // everything up to the checkpoint; generation 4 was after it and is in the journal.
+        let newest = u64::from(t.j.ckpt_slot) * BLOCK as u64;
+        t.io.poke(240, 1, newest, &[0u8; BLOCK]).unwrap();
+        let a = read_device(&*t.io, &t.a).unwrap();
+        assert_eq!(a.remaps.get(1).map(|r| r.extent.start), Some(16384));
+        assert!(a.generation >= 2);
+        // Corrupt the newest checkpoint of b instead: same fallback, noted.
+        let off = t.j.layout.ckpt_offset(t.j.ckpt_slot) + 100;
+        t.io.poke(240, 2, off, &[0xff; 8]).unwrap();
+        let b = read_device(&*t.io, &t.b).unwrap();
+        assert!(
+            b.notes.iter().any(|n| n.contains("checksum")),
+            "{:?}",
+            b.notes
+        );
+        // Both superblocks gone: no metadata.
+        wipe(&*t.io, &t.a).unwrap();
+        assert_eq!(read_device(&*t.io, &t.a), Err(MetaError::NoMagic));
+    }
+
+    #[test]
+    fn layout_sizes() {
+        let small = Layout::for_spare(24 << 20);
+        assert_eq!(small.area_bytes, 8 << 20);
+        assert!(small.capacity() > 90_000);
+        let big = Layout::for_spare(1 << 40);
+        assert_eq!(big.area_bytes, 128 << 20);
+        assert!(big.capacity() >= 1_000_000, "{}", big.capacity());
+        assert!(big.ckpt_offset(1) + big.ckpt_slot_bytes() <= big.area_bytes);
+    }
+}
