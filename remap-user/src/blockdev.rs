@@ -472,6 +472,30 @@ impl BlockDev {
     }
 }
 
+/// Block devices listed in /sys/class/block, by their /dev name, skipping remap's own
+/// device-mapper devices (their dm uuid starts with `REMAP-`) and empty ones.
+pub fn scan_block_devices() -> Vec<BlockDev> {
+    let Ok(entries) = fs::read_dir("/sys/class/block") else {
+        return Vec::new();
+    };
+    let mut out: Vec<BlockDev> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let sys = e.path();
+            if sysfs_attr(&sys.join("dm/uuid")).is_some_and(|u| u.starts_with("REMAP-")) {
+                return None;
+            }
+            if sysfs_attr(&sys.join("size")).is_none_or(|s| s == "0") {
+                return None;
+            }
+            BlockDev::open(&Path::new("/dev").join(&name)).ok()
+        })
+        .collect();
+    out.sort_by_key(|d| (d.major, d.minor));
+    out
+}
+
 // ---------------------------------------------------------------------------------------------
 // Block I/O.
 
@@ -507,6 +531,11 @@ pub trait BlockIo {
     fn in_use(&self, dev: &BlockDev) -> Option<InUse> {
         dev.in_use()
     }
+    /// Every block device that could hold a volume's data or metadata (assembly looks at
+    /// each): whole disks and partitions, not remap's own device-mapper devices.
+    fn scan(&self) -> Vec<BlockDev> {
+        scan_block_devices()
+    }
 }
 
 impl<T: BlockIo + ?Sized> BlockIo for &T {
@@ -537,6 +566,9 @@ impl<T: BlockIo + ?Sized> BlockIo for &T {
     fn in_use(&self, dev: &BlockDev) -> Option<InUse> {
         (**self).in_use(dev)
     }
+    fn scan(&self) -> Vec<BlockDev> {
+        (**self).scan()
+    }
 }
 
 impl<T: BlockIo + ?Sized> BlockIo for Arc<T> {
@@ -566,6 +598,9 @@ impl<T: BlockIo + ?Sized> BlockIo for Arc<T> {
     }
     fn in_use(&self, dev: &BlockDev) -> Option<InUse> {
         (**self).in_use(dev)
+    }
+    fn scan(&self) -> Vec<BlockDev> {
+        (**self).scan()
     }
 }
 
@@ -968,6 +1003,19 @@ impl BlockIo for SimIo {
 
     fn in_use(&self, dev: &BlockDev) -> Option<InUse> {
         lock(&self.busy).get(&(dev.major, dev.minor)).cloned()
+    }
+
+    fn scan(&self) -> Vec<BlockDev> {
+        let mut out: Vec<BlockDev> = lock(&self.paths)
+            .iter()
+            .map(|(path, (major, minor))| BlockDev {
+                path: path.clone(),
+                major: *major,
+                minor: *minor,
+            })
+            .collect();
+        out.sort_by_key(|d| (d.major, d.minor));
+        out
     }
 
     fn read_at(&self, dev: &BlockDev, offset: u64, buf: &mut [u8]) -> io::Result<()> {

@@ -82,11 +82,11 @@ pub struct Volume {
 }
 
 impl Volume {
-    fn geo(&self) -> &Geometry {
+    pub(crate) fn geo(&self) -> &Geometry {
         &self.config.geometry
     }
 
-    fn resolve(&self, d: DevRef) -> String {
+    pub(crate) fn resolve(&self, d: DevRef) -> String {
         let (ma, mi) = match d {
             DevRef::Main => (self.main.major, self.main.minor),
             DevRef::Spare(s) => self
@@ -99,13 +99,13 @@ impl Volume {
         format!("{ma}:{mi}")
     }
 
-    fn region_lines(&self, region: u32) -> Vec<table::DmLine> {
+    pub(crate) fn region_lines(&self, region: u32) -> Vec<table::DmLine> {
         let segs = table::region_table(self.geo(), region, &self.remaps, self.config.pending_mode);
         table::render(&segs, |d| self.resolve(d))
     }
 
     /// The spares as metadata copies.
-    fn copies(&self) -> Vec<Copy<'_>> {
+    pub(crate) fn copies(&self) -> Vec<Copy<'_>> {
         self.spares
             .iter()
             .map(|(slot, dev)| Copy {
@@ -121,7 +121,7 @@ impl Volume {
             .collect()
     }
 
-    fn uses(&self, dev: &BlockDev) -> bool {
+    pub(crate) fn main_or_spare(&self, dev: &BlockDev) -> bool {
         same(&self.main, dev) || self.spares.values().any(|s| same(s, dev))
     }
 
@@ -163,10 +163,10 @@ pub struct RemapReport {
 }
 
 pub struct Engine<D, I, W> {
-    dm: D,
-    io: I,
-    watch: W,
-    volumes: BTreeMap<String, Volume>,
+    pub(crate) dm: D,
+    pub(crate) io: I,
+    pub(crate) watch: W,
+    pub(crate) volumes: BTreeMap<String, Volume>,
     /// Whether dm-flakey has `error_reads`, probed once.
     error_reads: Option<bool>,
 }
@@ -241,7 +241,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             .io
             .open(path)
             .map_err(|e| EngineError::Invalid(format!("{role}: {e}")))?;
-        if let Some(v) = self.volumes.values().find(|v| v.uses(&dev)) {
+        if let Some(v) = self.volumes.values().find(|v| v.main_or_spare(&dev)) {
             return Err(EngineError::Refused(format!(
                 "{role} {} is already part of volume `{}`",
                 path.display(),
@@ -432,7 +432,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     }
 
     /// Creates the region devices and the volume on top of them.
-    fn build_devices(&mut self, vol: &mut Volume) -> Result<()> {
+    pub(crate) fn build_devices(&mut self, vol: &mut Volume) -> Result<()> {
         for r in 0..vol.geo().regions() {
             let lines = vol.region_lines(r);
             let name = region_name(&vol.config.name, r);
@@ -819,7 +819,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
 
     /// Tells the detector to report writes to the spare extent `e` (it holds pending blocks)
     /// or to stop.
-    fn mark_pending(&mut self, vol: &Volume, e: Extent, on: bool) {
+    pub(crate) fn mark_pending(&mut self, vol: &Volume, e: Extent, on: bool) {
         if vol.config.pending_mode != PendingMode::FlakeyErrorReads {
             return;
         }
@@ -1123,7 +1123,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     }
 
     /// Writes the whole state (configuration changes) to every spare.
-    fn checkpoint(&self, vol: &mut Volume) -> Result<()> {
+    pub(crate) fn checkpoint(&self, vol: &mut Volume) -> Result<()> {
         let mut j = vol.journal.clone();
         j.checkpoint(&self.io, &vol.copies(), &vol.config, &vol.remaps)
             .map_err(|e| EngineError::Failed(format!("writing metadata: {e}")))?;
@@ -1238,7 +1238,7 @@ fn status_json(vol: &Volume) -> Value {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The engine against simulated device-mapper and disks: the remap path's order of
     //! operations, its batching, and what a failure at each step leaves behind.
     use std::{cell::RefCell, rc::Rc, sync::Arc};
@@ -1251,16 +1251,16 @@ mod tests {
         dm::{DmOp, SimDm},
     };
 
-    const SIM: u32 = 240;
-    const MAIN: u32 = 0;
-    const S1: u32 = 1;
-    const S2: u32 = 2;
-    const MIB: u64 = 1 << 20;
+    pub(crate) const SIM: u32 = 240;
+    pub(crate) const MAIN: u32 = 0;
+    pub(crate) const S1: u32 = 1;
+    pub(crate) const S2: u32 = 2;
+    pub(crate) const MIB: u64 = 1 << 20;
 
     #[derive(Clone, Default)]
-    struct SimWatch {
-        watched: Rc<RefCell<BTreeSet<(u32, u32)>>>,
-        pending: Rc<RefCell<BTreeSet<(u32, u64)>>>,
+    pub(crate) struct SimWatch {
+        pub(crate) watched: Rc<RefCell<BTreeSet<(u32, u32)>>>,
+        pub(crate) pending: Rc<RefCell<BTreeSet<(u32, u64)>>>,
     }
 
     impl Watch for SimWatch {
@@ -1283,15 +1283,15 @@ mod tests {
         }
     }
 
-    struct Rig {
-        dm: Arc<SimDm>,
-        io: Arc<SimIo>,
-        watch: SimWatch,
-        engine: Engine<Arc<SimDm>, Arc<SimIo>, SimWatch>,
+    pub(crate) struct Rig {
+        pub(crate) dm: Arc<SimDm>,
+        pub(crate) io: Arc<SimIo>,
+        pub(crate) watch: SimWatch,
+        pub(crate) engine: Engine<Arc<SimDm>, Arc<SimIo>, SimWatch>,
     }
 
     /// A 64 MiB main disk full of a known pattern and two 24 MiB spares; regions of 16 MiB.
-    fn rig(dm: SimDm) -> Rig {
+    pub(crate) fn rig(dm: SimDm) -> Rig {
         let dm = Arc::new(dm);
         let io = Arc::new(SimIo::new());
         io.add_disk("/sim/main", SIM, MAIN, 64 * MIB, 512);
@@ -1319,7 +1319,18 @@ mod tests {
     }
 
     impl Rig {
-        fn create(&mut self) -> Result<Value> {
+        /// A second agent over the same kernel and disks (a restart).
+        pub(crate) fn restart(&self) -> Rig {
+            let watch = SimWatch::default();
+            Rig {
+                dm: self.dm.clone(),
+                io: self.io.clone(),
+                watch: watch.clone(),
+                engine: Engine::new(self.dm.clone(), self.io.clone(), watch),
+            }
+        }
+
+        pub(crate) fn create(&mut self) -> Result<Value> {
             self.engine.create(
                 "v",
                 Path::new("/sim/main"),
@@ -1331,16 +1342,16 @@ mod tests {
             )
         }
 
-        fn status(&self) -> Value {
+        pub(crate) fn status(&self) -> Value {
             self.engine.status(Some("v")).unwrap()
         }
 
-        fn error(&mut self, minor: u32, sector: u64, nr: u32) -> Vec<RemapReport> {
+        pub(crate) fn error(&mut self, minor: u32, sector: u64, nr: u32) -> Vec<RemapReport> {
             self.engine.on_errors(&[event(minor, sector, nr, 5)])
         }
 
         /// What reading `sector` through the volume returns, following the live tables.
-        fn read_volume(&self, sector: u64) -> Option<Vec<u8>> {
+        pub(crate) fn read_volume(&self, sector: u64) -> Option<Vec<u8>> {
             let vol = self.engine.volume("v").unwrap();
             let g = *vol.geo();
             let r = g.region_of_chunk(sector / g.chunk);
@@ -1377,7 +1388,7 @@ mod tests {
         }
     }
 
-    fn golden(sector: u64) -> Vec<u8> {
+    pub(crate) fn golden(sector: u64) -> Vec<u8> {
         let base = sector - sector % 8;
         let within = ((sector - base) * 512) as usize;
         pattern(base)[within..within + 512].to_vec()

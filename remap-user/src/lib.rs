@@ -7,6 +7,7 @@
 //! the daemon and its socket protocol.
 pub mod agent;
 pub mod allocate;
+pub mod assemble;
 pub mod blockdev;
 pub mod control;
 pub mod detect;

@@ -88,10 +88,10 @@ impl Layout {
         }
     }
 
-    /// The area for a pool whose smallest spare has `spare_bytes`: about 1/128 of it, between
-    /// 8 MiB (98k remaps) and 128 MiB (1.5M remaps).
+    /// The area for a pool whose smallest spare has `spare_bytes`: about 1/64 of it, between
+    /// 8 MiB (98k remaps) and 128 MiB (1.5M remaps, reached with 8 GiB spares).
     pub fn for_spare(spare_bytes: u64) -> Self {
-        let want = (spare_bytes / 128).next_power_of_two();
+        let want = (spare_bytes / 64).next_power_of_two();
         Self::new(want.clamp(8 << 20, 128 << 20))
     }
 
