@@ -248,6 +248,24 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 v.config.name
             )));
         }
+        match metadata::read_device(&self.io, &dev) {
+            Err(metadata::MetaError::NoMagic) => {}
+            Ok(m) => {
+                return Err(EngineError::Refused(format!(
+                    "{role} {} holds the metadata of volume `{}` (generation {}); assemble that volume, or wipe the device if it is no longer needed",
+                    path.display(),
+                    m.config.name,
+                    m.generation
+                )));
+            }
+            Err(metadata::MetaError::Io { .. }) => {}
+            Err(e) => {
+                return Err(EngineError::Refused(format!(
+                    "{role} {} holds remap metadata that cannot be read ({e}); it may belong to a volume: wipe it only if you are sure",
+                    path.display()
+                )));
+            }
+        }
         if let Some(why) = self.io.in_use(&dev) {
             return Err(EngineError::Refused(format!(
                 "{role} {} is in use ({why}); unmount or release it first",

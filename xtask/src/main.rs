@@ -1,6 +1,7 @@
 //! Developer tasks for remap. `cargo xtask run` and `cargo xtask test` set up what they need
 //! (toolchain, bpf-linker, packages, kernel mounts) before they build.
 mod demo;
+mod fuzz;
 mod provision;
 mod testrun;
 mod vm;
@@ -31,6 +32,13 @@ enum Cmd {
     /// The test VM, for developers.
     #[command(subcommand)]
     Vm(vm::VmCmd),
+    /// Run a fuzz target (cargo-fuzz) for a while: `cargo xtask fuzz metadata --time 60`.
+    Fuzz {
+        target: String,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -83,6 +91,10 @@ fn run(cli: Cli) -> Result<i32> {
             })?;
             println!("{}", tally.line());
             Ok(i32::from(tally.failed > 0))
+        }
+        Cmd::Fuzz { target, time } => {
+            provision::host(&[])?;
+            fuzz::run(&target, time).map(|()| 0)
         }
         Cmd::Vm(c) => {
             provision::host(vm::APT_PACKAGES)?;

@@ -140,6 +140,10 @@ impl Superblock {
             .ok_or(MetaError::Truncated("superblock"))?;
         let sb: Self = bytemuck::pod_read_unaligned(&b[..128]);
         if sb.magic != SB_MAGIC {
+            // Another version of remap's metadata: refuse it, never take the device as free.
+            if sb.magic.starts_with(b"REMAP") {
+                return Err(MetaError::Version(sb.version));
+            }
             return Err(MetaError::NoMagic);
         }
         if crc_without(b, 124) != sb.crc {
