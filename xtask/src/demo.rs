@@ -1,4 +1,6 @@
-//! `cargo xtask run`: the detector catching real I/O errors of this host's kernel, live.
+//! `cargo xtask run`: remap at work. By default in the VM (device-mapper, null_blk): a volume
+//! over a disk whose bad sectors grow under a workload. `--detector`: the error detector alone
+//! on this host, catching real I/O errors of its kernel, live.
 //!
 //! A FUSE-backed file that fails reads at chosen sectors, behind a loop device, is a disk with
 //! bad blocks as far as the block layer knows: its failed requests go through
@@ -80,7 +82,19 @@ fn scan(dev: &Path, size: u64) -> Result<Vec<u64>> {
     Ok(failed)
 }
 
-pub fn run() -> Result<()> {
+/// The remap demo in the VM (the host kernel may lack device-mapper and null_blk).
+pub fn run_vm() -> Result<i32> {
+    let script = workspace::root().join("tests/vm/demo/remap-demo.sh");
+    crate::vm::run_cmd(crate::vm::VmCmd::Exec {
+        kernel: "6.12".into(),
+        disks: Vec::new(),
+        timeout: 900,
+        script,
+    })?;
+    Ok(0)
+}
+
+pub fn run_detector() -> Result<()> {
     let bin = build()?;
     println!(
         "\n== remap demo: a disk with bad sectors {BAD:?} (start, count), watched by remapd\n"

@@ -21,9 +21,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Without arguments: a live demo of the error detector on a failing disk made on this
-    /// host. With arguments: builds and runs remapd with them (e.g. `watch --device /dev/sdb`).
+    /// Without arguments: the live demo (a volume whose disk grows bad sectors, in the VM).
+    /// With arguments: builds and runs remapd with them (e.g. `watch --device /dev/sdb`).
     Run {
+        /// Only the error detector, on a failing disk made on this host (no VM).
+        #[arg(long)]
+        detector: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
@@ -70,15 +73,20 @@ fn main() {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
-        Cmd::Run { args } => {
-            provision::host(&[])?;
-            provision::kernel_mounts()?;
-            if args.is_empty() {
-                demo::run()?;
-                Ok(0)
-            } else {
-                demo::remapd(&args)
+        Cmd::Run { detector, args } => {
+            if !args.is_empty() {
+                provision::host(&[])?;
+                provision::kernel_mounts()?;
+                return demo::remapd(&args);
             }
+            if detector {
+                provision::host(&[])?;
+                provision::kernel_mounts()?;
+                demo::run_detector()?;
+                return Ok(0);
+            }
+            provision::host(vm::APT_PACKAGES)?;
+            demo::run_vm()
         }
         Cmd::Test(t) => {
             let vm_pkgs: &[&str] = if t.host { &[] } else { vm::APT_PACKAGES };

@@ -1,0 +1,55 @@
+#!/bin/sh
+# `cargo xtask run`: a protected volume over a disk whose bad sectors grow while a workload
+# runs on it. remapd's log (on this console) shows each error caught, located and remapped.
+. /vm/lib.sh
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+main=$(nullb create --size 256)
+sp1=$(nullb create --size 48)
+sp2=$(nullb create --size 48)
+say "disks: main $main (256 MiB, failing), spares $sp1 $sp2"
+
+REMAP_LOG=info remapd 2>&1 | sed -u 's/^/  remapd | /' &
+n=0; while [ ! -S /run/remap/remapd.sock ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
+
+say "remapctl create demo --main $main --spare $sp1 --spare $sp2 --region-size 32MiB"
+remapctl create demo --main "$main" --spare "$sp1" --spare "$sp2" --region-size 32MiB
+mkfs.ext4 -q -F /dev/mapper/demo && mkdir -p /mnt/demo && mount /dev/mapper/demo /mnt/demo
+say "workload: files written to ext4 on /dev/mapper/demo"
+i=0
+while [ $i -lt 40 ]; do
+    dd if=/dev/urandom of=/mnt/demo/f$i bs=1M count=4 status=none
+    i=$((i + 1))
+done
+sync
+(cd /mnt/demo && sha256sum f* >/tmp/sums)
+umount /mnt/demo
+
+round=1
+for bad in "20000-20000 90000-90003" "150000-150000 200007-200007 260000-260001" "300000-300007 400100-400100 480000-480000"; do
+    say "round $round: the disk grows bad sectors: $bad"
+    for b in $bad; do nullb bad add "$main" "$b"; done
+    say "round $round: reading the whole volume (errors are caught and remapped as they happen)"
+    t0=$(date +%s)
+    dd if=/dev/mapper/demo of=/dev/null bs=64K iflag=direct conv=noerror status=none 2>/dev/null
+    sleep 1
+    say "round $round: second pass: only blocks that could not be read fail now"
+    dd if=/dev/mapper/demo of=/dev/null bs=4K iflag=direct conv=noerror status=none 2>&1 | grep -c "Input/output error" |
+        sed 's/^/  4 KiB blocks still failing (they hold unreadable, pending sectors): /'
+    round=$((round + 1))
+done
+
+say "the files: checksums after the remaps"
+mount /dev/mapper/demo /mnt/demo
+(cd /mnt/demo && sha256sum -c /tmp/sums 2>&1 | grep -vc ': OK$' | sed 's/^/  files that changed or cannot be read in full: /')
+umount /mnt/demo
+say "remapctl status demo"
+remapctl status demo
+say "remapctl pending demo"
+remapctl pending demo
+say "dmsetup table demo-remap-r0000 (a region: linear segments, remapped chunks on the spares)"
+dmsetup table demo-remap-r0000 | head -12
+say "bpftool map dump pinned /sys/fs/bpf/remap/COUNTERS"
+bpftool map dump pinned /sys/fs/bpf/remap/COUNTERS | tr -d ' \n' | sed 's/},{/}\n{/g; s/^/  /'
+echo
+exit 0
