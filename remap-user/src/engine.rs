@@ -662,7 +662,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     /// Feeds detector events to the remap path; one batch per volume. Successful writes to
     /// pending chunks (errno 0) clear the blocks they rewrote.
     pub fn on_errors(&mut self, events: &[ErrorEvent]) -> Vec<RemapReport> {
-        let mut work: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+        let mut work: BTreeMap<String, BTreeMap<u64, bool>> = BTreeMap::new();
         let mut rewrites: BTreeMap<String, BTreeMap<u64, u64>> = BTreeMap::new();
         for ev in events {
             if ev.errno == 0 {
@@ -671,8 +671,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 }
                 continue;
             }
-            for (name, chunk) in self.attribute(ev) {
-                work.entry(name).or_default().insert(chunk);
+            for (name, chunk, definite) in self.attribute(ev) {
+                *work.entry(name).or_default().entry(chunk).or_default() |= definite;
             }
         }
         for (name, chunks) in rewrites {
@@ -682,7 +682,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         let mut reports = Vec::new();
         for (name, chunks) in work {
-            match self.remap(&name, chunks) {
+            match self.remap_batch(&name, chunks) {
                 Ok(r) => reports.push(r),
                 Err(e) => tracing::error!(volume = name, "remap failed: {e}"),
             }
@@ -690,18 +690,22 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         reports
     }
 
-    /// Which volume chunks an error event concerns. Errors on the main device matter for chunks
-    /// still there (a chunk already moved is a stale report, e.g. from locating it); errors on a
-    /// spare matter for the chunk whose data lives there now.
-    fn attribute(&self, ev: &ErrorEvent) -> Vec<(String, u64)> {
+    /// Which volume chunks an error event concerns, and whether the error names the chunk for
+    /// sure (a request within one chunk) or only maybe (a larger request failed somewhere: the
+    /// chunks move only if locating finds an unreadable block in them). Errors on the main
+    /// device matter for chunks still there (a chunk already moved is a stale report, e.g. from
+    /// locating it); errors on a spare matter for the chunk whose data lives there now.
+    fn attribute(&self, ev: &ErrorEvent) -> Vec<(String, u64, bool)> {
         let mut out = Vec::new();
         for v in self.volumes.values() {
             let g = v.geo();
             if v.main.matches_kernel_dev(ev.dev) {
+                let range = g.chunks_of_range(ev.sector, u64::from(ev.nr_sector));
+                let definite = range.end - range.start == 1;
                 out.extend(
-                    g.chunks_of_range(ev.sector, u64::from(ev.nr_sector))
+                    range
                         .filter(|c| v.remaps.get(*c).is_none())
-                        .map(|c| (v.config.name.clone(), c)),
+                        .map(|c| (v.config.name.clone(), c, definite)),
                 );
             } else if let Some((slot, _)) =
                 v.spares.iter().find(|(_, s)| s.matches_kernel_dev(ev.dev))
@@ -716,10 +720,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     continue;
                 }
                 let end = ev.sector + u64::from(ev.nr_sector.max(1));
-                let mut s = ev.sector - ev.sector % g.chunk;
+                let first = ev.sector - ev.sector % g.chunk;
+                let definite = end - first <= g.chunk;
+                let mut s = first;
                 while s < end {
                     if let Some(c) = v.remaps.chunk_at(*slot, s, g.chunk) {
-                        out.push((v.config.name.clone(), c));
+                        out.push((v.config.name.clone(), c, definite));
                     }
                     s += g.chunk;
                 }
@@ -847,8 +853,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
     }
 
-    /// The remap path for a batch of chunks of one volume.
+    /// The remap path for a batch of chunks of one volume (all of them move).
     pub fn remap(&mut self, name: &str, chunks: BTreeSet<u64>) -> Result<RemapReport> {
+        self.remap_batch(name, chunks.into_iter().map(|c| (c, true)).collect())
+    }
+
+    /// The remap path; chunks marked `false` move only if an unreadable block is found in them.
+    fn remap_batch(&mut self, name: &str, chunks: BTreeMap<u64, bool>) -> Result<RemapReport> {
         let t0 = Instant::now();
         let mut vol = self
             .volumes
@@ -862,7 +873,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     fn remap_in(
         &mut self,
         vol: &mut Volume,
-        chunks: BTreeSet<u64>,
+        chunks: BTreeMap<u64, bool>,
         t0: Instant,
     ) -> Result<RemapReport> {
         let g = *vol.geo();
@@ -876,7 +887,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         // Locate: which blocks of each chunk can be read where the chunk lives now. Outside the
         // suspend: retries on a failing disk can take long, and other I/O must not wait for it.
         let mut plan: Vec<(u64, Option<Remap>, u64)> = Vec::new();
-        for &c in &chunks {
+        for (&c, &definite) in &chunks {
             let old = vol.remaps.get(c).copied();
             let (src, base) = source(vol, c, old);
             let mut bad = old.map_or(0, |r| r.pending);
@@ -889,6 +900,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 if !(0..READ_TRIES).any(|_| self.io.read_at(src, off, &mut buf).is_ok()) {
                     bad |= 1 << b;
                 }
+            }
+            if !definite && bad == old.map_or(0, |r| r.pending) {
+                // A neighbour in the same failed request; every block here reads fine.
+                continue;
             }
             plan.push((c, old, bad));
         }
@@ -1527,6 +1542,17 @@ pub(crate) mod tests {
         // Contiguous chunks landed next to each other and coalesced into one segment.
         let r0 = r.dm.table("v-remap-r0000").unwrap();
         assert!(r0.len() <= 3 + 2 * 10, "{r0:?}");
+    }
+
+    #[test]
+    fn a_large_failed_request_moves_only_the_chunks_that_cannot_be_read() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        r.io.fail_reads(SIM, MAIN, 3000..3001);
+        // A 64 KiB read (16 chunks) failed because of one bad sector.
+        let rep = r.error(MAIN, 2944, 128);
+        assert_eq!(rep[0].remapped, [375]);
+        assert_eq!(r.status()["remaps"], 1);
     }
 
     #[test]

@@ -9,11 +9,13 @@ sp1=$(nullb create --size 48)
 sp2=$(nullb create --size 48)
 say "disks: main $main (256 MiB, failing), spares $sp1 $sp2"
 
-REMAP_LOG=info remapd 2>&1 | sed -u 's/^/  remapd | /' &
+say "remapd (its log follows, interleaved with the demo's steps)"
+remapd &
 n=0; while [ ! -S /run/remap/remapd.sock ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
+[ -S /run/remap/remapd.sock ] || { echo "remapd did not start" >&2; exit 1; }
 
 say "remapctl create demo --main $main --spare $sp1 --spare $sp2 --region-size 32MiB"
-remapctl create demo --main "$main" --spare "$sp1" --spare "$sp2" --region-size 32MiB
+remapctl create demo --main "$main" --spare "$sp1" --spare "$sp2" --region-size 32MiB || exit 1
 mkfs.ext4 -q -F /dev/mapper/demo && mkdir -p /mnt/demo && mount /dev/mapper/demo /mnt/demo
 say "workload: files written to ext4 on /dev/mapper/demo"
 i=0
@@ -33,9 +35,13 @@ for bad in "20000-20000 90000-90003" "150000-150000 200007-200007 260000-260001"
     t0=$(date +%s)
     dd if=/dev/mapper/demo of=/dev/null bs=64K iflag=direct conv=noerror status=none 2>/dev/null
     sleep 1
-    say "round $round: second pass: only blocks that could not be read fail now"
-    dd if=/dev/mapper/demo of=/dev/null bs=4K iflag=direct conv=noerror status=none 2>&1 | grep -c "Input/output error" |
-        sed 's/^/  4 KiB blocks still failing (they hold unreadable, pending sectors): /'
+    say "round $round: the unreadable sectors still fail (never read as other data); their neighbours read"
+    for b in $bad; do
+        s=${b%-*}
+        if dio-read /dev/mapper/demo "$s" 1 2>/dev/null; then r=READ; else r=fails; fi
+        if dio-read /dev/mapper/demo $(( (s / 8) * 8 + (s % 8 + 1) % 8 )) 1 2>/dev/null; then n=reads; else n=FAILS; fi
+        echo "  sector $s: $r; its chunk neighbour: $n"
+    done
     round=$((round + 1))
 done
 
