@@ -2,6 +2,7 @@
 //! (toolchain, bpf-linker, packages, kernel mounts) before they build.
 mod demo;
 mod fuzz;
+mod install;
 mod provision;
 mod testrun;
 mod vm;
@@ -35,6 +36,8 @@ enum Cmd {
     /// The test VM, for developers.
     #[command(subcommand)]
     Vm(vm::VmCmd),
+    /// Install remapd, remapctl, the systemd unit, its config, man pages and completions.
+    Install(install::InstallArgs),
     /// Run a fuzz target (cargo-fuzz) for a while: `cargo xtask fuzz metadata --time 60`.
     Fuzz {
         target: String,
@@ -58,6 +61,9 @@ struct TestArgs {
     /// Run only this scenario.
     #[arg(long)]
     scenario: Option<String>,
+    /// Full trial counts for the crash and power-cut scenarios (much longer).
+    #[arg(long)]
+    soak: bool,
 }
 
 fn main() {
@@ -96,10 +102,12 @@ fn run(cli: Cli) -> Result<i32> {
                 host_only: t.host,
                 kernels: t.kernel,
                 scenario: t.scenario,
+                soak: t.soak,
             })?;
             println!("{}", tally.line());
             Ok(i32::from(tally.failed > 0))
         }
+        Cmd::Install(a) => install::run(a).map(|()| 0),
         Cmd::Fuzz { target, time } => {
             provision::host(&[])?;
             fuzz::run(&target, time).map(|()| 0)

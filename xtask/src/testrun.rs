@@ -111,6 +111,7 @@ pub struct TestOpts {
     pub host_only: bool,
     pub kernels: Vec<String>,
     pub scenario: Option<String>,
+    pub soak: bool,
 }
 
 pub fn run(o: &TestOpts) -> Result<Tally> {
@@ -124,6 +125,7 @@ pub fn run(o: &TestOpts) -> Result<Tally> {
             kernels: o.kernels.clone(),
             scenario: o.scenario.clone(),
             force_vm: o.vm_only,
+            soak: o.soak,
         })?;
         total.add(Tally {
             passed: s.passed,

@@ -74,6 +74,8 @@ pub struct ScenarioOpts {
     /// The VM tests were asked for explicitly (`--vm`): a missing prerequisite is reported as
     /// an error line with the install command, in addition to the SKIPPED cases.
     pub force_vm: bool,
+    /// Full trial counts (`#vm: repeat N SOAK`, and VM_SOAK=1 for scripts that loop).
+    pub soak: bool,
 }
 
 #[derive(Default)]
@@ -367,7 +369,7 @@ pub fn run_scenarios(o: &ScenarioOpts) -> Result<Summary> {
     for (label, prepared) in &lab.kernels {
         for s in &scenarios {
             let verdicts = match prepared {
-                Ok((k, base)) => run_scenario(&lab, k, base, s),
+                Ok((k, base)) => run_scenario(&lab, k, base, s, o.soak),
                 Err(e) => {
                     let why = format!("guest kernel {label} unavailable: {e:#}");
                     s.spec
@@ -428,6 +430,7 @@ fn run_scenario(
     k: &Kernel,
     base: &initramfs::Base,
     s: &Scenario,
+    soak: bool,
 ) -> Vec<(String, Verdict)> {
     let all = |v: Verdict| {
         s.spec
@@ -452,7 +455,7 @@ fn run_scenario(
             });
         }
     }
-    match boot_scenario(lab, k, base, s) {
+    match boot_scenario(lab, k, base, s, soak) {
         Ok((records, ends)) => scenario::evaluate(&s.spec, &records, &ends),
         Err(e) => all(Verdict::Fail(format!("harness error: {e:#}"))),
     }
@@ -465,6 +468,7 @@ fn boot_scenario(
     k: &Kernel,
     base: &initramfs::Base,
     s: &Scenario,
+    soak: bool,
 ) -> Result<(Vec<scenario::Record>, Ends)> {
     let dir = lab.paths.vm.join("runs").join(&k.label).join(&s.name);
     if dir.exists() {
@@ -482,7 +486,20 @@ fn boot_scenario(
     let mut records = Vec::new();
     let mut ends = Vec::new();
     let mut consoles = Vec::new();
-    for (i, script) in s.boots.iter().enumerate() {
+    // Each boot script, as many times as its `repeat` directive asks, in order.
+    let boots: Vec<(&PathBuf, u32, u32)> = s
+        .boots
+        .iter()
+        .flat_map(|b| {
+            let name = b
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let n = s.spec.repeat(&name, soak);
+            (1..=n).map(move |it| (b, it, n))
+        })
+        .collect();
+    for (i, (script, iter, iters)) in boots.iter().enumerate() {
         let boot_name = script
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -494,7 +511,10 @@ fn boot_scenario(
             ("VM_MODE".to_string(), "script".to_string()),
             ("VM_SCENARIO".to_string(), s.name.clone()),
             ("VM_BOOT".to_string(), (i + 1).to_string()),
-            ("VM_BOOTS".to_string(), s.boots.len().to_string()),
+            ("VM_BOOTS".to_string(), boots.len().to_string()),
+            ("VM_ITER".to_string(), iter.to_string()),
+            ("VM_ITERS".to_string(), iters.to_string()),
+            ("VM_SOAK".to_string(), u8::from(soak).to_string()),
             ("VM_CASES".to_string(), s.spec.cases.join(" ")),
         ]);
         let initrd = bdir.join("initrd.cpio");

@@ -11,6 +11,8 @@
 //! #vm: kernels 6.12                 only on these kernels (skipped elsewhere)
 //! #vm: needs remapd remapctl        guest binaries the scenario cannot run without
 //! #vm: expect-fail CASE             CASE must report FAIL (proves a wrong expectation fails)
+//! #vm: repeat N [SOAK]              boot this script N times in a row (SOAK times with --soak);
+//!                                   the guest sees VM_ITER (1..) and VM_ITERS
 //! ```
 //!
 //! The guest reports on the results channel, one line per record: `PASS case[: note]`,
@@ -39,6 +41,8 @@ pub struct Spec {
     pub kernels: Option<Vec<String>>,
     pub needs: Vec<String>,
     pub expect_fail: Vec<String>,
+    /// Boot scripts (by file name) run several times in a row: (name, count, soak count).
+    pub repeats: Vec<(String, u32, u32)>,
 }
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -46,6 +50,14 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 impl Spec {
     pub fn timeout(&self) -> Duration {
         self.timeout.unwrap_or(DEFAULT_TIMEOUT)
+    }
+
+    /// How many times the boot script `name` runs.
+    pub fn repeat(&self, name: &str, soak: bool) -> u32 {
+        self.repeats
+            .iter()
+            .find(|(n, ..)| n == name)
+            .map_or(1, |(_, n, s)| if soak { *s } else { *n })
     }
 
     /// Adds the directives found in one script.
@@ -82,6 +94,18 @@ impl Spec {
                 Some("kernels") => self.kernels = Some(words.map(str::to_string).collect()),
                 Some("needs") => self.needs.extend(words.map(str::to_string)),
                 Some("expect-fail") => self.expect_fail.extend(words.map(str::to_string)),
+                Some("repeat") => {
+                    let n: u32 = words
+                        .next()
+                        .and_then(|w| w.parse().ok())
+                        .with_context(|| format!("{}: expected `#vm: repeat N [SOAK]`", at()))?;
+                    let soak = words.next().and_then(|w| w.parse().ok()).unwrap_or(n);
+                    let name = Path::new(origin)
+                        .file_name()
+                        .map(|f| f.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    self.repeats.push((name, n, soak));
+                }
                 other => bail!("{}: unknown directive {other:?}", at()),
             }
         }
