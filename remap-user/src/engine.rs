@@ -891,6 +891,14 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             let old = vol.remaps.get(c).copied();
             let (src, base) = source(vol, c, old);
             let mut bad = old.map_or(0, |r| r.pending);
+            // A chunk that reads whole is healthy: one request instead of one per block.
+            let mut whole = vec![0u8; (g.chunk * SECTOR) as usize];
+            if bad == 0 && self.io.read_at(src, base * SECTOR, &mut whole).is_ok() {
+                if definite {
+                    plan.push((c, old, 0));
+                }
+                continue;
+            }
             let mut buf = vec![0u8; block_bytes];
             for b in 0..bpc {
                 if bad & (1 << b) != 0 {
