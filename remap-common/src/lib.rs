@@ -20,6 +20,11 @@ pub const MAP_DEDUP: &str = "DEDUP";
 /// write there is reported (errno 0) so the agent can map the rewritten blocks back in.
 pub const MAP_PENDING: &str = "PENDING_CHUNKS";
 
+/// Mirror of the spare pools for bpftool: spare kernel dev_t → [`PoolDev`].
+pub const MAP_POOL: &str = "POOL_DEVS";
+/// Mirror of the remap tables for bpftool: [`RemapKey`] → [`RemapVal`].
+pub const MAP_REMAPS: &str = "REMAPS";
+
 /// Name of the read-only global carrying the tracepoint [`Layout`].
 pub const GLOBAL_LAYOUT: &str = "LAYOUT";
 /// Name of the read-only global carrying the de-duplication window in nanoseconds.
@@ -38,6 +43,10 @@ pub const EVENTS_RING_BYTES: usize = 256 * 1024;
 pub const MAX_WATCHED: usize = 1024;
 /// Capacity of the de-duplication LRU.
 pub const DEDUP_ENTRIES: usize = 16 * 1024;
+/// Capacity of the remap mirror (entries are allocated as used).
+pub const REMAP_MIRROR_ENTRIES: usize = 1 << 21;
+/// Capacity of the pool mirror.
+pub const POOL_ENTRIES: usize = 1024;
 /// Capacity of the pending-chunk map.
 pub const PENDING_ENTRIES: usize = 64 * 1024;
 /// Longest request (in chunks) the pending-write watcher looks through.
@@ -77,6 +86,37 @@ pub struct DedupKey {
     pub dev: u32,
     pub _pad: u32,
     pub chunk: u64,
+}
+
+/// One spare device of a pool, as mirrored for bpftool (counts in chunks).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PoolDev {
+    /// Kernel dev_t of the volume's device-mapper device.
+    pub volume_dev: u32,
+    /// Pool slot.
+    pub slot: u32,
+    pub chunks: u64,
+    pub used: u64,
+    pub free: u64,
+}
+
+/// Key of the remap mirror: a chunk of a volume.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RemapKey {
+    pub volume_dev: u32,
+    pub _pad: u32,
+    pub chunk: u64,
+}
+
+/// Where a remapped chunk lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RemapVal {
+    pub spare_dev: u32,
+    pub pending_blocks: u32,
+    pub spare_sector: u64,
 }
 
 /// Operation of the failed request, decoded from the tracepoint's `rwbs` string.
@@ -192,4 +232,7 @@ mod user {
     unsafe impl aya::Pod for super::DedupKey {}
     unsafe impl aya::Pod for super::ErrorEvent {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::PoolDev {}
+    unsafe impl aya::Pod for super::RemapKey {}
+    unsafe impl aya::Pod for super::RemapVal {}
 }

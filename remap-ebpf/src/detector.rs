@@ -2,6 +2,7 @@
 
 use aya_ebpf::{
     Global,
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     helpers::bpf_ktime_get_ns,
     macros::{btf_map, tracepoint},
@@ -9,7 +10,8 @@ use aya_ebpf::{
 };
 use remap_common::{
     Counters, DEDUP_ENTRIES, DedupKey, EVENTS_RING_BYTES, ErrorEvent, Layout, MAX_WATCHED, Op,
-    PENDING_ENTRIES, PENDING_SCAN_CHUNKS, WatchedDev,
+    PENDING_ENTRIES, PENDING_SCAN_CHUNKS, POOL_ENTRIES, PoolDev, REMAP_MIRROR_ENTRIES, RemapKey,
+    RemapVal, WatchedDev,
 };
 
 #[unsafe(no_mangle)]
@@ -36,6 +38,14 @@ static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
 
 #[btf_map]
 static DEDUP: LruHashMap<DedupKey, u64, DEDUP_ENTRIES> = LruHashMap::new();
+
+// Written by the agent only: what bpftool shows of the pools and remaps.
+#[btf_map]
+static POOL_DEVS: HashMap<u32, PoolDev, POOL_ENTRIES> = HashMap::new();
+
+#[btf_map]
+static REMAPS: HashMap<RemapKey, RemapVal, REMAP_MIRROR_ENTRIES, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 #[btf_map]
 static PENDING_CHUNKS: HashMap<DedupKey, u32, PENDING_ENTRIES> = HashMap::new();

@@ -204,6 +204,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             pool,
             remaps: meta.remaps.clone(),
             regions: Vec::new(),
+            dev: (0, 0),
         };
         // A fresh checkpoint on every copy: stale copies catch up and the journal restarts.
         self.checkpoint(&mut vol)?;
@@ -225,6 +226,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 self.mark_pending(&vol, e, true);
             }
         }
+        self.mirror(&vol, None);
         self.volumes.insert(vol.config.name.clone(), vol);
         Ok(adopted)
     }
@@ -357,11 +359,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
         }
         let top = table::render(&table::volume_table(vol.geo()), |d| vol.resolve(d));
-        if !existing.contains_key(&name) {
-            self.dm
+        vol.dev = match existing.get(&name) {
+            Some(dev) => *dev,
+            None => self
+                .dm
                 .create(&name, &uuid, &top)
-                .map_err(|e| EngineError::Failed(e.to_string()))?;
-        }
+                .map_err(|e| EngineError::Failed(e.to_string()))?,
+        };
         Ok(true)
     }
 }

@@ -10,7 +10,7 @@ use std::{
     time::Instant,
 };
 
-use remap_common::ErrorEvent;
+use remap_common::{ErrorEvent, PoolDev, RemapKey, RemapVal, kernel_dev};
 use serde_json::{Value, json};
 
 use crate::{
@@ -36,6 +36,14 @@ pub trait Watch {
     fn unwatch(&mut self, dev: &BlockDev) -> Result<(), String>;
     /// Reports writes to chunk `chunk` (in chunks from the start) of `dev`, or stops.
     fn set_pending(&mut self, dev: &BlockDev, chunk: u64, on: bool) -> Result<(), String>;
+    /// Mirrors a spare's usage where operators look (the pinned maps); `None`: it left.
+    fn mirror_pool(&mut self, spare: &BlockDev, value: Option<PoolDev>) {
+        let _ = (spare, value);
+    }
+    /// Mirrors one remap where operators look; `None`: the chunk is not remapped.
+    fn mirror_remap(&mut self, key: RemapKey, value: Option<RemapVal>) {
+        let _ = (key, value);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +87,8 @@ pub struct Volume {
     pub remaps: RemapTable,
     /// major:minor of each region device, by region index.
     pub regions: Vec<(u32, u32)>,
+    /// major:minor of the volume's own device.
+    pub dev: (u32, u32),
 }
 
 impl Volume {
@@ -391,6 +401,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             pool,
             remaps: RemapTable::default(),
             regions: Vec::new(),
+            dev: (0, 0),
         };
         // Old metadata on a spare must not outrank ours at assembly: wipe both slots first.
         for s in vol.spares.values() {
@@ -418,6 +429,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             "created /dev/mapper/{name}"
         );
         let status = status_json(&vol);
+        self.mirror(&vol, Some(&[]));
         self.volumes.insert(name.to_owned(), vol);
         Ok(status)
     }
@@ -461,7 +473,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             vol.regions.push(devno);
         }
         let lines = table::render(&table::volume_table(vol.geo()), |d| vol.resolve(d));
-        self.dm
+        vol.dev = self
+            .dm
             .create(&vol.config.name, &dm_uuid(&vol.config.uuid, None), &lines)
             .map_err(|e| failed(format!("creating {}", vol.config.name))(e.to_string()))?;
         Ok(())
@@ -491,6 +504,20 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let vol = self.volumes.remove(name).expect("looked up above");
         for d in std::iter::once(&vol.main).chain(vol.spares.values()) {
             let _ = self.watch.unwatch(d);
+        }
+        for s in vol.spares.values() {
+            self.watch.mirror_pool(s, None);
+        }
+        let vdev = kernel_dev(vol.dev.0, vol.dev.1);
+        for (chunk, _) in vol.remaps.iter() {
+            self.watch.mirror_remap(
+                RemapKey {
+                    volume_dev: vdev,
+                    _pad: 0,
+                    chunk,
+                },
+                None,
+            );
         }
         tracing::info!(volume = name, "stopped");
         Ok(json!({ "stopped": name }))
@@ -547,6 +574,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         if out.is_ok() {
             let _ = self.watch.watch(&dev, chunk_bytes);
             tracing::info!(volume = name, spare = %path.display(), slot, "spare added");
+            self.mirror(&vol, Some(&[]));
         }
         self.volumes.insert(name.to_owned(), vol);
         out
@@ -594,6 +622,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
             let _ = self.wipe_metadata(&removed);
             let _ = self.watch.unwatch(&removed);
+            self.watch.mirror_pool(&removed, None);
             Ok(())
         })();
         let out = res.map(|()| pool_json(&vol));
@@ -815,6 +844,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     }
                 }
             }
+            let changed: Vec<u64> = chunks.keys().copied().collect();
+            self.mirror(&vol, Some(&changed));
             Ok(())
         })();
         self.volumes.insert(name.to_owned(), vol);
@@ -839,6 +870,42 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         self.resume_all(&vol.config.name, &suspended);
         res
+    }
+
+    /// Mirrors the pool and the remaps of `chunks` (all of them when `None`) for bpftool.
+    pub(crate) fn mirror(&mut self, vol: &Volume, chunks: Option<&[u64]>) {
+        let vdev = kernel_dev(vol.dev.0, vol.dev.1);
+        for u in vol.pool.usage() {
+            if let Some(spare) = vol.spares.get(&u.slot) {
+                let v = PoolDev {
+                    volume_dev: vdev,
+                    slot: u.slot,
+                    chunks: u.total,
+                    used: u.used,
+                    free: u.free,
+                };
+                self.watch.mirror_pool(spare, Some(v));
+            }
+        }
+        let one = |w: &mut W, c: u64| {
+            let key = RemapKey {
+                volume_dev: vdev,
+                _pad: 0,
+                chunk: c,
+            };
+            let val = vol.remaps.get(c).and_then(|r| {
+                vol.spares.get(&r.extent.spare).map(|s| RemapVal {
+                    spare_dev: s.kernel_dev(),
+                    pending_blocks: r.pending.count_ones(),
+                    spare_sector: r.extent.start,
+                })
+            });
+            w.mirror_remap(key, val);
+        };
+        match chunks {
+            Some(cs) => cs.iter().for_each(|c| one(&mut self.watch, *c)),
+            None => vol.remaps.iter().for_each(|(c, _)| one(&mut self.watch, c)),
+        }
     }
 
     /// Tells the detector to report writes to the spare extent `e` (it holds pending blocks)
@@ -866,6 +933,9 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             .remove(name)
             .ok_or_else(|| EngineError::NotFound(format!("no volume named `{name}`")))?;
         let res = self.remap_in(&mut vol, chunks, t0);
+        if let Ok(r) = &res {
+            self.mirror(&vol, Some(&r.remapped));
+        }
         self.volumes.insert(name.to_owned(), vol);
         res
     }
@@ -1302,6 +1372,8 @@ pub(crate) mod tests {
     pub(crate) struct SimWatch {
         pub(crate) watched: Rc<RefCell<BTreeSet<(u32, u32)>>>,
         pub(crate) pending: Rc<RefCell<BTreeSet<(u32, u64)>>>,
+        pub(crate) pool: Rc<RefCell<BTreeMap<u32, PoolDev>>>,
+        pub(crate) remaps: Rc<RefCell<BTreeMap<u64, RemapVal>>>,
     }
 
     impl Watch for SimWatch {
@@ -1312,6 +1384,18 @@ pub(crate) mod tests {
         fn unwatch(&mut self, dev: &BlockDev) -> Result<(), String> {
             self.watched.borrow_mut().remove(&(dev.major, dev.minor));
             Ok(())
+        }
+        fn mirror_pool(&mut self, spare: &BlockDev, value: Option<PoolDev>) {
+            match value {
+                Some(v) => self.pool.borrow_mut().insert(spare.minor, v),
+                None => self.pool.borrow_mut().remove(&spare.minor),
+            };
+        }
+        fn mirror_remap(&mut self, key: RemapKey, value: Option<RemapVal>) {
+            match value {
+                Some(v) => self.remaps.borrow_mut().insert(key.chunk, v),
+                None => self.remaps.borrow_mut().remove(&key.chunk),
+            };
         }
         fn set_pending(&mut self, dev: &BlockDev, chunk: u64, on: bool) -> Result<(), String> {
             let key = (dev.minor, chunk);
@@ -1812,6 +1896,24 @@ pub(crate) mod tests {
             .spare_remove("v", Path::new("/sim/s1"))
             .unwrap_err();
         assert!(e.to_string().contains("last spare"), "{e}");
+    }
+
+    #[test]
+    fn pool_and_remaps_are_mirrored_for_bpftool() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        assert_eq!(r.watch.pool.borrow().len(), 2);
+        r.engine.remap_add("v", 80, 8).unwrap();
+        let m = r.watch.remaps.borrow().get(&10).copied().unwrap();
+        let e = r.engine.volume("v").unwrap().remaps.get(10).unwrap().extent;
+        assert_eq!(
+            (m.spare_dev, m.spare_sector),
+            (kernel_dev(SIM, e.spare + 1), e.start)
+        );
+        assert_eq!(r.watch.pool.borrow()[&S1].used, 1);
+        r.engine.stop("v").unwrap();
+        assert!(r.watch.remaps.borrow().is_empty());
+        assert!(r.watch.pool.borrow().is_empty());
     }
 
     #[test]

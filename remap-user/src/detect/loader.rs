@@ -20,8 +20,8 @@ use aya::{
 };
 use remap_common::{
     Counters, DedupKey, ErrorEvent, GLOBAL_DEDUP_WINDOW_NS, GLOBAL_LAYOUT, MAP_COUNTERS, MAP_DEDUP,
-    MAP_EVENTS, MAP_PENDING, MAP_WATCHED, PROG_PENDING_WRITE, PROG_RQ_COMPLETE, PROG_RQ_ERROR,
-    WatchedDev,
+    MAP_EVENTS, MAP_PENDING, MAP_POOL, MAP_REMAPS, MAP_WATCHED, PROG_PENDING_WRITE,
+    PROG_RQ_COMPLETE, PROG_RQ_ERROR, PoolDev, RemapKey, RemapVal, WatchedDev,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -35,12 +35,14 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/re
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/remap";
 
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
-const PINNED_MAPS: [&str; 5] = [
+const PINNED_MAPS: [&str; 7] = [
     MAP_WATCHED,
     MAP_EVENTS,
     MAP_COUNTERS,
     MAP_DEDUP,
     MAP_PENDING,
+    MAP_POOL,
+    MAP_REMAPS,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -286,7 +288,24 @@ impl Detector {
             what: "opening the pending-chunk map".into(),
             source,
         })?;
-        det.watcher = Some(Watcher { map, pending });
+        let take =
+            |det: &mut Self, name: &str| det.ebpf.take_map(name).expect("checked when pinning");
+        let pool =
+            HashMap::try_from(take(&mut det, MAP_POOL)).map_err(|source| DetectError::Map {
+                what: "opening the pool mirror".into(),
+                source,
+            })?;
+        let remaps =
+            HashMap::try_from(take(&mut det, MAP_REMAPS)).map_err(|source| DetectError::Map {
+                what: "opening the remap mirror".into(),
+                source,
+            })?;
+        det.watcher = Some(Watcher {
+            map,
+            pending,
+            pool,
+            remaps,
+        });
         Ok(det)
     }
 
@@ -403,6 +422,8 @@ impl Drop for Detector {
 pub struct Watcher {
     map: HashMap<MapData, u32, WatchedDev>,
     pending: HashMap<MapData, DedupKey, u32>,
+    pool: HashMap<MapData, u32, PoolDev>,
+    remaps: HashMap<MapData, RemapKey, RemapVal>,
 }
 
 impl Watcher {
@@ -441,6 +462,45 @@ impl Watcher {
         };
         res.map_err(|source| DetectError::Map {
             what: format!("marking chunk {chunk} of {} pending", dev.path.display()),
+            source,
+        })
+    }
+
+    /// Mirrors one spare's usage for bpftool (`None`: it left the pool).
+    pub fn mirror_pool(
+        &mut self,
+        spare: &BlockDev,
+        value: Option<PoolDev>,
+    ) -> Result<(), DetectError> {
+        let key = spare.kernel_dev();
+        let res = match value {
+            Some(v) => self.pool.insert(key, v, 0),
+            None => match self.pool.remove(&key) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                r => r,
+            },
+        };
+        res.map_err(|source| DetectError::Map {
+            what: format!("mirroring spare {}", spare.path.display()),
+            source,
+        })
+    }
+
+    /// Mirrors one remap for bpftool (`None`: the chunk is back on the main device).
+    pub fn mirror_remap(
+        &mut self,
+        key: RemapKey,
+        value: Option<RemapVal>,
+    ) -> Result<(), DetectError> {
+        let res = match value {
+            Some(v) => self.remaps.insert(key, v, 0),
+            None => match self.remaps.remove(&key) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                r => r,
+            },
+        };
+        res.map_err(|source| DetectError::Map {
+            what: format!("mirroring the remap of chunk {}", key.chunk),
             source,
         })
     }
