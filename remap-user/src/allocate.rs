@@ -63,6 +63,8 @@ struct Spare {
     /// Free runs: start → length, both multiples of the chunk, never adjacent (merged).
     free: BTreeMap<Sector, Sector>,
     used: u64,
+    /// False while the spare drains (its extents move elsewhere): nothing new lands on it.
+    open: bool,
 }
 
 /// Capacity of one spare, in chunks.
@@ -111,6 +113,7 @@ impl Pool {
                 data_start,
                 free,
                 used: 0,
+                open: true,
             },
         );
         Ok(())
@@ -126,6 +129,24 @@ impl Pool {
         Ok(())
     }
 
+    /// Opens or closes a spare to new allocations (closed: it is being drained).
+    pub fn set_open(&mut self, slot: u32, open: bool) -> Result<(), PoolError> {
+        self.spares
+            .get_mut(&slot)
+            .ok_or(PoolError::NoSuchSpare(slot))?
+            .open = open;
+        Ok(())
+    }
+
+    pub fn is_open(&self, slot: u32) -> bool {
+        self.spares.get(&slot).is_some_and(|s| s.open)
+    }
+
+    /// Extents in use on `slot`.
+    pub fn used_on(&self, slot: u32) -> u64 {
+        self.spares.get(&slot).map_or(0, |s| s.used)
+    }
+
     pub fn contains(&self, slot: u32) -> bool {
         self.spares.contains_key(&slot)
     }
@@ -139,14 +160,18 @@ impl Pool {
         });
         let pick = match self.policy {
             Policy::Contiguous => want_next
-                .filter(|e| self.is_free(*e))
+                .filter(|e| self.is_open(e.spare) && self.is_free(*e))
                 .or_else(|| self.run_by(true)),
-            Policy::FirstFit => self.spares.iter().find_map(|(slot, s)| {
-                s.free.keys().next().map(|start| Extent {
-                    spare: *slot,
-                    start: *start,
-                })
-            }),
+            Policy::FirstFit => self
+                .spares
+                .iter()
+                .filter(|(_, s)| s.open)
+                .find_map(|(slot, s)| {
+                    s.free.keys().next().map(|start| Extent {
+                        spare: *slot,
+                        start: *start,
+                    })
+                }),
             Policy::BestFit => self.run_by(false),
         }
         .ok_or(PoolError::Exhausted)?;
@@ -156,17 +181,21 @@ impl Pool {
 
     /// The start of the smallest (or largest) free run, ties to the lowest slot and address.
     fn run_by(&self, largest: bool) -> Option<Extent> {
-        let runs = self.spares.iter().flat_map(|(slot, s)| {
-            s.free.iter().map(move |(start, len)| {
-                (
-                    *len,
-                    Extent {
-                        spare: *slot,
-                        start: *start,
-                    },
-                )
-            })
-        });
+        let runs = self
+            .spares
+            .iter()
+            .filter(|(_, s)| s.open)
+            .flat_map(|(slot, s)| {
+                s.free.iter().map(move |(start, len)| {
+                    (
+                        *len,
+                        Extent {
+                            spare: *slot,
+                            start: *start,
+                        },
+                    )
+                })
+            });
         if largest {
             // max_by_key keeps the last maximum; reverse so ties go to the lowest.
             runs.rev().max_by_key(|(k, _)| *k).map(|(_, e)| e)
@@ -258,9 +287,13 @@ impl Pool {
             .collect()
     }
 
-    /// Free extents in the whole pool.
+    /// Free extents new remaps can use (closed spares excluded).
     pub fn available(&self) -> u64 {
-        self.usage().iter().map(|u| u.free).sum()
+        self.usage()
+            .iter()
+            .filter(|u| self.is_open(u.slot))
+            .map(|u| u.free)
+            .sum()
     }
 }
 
@@ -404,6 +437,24 @@ mod tests {
         p.release(e).unwrap();
         p.remove(0).unwrap();
         assert!(!p.contains(0));
+    }
+
+    #[test]
+    fn a_closed_spare_gets_nothing_new() {
+        for policy in [Policy::FirstFit, Policy::BestFit, Policy::Contiguous] {
+            let mut p = pool(policy);
+            p.set_open(0, false).unwrap();
+            let mut prev = None;
+            while let Ok(e) = p.allocate(prev) {
+                assert_eq!(e.spare, 1, "{policy:?}");
+                prev = Some(Extent {
+                    spare: 0,
+                    start: 2048,
+                });
+            }
+            assert_eq!(p.available(), 0);
+            assert_eq!(p.usage()[0].free, 10, "closed spare untouched");
+        }
     }
 
     #[test]

@@ -175,9 +175,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         // Rebuild the pool; an extent owned twice or inside a metadata area is refused.
         let mut pool = Pool::new(config.geometry.chunk, config.policy);
-        for rec in &config.spares {
+        for rec in config.spares.iter().filter(|r| !r.hot) {
             pool.add(rec.slot, rec.size_sectors, config.meta_area_sectors)
                 .map_err(|e| EngineError::Refused(format!("spare slot {}: {e}", rec.slot)))?;
+            if rec.draining {
+                let _ = pool.set_open(rec.slot, false);
+            }
         }
         for (chunk, r) in meta.remaps.iter() {
             if chunk >= config.geometry.chunks() {
@@ -561,6 +564,8 @@ mod tests {
                 uuid: "22".repeat(16),
                 size_sectors: (8 << 30) / 512,
                 last_path: "/sim/s1".into(),
+                hot: false,
+                draining: false,
             }],
             policy: Policy::FirstFit,
             unreadable: UnreadablePolicy::Error,

@@ -179,6 +179,21 @@ pub struct Engine<D, I, W> {
     pub(crate) volumes: BTreeMap<String, Volume>,
     /// Whether dm-flakey has `error_reads`, probed once.
     error_reads: Option<bool>,
+    /// Error and remap history per volume, for health and forecasts.
+    history: BTreeMap<String, History>,
+    started: Instant,
+}
+
+/// Fraction of the pool that must stay free; below it a hot spare joins.
+pub const HOT_SPARE_THRESHOLD: f64 = 0.2;
+/// Chunks moved per batch when a spare is emptied.
+const MIGRATE_BATCH: usize = 256;
+
+#[derive(Default)]
+struct History {
+    tracker: crate::health::Tracker,
+    remapped: u64,
+    errors: u64,
 }
 
 impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
@@ -189,7 +204,154 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             watch,
             volumes: BTreeMap::new(),
             error_reads: None,
+            history: BTreeMap::new(),
+            started: Instant::now(),
         }
+    }
+
+    /// Records what a batch did, for the volume's health.
+    fn note(&mut self, name: &str, remapped: usize, errors: usize) {
+        let t = self.started.elapsed().as_secs_f64();
+        let h = self.history.entry(name.to_owned()).or_default();
+        h.remapped += remapped as u64;
+        h.errors += errors as u64;
+        let sample = crate::health::Sample {
+            t,
+            remapped: h.remapped as f64,
+            errors: h.errors,
+        };
+        h.tracker.record(sample);
+    }
+
+    /// Score, reasons, forecast and alerts of a volume (`remapctl health`).
+    pub fn health(&mut self, name: &str) -> Result<Value> {
+        let vol = self.volume(name)?;
+        let now = crate::health::Now {
+            t: self.started.elapsed().as_secs_f64(),
+            pending: vol.remaps.pending_blocks(),
+            pool_total: vol
+                .pool
+                .usage()
+                .iter()
+                .filter(|u| vol.pool.is_open(u.slot))
+                .map(|u| u.total)
+                .sum(),
+            pool_available: vol.pool.available(),
+        };
+        let hot = vol.config.spares.iter().filter(|s| s.hot).count();
+        let h = self.history.entry(name.to_owned()).or_default();
+        let assessed = h.tracker.assess(now);
+        Ok(json!({
+            "volume": name,
+            "score": assessed.score,
+            "reasons": assessed.reasons,
+            "forecast": assessed.forecast,
+            "alerts": assessed.alerts,
+            "errors_seen": h.errors,
+            "chunks_remapped": h.remapped,
+            "hot_spares": hot,
+        }))
+    }
+
+    /// Brings a hot spare into the pool; false when there is none (or it could not join).
+    fn promote_hot(&mut self, vol: &mut Volume, why: &str) -> bool {
+        let area = vol.config.meta_area_sectors;
+        let Some(i) = vol.config.spares.iter().position(|s| s.hot) else {
+            return false;
+        };
+        let (slot, size) = (vol.config.spares[i].slot, vol.config.spares[i].size_sectors);
+        if vol.pool.add(slot, size, area).is_err() {
+            return false;
+        }
+        vol.config.spares[i].hot = false;
+        if let Err(e) = self.checkpoint(vol) {
+            vol.config.spares[i].hot = true;
+            let _ = vol.pool.remove(slot);
+            tracing::error!(volume = vol.config.name, "hot spare could not join: {e}");
+            return false;
+        }
+        tracing::warn!(
+            volume = vol.config.name,
+            spare = %vol.spares[&slot].path.display(),
+            "hot spare joined the pool: {why}"
+        );
+        true
+    }
+
+    /// A hot spare joins when the pool is exhausted or nearly so.
+    fn pool_low(vol: &Volume) -> bool {
+        let total: u64 = vol
+            .pool
+            .usage()
+            .iter()
+            .filter(|u| vol.pool.is_open(u.slot))
+            .map(|u| u.total)
+            .sum();
+        (vol.pool.available() as f64) < HOT_SPARE_THRESHOLD * total as f64
+    }
+
+    /// Moves every chunk off a spare to the rest of the pool, batch by batch (each a normal,
+    /// crash-safe remap), then removes it. Safe to run again after a crash: the spare stays
+    /// marked draining in the metadata until it is empty.
+    pub fn spare_migrate(&mut self, name: &str, path: &Path) -> Result<Value> {
+        let vol = self.volume(name)?;
+        let dev = self
+            .io
+            .open(path)
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let slot = vol.spare_slot(&dev).ok_or_else(|| {
+            EngineError::NotFound(format!("{} is not a spare of `{name}`", path.display()))
+        })?;
+        let others = vol.config.spares.iter().filter(|s| s.slot != slot).count();
+        if others == 0 {
+            return Err(EngineError::Refused(format!(
+                "{} is the only spare of `{name}`: add another before migrating",
+                path.display()
+            )));
+        }
+        let mut vol = self.volumes.remove(name).expect("looked up above");
+        if vol.pool.contains(slot) && vol.pool.is_open(slot) {
+            let _ = vol.pool.set_open(slot, false);
+            if let Some(r) = vol.config.spares.iter_mut().find(|s| s.slot == slot) {
+                r.draining = true;
+            }
+            if let Err(e) = self.checkpoint(&mut vol) {
+                let _ = vol.pool.set_open(slot, true);
+                if let Some(r) = vol.config.spares.iter_mut().find(|s| s.slot == slot) {
+                    r.draining = false;
+                }
+                self.volumes.insert(name.to_owned(), vol);
+                return Err(e);
+            }
+        }
+        self.volumes.insert(name.to_owned(), vol);
+        let total = self.volumes[name].pool.used_on(slot);
+        let (mut moved, mut batches) = (0u64, 0u64);
+        loop {
+            let chunks: BTreeSet<u64> = self.volumes[name]
+                .remaps
+                .iter()
+                .filter(|(_, r)| r.extent.spare == slot)
+                .map(|(c, _)| c)
+                .take(MIGRATE_BATCH)
+                .collect();
+            if chunks.is_empty() {
+                break;
+            }
+            let rep = self.remap(name, chunks)?;
+            if rep.remapped.is_empty() {
+                return Err(EngineError::Failed(format!(
+                    "{} chunks are still on {}: the rest of the pool is full; add a spare and run the migration again",
+                    total - moved,
+                    path.display()
+                )));
+            }
+            moved += rep.remapped.len() as u64;
+            batches += 1;
+            tracing::info!(volume = name, spare = %path.display(), moved, total, "migrating");
+        }
+        let pool = self.spare_remove(name, path)?;
+        Ok(json!({ "moved": moved, "batches": batches, "pool": pool }))
     }
 
     pub fn volumes(&self) -> impl Iterator<Item = &Volume> {
@@ -377,6 +539,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 uuid: new_uuid(),
                 size_sectors: size,
                 last_path: s.path.display().to_string(),
+                hot: false,
+                draining: false,
             });
         }
         let pending_mode = self.pending_mode(&main, unreadable)?;
@@ -537,6 +701,11 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     }
 
     pub fn spare_add(&mut self, name: &str, path: &Path) -> Result<Value> {
+        self.spare_add_opts(name, path, false)
+    }
+
+    /// Adds a spare to the pool, or as a hot spare kept in standby until the pool runs low.
+    pub fn spare_add_opts(&mut self, name: &str, path: &Path, hot: bool) -> Result<Value> {
         self.volume(name)?;
         let dev = self.claimable(path, "spare")?;
         let size = self
@@ -549,9 +718,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let slot = vol.spares.keys().next_back().map_or(0, |s| s + 1);
         let res = (|| {
             let area = vol.config.meta_area_sectors;
-            vol.pool
+            // A hot spare must be usable when it joins: check its size now, add it then.
+            Pool::new(vol.geo().chunk, vol.config.policy)
                 .add(slot, size, area)
                 .map_err(|e| EngineError::Invalid(format!("spare {}: {e}", path.display())))?;
+            if !hot {
+                vol.pool.add(slot, size, area).expect("checked above");
+            }
             self.wipe_metadata(&dev)?;
             vol.spares.insert(slot, dev.clone());
             vol.config.spares.push(SpareRecord {
@@ -560,6 +733,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 uuid: new_uuid(),
                 size_sectors: size,
                 last_path: path.display().to_string(),
+                hot,
+                draining: false,
             });
             if let Err(e) = self.checkpoint(&mut vol) {
                 vol.spares.remove(&slot);
@@ -573,7 +748,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let out = res.map(|()| pool_json(&vol));
         if out.is_ok() {
             let _ = self.watch.watch(&dev, chunk_bytes);
-            tracing::info!(volume = name, spare = %path.display(), slot, "spare added");
+            tracing::info!(volume = name, spare = %path.display(), slot, hot, "spare added");
             self.mirror(&vol, Some(&[]));
         }
         self.volumes.insert(name.to_owned(), vol);
@@ -597,7 +772,9 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         let mut vol = self.volumes.remove(name).expect("looked up above");
         let res = (|| {
-            vol.pool.remove(slot).map_err(|e| match e {
+            let hot = vol.config.spares.iter().any(|s| s.slot == slot && s.hot);
+            let removed_from_pool = if hot { Ok(()) } else { vol.pool.remove(slot) };
+            removed_from_pool.map_err(|e| match e {
                 PoolError::InUse { used, .. } => EngineError::Refused(format!(
                     "{} holds {used} remapped chunks of `{name}`; it cannot be removed while it holds data",
                     path.display()
@@ -693,6 +870,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     pub fn on_errors(&mut self, events: &[ErrorEvent]) -> Vec<RemapReport> {
         let mut work: BTreeMap<String, BTreeMap<u64, bool>> = BTreeMap::new();
         let mut rewrites: BTreeMap<String, BTreeMap<u64, u64>> = BTreeMap::new();
+        let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+        let mut failing: BTreeSet<(String, u32)> = BTreeSet::new();
         for ev in events {
             if ev.errno == 0 {
                 for (name, chunk, mask) in self.rewritten(ev) {
@@ -703,6 +882,36 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             for (name, chunk, definite) in self.attribute(ev) {
                 *work.entry(name).or_default().entry(chunk).or_default() |= definite;
             }
+            for v in self.volumes.values() {
+                if v.main.matches_kernel_dev(ev.dev) {
+                    *errors.entry(v.config.name.clone()).or_default() += 1;
+                } else if let Some((slot, _)) =
+                    v.spares.iter().find(|(_, s)| s.matches_kernel_dev(ev.dev))
+                {
+                    *errors.entry(v.config.name.clone()).or_default() += 1;
+                    failing.insert((v.config.name.clone(), *slot));
+                }
+            }
+        }
+        for (name, n) in errors {
+            self.note(&name, 0, n);
+        }
+        // A spare that fails gets nothing new, and a hot spare (if any) takes its place.
+        for (name, slot) in failing {
+            let Some(mut vol) = self.volumes.remove(&name) else {
+                continue;
+            };
+            if vol.pool.is_open(slot) {
+                let _ = vol.pool.set_open(slot, false);
+                tracing::warn!(
+                    volume = name,
+                    spare = %vol.spares[&slot].path.display(),
+                    "spare reports I/O errors: no new extents on it"
+                );
+                self.promote_hot(&mut vol, "a pool device is failing");
+                self.mirror(&vol, Some(&[]));
+            }
+            self.volumes.insert(name, vol);
         }
         for (name, chunks) in rewrites {
             if let Err(e) = self.clear_pending(&name, &chunks) {
@@ -932,11 +1141,31 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             .volumes
             .remove(name)
             .ok_or_else(|| EngineError::NotFound(format!("no volume named `{name}`")))?;
-        let res = self.remap_in(&mut vol, chunks, t0);
-        if let Ok(r) = &res {
+        let mut res = self.remap_in(&mut vol, chunks, t0);
+        if let Ok(r) = &mut res {
+            // Low or out of space: a hot spare joins, and what did not fit moves now.
+            if (!r.exhausted.is_empty() || Self::pool_low(&vol))
+                && self.promote_hot(&mut vol, "free space fell below the threshold")
+                && !r.exhausted.is_empty()
+            {
+                let retry = std::mem::take(&mut r.exhausted)
+                    .into_iter()
+                    .map(|c| (c, true))
+                    .collect();
+                if let Ok(more) = self.remap_in(&mut vol, retry, t0) {
+                    r.remapped.extend(more.remapped);
+                    r.exhausted = more.exhausted;
+                    r.pending_blocks += more.pending_blocks;
+                    r.regions.extend(more.regions);
+                    r.micros = more.micros;
+                }
+            }
             self.mirror(&vol, Some(&r.remapped));
         }
         self.volumes.insert(name.to_owned(), vol);
+        if let Ok(r) = &res {
+            self.note(name, r.remapped.len(), 0);
+        }
         res
     }
 
@@ -1723,9 +1952,10 @@ pub(crate) mod tests {
         for s in 801..808 {
             assert_eq!(r.read_volume(s), Some(golden(s)));
         }
+        assert_eq!(second.extent.spare, 1, "a failing spare gets nothing new");
         assert_eq!(
             r.status()["pool"]["devices"][0]["used"],
-            1,
+            0,
             "old extent released"
         );
     }
@@ -1914,6 +2144,104 @@ pub(crate) mod tests {
         r.engine.stop("v").unwrap();
         assert!(r.watch.remaps.borrow().is_empty());
         assert!(r.watch.pool.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_hot_spare_joins_when_the_pool_runs_low() {
+        let mut r = rig(SimDm::new());
+        r.engine
+            .create(
+                "v",
+                Path::new("/sim/main"),
+                &["/sim/tiny".into()],
+                4096,
+                16 * MIB,
+                Policy::FirstFit,
+                UnreadablePolicy::Error,
+            )
+            .unwrap();
+        r.engine
+            .spare_add_opts("v", Path::new("/sim/s1"), true)
+            .unwrap();
+        assert_eq!(
+            r.status()["pool"]["devices"].as_array().unwrap().len(),
+            1,
+            "standby"
+        );
+        // The tiny spare holds 2 chunks; the third remap finds the pool exhausted.
+        let rep = r.engine.remap("v", (0..3).collect()).unwrap();
+        assert_eq!(rep.remapped.len(), 3, "{rep:?}");
+        assert!(rep.exhausted.is_empty());
+        assert_eq!(
+            r.status()["pool"]["devices"].as_array().unwrap().len(),
+            2,
+            "joined"
+        );
+        let m = read_meta(&r.io, S1);
+        assert!(m.config.spares.iter().all(|s| !s.hot), "persisted");
+    }
+
+    #[test]
+    fn migration_empties_a_spare_and_removes_it() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        for c in [3u64, 9, 600, 601, 602, 5000] {
+            r.engine.remap_add("v", c * 8, 8).unwrap();
+        }
+        assert_eq!(r.status()["pool"]["devices"][0]["used"], 6);
+        let out = r.engine.spare_migrate("v", Path::new("/sim/s1")).unwrap();
+        assert_eq!(out["moved"], 6);
+        let st = r.status();
+        assert_eq!(st["pool"]["devices"].as_array().unwrap().len(), 1);
+        assert_eq!(st["pool"]["devices"][0]["used"], 6);
+        for c in [3u64, 9, 600, 601, 602, 5000] {
+            for s in c * 8..c * 8 + 8 {
+                assert_eq!(r.read_volume(s), Some(golden(s)), "sector {s}");
+            }
+        }
+        let e = r
+            .engine
+            .spare_migrate("v", Path::new("/sim/s2"))
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            exit::REFUSED,
+            "the last spare cannot be emptied: {e}"
+        );
+    }
+
+    #[test]
+    fn health_counts_errors_and_forecasts_from_remaps() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        let h = r.engine.health("v").unwrap();
+        assert_eq!(
+            (h["score"].as_u64(), h["forecast"].is_null()),
+            (Some(100), true)
+        );
+        for c in 0..5u64 {
+            r.io.fail_reads(SIM, MAIN, c * 800 + 1..c * 800 + 2);
+            r.error(MAIN, c * 800, 8);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let h = r.engine.health("v").unwrap();
+        assert_eq!(h["chunks_remapped"], 5);
+        assert_eq!(h["errors_seen"], 5);
+        assert!(
+            h["forecast"]["rate_per_hour"].as_f64().unwrap() > 0.0,
+            "{h}"
+        );
+        assert!(
+            h["score"].as_u64().unwrap() < 100,
+            "pending blocks lower it: {h}"
+        );
+        assert!(
+            h["alerts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a.as_str().unwrap().contains("pending"))
+        );
     }
 
     #[test]

@@ -52,6 +52,12 @@ pub struct SpareRecord {
     pub size_sectors: Sector,
     /// The path it had when added (for messages; never used to find it).
     pub last_path: String,
+    /// A hot spare: in standby, joins the pool when free space runs low.
+    #[serde(default)]
+    pub hot: bool,
+    /// Being emptied (`spare remove --migrate`): nothing new lands on it.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Everything about a volume except its remaps.
@@ -454,6 +460,8 @@ pub(crate) mod tests {
                 uuid: "aa".repeat(16),
                 size_sectors: 131_072,
                 last_path: "/dev/nullb1".into(),
+                hot: false,
+                draining: false,
             }],
             policy: Policy::FirstFit,
             unreadable: UnreadablePolicy::Error,

@@ -1,0 +1,352 @@
+//! Health (pure): what the errors and remaps of a volume say about where its disk is heading.
+//!
+//! A score with the reasons that produced it, never an opaque number; a forecast of when the
+//! spare pool runs out, from a least-squares fit of the remap count over time, with its
+//! uncertainty; and alerts on change (a new pending block, a rising remap rate), not on a
+//! stable count.
+use std::collections::VecDeque;
+
+use serde::Serialize;
+
+/// Samples kept per volume (one per remap batch or error burst; older ones are dropped).
+const SAMPLES: usize = 4096;
+
+/// One observation: at `t` seconds, `remapped` chunks in total and `errors` seen in total.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sample {
+    pub t: f64,
+    pub remapped: f64,
+    pub errors: u64,
+}
+
+/// When the pool is expected to run out, with the fit behind it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Forecast {
+    /// Remapped chunks per hour (slope of the fit).
+    pub rate_per_hour: f64,
+    /// Seconds from the last sample until the pool is exhausted, at that rate.
+    pub exhausted_in_secs: f64,
+    /// The same at the slope's 95 % interval (fast and slow ends).
+    pub earliest_secs: f64,
+    pub latest_secs: f64,
+    pub samples: usize,
+    /// Coefficient of determination of the linear fit (1: a steady rate).
+    pub r2: f64,
+}
+
+/// A reason that lowered the score.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Reason {
+    pub penalty: u32,
+    pub why: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Health {
+    /// 100 = nothing wrong seen; each reason subtracts its penalty.
+    pub score: u32,
+    pub reasons: Vec<Reason>,
+    pub forecast: Option<Forecast>,
+    /// Changes since the last report that deserve an alert.
+    pub alerts: Vec<String>,
+}
+
+/// What is known of a volume now, for the score.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Now {
+    pub t: f64,
+    pub pending: u64,
+    pub pool_total: u64,
+    pub pool_available: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Tracker {
+    samples: VecDeque<Sample>,
+    last_pending: u64,
+    last_rate: Option<f64>,
+}
+
+impl Tracker {
+    pub fn record(&mut self, s: Sample) {
+        if self.samples.len() == SAMPLES {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(s);
+    }
+
+    pub fn samples(&self) -> impl Iterator<Item = &Sample> {
+        self.samples.iter()
+    }
+
+    /// Least-squares fit of remapped chunks over time; `None` with fewer than 3 samples or no
+    /// growth.
+    pub fn forecast(&self, available: u64) -> Option<Forecast> {
+        let n = self.samples.len();
+        if n < 3 {
+            return None;
+        }
+        let nf = n as f64;
+        let (mx, my) = self
+            .samples
+            .iter()
+            .fold((0.0, 0.0), |(x, y), s| (x + s.t / nf, y + s.remapped / nf));
+        let (mut sxx, mut sxy, mut syy) = (0.0, 0.0, 0.0);
+        for s in &self.samples {
+            let (dx, dy) = (s.t - mx, s.remapped - my);
+            sxx += dx * dx;
+            sxy += dx * dy;
+            syy += dy * dy;
+        }
+        if sxx <= 0.0 {
+            return None;
+        }
+        let slope = sxy / sxx;
+        if slope <= 0.0 {
+            return None;
+        }
+        let intercept = my - slope * mx;
+        let resid: f64 = self
+            .samples
+            .iter()
+            .map(|s| (s.remapped - (intercept + slope * s.t)).powi(2))
+            .sum();
+        let r2 = if syy > 0.0 { 1.0 - resid / syy } else { 1.0 };
+        // Standard error of the slope; 1.96 for a 95 % interval (enough samples for normal).
+        let se = (resid / (nf - 2.0).max(1.0) / sxx).sqrt();
+        let last = self.samples.back().expect("n >= 3");
+        // Time until the fitted line reaches the count at which the pool is empty.
+        let target = last.remapped + available as f64;
+        let at = |m: f64| {
+            if m <= 0.0 {
+                f64::INFINITY
+            } else {
+                ((target - intercept) / m - last.t).max(0.0)
+            }
+        };
+        Some(Forecast {
+            rate_per_hour: slope * 3600.0,
+            exhausted_in_secs: at(slope),
+            earliest_secs: at(slope + 1.96 * se),
+            latest_secs: at(slope - 1.96 * se),
+            samples: n,
+            r2,
+        })
+    }
+
+    /// The score, its reasons, the forecast, and alerts for what changed since the last call.
+    pub fn assess(&mut self, now: Now) -> Health {
+        let mut reasons = Vec::new();
+        let mut alerts = Vec::new();
+        if now.pending > 0 {
+            reasons.push(Reason {
+                penalty: 30,
+                why: format!(
+                    "{} blocks could not be read when their chunks moved (pending: they fail reads until rewritten)",
+                    now.pending
+                ),
+            });
+        }
+        if now.pending > self.last_pending {
+            alerts.push(format!(
+                "{} new pending blocks (data that could not be read)",
+                now.pending - self.last_pending
+            ));
+        }
+        self.last_pending = now.pending;
+        if now.pool_total > 0 {
+            let used = 1.0 - now.pool_available as f64 / now.pool_total as f64;
+            if used > 0.8 {
+                reasons.push(Reason {
+                    penalty: 30,
+                    why: format!("spare pool {:.0} % used: add a spare", used * 100.0),
+                });
+            } else if used > 0.5 {
+                reasons.push(Reason {
+                    penalty: 10,
+                    why: format!("spare pool {:.0} % used", used * 100.0),
+                });
+            }
+        }
+        let forecast = self.forecast(now.pool_available);
+        if let Some(f) = forecast {
+            if f.exhausted_in_secs < 7.0 * 86400.0 {
+                reasons.push(Reason {
+                    penalty: 20,
+                    why: format!(
+                        "at {:.1} remaps per hour the pool runs out in {} (between {} and {})",
+                        f.rate_per_hour,
+                        human(f.exhausted_in_secs),
+                        human(f.earliest_secs),
+                        human(f.latest_secs)
+                    ),
+                });
+            }
+            if let Some(prev) = self.last_rate
+                && f.rate_per_hour > 1.5 * prev
+                && f.rate_per_hour - prev > 1.0
+            {
+                alerts.push(format!(
+                    "remap rate rising: {:.1}/h, was {:.1}/h",
+                    f.rate_per_hour, prev
+                ));
+            }
+            self.last_rate = Some(f.rate_per_hour);
+        }
+        if let (Some(first), Some(last)) = (self.samples.front(), self.samples.back()) {
+            let errors = last.errors - first.errors.min(last.errors);
+            if errors > 0 && reasons.is_empty() {
+                reasons.push(Reason {
+                    penalty: 5,
+                    why: format!("{errors} I/O errors seen (all recovered)"),
+                });
+            }
+        }
+        let penalty: u32 = reasons.iter().map(|r| r.penalty).sum();
+        Health {
+            score: 100u32.saturating_sub(penalty),
+            reasons,
+            forecast,
+            alerts,
+        }
+    }
+}
+
+/// A duration for people: "3.2 h", "5 d", "40 s".
+pub fn human(secs: f64) -> String {
+    if !secs.is_finite() {
+        "never".into()
+    } else if secs < 120.0 {
+        format!("{secs:.0} s")
+    } else if secs < 7200.0 {
+        format!("{:.0} min", secs / 60.0)
+    } else if secs < 172_800.0 {
+        format!("{:.1} h", secs / 3600.0)
+    } else {
+        format!("{:.0} d", secs / 86400.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracker(points: &[(f64, f64)]) -> Tracker {
+        let mut t = Tracker::default();
+        for &(t0, r) in points {
+            t.record(Sample {
+                t: t0,
+                remapped: r,
+                errors: r as u64,
+            });
+        }
+        t
+    }
+
+    #[test]
+    fn a_steady_rate_forecasts_the_exhaustion_time() {
+        // 2 chunks per second; 100 free: 50 s to go.
+        let t = tracker(
+            &(0..20)
+                .map(|i| (i as f64, 2.0 * i as f64))
+                .collect::<Vec<_>>(),
+        );
+        let f = t.forecast(100).unwrap();
+        assert!((f.rate_per_hour - 7200.0).abs() < 1e-6);
+        assert!((f.exhausted_in_secs - 50.0).abs() < 1e-6, "{f:?}");
+        assert!((f.r2 - 1.0).abs() < 1e-9);
+        assert!(f.earliest_secs <= f.exhausted_in_secs && f.exhausted_in_secs <= f.latest_secs);
+    }
+
+    #[test]
+    fn noise_widens_the_interval() {
+        let pts: Vec<_> = (0..30)
+            .map(|i| {
+                (
+                    i as f64,
+                    3.0 * i as f64 + if i % 2 == 0 { 4.0 } else { -4.0 },
+                )
+            })
+            .collect();
+        let f = tracker(&pts).forecast(300).unwrap();
+        assert!(f.latest_secs - f.earliest_secs > 1.0, "{f:?}");
+        assert!(f.r2 < 1.0);
+    }
+
+    #[test]
+    fn no_growth_no_forecast() {
+        assert!(
+            tracker(&[(0.0, 5.0), (1.0, 5.0), (2.0, 5.0)])
+                .forecast(10)
+                .is_none()
+        );
+        assert!(
+            tracker(&[(0.0, 1.0), (1.0, 2.0)]).forecast(10).is_none(),
+            "too few samples"
+        );
+    }
+
+    #[test]
+    fn score_names_its_reasons_and_alerts_only_on_change() {
+        let mut t = tracker(&[(0.0, 0.0), (10.0, 10.0), (20.0, 20.0)]);
+        let h = t.assess(Now {
+            t: 20.0,
+            pending: 2,
+            pool_total: 100,
+            pool_available: 10,
+        });
+        assert_eq!(h.score, 100 - 30 - 30 - 20, "{h:?}");
+        assert!(h.reasons.iter().any(|r| r.why.contains("pending")));
+        assert!(h.reasons.iter().any(|r| r.why.contains("90 % used")));
+        assert_eq!(h.alerts.len(), 1, "{h:?}");
+        let again = t.assess(Now {
+            t: 21.0,
+            pending: 2,
+            pool_total: 100,
+            pool_available: 10,
+        });
+        assert!(
+            again.alerts.is_empty(),
+            "a stable count does not alert: {again:?}"
+        );
+        // The rate triples: an alert.
+        for i in 3..10 {
+            t.record(Sample {
+                t: 20.0 + i as f64,
+                remapped: 20.0 + 30.0 * i as f64,
+                errors: 0,
+            });
+        }
+        let rising = t.assess(Now {
+            t: 30.0,
+            pending: 2,
+            pool_total: 1000,
+            pool_available: 900,
+        });
+        assert!(
+            rising.alerts.iter().any(|a| a.contains("rising")),
+            "{rising:?}"
+        );
+    }
+
+    #[test]
+    fn healthy_is_100() {
+        let mut t = Tracker::default();
+        let h = t.assess(Now {
+            t: 0.0,
+            pending: 0,
+            pool_total: 100,
+            pool_available: 100,
+        });
+        assert_eq!((h.score, h.reasons.len()), (100, 0));
+    }
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human(40.0), "40 s");
+        assert_eq!(human(600.0), "10 min");
+        assert_eq!(human(3.0 * 3600.0), "3.0 h");
+        assert_eq!(human(5.0 * 86400.0), "5 d");
+        assert_eq!(human(f64::INFINITY), "never");
+    }
+}
