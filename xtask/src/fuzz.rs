@@ -25,7 +25,10 @@ pub fn run(target: &str, seconds: u64) -> Result<()> {
     let dir = workspace::root().join("remap-user");
     let corpus = dir.join("fuzz/corpus").join(target);
     std::fs::create_dir_all(&corpus)?;
-    println!("== fuzzing `{target}` for {seconds} s (corpus {})", corpus.display());
+    println!(
+        "== fuzzing `{target}` for {seconds} s (corpus {})",
+        corpus.display()
+    );
     let status = Command::new("cargo")
         .current_dir(&dir)
         .args(["+nightly", "fuzz", "run", target])
@@ -35,7 +38,12 @@ pub fn run(target: &str, seconds: u64) -> Result<()> {
         .status()
         .context("running cargo fuzz")?;
     if !status.success() {
-        bail!("fuzz target `{target}` found a crash (see remap-user/fuzz/artifacts/{target})");
+        let artifacts = dir.join("fuzz/artifacts").join(target);
+        let crashed = std::fs::read_dir(&artifacts).is_ok_and(|mut d| d.next().is_some());
+        if crashed {
+            bail!("fuzz target `{target}` found a crash: inputs in {}", artifacts.display());
+        }
+        bail!("cargo fuzz failed ({status}); see its output above");
     }
     println!("fuzz target `{target}`: no crash in {seconds} s");
     Ok(())
