@@ -1,27 +1,46 @@
 //! The agent: the detector's events and the control socket feed one engine thread, the only
 //! writer of metadata and tables.
+//!
+//! The control socket is the one door into a root daemon that rewrites device-mapper tables,
+//! so it is built to be hostile-input proof: owner-only (or owner + one configured group),
+//! changes only for root callers (SO_PEERCRED, checked per request), one request line of at
+//! most [`MAX_REQUEST_BYTES`], every line parsed before anything acts on it, a bounded number
+//! of connections (root is never locked out), and timeouts on idle and slow peers.
 use std::{
+    collections::VecDeque,
     fs,
-    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    net::SocketAddr,
+    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{Arc, Mutex, mpsc},
     thread,
+    time::{Duration, SystemTime},
 };
 
-use remap_common::ErrorEvent;
+use remap_common::{ErrorEvent, Op, PoolDev, RemapKey, RemapVal, split_kernel_dev};
+use serde_json::{Value, json};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{
+        AsyncBufRead, AsyncBufReadExt as _, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _,
+        BufReader,
+    },
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
-    sync::oneshot,
+    sync::{OwnedSemaphorePermit, Semaphore, broadcast, oneshot},
 };
 
 use crate::{
     blockdev::{BlockDev, BlockIo},
-    control::{MAX_REQUEST_BYTES, Request, Response, exit},
-    detect::{DetectorConfig, Watcher},
+    control::{
+        AgentRequest, Call, Event, MAX_MAP_WIDTH, MAX_REQUEST_BYTES, Request, Response, exit,
+        parse_call,
+    },
+    detect::{DetectorConfig, Watcher, loader::read_pinned_counters},
     dm::DeviceMapper,
-    engine::{Engine, Watch},
+    engine::{Engine, RemapReport, Watch},
+    metrics::{Metrics, Snapshot},
+    notify::Notifier,
+    render::VolumeMap,
 };
 
 impl Watch for Watcher {
@@ -34,11 +53,28 @@ impl Watch for Watcher {
     fn set_pending(&mut self, dev: &BlockDev, chunk: u64, on: bool) -> Result<(), String> {
         Watcher::set_pending(self, dev, chunk, on).map_err(|e| e.to_string())
     }
+    // The mirrors are for people running bpftool: a failed update is logged, never fatal.
+    fn mirror_pool(&mut self, spare: &BlockDev, value: Option<PoolDev>) {
+        if let Err(e) = Watcher::mirror_pool(self, spare, value) {
+            tracing::warn!("{e}");
+        }
+    }
+    fn mirror_remap(&mut self, key: RemapKey, value: Option<RemapVal>) {
+        if let Err(e) = Watcher::mirror_remap(self, key, value) {
+            tracing::warn!("{e}");
+        }
+    }
 }
 
 pub enum Msg {
     Request {
         req: Request,
+        uid: u32,
+        reply: oneshot::Sender<Response>,
+    },
+    /// A call the agent answers from the engine's state (a view, or assembly).
+    Agent {
+        req: AgentRequest,
         uid: u32,
         reply: oneshot::Sender<Response>,
     },
@@ -53,6 +89,158 @@ pub enum AgentError {
     Detect(#[from] crate::detect::DetectError),
     #[error("control socket: {0}")]
     Io(#[from] std::io::Error),
+    #[error("control socket group: {0}")]
+    Group(String),
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "the engine thread stopped unexpectedly (see the log above); restarting remapd is safe"
+    )]
+    EngineDied,
+}
+
+/// Recent events kept for `remapctl events` without `--follow`.
+const HISTORY: usize = 256;
+/// Events buffered per `--follow` subscriber before it is told it lagged.
+const SUBSCRIBER_BUFFER: usize = 1024;
+/// LBAs listed in one remap event (a batch can move thousands of chunks; the count is exact).
+const EVENT_LBAS: usize = 16;
+
+/// What the engine thread, the connections and the main loop share: the event stream, its
+/// recent history, the metrics, and the state snapshot behind STATUS= and the gauges.
+pub struct Hub {
+    events: broadcast::Sender<Event>,
+    history: Mutex<VecDeque<Event>>,
+    pub metrics: Arc<Metrics>,
+    state: tokio::sync::watch::Sender<Snapshot>,
+}
+
+impl Hub {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            events: broadcast::channel(SUBSCRIBER_BUFFER).0,
+            history: Mutex::new(VecDeque::with_capacity(HISTORY)),
+            metrics,
+            state: tokio::sync::watch::channel(Snapshot::default()).0,
+        })
+    }
+
+    fn history(&self) -> std::sync::MutexGuard<'_, VecDeque<Event>> {
+        // A panic while holding it cannot leave the deque inconsistent: keep using it.
+        self.history.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn publish(&self, ev: Event) {
+        let mut h = self.history();
+        if h.len() == HISTORY {
+            h.pop_front();
+        }
+        h.push_back(ev.clone());
+        // Sent under the history lock so a subscriber sees each event exactly once: either
+        // in the history it got or on its receiver.
+        let _ = self.events.send(ev);
+    }
+
+    /// The recent events and a receiver for every later one.
+    pub fn subscribe(&self) -> (Vec<Event>, broadcast::Receiver<Event>) {
+        let h = self.history();
+        (h.iter().cloned().collect(), self.events.subscribe())
+    }
+
+    pub fn set_state(&self, s: Snapshot) {
+        self.metrics.set_state(s.clone());
+        self.state.send_replace(s);
+    }
+
+    pub fn watch_state(&self) -> tokio::sync::watch::Receiver<Snapshot> {
+        self.state.subscribe()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn remap_event(r: &RemapReport, lbas: Vec<u64>, cause: &str) -> Event {
+    Event::Remap {
+        time_ms: now_ms(),
+        volume: r.volume.clone(),
+        chunks: r.remapped.len() as u64,
+        lbas,
+        pending_blocks: r.pending_blocks,
+        exhausted: r.exhausted.len() as u64,
+        micros: r.micros,
+        suspended_micros: r.suspended_micros,
+        cause: cause.into(),
+    }
+}
+
+/// Who an error event concerns: the volume and device, and the chunk size in sectors when it is
+/// a volume's main device (whose sectors are the volume's LBAs).
+struct Named {
+    volume: Option<String>,
+    device: String,
+    main_chunk: Option<u64>,
+}
+
+fn name_event<D: DeviceMapper, I: BlockIo, W: Watch>(
+    engine: &Engine<D, I, W>,
+    ev: &ErrorEvent,
+) -> Named {
+    for v in engine.volumes() {
+        if v.main.matches_kernel_dev(ev.dev) {
+            return Named {
+                volume: Some(v.config.name.clone()),
+                device: v.main.path.display().to_string(),
+                main_chunk: Some(v.config.geometry.chunk),
+            };
+        }
+        if let Some(s) = v.spares.values().find(|s| s.matches_kernel_dev(ev.dev)) {
+            return Named {
+                volume: Some(v.config.name.clone()),
+                device: s.path.display().to_string(),
+                main_chunk: None,
+            };
+        }
+    }
+    let (ma, mi) = split_kernel_dev(ev.dev);
+    Named {
+        volume: None,
+        device: format!("{ma}:{mi}"),
+        main_chunk: None,
+    }
+}
+
+fn log_error(n: &Named, ev: &ErrorEvent) {
+    let volume = n.volume.as_deref().unwrap_or("");
+    let op = Op::from_u8(ev.op).as_str();
+    match n.main_chunk {
+        Some(chunk) => tracing::warn!(
+            volume,
+            device = n.device,
+            lba = ev.sector,
+            sectors = ev.nr_sector,
+            chunk = ev.sector.checked_div(chunk).unwrap_or(0),
+            errno = ev.errno,
+            op,
+            "I/O error"
+        ),
+        // On a spare (or an unknown device) the sector is the device's, not a volume LBA.
+        None => tracing::warn!(
+            volume,
+            device = n.device,
+            sector = ev.sector,
+            sectors = ev.nr_sector,
+            errno = ev.errno,
+            op,
+            "I/O error"
+        ),
+    }
 }
 
 /// Runs the engine until every sender is gone. A burst of error batches queued meanwhile is
@@ -60,7 +248,9 @@ pub enum AgentError {
 pub fn engine_loop<D: DeviceMapper, I: BlockIo, W: Watch>(
     mut engine: Engine<D, I, W>,
     rx: mpsc::Receiver<Msg>,
+    hub: &Hub,
 ) {
+    hub.set_state(Snapshot::of(engine.volumes()));
     let mut next = None;
     loop {
         let msg = match next.take() {
@@ -73,7 +263,11 @@ pub fn engine_loop<D: DeviceMapper, I: BlockIo, W: Watch>(
         match msg {
             Msg::Shutdown => return,
             Msg::Request { req, uid, reply } => {
-                let resp = if req.mutates() && uid != 0 {
+                let mutates = req.mutates();
+                let manual = matches!(req, Request::RemapAdd { .. });
+                // Checked here too, where the change happens: a caller that reaches the
+                // engine by some other path still cannot change anything without root.
+                let resp = if mutates && uid != 0 {
                     Response::err(
                         exit::REFUSED,
                         "permission denied: this command changes volumes and needs root",
@@ -81,7 +275,28 @@ pub fn engine_loop<D: DeviceMapper, I: BlockIo, W: Watch>(
                 } else {
                     engine.handle(req)
                 };
+                if manual && resp.code == exit::OK {
+                    manual_remap(&resp.data, hub);
+                }
                 let _ = reply.send(resp);
+                if mutates {
+                    hub.set_state(Snapshot::of(engine.volumes()));
+                }
+            }
+            Msg::Agent { req, uid, reply } => {
+                let mutates = matches!(req, AgentRequest::Assemble { .. });
+                let resp = if mutates && uid != 0 {
+                    Response::err(
+                        exit::REFUSED,
+                        "permission denied: this command changes volumes and needs root",
+                    )
+                } else {
+                    agent_call(&mut engine, req)
+                };
+                let _ = reply.send(resp);
+                if mutates {
+                    hub.set_state(Snapshot::of(engine.volumes()));
+                }
             }
             Msg::Errors(mut batch) => {
                 while let Ok(m) = rx.try_recv() {
@@ -93,7 +308,26 @@ pub fn engine_loop<D: DeviceMapper, I: BlockIo, W: Watch>(
                         }
                     }
                 }
-                for r in engine.on_errors(&batch) {
+                let errors = batch.iter().filter(|e| e.errno != 0).count() as u64;
+                hub.metrics.on_events(errors, batch.len() as u64 - errors);
+                for ev in batch.iter().filter(|e| e.errno != 0) {
+                    let named = name_event(&engine, ev);
+                    log_error(&named, ev);
+                    let (major, minor) = split_kernel_dev(ev.dev);
+                    hub.publish(Event::Error {
+                        time_ms: now_ms(),
+                        volume: named.volume,
+                        device: named.device,
+                        major,
+                        minor,
+                        sector: ev.sector,
+                        nr_sector: ev.nr_sector,
+                        errno: ev.errno,
+                        op: Op::from_u8(ev.op).as_str().into(),
+                    });
+                }
+                let reports = engine.on_errors(&batch);
+                for r in &reports {
                     tracing::info!(
                         volume = r.volume,
                         chunks = r.remapped.len(),
@@ -103,87 +337,400 @@ pub fn engine_loop<D: DeviceMapper, I: BlockIo, W: Watch>(
                         suspended_micros = r.suspended_micros,
                         "remap batch done"
                     );
+                    hub.metrics.on_report(r);
+                    let chunk = engine
+                        .volumes()
+                        .find(|v| v.config.name == r.volume)
+                        .map_or(0, |v| v.config.geometry.chunk);
+                    let lbas = r
+                        .remapped
+                        .iter()
+                        .take(EVENT_LBAS)
+                        .map(|c| c * chunk)
+                        .collect();
+                    hub.publish(remap_event(r, lbas, "error"));
                 }
+                hub.set_state(Snapshot::of(engine.volumes()));
             }
         }
+    }
+}
+
+/// Counts and announces a `remap add` that succeeded (its data is a RemapReport).
+fn manual_remap(data: &Value, hub: &Hub) {
+    let num = |k: &str| data[k].as_u64().unwrap_or(0);
+    let list = |k: &str| data[k].as_array().map_or(0, |a| a.len() as u64);
+    let volume = data["volume"].as_str().unwrap_or_default().to_owned();
+    hub.metrics.on_remap(
+        &volume,
+        list("remapped"),
+        num("pending_blocks"),
+        list("exhausted"),
+        num("micros"),
+        num("suspended_micros"),
+    );
+    hub.publish(Event::Remap {
+        time_ms: now_ms(),
+        volume,
+        chunks: list("remapped"),
+        // The report names chunks; the request named LBAs, so the caller knows them.
+        lbas: Vec::new(),
+        pending_blocks: num("pending_blocks"),
+        exhausted: list("exhausted"),
+        micros: num("micros"),
+        suspended_micros: num("suspended_micros"),
+        cause: "manual".into(),
+    });
+}
+
+fn agent_call<D: DeviceMapper, I: BlockIo, W: Watch>(
+    engine: &mut Engine<D, I, W>,
+    req: AgentRequest,
+) -> Response {
+    match req {
+        AgentRequest::Assemble { name } => {
+            let found = engine.assemble(name.as_deref());
+            if let Some(n) = name.filter(|_| found.is_empty()) {
+                return Response::err(
+                    exit::NOT_FOUND,
+                    format!("no metadata of a volume named `{n}` on any block device"),
+                );
+            }
+            let refused = found.iter().any(|a| a.outcome == "refused");
+            let data = serde_json::to_value(&found).expect("plain struct");
+            if refused {
+                // The caller learns which were refused and why from the data, and from the
+                // code that something needs a person.
+                let why: Vec<String> = found
+                    .iter()
+                    .filter(|a| a.outcome == "refused")
+                    .map(|a| format!("`{}`: {}", a.name, a.notes.join("; ")))
+                    .collect();
+                return Response {
+                    code: exit::REFUSED,
+                    error: Some(format!("not assembled: {}", why.join(" | "))),
+                    data,
+                };
+            }
+            Response::ok(data)
+        }
+        AgentRequest::Map { name, width } => {
+            if width == 0 || width > MAX_MAP_WIDTH {
+                return Response::err(
+                    exit::USAGE,
+                    format!("map width must be 1 to {MAX_MAP_WIDTH} cells, not {width}"),
+                );
+            }
+            let Some(v) = engine.volumes().find(|v| v.config.name == name) else {
+                return Response::err(exit::NOT_FOUND, format!("no volume named `{name}`"));
+            };
+            let g = &v.config.geometry;
+            let map = VolumeMap::build(
+                &name,
+                g.chunks(),
+                g.chunk * crate::volume::SECTOR,
+                width,
+                v.remaps.iter().map(|(c, r)| (c, r.pending.count_ones())),
+            );
+            Response::ok(serde_json::to_value(map).expect("plain struct"))
+        }
+        // Answered by the connection itself, from the hub.
+        AgentRequest::Events { .. } => Response::err(exit::ERROR, "events are not a view"),
     }
 }
 
 pub struct AgentOptions {
     pub socket: PathBuf,
+    /// Group allowed to connect for read-only calls (socket mode 0660); none: owner only.
+    pub socket_group: Option<u32>,
     pub detector: DetectorConfig,
+    /// Serve Prometheus metrics here.
+    pub metrics: Option<SocketAddr>,
+    /// Assemble the volumes found on the block devices before READY.
+    pub assemble: bool,
 }
 
-/// Creates the socket's folder root-only and binds the socket owner-only.
-fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        match fs::DirBuilder::new()
-            .mode(0o700)
-            .recursive(true)
-            .create(dir)
-        {
+/// Resolves a group name (or a numeric gid) through /etc/group. Parsed here rather than with
+/// getgrnam(3): remapd is also built static, where glibc's NSS cannot be loaded.
+pub fn resolve_group(name: &str) -> Result<u32, AgentError> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let text = fs::read_to_string("/etc/group")
+        .map_err(|e| AgentError::Group(format!("reading /etc/group: {e}")))?;
+    group_in(&text, name).ok_or_else(|| {
+        AgentError::Group(format!(
+            "no group named `{name}` in /etc/group (create it with `groupadd --system {name}`)"
+        ))
+    })
+}
+
+fn group_in(etc_group: &str, name: &str) -> Option<u32> {
+    etc_group.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
+/// Creates the socket's folder and binds the socket: owner-only, or owner and `group` (which
+/// may connect; what it may do is decided per request).
+pub fn bind(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let mode = if group.is_some() { 0o750 } else { 0o700 };
+        match fs::DirBuilder::new().mode(mode).recursive(true).create(dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
+        if let Some(gid) = group {
+            let md = fs::metadata(dir)?;
+            // The group must be able to reach the socket. A shared folder (world-writable,
+            // such as /tmp) is not ours to change; our own folder (e.g. /run/remap, which
+            // systemd's RuntimeDirectory= creates root-only) is set to root:group 0750.
+            if md.mode() & 0o002 == 0 {
+                std::os::unix::fs::chown(dir, None, Some(gid))?;
+                fs::set_permissions(dir, fs::Permissions::from_mode(0o750))?;
+            }
+        }
     }
-    // A socket file left by a crashed agent; the lock already proved no agent is running.
-    let _ = fs::remove_file(path);
+    // A socket file left by a crashed agent; the detector's lock already proved no agent is
+    // running. Anything else of that name is not ours to delete.
+    match fs::symlink_metadata(path) {
+        Ok(md) if std::os::unix::fs::FileTypeExt::is_socket(&md.file_type()) => {
+            fs::remove_file(path)?
+        }
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        Err(_) => {}
+    }
     let l = UnixListener::bind(path)?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    // Until these run, the socket has the umask's mode: with the default umask nobody but
+    // root can write to it (connect needs write), and its folder shuts others out anyway.
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o660))?;
+    } else {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    }
     Ok(l)
 }
 
-/// Serves one connection: requests and responses, one JSON line each.
-async fn serve(stream: UnixStream, tx: mpsc::Sender<Msg>) {
-    let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
-    let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::new(rd.take(MAX_REQUEST_BYTES as u64 + 1));
-    let mut line = String::new();
+/// Non-root connections served at once; root's are never refused.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection must send a complete request within this time, and between requests.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A peer must take each response within this time.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a connection needs of the agent.
+#[derive(Clone)]
+pub struct Ctx {
+    pub tx: mpsc::Sender<Msg>,
+    pub hub: Arc<Hub>,
+}
+
+enum ReadErr {
+    TooLong,
+    Io,
+}
+
+/// Reads one request line (newline removed), at most [`MAX_REQUEST_BYTES`]: memory per
+/// connection is bounded whatever the peer sends. `None` at end of stream.
+async fn read_request<R: AsyncBufRead + Unpin>(rd: &mut R) -> Result<Option<Vec<u8>>, ReadErr> {
+    let mut buf = Vec::new();
+    let n = (&mut *rd)
+        .take(MAX_REQUEST_BYTES as u64 + 1)
+        .read_until(b'\n', &mut buf)
+        .await
+        .map_err(|_| ReadErr::Io)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > MAX_REQUEST_BYTES {
+        return Err(ReadErr::TooLong);
+    }
+    // else: the last request of a stream that ended without a newline.
+    Ok(Some(buf))
+}
+
+async fn write<W: AsyncWrite + Unpin, T: serde::Serialize>(
+    wr: &mut W,
+    v: &T,
+) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec(v).expect("plain struct");
+    bytes.push(b'\n');
+    match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// Serves one connection: requests and responses, one JSON line each. `uid` is the peer's
+/// (SO_PEERCRED); `u32::MAX` when unknown, which is never root.
+pub async fn serve<S>(stream: S, uid: u32, ctx: Ctx)
+where
+    S: tokio::io::AsyncRead + AsyncWrite + Unpin,
+{
+    let (rd, mut wr) = tokio::io::split(stream);
+    let mut rd = BufReader::new(rd);
+    let metrics = &ctx.hub.metrics;
     loop {
-        line.clear();
-        match rd.read_line(&mut line).await {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) => {
-                let resp = Response::err(exit::USAGE, format!("unreadable request: {e}"));
+        let line = match tokio::time::timeout(IDLE_TIMEOUT, read_request(&mut rd)).await {
+            Err(_) => {
+                let resp = Response::err(exit::ERROR, "idle connection closed");
                 let _ = write(&mut wr, &resp).await;
                 return;
             }
-        }
-        if line.len() > MAX_REQUEST_BYTES
-            || !line.ends_with('\n') && line.len() >= MAX_REQUEST_BYTES
-        {
-            let resp = Response::err(
-                exit::USAGE,
-                format!("request larger than {MAX_REQUEST_BYTES} bytes refused"),
-            );
-            let _ = write(&mut wr, &resp).await;
-            return;
-        }
-        let resp = match serde_json::from_str::<Request>(line.trim()) {
-            Err(e) => Response::err(exit::USAGE, format!("malformed request: {e}")),
-            Ok(req) => {
-                let (reply, rx) = oneshot::channel();
-                if tx.send(Msg::Request { req, uid, reply }).is_err() {
-                    Response::err(exit::ERROR, "remapd is shutting down")
-                } else {
-                    rx.await
-                        .unwrap_or_else(|_| Response::err(exit::ERROR, "remapd is shutting down"))
+            Ok(Ok(None) | Err(ReadErr::Io)) => return,
+            Ok(Err(ReadErr::TooLong)) => {
+                metrics.on_request("invalid", exit::USAGE);
+                let resp = Response::err(
+                    exit::USAGE,
+                    format!("request larger than {MAX_REQUEST_BYTES} bytes refused"),
+                );
+                let _ = write(&mut wr, &resp).await;
+                // The rest of that line is still unread: nothing after it can be trusted to
+                // start a request.
+                return;
+            }
+            Ok(Ok(Some(line))) => line,
+        };
+        let call = match parse_call(&line) {
+            Ok(c) => c,
+            Err(msg) => {
+                metrics.on_request("invalid", exit::USAGE);
+                if write(&mut wr, &Response::err(exit::USAGE, msg))
+                    .await
+                    .is_err()
+                {
+                    return;
                 }
+                continue;
             }
         };
+        let cmd = call.cmd();
+        if call.mutates() && uid != 0 {
+            tracing::warn!(uid, cmd, "refused a changing call from a non-root caller");
+            let resp = Response::err(
+                exit::REFUSED,
+                format!(
+                    "permission denied: `{cmd}` changes volumes and needs root (caller uid {})",
+                    if uid == u32::MAX {
+                        "unknown".into()
+                    } else {
+                        uid.to_string()
+                    }
+                ),
+            );
+            metrics.on_request(cmd, resp.code);
+            if write(&mut wr, &resp).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let resp = match call {
+            Call::Agent(AgentRequest::Events { follow }) => {
+                let (recent, rx) = ctx.hub.subscribe();
+                metrics.on_request(cmd, exit::OK);
+                if write(&mut wr, &Response::ok(json!(recent))).await.is_err() {
+                    return;
+                }
+                if follow {
+                    follow_events(rx, &mut rd, &mut wr, &ctx.hub).await;
+                    return;
+                }
+                continue;
+            }
+            Call::Agent(req) => ask(&ctx.tx, |reply| Msg::Agent { req, uid, reply }).await,
+            Call::Engine(req) => ask(&ctx.tx, |reply| Msg::Request { req, uid, reply }).await,
+        };
+        metrics.on_request(cmd, resp.code);
         if write(&mut wr, &resp).await.is_err() {
             return;
         }
     }
 }
 
-async fn write(wr: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> std::io::Result<()> {
-    let mut bytes = serde_json::to_vec(resp).expect("plain struct");
-    bytes.push(b'\n');
-    wr.write_all(&bytes).await
+async fn ask(
+    tx: &mpsc::Sender<Msg>,
+    msg: impl FnOnce(oneshot::Sender<Response>) -> Msg,
+) -> Response {
+    let (reply, rx) = oneshot::channel();
+    if tx.send(msg(reply)).is_err() {
+        return Response::err(exit::ERROR, "remapd is shutting down");
+    }
+    rx.await
+        .unwrap_or_else(|_| Response::err(exit::ERROR, "remapd is shutting down"))
 }
+
+/// Streams events to a `--follow` subscriber until it hangs up or stops reading.
+async fn follow_events<R, W>(mut rx: broadcast::Receiver<Event>, rd: &mut R, wr: &mut W, hub: &Hub)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut sink = [0u8; 512];
+    loop {
+        let ev = tokio::select! {
+            ev = rx.recv() => ev,
+            // Anything the peer sends now is ignored; end of stream means it went away.
+            r = rd.read(&mut sink) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            },
+        };
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                hub.metrics.on_lagged(missed);
+                Event::Lagged { missed }
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if write(wr, &ev).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The peer's uid (SO_PEERCRED); `u32::MAX`, never root, when the kernel cannot say.
+pub fn peer_uid(stream: &UnixStream) -> u32 {
+    stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX)
+}
+
+/// Accepts a connection of peer `uid`: a slot for non-root peers, always for root.
+pub fn admit(stream: UnixStream, uid: u32, slots: &Arc<Semaphore>, ctx: &Ctx) {
+    let permit: Option<OwnedSemaphorePermit> = match slots.clone().try_acquire_owned() {
+        Ok(p) => Some(p),
+        Err(_) if uid == 0 => None,
+        Err(_) => {
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let resp = Response::err(
+                    exit::ERROR,
+                    format!("remapd is busy: {MAX_CONNECTIONS} connections open; try again"),
+                );
+                let _ = write(&mut stream, &resp).await;
+            });
+            return;
+        }
+    };
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        serve(stream, uid, ctx).await;
+    });
+}
+
+/// How often the main loop checks the engine thread when systemd set no watchdog.
+const HEALTH_TICK: Duration = Duration::from_secs(5);
 
 /// The agent's main loop: detector events and control connections until SIGINT/SIGTERM.
 /// Volumes stay up when the agent stops (as md arrays do when mdadm --monitor exits).
@@ -192,44 +739,126 @@ where
     D: DeviceMapper + Send + 'static,
     I: BlockIo + Send + 'static,
 {
+    let notifier = Notifier::from_env();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut det = crate::detect::Detector::start(&opts.detector)?;
     let watcher = det.take_watcher().expect("fresh detector");
     let mut events = det.events()?;
-    let listener = bind(&opts.socket)?;
+    let listener = bind(&opts.socket, opts.socket_group)?;
+    let pin_dir = det.pin_dir().to_owned();
+    let metrics = Arc::new(Metrics::new(Box::new(move || {
+        read_pinned_counters(&pin_dir).ok()
+    })));
+    let hub = Hub::new(metrics.clone());
+    let metrics_task = match opts.metrics {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Metrics { addr, source })?;
+            let addr = l.local_addr().unwrap_or(addr);
+            tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
+            Some(tokio::spawn(crate::metrics::serve(l, metrics)))
+        }
+        None => None,
+    };
     let engine = Engine::new(dm, io, watcher);
     let (tx, rx) = mpsc::channel();
-    let worker = thread::Builder::new()
-        .name("remap-engine".into())
-        .spawn(move || engine_loop(engine, rx))?;
+    let worker = {
+        let hub = hub.clone();
+        thread::Builder::new()
+            .name("remap-engine".into())
+            .spawn(move || engine_loop(engine, rx, &hub))?
+    };
+    // Volumes come up before READY: systemd orders the volumes' users after remapd, so READY
+    // has to mean "the volumes exist". A volume refused here (conflicting metadata) stays
+    // down and is in the log; the agent still serves the others.
+    if opts.assemble {
+        let r = ask(&tx, |reply| Msg::Agent {
+            req: AgentRequest::Assemble { name: None },
+            uid: 0,
+            reply,
+        })
+        .await;
+        if let Some(e) = &r.error {
+            tracing::error!("assembly at start: {e}");
+        }
+    }
+    let mut state = hub.watch_state();
+    let status = state.borrow_and_update().status_line();
     tracing::info!(
         socket = %opts.socket.display(),
         pins = %det.pin_dir().display(),
         "remapd ready: attached {}",
         det.tracepoint()
     );
+    notifier.ready(&status);
+    let ctx = Ctx {
+        tx: tx.clone(),
+        hub: hub.clone(),
+    };
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let tick_every = notifier
+        .watchdog_interval()
+        .map_or(HEALTH_TICK, |w| w.min(HEALTH_TICK));
+    let mut tick = tokio::time::interval(tick_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::new();
-    loop {
+    let res = loop {
         tokio::select! {
             r = events.next_batch(&mut batch) => {
-                r?;
+                if let Err(e) = r {
+                    break Err(e.into());
+                }
                 let _ = tx.send(Msg::Errors(std::mem::take(&mut batch)));
             }
-            a = listener.accept() => {
-                if let Ok((stream, _)) = a {
-                    tokio::spawn(serve(stream, tx.clone()));
+            a = listener.accept() => match a {
+                Ok((stream, _)) => {
+                    let uid = peer_uid(&stream);
+                    admit(stream, uid, &slots, &ctx);
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning on the error.
+                    tracing::warn!("control socket: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = tick.tick() => {
+                if worker.is_finished() {
+                    break Err(AgentError::EngineDied);
+                }
+                // The watchdog says "the main loop turns and the engine thread lives"; a remap
+                // in progress (the engine busy for seconds) must not get the agent killed
+                // with its regions suspended.
+                if notifier.watchdog_interval().is_some() {
+                    notifier.watchdog();
                 }
             }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            c = state.changed() => {
+                if c.is_ok() {
+                    let line = state.borrow_and_update().status_line();
+                    notifier.status(&line);
+                }
+            }
+            _ = sigint.recv() => break Ok(()),
+            _ = sigterm.recv() => break Ok(()),
         }
+    };
+    notifier.stopping("stopping; volumes stay up");
+    match &res {
+        Ok(()) => tracing::info!("stopping; volumes stay up"),
+        Err(e) => tracing::error!("stopping: {e}; volumes stay up"),
     }
-    tracing::info!("stopping; volumes stay up");
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     let _ = fs::remove_file(&opts.socket);
     let _ = tx.send(Msg::Shutdown);
     let _ = tokio::task::spawn_blocking(move || worker.join()).await;
     drop(events);
     drop(det);
-    Ok(())
+    res
 }
+
+#[cfg(test)]
+mod tests;

@@ -87,7 +87,183 @@ pub enum Request {
     },
 }
 
+/// Calls that the agent answers itself rather than the engine: views over its state and the
+/// event stream. They share the `cmd` tag with [`Request`]; see [`parse_call`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum AgentRequest {
+    /// Recent events; with `follow` the connection stays open and every new [`Event`] follows
+    /// as one JSON line.
+    Events {
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Where on the volume the remaps and pending blocks are, in `width` equal cells.
+    Map { name: String, width: u32 },
+    /// Finds volumes by the metadata on the block devices and brings them up (all of them,
+    /// or only `name`). remapd also does this when it starts.
+    Assemble {
+        #[serde(default)]
+        name: Option<String>,
+    },
+}
+
+/// The widest map the agent draws (a line of a wide terminal; more says nothing more).
+pub const MAX_MAP_WIDTH: u32 = 1024;
+
+/// One request as read from the socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Call {
+    Engine(Request),
+    Agent(AgentRequest),
+}
+
+impl Call {
+    /// Whether the call changes state (and so needs a root caller).
+    pub fn mutates(&self) -> bool {
+        match self {
+            Self::Engine(r) => r.mutates(),
+            Self::Agent(a) => matches!(a, AgentRequest::Assemble { .. }),
+        }
+    }
+
+    /// The `cmd` tag, for logs and metrics.
+    pub fn cmd(&self) -> &'static str {
+        match self {
+            Self::Engine(r) => r.cmd(),
+            Self::Agent(AgentRequest::Events { .. }) => "events",
+            Self::Agent(AgentRequest::Map { .. }) => "map",
+            Self::Agent(AgentRequest::Assemble { .. }) => "assemble",
+        }
+    }
+}
+
+const ENGINE_CMDS: &[&str] = &[
+    "create",
+    "stop",
+    "status",
+    "spare-add",
+    "spare-remove",
+    "spare-list",
+    "remap-add",
+    "remap-list",
+    "pending",
+];
+const AGENT_CMDS: &[&str] = &["events", "map", "assemble"];
+
+/// Parses one request line (without its newline). Errors are meant for the caller: they say
+/// what was wrong without echoing the request back at length.
+pub fn parse_call(line: &[u8]) -> Result<Call, String> {
+    let text = std::str::from_utf8(line).map_err(|e| {
+        format!(
+            "malformed request: not UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        )
+    })?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("malformed request: empty line".into());
+    }
+    // Only the tag first, to route the request and to name an unknown command plainly.
+    #[derive(Deserialize)]
+    struct Tag {
+        cmd: String,
+    }
+    let tag: Tag =
+        serde_json::from_str(text).map_err(|e| format!("malformed request: {}", brief(&e)))?;
+    if AGENT_CMDS.contains(&tag.cmd.as_str()) {
+        serde_json::from_str(text)
+            .map(Call::Agent)
+            .map_err(|e| format!("malformed `{}` request: {}", tag.cmd, brief(&e)))
+    } else if ENGINE_CMDS.contains(&tag.cmd.as_str()) {
+        serde_json::from_str(text)
+            .map(Call::Engine)
+            .map_err(|e| format!("malformed `{}` request: {}", tag.cmd, brief(&e)))
+    } else {
+        let mut shown: String = tag.cmd.chars().take(40).collect();
+        if shown.len() < tag.cmd.len() {
+            shown.push_str("...");
+        }
+        Err(format!(
+            "unknown command `{}`: remapd knows {}",
+            shown.escape_default(),
+            ENGINE_CMDS
+                .iter()
+                .chain(AGENT_CMDS)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    }
+}
+
+/// serde_json's message, cut short: it can quote the offending input.
+fn brief(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    if msg.len() <= 200 {
+        return msg;
+    }
+    let mut cut = 200;
+    while !msg.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}...", &msg[..cut])
+}
+
+/// What the agent reports to `events` subscribers, one JSON line each.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    /// A failed request on a device of a volume (after the detector's de-duplication).
+    Error {
+        /// Wall-clock time the agent received it, milliseconds since the Unix epoch.
+        time_ms: u64,
+        /// The volume whose device failed, when the device belongs to one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        volume: Option<String>,
+        device: String,
+        major: u32,
+        minor: u32,
+        sector: u64,
+        nr_sector: u32,
+        errno: i32,
+        op: String,
+    },
+    /// Chunks moved to the pool (one batch: one suspend and one commit).
+    Remap {
+        time_ms: u64,
+        volume: String,
+        /// How many chunks moved; `lbas` lists the first of them.
+        chunks: u64,
+        lbas: Vec<u64>,
+        pending_blocks: u64,
+        /// Chunks that could not move: the pool is exhausted.
+        exhausted: u64,
+        micros: u64,
+        suspended_micros: u64,
+        /// `error` (from the detector) or `manual` (remapctl remap add).
+        cause: String,
+    },
+    /// A subscriber read too slowly and missed this many events.
+    Lagged { missed: u64 },
+}
+
 impl Request {
+    /// The `cmd` tag, for logs and metrics.
+    pub fn cmd(&self) -> &'static str {
+        match self {
+            Self::Create { .. } => "create",
+            Self::Stop { .. } => "stop",
+            Self::Status { .. } => "status",
+            Self::SpareAdd { .. } => "spare-add",
+            Self::SpareRemove { .. } => "spare-remove",
+            Self::SpareList { .. } => "spare-list",
+            Self::RemapAdd { .. } => "remap-add",
+            Self::RemapList { .. } => "remap-list",
+            Self::Pending { .. } => "pending",
+        }
+    }
+
     /// Whether the request changes state (and so needs a root caller).
     pub fn mutates(&self) -> bool {
         matches!(
@@ -160,6 +336,121 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
         assert!(r.mutates());
         assert!(!Request::Status { name: None }.mutates());
+    }
+
+    /// One request of every kind, so that a new variant cannot miss the routing table.
+    fn every_request() -> Vec<Request> {
+        let name = || "v".to_string();
+        let all = vec![
+            Request::Create {
+                name: name(),
+                main: "/dev/a".into(),
+                spares: vec!["/dev/b".into()],
+                chunk_bytes: 4096,
+                region_bytes: 1 << 30,
+                policy: Policy::FirstFit,
+                unreadable: UnreadablePolicy::Error,
+            },
+            Request::Stop { name: name() },
+            Request::Status { name: None },
+            Request::SpareAdd {
+                name: name(),
+                dev: "/dev/c".into(),
+            },
+            Request::SpareRemove {
+                name: name(),
+                dev: "/dev/c".into(),
+            },
+            Request::SpareList { name: name() },
+            Request::RemapAdd {
+                name: name(),
+                lba: 0,
+                count: 1,
+            },
+            Request::RemapList { name: name() },
+            Request::Pending { name: name() },
+        ];
+        // Exhaustive on purpose: adding a variant fails to compile until it is listed above.
+        for r in &all {
+            match r {
+                Request::Create { .. }
+                | Request::Stop { .. }
+                | Request::Status { .. }
+                | Request::SpareAdd { .. }
+                | Request::SpareRemove { .. }
+                | Request::SpareList { .. }
+                | Request::RemapAdd { .. }
+                | Request::RemapList { .. }
+                | Request::Pending { .. } => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn every_request_routes_to_the_engine_under_its_own_tag() {
+        for r in every_request() {
+            let line = serde_json::to_string(&r).unwrap();
+            assert!(line.contains(&format!(r#""cmd":"{}""#, r.cmd())), "{line}");
+            assert!(ENGINE_CMDS.contains(&r.cmd()), "{}", r.cmd());
+            assert_eq!(parse_call(line.as_bytes()), Ok(Call::Engine(r.clone())));
+        }
+    }
+
+    #[test]
+    fn agent_calls_parse_and_only_assembly_changes_state() {
+        for (line, call, mutates) in [
+            (
+                r#"{"cmd":"events"}"#,
+                AgentRequest::Events { follow: false },
+                false,
+            ),
+            (
+                r#"{"cmd":"events","follow":true}"#,
+                AgentRequest::Events { follow: true },
+                false,
+            ),
+            (
+                r#"{"cmd":"map","name":"v","width":80}"#,
+                AgentRequest::Map {
+                    name: "v".into(),
+                    width: 80,
+                },
+                false,
+            ),
+            (
+                r#"{"cmd":"assemble"}"#,
+                AgentRequest::Assemble { name: None },
+                true,
+            ),
+        ] {
+            let c = parse_call(line.as_bytes()).unwrap();
+            assert_eq!(c, Call::Agent(call.clone()));
+            assert_eq!(c.mutates(), mutates, "{line}");
+            assert!(AGENT_CMDS.contains(&c.cmd()));
+            let round = serde_json::to_string(&call).unwrap();
+            assert_eq!(serde_json::from_str::<AgentRequest>(&round).unwrap(), call);
+        }
+    }
+
+    #[test]
+    fn parse_errors_say_what_is_wrong() {
+        for (line, says) in [
+            (&b"\xff"[..], "not UTF-8"),
+            (b"", "empty line"),
+            (b"   ", "empty line"),
+            (b"nope", "malformed request"),
+            (br#"{"name":"v"}"#, "missing field `cmd`"),
+            (br#"{"cmd":"stop"}"#, "malformed `stop` request"),
+            (
+                br#"{"cmd":"map","name":"v","width":-1}"#,
+                "malformed `map` request",
+            ),
+            (br#"{"cmd":"drop-tables"}"#, "unknown command `drop-tables`"),
+        ] {
+            let e = parse_call(line).unwrap_err();
+            assert!(e.contains(says), "{line:?}: {e}");
+        }
     }
 
     #[test]

@@ -1,27 +1,48 @@
 //! remapctl: inspect and drive remap (talks to remapd over its control socket).
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    os::unix::net::UnixStream,
-    path::PathBuf,
+    io::{BufRead as _, BufReader, IsTerminal as _, Read as _, Write as _},
+    os::unix::net::{UnixDatagram, UnixStream},
+    path::{Path, PathBuf},
+    time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
-use clap::{Parser, Subcommand};
+use anyhow::{Context as _, Result};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use remap_user::{
     allocate::Policy,
-    control::{DEFAULT_SOCKET, Request, Response, exit, parse_size},
+    control::{
+        AgentRequest, DEFAULT_SOCKET, Event, MAX_MAP_WIDTH, Request, Response, exit, parse_size,
+    },
     detect::loader::{DEFAULT_PIN_DIR, read_pinned_counters},
+    render::{self, GLYPH_CLEAN, GLYPH_PENDING, GLYPH_REMAP, VolumeMap, bytes, percent},
     volume::UnreadablePolicy,
 };
-use serde_json::Value;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+const EXIT_CODES: &str = "Exit status:
+  0  ok
+  1  error (remapd unreachable, an operation failed)
+  2  usage (bad arguments or a malformed request)
+  3  not found (no such volume, device or spare)
+  4  refused or unsafe (needs root, device in use, last spare, would lose data)";
 
 #[derive(Parser)]
-#[command(name = "remapctl", version, about = "Inspect and drive remap")]
+#[command(
+    name = "remapctl",
+    version,
+    about = "Inspect and drive remap",
+    long_about = "Inspect and drive remap: protected volumes over a failing disk, their spare \
+        pools and remaps. remapctl talks to the agent, remapd, over its control socket; \
+        changing commands need root, read-only ones also work for the group remapd was given \
+        with --socket-group.",
+    after_help = EXIT_CODES
+)]
 struct Cli {
     /// remapd's control socket.
-    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
+    #[arg(long, global = true, env = "REMAPCTL_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Print JSON (for scripts) instead of text.
+    /// Print JSON (for scripts) instead of text; errors too, as {"code":N,"error":"..."}.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -49,10 +70,17 @@ enum Cmd {
         #[arg(long, default_value = "error")]
         unreadable: UnreadablePolicy,
     },
+    /// Bring up volumes found by their metadata on the block devices (all, or NAME).
+    Assemble { name: Option<String> },
     /// Remove the volume's devices (the metadata stays on the spares).
     Stop { name: String },
-    /// Volumes, their pools and remaps.
-    Status { name: Option<String> },
+    /// Volumes: a map of where the remaps and pending blocks are, and the spare pool.
+    Status {
+        name: Option<String>,
+        /// Cells of the map (default: the terminal's width).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_MAP_WIDTH)))]
+        width: Option<u32>,
+    },
     /// Manage the spare pool.
     #[command(subcommand)]
     Spare(SpareCmd),
@@ -61,17 +89,36 @@ enum Cmd {
     Remap(RemapCmd),
     /// Blocks that could not be read when their chunk moved (they fail reads until rewritten).
     Pending { name: String },
+    /// Errors and remaps as remapd sees them: the recent ones, then new ones with --follow.
+    Events {
+        /// Keep the connection open and print each new event as it happens.
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// The error detector's counters (from its pinned maps).
     Counters {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Print a shell completion script (e.g. `remapctl completions bash > /etc/bash_completion.d/remapctl`).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (remapctl.1 and one per subcommand) to a folder.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Tools for tests and troubleshooting of the socket protocol.
+    #[command(subcommand, hide = true)]
+    Debug(DebugCmd),
 }
 
 #[derive(Subcommand)]
 enum SpareCmd {
+    /// Add DEV to the pool of volume NAME.
     Add { name: String, dev: PathBuf },
+    /// Remove DEV from the pool (refused while it holds remapped chunks).
     Remove { name: String, dev: PathBuf },
+    /// The pool's devices and their use.
     List { name: String },
 }
 
@@ -84,57 +131,163 @@ enum RemapCmd {
         #[arg(long, default_value_t = 1)]
         count: u64,
     },
-    List {
-        name: String,
+    /// The remapped chunks and where they live.
+    List { name: String },
+}
+
+#[derive(Subcommand)]
+enum DebugCmd {
+    /// Send standard input to the socket as it is and print every answer line.
+    Raw,
+    /// Listen on a datagram socket as systemd's NOTIFY_SOCKET and print what arrives.
+    NotifyListen {
+        socket: PathBuf,
+        /// Stop after a message containing this line (e.g. STOPPING=1).
+        #[arg(long)]
+        until: Option<String>,
+        /// Give up (exit 1) after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
     },
 }
 
 fn main() {
     let cli = Cli::parse();
+    let json = cli.json;
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("remapctl: error: {e:#}");
-            exit::ERROR
+            let code = e
+                .downcast_ref::<Unreachable>()
+                .map_or(exit::ERROR, |u| u.code);
+            report_error(json, code, &format!("{e:#}"));
+            code
         }
     };
     std::process::exit(code);
 }
 
-fn call(socket: &PathBuf, req: &Request) -> Result<Response> {
-    let mut s = UnixStream::connect(socket).with_context(|| {
-        format!(
-            "cannot reach remapd at {} (is it running? start it with `systemctl start remapd` or `remapd`)",
-            socket.display()
-        )
-    })?;
+fn report_error(json: bool, code: i32, msg: &str) {
+    if json {
+        println!("{}", json!({ "code": code, "error": msg }));
+    }
+    eprintln!("remapctl: {msg}");
+}
+
+/// remapd could not be reached; `code` says whether it is a permission matter.
+#[derive(Debug)]
+struct Unreachable {
+    code: i32,
+    msg: String,
+}
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+fn connect(socket: &Path) -> Result<UnixStream> {
+    UnixStream::connect(socket).map_err(|e| {
+        let (code, msg) = match e.kind() {
+            std::io::ErrorKind::PermissionDenied => (
+                exit::REFUSED,
+                format!(
+                    "permission denied on {}: run as root, or ask for remapd to be started with \
+                     --socket-group GROUP and join that group (read-only commands only)",
+                    socket.display()
+                ),
+            ),
+            _ => (
+                exit::ERROR,
+                format!(
+                    "cannot reach remapd at {} ({e}); is it running? `systemctl start remapd` or `remapd`",
+                    socket.display()
+                ),
+            ),
+        };
+        anyhow::Error::new(Unreachable { code, msg })
+    })
+}
+
+fn send<T: Serialize>(s: &mut UnixStream, req: &T) -> Result<()> {
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
-    s.write_all(&line)?;
+    s.write_all(&line).context("sending the request to remapd")
+}
+
+fn read_response(rd: &mut impl std::io::BufRead) -> Result<Response> {
     let mut resp = String::new();
-    BufReader::new(s).read_line(&mut resp)?;
+    rd.read_line(&mut resp).context("reading remapd's answer")?;
     if resp.is_empty() {
-        bail!("remapd closed the connection without answering");
+        anyhow::bail!("remapd closed the connection without answering");
     }
     serde_json::from_str(&resp).context("unreadable answer from remapd")
 }
 
+/// One request, one answer, with a spinner on a terminal when `busy` names long work.
+fn call<T: Serialize>(socket: &Path, req: &T, busy: Option<&str>) -> Result<Response> {
+    let mut s = connect(socket)?;
+    send(&mut s, req)?;
+    let spinner = busy
+        .filter(|_| std::io::stderr().is_terminal())
+        .map(|what| {
+            let pb = indicatif::ProgressBar::new_spinner();
+            pb.set_message(what.to_owned());
+            pb.enable_steady_tick(Duration::from_millis(120));
+            pb
+        });
+    let resp = read_response(&mut BufReader::new(s));
+    if let Some(pb) = spinner {
+        pb.finish_and_clear();
+    }
+    resp
+}
+
 fn run(cli: Cli) -> Result<i32> {
+    let socket = cli.socket.as_path();
     let req = match cli.cmd {
-        Cmd::Counters { pin_dir } => {
-            let c = read_pinned_counters(&pin_dir)?;
-            let v = serde_json::json!({
-                "errors": c.errors, "events": c.events, "dedups": c.dedups,
-                "drops": c.drops, "unwatched": c.unwatched, "no_data": c.no_data,
-            });
+        Cmd::Counters { pin_dir } => return counters(&pin_dir, cli.json),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "remapctl",
+                &mut std::io::stdout(),
+            );
+            return Ok(exit::OK);
+        }
+        Cmd::Man { out } => return man(&out),
+        Cmd::Debug(DebugCmd::Raw) => return raw(socket),
+        Cmd::Debug(DebugCmd::NotifyListen {
+            socket,
+            until,
+            timeout,
+        }) => return notify_listen(&socket, until.as_deref(), timeout),
+        Cmd::Events { follow } => return events(socket, follow, cli.json),
+        Cmd::Status { name, width } => return status(socket, name, width, cli.json),
+        Cmd::Assemble { name } => {
+            let resp = call(
+                socket,
+                &AgentRequest::Assemble { name },
+                Some("assembling volumes"),
+            )?;
             if cli.json {
-                println!("{v}");
+                if resp.code != exit::OK {
+                    report_error(true, resp.code, resp.error.as_deref().unwrap_or_default());
+                }
+                println!("{}", resp.data);
             } else {
-                for (k, v) in v.as_object().expect("object") {
-                    println!("{k:<10} {v}");
+                if let Some(e) = &resp.error {
+                    eprintln!("remapctl: {e}");
+                }
+                if !resp.data.is_null() {
+                    print_assembled(&resp.data);
                 }
             }
-            return Ok(exit::OK);
+            return Ok(resp.code);
         }
         Cmd::Create {
             name,
@@ -154,7 +307,6 @@ fn run(cli: Cli) -> Result<i32> {
             unreadable,
         },
         Cmd::Stop { name } => Request::Stop { name },
-        Cmd::Status { name } => Request::Status { name },
         Cmd::Spare(SpareCmd::Add { name, dev }) => Request::SpareAdd { name, dev },
         Cmd::Spare(SpareCmd::Remove { name, dev }) => Request::SpareRemove { name, dev },
         Cmd::Spare(SpareCmd::List { name }) => Request::SpareList { name },
@@ -162,93 +314,367 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Remap(RemapCmd::List { name }) => Request::RemapList { name },
         Cmd::Pending { name } => Request::Pending { name },
     };
-    let kind = serde_json::to_value(&req)?["cmd"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let resp = call(&cli.socket, &req)?;
+    let busy = match &req {
+        Request::Create { name, .. } => Some(format!("creating {name}")),
+        Request::Stop { name } => Some(format!("stopping {name}")),
+        Request::SpareAdd { dev, .. } => Some(format!("adding {}", dev.display())),
+        Request::SpareRemove { dev, .. } => Some(format!("removing {}", dev.display())),
+        Request::RemapAdd { name, .. } => Some(format!("remapping chunks of {name}")),
+        _ => None,
+    };
+    let kind = req.cmd();
+    let resp = call(socket, &req, busy.as_deref())?;
     if let Some(e) = &resp.error {
-        eprintln!("remapctl: {e}");
+        report_error(cli.json, resp.code, e);
         return Ok(resp.code);
     }
     if cli.json {
         println!("{}", resp.data);
     } else {
-        print_human(&kind, &resp.data);
+        print_human(kind, &resp.data);
     }
     Ok(resp.code)
 }
 
-fn bytes(v: &Value) -> String {
-    let b = v.as_u64().unwrap_or(0) as f64;
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut x = b;
-    let mut i = 0;
-    while x >= 1024.0 && i + 1 < units.len() {
-        x /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
+fn counters(pin_dir: &Path, json: bool) -> Result<i32> {
+    let c = read_pinned_counters(pin_dir)?;
+    let v = json!({
+        "errors": c.errors, "events": c.events, "dedups": c.dedups,
+        "drops": c.drops, "unwatched": c.unwatched, "no_data": c.no_data,
+        "rewrites": c.rewrites,
+    });
+    if json {
+        println!("{v}");
     } else {
-        format!("{x:.1} {}", units[i])
+        for (k, v) in v.as_object().expect("object") {
+            println!("{k:<10} {v}");
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn man(out: &Path) -> Result<i32> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    clap_mangen::generate_to(Cli::command(), out)
+        .with_context(|| format!("writing man pages to {}", out.display()))?;
+    let mut pages: Vec<_> = std::fs::read_dir(out)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "1"))
+        .collect();
+    pages.sort();
+    for p in pages {
+        println!("{}", p.display());
+    }
+    Ok(exit::OK)
+}
+
+/// Width of the map on this terminal: what is left of the line after its label.
+fn terminal_cells() -> u32 {
+    let cols = std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse::<u32>().ok())
+        .or_else(|| {
+            // SAFETY: winsize is plain integers, for which all zeroes is a valid value.
+            let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+            // SAFETY: TIOCGWINSZ writes a winsize into the valid out-pointer, or fails.
+            let ok = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) } == 0;
+            (ok && ws.ws_col > 0).then_some(u32::from(ws.ws_col))
+        })
+        .unwrap_or(80);
+    cols.saturating_sub(10).clamp(16, MAX_MAP_WIDTH)
+}
+
+fn status(socket: &Path, name: Option<String>, width: Option<u32>, json: bool) -> Result<i32> {
+    let resp = call(socket, &Request::Status { name }, None)?;
+    if let Some(e) = &resp.error {
+        report_error(json, resp.code, e);
+        return Ok(resp.code);
+    }
+    if json {
+        println!("{}", resp.data);
+        return Ok(exit::OK);
+    }
+    let vols = match &resp.data {
+        Value::Array(vs) => vs.clone(),
+        v => vec![v.clone()],
+    };
+    if vols.is_empty() {
+        println!("no volumes");
+    }
+    let cells = width.unwrap_or_else(terminal_cells);
+    for (i, v) in vols.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        let name = v["name"].as_str().unwrap_or_default().to_owned();
+        // The map is an extra: a volume stopped in between, or an older agent, only loses it.
+        let map = call(socket, &AgentRequest::Map { name, width: cells }, None)
+            .ok()
+            .filter(|r| r.code == exit::OK)
+            .and_then(|r| serde_json::from_value::<VolumeMap>(r.data).ok());
+        print_status(v, map.as_ref());
+    }
+    Ok(exit::OK)
+}
+
+fn events(socket: &Path, follow: bool, json: bool) -> Result<i32> {
+    let mut s = connect(socket)?;
+    send(&mut s, &AgentRequest::Events { follow })?;
+    let mut rd = BufReader::new(s);
+    let first = read_response(&mut rd)?;
+    if let Some(e) = &first.error {
+        report_error(json, first.code, e);
+        return Ok(first.code);
+    }
+    let stdout = std::io::stdout();
+    let show = |ev: &Event| -> Result<()> {
+        let mut out = stdout.lock();
+        if json {
+            serde_json::to_writer(&mut out, ev)?;
+            writeln!(out)?;
+        } else {
+            writeln!(out, "{}", event_line(ev))?;
+        }
+        out.flush()?;
+        Ok(())
+    };
+    for ev in first.data.as_array().into_iter().flatten() {
+        if let Ok(ev) = serde_json::from_value::<Event>(ev.clone()) {
+            show(&ev)?;
+        }
+    }
+    if !follow {
+        return Ok(exit::OK);
+    }
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if rd.read_line(&mut line)? == 0 {
+            // remapd stopped: the stream ends, which is an error for a follower.
+            eprintln!("remapctl: remapd closed the event stream");
+            return Ok(exit::ERROR);
+        }
+        match serde_json::from_str::<Event>(&line) {
+            Ok(ev) => {
+                // A closed stdout (e.g. `| head`) ends the follow quietly.
+                if show(&ev).is_err() {
+                    return Ok(exit::OK);
+                }
+            }
+            Err(_) => eprintln!("remapctl: unexpected line from remapd: {}", line.trim_end()),
+        }
     }
 }
 
+fn event_line(ev: &Event) -> String {
+    match ev {
+        Event::Error {
+            time_ms,
+            volume,
+            device,
+            major,
+            minor,
+            sector,
+            nr_sector,
+            errno,
+            op,
+        } => format!(
+            "{}  error  {:<12} {device} ({major}:{minor})  {op} lba {sector} +{nr_sector}  {} ({errno})",
+            render::utc(*time_ms),
+            volume.as_deref().unwrap_or("-"),
+            render::errno_name(*errno),
+        ),
+        Event::Remap {
+            time_ms,
+            volume,
+            chunks,
+            lbas,
+            pending_blocks,
+            exhausted,
+            micros,
+            suspended_micros,
+            cause,
+        } => {
+            let mut at = lbas
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            if (lbas.len() as u64) < *chunks && !lbas.is_empty() {
+                at.push_str(", ...");
+            }
+            format!(
+                "{}  remap  {volume:<12} {chunks} chunk{}{}  {pending_blocks} pending  {exhausted} not moved (pool full)  {:.1} ms, suspended {:.1} ms  [{cause}]",
+                render::utc(*time_ms),
+                if *chunks == 1 { "" } else { "s" },
+                if at.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (lba {at})")
+                },
+                *micros as f64 / 1000.0,
+                *suspended_micros as f64 / 1000.0,
+            )
+        }
+        Event::Lagged { missed } => {
+            format!("(missed {missed} events: remapctl read too slowly)")
+        }
+    }
+}
+
+/// Copies standard input to the socket unchanged and every answer line to standard output.
+/// Exits with the code of the last answer (1 when there was none).
+fn raw(socket: &Path) -> Result<i32> {
+    let s = connect(socket)?;
+    let mut wr = s.try_clone()?;
+    // Writing in its own thread: remapd may answer (or hang up) before all is sent.
+    let writer = std::thread::spawn(move || {
+        let mut input = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut input);
+        let _ = wr.write_all(&input);
+        let _ = wr.shutdown(std::net::Shutdown::Write);
+    });
+    let mut code = exit::ERROR;
+    let mut out = std::io::stdout().lock();
+    for line in BufReader::new(s).lines() {
+        let Ok(line) = line else { break };
+        writeln!(out, "{line}")?;
+        if let Ok(r) = serde_json::from_str::<Response>(&line) {
+            code = r.code;
+        }
+    }
+    out.flush()?;
+    let _ = writer.join();
+    Ok(code)
+}
+
+fn notify_listen(path: &Path, until: Option<&str>, timeout: u64) -> Result<i32> {
+    let _ = std::fs::remove_file(path);
+    let sock = UnixDatagram::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = std::io::stdout();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            eprintln!("remapctl: no {} within {timeout} s", until.unwrap_or("end"));
+            return Ok(exit::ERROR);
+        }
+        sock.set_read_timeout(Some(left))?;
+        let n = match sock.recv(&mut buf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let msg = String::from_utf8_lossy(&buf[..n]);
+        for l in msg.lines() {
+            writeln!(out, "{l}")?;
+        }
+        out.flush()?;
+        if until.is_some_and(|u| msg.lines().any(|l| l == u)) {
+            return Ok(exit::OK);
+        }
+    }
+}
+
+fn print_assembled(v: &Value) {
+    let list = v.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no volumes found on the block devices");
+    }
+    for a in list {
+        println!(
+            "{:<16} {:<16} generation {}  remaps {}",
+            a["name"].as_str().unwrap_or("?"),
+            a["outcome"].as_str().unwrap_or("?"),
+            a["generation"],
+            a["remaps"],
+        );
+        for n in a["notes"].as_array().into_iter().flatten() {
+            println!("  {}", n.as_str().unwrap_or_default());
+        }
+    }
+}
+
+fn b(v: &Value) -> String {
+    bytes(v.as_u64().unwrap_or(0))
+}
+
 fn print_pool(p: &Value) {
+    let total = p["total"].as_u64().unwrap_or(0);
+    let free = p["available"].as_u64().unwrap_or(0);
+    let used = total.saturating_sub(free);
     println!(
-        "pool ({}): {} of {} chunks free ({} of {})",
+        "  pool ({}): {used} of {total} chunks used ({}), {} free",
         p["policy"].as_str().unwrap_or("?"),
-        p["available"],
-        p["total"],
-        bytes(&p["available_bytes"]),
-        bytes(&p["total_bytes"]),
+        percent(used, total),
+        b(&p["available_bytes"]),
     );
     println!(
-        "  {:<4} {:<24} {:>10} {:>8} {:>8}",
-        "SLOT", "DEVICE", "SIZE", "USED", "FREE"
+        "    {:<4} {:<24} {:>10} {:>8} {:>8} {:>7}",
+        "SLOT", "DEVICE", "SIZE", "USED", "FREE", "USE%"
     );
     for d in p["devices"].as_array().into_iter().flatten() {
+        let (u, t) = (
+            d["used"].as_u64().unwrap_or(0),
+            d["chunks"].as_u64().unwrap_or(0),
+        );
         println!(
-            "  {:<4} {:<24} {:>10} {:>8} {:>8}",
-            d["slot"],
+            "    {:<4} {:<24} {:>10} {:>8} {:>8} {:>7}",
+            d["slot"].to_string(),
             d["path"].as_str().unwrap_or("(missing)"),
-            bytes(&d["size_bytes"]),
-            d["used"],
-            d["free"],
+            b(&d["size_bytes"]),
+            u,
+            d["free"].to_string(),
+            percent(u, t),
         );
     }
 }
 
-fn print_status(v: &Value) {
+fn print_status(v: &Value, map: Option<&VolumeMap>) {
     println!(
         "{}  {}  {}  main {}",
         v["name"].as_str().unwrap_or("?"),
         v["device"].as_str().unwrap_or("?"),
-        bytes(&v["size_bytes"]),
+        b(&v["size_bytes"]),
         v["main"].as_str().unwrap_or("?"),
     );
     println!(
-        "  chunk {}  region {} x{}  remaps {}  pending {} ({})  generation {}",
-        bytes(&v["chunk_size"]),
-        bytes(&v["region_size"]),
+        "  chunk {}  regions {} x {}  generation {}",
+        b(&v["chunk_size"]),
         v["regions"],
+        b(&v["region_size"]),
+        v["generation"],
+    );
+    println!(
+        "  remapped {} chunks  pending {} blocks (mode {})",
         v["remaps"],
         v["pending"],
         v["pending_mode"].as_str().unwrap_or("?"),
-        v["generation"],
     );
+    if let Some(m) = map {
+        println!("  map |{}|", m.line());
+        println!(
+            "      0 .. {}, {} a cell   {GLYPH_REMAP} remapped  {GLYPH_PENDING} pending (fails reads until rewritten)  {GLYPH_CLEAN} untouched",
+            bytes(m.size_bytes),
+            bytes(m.cell_bytes()),
+        );
+    }
     print_pool(&v["pool"]);
 }
 
 fn print_human(kind: &str, v: &Value) {
     match kind {
-        "status" | "create" => match v {
-            Value::Array(vs) if vs.is_empty() => println!("no volumes"),
-            Value::Array(vs) => vs.iter().for_each(print_status),
-            v => print_status(v),
-        },
+        "create" => print_status(v, None),
         "spare-add" | "spare-remove" | "spare-list" => print_pool(v),
+        "stop" => println!("stopped {}", v["stopped"].as_str().unwrap_or("?")),
         "remap-list" => {
             println!(
                 "{:>12} {:>8} {:<20} {:>12} {:>8}",
@@ -257,11 +683,11 @@ fn print_human(kind: &str, v: &Value) {
             for r in v.as_array().into_iter().flatten() {
                 println!(
                     "{:>12} {:>8} {:<20} {:>12} {:>8}",
-                    r["lba"],
-                    r["sectors"],
+                    r["lba"].to_string(),
+                    r["sectors"].to_string(),
                     r["spare"].as_str().unwrap_or("?"),
-                    r["spare_sector"],
-                    r["pending_blocks"],
+                    r["spare_sector"].to_string(),
+                    r["pending_blocks"].to_string(),
                 );
             }
         }
@@ -284,5 +710,46 @@ fn print_human(kind: &str, v: &Value) {
             v["micros"],
         ),
         _ => println!("{v}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn event_lines_read_well() {
+        let e = Event::Error {
+            time_ms: 0,
+            volume: Some("data".into()),
+            device: "/dev/sdb".into(),
+            major: 8,
+            minor: 16,
+            sector: 1001,
+            nr_sector: 8,
+            errno: 61,
+            op: "read".into(),
+        };
+        assert_eq!(
+            event_line(&e),
+            "1970-01-01 00:00:00.000Z  error  data         /dev/sdb (8:16)  read lba 1001 +8  ENODATA (61)"
+        );
+        let r = Event::Remap {
+            time_ms: 0,
+            volume: "data".into(),
+            chunks: 20,
+            lbas: vec![0, 8],
+            pending_blocks: 1,
+            exhausted: 0,
+            micros: 1500,
+            suspended_micros: 250,
+            cause: "error".into(),
+        };
+        assert!(event_line(&r).contains("20 chunks (lba 0, 8, ...)  1 pending"));
     }
 }

@@ -1,22 +1,35 @@
 //! remapd: the remap agent.
-use std::{io::Write as _, path::PathBuf, time::Duration};
+use std::{io::Write as _, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use remap_user::{
     agent::{self, AgentOptions},
     blockdev::{BlockDev, DirectIo},
     control::DEFAULT_SOCKET,
     detect::{Detector, DetectorConfig, ErrorRecord, ProgramChoice, loader::DEFAULT_PIN_DIR},
     dm::Dm,
+    logging::{self, LogTarget},
 };
 use tokio::signal::unix::{SignalKind, signal};
+
+/// Exit status when remapd cannot start or stops on an error (systemd restarts it).
+const EXIT_FAILURE: i32 = 1;
 
 #[derive(Parser)]
 #[command(
     name = "remapd",
     version,
-    about = "remap agent: keeps a failing disk in service"
+    about = "remap agent: keeps a failing disk in service",
+    long_about = "remap agent: keeps a failing disk in service.\n\n\
+        Without a subcommand remapd runs the agent in the foreground, as systemd runs it: it \
+        attaches the eBPF error detector, assembles the volumes found on the block devices, \
+        listens on its control socket (remapctl talks to it) and moves failing chunks of each \
+        volume to its spare pool as errors appear.\n\n\
+        Every option can also be set in the environment (REMAPD_*), which is how the systemd \
+        unit reads /etc/remap/remapd.conf.",
+    after_help = "Exit status: 0 stopped by SIGTERM/SIGINT, 1 could not start or stopped on an error, \
+        2 usage error.\nLogging: REMAP_LOG=debug (or any tracing filter) sets the level."
 )]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -30,23 +43,43 @@ struct Cli {
 #[derive(clap::Args)]
 struct AgentArgs {
     /// Control socket (its folder is created root-only).
-    #[arg(long, default_value = DEFAULT_SOCKET)]
+    #[arg(long, env = "REMAPD_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Group whose members may use the read-only calls (status, lists, events): the socket
+    /// becomes mode 0660 with this group. Changing calls stay root-only.
+    #[arg(long, env = "REMAPD_SOCKET_GROUP", value_name = "GROUP")]
+    socket_group: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9687). Off by default.
+    #[arg(long, env = "REMAPD_METRICS", value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     /// bpffs folder for the pinned maps.
-    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    #[arg(long, env = "REMAPD_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
     /// Tracepoint: block_rq_error when the kernel has it (auto), or force one.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "error", "complete"])]
+    #[arg(long, env = "REMAPD_DETECTOR", default_value = "auto", value_parser = ["auto", "error", "complete"])]
     detector: String,
     /// De-duplication window of the detector in milliseconds.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, env = "REMAPD_DEDUP_WINDOW_MS", default_value_t = 1000)]
     dedup_window_ms: u64,
+    /// Do not assemble the volumes found on the block devices at start (`remapctl assemble`
+    /// does it later).
+    #[arg(long, env = "REMAPD_NO_ASSEMBLE")]
+    no_assemble: bool,
+    /// Where the log goes: the journal when systemd connected stderr to it (auto), or force.
+    #[arg(long, env = "REMAPD_LOG_TARGET", default_value = "auto", value_parser = ["auto", "journald", "stderr"])]
+    log_target: String,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// Attach the error detector and print one JSON line per failed request on the devices.
     Watch(WatchArgs),
+    /// Write remapd's man pages (section 8) to a folder.
+    #[command(hide = true)]
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -72,23 +105,53 @@ struct WatchArgs {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("REMAP_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    let target = match &cli.cmd {
+        // The watcher's output is its JSON on stdout; its log stays on stderr.
+        Some(_) => LogTarget::Stderr,
+        None => cli
+            .agent
+            .log_target
+            .parse()
+            .expect("clap checked the value"),
+    };
+    let mut log_to = None;
     let res = match cli.cmd {
-        Some(Cmd::Watch(a)) => watch(a),
-        None => agent(cli.agent),
+        Some(Cmd::Man { out }) => man(&out),
+        Some(Cmd::Watch(a)) => {
+            log_to = Some(logging::init(target, "info"));
+            watch(a)
+        }
+        None => {
+            log_to = Some(logging::init(target, "info"));
+            agent(cli.agent)
+        }
     };
     if let Err(e) = res {
+        // Into the journal too: under systemd that is where people look.
+        if log_to == Some("journald") {
+            tracing::error!("{e:#}");
+        }
         eprintln!("remapd: error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(EXIT_FAILURE);
     }
+}
+
+fn man(out: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let cmd = Cli::command();
+    let mut pages = Vec::new();
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let sub = sub
+            .clone()
+            .display_name(format!("remapd-{}", sub.get_name()));
+        pages.push(clap_mangen::Man::new(sub).section("8").generate_to(out)?);
+    }
+    pages.push(clap_mangen::Man::new(cmd).section("8").generate_to(out)?);
+    for p in pages {
+        println!("{}", p.display());
+    }
+    Ok(())
 }
 
 fn agent(a: AgentArgs) -> Result<()> {
@@ -99,6 +162,11 @@ fn agent(a: AgentArgs) -> Result<()> {
         keep_pins: false,
         pending_watch: true,
     };
+    let socket_group = a
+        .socket_group
+        .as_deref()
+        .map(agent::resolve_group)
+        .transpose()?;
     let dm = Dm::new()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -107,7 +175,10 @@ fn agent(a: AgentArgs) -> Result<()> {
     rt.block_on(agent::run(
         AgentOptions {
             socket: a.socket,
+            socket_group,
             detector,
+            metrics: a.metrics,
+            assemble: !a.no_assemble,
         },
         dm,
         DirectIo::default(),

@@ -1,0 +1,261 @@
+# Reaction, flat-table reloads, assembly and metadata cost, as the remaps accumulate.
+# Parameters (from the header xtask writes): SIZES, SCALE_SIZES, RUNS, INJECT, FLAT_REPS,
+# FLAT_SCATTERED_MAX, META_N, READER_IOPS, BASELINE_S.
+#
+# One volume of 8 GiB (2 Mi chunks of 4 KiB, 8 regions of 1 GiB) over a null_blk disk without
+# memory, two 8 GiB spares. For each size in SIZES the background grows to that many remaps,
+# then:
+# - INJECT errors, one at a time: a bad sector on the main disk, one O_DIRECT read of it through
+#   the volume; the kernel trace gives the failing request's block_rq_error and the region's
+#   dm_suspend and dm_resume (reaction = resume return - error), remapd's log its own timings;
+# - meanwhile two readers, rate-limited, of another region and of the injected region;
+# - a flat table with the volume's segment count, and one with 2N+1 segments (N scattered
+#   remaps), loaded, suspended and resumed with dmsetup;
+# - at sizes in SCALE_SIZES: the agent is restarted and assembles the volume (timed, memory),
+#   next to creating the same tables with dmsetup; metadata bytes written per remap.
+
+emit_guest
+MAIN_MB=8192
+CHUNKS=$((MAIN_MB * 256))
+STRIDE=$((CHUNKS / RUNS))
+REGION_CHUNKS=262144
+INJ_REGION=1
+OTHER_REGION=5
+
+# Stride offsets the background will use, so injections and single remaps go elsewhere.
+used=0 prev=0
+for s in $SIZES; do
+    add=$((s - prev))
+    if [ $add -gt 0 ]; then
+        l=$((add / RUNS))
+        [ $l -ge 1 ] || l=1
+        used=$((used + l + 1))
+    fi
+    prev=$s
+done
+INJ_OFF=$((used + 8))
+MISC_OFF=$((INJ_OFF + 256))
+[ $((MISC_OFF + 256)) -lt $STRIDE ] || { echo "layout does not fit: stride $STRIDE" >&2; exit 1; }
+# Injection i goes to stride INJ_S0 + i % INJ_NS of the injected region (after the first 32 MiB,
+# which the same-region reader reads), at offset INJ_OFF + i / INJ_NS.
+INJ_S0=$(((INJ_REGION * REGION_CHUNKS + 8192 + STRIDE - 1) / STRIDE))
+INJ_NS=$((((INJ_REGION + 1) * REGION_CHUNKS) / STRIDE - INJ_S0))
+INJ_I=0
+MISC_I=0
+
+progress "reaction: main $MAIN_MB MiB, $RUNS runs per step, stride $STRIDE chunks"
+main=/dev/nullb0
+nb_create 0 $MAIN_MB 0
+sp0=$(hybrid_spare bsp0 1 2 $MAIN_MB)
+sp1=$(hybrid_spare bsp1 3 4 $MAIN_MB)
+META_DEVS="/dev/nullb1 /dev/nullb3"
+DATA_DEVS="/dev/nullb2 /dev/nullb4"
+trace_setup
+
+# The agent's fixed start cost (detector load and attach), without volumes.
+agent_start --no-assemble || exit 1
+emit agent-start "{\"ready_micros\":$READY_US}"
+agent_stop
+agent_start || exit 1
+remapctl --json create $VOL --main $main --spare "$sp0" --spare "$sp1" >/tmp/create.json ||
+    { echo "create failed: $(cat /tmp/create.json)" >&2; exit 1; }
+emit volume "$(cat /tmp/create.json)"
+
+# readers_start: two rate-limited 4 KiB random readers, one on another region and one on the
+# first 32 MiB of the injected region; readers_stop prints their terse lines.
+READERS=
+readers_start() {
+    fio --output-format=terse --terse-version=3 --direct=1 --randrepeat=0 --norandommap \
+        --ioengine=psync --bs=4k --rw=randread --time_based --runtime=100000 \
+        --rate_iops="$READER_IOPS" --filename=/dev/mapper/$VOL \
+        --name=other --offset=$((OTHER_REGION * REGION_CHUNKS * 4096)) --size=1G \
+        --name=same --offset=$((INJ_REGION * REGION_CHUNKS * 4096)) --size=32M \
+        >/tmp/readers.out 2>/dev/null &
+    READERS=$!
+    sleep 1
+}
+READERS_TERSE=
+readers_stop() {
+    kill -INT $READERS 2>/dev/null
+    wait $READERS 2>/dev/null
+    READERS_TERSE=$(grep '^3;' /tmp/readers.out | tr '\n' '|')
+}
+
+# The readers alone: what their latency looks like when nothing is remapped.
+readers_start
+sleep "$BASELINE_S"
+readers_stop
+emit readers-baseline "{\"terse\":$(jstr "$READERS_TERSE")}"
+
+# inject_one: one error, waits for its batch; sets INJ (reaction, suspended, and the log's micros
+# and suspended_micros; "-" when the batch did not come).
+INJ=
+inject_one() {
+    local c s before n=0 e u r line
+    c=$(((INJ_S0 + INJ_I % INJ_NS) * STRIDE + INJ_OFF + INJ_I / INJ_NS))
+    INJ_I=$((INJ_I + 1))
+    s=$((c * 8))
+    before=$(batches_done)
+    echo >$T/trace
+    nb_bad + $main "$s-$s"
+    dio-read /dev/mapper/$VOL $s 8 2>/dev/null
+    while [ "$(batches_done)" -le "$before" ] && [ $n -lt 6000 ]; do
+        sleep 0.01
+        n=$((n + 1))
+    done
+    nb_bad - $main "$s-$s"
+    # The batch is logged after the resume; give the trace a moment all the same.
+    for ((k2 = 0; k2 < 50; k2++)); do
+        read -r e u r <<<"$(trace_times $s)"
+        [ "$r" != "-" ] && break
+        sleep 0.02
+    done
+    line=$(grep "remap batch done" "$LOG" | tail -1)
+    if [ -n "${BENCH_DEBUG:-}" ]; then
+        echo "inject $s: e=$e u=$u r=$r line=$line"
+        grep -v '^#' $T/trace
+    fi
+    if [ $n -ge 6000 ] || [ "$e" = "-" ] || [ "$r" = "-" ]; then
+        INJ="- - - -"
+        return
+    fi
+    INJ="$((r - e)) $((r - u)) $(echo "$line" | sed -n 's/.* micros=\([0-9]*\).*/\1/p') $(echo "$line" | sed -n 's/.*suspended_micros=\([0-9]*\).*/\1/p')"
+}
+
+# flat_cmp LABEL SEGMENTS REPS: a flat table of SEGMENTS 4 KiB linear segments alternating
+# between the main disk and a spare's, loaded into a device and swapped in with
+# dmsetup load / suspend / resume.
+flat_cmp() {
+    local label=$1 n=$2 reps=$3 i t0 t1 t2 t3 err="" loads=() sus=() res=()
+    awk -v n="$n" -v a="$(majmin $main)" -v b="$(majmin /dev/nullb2)" 'BEGIN {
+        for (i = 0; i < n; i++) printf "%d 8 linear %s %d\n", i * 8, (i % 2 ? b : a), (i % 1000000) * 8 + 4096 }' \
+        >/tmp/flat.table
+    dmsetup create bench-flat --table "0 8 linear $(majmin $main) 0" || return
+    for ((i = 0; i < reps; i++)); do
+        t0=$(now_us)
+        if ! err=$(dmsetup load bench-flat /tmp/flat.table 2>&1); then
+            break
+        fi
+        t1=$(now_us)
+        dmsetup suspend bench-flat
+        t2=$(now_us)
+        dmsetup resume bench-flat
+        t3=$(now_us)
+        err=""
+        loads+=($((t1 - t0)))
+        sus+=($((t2 - t1)))
+        res+=($((t3 - t2)))
+    done
+    # What one dmsetup process costs by itself (a query that touches no table).
+    local noop=()
+    for ((i = 0; i < 3; i++)); do
+        t0=$(now_us)
+        dmsetup info bench-flat >/dev/null
+        noop+=($(($(now_us) - t0)))
+    done
+    dmsetup remove bench-flat
+    rm -f /tmp/flat.table
+    emit flat "{\"remaps\":$BG,\"label\":\"$label\",\"segments\":$n,\"load\":$(jlist "${loads[@]}"),\"suspend\":$(jlist "${sus[@]}"),\"resume\":$(jlist "${res[@]}"),\"noop\":$(jlist "${noop[@]}"),\"error\":$(jstr "$(echo "$err" | head -3)")}"
+}
+
+# meta_cost N: N single-chunk remaps, one batch each; sectors written to the metadata and data
+# disks of the spares.
+meta_cost() {
+    local n=$1 i c m0 m1 d0 d1 t0 us fails
+    : >/tmp/meta.req
+    for ((i = 0; i < n; i++)); do
+        c=$((((MISC_I + i) % RUNS) * STRIDE + MISC_OFF + (MISC_I + i) / RUNS))
+        req_add $((c * 8)) 8 >>/tmp/meta.req
+    done
+    MISC_I=$((MISC_I + n))
+    m0=0 d0=0
+    for d in $META_DEVS; do m0=$((m0 + $(wsect $d))); done
+    for d in $DATA_DEVS; do d0=$((d0 + $(wsect $d))); done
+    t0=$(now_us)
+    fails=$(raw_remaps /tmp/meta.req)
+    us=$(($(now_us) - t0))
+    m1=0 d1=0
+    for d in $META_DEVS; do m1=$((m1 + $(wsect $d))); done
+    for d in $DATA_DEVS; do d1=$((d1 + $(wsect $d))); done
+    emit meta "{\"remaps\":$(status_num remaps),\"n\":$n,\"failed\":$fails,\"micros\":$us,\"meta_sectors\":$((m1 - m0)),\"data_sectors\":$((d1 - d0)),\"spares\":2}"
+}
+
+# superblock FIELD_OFFSET BYTES: a field of the newer superblock (higher checkpoint generation)
+# of the first spare (its superblocks are 1 MiB into its metadata disk).
+sb_field() { dd if=/dev/nullb1 bs=4096 skip="$1" count=1 status=none 2>/dev/null | od -An -tu"$3" -j"$2" -N"$3" | tr -d ' '; }
+superblock() {
+    local b=256
+    [ "$(sb_field 257 48 8)" -gt "$(sb_field 256 48 8)" ] && b=257
+    sb_field $b "$1" "$2"
+}
+
+# scale_at: the volume's tables saved; the volume stopped and the agent restarted (it
+# assembles at start); the same tables created with dmsetup.
+scale_at() {
+    local r t0 floor_us m0 m1 n=0 regions=()
+    rm -rf /tmp/floor && mkdir /tmp/floor
+    for r in $(dmsetup ls | awk -v v="$VOL-remap-r" 'index($1, v) == 1 {print $1}' | sort); do
+        dmsetup table "$r" >"/tmp/floor/$r"
+        regions+=("$r")
+    done
+    remapctl --json stop $VOL >/dev/null || { echo "stop failed" >&2; return 1; }
+    agent_stop
+    # The kernel floor: the same region tables and a volume table over them, with dmsetup.
+    t0=$(now_us)
+    local off=0 size top=""
+    for r in "${regions[@]}"; do
+        dmsetup create "bench-$r" </tmp/floor/"$r"
+        size=$(awk '{e = $1 + $2} END {print e}' "/tmp/floor/$r")
+        top+="$off $size linear $(majmin "/dev/mapper/bench-$r") 0"$'\n'
+        off=$((off + size))
+    done
+    printf '%s' "$top" | dmsetup create bench-floor
+    floor_us=$(($(now_us) - t0))
+    dmsetup remove bench-floor
+    for r in "${regions[@]}"; do dmsetup remove "bench-$r"; done
+    m0=0
+    for d in $META_DEVS; do m0=$((m0 + $(wsect $d))); done
+    agent_start || return 1
+    m1=0
+    for d in $META_DEVS; do m1=$((m1 + $(wsect $d))); done
+    local line remaps
+    line=$(grep "assembled" "$LOG" | tail -1)
+    remaps=$(status_num remaps)
+    emit scale "{\"remaps\":$remaps,\"regions\":${#regions[@]},\"segments\":$(region_segments),\"ready_micros\":$READY_US,\"floor_micros\":$floor_us,\"floor_processes\":$((${#regions[@]} + 1)),\"hwm_kb\":$(proc_kb $AGENT_PID VmHWM),\"rss_kb\":$(proc_kb $AGENT_PID VmRSS),\"checkpoint_sectors\":$((m1 - m0)),\"ckpt_bytes\":$(superblock 56 8),\"journal_blocks\":$(superblock 76 4),\"log\":$(jstr "$line")}"
+    progress "scale: $remaps remaps assembled, ready in $((READY_US / 1000)) ms, floor $((floor_us / 1000)) ms"
+}
+
+for size in $SIZES; do
+    bg_grow "$size"
+    start_remaps=$(status_num remaps)
+    segs=$(region_segments)
+    inj_segs=$(dmsetup table "$VOL-remap-r$(printf %04d $INJ_REGION)" | wc -l)
+    progress "reaction at $BG remaps ($segs segments): $INJECT errors"
+    readers_start
+    rs=() ss=() lm=() ls=() misses=0
+    for ((k = 0; k < INJECT; k++)); do
+        inject_one
+        read -r a b c d <<<"$INJ"
+        if [ "$a" = "-" ]; then
+            misses=$((misses + 1))
+            continue
+        fi
+        rs+=("$a")
+        ss+=("$b")
+        lm+=("${c:-0}")
+        ls+=("${d:-0}")
+    done
+    readers_stop
+    emit reaction "{\"remaps\":$size,\"actual\":$start_remaps,\"segments\":$segs,\"region_segments\":$inj_segs,\"reaction\":$(jlist "${rs[@]}"),\"suspended\":$(jlist "${ss[@]}"),\"log_micros\":$(jlist "${lm[@]}"),\"log_suspended\":$(jlist "${ls[@]}"),\"missed\":$misses,\"readers\":$(jstr "$READERS_TERSE")}"
+    progress "flat tables at $size remaps"
+    flat_cmp same $((segs + 8)) "$FLAT_REPS"
+    if [ "$size" -gt 0 ] && [ "$size" -le "$FLAT_SCATTERED_MAX" ]; then
+        flat_cmp scattered $((2 * size + 1)) "$FLAT_REPS"
+    fi
+    if [ "$size" -gt 0 ]; then
+        meta_cost "$META_N"
+    fi
+    case " $SCALE_SIZES " in *" $size "*) scale_at ;; esac
+done
+agent_stop
+emit done "{\"section\":\"reaction\"}"

@@ -1,0 +1,174 @@
+//! The VM parts: one guest script per section (`tests/vm/bench/lib.sh` and the section, after a
+//! header with the run's parameters), run with `xtask vm exec`; their records come back on the
+//! results channel as `INFO BENCH KEY {json}`.
+use std::fs;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::step;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Record {
+    pub key: String,
+    pub data: Value,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct SectionRun {
+    pub section: String,
+    pub records: Vec<Record>,
+    /// The guest script ran to its end (its `done` record came).
+    pub complete: bool,
+    pub exit: Option<i32>,
+    pub seconds: f64,
+    /// "TCG" or "KVM", as the VM laboratory announced it.
+    pub accel: Option<String>,
+    pub error: Option<String>,
+}
+
+impl SectionRun {
+    pub fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+        self.records
+            .iter()
+            .filter(move |r| r.key == key)
+            .map(|r| &r.data)
+    }
+    pub fn first(&self, key: &str) -> Option<&Value> {
+        self.all(key).next()
+    }
+}
+
+/// `INFO BENCH KEY {json}` → a record.
+pub fn parse_record(line: &str) -> Option<Record> {
+    let rest = line.trim().strip_prefix("INFO BENCH ")?;
+    let (key, json) = rest.split_once(' ')?;
+    Some(Record {
+        key: key.to_string(),
+        data: serde_json::from_str(json).ok()?,
+    })
+}
+
+/// Writes the section's guest script: a POSIX prologue that moves to bash, the parameters,
+/// the shared library and the section.
+pub fn script(root: &Path, section: &str, params: &[(&str, String)], out: &Path) -> Result<PathBuf> {
+    let dir = root.join("tests/vm/bench");
+    let lib = fs::read_to_string(dir.join("lib.sh")).context("reading tests/vm/bench/lib.sh")?;
+    let body = fs::read_to_string(dir.join(format!("{section}.sh")))
+        .with_context(|| format!("reading tests/vm/bench/{section}.sh"))?;
+    let mut s = String::from(
+        "#!/bin/sh\n# Written by `cargo xtask bench` from tests/vm/bench/lib.sh and \
+         tests/vm/bench/",
+    );
+    s.push_str(&format!("{section}.sh.\n"));
+    s.push_str("[ -z \"$BASH_VERSION\" ] && exec /usr/bin/bash \"$0\" \"$@\"\n");
+    for (k, v) in params {
+        s.push_str(&format!("{k}=\"{v}\"\n"));
+    }
+    s.push_str(&lib);
+    s.push_str(&body);
+    fs::create_dir_all(out)?;
+    let path = out.join(format!("{section}.sh"));
+    fs::write(&path, s)?;
+    Ok(path)
+}
+
+/// Runs one section in the VM; its console goes to `DIR/SECTION.console.log`, progress lines
+/// (`bench: ...`) to our stderr.
+pub fn run(
+    kernel: &str,
+    section: &str,
+    script: &Path,
+    timeout: Duration,
+    results: &Path,
+    dir: &Path,
+) -> Result<SectionRun> {
+    let exe = std::env::current_exe().context("locating the xtask binary")?;
+    let t0 = Instant::now();
+    let console_path = dir.join(format!("{section}.console.log"));
+    let mut console = fs::File::create(&console_path)?;
+    let mut child = Command::new(exe)
+        .args(["vm", "exec", "--kernel", kernel, "--timeout"])
+        .arg(timeout.as_secs().to_string())
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting `xtask vm exec`")?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let err_thread = std::thread::spawn(move || {
+        let mut accel = None;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("using TCG") {
+                accel = Some("TCG".to_string());
+            } else if line.contains("qemu:") && line.contains("KVM") {
+                accel = Some("KVM".to_string());
+            }
+            // The laboratory's own steps, except the per-package checks.
+            if !line.starts_with("[prereq]") {
+                eprintln!("{line}");
+            }
+        }
+        accel
+    });
+    let mut console_records = Vec::new();
+    let stdout = child.stdout.take().context("no stdout")?;
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        let _ = writeln!(console, "{line}");
+        if let Some(p) = line.strip_prefix("bench: ") {
+            step(&format!("{section}: {p}"));
+        } else if let Some(r) = parse_record(&line) {
+            console_records.push(r);
+        }
+    }
+    let status = child.wait()?;
+    let accel = err_thread.join().unwrap_or(None);
+    // The results channel is authoritative (the console may interleave writers); read it at
+    // once, before another run of the laboratory replaces it.
+    let mut records: Vec<Record> = fs::read_to_string(results)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(parse_record)
+        .collect();
+    if records.len() < console_records.len() {
+        records = console_records;
+    }
+    let _ = fs::copy(results, dir.join(format!("{section}.results.txt")));
+    let complete = records.iter().any(|r| r.key == "done");
+    let error = (!complete).then(|| {
+        format!(
+            "the guest script did not finish ({}); console: {}",
+            status,
+            console_path.display()
+        )
+    });
+    Ok(SectionRun {
+        section: section.to_string(),
+        records,
+        complete,
+        exit: status.code(),
+        seconds: t0.elapsed().as_secs_f64(),
+        accel,
+        error,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_key_and_json() {
+        let r = parse_record("INFO BENCH build {\"target\":1000,\"runs\":2}").unwrap();
+        assert_eq!(r.key, "build");
+        assert_eq!(r.data["runs"], 2);
+        assert!(parse_record("INFO something else").is_none());
+        assert!(parse_record("INFO BENCH broken {").is_none());
+    }
+}

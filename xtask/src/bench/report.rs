@@ -1,0 +1,1065 @@
+//! From raw records to tables of ratios (and the numbers behind them, for the JSON and the
+//! plot). Every table says where its numbers come from; the VM's are under TCG unless the
+//! laboratory says otherwise, so their ratios carry the meaning, not their absolutes.
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::guest::SectionRun;
+use super::host::{HostReport, PATTERNS};
+use super::stats::{self, FioJob, max, mean, percentile};
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Table {
+    pub title: String,
+    pub note: String,
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(title: &str, note: &str, header: &[&str]) -> Self {
+        Table {
+            title: title.into(),
+            note: note.into(),
+            header: header.iter().map(|s| s.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = format!("### {}\n\n", self.title);
+        if !self.note.is_empty() {
+            s.push_str(&self.note);
+            s.push_str("\n\n");
+        }
+        let _ = writeln!(s, "| {} |", self.header.join(" | "));
+        let _ = writeln!(
+            s,
+            "|{}|",
+            self.header.iter().map(|_| "---").collect::<Vec<_>>().join("|")
+        );
+        for r in &self.rows {
+            let _ = writeln!(s, "| {} |", r.join(" | "));
+        }
+        s
+    }
+}
+
+/// What the plot draws, per background size.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Series {
+    pub label: String,
+    /// (x label, value); values in the unit of the panel.
+    pub points: Vec<(String, f64)>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub tables: Vec<Table>,
+    pub numbers: serde_json::Map<String, Value>,
+    /// Reaction panel (ms), volume/raw panel (ratio), assembly panel (ms).
+    pub plot_reaction: Vec<Series>,
+    pub plot_ratio: Vec<Series>,
+    pub plot_assembly: Vec<Series>,
+    pub notes: Vec<String>,
+}
+
+pub struct Inputs<'a> {
+    pub host: Option<&'a HostReport>,
+    pub overhead: Option<&'a SectionRun>,
+    pub reaction: Option<&'a SectionRun>,
+    pub storm: Option<&'a SectionRun>,
+}
+
+fn num(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+fn list(v: &Value, k: &str) -> Vec<f64> {
+    v[k].as_array()
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default()
+}
+
+/// 0, 1k, 10k, 100k, 1M.
+pub fn size_label(n: f64) -> String {
+    match n as u64 {
+        n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
+        n if n >= 1_000 && n % 1_000 == 0 => format!("{}k", n / 1_000),
+        n => n.to_string(),
+    }
+}
+
+fn ms(us: Option<f64>) -> String {
+    match us {
+        Some(v) if v.is_finite() && v >= 100_000.0 => format!("{:.0} ms", v / 1000.0),
+        Some(v) if v.is_finite() => format!("{:.1} ms", v / 1000.0),
+        _ => "–".into(),
+    }
+}
+
+fn ratio(a: f64, b: f64, digits: usize) -> String {
+    if a.is_finite() && b.is_finite() && b > 0.0 {
+        format!("{:.*}", digits, a / b)
+    } else {
+        "–".into()
+    }
+}
+
+fn mib(kb: f64) -> String {
+    if kb.is_finite() {
+        format!("{:.1} MiB", kb / 1024.0)
+    } else {
+        "–".into()
+    }
+}
+
+pub fn build(inp: &Inputs) -> Report {
+    let mut r = Report::default();
+    let tcg = [inp.overhead, inp.reaction, inp.storm]
+        .iter()
+        .flatten()
+        .find_map(|s| s.accel.clone())
+        .unwrap_or_else(|| "TCG".into());
+    let vm_note = format!(
+        "In the VM ({tcg}{}): read the ratios and the growth, not the absolute times.",
+        if tcg == "TCG" {
+            ", 10-30x slower than hardware"
+        } else {
+            ""
+        }
+    );
+    let host_complete_ns = host(&mut r, inp.host);
+    overhead(&mut r, inp.overhead, &vm_note, host_complete_ns);
+    reaction(&mut r, inp.reaction, &vm_note);
+    storm(&mut r, inp.storm, &vm_note);
+    targets(&mut r);
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host: eBPF cost on healthy I/O.
+
+fn host(r: &mut Report, h: Option<&HostReport>) -> Option<f64> {
+    let h = h?;
+    let mut t = Table::new(
+        "eBPF on healthy I/O (host kernel, real CPU)",
+        &format!(
+            "fio 4 KiB random reads, O_DIRECT, on {}; each detector attached by remapd and \
+             detached in alternation, BPF statistics (`kernel.bpf_stats_enabled`) for the \
+             program's own time. IOPS ratio = attached / detached, same run.",
+            if h.loop_backing.is_empty() {
+                "a loop device"
+            } else {
+                &h.loop_backing
+            }
+        ),
+        &[
+            "remapd mode",
+            "program (tracepoint)",
+            "runs per I/O",
+            "ns per run",
+            "IOPS ratio QD1",
+            "IOPS ratio QD32",
+        ],
+    );
+    if let Some(why) = &h.skipped {
+        r.notes.push(format!("host eBPF part skipped: {why}"));
+        return None;
+    }
+    let iops = |variant: &str, pattern: &str| -> Vec<f64> {
+        h.runs
+            .iter()
+            .filter(|x| x.variant == variant && x.pattern == pattern)
+            .map(|x| x.job.read.iops)
+            .collect()
+    };
+    let mut numbers = serde_json::Map::new();
+    let mut complete_ns = None;
+    for variant in ["error", "complete", "agent"] {
+        let runs: Vec<_> = h.runs.iter().filter(|x| x.variant == variant).collect();
+        if runs.is_empty() {
+            continue;
+        }
+        let mut progs: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        let mut ios = 0.0;
+        for x in &runs {
+            ios += x.job.read.ios(4.0);
+            for (n, (t, c)) in &x.programs {
+                let e = progs.entry(n).or_default();
+                e.0 += t;
+                e.1 += c;
+            }
+        }
+        let ratios: Vec<String> = PATTERNS
+            .iter()
+            .map(|(p, ..)| {
+                ratio(
+                    mean(&iops(variant, p)).unwrap_or(f64::NAN),
+                    mean(&iops("detached", p)).unwrap_or(f64::NAN),
+                    3,
+                )
+            })
+            .collect();
+        for (prog, (time, cnt)) in &progs {
+            let ns = (*cnt > 0).then(|| *time as f64 / *cnt as f64);
+            let per_io = *cnt as f64 / ios;
+            if variant == "complete" && *prog == "rq_complete" {
+                complete_ns = ns;
+            }
+            t.rows.push(vec![
+                mode_label(variant).into(),
+                prog_label(prog).into(),
+                format!("{per_io:.3}"),
+                ns.map_or("– (never ran)".into(), |v| format!("{v:.0}")),
+                ratios[0].clone(),
+                ratios[1].clone(),
+            ]);
+            numbers.insert(
+                format!("{variant}/{prog}"),
+                json!({"ns_per_run": ns, "runs_per_io": per_io, "iops_ratio": ratios}),
+            );
+        }
+    }
+    if let Some(why) = &h.agent {
+        t.rows.push(vec![
+            "agent (`remapd --no-assemble`)".into(),
+            "rq_error + pending_write (block_rq_complete)".into(),
+            "–".into(),
+            "not measured here".into(),
+            "–".into(),
+            "–".into(),
+        ]);
+        r.notes.push(format!(
+            "The agent did not start on this host, so its pending-write watcher is measured in the VM only: {why}"
+        ));
+    }
+    t.rows.push(vec![
+        "slow-I/O detector".into(),
+        "–".into(),
+        "–".into(),
+        "not in remap-ebpf yet".into(),
+        "–".into(),
+        "–".into(),
+    ]);
+    for (p, ..) in PATTERNS {
+        numbers.insert(
+            format!("detached/{p}/iops"),
+            json!(mean(&iops("detached", p))),
+        );
+    }
+    r.numbers.insert("host".into(), Value::Object(numbers));
+    r.tables.push(t);
+    complete_ns
+}
+
+fn mode_label(v: &str) -> &'static str {
+    match v {
+        "error" => "`watch --detector error`",
+        "complete" => "`watch --detector complete` (fallback)",
+        "agent" => "agent (`remapd --no-assemble`)",
+        _ => "?",
+    }
+}
+
+fn prog_label(p: &str) -> String {
+    match p {
+        "rq_error" => "rq_error (block_rq_error)".into(),
+        "rq_complete" => "rq_complete (block_rq_complete)".into(),
+        "pending_write" => "pending_write (block_rq_complete)".into(),
+        p => p.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// VM: volume overhead.
+
+fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete_ns: Option<f64>) {
+    let Some(s) = s else { return };
+    section_error(r, s);
+    struct Run {
+        remaps: f64,
+        target: String,
+        pattern: String,
+        job: FioJob,
+        bpf: BTreeMap<String, (u64, u64)>,
+    }
+    let runs: Vec<Run> = s
+        .all("fio")
+        .filter_map(|v| {
+            Some(Run {
+                remaps: num(v, "remaps"),
+                target: v["target"].as_str()?.into(),
+                pattern: v["pattern"].as_str()?.into(),
+                job: stats::parse_terse(v["terse"].as_str()?)?,
+                bpf: stats::bpf_delta(
+                    &stats::parse_bpf_snap(v["bpf_before"].as_str().unwrap_or("")),
+                    &stats::parse_bpf_snap(v["bpf_after"].as_str().unwrap_or("")),
+                ),
+            })
+        })
+        .collect();
+    if runs.is_empty() {
+        return;
+    }
+    let mut sizes: Vec<f64> = runs
+        .iter()
+        .filter(|x| x.target == "volume")
+        .map(|x| x.remaps)
+        .collect();
+    sizes.sort_by(f64::total_cmp);
+    sizes.dedup();
+    let mut patterns: Vec<&str> = Vec::new();
+    for x in &runs {
+        if x.target == "volume" && !patterns.contains(&x.pattern.as_str()) {
+            patterns.push(&x.pattern);
+        }
+    }
+    let iops = |target: &str, pattern: &str, size: Option<f64>| -> f64 {
+        mean(
+            &runs
+                .iter()
+                .filter(|x| {
+                    x.target == target
+                        && x.pattern == pattern
+                        && size.is_none_or(|z| x.remaps == z)
+                })
+                .map(|x| x.job.main().iops)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap_or(f64::NAN)
+    };
+    let mut header = vec![
+        "fio pattern".to_string(),
+        "raw IOPS (no agent)".into(),
+        "raw: agent on / off".into(),
+    ];
+    for z in &sizes {
+        header.push(format!("volume / raw, {} remaps", size_label(*z)));
+    }
+    let mut t = Table {
+        title: "Volume overhead (VM)".into(),
+        note: format!(
+            "fio on a null_blk disk without memory (the fastest disk there is, so every layer \
+             above shows in full) and on the volume over it, the agent running; the volume and \
+             raw runs of each pattern alternate. Background remaps: runs of contiguous chunks \
+             spread over the volume (see the reaction table). Remapped chunks live on the spares. \
+             {vm_note}"
+        ),
+        header,
+        rows: Vec::new(),
+    };
+    let mut numbers = serde_json::Map::new();
+    let mut ratio_series: BTreeMap<String, Vec<(String, f64)>> = BTreeMap::new();
+    for p in &patterns {
+        let raw_off = iops("raw-no-agent", p, None);
+        let raw_on = iops("raw", p, None);
+        let mut row = vec![
+            format!("`{p}`"),
+            format!("{raw_off:.0}"),
+            ratio(raw_on, raw_off, 3),
+        ];
+        for z in &sizes {
+            let v = iops("volume", p, Some(*z));
+            let raw = iops("raw", p, Some(*z));
+            row.push(ratio(v, raw, 3));
+            numbers.insert(format!("{p}/{}", size_label(*z)), json!(v / raw));
+            ratio_series
+                .entry(p.to_string())
+                .or_default()
+                .push((size_label(*z), v / raw));
+        }
+        t.rows.push(row);
+    }
+    r.plot_ratio = ratio_series
+        .into_iter()
+        .map(|(label, points)| Series { label, points })
+        .collect();
+    r.numbers.insert("overhead".into(), Value::Object(numbers));
+    r.tables.push(t);
+
+    // The agent's programs in the guest, next to the fallback detector on the same CPU.
+    let mut bt = Table::new(
+        "eBPF in the VM (same guest CPU, TCG)",
+        "BPF statistics while fio ran on the raw disk and the volume (all patterns): the \
+         agent's programs, and `remapd watch --detector complete` (the fallback) alone on the \
+         raw disk. The ratio to the fallback carries over to real CPUs; the host estimate is \
+         that ratio times the fallback's ns per run measured on the host.",
+        &[
+            "program",
+            "mode",
+            "runs per I/O",
+            "ns per run (TCG)",
+            "÷ fallback (same guest)",
+            "host estimate",
+        ],
+    );
+    let agg = |pred: &dyn Fn(&Run) -> bool| {
+        let mut m: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let mut ios = 0.0;
+        for x in runs.iter().filter(|x| pred(x)) {
+            let bs = if x.pattern.contains("1m") { 1024.0 } else { 4.0 };
+            ios += x.job.read.ios(bs) + x.job.write.ios(bs);
+            for (n, (t, c)) in &x.bpf {
+                let e = m.entry(n.clone()).or_default();
+                e.0 += t;
+                e.1 += c;
+            }
+        }
+        (m, ios)
+    };
+    let (fb, fb_ios) = agg(&|x| x.target == "raw-watch-complete");
+    let fb_ns = fb
+        .get("rq_complete")
+        .filter(|(_, c)| *c > 0)
+        .map(|(t, c)| *t as f64 / *c as f64);
+    let (ag, ag_ios) = agg(&|x| x.target == "raw" || x.target == "volume");
+    let mut rows = Vec::new();
+    for (mode, m, ios) in [("fallback (watch)", &fb, fb_ios), ("agent", &ag, ag_ios)] {
+        for (n, (t, c)) in m {
+            let ns = (*c > 0).then(|| *t as f64 / *c as f64);
+            let rel = match (ns, fb_ns) {
+                (Some(a), Some(b)) => a / b,
+                _ => f64::NAN,
+            };
+            let est = match host_complete_ns {
+                Some(h) if rel.is_finite() => format!("≈ {:.0} ns", rel * h),
+                _ => "–".into(),
+            };
+            rows.push(vec![
+                prog_label(n),
+                mode.into(),
+                format!("{:.3}", *c as f64 / ios),
+                ns.map_or("– (never ran)".into(), |v| format!("{v:.0}")),
+                if rel.is_finite() {
+                    format!("{rel:.2}")
+                } else {
+                    "–".into()
+                },
+                est,
+            ]);
+            r.numbers
+                .entry("guest_bpf")
+                .or_insert_with(|| json!({}))
+                .as_object_mut()
+                .map(|o| o.insert(format!("{mode}/{n}"), json!({"ns_per_run": ns, "vs_fallback": rel})));
+        }
+    }
+    bt.rows = rows;
+    if !bt.rows.is_empty() {
+        r.tables.push(bt);
+    }
+}
+
+fn section_error(r: &mut Report, s: &SectionRun) {
+    if let Some(e) = &s.error {
+        r.notes.push(format!("{}: {e}", s.section));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// VM: reaction, flat tables, readers, scale, metadata.
+
+fn reaction(r: &mut Report, s: Option<&SectionRun>, vm_note: &str) {
+    let Some(s) = s else { return };
+    section_error(r, s);
+    let reacts: Vec<&Value> = s.all("reaction").collect();
+    let flats: Vec<&Value> = s.all("flat").collect();
+    let noop = mean(
+        &flats
+            .iter()
+            .flat_map(|f| list(f, "noop"))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap_or(0.0);
+    let flat = |size: f64, label: &str| -> Option<(f64, f64, String)> {
+        let f = flats
+            .iter()
+            .find(|f| num(f, "remaps") == size && f["label"] == label)?;
+        let err = f["error"].as_str().unwrap_or("").to_string();
+        let total: Vec<f64> = list(f, "load")
+            .iter()
+            .zip(list(f, "suspend"))
+            .zip(list(f, "resume"))
+            .map(|((a, b), c)| a + b + c)
+            .collect();
+        Some((mean(&total).unwrap_or(f64::NAN), num(f, "segments"), err))
+    };
+    let builds: Vec<&Value> = s.all("build").collect();
+    let layout = builds
+        .iter()
+        .map(|b| {
+            format!(
+                "{} = +{} runs of {}",
+                size_label(num(b, "target")),
+                num(b, "runs"),
+                num(b, "run_chunks")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut t = Table::new(
+        "Reaction: failing request to new table live (VM)",
+        &format!(
+            "Each error: a bad sector on the main disk (null_blk), one O_DIRECT read of it \
+             through the volume. Reaction = the kernel trace's `block_rq_error` of that request \
+             to the return of `dm_resume` of its region (kprobe), on CLOCK_MONOTONIC (the clock \
+             of the eBPF event's own timestamp). Suspended = `dm_suspend` entry to `dm_resume` \
+             return, the region only; each remap copies 7 readable blocks and marks 1 pending. \
+             Flat reload = one table of that many segments swapped with `dmsetup load`, \
+             `suspend`, `resume` (three processes; each dmsetup process costs {} by itself, \
+             subtracted here). Existing remaps are built as runs of contiguous chunks spread \
+             evenly over the 8 GiB volume ({layout}); they coalesce, so the volume holds fewer \
+             segments than N scattered remaps would (2N+1), which the last flat column loads. \
+             {vm_note}",
+            ms(Some(noop))
+        ),
+        &[
+            "existing remaps",
+            "segments: volume / region",
+            "reaction p50",
+            "p99",
+            "p99 ÷ p99 at 0",
+            "suspended p50 / p99",
+            "flat reload, same segments",
+            "flat reload, 2N+1 segments",
+            "p99 ÷ flat 2N+1",
+        ],
+    );
+    let base_p99 = reacts
+        .first()
+        .and_then(|v| percentile(&list(v, "reaction"), 99.0));
+    let mut p50s = Vec::new();
+    let mut p99s = Vec::new();
+    let mut flat_same = Vec::new();
+    let mut flat_scat = Vec::new();
+    let mut numbers = Vec::new();
+    for v in &reacts {
+        let size = num(v, "remaps");
+        let rs = list(v, "reaction");
+        let ss = list(v, "suspended");
+        let p50 = percentile(&rs, 50.0);
+        let p99 = percentile(&rs, 99.0);
+        let same = flat(size, "same");
+        let scat = flat(size, "scattered");
+        let net = |f: &Option<(f64, f64, String)>| -> (String, Option<f64>) {
+            match f {
+                Some((_, n, e)) if !e.is_empty() => (
+                    format!("refused at {} segments: {}", n, e.lines().next().unwrap_or(e)),
+                    None,
+                ),
+                Some((tot, n, _)) => {
+                    let v = (tot - 3.0 * noop).max(0.0);
+                    (format!("{} ({} seg.)", ms(Some(v)), n), Some(v))
+                }
+                None => ("–".into(), None),
+            }
+        };
+        let (same_s, same_v) = net(&same);
+        let (scat_s, scat_v) = net(&scat);
+        let label = size_label(size);
+        if let Some(p) = p50 {
+            p50s.push((label.clone(), p / 1000.0));
+        }
+        if let Some(p) = p99 {
+            p99s.push((label.clone(), p / 1000.0));
+        }
+        if let Some(x) = same_v {
+            flat_same.push((label.clone(), x / 1000.0));
+        }
+        if let Some(x) = scat_v {
+            flat_scat.push((label.clone(), x / 1000.0));
+        }
+        let missed = num(v, "missed");
+        t.rows.push(vec![
+            format!(
+                "{label}{}",
+                if missed > 0.0 {
+                    format!(" ({missed} errors not timed)")
+                } else {
+                    String::new()
+                }
+            ),
+            format!("{} / {}", num(v, "segments"), num(v, "region_segments")),
+            ms(p50),
+            ms(p99),
+            match (p99, base_p99) {
+                (Some(a), Some(b)) => ratio(a, b, 2),
+                _ => "–".into(),
+            },
+            format!(
+                "{} / {}",
+                ms(percentile(&ss, 50.0)),
+                ms(percentile(&ss, 99.0))
+            ),
+            same_s,
+            scat_s,
+            match (p99, scat_v) {
+                (Some(a), Some(b)) => ratio(a, b, 2),
+                _ => "–".into(),
+            },
+        ]);
+        numbers.push(json!({
+            "remaps": size, "actual": num(v, "actual"), "samples": rs.len(),
+            "segments": num(v, "segments"), "region_segments": num(v, "region_segments"),
+            "reaction_p50_us": p50, "reaction_p99_us": p99, "reaction_max_us": max(&rs),
+            "suspended_p50_us": percentile(&ss, 50.0), "suspended_p99_us": percentile(&ss, 99.0),
+            "log_suspended_p99_us": percentile(&list(v, "log_suspended"), 99.0),
+            "flat_same_us": same_v, "flat_scattered_us": scat_v,
+            "flat_scattered_error": scat.as_ref().map(|f| f.2.clone()).filter(|e| !e.is_empty()),
+        }));
+    }
+    r.numbers.insert("reaction".into(), Value::Array(numbers));
+    r.plot_reaction = vec![
+        Series {
+            label: "reaction p50".into(),
+            points: p50s,
+        },
+        Series {
+            label: "reaction p99".into(),
+            points: p99s,
+        },
+        Series {
+            label: "flat reload, same segments".into(),
+            points: flat_same,
+        },
+        Series {
+            label: "flat reload, 2N+1 segments".into(),
+            points: flat_scat,
+        },
+    ];
+    if !t.rows.is_empty() {
+        r.tables.push(t);
+    }
+    readers(r, s, &reacts);
+    scale(r, s, noop, vm_note);
+}
+
+fn readers(r: &mut Report, s: &SectionRun, reacts: &[&Value]) {
+    let mut t = Table::new(
+        "Readers during the remaps (VM)",
+        "Two fio readers (4 KiB random reads, QD1, rate-limited) run through each series of \
+         errors: one on another region, one on the first 32 MiB of the region being remapped. \
+         Baseline: the same readers before any error. Completion latency.",
+        &[
+            "existing remaps",
+            "other region: p99 / p99.9 / max",
+            "same region: p99 / p99.9 / max",
+            "max other ÷ max baseline",
+        ],
+    );
+    let pick = |text: &str, name: &str| -> Option<FioJob> {
+        stats::parse_terse_all(text)
+            .into_iter()
+            .find(|j| j.name == name)
+    };
+    let fmt = |j: &Option<FioJob>| -> String {
+        j.as_ref().map_or("–".into(), |j| {
+            format!(
+                "{} / {} / {}",
+                ms(j.read.pct(99.0)),
+                ms(j.read.pct(99.9)),
+                ms(Some(j.read.clat_max_us))
+            )
+        })
+    };
+    let base = s
+        .first("readers-baseline")
+        .and_then(|v| v["terse"].as_str())
+        .unwrap_or("");
+    let (bo, bs) = (pick(base, "other"), pick(base, "same"));
+    let base_max = bo.as_ref().map(|j| j.read.clat_max_us);
+    t.rows.push(vec!["baseline (no errors)".into(), fmt(&bo), fmt(&bs), "1.00".into()]);
+    let mut numbers = Vec::new();
+    for v in reacts {
+        let text = v["readers"].as_str().unwrap_or("");
+        let (o, sm) = (pick(text, "other"), pick(text, "same"));
+        t.rows.push(vec![
+            size_label(num(v, "remaps")),
+            fmt(&o),
+            fmt(&sm),
+            match (&o, base_max) {
+                (Some(o), Some(b)) => ratio(o.read.clat_max_us, b, 2),
+                _ => "–".into(),
+            },
+        ]);
+        numbers.push(json!({
+            "remaps": num(v, "remaps"),
+            "other_max_us": o.as_ref().map(|j| j.read.clat_max_us),
+            "other_p999_us": o.as_ref().and_then(|j| j.read.pct(99.9)),
+            "same_max_us": sm.as_ref().map(|j| j.read.clat_max_us),
+            "baseline_max_us": base_max,
+        }));
+    }
+    r.numbers.insert("readers".into(), Value::Array(numbers));
+    if reacts.is_empty() {
+        return;
+    }
+    r.tables.push(t);
+}
+
+fn scale(r: &mut Report, s: &SectionRun, noop: f64, vm_note: &str) {
+    let start = s
+        .first("agent-start")
+        .map(|v| num(v, "ready_micros"))
+        .unwrap_or(0.0);
+    let mut t = Table::new(
+        "Scale: assembly and agent memory (VM)",
+        &format!(
+            "The volume stopped (`remapctl stop`), remapd restarted: it assembles at start. \
+             Assembly = start to \"remapd ready\" minus the same start without volumes ({}: \
+             loading and attaching the detector). Kernel floor = creating the same region \
+             tables and the volume over them with dmsetup (one process each, {} per process \
+             subtracted). {vm_note}",
+            ms(Some(start)),
+            ms(Some(noop))
+        ),
+        &[
+            "remaps",
+            "regions / segments",
+            "start to ready",
+            "assembly",
+            "kernel floor (dmsetup)",
+            "assembly ÷ floor",
+            "remapd VmHWM / VmRSS",
+            "checkpoint written",
+        ],
+    );
+    let mut asm = Vec::new();
+    let mut floor_s = Vec::new();
+    let mut numbers = Vec::new();
+    for v in s.all("scale") {
+        let remaps = num(v, "remaps");
+        let ready = num(v, "ready_micros");
+        let assembly = (ready - start).max(0.0);
+        let floor = (num(v, "floor_micros") - num(v, "floor_processes") * noop).max(0.0);
+        let label = size_label(remaps);
+        asm.push((label.clone(), assembly / 1000.0));
+        floor_s.push((label.clone(), floor / 1000.0));
+        t.rows.push(vec![
+            label,
+            format!("{} / {}", num(v, "regions"), num(v, "segments")),
+            ms(Some(ready)),
+            ms(Some(assembly)),
+            ms(Some(floor)),
+            ratio(assembly, floor, 2),
+            format!("{} / {}", mib(num(v, "hwm_kb")), mib(num(v, "rss_kb"))),
+            format!("{:.1} MiB", num(v, "checkpoint_sectors") * 512.0 / 1048576.0),
+        ]);
+        numbers.push(json!({
+            "remaps": remaps, "assembly_us": assembly, "floor_us": floor,
+            "ready_us": ready, "hwm_kb": num(v, "hwm_kb"), "rss_kb": num(v, "rss_kb"),
+            "ckpt_bytes": num(v, "ckpt_bytes"), "journal_blocks": num(v, "journal_blocks"),
+        }));
+    }
+    r.plot_assembly = vec![
+        Series {
+            label: "assembly (remapd)".into(),
+            points: asm,
+        },
+        Series {
+            label: "kernel floor (dmsetup)".into(),
+            points: floor_s,
+        },
+    ];
+    if !t.rows.is_empty() {
+        r.tables.push(t);
+    }
+    r.numbers.insert("scale".into(), Value::Array(numbers.clone()));
+
+    // Metadata written per remap.
+    let mut m = Table::new(
+        "Metadata written per remap (VM)",
+        "Single-chunk remaps, one batch (one commit) each, at the given background; sectors \
+         written to the spares' metadata disks (/sys/block/*/stat), all copies. Each commit \
+         appends to the journal of every spare; when the ring is full the commit is a \
+         checkpoint of the whole table instead, so the amortised cost adds one checkpoint per \
+         ring of commits (checkpoint size and ring length read from the superblock).",
+        &[
+            "existing remaps",
+            "remaps measured",
+            "metadata per remap (all spares)",
+            "per spare",
+            "data per remap",
+            "checkpoint / ring",
+            "amortised per remap per spare",
+        ],
+    );
+    let mut mnum = Vec::new();
+    for v in s.all("meta") {
+        let n = num(v, "n") - num(v, "failed");
+        let spares = num(v, "spares").max(1.0);
+        let per = num(v, "meta_sectors") * 512.0 / n;
+        let remaps = num(v, "remaps");
+        // The checkpoint of the nearest assembly at or above this size.
+        let ck = numbers
+            .iter()
+            .filter(|x| x["remaps"].as_f64().unwrap_or(0.0) >= remaps - 1000.0)
+            .min_by(|a, b| {
+                a["remaps"]
+                    .as_f64()
+                    .unwrap_or(0.0)
+                    .total_cmp(&b["remaps"].as_f64().unwrap_or(0.0))
+            })
+            .or(numbers.last());
+        let (ck_bytes, ring) = ck.map_or((f64::NAN, f64::NAN), |c| {
+            (
+                c["ckpt_bytes"].as_f64().unwrap_or(f64::NAN),
+                c["journal_blocks"].as_f64().unwrap_or(f64::NAN),
+            )
+        });
+        let amort = per / spares + ck_bytes / ring;
+        m.rows.push(vec![
+            size_label((remaps / 1000.0).round() * 1000.0),
+            format!("{n}"),
+            format!("{:.0} B", per),
+            format!("{:.0} B", per / spares),
+            format!("{:.0} B", num(v, "data_sectors") * 512.0 / n),
+            if ck_bytes.is_finite() {
+                format!("{:.1} MiB / {} blocks", ck_bytes / 1048576.0, ring)
+            } else {
+                "–".into()
+            },
+            if amort.is_finite() {
+                format!("{:.0} B", amort)
+            } else {
+                "–".into()
+            },
+        ]);
+        mnum.push(json!({"remaps": remaps, "per_remap_bytes": per, "per_spare_bytes": per / spares, "amortised_per_spare_bytes": amort}));
+    }
+    r.numbers.insert("metadata".into(), Value::Array(mnum));
+    if !m.rows.is_empty() {
+        r.tables.push(m);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// VM: storm.
+
+fn storm(r: &mut Report, s: Option<&SectionRun>, vm_note: &str) {
+    let Some(s) = s else { return };
+    section_error(r, s);
+    let Some(v) = s.first("storm") else { return };
+    let log = &v["log"];
+    let mut t = Table::new(
+        "Storm (VM)",
+        &format!(
+            "{} distinct bad chunks ({} bad ranges on a null_blk main disk: it keeps at most \
+             512), hit by {} sequential O_DIRECT readers of the volume (1 MiB requests, going on \
+             after errors). Total = readers start to every chunk remapped. {vm_note}",
+            num(v, "bad_chunks"),
+            num(v, "ranges"),
+            num(v, "readers")
+        ),
+        &[
+            "bad chunks",
+            "remapped",
+            "missed / extra",
+            "readers done in",
+            "all remapped in",
+            "batches (largest)",
+            "suspended: total / longest",
+            "remapd VmHWM before / after",
+            "events: errors / sent / deduplicated / dropped",
+        ],
+    );
+    let c = &v["counters"];
+    t.rows.push(vec![
+        format!("{}", num(v, "bad_chunks")),
+        format!("{}", num(v, "remaps")),
+        format!("{} / {}", num(v, "missed"), num(v, "extra")),
+        ms(Some(num(v, "readers_micros"))),
+        ms(Some(num(v, "total_micros"))),
+        format!("{} ({} chunks)", num(log, "batches"), num(log, "max_chunks")),
+        format!(
+            "{} / {}",
+            ms(Some(num(log, "suspended_micros"))),
+            ms(Some(num(log, "max_suspended_micros")))
+        ),
+        format!(
+            "{} / {}",
+            mib(num(v, "hwm_kb_before")),
+            mib(num(v, "hwm_kb"))
+        ),
+        format!(
+            "{} / {} / {} / {}",
+            num(c, "errors"),
+            num(c, "events"),
+            num(c, "dedups"),
+            num(c, "drops")
+        ),
+    ]);
+    r.numbers.insert("storm".into(), v.clone());
+    r.tables.push(t);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Targets of the issue, reported (never asserted).
+
+fn targets(r: &mut Report) {
+    let n = &r.numbers;
+    let mut t = Table::new(
+        "Targets",
+        "Reported, not asserted. \"VM\" rows are under emulation: their ratios carry over, \
+         their absolutes do not.",
+        &["target", "measured", "met"],
+    );
+    let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
+    let mut row = |target: &str, measured: String, met: Option<bool>| {
+        t.rows.push(vec![
+            target.into(),
+            measured,
+            met.map_or("n/a".into(), yes),
+        ]);
+    };
+    let host = n.get("host");
+    let ns = host
+        .and_then(|h| h.get("complete/rq_complete"))
+        .and_then(|x| x["ns_per_run"].as_f64());
+    row(
+        "eBPF fallback ≤ 100 ns per run (host)",
+        ns.map_or("not measured".into(), |v| format!("{v:.0} ns")),
+        ns.map(|v| v <= 100.0),
+    );
+    let err_runs = host
+        .and_then(|h| h.get("error/rq_error"))
+        .and_then(|x| x["runs_per_io"].as_f64());
+    row(
+        "block_rq_error: 0 runs on healthy I/O (host)",
+        err_runs.map_or("not measured".into(), |v| format!("{v:.3} runs per I/O")),
+        err_runs.map(|v| v == 0.0),
+    );
+    if let Some(o) = n.get("overhead").and_then(Value::as_object) {
+        let at: Vec<(&String, f64)> = o
+            .iter()
+            .filter(|(k, _)| k.ends_with("/100k"))
+            .filter_map(|(k, v)| Some((k, v.as_f64()?)))
+            .collect();
+        if let Some((k, worst)) = at.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
+            row(
+                "volume / raw ≥ 0.97 at 100k remaps (VM)",
+                format!("worst {worst:.3} ({})", k.trim_end_matches("/100k")),
+                Some(*worst >= 0.97),
+            );
+        }
+    }
+    if let Some(rs) = n.get("reaction").and_then(Value::as_array)
+        && let (Some(first), Some(last)) = (rs.first(), rs.last())
+    {
+        let (a, b) = (
+            first["reaction_p99_us"].as_f64(),
+            last["reaction_p99_us"].as_f64(),
+        );
+        if let (Some(a), Some(b)) = (a, b) {
+            row(
+                &format!(
+                    "reaction p99 at {} ≤ 2 × p99 at 0 (VM)",
+                    size_label(last["remaps"].as_f64().unwrap_or(0.0))
+                ),
+                format!("{:.2} ×", b / a),
+                Some(b <= 2.0 * a),
+            );
+        }
+        let mut below = Vec::new();
+        let mut ok = true;
+        for x in rs.iter().filter(|x| x["remaps"].as_f64().unwrap_or(0.0) >= 10_000.0) {
+            let p = x["reaction_p99_us"].as_f64().unwrap_or(f64::NAN);
+            let label = size_label(x["remaps"].as_f64().unwrap_or(0.0));
+            match x["flat_scattered_us"].as_f64() {
+                Some(f) => {
+                    ok &= p < f;
+                    below.push(format!("{label}: {:.2}", p / f));
+                }
+                None if x["flat_scattered_error"].is_string() => {
+                    below.push(format!("{label}: flat refused"));
+                }
+                None => {}
+            }
+        }
+        if !below.is_empty() {
+            row(
+                "reaction p99 below the flat-table reload (2N+1 segments) at every size ≥ 10k (VM)",
+                format!("p99 ÷ flat: {}", below.join(", ")),
+                Some(ok),
+            );
+        }
+        let worst_susp = rs
+            .iter()
+            .filter_map(|x| x["suspended_p99_us"].as_f64())
+            .reduce(f64::max);
+        if let Some(w) = worst_susp {
+            row(
+                "suspended per batch ≤ 10 ms + copy time (VM, one chunk per batch)",
+                format!("worst p99 {:.1} ms under emulation", w / 1000.0),
+                None,
+            );
+        }
+    }
+    if let Some(rd) = n.get("readers").and_then(Value::as_array) {
+        let worst = rd
+            .iter()
+            .filter_map(|x| Some((x["other_max_us"].as_f64()?, x["same_max_us"].as_f64()?)))
+            .reduce(|a, b| (a.0.max(b.0), a.1.max(b.1)));
+        let base = rd.first().and_then(|x| x["baseline_max_us"].as_f64());
+        if let (Some((o, s)), Some(b)) = (worst, base) {
+            row(
+                "readers of other regions see no pause (VM)",
+                format!(
+                    "other region max {:.1} ms (baseline {:.1} ms); same region max {:.1} ms",
+                    o / 1000.0,
+                    b / 1000.0,
+                    s / 1000.0
+                ),
+                None,
+            );
+        }
+    }
+    if let Some(s) = n.get("storm") {
+        row(
+            "storm: 0 chunks missed (VM)",
+            format!(
+                "{} missed of {}",
+                s["missed"].as_f64().unwrap_or(f64::NAN),
+                s["bad_chunks"].as_f64().unwrap_or(f64::NAN)
+            ),
+            Some(s["missed"].as_f64() == Some(0.0) && s["remaps"] == s["bad_chunks"]),
+        );
+    }
+    if let Some(sc) = n.get("scale").and_then(Value::as_array)
+        && let Some(last) = sc.last()
+    {
+        let (a, f) = (
+            last["assembly_us"].as_f64().unwrap_or(f64::NAN),
+            last["floor_us"].as_f64().unwrap_or(f64::NAN),
+        );
+        let label = size_label(last["remaps"].as_f64().unwrap_or(0.0));
+        row(
+            &format!("assembly ≤ 1.5 × kernel floor (at {label} remaps, VM)"),
+            format!("{:.2} ×", a / f),
+            (a.is_finite() && f > 0.0).then_some(a <= 1.5 * f),
+        );
+        let hwm = last["hwm_kb"].as_f64().unwrap_or(f64::NAN) / 1024.0;
+        row(
+            &format!("agent RSS < 200 MB (at {label} remaps)"),
+            format!("VmHWM {hwm:.1} MiB"),
+            hwm.is_finite().then_some(hwm < 200.0),
+        );
+    }
+    if let Some(m) = n.get("metadata").and_then(Value::as_array)
+        && let Some(worst) = m
+            .iter()
+            .filter_map(|x| x["amortised_per_spare_bytes"].as_f64())
+            .reduce(f64::max)
+    {
+        row(
+            "metadata per remap ≤ 4 KiB amortised (per spare)",
+            format!("worst {:.0} B", worst),
+            Some(worst <= 4096.0),
+        );
+    }
+    r.tables.push(t);
+}
