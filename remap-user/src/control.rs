@@ -66,10 +66,16 @@ pub enum Request {
     SpareAdd {
         name: String,
         dev: PathBuf,
+        /// Keep it in standby; it joins the pool when free space runs low or a spare fails.
+        #[serde(default)]
+        hot: bool,
     },
     SpareRemove {
         name: String,
         dev: PathBuf,
+        /// Move its chunks to the rest of the pool first.
+        #[serde(default)]
+        migrate: bool,
     },
     SpareList {
         name: String,
@@ -83,6 +89,10 @@ pub enum Request {
         name: String,
     },
     Pending {
+        name: String,
+    },
+    /// Score with its reasons, forecast, alerts.
+    Health {
         name: String,
     },
 }
@@ -261,6 +271,7 @@ impl Request {
             Self::RemapAdd { .. } => "remap-add",
             Self::RemapList { .. } => "remap-list",
             Self::Pending { .. } => "pending",
+            Self::Health { .. } => "health",
         }
     }
 
@@ -356,10 +367,12 @@ mod tests {
             Request::SpareAdd {
                 name: name(),
                 dev: "/dev/c".into(),
+                hot: true,
             },
             Request::SpareRemove {
                 name: name(),
                 dev: "/dev/c".into(),
+                migrate: true,
             },
             Request::SpareList { name: name() },
             Request::RemapAdd {
@@ -369,6 +382,7 @@ mod tests {
             },
             Request::RemapList { name: name() },
             Request::Pending { name: name() },
+            Request::Health { name: name() },
         ];
         // Exhaustive on purpose: adding a variant fails to compile until it is listed above.
         for r in &all {
@@ -381,7 +395,8 @@ mod tests {
                 | Request::SpareList { .. }
                 | Request::RemapAdd { .. }
                 | Request::RemapList { .. }
-                | Request::Pending { .. } => {}
+                | Request::Pending { .. }
+                | Request::Health { .. } => {}
             }
         }
         all

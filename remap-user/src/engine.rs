@@ -388,8 +388,15 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             ),
             Request::Stop { name } => self.stop(&name),
             Request::Status { name } => self.status(name.as_deref()),
-            Request::SpareAdd { name, dev } => self.spare_add(&name, &dev),
-            Request::SpareRemove { name, dev } => self.spare_remove(&name, &dev),
+            Request::SpareAdd { name, dev, hot } => self.spare_add_opts(&name, &dev, hot),
+            Request::SpareRemove { name, dev, migrate } => {
+                if migrate {
+                    self.spare_migrate(&name, &dev)
+                } else {
+                    self.spare_remove(&name, &dev)
+                }
+            }
+            Request::Health { name } => self.health(&name),
             Request::SpareList { name } => self.spare_list(&name),
             Request::RemapAdd { name, lba, count } => self.remap_add(&name, lba, count),
             Request::RemapList { name } => self.remap_list(&name),

@@ -89,6 +89,9 @@ enum Cmd {
     Remap(RemapCmd),
     /// Blocks that could not be read when their chunk moved (they fail reads until rewritten).
     Pending { name: String },
+    /// Health of a volume: a score with the reasons behind it, when the pool will run out,
+    /// and what changed since the last look.
+    Health { name: String },
     /// Errors and remaps as remapd sees them: the recent ones, then new ones with --follow.
     Events {
         /// Keep the connection open and print each new event as it happens.
@@ -115,9 +118,22 @@ enum Cmd {
 #[derive(Subcommand)]
 enum SpareCmd {
     /// Add DEV to the pool of volume NAME.
-    Add { name: String, dev: PathBuf },
-    /// Remove DEV from the pool (refused while it holds remapped chunks).
-    Remove { name: String, dev: PathBuf },
+    Add {
+        name: String,
+        dev: PathBuf,
+        /// Keep it in standby: it joins the pool when free space falls below 20 % or a spare
+        /// fails.
+        #[arg(long)]
+        hot: bool,
+    },
+    /// Remove DEV from the pool (refused while it holds remapped chunks, unless --migrate).
+    Remove {
+        name: String,
+        dev: PathBuf,
+        /// Move its chunks to the rest of the pool first (batch by batch, crash-safe).
+        #[arg(long)]
+        migrate: bool,
+    },
     /// The pool's devices and their use.
     List { name: String },
 }
@@ -307,8 +323,11 @@ fn run(cli: Cli) -> Result<i32> {
             unreadable,
         },
         Cmd::Stop { name } => Request::Stop { name },
-        Cmd::Spare(SpareCmd::Add { name, dev }) => Request::SpareAdd { name, dev },
-        Cmd::Spare(SpareCmd::Remove { name, dev }) => Request::SpareRemove { name, dev },
+        Cmd::Spare(SpareCmd::Add { name, dev, hot }) => Request::SpareAdd { name, dev, hot },
+        Cmd::Spare(SpareCmd::Remove { name, dev, migrate }) => {
+            Request::SpareRemove { name, dev, migrate }
+        }
+        Cmd::Health { name } => Request::Health { name },
         Cmd::Spare(SpareCmd::List { name }) => Request::SpareList { name },
         Cmd::Remap(RemapCmd::Add { name, lba, count }) => Request::RemapAdd { name, lba, count },
         Cmd::Remap(RemapCmd::List { name }) => Request::RemapList { name },
@@ -690,6 +709,39 @@ fn print_human(kind: &str, v: &Value) {
                     r["pending_blocks"].to_string(),
                 );
             }
+        }
+        "health" => {
+            println!(
+                "{}: health {} / 100",
+                v["volume"].as_str().unwrap_or("?"),
+                v["score"]
+            );
+            for r in v["reasons"].as_array().into_iter().flatten() {
+                println!("  -{:<3} {}", r["penalty"], r["why"].as_str().unwrap_or(""));
+            }
+            if let Some(f) = v["forecast"].as_object() {
+                let secs = |k: &str| f.get(k).and_then(Value::as_f64).unwrap_or(f64::INFINITY);
+                println!(
+                    "  forecast: {:.1} remaps/h; pool exhausted in {} (95 %: {} .. {}), {} samples, r2 {:.2}",
+                    f.get("rate_per_hour")
+                        .and_then(Value::as_f64)
+                        .unwrap_or(0.0),
+                    remap_user::health::human(secs("exhausted_in_secs")),
+                    remap_user::health::human(secs("earliest_secs")),
+                    remap_user::health::human(secs("latest_secs")),
+                    f.get("samples").and_then(Value::as_u64).unwrap_or(0),
+                    f.get("r2").and_then(Value::as_f64).unwrap_or(0.0),
+                );
+            } else {
+                println!("  forecast: not enough remaps yet");
+            }
+            for a in v["alerts"].as_array().into_iter().flatten() {
+                println!("  ALERT {}", a.as_str().unwrap_or(""));
+            }
+            println!(
+                "  errors seen {}, chunks remapped {}, hot spares {}",
+                v["errors_seen"], v["chunks_remapped"], v["hot_spares"]
+            );
         }
         "pending" => {
             let blocks = v["blocks"].as_array().cloned().unwrap_or_default();
