@@ -158,6 +158,7 @@ const ENGINE_CMDS: &[&str] = &[
     "remap-add",
     "remap-list",
     "pending",
+    "health",
 ];
 const AGENT_CMDS: &[&str] = &["events", "map", "assemble"];
 
