@@ -213,8 +213,8 @@ impl Pool {
         })
     }
 
-    /// Marks `e` used (allocation, or assembly replaying existing remaps).
-    pub fn take(&mut self, e: Extent) -> Result<(), PoolError> {
+    /// The spare of `e`, if `e` is a chunk-aligned extent of its data area.
+    fn spare_for(&mut self, e: Extent) -> Result<&mut Spare, PoolError> {
         let chunk = self.chunk;
         let s = self
             .spares
@@ -223,6 +223,13 @@ impl Pool {
         if e.start < s.data_start || e.start + chunk > s.size || !e.start.is_multiple_of(chunk) {
             return Err(PoolError::OutOfRange(e));
         }
+        Ok(s)
+    }
+
+    /// Marks `e` used (allocation, or assembly replaying existing remaps).
+    pub fn take(&mut self, e: Extent) -> Result<(), PoolError> {
+        let chunk = self.chunk;
+        let s = self.spare_for(e)?;
         let Some((&start, &len)) = s.free.range(..=e.start).next_back() else {
             return Err(PoolError::AlreadyOwned(e));
         };
@@ -247,13 +254,7 @@ impl Pool {
         if self.is_free(e) {
             return Err(PoolError::OutOfRange(e));
         }
-        let s = self
-            .spares
-            .get_mut(&e.spare)
-            .ok_or(PoolError::NoSuchSpare(e.spare))?;
-        if e.start < s.data_start || e.start + chunk > s.size || !e.start.is_multiple_of(chunk) {
-            return Err(PoolError::OutOfRange(e));
-        }
+        let s = self.spare_for(e)?;
         let mut start = e.start;
         let mut len = chunk;
         if let Some((&ps, &pl)) = s.free.range(..e.start).next_back()

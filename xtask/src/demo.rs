@@ -7,9 +7,7 @@
 //! `block_rq_error` like those of a dying drive.
 use std::{
     ffi::OsString,
-    fs::OpenOptions,
     io::{BufRead as _, BufReader},
-    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -25,28 +23,10 @@ const DEMO_SIZE: &str = "64MiB";
 const BAD: [(u64, u64); 3] = [(4096, 8), (40_000, 16), (100_000, 1)];
 const PIN_DIR: &str = "/sys/fs/bpf/remap";
 
-fn build() -> Result<PathBuf> {
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--package",
-            "remap-user",
-            "--package",
-            "remap-tests",
-            "--bins",
-        ])
-        .current_dir(workspace::root())
-        .status()
-        .context("running cargo build")?;
-    if !status.success() {
-        bail!("building remapd failed");
-    }
-    Ok(workspace::target_dir().join("debug"))
-}
 
 /// `cargo xtask run -- ARGS`: remapd with the operator's arguments.
 pub fn remapd(args: &[OsString]) -> Result<i32> {
-    let bin = build()?;
+    let bin = workspace::build_host_bins()?;
     let status = Command::new(bin.join("remapd")).args(args).status()?;
     Ok(status.code().unwrap_or(1))
 }
@@ -60,26 +40,12 @@ fn interrupt(child: &mut Child) -> Result<std::process::ExitStatus> {
 
 /// Reads every 4 KiB block of `dev` with O_DIRECT (so each read is a real block request) and
 /// returns the first sector of each block that failed.
+/// Reads every 4 KiB block of `dev` with O_DIRECT (each read a real block request) and
+/// returns the first sector of each block that failed.
 fn scan(dev: &Path, size: u64) -> Result<Vec<u64>> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)
-        .with_context(|| format!("opening {}", dev.display()))?;
-    // O_DIRECT needs an aligned buffer: over-allocate and read through an aligned window.
-    let mut raw = vec![0u8; 8192];
-    let off = raw.as_ptr().align_offset(4096);
-    let buf = &mut raw[off..off + 4096];
-    let mut failed = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        use std::os::unix::fs::FileExt as _;
-        if f.read_exact_at(buf, pos).is_err() {
-            failed.push(pos / 512);
-        }
-        pos += 4096;
-    }
-    Ok(failed)
+    let failed = remap_tests::blockio::scan(dev, size, 4096)
+        .with_context(|| format!("reading {}", dev.display()))?;
+    Ok(failed.into_iter().map(|off| off / 512).collect())
 }
 
 /// The remap demo in the VM (the host kernel may lack device-mapper and null_blk).
@@ -95,7 +61,7 @@ pub fn run_vm() -> Result<i32> {
 }
 
 pub fn run_detector() -> Result<()> {
-    let bin = build()?;
+    let bin = workspace::build_host_bins()?;
     println!(
         "\n== remap demo: a disk with bad sectors {BAD:?} (start, count), watched by remapd\n"
     );

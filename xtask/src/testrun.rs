@@ -164,25 +164,16 @@ fn host_kernel_tests() -> Result<Tally> {
         });
     }
     // The tests drive the real binaries; build them first so a stale one is never used.
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--package",
-            "remap-user",
-            "--package",
-            "remap-tests",
-            "--bins",
-        ])
-        .current_dir(workspace::root())
-        .status()?;
-    if !status.success() {
-        println!("FAILED host-kernel tests: building the binaries failed");
-        return Ok(Tally {
-            failed: 1,
-            ..Tally::default()
-        });
-    }
-    let bin_dir = workspace::target_dir().join("debug");
+    let bin_dir = match workspace::build_host_bins() {
+        Ok(d) => d,
+        Err(e) => {
+            println!("FAILED host-kernel tests: {e:#}");
+            return Ok(Tally {
+                failed: 1,
+                ..Tally::default()
+            });
+        }
+    };
     let mut args = ARGS.to_vec();
     // One at a time: they share the tracepoints and the loop devices of this kernel.
     args.extend(["--", "--test-threads=1"]);
