@@ -105,10 +105,36 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         notes: &mut Vec<String>,
     ) -> Result<bool, EngineError> {
         let refuse = |msg: String| Err(EngineError::Refused(msg));
-        let best = found
+        // The newest state must come from a copy whose newest metadata is intact: a copy that
+        // fell back to an older checkpoint does not know how far the volume got, and trusting
+        // it alone could undo remaps whose data now lives only on the spares.
+        let Some(best) = found
             .iter()
+            .filter(|f| !f.meta.degraded)
             .max_by_key(|f| f.meta.generation)
-            .expect("not empty");
+        else {
+            let names: Vec<_> = found
+                .iter()
+                .map(|f| f.dev.path.display().to_string())
+                .collect();
+            return refuse(format!(
+                "every copy of the metadata of `{}` is damaged at its newest point ({}); an older state could undo remaps. Refusing: restore a copy or recreate the volume",
+                found[0].meta.config.name,
+                names.join(", ")
+            ));
+        };
+        if let Some(d) = found
+            .iter()
+            .find(|f| f.meta.degraded && f.meta.generation > best.meta.generation)
+        {
+            return refuse(format!(
+                "the intact copies of `{}` are at generation {} but the damaged copy on {} reached {}: the newest state is lost; refusing to guess",
+                best.meta.config.name,
+                best.meta.generation,
+                d.dev.path.display(),
+                d.meta.generation
+            ));
+        }
         let (meta, config) = (&best.meta, &best.meta.config);
         // Copies at the newest generation must say the same thing; older ones are stale
         // (a commit interrupted by a crash, or a spare that was away) and get rewritten below.
@@ -199,6 +225,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let mut journal = Journal::new(meta.layout, metadata::codec::uuid_bytes(&config.uuid));
         journal.generation = meta.generation;
         journal.ckpt_gen = meta.generation;
+        // The next checkpoint must not overwrite the one just read.
+        journal.ckpt_slot = meta.ckpt_slot;
         let mut vol = Volume {
             config: config.clone(),
             journal,

@@ -297,6 +297,11 @@ pub struct DeviceMeta {
     pub config: VolumeConfig,
     pub remaps: RemapTable,
     pub layout: Layout,
+    /// Checkpoint slot the state was read from (the next checkpoint goes to the other one).
+    pub ckpt_slot: u32,
+    /// The newest metadata of this copy was damaged and an older state was read instead: its
+    /// generation says nothing about how far the volume really got.
+    pub degraded: bool,
     /// What was skipped on the way (a damaged superblock or checkpoint), for the log.
     pub notes: Vec<String>,
 }
@@ -309,12 +314,14 @@ pub fn read_device(io: &impl BlockIo, dev: &BlockDev) -> Result<DeviceMeta, Meta
     let mut sbs: Vec<Superblock> = Vec::new();
     let mut notes = Vec::new();
     let mut first_err = None;
+    let mut damaged = false;
     for i in 0..2 {
         match Superblock::decode(&head[i * BLOCK..(i + 1) * BLOCK]) {
             Ok(sb) => sbs.push(sb),
             Err(e) => {
                 if e != MetaError::NoMagic {
                     notes.push(format!("superblock {i}: {e}"));
+                    damaged = true;
                 }
                 first_err.get_or_insert(e);
             }
@@ -325,7 +332,7 @@ pub fn read_device(io: &impl BlockIo, dev: &BlockDev) -> Result<DeviceMeta, Meta
     }
     sbs.sort_by_key(|sb| std::cmp::Reverse(sb.ckpt_gen));
     let mut last = MetaError::NoMagic;
-    for sb in sbs {
+    for (i, sb) in sbs.into_iter().enumerate() {
         let layout = Layout {
             area_bytes: sb.area_bytes,
             journal_blocks: sb.journal_blocks,
@@ -340,6 +347,10 @@ pub fn read_device(io: &impl BlockIo, dev: &BlockDev) -> Result<DeviceMeta, Meta
                     config,
                     remaps,
                     layout,
+                    ckpt_slot: sb.ckpt_slot,
+                    // A damaged superblock may have named a newer checkpoint; a fallback to the
+                    // older one after a failed newest checkpoint certainly missed one.
+                    degraded: damaged || i > 0,
                     notes,
                 });
             }
