@@ -235,7 +235,9 @@ pub fn run(b: &Boot) -> Result<Outcome> {
     }
     // mitigations=off: page-table isolation costs a TLB flush per syscall, which TCG makes
     // expensive, and the guest runs only our tests.
-    let mut append = String::from("console=ttyS0 panic=-1 mitigations=off");
+    // tsc=reliable: under TCG on a loaded host the clocksource watchdog sees the TSC drift,
+    // switches clocksources mid-test, and has been seen to panic the guest doing so.
+    let mut append = String::from("console=ttyS0 panic=-1 mitigations=off tsc=reliable");
     if b.console != Console::Interactive {
         append.push_str(" quiet");
     }
