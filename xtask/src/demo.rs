@@ -23,7 +23,6 @@ const DEMO_SIZE: &str = "64MiB";
 const BAD: [(u64, u64); 3] = [(4096, 8), (40_000, 16), (100_000, 1)];
 const PIN_DIR: &str = "/sys/fs/bpf/remap";
 
-
 /// `cargo xtask run -- ARGS`: remapd with the operator's arguments.
 pub fn remapd(args: &[OsString]) -> Result<i32> {
     let bin = workspace::build_host_bins()?;

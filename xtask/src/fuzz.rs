@@ -41,7 +41,10 @@ pub fn run(target: &str, seconds: u64) -> Result<()> {
         let artifacts = dir.join("fuzz/artifacts").join(target);
         let crashed = std::fs::read_dir(&artifacts).is_ok_and(|mut d| d.next().is_some());
         if crashed {
-            bail!("fuzz target `{target}` found a crash: inputs in {}", artifacts.display());
+            bail!(
+                "fuzz target `{target}` found a crash: inputs in {}",
+                artifacts.display()
+            );
         }
         bail!("cargo fuzz failed ({status}); see its output above");
     }

@@ -1,5 +1,6 @@
 //! Developer tasks for remap. `cargo xtask run` and `cargo xtask test` set up what they need
 //! (toolchain, bpf-linker, packages, kernel mounts) before they build.
+mod bench;
 mod demo;
 mod fuzz;
 mod install;
@@ -38,6 +39,9 @@ enum Cmd {
     Vm(vm::VmCmd),
     /// Install remapd, remapctl, the systemd unit, its config, man pages and completions.
     Install(install::InstallArgs),
+    /// Benchmarks: tables of ratios measured side by side (host eBPF cost, VM volume overhead,
+    /// reaction, storm, scale), JSON and a PNG plot in target/bench/.
+    Bench(bench::BenchArgs),
     /// Run a fuzz target (cargo-fuzz) for a while: `cargo xtask fuzz metadata --time 60`.
     Fuzz {
         target: String,
@@ -111,6 +115,10 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Fuzz { target, time } => {
             provision::host(&[])?;
             fuzz::run(&target, time).map(|()| 0)
+        }
+        Cmd::Bench(a) => {
+            provision::host(vm::APT_PACKAGES)?;
+            bench::run(&a)
         }
         Cmd::Vm(c) => {
             provision::host(vm::APT_PACKAGES)?;

@@ -57,12 +57,20 @@ nb_bad() { echo "$1$3" >"$CFG/${2##*/}/badblocks"; } # nb_bad +|- DEV START-END
 # Sectors written to a disk so far (field 7 of /sys/block/X/stat).
 wsect() { awk '{print $7}' "/sys/block/${1##*/}/stat"; }
 majmin() { cat "/sys/block/${1##*/}/dev"; }
+# nb_wsect DEVS...: sectors written to all of them.
+nb_wsect() {
+    local d n=0
+    for d in "$@"; do n=$((n + $(wsect "$d"))); done
+    echo $n
+}
 
-# hybrid_spare NAME META_INDEX DATA_INDEX SIZE_MB: a spare of SIZE_MB whose first 160 MiB (the
-# metadata area and then some) live on a memory-backed null_blk, 1 MiB into it, and the rest on
-# one without memory. Metadata survives an agent restart; a million copied chunks cost no RAM.
-# The 1 MiB offset keeps the memory-backed disk itself from looking like a second copy.
-META_WINDOW=327680
+# hybrid_spare NAME META_INDEX DATA_INDEX SIZE_MB: a spare of SIZE_MB whose first 128 MiB (the
+# metadata area of a spare of 8 GiB or more: 1/64 of it, at most 128 MiB) live on a
+# memory-backed null_blk, 1 MiB into it, and the rest on one without memory. Metadata survives
+# an agent restart, a million copied chunks cost no RAM, and the writes to the memory-backed
+# disk are metadata only (check_meta_window verifies where the data area starts). The 1 MiB
+# offset keeps the memory-backed disk itself from looking like a second copy.
+META_WINDOW=262144
 hybrid_spare() {
     local s=$(($4 * 2048))
     nb_create "$2" 256 1
@@ -71,6 +79,15 @@ hybrid_spare() {
         $META_WINDOW "$2" $META_WINDOW $((s - META_WINDOW)) "$3" $META_WINDOW |
         dmsetup create "$1"
     echo "/dev/mapper/$1"
+}
+
+# check_meta_window SPARE_MB CREATE_JSON: the first spare's data area starts where its
+# hybrid's memory-backed part ends (size - chunks x 8 sectors).
+check_meta_window() {
+    local chunks
+    chunks=$(printf '%s' "$2" | grep -o '"chunks":[0-9]*' | head -1 | cut -d: -f2)
+    [ $(($1 * 2048 - chunks * 8)) -eq $META_WINDOW ] ||
+        { echo "metadata area is $(($1 * 2048 - chunks * 8)) sectors, not $META_WINDOW" >&2; return 1; }
 }
 
 # agent_start [ARGS...]: remapd in the background; sets AGENT_PID and READY_US (start to
@@ -153,10 +170,16 @@ region_segments() {
 trace_setup() {
     echo 0 >$T/tracing_on
     echo mono >$T/trace_clock
-    echo 'p:bench_sus dm_suspend' >>$T/kprobe_events
-    echo 'r:bench_res dm_resume' >>$T/kprobe_events
-    echo 1 >$T/events/kprobes/bench_sus/enable
-    echo 1 >$T/events/kprobes/bench_res/enable
+    local k
+    # Entry (p) and return (r) of the device-mapper calls; table_load and dm_ctl_ioctl may not
+    # be probe-able on every kernel (then the kernel-only columns stay empty).
+    for k in 'p:bench_sus dm_suspend' 'r:bench_susr dm_suspend' 'p:bench_resp dm_resume' \
+        'r:bench_res dm_resume' 'p:bench_tl table_load' 'r:bench_tlr table_load' \
+        'p:bench_io dm_ctl_ioctl' 'r:bench_ior dm_ctl_ioctl'; do
+        echo "$k" >>$T/kprobe_events 2>/dev/null || continue
+        k=${k#*:}
+        echo 1 >"$T/events/kprobes/${k%% *}/enable"
+    done
     echo 1 >$T/events/block/block_rq_error/enable
     echo 8192 >$T/buffer_size_kb
     echo 1 >$T/tracing_on
@@ -176,8 +199,20 @@ trace_times() {
         END { printf "%s %s %s\n", (e == "" ? "-" : e), (u == "" ? "-" : u), (r == "" ? "-" : r) }' $T/trace
 }
 
+# trace_pairs ENTRY RETURN: "SUM COUNT MAX" in microseconds of the durations between each
+# ENTRY event and the next RETURN event of the same task, over the trace buffer.
+trace_pairs() {
+    awk -v a="$1:" -v b="$2:" '
+        { ts = ""; for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+\.[0-9]+:$/) { ts = substr($i, 1, length($i) - 1); ev = $(i + 1); break } }
+        ts == "" { next }
+        { split(ts, p, "."); us = p[1] * 1000000 + p[2]; task = $1 }
+        ev == a { start[task] = us }
+        ev == b && (task in start) { d = us - start[task]; s += d; n++; if (d > m) m = d; delete start[task] }
+        END { printf "%d %d %d\n", s, n, m }' $T/trace
+}
+
 # fio_terse ARGS...: one fio run, its terse (v3) lines on stdout.
 fio_terse() {
-    fio --output-format=terse --terse-version=3 --direct=1 --randrepeat=0 --norandommap "$@" 2>/dev/null |
+    fio --output-format=terse --terse-version=3 --disk_util=0 --direct=1 --randrepeat=0 --norandommap "$@" 2>/dev/null |
         grep '^3;'
 }

@@ -10,11 +10,12 @@
 #   dm_suspend and dm_resume (reaction = resume return - error), remapd's log its own timings;
 # - meanwhile two readers, rate-limited, of another region and of the injected region;
 # - a flat table with the volume's segment count, and one with 2N+1 segments (N scattered
-#   remaps), loaded, suspended and resumed with dmsetup;
+#   remaps), loaded, suspended and resumed with dmsetup (wall time, and the kernel's own time);
+# - metadata bytes written per remap;
 # - at sizes in SCALE_SIZES: the agent is restarted and assembles the volume (timed, memory),
-#   next to creating the same tables with dmsetup; metadata bytes written per remap.
-
+#   next to creating the same tables with dmsetup.
 emit_guest
+
 MAIN_MB=8192
 CHUNKS=$((MAIN_MB * 256))
 STRIDE=$((CHUNKS / RUNS))
@@ -59,13 +60,15 @@ agent_stop
 agent_start || exit 1
 remapctl --json create $VOL --main $main --spare "$sp0" --spare "$sp1" >/tmp/create.json ||
     { echo "create failed: $(cat /tmp/create.json)" >&2; exit 1; }
+check_meta_window $MAIN_MB "$(cat /tmp/create.json)" || exit 1
 emit volume "$(cat /tmp/create.json)"
 
 # readers_start: two rate-limited 4 KiB random readers, one on another region and one on the
-# first 32 MiB of the injected region; readers_stop prints their terse lines.
+# first 32 MiB of the injected region; readers_stop sets READERS_TERSE to their terse lines.
 READERS=
+READERS_TERSE=
 readers_start() {
-    fio --output-format=terse --terse-version=3 --direct=1 --randrepeat=0 --norandommap \
+    fio --output-format=terse --terse-version=3 --disk_util=0 --direct=1 --randrepeat=0 --norandommap \
         --ioengine=psync --bs=4k --rw=randread --time_based --runtime=100000 \
         --rate_iops="$READER_IOPS" --filename=/dev/mapper/$VOL \
         --name=other --offset=$((OTHER_REGION * REGION_CHUNKS * 4096)) --size=1G \
@@ -74,7 +77,6 @@ readers_start() {
     READERS=$!
     sleep 1
 }
-READERS_TERSE=
 readers_stop() {
     kill -INT $READERS 2>/dev/null
     wait $READERS 2>/dev/null
@@ -87,11 +89,11 @@ sleep "$BASELINE_S"
 readers_stop
 emit readers-baseline "{\"terse\":$(jstr "$READERS_TERSE")}"
 
-# inject_one: one error, waits for its batch; sets INJ (reaction, suspended, and the log's micros
-# and suspended_micros; "-" when the batch did not come).
+# inject_one: one error, waits for its batch; sets INJ to "REACTION SUSPENDED LOG_MICROS
+# LOG_SUSPENDED" (microseconds), or "- - - -" when it could not be timed.
 INJ=
 inject_one() {
-    local c s before n=0 e u r line
+    local c s before n=0 e u r line k2
     c=$(((INJ_S0 + INJ_I % INJ_NS) * STRIDE + INJ_OFF + INJ_I / INJ_NS))
     INJ_I=$((INJ_I + 1))
     s=$((c * 8))
@@ -111,27 +113,34 @@ inject_one() {
         sleep 0.02
     done
     line=$(grep "remap batch done" "$LOG" | tail -1)
-    if [ -n "${BENCH_DEBUG:-}" ]; then
-        echo "inject $s: e=$e u=$u r=$r line=$line"
-        grep -v '^#' $T/trace
-    fi
     if [ $n -ge 6000 ] || [ "$e" = "-" ] || [ "$r" = "-" ]; then
+        echo "bench: an error at sector $s was not timed (e=$e u=$u r=$r, waited $n)"
+        grep -v '^#' $T/trace | tail -20
         INJ="- - - -"
         return
     fi
     INJ="$((r - e)) $((r - u)) $(echo "$line" | sed -n 's/.* micros=\([0-9]*\).*/\1/p') $(echo "$line" | sed -n 's/.*suspended_micros=\([0-9]*\).*/\1/p')"
 }
 
-# flat_cmp LABEL SEGMENTS REPS: a flat table of SEGMENTS 4 KiB linear segments alternating
-# between the main disk and a spare's, loaded into a device and swapped in with
-# dmsetup load / suspend / resume.
+# flat_cmp SIZE LABEL SEGMENTS REPS: a flat table of SEGMENTS 4 KiB linear segments alternating
+# between the main disk and a spare's, loaded into a device and swapped in with dmsetup load,
+# suspend and resume: wall times, the kernel's own time in each call, and what one dmsetup
+# process costs by itself (a query that touches no table).
 flat_cmp() {
-    local label=$1 n=$2 reps=$3 i t0 t1 t2 t3 err="" loads=() sus=() res=()
+    local size=$1 label=$2 n=$3 reps=$4 i t0 t1 t2 t3 err="" kl ks kr
+    local loads=() sus=() res=() noop=() kload=() ksus=() kres=() avail
+    # A table file of millions of lines and dmsetup's copy of it live in the guest's RAM.
+    avail=$(awk '/^MemAvailable/ {print $2}' /proc/meminfo)
+    if [ $((n / 8)) -gt $((avail / 2)) ]; then
+        emit flat "{\"remaps\":$size,\"label\":\"$label\",\"segments\":$n,\"load\":[],\"suspend\":[],\"resume\":[],\"kernel_load\":[],\"kernel_suspend\":[],\"kernel_resume\":[],\"noop\":[],\"error\":\"not tried: the table would need more than half of the guest's available memory ($((avail / 1024)) MiB)\"}"
+        return
+    fi
     awk -v n="$n" -v a="$(majmin $main)" -v b="$(majmin /dev/nullb2)" 'BEGIN {
         for (i = 0; i < n; i++) printf "%d 8 linear %s %d\n", i * 8, (i % 2 ? b : a), (i % 1000000) * 8 + 4096 }' \
         >/tmp/flat.table
     dmsetup create bench-flat --table "0 8 linear $(majmin $main) 0" || return
     for ((i = 0; i < reps; i++)); do
+        echo >$T/trace
         t0=$(now_us)
         if ! err=$(dmsetup load bench-flat /tmp/flat.table 2>&1); then
             break
@@ -145,9 +154,13 @@ flat_cmp() {
         loads+=($((t1 - t0)))
         sus+=($((t2 - t1)))
         res+=($((t3 - t2)))
+        read -r kl _ _ <<<"$(trace_pairs bench_tl bench_tlr)"
+        read -r ks _ _ <<<"$(trace_pairs bench_sus bench_susr)"
+        read -r kr _ _ <<<"$(trace_pairs bench_resp bench_res)"
+        kload+=("$kl")
+        ksus+=("$ks")
+        kres+=("$kr")
     done
-    # What one dmsetup process costs by itself (a query that touches no table).
-    local noop=()
     for ((i = 0; i < 3; i++)); do
         t0=$(now_us)
         dmsetup info bench-flat >/dev/null
@@ -155,44 +168,46 @@ flat_cmp() {
     done
     dmsetup remove bench-flat
     rm -f /tmp/flat.table
-    emit flat "{\"remaps\":$BG,\"label\":\"$label\",\"segments\":$n,\"load\":$(jlist "${loads[@]}"),\"suspend\":$(jlist "${sus[@]}"),\"resume\":$(jlist "${res[@]}"),\"noop\":$(jlist "${noop[@]}"),\"error\":$(jstr "$(echo "$err" | head -3)")}"
+    emit flat "{\"remaps\":$size,\"label\":\"$label\",\"segments\":$n,\"load\":$(jlist "${loads[@]}"),\"suspend\":$(jlist "${sus[@]}"),\"resume\":$(jlist "${res[@]}"),\"kernel_load\":$(jlist "${kload[@]}"),\"kernel_suspend\":$(jlist "${ksus[@]}"),\"kernel_resume\":$(jlist "${kres[@]}"),\"noop\":$(jlist "${noop[@]}"),\"error\":$(jstr "$(echo "$err" | head -3)")}"
 }
 
-# meta_cost N: N single-chunk remaps, one batch each; sectors written to the metadata and data
-# disks of the spares.
+# meta_cost SIZE N: N single-chunk remaps, one batch each; sectors written to the metadata and
+# data parts of the spares.
 meta_cost() {
-    local n=$1 i c m0 m1 d0 d1 t0 us fails
+    local n=$2 i c m0 m1 d0 d1 t0 us fails
     : >/tmp/meta.req
     for ((i = 0; i < n; i++)); do
         c=$((((MISC_I + i) % RUNS) * STRIDE + MISC_OFF + (MISC_I + i) / RUNS))
         req_add $((c * 8)) 8 >>/tmp/meta.req
     done
     MISC_I=$((MISC_I + n))
-    m0=0 d0=0
-    for d in $META_DEVS; do m0=$((m0 + $(wsect $d))); done
-    for d in $DATA_DEVS; do d0=$((d0 + $(wsect $d))); done
+    m0=$(nb_wsect $META_DEVS)
+    d0=$(nb_wsect $DATA_DEVS)
     t0=$(now_us)
     fails=$(raw_remaps /tmp/meta.req)
     us=$(($(now_us) - t0))
-    m1=0 d1=0
-    for d in $META_DEVS; do m1=$((m1 + $(wsect $d))); done
-    for d in $DATA_DEVS; do d1=$((d1 + $(wsect $d))); done
-    emit meta "{\"remaps\":$(status_num remaps),\"n\":$n,\"failed\":$fails,\"micros\":$us,\"meta_sectors\":$((m1 - m0)),\"data_sectors\":$((d1 - d0)),\"spares\":2}"
+    m1=$(nb_wsect $META_DEVS)
+    d1=$(nb_wsect $DATA_DEVS)
+    emit meta "{\"size\":$1,\"remaps\":$(status_num remaps),\"n\":$n,\"failed\":$fails,\"micros\":$us,\"meta_sectors\":$((m1 - m0)),\"data_sectors\":$((d1 - d0)),\"spares\":2}"
 }
 
 # superblock FIELD_OFFSET BYTES: a field of the newer superblock (higher checkpoint generation)
-# of the first spare (its superblocks are 1 MiB into its metadata disk).
-sb_field() { dd if=/dev/nullb1 bs=4096 skip="$1" count=1 status=none 2>/dev/null | od -An -tu"$3" -j"$2" -N"$3" | tr -d ' '; }
+# of the first spare (its superblocks are 1 MiB into its metadata disk; read with O_DIRECT, as
+# remapd wrote them).
+sb_field() {
+    dd if=/dev/nullb1 bs=4096 skip="$1" count=1 iflag=direct status=none 2>/dev/null |
+        od -An -tu"$3" -j"$2" -N"$3" | tr -d ' '
+}
 superblock() {
     local b=256
     [ "$(sb_field 257 48 8)" -gt "$(sb_field 256 48 8)" ] && b=257
     sb_field $b "$1" "$2"
 }
 
-# scale_at: the volume's tables saved; the volume stopped and the agent restarted (it
+# scale_at SIZE: the volume's tables saved; the volume stopped and the agent restarted (it
 # assembles at start); the same tables created with dmsetup.
 scale_at() {
-    local r t0 floor_us m0 m1 n=0 regions=()
+    local r t0 floor_us m0 m1 kfloor kasm regions=()
     rm -rf /tmp/floor && mkdir /tmp/floor
     for r in $(dmsetup ls | awk -v v="$VOL-remap-r" 'index($1, v) == 1 {print $1}' | sort); do
         dmsetup table "$r" >"/tmp/floor/$r"
@@ -201,28 +216,30 @@ scale_at() {
     remapctl --json stop $VOL >/dev/null || { echo "stop failed" >&2; return 1; }
     agent_stop
     # The kernel floor: the same region tables and a volume table over them, with dmsetup.
-    t0=$(now_us)
     local off=0 size top=""
+    echo >$T/trace
+    t0=$(now_us)
     for r in "${regions[@]}"; do
-        dmsetup create "bench-$r" </tmp/floor/"$r"
+        dmsetup create "bench-$r" <"/tmp/floor/$r"
         size=$(awk '{e = $1 + $2} END {print e}' "/tmp/floor/$r")
-        top+="$off $size linear $(majmin "/dev/mapper/bench-$r") 0"$'\n'
+        top+="$off $size linear /dev/mapper/bench-$r 0"$'\n'
         off=$((off + size))
     done
     printf '%s' "$top" | dmsetup create bench-floor
     floor_us=$(($(now_us) - t0))
+    read -r kfloor _ _ <<<"$(trace_pairs bench_io bench_ior)"
     dmsetup remove bench-floor
     for r in "${regions[@]}"; do dmsetup remove "bench-$r"; done
-    m0=0
-    for d in $META_DEVS; do m0=$((m0 + $(wsect $d))); done
+    m0=$(nb_wsect $META_DEVS)
+    echo >$T/trace
     agent_start || return 1
-    m1=0
-    for d in $META_DEVS; do m1=$((m1 + $(wsect $d))); done
+    read -r kasm _ _ <<<"$(trace_pairs bench_io bench_ior)"
+    m1=$(nb_wsect $META_DEVS)
     local line remaps
     line=$(grep "assembled" "$LOG" | tail -1)
     remaps=$(status_num remaps)
-    emit scale "{\"remaps\":$remaps,\"regions\":${#regions[@]},\"segments\":$(region_segments),\"ready_micros\":$READY_US,\"floor_micros\":$floor_us,\"floor_processes\":$((${#regions[@]} + 1)),\"hwm_kb\":$(proc_kb $AGENT_PID VmHWM),\"rss_kb\":$(proc_kb $AGENT_PID VmRSS),\"checkpoint_sectors\":$((m1 - m0)),\"ckpt_bytes\":$(superblock 56 8),\"journal_blocks\":$(superblock 76 4),\"log\":$(jstr "$line")}"
-    progress "scale: $remaps remaps assembled, ready in $((READY_US / 1000)) ms, floor $((floor_us / 1000)) ms"
+    emit scale "{\"size\":$1,\"remaps\":$remaps,\"regions\":${#regions[@]},\"segments\":$(region_segments),\"ready_micros\":$READY_US,\"floor_micros\":$floor_us,\"floor_processes\":$((${#regions[@]} + 1)),\"kernel_floor_micros\":${kfloor:-0},\"kernel_assembly_micros\":${kasm:-0},\"hwm_kb\":$(proc_kb $AGENT_PID VmHWM),\"rss_kb\":$(proc_kb $AGENT_PID VmRSS),\"checkpoint_sectors\":$((m1 - m0)),\"ckpt_bytes\":$(superblock 56 8),\"journal_blocks\":$(superblock 76 4),\"log\":$(jstr "$line")}"
+    progress "scale: $remaps remaps assembled, ready in $((READY_US / 1000)) ms, dmsetup floor $((floor_us / 1000)) ms"
 }
 
 for size in $SIZES; do
@@ -230,8 +247,10 @@ for size in $SIZES; do
     start_remaps=$(status_num remaps)
     segs=$(region_segments)
     inj_segs=$(dmsetup table "$VOL-remap-r$(printf %04d $INJ_REGION)" | wc -l)
-    progress "reaction at $BG remaps ($segs segments): $INJECT errors"
+    progress "reaction at $size remaps ($segs segments): $INJECT errors"
     readers_start
+    # One error first, not counted: the first of a series pays for cold caches.
+    inject_one
     rs=() ss=() lm=() ls=() misses=0
     for ((k = 0; k < INJECT; k++)); do
         inject_one
@@ -248,14 +267,12 @@ for size in $SIZES; do
     readers_stop
     emit reaction "{\"remaps\":$size,\"actual\":$start_remaps,\"segments\":$segs,\"region_segments\":$inj_segs,\"reaction\":$(jlist "${rs[@]}"),\"suspended\":$(jlist "${ss[@]}"),\"log_micros\":$(jlist "${lm[@]}"),\"log_suspended\":$(jlist "${ls[@]}"),\"missed\":$misses,\"readers\":$(jstr "$READERS_TERSE")}"
     progress "flat tables at $size remaps"
-    flat_cmp same $((segs + 8)) "$FLAT_REPS"
+    flat_cmp "$size" same $((segs + 8)) "$FLAT_REPS"
     if [ "$size" -gt 0 ] && [ "$size" -le "$FLAT_SCATTERED_MAX" ]; then
-        flat_cmp scattered $((2 * size + 1)) "$FLAT_REPS"
+        flat_cmp "$size" scattered $((2 * size + 1)) "$FLAT_REPS"
     fi
-    if [ "$size" -gt 0 ]; then
-        meta_cost "$META_N"
-    fi
-    case " $SCALE_SIZES " in *" $size "*) scale_at ;; esac
+    [ "$size" -gt 0 ] && meta_cost "$size" "$META_N"
+    case " $SCALE_SIZES " in *" $size "*) scale_at "$size" ;; esac
 done
 agent_stop
 emit done "{\"section\":\"reaction\"}"

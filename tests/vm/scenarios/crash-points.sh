@@ -7,7 +7,7 @@
 # 2 trials each, 20 with --soak.
 #vm: cases setup after-allocate after-copy mid-metadata after-commit after-load before-resume committed-remap-survives
 #vm: needs remapd remapctl
-#vm: timeout 3000
+#vm: timeout 4000
 . /vm/lib.sh
 
 VOL=vol0
@@ -157,6 +157,7 @@ trial() {
     [ $rc = 134 ] || echo "remapd exited with $rc, not an abort (134)" >>/tmp/why
     grep -q "REMAP_CRASH_AT=$p: aborting" "$log" || echo "no crash message in the log" >>/tmp/why
     crashed_susp=$(suspended)
+    echo "$crashed_susp region(s) suspended at the crash" >>/tmp/trial.notes
     n0=$(acks /tmp/ack)
     sleep 1
 

@@ -26,6 +26,8 @@ SIZE=$((64 * MIB))
 main=$(nullb create --size 64)
 sp1=$(nullb create --size 24)
 sp2=$(nullb create --size 24)
+sp3=$(nullb create --size 24)
+sp4=$(nullb create --size 24)
 
 remapd >/tmp/remapd.out 2>/tmp/remapd.log &
 agent=$!
@@ -195,10 +197,10 @@ else
 fi
 
 # --- --unreadable zero: a second volume over the same main (its data is fio's, its bad
-# sectors are still there) and the same spares.
+# sectors are still there) with spares of its own (vol0's keep vol0's metadata).
 if remapctl stop $VOL >/tmp/out 2>&1; then
     VOL=vol1
-    if out=$(remapctl create $VOL --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB \
+    if out=$(remapctl create $VOL --main "$main" --spare "$sp3" --spare "$sp4" --region-size 16MiB \
         --unreadable zero 2>&1); then
         trigger "/dev/mapper/$VOL"
         wait_remaps $VOL $NBLOCKS

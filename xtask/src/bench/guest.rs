@@ -40,7 +40,7 @@ impl SectionRun {
             .map(|r| &r.data)
     }
     pub fn first(&self, key: &str) -> Option<&Value> {
-        self.all(key).next()
+        self.records.iter().find(|r| r.key == key).map(|r| &r.data)
     }
 }
 
@@ -56,7 +56,12 @@ pub fn parse_record(line: &str) -> Option<Record> {
 
 /// Writes the section's guest script: a POSIX prologue that moves to bash, the parameters,
 /// the shared library and the section.
-pub fn script(root: &Path, section: &str, params: &[(&str, String)], out: &Path) -> Result<PathBuf> {
+pub fn script(
+    root: &Path,
+    section: &str,
+    params: &[(&str, String)],
+    out: &Path,
+) -> Result<PathBuf> {
     let dir = root.join("tests/vm/bench");
     let lib = fs::read_to_string(dir.join("lib.sh")).context("reading tests/vm/bench/lib.sh")?;
     let body = fs::read_to_string(dir.join(format!("{section}.sh")))
@@ -78,6 +83,32 @@ pub fn script(root: &Path, section: &str, params: &[(&str, String)], out: &Path)
     Ok(path)
 }
 
+/// This binary, or the one cargo built in its place meanwhile (Linux names a replaced
+/// executable `PATH (deleted)`).
+fn xtask_exe() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the xtask binary")?;
+    if exe.exists() {
+        return Ok(exe);
+    }
+    let s = exe.to_string_lossy();
+    Ok(PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s)))
+}
+
+/// The records of a section run earlier, from the copy of its results channel.
+pub fn reload(section: &str, dir: &Path) -> Option<SectionRun> {
+    let text = fs::read_to_string(dir.join(format!("{section}.results.txt"))).ok()?;
+    let records: Vec<Record> = text.lines().filter_map(parse_record).collect();
+    let complete = records.iter().any(|r| r.key == "done");
+    Some(SectionRun {
+        section: section.to_string(),
+        complete,
+        accel: Some("TCG".into()).filter(|_| !text.contains("accel=kvm")),
+        error: (!complete).then(|| "the guest script did not finish".to_string()),
+        records,
+        ..SectionRun::default()
+    })
+}
+
 /// Runs one section in the VM; its console goes to `DIR/SECTION.console.log`, progress lines
 /// (`bench: ...`) to our stderr.
 pub fn run(
@@ -88,7 +119,7 @@ pub fn run(
     results: &Path,
     dir: &Path,
 ) -> Result<SectionRun> {
-    let exe = std::env::current_exe().context("locating the xtask binary")?;
+    let exe = xtask_exe()?;
     let t0 = Instant::now();
     let console_path = dir.join(format!("{section}.console.log"));
     let mut console = fs::File::create(&console_path)?;

@@ -25,7 +25,7 @@ pub struct Plan {
 }
 
 /// What the host part measured, run by run.
-#[derive(Default, Serialize)]
+#[derive(Default, Serialize, serde::Deserialize)]
 pub struct HostReport {
     pub skipped: Option<String>,
     pub cpu: String,
@@ -36,7 +36,7 @@ pub struct HostReport {
     pub agent: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, serde::Deserialize)]
 pub struct HostRun {
     pub variant: String,
     pub pattern: String,
@@ -94,6 +94,8 @@ pub fn run(plan: &Plan, remapd: &Path, dir: &Path) -> Result<HostReport> {
             variants.retain(|v| *v != "agent");
         }
     }
+    // A first run warms the loop device and the page cache; it is not counted.
+    fio(&lo.0, "warm-up", "psync", 1, plan.secs.min(3))?;
     for round in 0..plan.rounds {
         let mut order = variants.clone();
         order.rotate_left(round % variants.len());
@@ -108,10 +110,7 @@ pub fn run(plan: &Plan, remapd: &Path, dir: &Path) -> Result<HostReport> {
                 let job = fio(&lo.0, pattern, engine, *qd, plan.secs)?;
                 let after = prog_stats(&ids)?;
                 drop(att);
-                step(&format!(
-                    "host {pattern} {v}: {:.0} IOPS",
-                    job.read.iops
-                ));
+                step(&format!("host {pattern} {v}: {:.0} IOPS", job.read.iops));
                 rep.runs.push(HostRun {
                     variant: v.to_string(),
                     pattern: pattern.to_string(),
@@ -129,7 +128,10 @@ fn cpu_model() -> String {
     let info = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = info
         .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':'])))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|r| r.trim_start_matches([' ', '\t', ':']))
+        })
         .unwrap_or("unknown CPU")
         .to_string();
     let n = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -150,7 +152,8 @@ fn fs_type(dir: &Path) -> String {
 /// Writes the backing file with real blocks (no holes) and reads it once into the page cache.
 fn fill(path: &Path, size: u64) -> Result<()> {
     if fs::metadata(path).map(|m| m.len()).ok() != Some(size) {
-        let mut f = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let mut f =
+            fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         let block = vec![0x5au8; 1 << 20];
         for _ in 0..size >> 20 {
             f.write_all(&block)?;
@@ -338,5 +341,10 @@ fn fio(dev: &Path, name: &str, engine: &str, qd: u32, secs: u64) -> Result<FioJo
     stats::parse_terse_all(&text)
         .into_iter()
         .next()
-        .with_context(|| format!("fio gave no result: {}", String::from_utf8_lossy(&out.stderr)))
+        .with_context(|| {
+            format!(
+                "fio gave no result: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
 }

@@ -29,8 +29,12 @@ fn register_font() -> Result<()> {
         bail!("fontconfig found no sans-serif font (install fonts-dejavu-core)");
     }
     let bytes = std::fs::read(&path).with_context(|| format!("reading font {path}"))?;
-    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
-        .map_err(|_| anyhow::anyhow!("{path} is not a usable font"))?;
+    plotters::style::register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        Box::leak(bytes.into_boxed_slice()),
+    )
+    .map_err(|_| anyhow::anyhow!("{path} is not a usable font"))?;
     Ok(())
 }
 
@@ -115,6 +119,8 @@ where
         c.configure_mesh()
             .x_labels(xs.len())
             .x_label_formatter(&label_x)
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .light_line_style(RGBColor(235, 235, 235))
             .x_desc("existing remaps")
             .y_desc(unit)
             .draw()?;
@@ -143,6 +149,8 @@ where
         c.configure_mesh()
             .x_labels(xs.len())
             .x_label_formatter(&label_x)
+            .y_label_formatter(&|v| format!("{v:.2}"))
+            .light_line_style(RGBColor(235, 235, 235))
             .x_desc("existing remaps")
             .y_desc(unit)
             .draw()?;

@@ -21,7 +21,7 @@ pub fn max(samples: &[f64]) -> Option<f64> {
 }
 
 /// One direction (read or write) of a fio job, from its terse line.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FioDir {
     pub kib: f64,
     pub iops: f64,
@@ -43,7 +43,7 @@ impl FioDir {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FioJob {
     pub name: String,
     pub read: FioDir,

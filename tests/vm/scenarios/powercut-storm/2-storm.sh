@@ -52,9 +52,9 @@ done
 S
 NEXT_ACK=$NEXT_ACK sh /tmp/writer.sh &
 sh /tmp/storm.sh &
-# The cut: 3.0 to 12.9 s from now.
+# The cut: 4.0 to 19.9 s from now.
 r=$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')
-delay=$((3 + r % 100 / 10)).$((r % 10))
+delay=$((4 + r % 160 / 10)).$((r % 10))
 info "boot $VM_BOOT: remaps $REMAPS, acks $NEXT_ACK; power cut in $delay s"
 powercut "$delay"
 while :; do sleep 1; done
