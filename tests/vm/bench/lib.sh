@@ -120,7 +120,6 @@ agent_stop() {
 proc_kb() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status"; }
 
 status_num() { json_num "$(remapctl --json status $VOL)" "$1"; }
-batches_done() { grep -c "remap batch done" "$LOG"; }
 
 # raw_remaps FILE: sends the remap-add requests in FILE (one JSON line each) over one control
 # connection; returns the number of requests that failed.

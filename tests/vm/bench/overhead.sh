@@ -64,7 +64,7 @@ remapctl --json create $VOL --main $main --spare "$sp0" --spare "$sp1" >/tmp/cre
     { echo "create failed: $(cat /tmp/create.json)" >&2; exit 1; }
 # At 0 remaps the agent is stopped and started again each round (the volume stays up): what
 # its programs cost the raw disk and the volume.
-progress "overhead: raw and volume at 0 remaps, agent off and on"
+progress "raw and volume at 0 remaps, agent off and on"
 for ((round = 0; round < ROUNDS; round++)); do
     agent_stop
     for p in $PATTERNS; do pair 0 off "$p" $round; done
@@ -74,7 +74,7 @@ done
 for size in $OVERHEAD_SIZES; do
     [ "$size" -gt 0 ] || continue
     bg_grow "$size"
-    progress "overhead: raw and volume at $size remaps"
+    progress "raw and volume at $size remaps"
     for ((round = 0; round < ROUNDS; round++)); do
         for p in $PATTERNS; do pair "$size" on "$p" $round; done
     done

@@ -44,7 +44,7 @@ INJ_NS=$((((INJ_REGION + 1) * REGION_CHUNKS) / STRIDE - INJ_S0))
 INJ_I=0
 MISC_I=0
 
-progress "reaction: main $MAIN_MB MiB, $RUNS runs per step, stride $STRIDE chunks"
+progress "main $MAIN_MB MiB, $RUNS runs per step, stride $STRIDE chunks"
 main=/dev/nullb0
 nb_create 0 $MAIN_MB 0
 sp0=$(hybrid_spare bsp0 1 2 $MAIN_MB)
@@ -93,27 +93,28 @@ emit readers-baseline "{\"terse\":$(jstr "$READERS_TERSE")}"
 # LOG_SUSPENDED" (microseconds), or "- - - -" when it could not be timed.
 INJ=
 inject_one() {
-    local c s before n=0 e u r line k2
+    local c s n=0 e u r line k2
     c=$(((INJ_S0 + INJ_I % INJ_NS) * STRIDE + INJ_OFF + INJ_I / INJ_NS))
     INJ_I=$((INJ_I + 1))
     s=$((c * 8))
-    before=$(batches_done)
     echo >$T/trace
     nb_bad + $main "$s-$s"
     dio-read /dev/mapper/$VOL $s 8 2>/dev/null
-    while [ "$(batches_done)" -le "$before" ] && [ $n -lt 6000 ]; do
+    # Done when the log has this error and then a finished batch (logged after the resume).
+    # The trace is read only then: the kernel stops recording while its trace file is read.
+    while [ $n -lt 3000 ]; do
+        line=$(awk -v s="lba=$s " 'index($0, s) && /I\/O error/ { f = 1 } f && /remap batch done/ { print; exit }' "$LOG")
+        [ -n "$line" ] && break
         sleep 0.01
         n=$((n + 1))
     done
     nb_bad - $main "$s-$s"
-    # The batch is logged after the resume; give the trace a moment all the same.
-    for ((k2 = 0; k2 < 50; k2++)); do
+    for ((k2 = 0; k2 < 5; k2++)); do
         read -r e u r <<<"$(trace_times $s)"
         [ "$r" != "-" ] && break
-        sleep 0.02
+        sleep 0.05
     done
-    line=$(grep "remap batch done" "$LOG" | tail -1)
-    if [ $n -ge 6000 ] || [ "$e" = "-" ] || [ "$r" = "-" ]; then
+    if [ -z "$line" ] || [ "$e" = "-" ] || [ "$r" = "-" ]; then
         echo "bench: an error at sector $s was not timed (e=$e u=$u r=$r, waited $n)"
         grep -v '^#' $T/trace | tail -20
         INJ="- - - -"
@@ -230,6 +231,10 @@ scale_at() {
     read -r kfloor _ _ <<<"$(trace_pairs bench_io bench_ior)"
     dmsetup remove bench-floor
     for r in "${regions[@]}"; do dmsetup remove "bench-$r"; done
+    # The agent's start without assembly, right before: the part of "ready" that is not assembly.
+    agent_start --no-assemble || return 1
+    local base=$READY_US
+    agent_stop
     m0=$(nb_wsect $META_DEVS)
     echo >$T/trace
     agent_start || return 1
@@ -238,7 +243,7 @@ scale_at() {
     local line remaps
     line=$(grep "assembled" "$LOG" | tail -1)
     remaps=$(status_num remaps)
-    emit scale "{\"size\":$1,\"remaps\":$remaps,\"regions\":${#regions[@]},\"segments\":$(region_segments),\"ready_micros\":$READY_US,\"floor_micros\":$floor_us,\"floor_processes\":$((${#regions[@]} + 1)),\"kernel_floor_micros\":${kfloor:-0},\"kernel_assembly_micros\":${kasm:-0},\"hwm_kb\":$(proc_kb $AGENT_PID VmHWM),\"rss_kb\":$(proc_kb $AGENT_PID VmRSS),\"checkpoint_sectors\":$((m1 - m0)),\"ckpt_bytes\":$(superblock 56 8),\"journal_blocks\":$(superblock 76 4),\"log\":$(jstr "$line")}"
+    emit scale "{\"size\":$1,\"remaps\":$remaps,\"regions\":${#regions[@]},\"segments\":$(region_segments),\"ready_micros\":$READY_US,\"start_micros\":$base,\"floor_micros\":$floor_us,\"floor_processes\":$((${#regions[@]} + 1)),\"kernel_floor_micros\":${kfloor:-0},\"kernel_assembly_micros\":${kasm:-0},\"hwm_kb\":$(proc_kb $AGENT_PID VmHWM),\"rss_kb\":$(proc_kb $AGENT_PID VmRSS),\"checkpoint_sectors\":$((m1 - m0)),\"ckpt_bytes\":$(superblock 56 8),\"journal_blocks\":$(superblock 76 4),\"log\":$(jstr "$line")}"
     progress "scale: $remaps remaps assembled, ready in $((READY_US / 1000)) ms, dmsetup floor $((floor_us / 1000)) ms"
 }
 

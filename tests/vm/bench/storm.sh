@@ -24,7 +24,7 @@ for ((k = 0; k < STORM_RANGES; k++)); do
     nb_bad + $main "$((first * 8))-$(((first + per) * 8 - 1))"
     seq $first $((first + per - 1)) >>/tmp/expected
 done
-progress "storm: $((per * STORM_RANGES)) bad chunks in $STORM_RANGES ranges, $STORM_READERS readers"
+progress "$((per * STORM_RANGES)) bad chunks in $STORM_RANGES ranges, $STORM_READERS readers"
 
 t0=$(now_us)
 part=$((span * 4096 / 1048576 / STORM_READERS + 1))
@@ -59,6 +59,6 @@ batches=$(grep "remap batch done" "$LOG" | awk '
     END { printf "{\"batches\":%d,\"chunks\":%d,\"micros\":%d,\"suspended_micros\":%d,\"max_suspended_micros\":%d,\"max_chunks\":%d}", n, c, m, s, ms, mc }')
 counters=$(remapctl --json counters 2>/dev/null | tr -d '\n')
 emit storm "{\"bad_chunks\":$want,\"ranges\":$STORM_RANGES,\"readers\":$STORM_READERS,\"remaps\":$(status_num remaps),\"pending\":$(status_num pending),\"missed\":$missed,\"extra\":$extra,\"readers_micros\":$readers_us,\"total_micros\":$total_us,\"hwm_kb_before\":$hwm0,\"hwm_kb\":$(proc_kb $AGENT_PID VmHWM),\"rss_kb\":$(proc_kb $AGENT_PID VmRSS),\"log\":$batches,\"counters\":${counters:-null}}"
-progress "storm: $(status_num remaps) of $want remapped, $missed missed, in $((total_us / 1000)) ms"
+progress "$(status_num remaps) of $want remapped, $missed missed, in $((total_us / 1000)) ms"
 agent_stop
 emit done "{\"section\":\"storm\"}"

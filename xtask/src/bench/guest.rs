@@ -109,8 +109,8 @@ pub fn reload(section: &str, dir: &Path) -> Option<SectionRun> {
     })
 }
 
-/// Runs one section in the VM; its console goes to `DIR/SECTION.console.log`, progress lines
-/// (`bench: ...`) to our stderr.
+/// Runs one section in the VM, again (up to three times) when its `vm exec` ends before the
+/// guest booted: the laboratory is shared, and a run waiting for it can be cut short.
 pub fn run(
     kernel: &str,
     section: &str,
@@ -119,8 +119,37 @@ pub fn run(
     results: &Path,
     dir: &Path,
 ) -> Result<SectionRun> {
+    let mut last = None;
+    for attempt in 1..=3 {
+        let r = run_once(kernel, section, script, timeout, results, dir)?;
+        if r.booted {
+            return Ok(r.run);
+        }
+        step(&format!(
+            "{section}: `vm exec` ended before the guest booted (attempt {attempt}: {})",
+            r.run.error.as_deref().unwrap_or("?")
+        ));
+        last = Some(r.run);
+    }
+    Ok(last.expect("three attempts"))
+}
+
+struct Once {
+    run: SectionRun,
+    booted: bool,
+}
+
+fn run_once(
+    kernel: &str,
+    section: &str,
+    script: &Path,
+    timeout: Duration,
+    results: &Path,
+    dir: &Path,
+) -> Result<Once> {
     let exe = xtask_exe()?;
     let t0 = Instant::now();
+    let started = std::time::SystemTime::now();
     let console_path = dir.join(format!("{section}.console.log"));
     let mut console = fs::File::create(&console_path)?;
     let mut child = Command::new(exe)
@@ -134,19 +163,25 @@ pub fn run(
         .context("starting `xtask vm exec`")?;
     let stderr = child.stderr.take().context("no stderr")?;
     let err_thread = std::thread::spawn(move || {
-        let mut accel = None;
+        let (mut accel, mut booted, mut tail) = (None, false, Vec::new());
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("using TCG") {
                 accel = Some("TCG".to_string());
             } else if line.contains("qemu:") && line.contains("KVM") {
                 accel = Some("KVM".to_string());
             }
+            booted |= line.starts_with("[vm] booting");
             // The laboratory's own steps, except the per-package checks.
             if !line.starts_with("[prereq]") {
                 eprintln!("{line}");
+                tail.push(line);
             }
         }
-        accel
+        (
+            accel,
+            booted,
+            tail.into_iter().rev().take(3).collect::<Vec<_>>(),
+        )
     });
     let mut console_records = Vec::new();
     let stdout = child.stdout.take().context("no stdout")?;
@@ -159,34 +194,44 @@ pub fn run(
         }
     }
     let status = child.wait()?;
-    let accel = err_thread.join().unwrap_or(None);
+    let (accel, booted, tail) = err_thread.join().unwrap_or((None, false, Vec::new()));
     // The results channel is authoritative (the console may interleave writers); read it at
-    // once, before another run of the laboratory replaces it.
-    let mut records: Vec<Record> = fs::read_to_string(results)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(parse_record)
-        .collect();
+    // once, before another run of the laboratory replaces it, and only if this run wrote it.
+    let fresh = fs::metadata(results)
+        .and_then(|m| m.modified())
+        .is_ok_and(|m| m >= started);
+    let mut records: Vec<Record> = if booted && fresh {
+        let _ = fs::copy(results, dir.join(format!("{section}.results.txt")));
+        fs::read_to_string(results)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(parse_record)
+            .collect()
+    } else {
+        Vec::new()
+    };
     if records.len() < console_records.len() {
         records = console_records;
     }
-    let _ = fs::copy(results, dir.join(format!("{section}.results.txt")));
     let complete = records.iter().any(|r| r.key == "done");
     let error = (!complete).then(|| {
         format!(
-            "the guest script did not finish ({}); console: {}",
-            status,
+            "the guest script did not finish ({status}; {}); console: {}",
+            tail.join(" / "),
             console_path.display()
         )
     });
-    Ok(SectionRun {
-        section: section.to_string(),
-        records,
-        complete,
-        exit: status.code(),
-        seconds: t0.elapsed().as_secs_f64(),
-        accel,
-        error,
+    Ok(Once {
+        run: SectionRun {
+            section: section.to_string(),
+            records,
+            complete,
+            exit: status.code(),
+            seconds: t0.elapsed().as_secs_f64(),
+            accel,
+            error,
+        },
+        booted,
     })
 }
 

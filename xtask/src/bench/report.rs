@@ -353,6 +353,11 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
     for z in &sizes {
         header.push(format!("volume ÷ raw, {} remaps", size_label(*z)));
     }
+    let last = sizes.last().copied().unwrap_or(0.0);
+    header.push(format!(
+        "added per I/O, {} remaps (VM time)",
+        size_label(last)
+    ));
     let mut t = Table {
         title: "Volume overhead (VM)".into(),
         note: format!(
@@ -361,7 +366,10 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
              raw then volume (the order flips each round); the ratio is taken per pair, median \
              over rounds. \"agent off\": remapd stopped (the volume stays up); otherwise it runs \
              and its programs see every completion. Background remaps as in the reaction \
-             table; remapped chunks live on the spares. {vm_note}"
+             table; remapped chunks live on the spares. With a disk that costs nothing per \
+             I/O and a CPU emulated 10-30x slower, the ratios are a worst case: the last \
+             column is the time the volume adds per I/O (1/IOPS), which on hardware shrinks \
+             with the CPU while a real disk's own time does not. {vm_note}"
         ),
         header,
         rows: Vec::new(),
@@ -387,6 +395,11 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
         ];
         numbers.insert(format!("{p}/agent_on_off"), json!(agent_ratio));
         numbers.insert(format!("{p}/0/agent_off"), json!(dm_only));
+        let at_last = sel("on", p, last);
+        let mean_iops = |f: &dyn Fn(&Run) -> f64| {
+            mean(&at_last.iter().map(|x| f(x)).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+        };
+        let added_us = 1e6 / mean_iops(&|x| iops(&x.volume)) - 1e6 / mean_iops(&|x| iops(&x.raw));
         for z in &sizes {
             let v = pair_ratio("on", p, *z);
             row.push(format!("{v:.3}"));
@@ -396,6 +409,11 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
                 .or_default()
                 .push((size_label(*z), v));
         }
+        row.push(if added_us.is_finite() {
+            format!("{added_us:.1} µs")
+        } else {
+            "–".into()
+        });
         t.rows.push(row);
     }
     r.plot_ratio = ratio_series
@@ -773,8 +791,8 @@ fn scale(r: &mut Report, s: &SectionRun, vm_note: &str) {
         &format!(
             "The volume stopped (`remapctl stop`), remapd restarted: it assembles at start \
              (reads the metadata, writes a checkpoint, creates the region devices and the \
-             volume). Assembly = start to \"remapd ready\" minus the same start without volumes \
-             ({}: loading and attaching the detector). Floor = creating the same region tables \
+             volume). Assembly = start to \"remapd ready\" minus a start without volumes just \
+             before (loading and attaching the detector; {} at the first one). Floor = creating the same region tables \
              and the volume over them with dmsetup, one process per device: wall time, and \
              the kernel's own time in the device-mapper ioctls (kprobe on dm_ctl_ioctl), which \
              is also given for remapd's assembly. {vm_note}",
@@ -796,7 +814,8 @@ fn scale(r: &mut Report, s: &SectionRun, vm_note: &str) {
     for v in s.all("scale") {
         let size = v["size"].as_f64().unwrap_or(num(v, "remaps"));
         let ready = num(v, "ready_micros");
-        let assembly = (ready - start).max(0.0);
+        let base = v["start_micros"].as_f64().unwrap_or(start);
+        let assembly = (ready - base).max(0.0);
         let floor = num(v, "floor_micros");
         let kf = num(v, "kernel_floor_micros");
         let ka = num(v, "kernel_assembly_micros");
@@ -806,8 +825,16 @@ fn scale(r: &mut Report, s: &SectionRun, vm_note: &str) {
         t.rows.push(vec![
             format!("{label} ({})", num(v, "remaps")),
             format!("{} / {}", num(v, "regions"), num(v, "segments")),
-            format!("{} ({})", ms(Some(assembly)), ms(Some(ka))),
-            format!("{} ({})", ms(Some(floor)), ms(Some(kf))),
+            format!(
+                "{} ({})",
+                ms(Some(assembly)),
+                ms(Some(ka).filter(|k| *k > 0.0))
+            ),
+            format!(
+                "{} ({})",
+                ms(Some(floor)),
+                ms(Some(kf).filter(|k| *k > 0.0))
+            ),
             ratio(assembly, floor, 2),
             format!("{} / {}", mib(num(v, "hwm_kb")), mib(num(v, "rss_kb"))),
             format!(
