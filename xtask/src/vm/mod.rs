@@ -535,14 +535,31 @@ fn boot_scenario(
             s.name,
             i + 1
         ));
-        let out = qemu::run(&qemu::Boot {
+        let boot = qemu::Boot {
             kernel: k,
             initrd: &initrd,
             disks: &disks,
             dir: &bdir,
             timeout: s.spec.timeout(),
             console: Console::Capture,
-        })?;
+        };
+        let mut out = qemu::run(&boot)?;
+        if qemu::crashed_before_init(&out) {
+            // Nothing of the scenario ran and no disk was touched: boot once more, loudly.
+            eprintln!(
+                "----- {}/{}: the guest kernel crashed before /init ran; console: -----\n{}\n-----",
+                k.label,
+                s.name,
+                qemu::console_tail(&out.console, 40)
+            );
+            step(&format!(
+                "{}/{}: boot {} crashed before /init ran (guest kernel, not a test result); booting again",
+                k.label,
+                s.name,
+                i + 1
+            ));
+            out = qemu::run(&boot)?;
+        }
         // The initrd is a copy of the ~80 MB base plus a few files: not worth keeping.
         let _ = std::fs::remove_file(&initrd);
         step(&format!(
