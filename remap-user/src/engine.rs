@@ -1168,6 +1168,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 }
             }
             self.mirror(&vol, Some(&r.remapped));
+            // The journal is durable on its own: a failed checkpoint here costs nothing but a
+            // later inline one.
+            if vol.journal.wants_checkpoint()
+                && let Err(e) = self.checkpoint(&mut vol)
+            {
+                tracing::warn!(volume = name, "background checkpoint failed: {e}");
+            }
         }
         self.volumes.insert(name.to_owned(), vol);
         if let Ok(r) = &res {
@@ -1843,6 +1850,27 @@ pub(crate) mod tests {
             (2, 0b10)
         );
         assert_eq!(r.watch.pending.borrow().len(), 1, "rewrite watch armed");
+    }
+
+    #[test]
+    fn the_journal_is_checkpointed_between_batches_not_while_a_region_is_suspended() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        let jb = r.engine.volumes["v"].journal.layout.journal_blocks;
+        let first_ckpt = r.engine.volumes["v"].journal.ckpt_gen;
+        // One commit (one journal block) per batch: more batches than the ring holds.
+        for c in 0..u64::from(jb) + 8 {
+            r.engine.remap("v", BTreeSet::from([c * 3])).unwrap();
+            let j = &r.engine.volumes["v"].journal;
+            assert!(
+                !j.wants_checkpoint(),
+                "after batch {c}: {} of {jb} journal blocks used",
+                j.used
+            );
+        }
+        // Below three quarters, a one-block commit always fits: none had to checkpoint inline.
+        assert!(r.engine.volumes["v"].journal.ckpt_gen > first_ckpt);
+        assert_eq!(r.engine.volumes["v"].remaps.len(), jb as usize + 8);
     }
 
     #[test]

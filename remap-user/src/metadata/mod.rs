@@ -134,6 +134,14 @@ pub struct Journal {
     pub used: u32,
 }
 
+impl Journal {
+    /// Three quarters of the ring hold commits: time for a checkpoint, taken while no region
+    /// is suspended, so a commit under suspend rarely has to write the whole state itself.
+    pub fn wants_checkpoint(&self) -> bool {
+        u64::from(self.used) * 4 >= u64::from(self.layout.journal_blocks) * 3
+    }
+}
+
 /// A spare as the metadata writer addresses it.
 pub struct Copy<'a> {
     pub dev: &'a BlockDev,
