@@ -346,7 +346,13 @@ pub fn read_device(io: &impl BlockIo, dev: &BlockDev) -> Result<DeviceMeta, Meta
             journal_blocks: sb.journal_blocks,
         };
         match read_from(io, dev, &sb, layout) {
-            Ok((generation, config, remaps)) => {
+            Ok((generation, config, remaps, beyond)) => {
+                if beyond {
+                    notes.push(format!(
+                        "the journal holds complete generations past {generation} that the checkpoint of generation {} cannot reach: a newer superblock or checkpoint was lost",
+                        sb.ckpt_gen
+                    ));
+                }
                 return Ok(DeviceMeta {
                     slot: sb.slot,
                     volume_uuid: sb.volume_uuid,
@@ -357,8 +363,10 @@ pub fn read_device(io: &impl BlockIo, dev: &BlockDev) -> Result<DeviceMeta, Meta
                     layout,
                     ckpt_slot: sb.ckpt_slot,
                     // A damaged superblock may have named a newer checkpoint; a fallback to the
-                    // older one after a failed newest checkpoint certainly missed one.
-                    degraded: damaged || i > 0,
+                    // older one after a failed newest checkpoint certainly missed one, and so
+                    // did a replay that stops short of complete newer commits (a zeroed
+                    // superblock reads as never written, not as damaged).
+                    degraded: damaged || i > 0 || beyond,
                     notes,
                 });
             }
@@ -379,7 +387,7 @@ fn read_from(
     dev: &BlockDev,
     sb: &Superblock,
     layout: Layout,
-) -> Result<(u64, VolumeConfig, RemapTable), MetaError> {
+) -> Result<(u64, VolumeConfig, RemapTable, bool), MetaError> {
     if sb.ckpt_bytes > layout.ckpt_slot_bytes()
         || layout.journal_offset(layout.journal_blocks) > layout.area_bytes
     {
@@ -401,18 +409,22 @@ fn read_from(
     let mut journal = vec![0u8; layout.journal_blocks as usize * BLOCK];
     io.read_at(dev, layout.journal_offset(0), &mut journal)
         .map_err(|e| io_err(dev, e))?;
-    let (generation, remaps) = replay(&sb.volume_uuid, ckpt.generation, ckpt.remaps, &journal);
-    Ok((generation, ckpt.config, remaps))
+    let (generation, remaps, beyond) =
+        replay(&sb.volume_uuid, ckpt.generation, ckpt.remaps, &journal);
+    Ok((generation, ckpt.config, remaps, beyond))
 }
 
 /// Applies the journal's complete generations after `from`, in order, stopping at the first
 /// missing or incomplete one. Positions do not matter: stale blocks carry older generations.
+/// The flag says a complete generation lies past the stop: commits were made after a state
+/// this replay never reached (a checkpoint it does not know of), so the result is not the
+/// newest.
 pub fn replay(
     uuid: &[u8; 16],
     from: u64,
     mut remaps: RemapTable,
     journal: &[u8],
-) -> (u64, RemapTable) {
+) -> (u64, RemapTable, bool) {
     use std::collections::BTreeMap;
     let mut by_gen: BTreeMap<u64, Vec<codec::JournalBlock>> = BTreeMap::new();
     for block in journal.chunks_exact(BLOCK) {
@@ -424,13 +436,7 @@ pub fn replay(
     }
     let mut generation = from;
     while let Some(mut parts) = by_gen.remove(&(generation + 1)) {
-        parts.sort_by_key(|p| p.part);
-        parts.dedup_by_key(|p| p.part);
-        let complete = parts.iter().enumerate().all(|(i, p)| p.part as usize == i)
-            && parts
-                .first()
-                .is_some_and(|p| p.parts as usize == parts.len());
-        if !complete {
+        if !complete(&mut parts) {
             break;
         }
         for p in parts {
@@ -447,7 +453,20 @@ pub fn replay(
         }
         generation += 1;
     }
-    (generation, remaps)
+    let beyond = by_gen
+        .into_iter()
+        .any(|(g, mut parts)| g > generation + 1 && complete(&mut parts));
+    (generation, remaps, beyond)
+}
+
+/// Every part of one generation's commit is there, once.
+fn complete(parts: &mut Vec<codec::JournalBlock>) -> bool {
+    parts.sort_by_key(|p| p.part);
+    parts.dedup_by_key(|p| p.part);
+    parts.iter().enumerate().all(|(i, p)| p.part as usize == i)
+        && parts
+            .first()
+            .is_some_and(|p| p.parts as usize == parts.len())
 }
 
 #[cfg(test)]
@@ -646,7 +665,12 @@ pub(crate) mod tests {
         t.io.poke(240, 1, newest, &[0u8; BLOCK]).unwrap();
         let a = read_device(&*t.io, &t.a).unwrap();
         assert_eq!(a.remaps.get(1).map(|r| r.extent.start), Some(16384));
-        assert!(a.generation >= 2);
+        // A zeroed block reads as never written, but generation 4 in the journal gives the
+        // loss away: this copy must not pass for the newest.
+        assert_eq!((a.generation, a.remaps.get(2)), (2, None));
+        assert!(a.degraded, "{:?}", a.notes);
+        assert!(a.notes.iter().any(|n| n.contains("lost")), "{:?}", a.notes);
+        assert!(!read_device(&*t.io, &t.b).unwrap().degraded);
         // Corrupt the newest checkpoint of b instead: same fallback, noted.
         let off = t.j.layout.ckpt_offset(t.j.ckpt_slot) + 100;
         t.io.poke(240, 2, off, &[0xff; 8]).unwrap();
