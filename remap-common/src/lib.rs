@@ -34,8 +34,17 @@ pub const GLOBAL_DEDUP_WINDOW_NS: &str = "DEDUP_WINDOW_NS";
 pub const PROG_RQ_ERROR: &str = "rq_error";
 /// eBPF program attached to `block:block_rq_complete` (fallback: filters `error == 0` itself).
 pub const PROG_RQ_COMPLETE: &str = "rq_complete";
-/// eBPF program on `block:block_rq_complete` that reports writes to pending chunks.
-pub const PROG_PENDING_WRITE: &str = "pending_write";
+/// eBPF program on `block:block_rq_complete` that reports writes to pending chunks and
+/// requests slower than their device's threshold.
+pub const PROG_RQ_DONE: &str = "rq_done";
+/// eBPF program on `block:block_rq_issue` that stamps requests of devices watched for slow I/O.
+pub const PROG_RQ_ISSUE: &str = "rq_issue";
+
+/// Requests in flight on devices watched for slow I/O: [`DedupKey`] (dev, first sector) →
+/// issue time (ns). An LRU, so requests whose completion was never seen age out.
+pub const MAP_INFLIGHT: &str = "INFLIGHT";
+/// Name of the read-only global carrying the `block_rq_issue` [`Layout`] (its `error` unused).
+pub const GLOBAL_ISSUE_LAYOUT: &str = "ISSUE_LAYOUT";
 
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_RING_BYTES: usize = 256 * 1024;
@@ -49,6 +58,10 @@ pub const REMAP_MIRROR_ENTRIES: usize = 1 << 21;
 pub const POOL_ENTRIES: usize = 1024;
 /// Capacity of the pending-chunk map.
 pub const PENDING_ENTRIES: usize = 64 * 1024;
+/// Capacity of the in-flight map (requests outstanding at once on slow-watched devices).
+pub const INFLIGHT_ENTRIES: usize = 16 * 1024;
+/// Set in a [`DedupKey`]'s chunk for slow-I/O reports, so they never de-duplicate errors.
+pub const SLOW_DEDUP_BIT: u64 = 1 << 63;
 /// Longest request (in chunks) the pending-write watcher looks through.
 pub const PENDING_SCAN_CHUNKS: u64 = 64;
 
@@ -76,7 +89,9 @@ pub struct Layout {
 pub struct WatchedDev {
     /// log2 of the chunk size in 512-byte sectors: repeats within one chunk are de-duplicated.
     pub chunk_shift: u32,
-    pub _reserved: u32,
+    /// Requests that take at least this long (µs, issue to completion) are reported as slow;
+    /// 0 turns slow-I/O detection off for the device.
+    pub slow_us: u32,
 }
 
 /// Key of the de-duplication LRU.
@@ -161,7 +176,17 @@ impl Op {
     }
 }
 
-/// One failed block request, as pushed to the ring buffer.
+/// What an [`ErrorEvent`] reports.
+pub mod kind {
+    /// The request failed (`errno` says how).
+    pub const ERROR: u8 = 0;
+    /// A successful write to a chunk holding pending blocks.
+    pub const REWRITE: u8 = 1;
+    /// The request succeeded but took at least its device's `slow_us` (`latency_us`).
+    pub const SLOW: u8 = 2;
+}
+
+/// One block request worth the agent's attention, as pushed to the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct ErrorEvent {
@@ -175,9 +200,13 @@ pub struct ErrorEvent {
     /// Positive errno (EIO = 5, ENODATA = 61, ...); 0 for a successful write to a pending
     /// chunk (see [`MAP_PENDING`]).
     pub errno: i32,
+    /// Issue to completion, for [`kind::SLOW`] reports (0 otherwise).
+    pub latency_us: u32,
     /// [`Op`] as u8.
     pub op: u8,
-    pub _pad: [u8; 3],
+    /// One of [`kind`].
+    pub kind: u8,
+    pub _pad: [u8; 6],
 }
 
 /// Detector counters, one per CPU; user space sums them.
@@ -198,6 +227,8 @@ pub struct Counters {
     pub no_data: u64,
     /// Successful writes that landed on pending chunks (reported to the agent).
     pub rewrites: u64,
+    /// Requests reported as slow.
+    pub slow: u64,
 }
 
 impl Counters {
@@ -209,6 +240,7 @@ impl Counters {
         self.unwatched += o.unwatched;
         self.no_data += o.no_data;
         self.rewrites += o.rewrites;
+        self.slow += o.slow;
     }
 }
 

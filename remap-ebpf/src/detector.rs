@@ -9,13 +9,23 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use remap_common::{
-    Counters, DEDUP_ENTRIES, DedupKey, EVENTS_RING_BYTES, ErrorEvent, Layout, MAX_WATCHED, Op,
-    PENDING_ENTRIES, PENDING_SCAN_CHUNKS, POOL_ENTRIES, PoolDev, REMAP_MIRROR_ENTRIES, RemapKey,
-    RemapVal, WatchedDev,
+    Counters, DEDUP_ENTRIES, DedupKey, EVENTS_RING_BYTES, ErrorEvent, INFLIGHT_ENTRIES, Layout,
+    MAX_WATCHED, Op, PENDING_ENTRIES, PENDING_SCAN_CHUNKS, POOL_ENTRIES, PoolDev,
+    REMAP_MIRROR_ENTRIES, RemapKey, RemapVal, SLOW_DEDUP_BIT, WatchedDev, kind,
 };
 
 #[unsafe(no_mangle)]
 static LAYOUT: Global<Layout> = Global::new(Layout {
+    dev: 0,
+    sector: 0,
+    nr_sector: 0,
+    error: 0,
+    rwbs: 0,
+    valid: 0,
+});
+
+#[unsafe(no_mangle)]
+static ISSUE_LAYOUT: Global<Layout> = Global::new(Layout {
     dev: 0,
     sector: 0,
     nr_sector: 0,
@@ -50,10 +60,124 @@ static REMAPS: HashMap<RemapKey, RemapVal, REMAP_MIRROR_ENTRIES, { BPF_F_NO_PREA
 #[btf_map]
 static PENDING_CHUNKS: HashMap<DedupKey, u32, PENDING_ENTRIES> = HashMap::new();
 
+#[btf_map]
+static INFLIGHT: LruHashMap<DedupKey, u64, INFLIGHT_ENTRIES> = LruHashMap::new();
+
+/// Every completion: slow requests of slow-watched devices, rewrites of pending chunks.
 #[tracepoint]
-pub fn pending_write(ctx: TracePointContext) -> u32 {
+pub fn rq_done(ctx: TracePointContext) -> u32 {
+    watch_slow(&ctx);
     watch_rewrites(&ctx);
     0
+}
+
+/// Stamps each request of a slow-watched device when the driver gets it.
+#[tracepoint]
+pub fn rq_issue(ctx: TracePointContext) -> u32 {
+    let layout = ISSUE_LAYOUT.load();
+    if layout.valid == 0 {
+        return 0;
+    }
+    // SAFETY: offsets from block_rq_issue's format file, read through bpf_probe_read_kernel.
+    let Ok(dev) = (unsafe { ctx.read_at::<u32>(layout.dev as usize) }) else {
+        return 0;
+    };
+    let Some(watched) = WATCHED_DEVS.get_ptr(dev) else {
+        return 0;
+    };
+    if unsafe { (*watched).slow_us } == 0 {
+        return 0;
+    }
+    let Ok(sector) = (unsafe { ctx.read_at::<u64>(layout.sector as usize) }) else {
+        return 0;
+    };
+    let key = DedupKey {
+        dev,
+        _pad: 0,
+        chunk: sector,
+    };
+    let _ = INFLIGHT.insert(key, unsafe { bpf_ktime_get_ns() }, 0);
+    0
+}
+
+/// Reports a request that succeeded but took its device's `slow_us` or longer, once per chunk
+/// per de-duplication window (a slow region must not flood the ring buffer).
+#[inline(always)]
+fn watch_slow(ctx: &TracePointContext) {
+    let layout = LAYOUT.load();
+    if layout.valid == 0 {
+        return;
+    }
+    let (Ok(dev), Ok(sector)) = (unsafe {
+        (
+            ctx.read_at::<u32>(layout.dev as usize),
+            ctx.read_at::<u64>(layout.sector as usize),
+        )
+    }) else {
+        return;
+    };
+    let Some(watched) = WATCHED_DEVS.get_ptr(dev) else {
+        return;
+    };
+    let (slow_us, shift) = unsafe { ((*watched).slow_us, (*watched).chunk_shift & 63) };
+    if slow_us == 0 {
+        return;
+    }
+    let key = DedupKey {
+        dev,
+        _pad: 0,
+        chunk: sector,
+    };
+    let Some(issued) = INFLIGHT.get_ptr(key) else {
+        return;
+    };
+    let issued = unsafe { *issued };
+    let _ = INFLIGHT.remove(key);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let took = now.wrapping_sub(issued);
+    if took < u64::from(slow_us) * 1000 {
+        return;
+    }
+    // Errors are the error detector's; a slow failure is reported as the failure it is.
+    let (Ok(error), Ok(nr_sector), Ok(rwbs)) = (unsafe {
+        (
+            ctx.read_at::<i32>(layout.error as usize),
+            ctx.read_at::<u32>(layout.nr_sector as usize),
+            ctx.read_at::<[u8; 2]>(layout.rwbs as usize),
+        )
+    }) else {
+        return;
+    };
+    if error != 0 || nr_sector == 0 {
+        return;
+    }
+    let dkey = DedupKey {
+        dev,
+        _pad: 0,
+        chunk: (sector >> shift) | SLOW_DEDUP_BIT,
+    };
+    if let Some(last) = DEDUP.get_ptr(dkey)
+        && now.wrapping_sub(unsafe { *last }) < DEDUP_WINDOW_NS.load()
+    {
+        bump(|c| c.dedups += 1);
+        return;
+    }
+    let _ = DEDUP.insert(dkey, now, 0);
+    let event = ErrorEvent {
+        ts_ns: now,
+        sector,
+        dev,
+        nr_sector,
+        errno: 0,
+        op: Op::from_rwbs(rwbs[0], rwbs[1]) as u8,
+        kind: kind::SLOW,
+        _pad: [0; 6],
+        latency_us: (took / 1000).min(u64::from(u32::MAX)) as u32,
+    };
+    match ERROR_EVENTS.output(event, 0) {
+        Ok(()) => bump(|c| c.slow += 1),
+        Err(_) => bump(|c| c.drops += 1),
+    }
 }
 
 /// Reports a successful write that touches a chunk holding pending blocks: on kernels where
@@ -114,7 +238,9 @@ fn watch_rewrites(ctx: &TracePointContext) {
                 nr_sector,
                 errno: 0,
                 op: Op::Write as u8,
-                _pad: [0; 3],
+                kind: kind::REWRITE,
+                _pad: [0; 6],
+                latency_us: 0,
             };
             match ERROR_EVENTS.output(event, 0) {
                 Ok(()) => bump(|c| c.rewrites += 1),
@@ -201,7 +327,9 @@ fn handle(ctx: &TracePointContext) {
         nr_sector,
         errno: error.wrapping_neg(),
         op: Op::from_rwbs(rwbs[0], rwbs[1]) as u8,
-        _pad: [0; 3],
+        kind: kind::ERROR,
+        _pad: [0; 6],
+        latency_us: 0,
     };
     match ERROR_EVENTS.output(event, 0) {
         Ok(()) => bump(|c| c.events += 1),

@@ -41,6 +41,7 @@ use crate::{
     metrics::{Metrics, Snapshot},
     notify::Notifier,
     render::VolumeMap,
+    scrub::{ScrubSetup, Scrubs},
 };
 
 impl Watch for Watcher {
@@ -79,6 +80,11 @@ pub enum Msg {
         reply: oneshot::Sender<Response>,
     },
     Errors(Vec<ErrorEvent>),
+    /// Chunks of `volume` that a scrub could not read.
+    ScrubBad {
+        volume: String,
+        chunks: Vec<u64>,
+    },
     /// Finish the current work and return.
     Shutdown,
 }
@@ -246,9 +252,19 @@ fn log_error(n: &Named, ev: &ErrorEvent) {
 /// Runs the engine until every sender is gone. A burst of error batches queued meanwhile is
 /// handled as one batch: one suspend, commit and load per region for all of it.
 pub fn engine_loop<D: DeviceMapper, I: BlockIo, W: Watch>(
+    engine: Engine<D, I, W>,
+    rx: mpsc::Receiver<Msg>,
+    hub: &Hub,
+) {
+    engine_loop_with(engine, rx, hub, Scrubs::new(None));
+}
+
+/// [`engine_loop`] with the volumes' scrubs, which it starts, stops and resumes after assembly.
+pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
     mut engine: Engine<D, I, W>,
     rx: mpsc::Receiver<Msg>,
     hub: &Hub,
+    mut scrubs: Scrubs,
 ) {
     hub.set_state(Snapshot::of(engine.volumes()));
     let mut next = None;
@@ -261,10 +277,21 @@ pub fn engine_loop<D: DeviceMapper, I: BlockIo, W: Watch>(
             },
         };
         match msg {
-            Msg::Shutdown => return,
+            Msg::Shutdown => {
+                scrubs.shutdown();
+                return;
+            }
+            Msg::ScrubBad { volume, chunks } => {
+                scrub_found(&mut engine, &volume, &chunks, hub);
+                hub.set_state(Snapshot::of(engine.volumes()));
+            }
             Msg::Request { req, uid, reply } => {
                 let mutates = req.mutates();
                 let manual = matches!(req, Request::RemapAdd { .. });
+                let stopping = match &req {
+                    Request::Stop { name } => Some(name.clone()),
+                    _ => None,
+                };
                 // Checked here too, where the change happens: a caller that reaches the
                 // engine by some other path still cannot change anything without root.
                 let resp = if mutates && uid != 0 {
@@ -278,25 +305,30 @@ pub fn engine_loop<D: DeviceMapper, I: BlockIo, W: Watch>(
                 if manual && resp.code == exit::OK {
                     manual_remap(&resp.data, hub);
                 }
-                let _ = reply.send(resp);
+                if let Some(name) = stopping.filter(|_| resp.code == exit::OK) {
+                    scrubs.volume_gone(&name);
+                }
+                // State first: whoever gets the answer must find the metrics already saying so.
                 if mutates {
                     hub.set_state(Snapshot::of(engine.volumes()));
                 }
+                let _ = reply.send(resp);
             }
             Msg::Agent { req, uid, reply } => {
-                let mutates = matches!(req, AgentRequest::Assemble { .. });
+                let mutates = req.mutates();
                 let resp = if mutates && uid != 0 {
                     Response::err(
                         exit::REFUSED,
                         "permission denied: this command changes volumes and needs root",
                     )
                 } else {
-                    agent_call(&mut engine, req)
+                    agent_call(&mut engine, &mut scrubs, req)
                 };
-                let _ = reply.send(resp);
+                // State first: whoever gets the answer must find the metrics already saying so.
                 if mutates {
                     hub.set_state(Snapshot::of(engine.volumes()));
                 }
+                let _ = reply.send(resp);
             }
             Msg::Errors(mut batch) => {
                 while let Ok(m) = rx.try_recv() {
@@ -308,8 +340,32 @@ pub fn engine_loop<D: DeviceMapper, I: BlockIo, W: Watch>(
                         }
                     }
                 }
-                let errors = batch.iter().filter(|e| e.errno != 0).count() as u64;
-                hub.metrics.on_events(errors, batch.len() as u64 - errors);
+                let count = |k: u8| batch.iter().filter(|e| e.kind == k).count() as u64;
+                hub.metrics.on_events(
+                    count(remap_common::kind::ERROR),
+                    count(remap_common::kind::REWRITE),
+                    count(remap_common::kind::SLOW),
+                );
+                for ev in batch.iter().filter(|e| e.kind == remap_common::kind::SLOW) {
+                    let named = name_event(&engine, ev);
+                    tracing::info!(
+                        volume = named.volume.as_deref().unwrap_or(""),
+                        device = named.device,
+                        sector = ev.sector,
+                        sectors = ev.nr_sector,
+                        latency_ms = ev.latency_us / 1000,
+                        "slow I/O"
+                    );
+                    hub.publish(Event::Slow {
+                        time_ms: now_ms(),
+                        volume: named.volume,
+                        device: named.device,
+                        sector: ev.sector,
+                        nr_sector: ev.nr_sector,
+                        latency_ms: ev.latency_us / 1000,
+                        op: Op::from_u8(ev.op).as_str().into(),
+                    });
+                }
                 for ev in batch.iter().filter(|e| e.errno != 0) {
                     let named = name_event(&engine, ev);
                     log_error(&named, ev);
@@ -383,13 +439,69 @@ fn manual_remap(data: &Value, hub: &Hub) {
     });
 }
 
+/// Remaps what a scrub found, as the detector's errors are: logged, counted, announced.
+fn scrub_found<D: DeviceMapper, I: BlockIo, W: Watch>(
+    engine: &mut Engine<D, I, W>,
+    volume: &str,
+    chunks: &[u64],
+    hub: &Hub,
+) {
+    let r = match crate::scrub::remap_found(engine, volume, chunks) {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(volume, "remapping what the scrub found failed: {e}");
+            return;
+        }
+    };
+    tracing::info!(
+        volume = r.volume,
+        chunks = r.remapped.len(),
+        pending = r.pending_blocks,
+        exhausted = r.exhausted.len(),
+        micros = r.micros,
+        "scrub remap done"
+    );
+    hub.metrics.on_report(&r);
+    let chunk = engine
+        .volumes()
+        .find(|v| v.config.name == r.volume)
+        .map_or(0, |v| v.config.geometry.chunk);
+    let lbas = r
+        .remapped
+        .iter()
+        .take(EVENT_LBAS)
+        .map(|c| c * chunk)
+        .collect();
+    hub.publish(remap_event(&r, lbas, "scrub"));
+}
+
 fn agent_call<D: DeviceMapper, I: BlockIo, W: Watch>(
     engine: &mut Engine<D, I, W>,
+    scrubs: &mut Scrubs,
     req: AgentRequest,
 ) -> Response {
+    fn volume<'a, D: DeviceMapper, I: BlockIo, W: Watch>(
+        e: &'a Engine<D, I, W>,
+        name: &str,
+    ) -> Option<&'a crate::engine::Volume> {
+        e.volumes().find(|v| v.config.name == name)
+    }
     match req {
+        AgentRequest::ScrubStart {
+            name,
+            rate,
+            restart,
+        } => match volume(engine, &name) {
+            Some(v) => scrubs.start(v, rate, restart),
+            None => Response::err(exit::NOT_FOUND, format!("no volume named `{name}`")),
+        },
+        AgentRequest::ScrubStop { name } => scrubs.stop(&name, volume(engine, &name)),
+        AgentRequest::ScrubStatus { name } => scrubs.status(&name, volume(engine, &name)),
         AgentRequest::Assemble { name } => {
             let found = engine.assemble(name.as_deref());
+            // Scrubs that were running when the agent (or the volume) stopped go on.
+            scrubs.resume(engine.volumes());
             if let Some(n) = name.filter(|_| found.is_empty()) {
                 return Response::err(
                     exit::NOT_FOUND,
@@ -448,6 +560,8 @@ pub struct AgentOptions {
     pub metrics: Option<SocketAddr>,
     /// Assemble the volumes found on the block devices before READY.
     pub assemble: bool,
+    /// Where the agent keeps state of its own (scrub positions).
+    pub state_dir: PathBuf,
 }
 
 /// Resolves a group name (or a numeric gid) through /etc/group. Parsed here rather than with
@@ -737,7 +851,7 @@ const HEALTH_TICK: Duration = Duration::from_secs(5);
 pub async fn run<D, I>(opts: AgentOptions, dm: D, io: I) -> Result<(), AgentError>
 where
     D: DeviceMapper + Send + 'static,
-    I: BlockIo + Send + 'static,
+    I: BlockIo + Send + Sync + 'static,
 {
     let notifier = Notifier::from_env();
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -762,13 +876,31 @@ where
         }
         None => None,
     };
-    let engine = Engine::new(dm, io, watcher);
+    // Shared: the scrubs read the main devices through it while the engine works.
+    let io = Arc::new(io);
+    let engine = Engine::new(dm, Arc::clone(&io), watcher);
     let (tx, rx) = mpsc::channel();
+    let scrubs = Scrubs::new(Some(ScrubSetup {
+        state_dir: opts.state_dir.clone(),
+        io,
+        sink: {
+            let tx = Mutex::new(tx.clone());
+            Arc::new(move |volume: &str, chunks: Vec<u64>| {
+                let tx = tx.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = tx.send(Msg::ScrubBad {
+                    volume: volume.to_owned(),
+                    chunks,
+                });
+            })
+        },
+        sample: crate::scrub::sysfs_sample,
+        piece_bytes: crate::scrub::PIECE_BYTES,
+    }));
     let worker = {
         let hub = hub.clone();
         thread::Builder::new()
             .name("remap-engine".into())
-            .spawn(move || engine_loop(engine, rx, &hub))?
+            .spawn(move || engine_loop_with(engine, rx, &hub, scrubs))?
     };
     // Volumes come up before READY: systemd orders the volumes' users after remapd, so READY
     // has to mean "the volumes exist". A volume refused here (conflicting metadata) stays

@@ -109,13 +109,44 @@ pub enum AgentRequest {
         follow: bool,
     },
     /// Where on the volume the remaps and pending blocks are, in `width` equal cells.
-    Map { name: String, width: u32 },
+    Map {
+        name: String,
+        width: u32,
+    },
     /// Finds volumes by the metadata on the block devices and brings them up (all of them,
     /// or only `name`). remapd also does this when it starts.
     Assemble {
         #[serde(default)]
         name: Option<String>,
     },
+    /// Starts (or resumes, or re-paces) a background read of the volume's whole main device;
+    /// the chunks it cannot read are remapped. `rate` in bytes a second, 0 for no limit;
+    /// absent: the paused scrub's rate, or the default.
+    ScrubStart {
+        name: String,
+        #[serde(default)]
+        rate: Option<u64>,
+        /// From the start instead of from the saved position.
+        #[serde(default)]
+        restart: bool,
+    },
+    /// Stops the scrub; its position is kept for the next start.
+    ScrubStop {
+        name: String,
+    },
+    ScrubStatus {
+        name: String,
+    },
+}
+
+impl AgentRequest {
+    /// Whether the call changes state (and so needs a root caller).
+    pub fn mutates(&self) -> bool {
+        matches!(
+            self,
+            Self::Assemble { .. } | Self::ScrubStart { .. } | Self::ScrubStop { .. }
+        )
+    }
 }
 
 /// The widest map the agent draws (a line of a wide terminal; more says nothing more).
@@ -133,7 +164,7 @@ impl Call {
     pub fn mutates(&self) -> bool {
         match self {
             Self::Engine(r) => r.mutates(),
-            Self::Agent(a) => matches!(a, AgentRequest::Assemble { .. }),
+            Self::Agent(a) => a.mutates(),
         }
     }
 
@@ -144,6 +175,9 @@ impl Call {
             Self::Agent(AgentRequest::Events { .. }) => "events",
             Self::Agent(AgentRequest::Map { .. }) => "map",
             Self::Agent(AgentRequest::Assemble { .. }) => "assemble",
+            Self::Agent(AgentRequest::ScrubStart { .. }) => "scrub-start",
+            Self::Agent(AgentRequest::ScrubStop { .. }) => "scrub-stop",
+            Self::Agent(AgentRequest::ScrubStatus { .. }) => "scrub-status",
         }
     }
 }
@@ -160,7 +194,14 @@ const ENGINE_CMDS: &[&str] = &[
     "pending",
     "health",
 ];
-const AGENT_CMDS: &[&str] = &["events", "map", "assemble"];
+const AGENT_CMDS: &[&str] = &[
+    "events",
+    "map",
+    "assemble",
+    "scrub-start",
+    "scrub-stop",
+    "scrub-status",
+];
 
 /// Parses one request line (without its newline). Errors are meant for the caller: they say
 /// what was wrong without echoing the request back at length.
@@ -238,6 +279,17 @@ pub enum Event {
         sector: u64,
         nr_sector: u32,
         errno: i32,
+        op: String,
+    },
+    /// A request that succeeded, slower than the slow-I/O threshold.
+    Slow {
+        time_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        volume: Option<String>,
+        device: String,
+        sector: u64,
+        nr_sector: u32,
+        latency_ms: u32,
         op: String,
     },
     /// Chunks moved to the pool (one batch: one suspend and one commit).
@@ -414,7 +466,7 @@ mod tests {
     }
 
     #[test]
-    fn agent_calls_parse_and_only_assembly_changes_state() {
+    fn agent_calls_parse_and_say_whether_they_change_state() {
         for (line, call, mutates) in [
             (
                 r#"{"cmd":"events"}"#,
@@ -438,6 +490,34 @@ mod tests {
                 r#"{"cmd":"assemble"}"#,
                 AgentRequest::Assemble { name: None },
                 true,
+            ),
+            (
+                r#"{"cmd":"scrub-start","name":"v"}"#,
+                AgentRequest::ScrubStart {
+                    name: "v".into(),
+                    rate: None,
+                    restart: false,
+                },
+                true,
+            ),
+            (
+                r#"{"cmd":"scrub-start","name":"v","rate":0,"restart":true}"#,
+                AgentRequest::ScrubStart {
+                    name: "v".into(),
+                    rate: Some(0),
+                    restart: true,
+                },
+                true,
+            ),
+            (
+                r#"{"cmd":"scrub-stop","name":"v"}"#,
+                AgentRequest::ScrubStop { name: "v".into() },
+                true,
+            ),
+            (
+                r#"{"cmd":"scrub-status","name":"v"}"#,
+                AgentRequest::ScrubStatus { name: "v".into() },
+                false,
             ),
         ] {
             let c = parse_call(line.as_bytes()).unwrap();

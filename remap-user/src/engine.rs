@@ -194,7 +194,19 @@ struct History {
     tracker: crate::health::Tracker,
     remapped: u64,
     errors: u64,
+    /// Slow requests reported on the volume's devices.
+    slow: u64,
+    /// Main-device chunks read slowly, with the times (s since start) they were.
+    weak: BTreeMap<u64, Vec<f64>>,
 }
+
+/// A chunk of the main device that needs this long this many times within [`WEAK_WINDOW_S`]
+/// is weak: it still reads, and moves now, while it does (what a drive does with a sector it
+/// had to retry).
+const WEAK_READS: usize = 3;
+const WEAK_WINDOW_S: f64 = 3600.0;
+/// Chunks tracked before the ones not seen within the window are forgotten.
+const WEAK_TRACKED: usize = 1 << 16;
 
 impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     pub fn new(dm: D, io: I, watch: W) -> Self {
@@ -248,6 +260,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             "forecast": assessed.forecast,
             "alerts": assessed.alerts,
             "errors_seen": h.errors,
+            "slow_io_seen": h.slow,
             "chunks_remapped": h.remapped,
             "hot_spares": hot,
         }))
@@ -880,6 +893,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let mut errors: BTreeMap<String, usize> = BTreeMap::new();
         let mut failing: BTreeSet<(String, u32)> = BTreeSet::new();
         for ev in events {
+            if ev.kind == remap_common::kind::SLOW {
+                for (name, chunk) in self.slow(ev) {
+                    work.entry(name).or_default().insert(chunk, true);
+                }
+                continue;
+            }
             if ev.errno == 0 {
                 for (name, chunk, mask) in self.rewritten(ev) {
                     *rewrites.entry(name).or_default().entry(chunk).or_default() |= mask;
@@ -933,6 +952,57 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
         }
         reports
+    }
+
+    /// Counts a slow request against its volume; returns the chunks it made weak.
+    fn slow(&mut self, ev: &ErrorEvent) -> Vec<(String, u64)> {
+        let t = self.started.elapsed().as_secs_f64();
+        let mut weak = Vec::new();
+        for v in self.volumes.values() {
+            let on_main = v.main.matches_kernel_dev(ev.dev);
+            if !on_main && !v.spares.values().any(|s| s.matches_kernel_dev(ev.dev)) {
+                continue;
+            }
+            let h = self.history.entry(v.config.name.clone()).or_default();
+            h.slow += 1;
+            if !on_main {
+                continue;
+            }
+            // The last spares are for chunks that fail; a slow one still reads.
+            if Self::pool_low(v) {
+                continue;
+            }
+            if h.weak.len() > WEAK_TRACKED {
+                h.weak
+                    .retain(|_, seen| seen.iter().any(|&at| t - at < WEAK_WINDOW_S));
+            }
+            // A slow request of many chunks says nothing about which of them is weak.
+            let g = v.geo();
+            let range = g.chunks_of_range(ev.sector, u64::from(ev.nr_sector.max(1)));
+            if range.end - range.start != 1 {
+                continue;
+            }
+            for c in range {
+                if v.remaps.get(c).is_some() {
+                    continue;
+                }
+                let seen = h.weak.entry(c).or_default();
+                seen.retain(|&at| t - at < WEAK_WINDOW_S);
+                seen.push(t);
+                if seen.len() >= WEAK_READS {
+                    h.weak.remove(&c);
+                    tracing::warn!(
+                        volume = v.config.name,
+                        chunk = c,
+                        lba = c * g.chunk,
+                        latency_ms = ev.latency_us / 1000,
+                        "weak chunk: read slowly {WEAK_READS} times; moving it while it still reads"
+                    );
+                    weak.push((v.config.name.clone(), c));
+                }
+            }
+        }
+        weak
     }
 
     /// Which volume chunks an error event concerns, and whether the error names the chunk for
@@ -1148,6 +1218,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             .volumes
             .remove(name)
             .ok_or_else(|| EngineError::NotFound(format!("no volume named `{name}`")))?;
+        // Chunks already on the pool that move again (a migration, an error on a spare) take
+        // no net space: health counts only the new ones.
+        let moved_again: BTreeSet<u64> = chunks
+            .keys()
+            .copied()
+            .filter(|c| vol.remaps.get(*c).is_some())
+            .collect();
         let mut res = self.remap_in(&mut vol, chunks, t0);
         if let Ok(r) = &mut res {
             // Low or out of space: a hot spare joins, and what did not fit moves now.
@@ -1178,7 +1255,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         self.volumes.insert(name.to_owned(), vol);
         if let Ok(r) = &res {
-            self.note(name, r.remapped.len(), 0);
+            let new = r
+                .remapped
+                .iter()
+                .filter(|c| !moved_again.contains(c))
+                .count();
+            self.note(name, new, 0);
         }
         res
     }
@@ -1555,6 +1637,29 @@ fn pool_json(vol: &Volume) -> Value {
                 "free": u.free,
                 "used_bytes": u.used * chunk_bytes,
                 "free_bytes": u.free * chunk_bytes,
+                // draining: being emptied (`spare remove --migrate`), nothing new lands on it.
+                "state": if vol.pool.is_open(u.slot) { "active" } else { "draining" },
+            })
+        })
+        .collect();
+    // Hot spares wait outside the pool (they hold nothing) until it runs low.
+    let standby: Vec<Value> = vol
+        .config
+        .spares
+        .iter()
+        .filter(|r| r.hot)
+        .map(|r| {
+            let mut p = Pool::new(vol.geo().chunk, vol.pool.policy());
+            let chunks = p
+                .add(r.slot, r.size_sectors, vol.config.meta_area_sectors)
+                .map_or(0, |()| p.available());
+            json!({
+                "slot": r.slot,
+                "path": vol.spares.get(&r.slot).map(|s| s.path.display().to_string()),
+                "identity": &r.identity,
+                "size_bytes": r.size_sectors * SECTOR,
+                "chunks": chunks,
+                "state": "standby",
             })
         })
         .collect();
@@ -1563,6 +1668,7 @@ fn pool_json(vol: &Volume) -> Value {
     json!({
         "policy": vol.pool.policy(),
         "devices": devices,
+        "standby": standby,
         "total": total,
         "available": available,
         "total_bytes": total * chunk_bytes,
@@ -1752,7 +1858,12 @@ pub(crate) mod tests {
             nr_sector: nr,
             errno,
             op: if errno == 0 { Op::Write } else { Op::Read } as u8,
-            _pad: [0; 3],
+            kind: if errno == 0 {
+                remap_common::kind::REWRITE
+            } else {
+                remap_common::kind::ERROR
+            },
+            ..ErrorEvent::default()
         }
     }
 
@@ -1871,6 +1982,56 @@ pub(crate) mod tests {
         // Below three quarters, a one-block commit always fits: none had to checkpoint inline.
         assert!(r.engine.volumes["v"].journal.ckpt_gen > first_ckpt);
         assert_eq!(r.engine.volumes["v"].remaps.len(), jb as usize + 8);
+    }
+
+    fn slow_event(minor: u32, sector: u64) -> ErrorEvent {
+        ErrorEvent {
+            latency_us: 900_000,
+            kind: remap_common::kind::SLOW,
+            ..event(minor, sector, 8, 0)
+        }
+    }
+
+    #[test]
+    fn a_chunk_read_slowly_three_times_moves_with_all_its_data() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        let chunk: Vec<u64> = (800..808).collect();
+        let read = |r: &Rig| chunk.iter().map(|&s| r.read_volume(s)).collect::<Vec<_>>();
+        let before = read(&r);
+        assert!(before.iter().all(Option::is_some));
+        // Twice is not yet weak; a slow request on a spare only counts.
+        assert!(r.engine.on_errors(&[slow_event(MAIN, 800)]).is_empty());
+        assert!(r.engine.on_errors(&[slow_event(MAIN, 800)]).is_empty());
+        assert!(r.engine.on_errors(&[slow_event(S1, 900)]).is_empty());
+        // Nor do slow requests spanning chunks name one.
+        let wide = ErrorEvent {
+            nr_sector: 64,
+            ..slow_event(MAIN, 800)
+        };
+        for _ in 0..3 {
+            assert!(r.engine.on_errors(&[wide]).is_empty());
+        }
+        assert_eq!(r.status()["remaps"], 0);
+        let reports = r.engine.on_errors(&[slow_event(MAIN, 800)]);
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert_eq!(
+            (reports[0].remapped.as_slice(), reports[0].pending_blocks),
+            (&[100][..], 0)
+        );
+        assert_eq!(
+            read(&r),
+            before,
+            "every block was readable and moved as it was"
+        );
+        let lines = r.dm.table(&region_name("v", 0)).unwrap();
+        assert!(lines.iter().any(|l| l.3.contains(":1 ")), "{lines:?}");
+        let h = r.engine.health("v").unwrap();
+        assert_eq!(h["slow_io_seen"], 7);
+        // Moved: later slow reports of that chunk are about the old place, not the data.
+        for _ in 0..3 {
+            assert!(r.engine.on_errors(&[slow_event(MAIN, 800)]).is_empty());
+        }
     }
 
     #[test]
@@ -2198,20 +2359,24 @@ pub(crate) mod tests {
         r.engine
             .spare_add_opts("v", Path::new("/sim/s1"), true)
             .unwrap();
+        let st = r.status();
         assert_eq!(
-            r.status()["pool"]["devices"].as_array().unwrap().len(),
+            st["pool"]["devices"].as_array().unwrap().len(),
             1,
             "standby"
         );
+        assert_eq!(st["pool"]["devices"][0]["state"], "active");
+        assert_eq!(st["pool"]["standby"][0]["path"], "/sim/s1", "{st}");
+        assert_eq!(st["pool"]["standby"][0]["state"], "standby");
+        assert!(st["pool"]["standby"][0]["chunks"].as_u64().unwrap() > 0);
         // The tiny spare holds 2 chunks; the third remap finds the pool exhausted.
         let rep = r.engine.remap("v", (0..3).collect()).unwrap();
         assert_eq!(rep.remapped.len(), 3, "{rep:?}");
         assert!(rep.exhausted.is_empty());
-        assert_eq!(
-            r.status()["pool"]["devices"].as_array().unwrap().len(),
-            2,
-            "joined"
-        );
+        let st = r.status();
+        assert_eq!(st["pool"]["devices"].as_array().unwrap().len(), 2, "joined");
+        assert_eq!(st["pool"]["devices"][1]["state"], "active");
+        assert!(st["pool"]["standby"].as_array().unwrap().is_empty(), "{st}");
         let m = read_meta(&r.io, S1);
         assert!(m.config.spares.iter().all(|s| !s.hot), "persisted");
     }
@@ -2226,6 +2391,11 @@ pub(crate) mod tests {
         assert_eq!(r.status()["pool"]["devices"][0]["used"], 6);
         let out = r.engine.spare_migrate("v", Path::new("/sim/s1")).unwrap();
         assert_eq!(out["moved"], 6);
+        assert_eq!(
+            r.engine.health("v").unwrap()["chunks_remapped"],
+            6,
+            "moving chunks already on the pool takes no new space"
+        );
         let st = r.status();
         assert_eq!(st["pool"]["devices"].as_array().unwrap().len(), 1);
         assert_eq!(st["pool"]["devices"][0]["used"], 6);

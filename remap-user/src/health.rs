@@ -64,7 +64,27 @@ pub struct Now {
 pub struct Tracker {
     samples: VecDeque<Sample>,
     last_pending: u64,
-    last_rate: Option<f64>,
+    /// Whether the last assessment saw the remap rate rising (alerts fire when it starts).
+    rising: bool,
+}
+
+/// The recent part of the sampled time span whose rate is compared with the rate before it.
+const RECENT_FRACTION: f64 = 0.25;
+/// Remaps the recent part needs before its rate counts as rising (a single step of a steady
+/// staircase is not a trend).
+const RISING_MIN_REMAPS: f64 = 4.0;
+/// How much faster than before the recent rate must be to count as rising.
+const RISING_FACTOR: f64 = 1.5;
+
+/// The remap rate over the recent part of the history and over the part before it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Trend {
+    /// Remapped chunks per hour before the recent part, and within it.
+    pub before_per_hour: f64,
+    pub recent_per_hour: f64,
+    /// Length of the recent part, in seconds, and remaps within it.
+    pub recent_secs: f64,
+    pub recent_remaps: f64,
 }
 
 impl Tracker {
@@ -80,8 +100,8 @@ impl Tracker {
     }
 
     /// Least-squares fit of remapped chunks over time; `None` with fewer than 3 samples or no
-    /// growth.
-    pub fn forecast(&self, available: u64) -> Option<Forecast> {
+    /// growth. The times are counted from `now` (from the last sample if that is later).
+    pub fn forecast(&self, available: u64, now: f64) -> Option<Forecast> {
         let n = self.samples.len();
         if n < 3 {
             return None;
@@ -117,11 +137,12 @@ impl Tracker {
         let last = self.samples.back().expect("n >= 3");
         // Time until the fitted line reaches the count at which the pool is empty.
         let target = last.remapped + available as f64;
+        let from = now.max(last.t);
         let at = |m: f64| {
             if m <= 0.0 {
                 f64::INFINITY
             } else {
-                ((target - intercept) / m - last.t).max(0.0)
+                ((target - intercept) / m - from).max(0.0)
             }
         };
         Some(Forecast {
@@ -131,6 +152,42 @@ impl Tracker {
             latest_secs: at(slope - 1.96 * se),
             samples: n,
             r2,
+        })
+    }
+
+    /// The remap rate in the most recent quarter of the sampled time span against the rate
+    /// before it: counts over times, so it does not depend on how often anyone asks.
+    /// `None` until both parts have some length.
+    pub fn trend(&self) -> Option<Trend> {
+        let (first, last) = (self.samples.front()?, self.samples.back()?);
+        let span = last.t - first.t;
+        if span <= 0.0 {
+            return None;
+        }
+        let cut = last.t - span * RECENT_FRACTION;
+        // The count at the cut, interpolated between the samples on either side of it.
+        let a = self
+            .samples
+            .iter()
+            .take_while(|s| s.t <= cut)
+            .last()
+            .unwrap_or(first);
+        let at_cut = match self.samples.iter().find(|s| s.t > cut) {
+            Some(b) if b.t > a.t => {
+                a.remapped + (b.remapped - a.remapped) * (cut - a.t) / (b.t - a.t)
+            }
+            _ => a.remapped,
+        };
+        let (before_secs, recent_secs) = (cut - first.t, last.t - cut);
+        if before_secs <= 0.0 || recent_secs <= 0.0 {
+            return None;
+        }
+        let recent_remaps = last.remapped - at_cut;
+        Some(Trend {
+            before_per_hour: (at_cut - first.remapped) / before_secs * 3600.0,
+            recent_per_hour: recent_remaps / recent_secs * 3600.0,
+            recent_secs,
+            recent_remaps,
         })
     }
 
@@ -168,7 +225,7 @@ impl Tracker {
                 });
             }
         }
-        let forecast = self.forecast(now.pool_available);
+        let forecast = self.forecast(now.pool_available, now.t);
         if let Some(f) = forecast {
             if f.exhausted_in_secs < 7.0 * 86400.0 {
                 reasons.push(Reason {
@@ -182,17 +239,25 @@ impl Tracker {
                     ),
                 });
             }
-            if let Some(prev) = self.last_rate
-                && f.rate_per_hour > 1.5 * prev
-                && f.rate_per_hour - prev > 1.0
-            {
-                alerts.push(format!(
-                    "remap rate rising: {:.1}/h, was {:.1}/h",
-                    f.rate_per_hour, prev
-                ));
-            }
-            self.last_rate = Some(f.rate_per_hour);
         }
+        // Rising: the recent rate against the one before it, from the samples alone (comparing
+        // with the rate seen at the last call would hide a rise from anyone who asks often).
+        let rising = self.trend().filter(|t| {
+            t.recent_remaps >= RISING_MIN_REMAPS
+                && t.recent_per_hour > RISING_FACTOR * t.before_per_hour
+                && t.recent_per_hour - t.before_per_hour > 1.0
+        });
+        if let Some(t) = rising
+            && !self.rising
+        {
+            alerts.push(format!(
+                "remap rate rising: {:.1}/h over the last {}, was {:.1}/h",
+                t.recent_per_hour,
+                human(t.recent_secs),
+                t.before_per_hour
+            ));
+        }
+        self.rising = rising.is_some();
         if let (Some(first), Some(last)) = (self.samples.front(), self.samples.back()) {
             let errors = last.errors - first.errors.min(last.errors);
             if errors > 0 && reasons.is_empty() {
@@ -251,11 +316,90 @@ mod tests {
                 .map(|i| (i as f64, 2.0 * i as f64))
                 .collect::<Vec<_>>(),
         );
-        let f = t.forecast(100).unwrap();
+        let f = t.forecast(100, 19.0).unwrap();
         assert!((f.rate_per_hour - 7200.0).abs() < 1e-6);
         assert!((f.exhausted_in_secs - 50.0).abs() < 1e-6, "{f:?}");
         assert!((f.r2 - 1.0).abs() < 1e-9);
         assert!(f.earliest_secs <= f.exhausted_in_secs && f.exhausted_in_secs <= f.latest_secs);
+    }
+
+    #[test]
+    fn the_forecast_counts_from_now() {
+        // 2 chunks per second until t = 19, 100 free: exhausted at t = 69.
+        let t = tracker(
+            &(0..20)
+                .map(|i| (i as f64, 2.0 * i as f64))
+                .collect::<Vec<_>>(),
+        );
+        let later = t.forecast(100, 29.0).unwrap();
+        assert!((later.exhausted_in_secs - 40.0).abs() < 1e-6, "{later:?}");
+        assert!(later.earliest_secs <= 40.0 && 40.0 <= later.latest_secs);
+        let early = t.forecast(100, 5.0).unwrap();
+        assert!(
+            (early.exhausted_in_secs - 50.0).abs() < 1e-6,
+            "never before the last sample: {early:?}"
+        );
+    }
+
+    /// Samples as the engine records them: the error burst, then the remap batch a little later.
+    fn staircase(t: &mut Tracker, at: f64, remapped: &mut f64, chunks: f64) -> Health {
+        t.record(Sample {
+            t: at,
+            remapped: *remapped,
+            errors: 0,
+        });
+        *remapped += chunks;
+        t.record(Sample {
+            t: at + 0.7,
+            remapped: *remapped,
+            errors: 0,
+        });
+        t.assess(Now {
+            t: at + 1.0,
+            pending: 0,
+            pool_total: 10_000,
+            pool_available: 10_000 - *remapped as u64,
+        })
+    }
+
+    #[test]
+    fn a_rising_rate_alerts_once_however_often_one_asks() {
+        let mut t = Tracker::default();
+        let mut remapped = 0.0;
+        let mut at = 0.0;
+        // One chunk every 3 s for a minute, health asked after each: steady, no alert.
+        for _ in 0..20 {
+            let h = staircase(&mut t, at, &mut remapped, 1.0);
+            assert!(
+                h.alerts.iter().all(|a| !a.contains("rising")),
+                "steady at {at}: {h:?}"
+            );
+            at += 3.0;
+        }
+        let steady = t.forecast(1000, at).unwrap();
+        assert!((steady.rate_per_hour - 1200.0).abs() < 100.0, "{steady:?}");
+        // Then three chunks every 3 s: one alert, though the rate grows a little per call.
+        let mut alerts = 0;
+        for _ in 0..10 {
+            let h = staircase(&mut t, at, &mut remapped, 3.0);
+            alerts += h.alerts.iter().filter(|a| a.contains("rising")).count();
+            at += 3.0;
+        }
+        assert_eq!(alerts, 1, "{:?}", t.trend());
+        let tr = t.trend().unwrap();
+        assert!(tr.recent_per_hour > 2.5 * tr.before_per_hour, "{tr:?}");
+    }
+
+    #[test]
+    fn a_steady_rate_with_few_steps_in_the_recent_part_is_not_rising() {
+        // One chunk every 10 s: the recent quarter of 40 s holds one step.
+        let mut t = Tracker::default();
+        let (mut remapped, mut at) = (0.0, 0.0);
+        for _ in 0..5 {
+            let h = staircase(&mut t, at, &mut remapped, 1.0);
+            assert!(h.alerts.iter().all(|a| !a.contains("rising")), "{h:?}");
+            at += 10.0;
+        }
     }
 
     #[test]
@@ -268,7 +412,7 @@ mod tests {
                 )
             })
             .collect();
-        let f = tracker(&pts).forecast(300).unwrap();
+        let f = tracker(&pts).forecast(300, 29.0).unwrap();
         assert!(f.latest_secs - f.earliest_secs > 1.0, "{f:?}");
         assert!(f.r2 < 1.0);
     }
@@ -277,11 +421,13 @@ mod tests {
     fn no_growth_no_forecast() {
         assert!(
             tracker(&[(0.0, 5.0), (1.0, 5.0), (2.0, 5.0)])
-                .forecast(10)
+                .forecast(10, 2.0)
                 .is_none()
         );
         assert!(
-            tracker(&[(0.0, 1.0), (1.0, 2.0)]).forecast(10).is_none(),
+            tracker(&[(0.0, 1.0), (1.0, 2.0)])
+                .forecast(10, 1.0)
+                .is_none(),
             "too few samples"
         );
     }

@@ -19,5 +19,6 @@ pub mod metadata;
 pub mod metrics;
 pub mod notify;
 pub mod render;
+pub mod scrub;
 pub mod table;
 pub mod volume;

@@ -122,6 +122,7 @@ pub struct Metrics {
     registry: Registry,
     errors_seen: Counter,
     rewrites_seen: Counter,
+    slow_seen: Counter,
     remapped: Family<VolumeLabel, Counter>,
     pending_created: Family<VolumeLabel, Counter>,
     exhausted: Family<VolumeLabel, Counter>,
@@ -143,6 +144,7 @@ impl Metrics {
         let m = Self {
             errors_seen: Counter::default(),
             rewrites_seen: Counter::default(),
+            slow_seen: Counter::default(),
             remapped: Family::default(),
             pending_created: Family::default(),
             exhausted: Family::default(),
@@ -165,6 +167,11 @@ impl Metrics {
             "rewrites_seen",
             "Successful writes to chunks holding pending blocks",
             m.rewrites_seen.clone(),
+        );
+        registry.register(
+            "slow_io_seen",
+            "Requests on protected disks that succeeded, slower than the slow-I/O threshold",
+            m.slow_seen.clone(),
         );
         registry.register(
             "remapped_chunks",
@@ -205,10 +212,11 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    /// Error events (errno != 0) and rewrites (errno 0) received from the detector.
-    pub fn on_events(&self, errors: u64, rewrites: u64) {
+    /// Events received from the detector, by kind.
+    pub fn on_events(&self, errors: u64, rewrites: u64, slow: u64) {
         self.errors_seen.inc_by(errors);
         self.rewrites_seen.inc_by(rewrites);
+        self.slow_seen.inc_by(slow);
     }
 
     pub fn on_report(&self, r: &RemapReport) {
@@ -430,6 +438,11 @@ impl Collector for StateCollector {
                     "Successful writes the detector saw on chunks with pending blocks",
                     c.rewrites,
                 ),
+                (
+                    "ebpf_slow",
+                    "Slow requests the detector reported (one per chunk per window)",
+                    c.slow,
+                ),
             ] {
                 let m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
                 ConstCounter::new(v).encode(m)?;
@@ -558,7 +571,7 @@ mod tests {
     #[test]
     fn text_has_every_family() {
         let m = sample();
-        m.on_events(3, 1);
+        m.on_events(3, 1, 2);
         m.on_report(&RemapReport {
             volume: "vol0".into(),
             remapped: vec![1, 2, 3],
@@ -574,6 +587,7 @@ mod tests {
         for line in [
             "remap_errors_seen_total 3",
             "remap_rewrites_seen_total 1",
+            "remap_slow_io_seen_total 2",
             "remap_remapped_chunks_total{volume=\"vol0\"} 3",
             "remap_pending_blocks_created_total{volume=\"vol0\"} 2",
             "remap_remap_duration_seconds_count{volume=\"vol0\"} 1",

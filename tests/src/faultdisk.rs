@@ -215,6 +215,9 @@ struct State {
     size: u64,
     pages: Mutex<HashMap<u64, Box<[u8]>>>,
     bad: Mutex<BadSectors>,
+    /// Sectors that read correctly, after `slow_ms` (a weak spot the drive has to retry).
+    slow: Mutex<BadSectors>,
+    slow_ms: AtomicU64,
     clear_on_write: AtomicBool,
     reads_failed: AtomicU64,
 }
@@ -225,6 +228,8 @@ impl State {
             size,
             pages: Mutex::default(),
             bad: Mutex::default(),
+            slow: Mutex::default(),
+            slow_ms: AtomicU64::new(0),
             clear_on_write: AtomicBool::new(false),
             reads_failed: AtomicU64::new(0),
         }
@@ -239,6 +244,10 @@ impl State {
         if lock(&self.bad).overlaps(first, last) {
             self.reads_failed.fetch_add(1, Ordering::Relaxed);
             return Err(Errno::EIO);
+        }
+        if lock(&self.slow).overlaps(first, last) {
+            let ms = self.slow_ms.load(Ordering::Relaxed);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
         }
         let mut out = vec![0; (end - offset) as usize];
         let pages = lock(&self.pages);
@@ -523,6 +532,12 @@ impl FaultDisk {
 
     pub fn add_bad(&self, start_sector: u64, count: u64) {
         lock(&self.state.bad).insert(SectorRange::new(start_sector, count));
+    }
+
+    /// Reads touching these sectors succeed, `ms` milliseconds late.
+    pub fn add_slow(&self, start_sector: u64, count: u64, ms: u64) {
+        self.state.slow_ms.store(ms, Ordering::Relaxed);
+        lock(&self.state.slow).insert(SectorRange::new(start_sector, count));
     }
 
     pub fn clear_bad(&self) {

@@ -464,7 +464,7 @@ fn error_event(minor: u32, sector: u64) -> ErrorEvent {
         nr_sector: 1,
         errno: 5,
         op: Op::Read as u8,
-        _pad: [0; 3],
+        ..ErrorEvent::default()
     }
 }
 

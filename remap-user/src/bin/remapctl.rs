@@ -92,6 +92,33 @@ enum Cmd {
     /// Health of a volume: a score with the reasons behind it, when the pool will run out,
     /// and what changed since the last look.
     Health { name: String },
+    /// Read the whole main device in the background and remap every chunk that cannot be
+    /// read (latent bad blocks nobody has hit yet), at a bounded pace and out of the way of
+    /// the volume's own I/O. A stopped scrub, or one cut short by a restart of remapd, resumes
+    /// where it was.
+    #[command(after_help = "Examples:
+  remapctl scrub data --rate 50 --follow   start (or resume) at 50 MiB/s and watch it
+  remapctl scrub data --status --json      state, position, total, rate, bad chunks, ETA
+  remapctl scrub data --stop               stop; `remapctl scrub data` resumes
+  remapctl scrub data --restart            start over from the beginning")]
+    Scrub {
+        name: String,
+        /// Pace in MiB/s; 0 or `none` for no limit. Default: the paused scrub's, or 20.
+        #[arg(long, value_name = "MIB/S", value_parser = parse_rate, conflicts_with_all = ["stop", "status"])]
+        rate: Option<u64>,
+        /// Start over from the beginning instead of resuming.
+        #[arg(long, conflicts_with_all = ["stop", "status"])]
+        restart: bool,
+        /// Stop the scrub; its position is kept.
+        #[arg(long, conflicts_with = "status")]
+        stop: bool,
+        /// Show the scrub's state, position, pace, bad chunks found and ETA (no root needed).
+        #[arg(long)]
+        status: bool,
+        /// Show a progress bar until the scrub is done (with --status: only watch it).
+        #[arg(long, short, visible_alias = "wait", conflicts_with = "stop")]
+        follow: bool,
+    },
     /// Errors and remaps as remapd sees them: the recent ones, then new ones with --follow.
     Events {
         /// Keep the connection open and print each new event as it happens.
@@ -284,6 +311,27 @@ fn run(cli: Cli) -> Result<i32> {
         }) => return notify_listen(&socket, until.as_deref(), timeout),
         Cmd::Events { follow } => return events(socket, follow, cli.json),
         Cmd::Status { name, width } => return status(socket, name, width, cli.json),
+        Cmd::Scrub {
+            name,
+            rate,
+            restart,
+            stop,
+            status,
+            follow,
+        } => {
+            return scrub(
+                socket,
+                &name,
+                ScrubOpts {
+                    rate,
+                    restart,
+                    stop,
+                    status,
+                    follow,
+                },
+                cli.json,
+            );
+        }
         Cmd::Assemble { name } => {
             let resp = call(
                 socket,
@@ -360,7 +408,7 @@ fn counters(pin_dir: &Path, json: bool) -> Result<i32> {
     let v = json!({
         "errors": c.errors, "events": c.events, "dedups": c.dedups,
         "drops": c.drops, "unwatched": c.unwatched, "no_data": c.no_data,
-        "rewrites": c.rewrites,
+        "rewrites": c.rewrites, "slow": c.slow,
     });
     if json {
         println!("{v}");
@@ -436,6 +484,149 @@ fn status(socket: &Path, name: Option<String>, width: Option<u32>, json: bool) -
     Ok(exit::OK)
 }
 
+/// `--rate`: MiB/s as a number (fractions allowed), 0 or `none` for no limit; in bytes/s.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if matches!(s, "none" | "unlimited") {
+        return Ok(0);
+    }
+    let mib: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a rate: use MiB/s such as 20 or 0.5, or `none`"))?;
+    if !mib.is_finite() || !(0.0..=1e9).contains(&mib) {
+        return Err(format!("rate `{s}` is out of range"));
+    }
+    // Below one byte a second would round to "unlimited": keep it the slowest pace instead.
+    Ok(((mib * 1048576.0) as u64).max(u64::from(mib > 0.0)))
+}
+
+struct ScrubOpts {
+    rate: Option<u64>,
+    restart: bool,
+    stop: bool,
+    status: bool,
+    follow: bool,
+}
+
+fn scrub(socket: &Path, name: &str, o: ScrubOpts, json: bool) -> Result<i32> {
+    let name = name.to_owned();
+    let req = if o.stop {
+        AgentRequest::ScrubStop { name: name.clone() }
+    } else if o.status {
+        AgentRequest::ScrubStatus { name: name.clone() }
+    } else {
+        AgentRequest::ScrubStart {
+            name: name.clone(),
+            rate: o.rate,
+            restart: o.restart,
+        }
+    };
+    let resp = call(socket, &req, None)?;
+    if let Some(e) = &resp.error {
+        report_error(json, resp.code, e);
+        return Ok(resp.code);
+    }
+    if !o.follow {
+        if json {
+            println!("{}", resp.data);
+        } else {
+            println!("{}", scrub_line(&resp.data));
+        }
+        return Ok(exit::OK);
+    }
+    follow_scrub(socket, &name, resp.data, json)
+}
+
+/// Polls the status until the scrub ends, with a progress bar on a terminal.
+fn follow_scrub(socket: &Path, name: &str, mut st: Value, json: bool) -> Result<i32> {
+    let total = st["total_bytes"].as_u64().unwrap_or(0);
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{wide_bar}] {bytes}/{total_bytes} {percent:>3}%  {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("scrub {name}"));
+    loop {
+        bar.set_position(st["position_bytes"].as_u64().unwrap_or(0));
+        let eta = st["eta_secs"]
+            .as_f64()
+            .map_or_else(|| "?".into(), remap_user::health::human);
+        bar.set_message(format!(
+            "{}  {} bad  ETA {eta}",
+            st["throughput_bytes_per_sec"]
+                .as_u64()
+                .map_or_else(|| "-".into(), |t| format!("{}/s", bytes(t))),
+            st["bad_chunks"].as_u64().unwrap_or(0),
+        ));
+        if st["state"] != "running" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let resp = call(
+            socket,
+            &AgentRequest::ScrubStatus {
+                name: name.to_owned(),
+            },
+            None,
+        )?;
+        if let Some(e) = &resp.error {
+            bar.abandon();
+            report_error(json, resp.code, e);
+            return Ok(resp.code);
+        }
+        st = resp.data;
+    }
+    bar.finish_and_clear();
+    if json {
+        println!("{st}");
+    } else {
+        println!("{}", scrub_line(&st));
+    }
+    if st["state"] == "done" {
+        Ok(exit::OK)
+    } else {
+        eprintln!("remapctl: the scrub of {name} stopped before the end");
+        Ok(exit::ERROR)
+    }
+}
+
+fn scrub_line(v: &Value) -> String {
+    let name = v["volume"].as_str().unwrap_or("?");
+    let state = v["state"].as_str().unwrap_or("?");
+    if state == "idle" {
+        return format!("{name}: no scrub (start one with `remapctl scrub {name}`)");
+    }
+    let pos = v["position_bytes"].as_u64().unwrap_or(0);
+    let total = v["total_bytes"].as_u64().unwrap_or(0);
+    let rate = v["rate_bytes_per_sec"]
+        .as_u64()
+        .map_or_else(|| "unlimited".into(), |r| format!("{}/s", bytes(r)));
+    let mut line = format!(
+        "{name}: scrub {state}  {} of {} ({})  rate {rate}  {} bad chunks found  started {}",
+        bytes(pos),
+        bytes(total),
+        percent(pos, total),
+        v["bad_chunks"].as_u64().unwrap_or(0),
+        render::utc(v["started_ms"].as_u64().unwrap_or(0)),
+    );
+    if state == "running" {
+        if let Some(eta) = v["eta_secs"].as_f64() {
+            line.push_str(&format!("  ETA {}", remap_user::health::human(eta)));
+        }
+    }
+    if let Some(e) = v["error"].as_str() {
+        line.push_str(&format!("  (error: {e})"));
+    }
+    line
+}
+
 fn events(socket: &Path, follow: bool, json: bool) -> Result<i32> {
     let mut s = connect(socket)?;
     send(&mut s, &AgentRequest::Events { follow })?;
@@ -502,6 +693,19 @@ fn event_line(ev: &Event) -> String {
             render::utc(*time_ms),
             volume.as_deref().unwrap_or("-"),
             render::errno_name(*errno),
+        ),
+        Event::Slow {
+            time_ms,
+            volume,
+            device,
+            sector,
+            nr_sector,
+            latency_ms,
+            op,
+        } => format!(
+            "{}  slow   {:<12} {device}  {op} lba {sector} +{nr_sector}  {latency_ms} ms",
+            render::utc(*time_ms),
+            volume.as_deref().unwrap_or("-"),
         ),
         Event::Remap {
             time_ms,
@@ -768,6 +972,32 @@ fn print_human(kind: &str, v: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrub_rates_are_mib_per_second() {
+        assert_eq!(parse_rate("20"), Ok(20 << 20));
+        assert_eq!(parse_rate("0.5"), Ok(512 << 10));
+        assert_eq!(parse_rate("0"), Ok(0));
+        assert_eq!(parse_rate("none"), Ok(0));
+        assert_eq!(parse_rate("1e-12"), Ok(1));
+        assert!(parse_rate("-1").is_err());
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("inf").is_err());
+        let line = scrub_line(&json!({
+            "volume": "v", "state": "running", "position_bytes": 1048576,
+            "total_bytes": 4194304, "rate_bytes_per_sec": null, "bad_chunks": 2,
+            "started_ms": 0, "eta_secs": 3,
+        }));
+        assert!(
+            line.starts_with("v: scrub running  1.0 MiB of 4.0 MiB"),
+            "{line}"
+        );
+        assert!(
+            line.contains("rate unlimited  2 bad chunks found"),
+            "{line}"
+        );
+        assert!(line.contains("ETA"), "{line}");
+    }
 
     #[test]
     fn cli_is_consistent() {

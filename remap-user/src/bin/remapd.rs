@@ -7,7 +7,10 @@ use remap_user::{
     agent::{self, AgentOptions},
     blockdev::{BlockDev, DirectIo},
     control::DEFAULT_SOCKET,
-    detect::{Detector, DetectorConfig, ErrorRecord, ProgramChoice, loader::DEFAULT_PIN_DIR},
+    detect::{
+        Detector, DetectorConfig, ErrorRecord, ProgramChoice,
+        loader::{DEFAULT_PIN_DIR, DEFAULT_SLOW_THRESHOLD},
+    },
     dm::Dm,
     logging::{self, LogTarget},
 };
@@ -61,10 +64,24 @@ struct AgentArgs {
     /// De-duplication window of the detector in milliseconds.
     #[arg(long, env = "REMAPD_DEDUP_WINDOW_MS", default_value_t = 1000)]
     dedup_window_ms: u64,
+    /// Requests of protected disks that succeed but take this many milliseconds or more are
+    /// slow I/O: counted in health, and a chunk read slowly again and again is moved while its
+    /// data still reads. 0 turns slow-I/O detection off.
+    #[arg(long, env = "REMAPD_SLOW_MS", default_value_t = DEFAULT_SLOW_MS)]
+    slow_ms: u64,
     /// Do not assemble the volumes found on the block devices at start (`remapctl assemble`
     /// does it later).
     #[arg(long, env = "REMAPD_NO_ASSEMBLE")]
     no_assemble: bool,
+    /// Folder for remapd's own state: where each volume's scrub is, so that a restarted
+    /// remapd resumes it (`DIR/scrub/NAME.json`, owner-only).
+    #[arg(
+        long,
+        env = "REMAPD_STATE_DIR",
+        default_value = "/var/lib/remap",
+        value_name = "DIR"
+    )]
+    state_dir: PathBuf,
     /// Where the log goes: the journal when systemd connected stderr to it (auto), or force.
     #[arg(long, env = "REMAPD_LOG_TARGET", default_value = "auto", value_parser = ["auto", "journald", "stderr"])]
     log_target: String,
@@ -102,6 +119,15 @@ struct WatchArgs {
     /// De-duplication window in milliseconds.
     #[arg(long, default_value_t = 1000)]
     dedup_window_ms: u64,
+    /// Also report requests that succeed but take this many milliseconds or more (0: off).
+    #[arg(long, default_value_t = DEFAULT_SLOW_MS)]
+    slow_ms: u64,
+}
+
+const DEFAULT_SLOW_MS: u64 = DEFAULT_SLOW_THRESHOLD.as_millis() as u64;
+
+fn slow_threshold(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
 }
 
 fn main() {
@@ -161,6 +187,7 @@ fn agent(a: AgentArgs) -> Result<()> {
         dedup_window: Duration::from_millis(a.dedup_window_ms),
         keep_pins: false,
         pending_watch: true,
+        slow_threshold: slow_threshold(a.slow_ms),
     };
     let socket_group = a
         .socket_group
@@ -179,6 +206,7 @@ fn agent(a: AgentArgs) -> Result<()> {
             detector,
             metrics: a.metrics,
             assemble: !a.no_assemble,
+            state_dir: a.state_dir,
         },
         dm,
         DirectIo::default(),
@@ -199,6 +227,7 @@ fn watch(a: WatchArgs) -> Result<()> {
         dedup_window: Duration::from_millis(a.dedup_window_ms),
         keep_pins: a.keep_pins,
         pending_watch: false,
+        slow_threshold: slow_threshold(a.slow_ms),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -17,6 +17,20 @@ pub struct ErrorRecord {
     pub op: &'static str,
     /// CLOCK_MONOTONIC nanoseconds at completion.
     pub ts_ns: u64,
+    /// `error`, `rewrite` (a write to a chunk holding pending blocks) or `slow`.
+    pub kind: &'static str,
+    /// Issue to completion, for `slow` reports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<u32>,
+}
+
+/// Name of an event kind (see [`remap_common::kind`]).
+pub fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        remap_common::kind::REWRITE => "rewrite",
+        remap_common::kind::SLOW => "slow",
+        _ => "error",
+    }
 }
 
 /// Decodes one ring-buffer record. Returns `None` for a record of the wrong size, which would
@@ -37,6 +51,8 @@ impl ErrorRecord {
             errno: ev.errno,
             op: Op::from_u8(ev.op).as_str(),
             ts_ns: ev.ts_ns,
+            kind: kind_name(ev.kind),
+            latency_us: (ev.kind == remap_common::kind::SLOW).then_some(ev.latency_us),
         }
     }
 }
@@ -54,7 +70,7 @@ mod tests {
             nr_sector: 8,
             errno: 5,
             op: Op::Read as u8,
-            _pad: [0; 3],
+            ..ErrorEvent::default()
         }
     }
 
@@ -62,14 +78,14 @@ mod tests {
     fn round_trip_through_ring_bytes() {
         let ev = sample();
         let bytes = bytemuck::bytes_of(&ev);
-        assert_eq!(bytes.len(), 32, "ABI shared with the eBPF object");
+        assert_eq!(bytes.len(), 40, "ABI shared with the eBPF object");
         assert_eq!(decode_event(bytes), Some(ev));
     }
 
     #[test]
     fn short_record_is_rejected() {
         let ev = sample();
-        assert_eq!(decode_event(&bytemuck::bytes_of(&ev)[..31]), None);
+        assert_eq!(decode_event(&bytemuck::bytes_of(&ev)[..39]), None);
     }
 
     #[test]
@@ -79,7 +95,20 @@ mod tests {
         let json = serde_json::to_string(&r).unwrap();
         assert_eq!(
             json,
-            r#"{"device":"/dev/loop3","major":7,"minor":3,"sector":4096,"nr_sector":8,"errno":5,"op":"read","ts_ns":42}"#
+            r#"{"device":"/dev/loop3","major":7,"minor":3,"sector":4096,"nr_sector":8,"errno":5,"op":"read","ts_ns":42,"kind":"error"}"#
+        );
+        let slow = ErrorEvent {
+            errno: 0,
+            kind: remap_common::kind::SLOW,
+            latency_us: 812_000,
+            ..sample()
+        };
+        let json = serde_json::to_string(&ErrorRecord::new(&slow, "/dev/loop3")).unwrap();
+        assert!(
+            json.ends_with(
+                r#""errno":0,"op":"read","ts_ns":42,"kind":"slow","latency_us":812000}"#
+            ),
+            "{json}"
         );
     }
 

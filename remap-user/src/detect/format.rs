@@ -41,26 +41,42 @@ impl TracepointFormat {
 
     /// The offsets the detector needs, with their sizes checked against what it reads.
     pub fn block_rq_layout(&self) -> Result<Layout, FormatError> {
-        let get = |name: &'static str, ok: fn(u32) -> bool, expected: &'static str| {
-            let f = self.field(name).ok_or(FormatError::MissingField(name))?;
-            if ok(f.size) {
-                Ok(f.offset)
-            } else {
-                Err(FormatError::WrongSize {
-                    field: name,
-                    size: f.size,
-                    expected,
-                })
-            }
-        };
+        let base = self.block_rq_issue_layout()?;
         Ok(Layout {
-            dev: get("dev", |s| s == 4, "4")?,
-            sector: get("sector", |s| s == 8, "8")?,
-            nr_sector: get("nr_sector", |s| s == 4, "4")?,
-            error: get("error", |s| s == 4, "4")?,
-            rwbs: get("rwbs", |s| s >= 2, "at least 2")?,
+            error: self.offset("error", |s| s == 4, "4")?,
+            ..base
+        })
+    }
+
+    /// The same for `block_rq_issue`, which has no `error` (left 0: the issue program never
+    /// reads it).
+    pub fn block_rq_issue_layout(&self) -> Result<Layout, FormatError> {
+        Ok(Layout {
+            dev: self.offset("dev", |s| s == 4, "4")?,
+            sector: self.offset("sector", |s| s == 8, "8")?,
+            nr_sector: self.offset("nr_sector", |s| s == 4, "4")?,
+            error: 0,
+            rwbs: self.offset("rwbs", |s| s >= 2, "at least 2")?,
             valid: 1,
         })
+    }
+
+    fn offset(
+        &self,
+        name: &'static str,
+        ok: fn(u32) -> bool,
+        expected: &'static str,
+    ) -> Result<u32, FormatError> {
+        let f = self.field(name).ok_or(FormatError::MissingField(name))?;
+        if ok(f.size) {
+            Ok(f.offset)
+        } else {
+            Err(FormatError::WrongSize {
+                field: name,
+                size: f.size,
+                expected,
+            })
+        }
     }
 }
 
@@ -222,6 +238,31 @@ print fmt: \"%d,%d %s (%s) %llu + %u %s,%u,%u [%d]\", ...
             parse_format(&text),
             Err(FormatError::Malformed(_))
         ));
+    }
+
+    /// block_rq_issue on 6.18 (the host): no `error`, and `ioprio` before `rwbs`.
+    const ISSUE_6_18: &str = "name: block_rq_issue
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:dev_t dev;\toffset:8;\tsize:4;\tsigned:0;
+\tfield:sector_t sector;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:unsigned int nr_sector;\toffset:24;\tsize:4;\tsigned:0;
+\tfield:unsigned int bytes;\toffset:28;\tsize:4;\tsigned:0;
+\tfield:unsigned short ioprio;\toffset:32;\tsize:2;\tsigned:0;
+\tfield:char rwbs[10];\toffset:34;\tsize:10;\tsigned:0;
+\tfield:char comm[16];\toffset:44;\tsize:16;\tsigned:0;
+\tfield:__data_loc char[] cmd;\toffset:60;\tsize:4;\tsigned:0;
+";
+
+    #[test]
+    fn issue_layout_needs_no_error_field() {
+        let f = parse_format(ISSUE_6_18).unwrap();
+        let l = f.block_rq_issue_layout().unwrap();
+        assert_eq!(
+            (l.dev, l.sector, l.nr_sector, l.rwbs, l.valid),
+            (8, 16, 24, 34, 1)
+        );
+        assert_eq!(f.block_rq_layout(), Err(FormatError::MissingField("error")));
     }
 
     #[test]

@@ -19,9 +19,10 @@ use aya::{
     programs::TracePoint,
 };
 use remap_common::{
-    Counters, DedupKey, ErrorEvent, GLOBAL_DEDUP_WINDOW_NS, GLOBAL_LAYOUT, MAP_COUNTERS, MAP_DEDUP,
-    MAP_EVENTS, MAP_PENDING, MAP_POOL, MAP_REMAPS, MAP_WATCHED, PROG_PENDING_WRITE,
-    PROG_RQ_COMPLETE, PROG_RQ_ERROR, PoolDev, RemapKey, RemapVal, WatchedDev,
+    Counters, DedupKey, ErrorEvent, GLOBAL_DEDUP_WINDOW_NS, GLOBAL_ISSUE_LAYOUT, GLOBAL_LAYOUT,
+    MAP_COUNTERS, MAP_DEDUP, MAP_EVENTS, MAP_INFLIGHT, MAP_PENDING, MAP_POOL, MAP_REMAPS,
+    MAP_WATCHED, PROG_RQ_COMPLETE, PROG_RQ_DONE, PROG_RQ_ERROR, PROG_RQ_ISSUE, PoolDev, RemapKey,
+    RemapVal, WatchedDev,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -35,7 +36,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/re
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/remap";
 
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
-const PINNED_MAPS: [&str; 7] = [
+const PINNED_MAPS: [&str; 8] = [
     MAP_WATCHED,
     MAP_EVENTS,
     MAP_COUNTERS,
@@ -43,6 +44,7 @@ const PINNED_MAPS: [&str; 7] = [
     MAP_PENDING,
     MAP_POOL,
     MAP_REMAPS,
+    MAP_INFLIGHT,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -163,7 +165,15 @@ pub struct DetectorConfig {
     pub keep_pins: bool,
     /// Also watch for rewrites of pending blocks (a program on every completion).
     pub pending_watch: bool,
+    /// Report successful requests slower than this on watched devices (programs on every
+    /// issue and completion); `None` turns slow-I/O detection off.
+    pub slow_threshold: Option<Duration>,
 }
+
+/// What a request must take, issue to completion, to count as slow: far beyond any healthy
+/// disk's worst case (a spinning disk's full seek plus a rotation is ~20 ms), well inside what a
+/// drive retrying a weak sector takes (seconds).
+pub const DEFAULT_SLOW_THRESHOLD: Duration = Duration::from_millis(500);
 
 impl Default for DetectorConfig {
     fn default() -> Self {
@@ -173,6 +183,7 @@ impl Default for DetectorConfig {
             dedup_window: Duration::from_secs(1),
             keep_pins: false,
             pending_watch: true,
+            slow_threshold: Some(DEFAULT_SLOW_THRESHOLD),
         }
     }
 }
@@ -185,6 +196,7 @@ pub struct Detector {
     pin_dir: PathBuf,
     keep_pins: bool,
     watcher: Option<Watcher>,
+    slow_us: u32,
     /// flock on the pin folder: one detector per folder, released when dropped.
     _lock: File,
 }
@@ -222,8 +234,20 @@ impl Detector {
         let lock = prepare_pin_dir(&cfg.pin_dir)?;
 
         let window_ns = u64::try_from(cfg.dedup_window.as_nanos()).unwrap_or(u64::MAX);
+        // Slow I/O needs the issue tracepoint; without it (or its layout) it is off, loudly.
+        let issue_layout = match cfg.slow_threshold {
+            Some(_) => match issue_layout(&tracefs) {
+                Ok(l) => Some(l),
+                Err(why) => {
+                    tracing::warn!("slow-I/O detection is off: {why}");
+                    None
+                }
+            },
+            None => None,
+        };
         let ebpf = EbpfLoader::new()
             .override_global(GLOBAL_LAYOUT, &layout, true)
+            .override_global(GLOBAL_ISSUE_LAYOUT, &issue_layout.unwrap_or_default(), true)
             .override_global(GLOBAL_DEDUP_WINDOW_NS, &window_ns, true)
             .load(OBJECT)
             .map_err(|e| DetectError::NoBpf(e.to_string()))?;
@@ -234,6 +258,7 @@ impl Detector {
             pin_dir: cfg.pin_dir.clone(),
             keep_pins: cfg.keep_pins,
             watcher: None,
+            slow_us: 0,
             _lock: lock,
         };
         for name in PINNED_MAPS {
@@ -269,9 +294,15 @@ impl Detector {
                 what: format!("attaching to block:{tracepoint}"),
                 source,
             })?;
-        if cfg.pending_watch {
-            det.attach_pending_watch(&tracefs, &layout)?;
-        }
+        let slow = issue_layout.is_some();
+        let done = (cfg.pending_watch || slow) && det.attach_done(&tracefs, &layout)?;
+        det.slow_us = match cfg.slow_threshold {
+            Some(t) if slow && done => {
+                det.attach_tp(PROG_RQ_ISSUE, "block_rq_issue")?;
+                u32::try_from(t.as_micros()).unwrap_or(u32::MAX).max(1)
+            }
+            _ => 0,
+        };
         let map = det
             .ebpf
             .take_map(MAP_WATCHED)
@@ -305,17 +336,19 @@ impl Detector {
             pending,
             pool,
             remaps,
+            slow_us: det.slow_us,
         });
         Ok(det)
     }
 
-    /// Attaches the pending-write watcher to `block_rq_complete`. It reuses the detector's
-    /// layout, so the two formats must agree (they are one event class in the kernel).
-    fn attach_pending_watch(
+    /// Attaches the completion watcher (pending rewrites, slow requests) to
+    /// `block_rq_complete`. It reuses the detector's layout, so the two formats must agree (they
+    /// are one event class in the kernel); returns whether it is attached.
+    fn attach_done(
         &mut self,
         tracefs: &Tracefs,
         layout: &remap_common::Layout,
-    ) -> Result<(), DetectError> {
+    ) -> Result<bool, DetectError> {
         let path = tracefs.format_path("block_rq_complete");
         let same = fs::read_to_string(&path)
             .ok()
@@ -324,33 +357,43 @@ impl Detector {
             .is_some_and(|l| l == *layout);
         if !same {
             tracing::warn!(
-                "block_rq_complete is missing or laid out unlike {}: rewrites of pending blocks will not be noticed",
+                "block_rq_complete is missing or laid out unlike {}: rewrites of pending blocks and slow requests will not be noticed",
                 self.tracepoint
             );
-            return Ok(());
+            return Ok(false);
         }
+        self.attach_tp(PROG_RQ_DONE, "block_rq_complete")?;
+        Ok(true)
+    }
+
+    fn attach_tp(&mut self, program: &str, tracepoint: &str) -> Result<(), DetectError> {
         let prog: &mut TracePoint = self
             .ebpf
-            .program_mut(PROG_PENDING_WRITE)
+            .program_mut(program)
             .ok_or_else(|| DetectError::Io {
-                what: format!("eBPF object has no program {PROG_PENDING_WRITE}"),
+                what: format!("eBPF object has no program {program}"),
                 source: io::ErrorKind::NotFound.into(),
             })?
             .try_into()
             .map_err(|source| DetectError::Program {
-                what: format!("{PROG_PENDING_WRITE} is not a tracepoint program"),
+                what: format!("{program} is not a tracepoint program"),
                 source,
             })?;
         prog.load().map_err(|source| DetectError::Program {
-            what: format!("the kernel refused the {PROG_PENDING_WRITE} program"),
+            what: format!("the kernel refused the {program} program"),
             source,
         })?;
-        prog.attach("block", "block_rq_complete")
+        prog.attach("block", tracepoint)
             .map_err(|source| DetectError::Program {
-                what: "attaching the pending-write watcher to block:block_rq_complete".into(),
+                what: format!("attaching {program} to block:{tracepoint}"),
                 source,
             })?;
         Ok(())
+    }
+
+    /// Threshold (µs) for slow requests on watched devices; 0 when slow I/O is not watched.
+    pub fn slow_us(&self) -> u32 {
+        self.slow_us
     }
 
     /// The tracepoint the detector is attached to, e.g. `block:block_rq_error`.
@@ -424,6 +467,7 @@ pub struct Watcher {
     pending: HashMap<MapData, DedupKey, u32>,
     pool: HashMap<MapData, u32, PoolDev>,
     remaps: HashMap<MapData, RemapKey, RemapVal>,
+    slow_us: u32,
 }
 
 impl Watcher {
@@ -434,7 +478,7 @@ impl Watcher {
         }
         let value = WatchedDev {
             chunk_shift: (chunk_bytes / 512).trailing_zeros(),
-            _reserved: 0,
+            slow_us: self.slow_us,
         };
         self.map
             .insert(dev.kernel_dev(), value, 0)
@@ -628,4 +672,13 @@ impl EventStream {
             }
         }
     }
+}
+
+/// The `block_rq_issue` layout, or why slow I/O cannot be watched.
+fn issue_layout(tracefs: &Tracefs) -> Result<remap_common::Layout, String> {
+    let path = tracefs.format_path("block_rq_issue");
+    let text = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse_format(&text)
+        .and_then(|f| f.block_rq_issue_layout())
+        .map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -2,13 +2,14 @@
 # Damaged metadata. A volume with two spares (two copies of its metadata) and remaps made
 # before and after a checkpoint is stopped; then, one case at a time on a fresh copy of that
 # state, one copy gets flipped bytes in its newest superblock, a torn newest checkpoint, a torn
-# newest journal block, an older generation (a stale snapshot) or a zeroed superblock pair.
+# newest journal block, an older generation (a stale snapshot), a zeroed newest superblock or
+# a zeroed superblock pair.
 # Assembly must bring the volume up from the valid newest copy (same remaps, same tables,
 # every byte as written) or refuse with a message and create nothing. With every copy damaged
 # it must refuse: the newest state they held is gone, and an older one is not the volume
 # (checked with two copies, and with three after a spare was added, where each copy still has
 # an older valid superblock to fall back to). Offsets follow docs/METADATA.md.
-#vm: cases setup checkpoint-slots-alternate flip-sb-s1 flip-sb-s2 torn-ckpt-s1 torn-ckpt-s2 torn-journal-s1 torn-journal-s2 stale-s1 stale-s2 zero-sb-s1 zero-sb-s2 both-zero-sb both-flip-sb both-torn-ckpt both-flip-newest-sb rollback-torn-ckpt rollback-flip-sb
+#vm: cases setup checkpoint-slots-alternate flip-sb-s1 flip-sb-s2 zero-newest-sb-s1 zero-newest-sb-s2 torn-ckpt-s1 torn-ckpt-s2 torn-journal-s1 torn-journal-s2 stale-s1 stale-s2 zero-sb-s1 zero-sb-s2 both-zero-sb both-flip-sb both-torn-ckpt both-flip-newest-sb both-zero-newest-sb rollback-torn-ckpt rollback-flip-sb rollback-zero-newest-sb
 #vm: needs remapd remapctl
 #vm: timeout 900
 . /vm/lib.sh
@@ -214,6 +215,9 @@ for s in 1 2; do
     # (a) flipped bytes in the newest superblock (the volume UUID field)
     fresh && flip "$d" $((sb * 4096 + 16)) 8
     expect_valid_or_refused flip-sb-s$s
+    # ... or zeroed (a lost write or a discard reads back as zeros)
+    fresh && zero "$d" $((sb * 4096)) $((sb * 4096 + 4096))
+    expect_valid_or_refused zero-newest-sb-s$s
     # (b) torn writes: the second half of the newest checkpoint, of the newest journal block
     fresh && zero "$d" $((ckoff + cklen / 2)) $((ckoff + cklen))
     expect_valid_or_refused torn-ckpt-s$s
@@ -237,12 +241,15 @@ fresh && zero "$sp1" $((S1_CKOFF + S1_CKLEN / 2)) $((S1_CKOFF + S1_CKLEN)) &&
 expect_refused both-torn-ckpt
 fresh && flip "$sp1" $((S1_SB * 4096 + 16)) 8 && flip "$sp2" $((S2_SB * 4096 + 16)) 8
 expect_refused both-flip-newest-sb
+fresh && zero "$sp1" $((S1_SB * 4096)) $((S1_SB * 4096 + 4096)) && zero "$sp2" $((S2_SB * 4096)) $((S2_SB * 4096 + 4096))
+expect_refused both-zero-newest-sb
 
 # --- every copy damaged where an older superblock is still valid on each: the volume is
 # assembled, a third spare added (a checkpoint in the other slot), 10 more chunks remapped
 # (a journal commit) and new data written; then the newest superblock or the newest checkpoint
 # of all three copies is damaged. Falling back to the older superblocks would bring up an older
-# generation that misses the last remaps and the third spare: it must be refused.
+# generation that misses the last remaps and the third spare: it must be refused. (A zeroed
+# superblock looks like one never written; the journal still holds the newer generations.)
 fresh
 assemble
 if [ $rc = 0 ] && timeout 60 remapctl spare add "$VOL" "$sp3" >/tmp/out 2>&1 && remap 20000 80 && new_data; then
@@ -261,9 +268,13 @@ if [ $rc = 0 ] && timeout 60 remapctl spare add "$VOL" "$sp3" >/tmp/out 2>&1 && 
     expect_refused rollback-torn-ckpt
     fresh3 && flip "$sp1" $((T1_SB * 4096 + 16)) 8 && flip "$sp2" $((T2_SB * 4096 + 16)) 8 && flip "$sp3" $((T3_SB * 4096 + 16)) 8
     expect_refused rollback-flip-sb
+    fresh3 && zero "$sp1" $((T1_SB * 4096)) $((T1_SB * 4096 + 4096)) && zero "$sp2" $((T2_SB * 4096)) $((T2_SB * 4096 + 4096)) &&
+        zero "$sp3" $((T3_SB * 4096)) $((T3_SB * 4096 + 4096))
+    expect_refused rollback-zero-newest-sb
 else
     fail rollback-torn-ckpt "setup: assemble exit $rc: $msg; $(cat /tmp/out /tmp/setup.err)"
     fail rollback-flip-sb "setup failed"
+    fail rollback-zero-newest-sb "setup failed"
 fi
 
 kill -TERM $agent
