@@ -249,6 +249,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .map(|u| u.total)
                 .sum(),
             pool_available: vol.pool.available(),
+            slow: self.history.get(name).map_or(0, |h| h.slow),
         };
         let hot = vol.config.spares.iter().filter(|s| s.hot).count();
         let h = self.history.entry(name.to_owned()).or_default();

@@ -58,12 +58,15 @@ pub struct Now {
     pub pending: u64,
     pub pool_total: u64,
     pub pool_available: u64,
+    /// Requests that succeeded slowly, in total.
+    pub slow: u64,
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct Tracker {
     samples: VecDeque<Sample>,
     last_pending: u64,
+    last_slow: u64,
     /// Whether the last assessment saw the remap rate rising (alerts fire when it starts).
     rising: bool,
 }
@@ -211,6 +214,19 @@ impl Tracker {
             ));
         }
         self.last_pending = now.pending;
+        if now.slow > 0 {
+            reasons.push(Reason {
+                penalty: 10,
+                why: format!(
+                    "{} slow requests (the disk retries: a chunk read slowly 3 times is moved while it still reads)",
+                    now.slow
+                ),
+            });
+        }
+        if now.slow > self.last_slow {
+            alerts.push(format!("{} new slow requests", now.slow - self.last_slow));
+        }
+        self.last_slow = now.slow;
         if now.pool_total > 0 {
             let used = 1.0 - now.pool_available as f64 / now.pool_total as f64;
             if used > 0.8 {
@@ -359,6 +375,7 @@ mod tests {
             pending: 0,
             pool_total: 10_000,
             pool_available: 10_000 - *remapped as u64,
+            slow: 0,
         })
     }
 
@@ -433,6 +450,24 @@ mod tests {
     }
 
     #[test]
+    fn slow_requests_are_a_reason_and_new_ones_an_alert() {
+        let mut t = tracker(&[]);
+        let now = |slow| Now {
+            t: 5.0,
+            pool_total: 100,
+            pool_available: 100,
+            slow,
+            ..Now::default()
+        };
+        let h = t.assess(now(4));
+        assert_eq!(h.score, 90, "{h:?}");
+        assert!(h.reasons[0].why.starts_with("4 slow requests"), "{h:?}");
+        assert_eq!(h.alerts, ["4 new slow requests"]);
+        assert!(t.assess(now(4)).alerts.is_empty(), "no change, no alert");
+        assert_eq!(t.assess(now(6)).alerts, ["2 new slow requests"]);
+    }
+
+    #[test]
     fn score_names_its_reasons_and_alerts_only_on_change() {
         let mut t = tracker(&[(0.0, 0.0), (10.0, 10.0), (20.0, 20.0)]);
         let h = t.assess(Now {
@@ -440,6 +475,7 @@ mod tests {
             pending: 2,
             pool_total: 100,
             pool_available: 10,
+            slow: 0,
         });
         assert_eq!(h.score, 100 - 30 - 30 - 20, "{h:?}");
         assert!(h.reasons.iter().any(|r| r.why.contains("pending")));
@@ -450,6 +486,7 @@ mod tests {
             pending: 2,
             pool_total: 100,
             pool_available: 10,
+            slow: 0,
         });
         assert!(
             again.alerts.is_empty(),
@@ -468,6 +505,7 @@ mod tests {
             pending: 2,
             pool_total: 1000,
             pool_available: 900,
+            slow: 0,
         });
         assert!(
             rising.alerts.iter().any(|a| a.contains("rising")),
@@ -483,6 +521,7 @@ mod tests {
             pending: 0,
             pool_total: 100,
             pool_available: 100,
+            slow: 0,
         });
         assert_eq!((h.score, h.reasons.len()), (100, 0));
     }

@@ -177,6 +177,12 @@ pub fn run(a: InstallArgs) -> Result<()> {
             dist.join("remapd.conf").display()
         );
     }
+    // remapd's own state (scrub positions): the unit makes it writable if it exists, and it
+    // cannot create it under ProtectSystem=strict.
+    let state = plan.staged(Path::new(STATE_DIR));
+    fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o700))?;
+    println!("install {}/", state.display());
     let man = plan.staged(&plan.man());
     for (bin, section) in [("remapd", "man8"), ("remapctl", "man1")] {
         let dir = man.join(section);
@@ -201,6 +207,9 @@ pub fn run(a: InstallArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// Where the unit lets remapd keep state (`--state-dir`'s default).
+const STATE_DIR: &str = "/var/lib/remap";
 
 enum Source {
     Built(&'static str),

@@ -841,7 +841,7 @@ fn print_pool(p: &Value) {
         b(&p["available_bytes"]),
     );
     println!(
-        "    {:<4} {:<24} {:>10} {:>8} {:>8} {:>7}",
+        "    {:<4} {:<24} {:>10} {:>8} {:>8} {:>7}  STATE",
         "SLOT", "DEVICE", "SIZE", "USED", "FREE", "USE%"
     );
     for d in p["devices"].as_array().into_iter().flatten() {
@@ -850,13 +850,26 @@ fn print_pool(p: &Value) {
             d["chunks"].as_u64().unwrap_or(0),
         );
         println!(
-            "    {:<4} {:<24} {:>10} {:>8} {:>8} {:>7}",
+            "    {:<4} {:<24} {:>10} {:>8} {:>8} {:>7}  {}",
             d["slot"].to_string(),
             d["path"].as_str().unwrap_or("(missing)"),
             b(&d["size_bytes"]),
             u,
             d["free"].to_string(),
             percent(u, t),
+            d["state"].as_str().unwrap_or("active"),
+        );
+    }
+    // Hot spares hold nothing until the pool runs low; they are not in its totals.
+    for d in p["standby"].as_array().into_iter().flatten() {
+        println!(
+            "    {:<4} {:<24} {:>10} {:>8} {:>8} {:>7}  standby (hot spare)",
+            d["slot"].to_string(),
+            d["path"].as_str().unwrap_or("(missing)"),
+            b(&d["size_bytes"]),
+            "-",
+            d["chunks"].to_string(),
+            "-",
         );
     }
 }

@@ -86,7 +86,7 @@ fi
 # --- health: slow I/O counted
 h=$(remapctl health "$VOL" --json)
 seen=$(json_num "$h" slow_io_seen)
-if [ "${seen:-0}" -ge 5 ]; then
+if [ "${seen:-0}" -ge 5 ] && printf '%s' "$h" | grep -q 'slow requests'; then
     pass health "slow_io_seen $seen"
 else
     fail health "slow_io_seen ${seen:-missing}: $h"
