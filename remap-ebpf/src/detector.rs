@@ -151,18 +151,9 @@ fn watch_slow(ctx: &TracePointContext) {
     if error != 0 || nr_sector == 0 {
         return;
     }
-    let dkey = DedupKey {
-        dev,
-        _pad: 0,
-        chunk: (sector >> shift) | SLOW_DEDUP_BIT,
-    };
-    if let Some(last) = DEDUP.get_ptr(dkey)
-        && now.wrapping_sub(unsafe { *last }) < DEDUP_WINDOW_NS.load()
-    {
-        bump(|c| c.dedups += 1);
+    if repeated(dev, (sector >> shift) | SLOW_DEDUP_BIT, now) {
         return;
     }
-    let _ = DEDUP.insert(dkey, now, 0);
     let event = ErrorEvent {
         ts_ns: now,
         sector,
@@ -174,10 +165,7 @@ fn watch_slow(ctx: &TracePointContext) {
         _pad: [0; 6],
         latency_us: (took / 1000).min(u64::from(u32::MAX)) as u32,
     };
-    match ERROR_EVENTS.output(event, 0) {
-        Ok(()) => bump(|c| c.slow += 1),
-        Err(_) => bump(|c| c.drops += 1),
-    }
+    send(event, |c| c.slow += 1);
 }
 
 /// Reports a successful write that touches a chunk holding pending blocks: on kernels where
@@ -242,10 +230,7 @@ fn watch_rewrites(ctx: &TracePointContext) {
                 _pad: [0; 6],
                 latency_us: 0,
             };
-            match ERROR_EVENTS.output(event, 0) {
-                Ok(()) => bump(|c| c.rewrites += 1),
-                Err(_) => bump(|c| c.drops += 1),
-            }
+            send(event, |c| c.rewrites += 1);
             return;
         }
     }
@@ -261,6 +246,33 @@ pub fn rq_error(ctx: TracePointContext) -> u32 {
 pub fn rq_complete(ctx: TracePointContext) -> u32 {
     handle(&ctx);
     0
+}
+
+/// Pushes an event to user space, counting it (or the drop, when the ring buffer is full).
+#[inline(always)]
+fn send(event: ErrorEvent, counted: impl FnOnce(&mut Counters)) {
+    match ERROR_EVENTS.output(event, 0) {
+        Ok(()) => bump(counted),
+        Err(_) => bump(|c| c.drops += 1),
+    }
+}
+
+/// Whether (dev, chunk) was reported within the window; if not, it is now.
+#[inline(always)]
+fn repeated(dev: u32, chunk: u64, now: u64) -> bool {
+    let key = DedupKey {
+        dev,
+        _pad: 0,
+        chunk,
+    };
+    if let Some(last) = DEDUP.get_ptr(key)
+        && now.wrapping_sub(unsafe { *last }) < DEDUP_WINDOW_NS.load()
+    {
+        bump(|c| c.dedups += 1);
+        return true;
+    }
+    let _ = DEDUP.insert(key, now, 0);
+    false
 }
 
 #[inline(always)]
@@ -308,18 +320,9 @@ fn handle(ctx: &TracePointContext) {
     // SAFETY: value pointer returned by the map lookup, read once.
     let shift = unsafe { (*watched).chunk_shift } & 63;
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = DedupKey {
-        dev,
-        _pad: 0,
-        chunk: sector >> shift,
-    };
-    if let Some(last) = DEDUP.get_ptr(key)
-        && now.wrapping_sub(unsafe { *last }) < DEDUP_WINDOW_NS.load()
-    {
-        bump(|c| c.dedups += 1);
+    if repeated(dev, sector >> shift, now) {
         return;
     }
-    let _ = DEDUP.insert(key, now, 0);
     let event = ErrorEvent {
         ts_ns: now,
         sector,
@@ -331,10 +334,7 @@ fn handle(ctx: &TracePointContext) {
         _pad: [0; 6],
         latency_us: 0,
     };
-    match ERROR_EVENTS.output(event, 0) {
-        Ok(()) => bump(|c| c.events += 1),
-        Err(_) => bump(|c| c.drops += 1),
-    }
+    send(event, |c| c.events += 1);
 }
 
 #[unsafe(link_section = "license")]

@@ -384,27 +384,7 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
                 }
                 let reports = engine.on_errors(&batch);
                 for r in &reports {
-                    tracing::info!(
-                        volume = r.volume,
-                        chunks = r.remapped.len(),
-                        pending = r.pending_blocks,
-                        exhausted = r.exhausted.len(),
-                        micros = r.micros,
-                        suspended_micros = r.suspended_micros,
-                        "remap batch done"
-                    );
-                    hub.metrics.on_report(r);
-                    let chunk = engine
-                        .volumes()
-                        .find(|v| v.config.name == r.volume)
-                        .map_or(0, |v| v.config.geometry.chunk);
-                    let lbas = r
-                        .remapped
-                        .iter()
-                        .take(EVENT_LBAS)
-                        .map(|c| c * chunk)
-                        .collect();
-                    hub.publish(remap_event(r, lbas, "error"));
+                    announce(&engine, hub, r, "error");
                 }
                 hub.set_state(Snapshot::of(engine.volumes()));
             }
@@ -454,15 +434,27 @@ fn scrub_found<D: DeviceMapper, I: BlockIo, W: Watch>(
             return;
         }
     };
+    announce(engine, hub, &r, "scrub");
+}
+
+/// A remap batch done: logged, counted, and announced to `events` subscribers.
+fn announce<D: DeviceMapper, I: BlockIo, W: Watch>(
+    engine: &Engine<D, I, W>,
+    hub: &Hub,
+    r: &RemapReport,
+    cause: &str,
+) {
     tracing::info!(
         volume = r.volume,
         chunks = r.remapped.len(),
         pending = r.pending_blocks,
         exhausted = r.exhausted.len(),
         micros = r.micros,
-        "scrub remap done"
+        suspended_micros = r.suspended_micros,
+        cause,
+        "remap batch done"
     );
-    hub.metrics.on_report(&r);
+    hub.metrics.on_report(r);
     let chunk = engine
         .volumes()
         .find(|v| v.config.name == r.volume)
@@ -473,7 +465,7 @@ fn scrub_found<D: DeviceMapper, I: BlockIo, W: Watch>(
         .take(EVENT_LBAS)
         .map(|c| c * chunk)
         .collect();
-    hub.publish(remap_event(&r, lbas, "scrub"));
+    hub.publish(remap_event(r, lbas, cause));
 }
 
 fn agent_call<D: DeviceMapper, I: BlockIo, W: Watch>(

@@ -924,7 +924,7 @@ mod tests {
     use std::{path::Path, sync::atomic::AtomicU64};
 
     use super::*;
-    use crate::{allocate::Policy, blockdev::SimIo, dm::SimDm, volume::UnreadablePolicy};
+    use crate::{blockdev::SimIo, dm::SimDm, engine::tests::SimWatch};
 
     const SIM: u32 = 240;
     const MIB: u64 = 1 << 20;
@@ -1153,44 +1153,27 @@ mod tests {
         assert_eq!(s["percent"], 100.0);
     }
 
-    struct NoWatch;
+    type Rig = (Engine<Arc<SimDm>, Arc<SimIo>, SimWatch>, Arc<SimIo>);
 
-    impl Watch for NoWatch {
-        fn watch(&mut self, _: &BlockDev, _: u64) -> Result<(), String> {
-            Ok(())
-        }
-        fn unwatch(&mut self, _: &BlockDev) -> Result<(), String> {
-            Ok(())
-        }
-        fn set_pending(&mut self, _: &BlockDev, _: u64, _: bool) -> Result<(), String> {
-            Ok(())
-        }
-    }
-
-    type Rig = (Engine<Arc<SimDm>, Arc<SimIo>, NoWatch>, Arc<SimIo>);
-
-    /// A 64 MiB main device (minor 0) under volume `v`, two 24 MiB spares.
+    /// The engine tests' volume `v`: a 64 MiB main device (minor 0), two 24 MiB spares.
     fn rig() -> Rig {
-        let io = Arc::new(SimIo::new());
-        io.add_disk("/sim/main", SIM, 0, 64 * MIB, 512);
-        io.add_disk("/sim/s1", SIM, 1, 24 * MIB, 512);
-        io.add_disk("/sim/s2", SIM, 2, 24 * MIB, 512);
-        let mut engine = Engine::new(Arc::new(SimDm::new()), io.clone(), NoWatch);
-        engine
-            .create(
-                "v",
-                Path::new("/sim/main"),
-                &["/sim/s1".into(), "/sim/s2".into()],
-                4096,
-                16 * MIB,
-                Policy::FirstFit,
-                UnreadablePolicy::Error,
-            )
-            .unwrap();
-        (engine, io)
+        let mut r = crate::engine::tests::rig(SimDm::new());
+        r.create().unwrap();
+        (r.engine, r.io)
     }
 
-    fn vol(e: &Engine<Arc<SimDm>, Arc<SimIo>, NoWatch>) -> &Volume {
+    fn wait_done(scrubs: &mut Scrubs, v: &Volume) {
+        let t0 = Instant::now();
+        while scrubs.status("v", Some(v)).data["state"] != "done" {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "scrub never finished"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn vol(e: &Engine<Arc<SimDm>, Arc<SimIo>, SimWatch>) -> &Volume {
         e.volumes().next().unwrap()
     }
 
@@ -1279,14 +1262,7 @@ mod tests {
         let before = io.stats(SIM, 0).reads;
         let r = scrubs.start(v, Some(0), false);
         assert_eq!(r.data["position_bytes"], pos, "{r:?}");
-        let t0 = Instant::now();
-        while scrubs.status("v", Some(v)).data["state"] != "done" {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "scrub never finished"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_done(&mut scrubs, v);
         let s = scrubs.status("v", Some(v)).data;
         assert_eq!(s["position_bytes"], 64 * MIB);
         assert_eq!(s["bad_chunks"], 1);
@@ -1336,14 +1312,7 @@ mod tests {
         assert_eq!(scrubs.status("v", Some(v)).data["state"], "paused");
         let before = io.stats(SIM, 0).reads;
         scrubs.resume([v]);
-        let t0 = Instant::now();
-        while scrubs.status("v", Some(v)).data["state"] != "done" {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "scrub never finished"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_done(&mut scrubs, v);
         assert_eq!(io.stats(SIM, 0).reads - before, 4, "only the last 4 MiB");
         assert_eq!(scrubs.status("v", Some(v)).data["started_ms"], 5);
         let _ = fs::remove_dir_all(&dir);
