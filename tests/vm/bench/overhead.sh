@@ -45,8 +45,8 @@ pair() {
 echo 1 >/proc/sys/kernel/bpf_stats_enabled
 
 # The fallback detector (every completion) alone on the raw disk, for a guest-side ratio to the
-# agent's pending-write watcher, which also runs on every completion.
-remapd watch --device $main --detector complete --pin-dir /sys/fs/bpf/remap-watch >/dev/null 2>/tmp/watch.log &
+# agent's completion watcher (rq_done: pending rewrites, slow I/O) and its issue stamp (rq_issue).
+remapd watch --device $main --detector complete --slow-ms 0 --pin-dir /sys/fs/bpf/remap-watch >/dev/null 2>/tmp/watch.log &
 watch_pid=$!
 wait_for /tmp/watch.log attached 60
 for ((round = 0; round < ROUNDS; round++)); do

@@ -184,7 +184,7 @@ fn host(r: &mut Report, h: Option<&HostReport>) -> Option<f64> {
     };
     let mut numbers = serde_json::Map::new();
     let mut complete_ns = None;
-    for variant in ["error", "complete", "agent"] {
+    for variant in ["error", "complete", "slow", "agent"] {
         let runs: Vec<_> = h.runs.iter().filter(|x| x.variant == variant).collect();
         if runs.is_empty() {
             continue;
@@ -233,24 +233,16 @@ fn host(r: &mut Report, h: Option<&HostReport>) -> Option<f64> {
     if let Some(why) = &h.agent {
         t.rows.push(vec![
             "agent (`remapd --no-assemble`)".into(),
-            "rq_error + pending_write (block_rq_complete)".into(),
+            "rq_error + rq_issue + rq_done (block_rq_complete)".into(),
             "–".into(),
             "not measured here".into(),
             "–".into(),
             "–".into(),
         ]);
         r.notes.push(format!(
-            "The agent did not start on this host, so its pending-write watcher is measured in the VM only: {why}"
+            "The agent did not start on this host, so its completion watcher is measured in the VM only: {why}"
         ));
     }
-    t.rows.push(vec![
-        "slow-I/O detector".into(),
-        "–".into(),
-        "–".into(),
-        "not in remap-ebpf yet".into(),
-        "–".into(),
-        "–".into(),
-    ]);
     for (p, ..) in PATTERNS {
         numbers.insert(
             format!("detached/{p}/iops"),
@@ -266,6 +258,7 @@ fn mode_label(v: &str) -> &'static str {
     match v {
         "error" => "`watch --detector error`",
         "complete" => "`watch --detector complete` (fallback)",
+        "slow" => "`watch --slow-ms 500` (slow-I/O detector)",
         "agent" => "agent (`remapd --no-assemble`)",
         _ => "?",
     }
@@ -276,6 +269,8 @@ fn prog_label(p: &str) -> String {
         "rq_error" => "rq_error (block_rq_error)".into(),
         "rq_complete" => "rq_complete (block_rq_complete)".into(),
         "pending_write" => "pending_write (block_rq_complete)".into(),
+        "rq_issue" => "rq_issue (block_rq_issue)".into(),
+        "rq_done" => "rq_done (block_rq_complete)".into(),
         p => p.into(),
     }
 }
