@@ -266,7 +266,7 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
     hub: &Hub,
     mut scrubs: Scrubs,
 ) {
-    hub.set_state(Snapshot::of(engine.volumes()));
+    changed(&mut engine, hub);
     let mut next = None;
     loop {
         let msg = match next.take() {
@@ -283,7 +283,7 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
             }
             Msg::ScrubBad { volume, chunks } => {
                 scrub_found(&mut engine, &volume, &chunks, hub);
-                hub.set_state(Snapshot::of(engine.volumes()));
+                changed(&mut engine, hub);
             }
             Msg::Request { req, uid, reply } => {
                 let mutates = req.mutates();
@@ -310,7 +310,7 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
                 }
                 // State first: whoever gets the answer must find the metrics already saying so.
                 if mutates {
-                    hub.set_state(Snapshot::of(engine.volumes()));
+                    changed(&mut engine, hub);
                 }
                 let _ = reply.send(resp);
             }
@@ -326,7 +326,7 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
                 };
                 // State first: whoever gets the answer must find the metrics already saying so.
                 if mutates {
-                    hub.set_state(Snapshot::of(engine.volumes()));
+                    changed(&mut engine, hub);
                 }
                 let _ = reply.send(resp);
             }
@@ -386,7 +386,7 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
                 for r in &reports {
                     announce(&engine, hub, r, "error");
                 }
-                hub.set_state(Snapshot::of(engine.volumes()));
+                changed(&mut engine, hub);
             }
         }
     }
@@ -435,6 +435,29 @@ fn scrub_found<D: DeviceMapper, I: BlockIo, W: Watch>(
         }
     };
     announce(engine, hub, &r, "scrub");
+}
+
+/// After a change: the state for metrics and status, and the agent's own health watch of every
+/// volume, whose alerts (new pending blocks, a rising remap rate, new slow requests) are logged,
+/// counted and announced as they happen, not only when someone asks.
+fn changed<D: DeviceMapper, I: BlockIo, W: Watch>(engine: &mut Engine<D, I, W>, hub: &Hub) {
+    hub.set_state(Snapshot::of(engine.volumes()));
+    let names: Vec<String> = engine.volumes().map(|v| v.config.name.clone()).collect();
+    for name in names {
+        let Some(h) = engine.health_watch(&name) else {
+            continue;
+        };
+        for alert in &h.alerts {
+            tracing::warn!(volume = name, score = h.score, "health alert: {alert}");
+            hub.publish(Event::Alert {
+                time_ms: now_ms(),
+                volume: name.clone(),
+                alert: alert.clone(),
+                score: h.score,
+            });
+        }
+        hub.metrics.on_health(&name, &h);
+    }
 }
 
 /// A remap batch done: logged, counted, and announced to `events` subscribers.

@@ -307,6 +307,13 @@ pub enum Event {
         /// `error` (from the detector) or `manual` (remapctl remap add).
         cause: String,
     },
+    /// A change in a volume's health worth telling (see `remapctl health` for the reasons).
+    Alert {
+        time_ms: u64,
+        volume: String,
+        alert: String,
+        score: u32,
+    },
     /// A subscriber read too slowly and missed this many events.
     Lagged { missed: u64 },
 }

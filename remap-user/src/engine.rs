@@ -196,6 +196,8 @@ struct History {
     errors: u64,
     /// Slow requests reported on the volume's devices.
     slow: u64,
+    /// What the agent's own health watch last saw (see `health_watch`).
+    agent_seen: crate::health::Seen,
     /// Main-device chunks read slowly, with the times (s since start) they were.
     weak: BTreeMap<u64, Vec<f64>>,
 }
@@ -235,10 +237,9 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         h.tracker.record(sample);
     }
 
-    /// Score, reasons, forecast and alerts of a volume (`remapctl health`).
-    pub fn health(&mut self, name: &str) -> Result<Value> {
-        let vol = self.volume(name)?;
-        let now = crate::health::Now {
+    /// What the health assessment needs to know of a volume now.
+    fn health_now(&self, vol: &Volume) -> crate::health::Now {
+        crate::health::Now {
             t: self.started.elapsed().as_secs_f64(),
             pending: vol.remaps.pending_blocks(),
             pool_total: vol
@@ -249,8 +250,23 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .map(|u| u.total)
                 .sum(),
             pool_available: vol.pool.available(),
-            slow: self.history.get(name).map_or(0, |h| h.slow),
-        };
+            slow: self.history.get(&vol.config.name).map_or(0, |h| h.slow),
+        }
+    }
+
+    /// The agent's own look at a volume's health after a change: the same assessment as
+    /// `remapctl health`, with its own memory of what it already alerted on (so the operator's
+    /// command still sees each change).
+    pub fn health_watch(&mut self, name: &str) -> Option<crate::health::Health> {
+        let now = self.health_now(self.volumes.get(name)?);
+        let h = self.history.entry(name.to_owned()).or_default();
+        Some(h.tracker.assess_for(now, &mut h.agent_seen))
+    }
+
+    /// Score, reasons, forecast and alerts of a volume (`remapctl health`).
+    pub fn health(&mut self, name: &str) -> Result<Value> {
+        let vol = self.volume(name)?;
+        let now = self.health_now(vol);
         let hot = vol.config.spares.iter().filter(|s| s.hot).count();
         let h = self.history.entry(name.to_owned()).or_default();
         let assessed = h.tracker.assess(now);

@@ -65,6 +65,14 @@ pub struct Now {
 #[derive(Clone, Debug, Default)]
 pub struct Tracker {
     samples: VecDeque<Sample>,
+    /// What the operator's assessments (`remapctl health`) last saw.
+    seen: Seen,
+}
+
+/// What one watcher of a volume's health last saw, so it is alerted on changes only. The agent
+/// keeps its own (it logs alerts as they happen), apart from the operator's.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Seen {
     last_pending: u64,
     last_slow: u64,
     /// Whether the last assessment saw the remap rate rising (alerts fire when it starts).
@@ -196,6 +204,14 @@ impl Tracker {
 
     /// The score, its reasons, the forecast, and alerts for what changed since the last call.
     pub fn assess(&mut self, now: Now) -> Health {
+        let mut seen = self.seen;
+        let h = self.assess_for(now, &mut seen);
+        self.seen = seen;
+        h
+    }
+
+    /// The same, for a watcher with its own memory of what it was told.
+    pub fn assess_for(&self, now: Now, seen: &mut Seen) -> Health {
         let mut reasons = Vec::new();
         let mut alerts = Vec::new();
         if now.pending > 0 {
@@ -207,13 +223,13 @@ impl Tracker {
                 ),
             });
         }
-        if now.pending > self.last_pending {
+        if now.pending > seen.last_pending {
             alerts.push(format!(
                 "{} new pending blocks (data that could not be read)",
-                now.pending - self.last_pending
+                now.pending - seen.last_pending
             ));
         }
-        self.last_pending = now.pending;
+        seen.last_pending = now.pending;
         if now.slow > 0 {
             reasons.push(Reason {
                 penalty: 10,
@@ -223,10 +239,10 @@ impl Tracker {
                 ),
             });
         }
-        if now.slow > self.last_slow {
-            alerts.push(format!("{} new slow requests", now.slow - self.last_slow));
+        if now.slow > seen.last_slow {
+            alerts.push(format!("{} new slow requests", now.slow - seen.last_slow));
         }
-        self.last_slow = now.slow;
+        seen.last_slow = now.slow;
         if now.pool_total > 0 {
             let used = 1.0 - now.pool_available as f64 / now.pool_total as f64;
             if used > 0.8 {
@@ -264,7 +280,7 @@ impl Tracker {
                 && t.recent_per_hour - t.before_per_hour > 1.0
         });
         if let Some(t) = rising
-            && !self.rising
+            && !seen.rising
         {
             alerts.push(format!(
                 "remap rate rising: {:.1}/h over the last {}, was {:.1}/h",
@@ -273,7 +289,7 @@ impl Tracker {
                 t.before_per_hour
             ));
         }
-        self.rising = rising.is_some();
+        seen.rising = rising.is_some();
         if let (Some(first), Some(last)) = (self.samples.front(), self.samples.back()) {
             let errors = last.errors - first.errors.min(last.errors);
             if errors > 0 && reasons.is_empty() {

@@ -20,7 +20,7 @@ use prometheus_client::{
         MetricType,
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::ConstGauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -126,6 +126,9 @@ pub struct Metrics {
     remapped: Family<VolumeLabel, Counter>,
     pending_created: Family<VolumeLabel, Counter>,
     exhausted: Family<VolumeLabel, Counter>,
+    health_score: Family<VolumeLabel, Gauge>,
+    exhausted_in: Family<VolumeLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    health_alerts: Family<VolumeLabel, Counter>,
     remap_seconds: Family<VolumeLabel, Histogram>,
     suspend_seconds: Family<VolumeLabel, Histogram>,
     requests: Family<RequestLabels, Counter>,
@@ -148,6 +151,9 @@ impl Metrics {
             remapped: Family::default(),
             pending_created: Family::default(),
             exhausted: Family::default(),
+            health_score: Family::default(),
+            exhausted_in: Family::default(),
+            health_alerts: Family::default(),
             remap_seconds: Family::new_with_constructor(latency_histogram),
             suspend_seconds: Family::new_with_constructor(latency_histogram),
             requests: Family::default(),
@@ -187,6 +193,21 @@ impl Metrics {
             "exhausted_chunks",
             "Chunks that could not move because the spare pool was full",
             m.exhausted.clone(),
+        );
+        registry.register(
+            "health_score",
+            "Health score of the volume, 100 = nothing wrong seen (`remapctl health` gives the reasons)",
+            m.health_score.clone(),
+        );
+        registry.register(
+            "pool_exhausted_in_seconds",
+            "Forecast time until the spare pool runs out at the fitted remap rate (+Inf: no growth)",
+            m.exhausted_in.clone(),
+        );
+        registry.register(
+            "health_alerts",
+            "Health alerts raised: new pending blocks, a rising remap rate, new slow requests",
+            m.health_alerts.clone(),
         );
         registry.register(
             "remap_duration_seconds",
@@ -252,6 +273,19 @@ impl Metrics {
                 .get_or_create(&l)
                 .observe(suspended_micros as f64 / 1e6);
         }
+    }
+
+    /// The agent's health look at a volume after a change.
+    pub fn on_health(&self, volume: &str, h: &crate::health::Health) {
+        let l = [("volume", volume.to_owned())];
+        self.health_score.get_or_create(&l).set(i64::from(h.score));
+        self.exhausted_in.get_or_create(&l).set(
+            h.forecast
+                .map_or(f64::INFINITY, |f| f.exhausted_in_secs.max(0.0)),
+        );
+        self.health_alerts
+            .get_or_create(&l)
+            .inc_by(h.alerts.len() as u64);
     }
 
     /// One control request and the exit code it was answered with.

@@ -36,17 +36,22 @@ impl Watch for NoWatch {
 
 /// An engine thread on simulated disks: a 64 MiB main (minor 0) and two 24 MiB spares.
 fn agent() -> Ctx {
+    agent_io().0
+}
+
+/// The same, with the disks (to make blocks unreadable).
+fn agent_io() -> (Ctx, Arc<SimIo>) {
     let io = Arc::new(SimIo::new());
     io.add_disk("/sim/main", SIM, 0, 64 * MIB, 512);
     io.add_disk("/sim/s1", SIM, 1, 24 * MIB, 512);
     io.add_disk("/sim/s2", SIM, 2, 24 * MIB, 512);
     io.add_disk("/sim/s3", SIM, 3, 24 * MIB, 512);
-    let engine = Engine::new(Arc::new(SimDm::new()), io, NoWatch);
+    let engine = Engine::new(Arc::new(SimDm::new()), io.clone(), NoWatch);
     let hub = Hub::new(Arc::new(Metrics::new(Box::new(|| None))));
     let (tx, rx) = mpsc::channel();
     let h = hub.clone();
     thread::spawn(move || engine_loop(engine, rx, &h));
-    Ctx { tx, hub }
+    (Ctx { tx, hub }, io)
 }
 
 struct Client {
@@ -466,6 +471,64 @@ fn error_event(minor: u32, sector: u64) -> ErrorEvent {
         op: Op::Read as u8,
         ..ErrorEvent::default()
     }
+}
+
+#[tokio::test]
+async fn a_new_pending_block_is_alerted_as_it_happens_and_the_operator_still_sees_it() {
+    let (ctx, io) = agent_io();
+    create(&ctx).await;
+    let mut c = Client::new(&ctx, USER);
+    c.send(b"{\"cmd\":\"events\",\"follow\":true}\n").await;
+    c.line().await.unwrap();
+    io.fail_reads(SIM, 0, 1001..1002);
+    ctx.tx
+        .send(Msg::Errors(vec![error_event(0, 1001)]))
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(serde_json::from_str::<Event>(&c.line().await.unwrap()).unwrap());
+    }
+    assert!(
+        matches!(&got[2], Event::Alert { volume, alert, score, .. }
+            if volume == "v" && alert.starts_with("1 new pending blocks") && *score < 100),
+        "{got:?}"
+    );
+    let t = ctx.hub.metrics.encode();
+    assert!(
+        t.lines()
+            .any(|l| l == "remap_health_alerts_total{volume=\"v\"} 1"),
+        "{t}"
+    );
+    assert!(
+        t.lines()
+            .any(|l| l.starts_with("remap_health_score{volume=\"v\"} ") && !l.ends_with(" 100")),
+        "{t}"
+    );
+    // The agent's watch did not use up the operator's view of the change.
+    let r = Client::new(&ctx, USER)
+        .call(r#"{"cmd":"health","name":"v"}"#)
+        .await;
+    assert!(
+        r.data["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a.as_str().unwrap().starts_with("1 new pending")),
+        "{r:?}"
+    );
+    // A remap that leaves no new pending block: no second alert.
+    let r = Client::new(&ctx, ROOT)
+        .call(r#"{"cmd":"remap-add","name":"v","lba":4096,"count":8}"#)
+        .await;
+    assert_eq!(r.code, exit::OK);
+    let ev: Event = serde_json::from_str(&c.line().await.unwrap()).unwrap();
+    assert!(matches!(ev, Event::Remap { .. }), "{ev:?}");
+    let t = ctx.hub.metrics.encode();
+    assert!(
+        t.lines()
+            .any(|l| l == "remap_health_alerts_total{volume=\"v\"} 1"),
+        "{t}"
+    );
 }
 
 #[tokio::test]

@@ -739,6 +739,15 @@ fn event_line(ev: &Event) -> String {
                 *suspended_micros as f64 / 1000.0,
             )
         }
+        Event::Alert {
+            time_ms,
+            volume,
+            alert,
+            score,
+        } => format!(
+            "{}  alert  {volume:<12} {alert}  (health {score})",
+            render::utc(*time_ms),
+        ),
         Event::Lagged { missed } => {
             format!("(missed {missed} events: remapctl read too slowly)")
         }
