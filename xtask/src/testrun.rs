@@ -119,6 +119,7 @@ pub fn run(o: &TestOpts) -> Result<Tally> {
     if !o.vm_only {
         total.add(cargo_test("unit tests", &["test", "--workspace"], &[])?);
         total.add(host_kernel_tests()?);
+        total.add(alert_rule_tests());
     }
     if !o.host_only {
         let s = vm::run_scenarios(&vm::ScenarioOpts {
@@ -134,6 +135,43 @@ pub fn run(o: &TestOpts) -> Result<Tally> {
         });
     }
     Ok(total)
+}
+
+/// The shipped Prometheus alert rules against their unit tests, with promtool (Debian package
+/// `prometheus`) when it is installed; without it they are skipped, loudly.
+fn alert_rule_tests() -> Tally {
+    let file = workspace::root().join("docs/prometheus-alerts.test.yml");
+    match Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(&file)
+        .output()
+    {
+        Err(_) => {
+            println!("SKIPPED alert rules: promtool is not installed (apt-get install prometheus)");
+            Tally {
+                skipped: 1,
+                ..Tally::default()
+            }
+        }
+        Ok(o) if o.status.success() => {
+            println!("PASS alert rules ({})", file.display());
+            Tally {
+                passed: 1,
+                ..Tally::default()
+            }
+        }
+        Ok(o) => {
+            println!(
+                "FAILED alert rules: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            Tally {
+                failed: 1,
+                ..Tally::default()
+            }
+        }
+    }
 }
 
 /// Tests that load eBPF into this machine's kernel and make it fail real I/O. They need root,
