@@ -120,7 +120,7 @@ struct WatchArgs {
     #[arg(long, default_value_t = 1000)]
     dedup_window_ms: u64,
     /// Also report requests that succeed but take this many milliseconds or more (0: off).
-    #[arg(long, default_value_t = DEFAULT_SLOW_MS)]
+    #[arg(long, env = "REMAPD_SLOW_MS", default_value_t = DEFAULT_SLOW_MS)]
     slow_ms: u64,
 }
 
