@@ -153,6 +153,7 @@ fn run_once(
     let console_path = dir.join(format!("{section}.console.log"));
     let mut console = fs::File::create(&console_path)?;
     let mut child = Command::new(exe)
+        .env(crate::vm::MTTCG_ENV, "1")
         .args(["vm", "exec", "--kernel", kernel, "--timeout"])
         .arg(timeout.as_secs().to_string())
         .arg(script)

@@ -13,6 +13,8 @@ mod newc;
 mod qemu;
 mod scenario;
 
+pub use qemu::MTTCG_ENV;
+
 use anyhow::{Context, Result, bail};
 use guest::GuestBins;
 use kernel::Kernel;
