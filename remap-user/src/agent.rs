@@ -447,6 +447,8 @@ fn changed<D: DeviceMapper, I: BlockIo, W: Watch>(engine: &mut Engine<D, I, W>, 
         let Some(h) = engine.health_watch(&name) else {
             continue;
         };
+        // Metrics first: whoever hears of an alert must find it counted.
+        hub.metrics.on_health(&name, &h);
         for alert in &h.alerts {
             tracing::warn!(volume = name, score = h.score, "health alert: {alert}");
             hub.publish(Event::Alert {
@@ -456,7 +458,6 @@ fn changed<D: DeviceMapper, I: BlockIo, W: Watch>(engine: &mut Engine<D, I, W>, 
                 score: h.score,
             });
         }
-        hub.metrics.on_health(&name, &h);
     }
 }
 
