@@ -369,6 +369,15 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .dm
                 .info(&rn)
                 .map_err(|e| EngineError::Failed(e.to_string()))?;
+            // A crash between preparing a remap's table and its commit leaves that table in
+            // the inactive slot: a resume would make it live, with extents the metadata does
+            // not know. Dropped first, whatever else this region needs.
+            if info.inactive_table {
+                notes.push(format!("{rn}: dropped a table loaded but never made live"));
+                self.dm
+                    .clear(&rn)
+                    .map_err(|e| EngineError::Failed(e.to_string()))?;
+            }
             if !crate::dm::same_table(&want, &live) {
                 notes.push(format!(
                     "{rn}: live table differed from the metadata; reloaded"
@@ -521,6 +530,38 @@ mod tests {
         let mut b = a.restart();
         assert!(b.engine.assemble(None).is_empty());
         assert!(b.dm.list("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_table_prepared_but_never_committed_is_dropped_not_resumed() {
+        let mut a = rig(SimDm::new());
+        a.create().unwrap();
+        let table = a.dm.table("v-remap-r0000").unwrap();
+        // What a crash between preparing a remap of chunk 2 and its commit leaves: a table
+        // naming a spare extent in the inactive slot, the region suspended.
+        let vol = a.engine.volumes.get_mut("v").unwrap();
+        let e = vol.pool.allocate(None).unwrap();
+        vol.remaps.insert(
+            2,
+            Remap {
+                extent: e,
+                pending: 0,
+            },
+        );
+        let prepared = vol.region_lines(0);
+        a.dm.load("v-remap-r0000", &prepared).unwrap();
+        a.dm.suspend("v-remap-r0000").unwrap();
+        let mut b = a.restart();
+        let rep = b.engine.assemble(None);
+        assert_eq!(rep[0].outcome, "adopted");
+        assert!(
+            rep[0].notes.iter().any(|n| n.contains("dropped a table")),
+            "{rep:?}"
+        );
+        let info = b.dm.info("v-remap-r0000").unwrap();
+        assert!(!info.suspended && !info.inactive_table, "{info:?}");
+        assert_eq!(b.dm.table("v-remap-r0000").unwrap(), table);
+        assert_eq!(b.read_volume(17), Some(golden(17)));
     }
 
     #[test]

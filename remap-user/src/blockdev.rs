@@ -783,6 +783,8 @@ struct SimDisk {
     /// Sector ranges that fail reads / writes.
     bad_reads: Vec<Range<u64>>,
     bad_writes: Vec<Range<u64>>,
+    /// Sector ranges that read well this many more times, then join `bad_reads`.
+    decaying: Vec<(Range<u64>, u32)>,
     stats: SimIoStats,
 }
 
@@ -895,6 +897,7 @@ impl SimIo {
                 unflushed: BTreeMap::new(),
                 bad_reads: Vec::new(),
                 bad_writes: Vec::new(),
+                decaying: Vec::new(),
                 stats: SimIoStats::default(),
             },
         );
@@ -904,6 +907,15 @@ impl SimIo {
     pub fn fail_reads(&self, major: u32, minor: u32, sectors: Range<u64>) {
         let _ = self.with(major, minor, |d| {
             d.bad_reads.push(sectors);
+            Ok(())
+        });
+    }
+
+    /// Reads touching any of `sectors` succeed `reads` more times, then fail as with
+    /// [`Self::fail_reads`]: a medium going bad while remap works on it.
+    pub fn fail_reads_after(&self, major: u32, minor: u32, sectors: Range<u64>, reads: u32) {
+        let _ = self.with(major, minor, |d| {
+            d.decaying.push((sectors, reads));
             Ok(())
         });
     }
@@ -1022,6 +1034,15 @@ impl BlockIo for SimIo {
         self.with(dev.major, dev.minor, |d| {
             d.stats.reads += 1;
             let r = d.check(offset, buf.len()).and_then(|sectors| {
+                for (range, left) in &mut d.decaying {
+                    if range.start < sectors.end && sectors.start < range.end {
+                        match left.checked_sub(1) {
+                            Some(n) => *left = n,
+                            None => d.bad_reads.push(range.clone()),
+                        }
+                    }
+                }
+                d.decaying.retain(|(r, _)| !d.bad_reads.contains(r));
                 if overlaps(&d.bad_reads, &sectors) {
                     return Err(io::Error::from_raw_os_error(libc::EIO));
                 }

@@ -61,6 +61,7 @@ pub enum DmOp {
     Open,
     Create,
     Load,
+    Clear,
     Suspend,
     Resume,
     Remove,
@@ -76,6 +77,7 @@ impl fmt::Display for DmOp {
             Self::Open => "open",
             Self::Create => "create",
             Self::Load => "load",
+            Self::Clear => "clear",
             Self::Suspend => "suspend",
             Self::Resume => "resume",
             Self::Remove => "remove",
@@ -159,6 +161,8 @@ pub trait DeviceMapper {
     fn create(&self, name: &str, uuid: &str, table: &[DmLine]) -> Result<(u32, u32), DmError>;
     /// Loads `table` into the inactive slot (takes effect at the next resume).
     fn load(&self, name: &str, table: &[DmLine]) -> Result<(), DmError>;
+    /// Drops the inactive table, if there is one: the next resume keeps the live table.
+    fn clear(&self, name: &str) -> Result<(), DmError>;
     /// Suspends (flushing in-flight I/O; new I/O queues in the kernel until resume).
     fn suspend(&self, name: &str) -> Result<(), DmError>;
     /// Resumes, swapping in the inactive table if one was loaded.
@@ -186,6 +190,9 @@ macro_rules! forward_device_mapper {
             }
             fn load(&self, name: &str, table: &[DmLine]) -> Result<(), DmError> {
                 (**self).load(name, table)
+            }
+            fn clear(&self, name: &str) -> Result<(), DmError> {
+                (**self).clear(name)
             }
             fn suspend(&self, name: &str) -> Result<(), DmError> {
                 (**self).suspend(name)
@@ -524,6 +531,15 @@ impl DeviceMapper for Dm {
         let dm_name = Self::name(op, name)?;
         validate_table(op, name, table)?;
         self.load_table(dm_name, table)
+    }
+
+    fn clear(&self, name: &str) -> Result<(), DmError> {
+        let op = DmOp::Clear;
+        let dm_name = Self::name(op, name)?;
+        self.dm
+            .table_clear(&DevId::Name(dm_name))
+            .map_err(|e| map_err(op, name, e))?;
+        Ok(())
     }
 
     fn suspend(&self, name: &str) -> Result<(), DmError> {
@@ -896,7 +912,7 @@ impl SimDm {
         let result = f(&mut st);
         let mutating = matches!(
             op,
-            DmOp::Create | DmOp::Load | DmOp::Suspend | DmOp::Resume | DmOp::Remove
+            DmOp::Create | DmOp::Load | DmOp::Clear | DmOp::Suspend | DmOp::Resume | DmOp::Remove
         );
         if mutating {
             let suffix = if result.is_err() { " (failed)" } else { "" };
@@ -1051,6 +1067,16 @@ impl DeviceMapper for SimDm {
             st.check_table(op, name, table)?;
             st.fault(op, name)?;
             st.get_mut(op, name)?.inactive = Some(table.to_vec());
+            Ok(())
+        })
+    }
+
+    fn clear(&self, name: &str) -> Result<(), DmError> {
+        let op = DmOp::Clear;
+        self.run(op, name, |st| {
+            st.get_mut(op, name)?;
+            st.fault(op, name)?;
+            st.get_mut(op, name)?.inactive = None;
             Ok(())
         })
     }

@@ -1,5 +1,5 @@
 //! The engine: volumes, their pools and remaps, and the remap path
-//! (locate → allocate → suspend → copy → commit → load → resume).
+//! (locate → allocate → load the new tables, inactive → suspend → copy → commit → resume).
 //!
 //! It is the single writer of metadata and tables. The kernel sits behind three small traits
 //! ([`DeviceMapper`], [`BlockIo`], [`Watch`]) so that all of this runs in unit tests against
@@ -1367,13 +1367,45 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
 
         crash_point("after-allocate");
 
+        // Prepare: the regions' new tables go into their inactive slots while I/O still flows,
+        // so that building and parsing them (it grows with the region's remaps) is not time
+        // spent suspended. They take the blocks the locate found bad as the pending ones; the
+        // copy confirms that. Nothing of them is live before the resume, after the commit.
+        let prior: Vec<(u64, Option<Remap>)> =
+            moves.iter().map(|(c, old, ..)| (*c, *old)).collect();
+        for (c, _, e, bad) in &moves {
+            vol.remaps.insert(
+                *c,
+                Remap {
+                    extent: *e,
+                    pending: *bad,
+                },
+            );
+        }
+        let mut prepare_err = None;
+        for &r in &regions {
+            let rn = region_name(&vol.config.name, r);
+            if let Err(e) = self.dm.load(&rn, &vol.region_lines(r)) {
+                prepare_err = Some(EngineError::Failed(format!("loading {rn}: {e}")));
+                break;
+            }
+        }
+        restore(vol, &prior);
+        if let Some(err) = prepare_err {
+            self.drop_prepared(vol, &regions, &[]);
+            release(vol, &moves);
+            return Err(err);
+        }
+
+        crash_point("after-load");
+
         // Suspend the regions: no I/O reaches these chunks until the new tables are live.
         let ts = Instant::now();
         let mut suspended = Vec::new();
         for &r in &regions {
             let rn = region_name(&vol.config.name, r);
             if let Err(e) = self.dm.suspend(&rn) {
-                self.resume_all(&vol.config.name, &suspended);
+                self.drop_prepared(vol, &regions, &suspended);
                 release(vol, &moves);
                 return Err(EngineError::Failed(format!("suspending {rn}: {e}")));
             }
@@ -1393,14 +1425,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
         }
         if let Some(err) = copy_err {
-            self.resume_all(&vol.config.name, &suspended);
+            self.drop_prepared(vol, &regions, &suspended);
             release(vol, &moves);
             return Err(err);
         }
 
         crash_point("after-copy");
 
-        // Commit: the new remaps are durable before any table points at them.
         for (c, _, e, pending) in &copied {
             vol.remaps.insert(
                 *c,
@@ -1410,6 +1441,25 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 },
             );
         }
+        // A block that failed at the copy but not at the locate: that region's prepared table
+        // is wrong, load it again (still before the commit, so still nothing live).
+        let stale: BTreeSet<u32> = copied
+            .iter()
+            .zip(&moves)
+            .filter(|((_, _, _, pending), (_, _, _, bad))| pending != bad)
+            .map(|((c, ..), _)| g.region_of_chunk(*c))
+            .collect();
+        for &r in &stale {
+            let rn = region_name(&vol.config.name, r);
+            if let Err(e) = self.dm.load(&rn, &vol.region_lines(r)) {
+                restore(vol, &prior);
+                self.drop_prepared(vol, &regions, &suspended);
+                release(vol, &moves);
+                return Err(EngineError::Failed(format!("loading {rn}: {e}")));
+            }
+        }
+
+        // Commit: the new remaps are durable before any table points at them.
         let ops: Vec<JournalOp> = copied
             .iter()
             .map(|(c, _, e, pending)| JournalOp::Set {
@@ -1421,65 +1471,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             })
             .collect();
         if let Err(err) = self.commit_ops(vol, &ops) {
-            for (c, old, ..) in &copied {
-                match old {
-                    Some(o) => vol.remaps.insert(*c, *o),
-                    None => vol.remaps.remove(*c),
-                };
-            }
-            self.resume_all(&vol.config.name, &suspended);
+            restore(vol, &prior);
+            self.drop_prepared(vol, &regions, &suspended);
             release(vol, &moves);
             return Err(err);
         }
 
-        // Switch: load each region's new table, then resume them all.
-        let mut load_err = None;
-        for &r in &regions {
-            let rn = region_name(&vol.config.name, r);
-            if let Err(e) = self.dm.load(&rn, &vol.region_lines(r)) {
-                load_err = Some(format!("loading {rn}: {e}"));
-                break;
-            }
-            crash_point("after-load");
-        }
-        if let Some(err) = load_err {
-            // The metadata names the new extents but the kernel still maps the old ones:
-            // resuming now would send writes where assembly would not look. Put the metadata
-            // back first; if even that fails, the regions stay suspended (safe, not live).
-            let undo: Vec<JournalOp> = copied
-                .iter()
-                .map(|(c, old, ..)| match old {
-                    Some(o) => JournalOp::Set {
-                        chunk: *c,
-                        remap: *o,
-                    },
-                    None => JournalOp::Del { chunk: *c },
-                })
-                .collect();
-            for (c, old, ..) in &copied {
-                match old {
-                    Some(o) => vol.remaps.insert(*c, *o),
-                    None => vol.remaps.remove(*c),
-                };
-            }
-            if let Err(e) = self.commit_ops(vol, &undo) {
-                tracing::error!(
-                    volume = vol.config.name,
-                    "{err}; undoing the commit failed too ({e}): regions {regions:?} stay suspended"
-                );
-                return Err(EngineError::Failed(format!(
-                    "{err}; regions left suspended: {e}"
-                )));
-            }
-            for r in &regions {
-                let _ = self
-                    .dm
-                    .load(&region_name(&vol.config.name, *r), &vol.region_lines(*r));
-            }
-            self.resume_all(&vol.config.name, &suspended);
-            release(vol, &moves);
-            return Err(EngineError::Failed(err));
-        }
         crash_point("before-resume");
         self.resume_all(&vol.config.name, &suspended);
         report.suspended_micros = ts.elapsed().as_micros() as u64;
@@ -1512,6 +1509,35 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         report.regions = regions.into_iter().collect();
         report.micros = t0.elapsed().as_micros() as u64;
         Ok(report)
+    }
+
+    /// Backs out of a batch before its commit: the regions' prepared tables are dropped (the
+    /// model is already back to the live state) and the suspended ones resumed as they were.
+    fn drop_prepared(&self, vol: &Volume, regions: &BTreeSet<u32>, suspended: &[u32]) {
+        let name = &vol.config.name;
+        let mut resume = Vec::new();
+        for &r in regions {
+            let rn = region_name(name, r);
+            let dropped = self
+                .dm
+                .clear(&rn)
+                .or_else(|_| self.dm.load(&rn, &vol.region_lines(r)));
+            match dropped {
+                Ok(()) => {
+                    if suspended.contains(&r) {
+                        resume.push(r);
+                    }
+                }
+                // A resume now would make live extents the metadata does not know: better
+                // suspended (safe, not live) until an operator or a restart sorts it out.
+                Err(e) => tracing::error!(
+                    region = rn,
+                    suspended = suspended.contains(&r),
+                    "dropping a prepared table failed: {e}; not resumed"
+                ),
+            }
+        }
+        self.resume_all(name, &resume);
     }
 
     fn resume_all(&self, volume: &str, regions: &[u32]) {
@@ -1586,6 +1612,16 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
 
     fn wipe_metadata(&self, dev: &BlockDev) -> Result<()> {
         metadata::wipe(&self.io, dev).map_err(|e| EngineError::Failed(e.to_string()))
+    }
+}
+
+/// Puts chunks back as they were before a batch (`None`: not remapped).
+fn restore(vol: &mut Volume, prior: &[(u64, Option<Remap>)]) {
+    for (c, old) in prior {
+        match old {
+            Some(o) => vol.remaps.insert(*c, *o),
+            None => vol.remaps.remove(*c),
+        };
     }
 }
 
@@ -1945,11 +1981,11 @@ pub(crate) mod tests {
         assert_eq!(
             r.dm.take_log(),
             [
-                "suspend v-remap-r0000",
                 "load v-remap-r0000",
+                "suspend v-remap-r0000",
                 "resume v-remap-r0000"
             ],
-            "only the region of the chunk pauses, once"
+            "only the region of the chunk pauses, once, its table loaded beforehand"
         );
         for s in 1000..1008 {
             if s == 1001 {
@@ -2115,10 +2151,16 @@ pub(crate) mod tests {
         );
         assert_eq!(r.status(), before, "remaps, pool and generation as before");
         assert_eq!(r.dm.table("v-remap-r0000").unwrap(), table);
+        assert_eq!(r.dm.inactive_table("v-remap-r0000").unwrap(), None);
         assert_eq!(
             r.dm.take_log(),
-            ["suspend v-remap-r0000", "resume v-remap-r0000"],
-            "resumed on the old table"
+            [
+                "load v-remap-r0000",
+                "suspend v-remap-r0000",
+                "clear v-remap-r0000",
+                "resume v-remap-r0000"
+            ],
+            "the prepared table dropped, resumed on the old one"
         );
     }
 
@@ -2130,6 +2172,60 @@ pub(crate) mod tests {
         r.dm.fail_next(DmOp::Suspend);
         assert!(r.engine.remap("v", BTreeSet::from([7])).is_err());
         assert_eq!(r.status(), before);
+        assert_eq!(
+            r.dm.inactive_table("v-remap-r0000").unwrap(),
+            None,
+            "the prepared table is dropped"
+        );
+    }
+
+    #[test]
+    fn a_block_that_fails_only_at_the_copy_gets_its_table_loaded_again_before_the_commit() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        r.dm.take_log();
+        // The chunk still reads whole at the locate, then sector 1003 goes bad for good.
+        r.io.fail_reads_after(SIM, MAIN, 1003..1004, 1);
+        let rep = r.error(MAIN, 1000, 8);
+        assert_eq!(rep[0].remapped, [125]);
+        assert_eq!(rep[0].pending_blocks, 1);
+        assert_eq!(
+            r.dm.take_log(),
+            [
+                "load v-remap-r0000",
+                "suspend v-remap-r0000",
+                "load v-remap-r0000",
+                "resume v-remap-r0000"
+            ]
+        );
+        let live = r.dm.table("v-remap-r0000").unwrap();
+        let want = r.engine.volume("v").unwrap().region_lines(0);
+        assert!(crate::dm::same_table(&want, &live), "{live:?}");
+        assert_eq!(r.read_volume(1003), None, "the pending block does not read");
+        assert_eq!(r.read_volume(1002), Some(golden(1002)));
+    }
+
+    #[test]
+    fn a_failed_prepare_changes_nothing_and_suspends_nothing() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        let before = r.status();
+        let table = r.dm.table("v-remap-r0000").unwrap();
+        r.dm.take_log();
+        r.dm.fail_next(DmOp::Load);
+        assert!(r.engine.remap("v", BTreeSet::from([7])).is_err());
+        assert_eq!(r.status(), before);
+        assert_eq!(r.dm.table("v-remap-r0000").unwrap(), table);
+        let log = r.dm.take_log();
+        assert!(
+            !log.iter().any(|l| l.starts_with("suspend")),
+            "nothing paused: {log:?}"
+        );
+        // The next batch goes through.
+        assert_eq!(
+            r.engine.remap("v", BTreeSet::from([7])).unwrap().remapped,
+            [7]
+        );
     }
 
     #[test]

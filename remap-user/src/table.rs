@@ -91,9 +91,26 @@ pub fn region_table(
                 },
             },
         );
+        pos = cstart + geo.chunk;
+        let spare = DevRef::Spare(r.extent.spare);
+        // Most remapped chunks read whole: one segment, not one per block (this runs for every
+        // remap of a region each time the region is switched).
+        if r.pending == 0 {
+            push(
+                &mut out,
+                Segment {
+                    start: cstart - start,
+                    len: geo.chunk,
+                    target: Target::Linear {
+                        dev: spare,
+                        offset: r.extent.start,
+                    },
+                },
+            );
+            continue;
+        }
         for b in 0..geo.blocks_per_chunk() {
             let boff = u64::from(b) * geo.block;
-            let spare = DevRef::Spare(r.extent.spare);
             let offset = r.extent.start + boff;
             let target = if r.pending & (1 << b) == 0 {
                 Target::Linear { dev: spare, offset }
@@ -116,7 +133,6 @@ pub fn region_table(
                 },
             );
         }
-        pos = cstart + geo.chunk;
     }
     push(
         &mut out,

@@ -1,6 +1,6 @@
 # Reaction, flat-table reloads, assembly and metadata cost, as the remaps accumulate.
 # Parameters (from the header xtask writes): SIZES, SCALE_SIZES, RUNS, INJECT, FLAT_REPS,
-# FLAT_SCATTERED_MAX, META_N, READER_IOPS, BASELINE_S.
+# FLAT_SCATTERED_MAX, META_N, META_BURSTS, READER_IOPS, BASELINE_S.
 #
 # One volume of 8 GiB (2 Mi chunks of 4 KiB, 8 regions of 1 GiB) over a null_blk disk without
 # memory, two 8 GiB spares. For each size in SIZES the background grows to that many remaps,
@@ -11,7 +11,7 @@
 # - meanwhile two readers, rate-limited, of another region and of the injected region;
 # - a flat table with the volume's segment count, and one with 2N+1 segments (N scattered
 #   remaps), loaded, suspended and resumed with dmsetup (wall time, and the kernel's own time);
-# - metadata bytes written per remap;
+# - metadata bytes written per remap, for remaps one per commit and in bursts of META_BURSTS;
 # - at sizes in SCALE_SIZES: the agent is restarted and assembles the volume (timed, memory),
 #   next to creating the same tables with dmsetup.
 emit_guest
@@ -172,16 +172,16 @@ flat_cmp() {
     emit flat "{\"remaps\":$size,\"label\":\"$label\",\"segments\":$n,\"load\":$(jlist "${loads[@]}"),\"suspend\":$(jlist "${sus[@]}"),\"resume\":$(jlist "${res[@]}"),\"kernel_load\":$(jlist "${kload[@]}"),\"kernel_suspend\":$(jlist "${ksus[@]}"),\"kernel_resume\":$(jlist "${kres[@]}"),\"noop\":$(jlist "${noop[@]}"),\"error\":$(jstr "$(echo "$err" | head -3)")}"
 }
 
-# meta_cost SIZE N: N single-chunk remaps, one batch each; sectors written to the metadata and
-# data parts of the spares.
+# meta_cost SIZE N BURST: N remaps in bursts of BURST adjacent chunks, one batch (one commit)
+# per burst; sectors written to the metadata and data parts of the spares.
 meta_cost() {
-    local n=$2 i c m0 m1 d0 d1 t0 us fails
+    local n=$2 k=$3 i c m0 m1 d0 d1 t0 us fails
     : >/tmp/meta.req
-    for ((i = 0; i < n; i++)); do
-        c=$((((MISC_I + i) % RUNS) * STRIDE + MISC_OFF + (MISC_I + i) / RUNS))
-        req_add $((c * 8)) 8 >>/tmp/meta.req
+    for ((i = 0; i < n / k; i++)); do
+        c=$((((MISC_I + i) % RUNS) * STRIDE + MISC_OFF + (MISC_I + i) / RUNS * 64))
+        req_add $((c * 8)) $((k * 8)) >>/tmp/meta.req
     done
-    MISC_I=$((MISC_I + n))
+    MISC_I=$((MISC_I + n / k))
     m0=$(nb_wsect $META_DEVS)
     d0=$(nb_wsect $DATA_DEVS)
     t0=$(now_us)
@@ -189,7 +189,7 @@ meta_cost() {
     us=$(($(now_us) - t0))
     m1=$(nb_wsect $META_DEVS)
     d1=$(nb_wsect $DATA_DEVS)
-    emit meta "{\"size\":$1,\"remaps\":$(status_num remaps),\"n\":$n,\"failed\":$fails,\"micros\":$us,\"meta_sectors\":$((m1 - m0)),\"data_sectors\":$((d1 - d0)),\"spares\":2}"
+    emit meta "{\"size\":$1,\"remaps\":$(status_num remaps),\"n\":$((n / k * k)),\"burst\":$k,\"failed\":$((fails * k)),\"micros\":$us,\"meta_sectors\":$((m1 - m0)),\"data_sectors\":$((d1 - d0)),\"spares\":2}"
 }
 
 # superblock FIELD_OFFSET BYTES: a field of the newer superblock (higher checkpoint generation)
@@ -276,7 +276,9 @@ for size in $SIZES; do
     if [ "$size" -gt 0 ] && [ "$size" -le "$FLAT_SCATTERED_MAX" ]; then
         flat_cmp "$size" scattered $((2 * size + 1)) "$FLAT_REPS"
     fi
-    [ "$size" -gt 0 ] && meta_cost "$size" "$META_N"
+    if [ "$size" -gt 0 ]; then
+        for burst in $META_BURSTS; do meta_cost "$size" "$META_N" "$burst"; done
+    fi
     case " $SCALE_SIZES " in *" $size "*) scale_at "$size" ;; esac
 done
 agent_stop

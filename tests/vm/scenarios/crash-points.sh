@@ -165,6 +165,11 @@ trial() {
     grep -q "assembled (adopted)" "$log" || echo "not adopted: $(grep -E 'assembled|not assembled' "$log" | tr '\n' ' ')" >>/tmp/why
     # The writer may have been blocked on a suspended region: it must go on, a full round.
     wait_acks /tmp/ack $((n0 + 32)) 120 || echo "writer stuck after the restart: $(acks /tmp/ack) acks, had $n0" >>/tmp/why
+    # A table prepared for the remap but never made live must be gone: a later resume would
+    # make it live.
+    if dmsetup info 2>/dev/null | grep -q "INACTIVE"; then
+        echo "inactive tables left after the restart: $(dmsetup info | grep -B3 INACTIVE | grep Name | tr -s ' ' | tr '\n' ' ')" >>/tmp/why
+    fi
     if [ "$(suspended)" != 0 ]; then
         echo "devices still suspended after the restart: $(dmsetup info | grep -B2 SUSPENDED | grep Name | tr -s ' ' | tr '\n' ' ')" >>/tmp/why
         resume_all # so the writer can finish and the next trial run
@@ -183,7 +188,7 @@ trial() {
         k=$((k + 1))
     done
     case "$p" in
-    after-allocate | after-copy)
+    after-allocate | after-load | after-copy)
         [ "$r1" = "$r0" ] && [ $moved = 0 ] || echo "remaps $r0 -> $r1 ($moved of the chunks listed): nothing was committed" >>/tmp/why ;;
     mid-metadata)
         # The journal block reached the first spare only: the newest complete copy wins,
