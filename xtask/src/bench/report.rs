@@ -1029,9 +1029,27 @@ fn targets(r: &mut Report) {
             .filter_map(|(k, v)| Some((k, v.as_f64()?)))
             .collect();
         if let Some((k, worst)) = at.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
+            let p = k.trim_end_matches("/100k");
+            // The same pattern with device-mapper alone (agent off, no remaps), and the
+            // median over patterns of 100k ÷ 0 remaps: what the remaps themselves cost.
+            let dm_only = o.get(&format!("{p}/0/agent_off")).and_then(Value::as_f64);
+            let mut growth: Vec<f64> = at
+                .iter()
+                .filter_map(|(k, v)| {
+                    let p = k.trim_end_matches("/100k");
+                    Some(v / o.get(&format!("{p}/0"))?.as_f64()?)
+                })
+                .filter(|v| v.is_finite())
+                .collect();
+            growth.sort_by(f64::total_cmp);
+            let growth = growth.get(growth.len() / 2).copied();
             row(
                 "volume / raw ≥ 0.97 at 100k remaps (VM)",
-                format!("worst {worst:.3} ({})", k.trim_end_matches("/100k")),
+                format!(
+                    "worst {worst:.3} ({p}; device-mapper alone, agent off: {}); at 100k ÷ at 0 remaps, median of patterns: {}",
+                    dm_only.map_or("–".into(), |v| format!("{v:.3}")),
+                    growth.map_or("–".into(), |v| format!("{v:.3}"))
+                ),
                 Some(*worst >= 0.97),
             );
         }
