@@ -271,6 +271,16 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
     loop {
         let msg = match next.take() {
             Some(m) => m,
+            // Idle work (mirroring an assembled volume for bpftool) goes a slice at a time,
+            // only while no message waits.
+            None if engine.mirror_pending() => match rx.try_recv() {
+                Ok(m) => m,
+                Err(mpsc::TryRecvError::Empty) => {
+                    engine.mirror_some(crate::engine::MIRROR_SLICE);
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => return,
+            },
             None => match rx.recv() {
                 Ok(m) => m,
                 Err(_) => return,

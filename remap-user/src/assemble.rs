@@ -33,6 +33,14 @@ struct Found {
     meta: DeviceMeta,
 }
 
+/// The copy whose state a volume is assembled from: the newest whose newest metadata is
+/// intact (the last of equals).
+fn newest_intact(found: &[Found]) -> Option<usize> {
+    (0..found.len())
+        .filter(|&i| !found[i].meta.degraded)
+        .max_by_key(|&i| found[i].meta.generation)
+}
+
 impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     /// Scans every block device and assembles the volumes found (only `only`, if given).
     pub fn assemble(&mut self, only: Option<&str>) -> Vec<Assembled> {
@@ -45,16 +53,24 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 continue;
             }
             match metadata::read_device(&self.io, &dev) {
-                Ok(meta) => groups
-                    .entry(meta.volume_uuid)
-                    .or_default()
-                    .push(Found { dev, meta }),
+                Ok(meta) => {
+                    let group = groups.entry(meta.volume_uuid).or_default();
+                    group.push(Found { dev, meta });
+                    // Only the copy assembly would take keeps its table; the others are
+                    // compared by digest (a million remaps per copy add up).
+                    let keep = newest_intact(group);
+                    for (i, f) in group.iter_mut().enumerate() {
+                        if Some(i) != keep {
+                            f.meta.remaps = Default::default();
+                        }
+                    }
+                }
                 Err(metadata::MetaError::NoMagic) => plain.push(dev),
                 Err(e) => damaged.push(format!("{}: {e}", dev.path.display())),
             }
         }
         let mut out = Vec::new();
-        for (uuid, found) in groups {
+        for (uuid, mut found) in groups {
             let best = found
                 .iter()
                 .max_by_key(|f| f.meta.generation)
@@ -68,7 +84,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 uuid: uuid_hex(&uuid),
                 outcome: "refused".into(),
                 generation: best.meta.generation,
-                remaps: best.meta.remaps.len(),
+                remaps: best.meta.remap_count,
                 notes: damaged.clone(),
             };
             if self.volumes.contains_key(&name) {
@@ -76,7 +92,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 out.push(report);
                 continue;
             }
-            match self.assemble_one(&found, &plain, &mut report.notes) {
+            match self.assemble_one(&mut found, &plain, &mut report.notes) {
                 Ok(adopted) => {
                     report.outcome = if adopted { "adopted" } else { "created" }.into();
                     tracing::info!(
@@ -97,10 +113,11 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         out
     }
 
-    /// Brings up one volume from its copies; true when its devices were already up.
+    /// Brings up one volume from its copies (only the one [`newest_intact`] names holds its
+    /// table); true when its devices were already up.
     fn assemble_one(
         &mut self,
-        found: &[Found],
+        found: &mut [Found],
         plain: &[BlockDev],
         notes: &mut Vec<String>,
     ) -> Result<bool, EngineError> {
@@ -108,11 +125,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         // The newest state must come from a copy whose newest metadata is intact: a copy that
         // fell back to an older checkpoint does not know how far the volume got, and trusting
         // it alone could undo remaps whose data now lives only on the spares.
-        let Some(best) = found
-            .iter()
-            .filter(|f| !f.meta.degraded)
-            .max_by_key(|f| f.meta.generation)
-        else {
+        let Some(bi) = newest_intact(found) else {
             let names: Vec<_> = found
                 .iter()
                 .map(|f| f.dev.path.display().to_string())
@@ -123,6 +136,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 names.join(", ")
             ));
         };
+        let best = &found[bi];
         if let Some(d) = found
             .iter()
             .find(|f| f.meta.degraded && f.meta.generation > best.meta.generation)
@@ -138,7 +152,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let (meta, config) = (&best.meta, &best.meta.config);
         // Copies at the newest generation must say the same thing; older ones are stale
         // (a commit interrupted by a crash, or a spare that was away) and get rewritten below.
-        for f in found {
+        for f in found.iter() {
             notes.extend(
                 f.meta
                     .notes
@@ -146,7 +160,9 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     .map(|n| format!("{}: {n}", f.dev.path.display())),
             );
             if f.meta.generation == meta.generation
-                && (f.meta.remaps != meta.remaps || f.meta.config != *config)
+                && (f.meta.remap_count != meta.remap_count
+                    || f.meta.digest != meta.digest
+                    || f.meta.config != *config)
             {
                 return refuse(format!(
                     "copies of `{}` on {} and {} both claim generation {} but differ; refusing to guess. Inspect both, then wipe the wrong one's metadata",
@@ -227,13 +243,16 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         journal.ckpt_gen = meta.generation;
         // The next checkpoint must not overwrite the one just read.
         journal.ckpt_slot = meta.ckpt_slot;
+        let config = config.clone();
+        // Taken, not copied: at a million remaps the copy would be most of the agent's memory.
+        let remaps = std::mem::take(&mut found[bi].meta.remaps);
         let mut vol = Volume {
-            config: config.clone(),
+            config,
             journal,
             main,
             spares,
             pool,
-            remaps: meta.remaps.clone(),
+            remaps,
             regions: Vec::new(),
             dev: (0, 0),
         };
@@ -257,7 +276,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 self.mark_pending(&vol, e, true);
             }
         }
-        self.mirror(&vol, None);
+        self.mirror(&vol, Some(&[]));
+        if !vol.remaps.is_empty() {
+            self.mirror_backlog.insert(vol.config.name.clone(), 0);
+        }
         self.volumes.insert(vol.config.name.clone(), vol);
         Ok(adopted)
     }

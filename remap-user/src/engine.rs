@@ -182,7 +182,15 @@ pub struct Engine<D, I, W> {
     /// Error and remap history per volume, for health and forecasts.
     history: BTreeMap<String, History>,
     started: Instant,
+    /// Volumes whose remaps assembly has yet to mirror for bpftool, from this chunk on: a
+    /// million map updates take seconds, which readiness need not wait for. The agent makes
+    /// them in slices between requests ([`Engine::mirror_some`]).
+    pub(crate) mirror_backlog: BTreeMap<String, u64>,
 }
+
+/// Remaps mirrored per slice of the assembly backlog: a few milliseconds, so a request that
+/// arrives meanwhile waits no longer than that.
+pub const MIRROR_SLICE: usize = 4096;
 
 /// Fraction of the pool that must stay free; below it a hot spare joins.
 pub const HOT_SPARE_THRESHOLD: f64 = 0.2;
@@ -220,7 +228,37 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             error_reads: None,
             history: BTreeMap::new(),
             started: Instant::now(),
+            mirror_backlog: BTreeMap::new(),
         }
+    }
+
+    /// Whether remaps of an assembled volume are still to be mirrored.
+    pub fn mirror_pending(&self) -> bool {
+        !self.mirror_backlog.is_empty()
+    }
+
+    /// Mirrors up to `budget` remaps of the assembly backlog (each slice reads the table as it
+    /// is then, so remaps made meanwhile are never overwritten with older ones); true while
+    /// some remain.
+    pub fn mirror_some(&mut self, budget: usize) -> bool {
+        let Some((name, from)) = self.mirror_backlog.pop_first() else {
+            return false;
+        };
+        if let Some(vol) = self.volumes.remove(&name) {
+            let chunks: Vec<u64> = vol
+                .remaps
+                .range(from..u64::MAX)
+                .take(budget.max(1) + 1)
+                .map(|(c, _)| c)
+                .collect();
+            let n = chunks.len().min(budget.max(1));
+            self.mirror(&vol, Some(&chunks[..n]));
+            if let Some(&next) = chunks.get(n) {
+                self.mirror_backlog.insert(name.clone(), next);
+            }
+            self.volumes.insert(name, vol);
+        }
+        self.mirror_pending()
     }
 
     /// Records what a batch did, for the volume's health.
@@ -703,6 +741,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .map_err(|e| failed(format!("removing {rn}"))(e.to_string()))?;
         }
         let vol = self.volumes.remove(name).expect("looked up above");
+        let unmirrored = self.mirror_backlog.remove(name).unwrap_or(u64::MAX);
         for d in std::iter::once(&vol.main).chain(vol.spares.values()) {
             let _ = self.watch.unwatch(d);
         }
@@ -710,7 +749,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             self.watch.mirror_pool(s, None);
         }
         let vdev = kernel_dev(vol.dev.0, vol.dev.1);
-        for (chunk, _) in vol.remaps.iter() {
+        for (chunk, _) in vol.remaps.range(0..unmirrored) {
             self.watch.mirror_remap(
                 RemapKey {
                     volume_dev: vdev,
@@ -2453,6 +2492,30 @@ pub(crate) mod tests {
         r.engine.stop("v").unwrap();
         assert!(r.watch.remaps.borrow().is_empty());
         assert!(r.watch.pool.borrow().is_empty());
+    }
+
+    #[test]
+    fn assembly_mirrors_remaps_in_slices_that_never_undo_newer_ones() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        r.engine.remap_add("v", 0, 8 * 10).unwrap();
+        let mut b = r.restart();
+        assert_eq!(b.engine.assemble(None)[0].outcome, "adopted");
+        assert!(
+            b.watch.remaps.borrow().is_empty(),
+            "nothing yet: readiness does not wait"
+        );
+        assert_eq!(b.watch.pool.borrow()[&S1].used, 10, "the pool right away");
+        assert!(b.engine.mirror_some(4));
+        assert_eq!(b.watch.remaps.borrow().len(), 4);
+        // Chunk 8 moves again before its slice: the slice must mirror where it is now.
+        b.engine.remap("v", BTreeSet::from([8])).unwrap();
+        let now = b.engine.volume("v").unwrap().remaps.get(8).unwrap().extent;
+        while b.engine.mirror_some(4) {}
+        assert_eq!(b.watch.remaps.borrow().len(), 10);
+        assert_eq!(b.watch.remaps.borrow()[&8].spare_sector, now.start);
+        b.engine.stop("v").unwrap();
+        assert!(b.watch.remaps.borrow().is_empty());
     }
 
     #[test]

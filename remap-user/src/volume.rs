@@ -170,6 +170,16 @@ pub struct RemapTable {
     by_chunk: BTreeMap<u64, Remap>,
 }
 
+/// Later entries for the same chunk win, as with [`RemapTable::insert`]; sorted input (a
+/// checkpoint) is built in linear time.
+impl FromIterator<(u64, Remap)> for RemapTable {
+    fn from_iter<T: IntoIterator<Item = (u64, Remap)>>(iter: T) -> Self {
+        Self {
+            by_chunk: iter.into_iter().collect(),
+        }
+    }
+}
+
 impl RemapTable {
     pub fn get(&self, chunk: u64) -> Option<&Remap> {
         self.by_chunk.get(&chunk)

@@ -304,6 +304,10 @@ pub struct DeviceMeta {
     pub generation: u64,
     pub config: VolumeConfig,
     pub remaps: RemapTable,
+    /// How many remaps, and a CRC-32C of them in chunk order: what copies are compared by
+    /// once only one of them keeps its table (see [`RemapTable`] memory at a million remaps).
+    pub remap_count: usize,
+    pub digest: u32,
     pub layout: Layout,
     /// Checkpoint slot the state was read from (the next checkpoint goes to the other one).
     pub ckpt_slot: u32,
@@ -359,6 +363,8 @@ pub fn read_device(io: &impl BlockIo, dev: &BlockDev) -> Result<DeviceMeta, Meta
                     device_uuid: sb.device_uuid,
                     generation,
                     config,
+                    remap_count: remaps.len(),
+                    digest: codec::digest(&remaps),
                     remaps,
                     layout,
                     ckpt_slot: sb.ckpt_slot,

@@ -4,10 +4,11 @@
 # keeps the watchdog fed; the socket is 0660 for the configured group; a group member may read
 # but not change; the metrics endpoint answers and its counters move after an injected error;
 # `status` draws the map and the pool table; `events --follow` streams what happened; SIGTERM
-# sends STOPPING and leaves the volume up; a restarted remapd assembles it again.
+# sends STOPPING and leaves the volume up; a restarted remapd assembles it again, and bpftool
+# shows its pool and every remap in the pinned maps.
 #
 # No systemd in the guest: `remapctl debug notify-listen` plays the notify socket's receiver.
-#vm: cases ready status-line watchdog socket-modes group-reads group-cannot-change outsider-refused metrics-up metrics-move status-map events-follow stopping restart-assembles
+#vm: cases ready status-line watchdog socket-modes group-reads group-cannot-change outsider-refused metrics-up metrics-move status-map events-follow stopping restart-assembles bpftool-mirror
 #vm: needs remapd remapctl
 #vm: timeout 420
 . /vm/lib.sh
@@ -227,6 +228,22 @@ for r in "30000 --count 64" "70000" "70100" "110000 --count 8" "130000"; do
 done
 COLUMNS=80 remapctl status "$VOL" >/tmp/status.txt
 while IFS= read -r l; do info "| $l"; done </tmp/status.txt
+# bpftool: every remap (those assembly mirrors after "ready", and those made since) and the
+# pool's usage, in the pinned maps.
+want=$(json_num "$(remapctl status "$VOL" --json)" remaps)
+n=0
+while :; do
+    got=$(bpftool -j map dump pinned /sys/fs/bpf/remap/REMAPS 2>/dev/null | grep -o '"chunk":' | wc -l)
+    [ "$got" = "$want" ] || [ $n -ge 50 ] && break
+    sleep 0.2
+    n=$((n + 1))
+done
+used=$(bpftool -j map dump pinned /sys/fs/bpf/remap/POOL_DEVS 2>/dev/null | grep -o '"used":[0-9]*' | awk -F: '{ s += $2 } END { print s + 0 }')
+if [ "$got" = "$want" ] && [ "${used:-0}" = "$want" ]; then
+    pass bpftool-mirror "REMAPS holds $got entries, POOL_DEVS used $used, status remaps $want"
+else
+    fail bpftool-mirror "REMAPS holds $got entries, POOL_DEVS used ${used:-?}, status remaps $want"
+fi
 kill -TERM "$agent"
 wait "$agent"
 exit 0
