@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     Global,
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     helpers::bpf_ktime_get_ns,
     macros::{btf_map, tracepoint},
@@ -60,11 +60,8 @@ static REMAPS: HashMap<RemapKey, RemapVal, REMAP_MIRROR_ENTRIES, { BPF_F_NO_PREA
 #[btf_map]
 static PENDING_CHUNKS: HashMap<DedupKey, u32, PENDING_ENTRIES> = HashMap::new();
 
-// Touched twice per request of a slow-watched device, on whatever CPU issues or completes it:
-// per-CPU LRU lists keep those updates off one shared lock.
 #[btf_map]
-static INFLIGHT: LruHashMap<DedupKey, u64, INFLIGHT_ENTRIES, { BPF_F_NO_COMMON_LRU as usize }> =
-    LruHashMap::new();
+static INFLIGHT: LruHashMap<DedupKey, u64, INFLIGHT_ENTRIES> = LruHashMap::new();
 
 /// Every completion: slow requests of slow-watched devices, rewrites of pending chunks.
 #[tracepoint]
