@@ -248,6 +248,63 @@ impl Pool {
         Ok(())
     }
 
+    /// [`Pool::take`] of many extents at once (assembly: a million of them), in one pass per
+    /// spare instead of three map updates each. Sorts `extents`. On error nothing is taken, and
+    /// the error names the first extent refused in (spare, start) order.
+    pub fn take_all(&mut self, extents: &mut [Extent]) -> Result<(), PoolError> {
+        let chunk = self.chunk;
+        extents.sort_unstable_by_key(|e| (e.spare, e.start));
+        let mut rebuilt = Vec::new();
+        for group in extents.chunk_by(|a, b| a.spare == b.spare) {
+            let slot = group[0].spare;
+            let s = self.spares.get(&slot).ok_or(PoolError::NoSuchSpare(slot))?;
+            let mut free = Vec::with_capacity(s.free.len() + group.len());
+            let mut runs = s.free.iter().map(|(&start, &len)| (start, start + len));
+            let mut run = runs.next();
+            // Free space from `cursor` to the current run's end is not handed out yet.
+            let mut cursor = run.map_or(0, |r| r.0);
+            for &e in group {
+                if e.start < s.data_start
+                    || e.start + chunk > s.size
+                    || !e.start.is_multiple_of(chunk)
+                {
+                    return Err(PoolError::OutOfRange(e));
+                }
+                while let Some((_, end)) = run
+                    && end <= e.start
+                {
+                    if end > cursor {
+                        free.push((cursor, end - cursor));
+                    }
+                    run = runs.next();
+                    cursor = run.map_or(0, |r| r.0);
+                }
+                match run {
+                    Some((_, end)) if e.start >= cursor && e.start + chunk <= end => {}
+                    _ => return Err(PoolError::AlreadyOwned(e)),
+                }
+                if e.start > cursor {
+                    free.push((cursor, e.start - cursor));
+                }
+                cursor = e.start + chunk;
+            }
+            while let Some((_, end)) = run {
+                if end > cursor {
+                    free.push((cursor, end - cursor));
+                }
+                run = runs.next();
+                cursor = run.map_or(0, |r| r.0);
+            }
+            rebuilt.push((slot, free, group.len() as u64));
+        }
+        for (slot, free, n) in rebuilt {
+            let s = self.spares.get_mut(&slot).expect("checked above");
+            s.free = free.into_iter().collect();
+            s.used += n;
+        }
+        Ok(())
+    }
+
     /// Returns `e` to the pool.
     pub fn release(&mut self, e: Extent) -> Result<(), PoolError> {
         let chunk = self.chunk;
@@ -480,6 +537,44 @@ mod properties {
     use super::*;
 
     proptest! {
+        /// Taking many extents at once is taking them one by one: the same pool after, or the
+        /// same refusal (owned twice, misplaced, unknown spare) and the pool untouched.
+        #[test]
+        fn take_all_is_take_one_by_one(
+            picks in proptest::collection::vec((0u32..3, 0u64..80, 0u64..10), 0..120),
+            pre in proptest::collection::vec(0u64..60, 0..10),
+        ) {
+            let chunk = 8;
+            let mut p = Pool::new(chunk, Policy::FirstFit);
+            p.add(0, 1024 + 40 * chunk, 1024).unwrap();
+            p.add(1, 2048 + 25 * chunk, 2048).unwrap();
+            for k in pre {
+                let _ = p.take(Extent { spare: (k % 2) as u32, start: if k % 2 == 0 { 1024 } else { 2048 } + k / 2 * chunk });
+            }
+            // Mostly aligned extents inside the spares; some misaligned, past the end, before
+            // the data area or on a spare that does not exist.
+            let mut extents: Vec<Extent> = picks
+                .iter()
+                .map(|&(spare, k, odd)| {
+                    let base = if spare == 1 { 2048 } else { 1024 };
+                    let start = if odd == 0 { base + k * chunk + 3 } else if odd == 1 { k * chunk } else { base + k * chunk };
+                    Extent { spare, start }
+                })
+                .collect();
+            let mut one = p.clone();
+            let mut sorted = extents.clone();
+            sorted.sort_unstable_by_key(|e| (e.spare, e.start));
+            let want = sorted.iter().try_for_each(|&e| one.take(e));
+            let before = p.clone();
+            let got = p.take_all(&mut extents);
+            prop_assert_eq!(&got, &want);
+            if got.is_ok() {
+                prop_assert_eq!(&p, &one);
+            } else {
+                prop_assert_eq!(&p, &before);
+            }
+        }
+
         /// Any interleaving of allocations and releases: an extent is never out twice, never in
         /// a metadata area, always chunk-aligned, and the counts add up.
         #[test]

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use crate::{
-    allocate::Pool,
+    allocate::{Pool, PoolError},
     blockdev::{BlockDev, BlockIo, IdentityMatch},
     dm::DeviceMapper,
     engine::{Engine, EngineError, Volume, Watch, region_name},
@@ -31,14 +31,16 @@ pub struct Assembled {
 struct Found {
     dev: BlockDev,
     meta: DeviceMeta,
+    /// Time taken to read and check it (for the log).
+    read: std::time::Duration,
 }
 
 /// The copy whose state a volume is assembled from: the newest whose newest metadata is
-/// intact (the last of equals).
+/// intact (of equals, one holding its table, else the last).
 fn newest_intact(found: &[Found]) -> Option<usize> {
     (0..found.len())
         .filter(|&i| !found[i].meta.degraded)
-        .max_by_key(|&i| found[i].meta.generation)
+        .max_by_key(|&i| (found[i].meta.generation, found[i].meta.has_table))
 }
 
 impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
@@ -52,16 +54,35 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             if self.volumes.values().any(|v| v.main_or_spare(&dev)) {
                 continue;
             }
-            match metadata::read_device(&self.io, &dev) {
-                Ok(meta) => {
+            // A copy written by the same commits as an intact one holding its table has that
+            // table too: checked (every CRC), not decoded again.
+            let twin = |found: &Found, src: &metadata::Source| {
+                found.meta.has_table && !found.meta.degraded && found.meta.source == *src
+            };
+            let t0 = std::time::Instant::now();
+            let read = metadata::read_device_with(&self.io, &dev, |src| {
+                !groups
+                    .get(&src.volume_uuid)
+                    .is_some_and(|g| g.iter().any(|f| twin(f, src)))
+            });
+            match read {
+                Ok(mut meta) => {
                     let group = groups.entry(meta.volume_uuid).or_default();
-                    group.push(Found { dev, meta });
+                    if let Some(t) = group
+                        .iter()
+                        .find(|f| !meta.has_table && twin(f, &meta.source))
+                    {
+                        (meta.remap_count, meta.digest) = (t.meta.remap_count, t.meta.digest);
+                    }
+                    let read = t0.elapsed();
+                    group.push(Found { dev, meta, read });
                     // Only the copy assembly would take keeps its table; the others are
                     // compared by digest (a million remaps per copy add up).
                     let keep = newest_intact(group);
                     for (i, f) in group.iter_mut().enumerate() {
                         if Some(i) != keep {
                             f.meta.remaps = Default::default();
+                            f.meta.has_table = false;
                         }
                     }
                 }
@@ -92,13 +113,19 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 out.push(report);
                 continue;
             }
+            let read: std::time::Duration = found.iter().map(|f| f.read).sum();
+            let t0 = std::time::Instant::now();
             match self.assemble_one(&mut found, &plain, &mut report.notes) {
-                Ok(adopted) => {
+                Ok((adopted, checkpoint)) => {
                     report.outcome = if adopted { "adopted" } else { "created" }.into();
                     tracing::info!(
                         volume = name,
                         generation = report.generation,
                         remaps = report.remaps,
+                        copies = found.len(),
+                        read_micros = read.as_micros() as u64,
+                        build_micros = t0.elapsed().as_micros() as u64,
+                        checkpoint,
                         "assembled ({})",
                         report.outcome
                     );
@@ -114,13 +141,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     }
 
     /// Brings up one volume from its copies (only the one [`newest_intact`] names holds its
-    /// table); true when its devices were already up.
+    /// table): whether its devices were already up, and whether a checkpoint was written.
     fn assemble_one(
         &mut self,
         found: &mut [Found],
         plain: &[BlockDev],
         notes: &mut Vec<String>,
-    ) -> Result<bool, EngineError> {
+    ) -> Result<(bool, bool), EngineError> {
         let refuse = |msg: String| Err(EngineError::Refused(msg));
         // The newest state must come from a copy whose newest metadata is intact: a copy that
         // fell back to an older checkpoint does not know how far the volume got, and trusting
@@ -147,6 +174,15 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 best.meta.generation,
                 d.dev.path.display(),
                 d.meta.generation
+            ));
+        }
+        if !best.meta.has_table {
+            // Cannot happen: a copy is read without its table only while an intact twin,
+            // which it does not outrank, holds it.
+            return refuse(format!(
+                "the remap table of `{}` on {} was not read; assemble again",
+                best.meta.config.name,
+                best.dev.path.display()
             ));
         }
         let (meta, config) = (&best.meta, &best.meta.config);
@@ -224,25 +260,50 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 let _ = pool.set_open(rec.slot, false);
             }
         }
-        for (chunk, r) in meta.remaps.iter() {
-            if chunk >= config.geometry.chunks() {
-                return refuse(format!(
-                    "metadata of `{}` remaps chunk {chunk}, past the end of the volume",
-                    config.name
-                ));
-            }
-            pool.take(r.extent).map_err(|e| {
-                EngineError::Refused(format!(
-                    "metadata of `{}` is inconsistent at chunk {chunk}: {e}",
-                    config.name
-                ))
-            })?;
+        if let Some((chunk, _)) = meta.remaps.range(config.geometry.chunks()..u64::MAX).next() {
+            return refuse(format!(
+                "metadata of `{}` remaps chunk {chunk}, past the end of the volume",
+                config.name
+            ));
         }
+        let mut extents: Vec<_> = meta.remaps.iter().map(|(_, r)| r.extent).collect();
+        pool.take_all(&mut extents).map_err(|e| {
+            let at = match e {
+                PoolError::AlreadyOwned(x) | PoolError::OutOfRange(x) => {
+                    let chunks = meta.remaps.iter().filter(|(_, r)| r.extent == x);
+                    let chunks: Vec<_> = chunks.map(|(c, _)| c.to_string()).collect();
+                    format!(" (chunk {})", chunks.join(" and "))
+                }
+                _ => String::new(),
+            };
+            EngineError::Refused(format!(
+                "metadata of `{}` is inconsistent{at}: {e}",
+                config.name
+            ))
+        })?;
+        drop(extents);
+        // Every copy intact at the newest state, written by the same commits, with nothing
+        // newer in its ring: the journal goes on where it stopped. Otherwise a fresh
+        // checkpoint on every copy: stale copies catch up and the journal restarts (at a
+        // million remaps that is 31 MiB per copy, so it is not written when not needed).
+        let resume = meta.resume.filter(|_| {
+            found.iter().all(|f| {
+                !f.meta.degraded
+                    && f.meta.notes.is_empty()
+                    && f.meta.source == meta.source
+                    && f.meta.resume == meta.resume
+                    && f.meta.ckpt_slot == meta.ckpt_slot
+                    && f.meta.layout == meta.layout
+            })
+        });
         let mut journal = Journal::new(meta.layout, metadata::codec::uuid_bytes(&config.uuid));
         journal.generation = meta.generation;
-        journal.ckpt_gen = meta.generation;
+        journal.ckpt_gen = meta.source.ckpt_gen;
         // The next checkpoint must not overwrite the one just read.
         journal.ckpt_slot = meta.ckpt_slot;
+        if let Some(pos) = resume {
+            (journal.next, journal.used) = (pos.next, pos.used);
+        }
         let config = config.clone();
         // Taken, not copied: at a million remaps the copy would be most of the agent's memory.
         let remaps = std::mem::take(&mut found[bi].meta.remaps);
@@ -256,8 +317,9 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             regions: Vec::new(),
             dev: (0, 0),
         };
-        // A fresh checkpoint on every copy: stale copies catch up and the journal restarts.
-        self.checkpoint(&mut vol)?;
+        if resume.is_none() {
+            self.checkpoint(&mut vol)?;
+        }
         let adopted = self.bring_up(&mut vol, notes)?;
         let chunk_bytes = vol.geo().chunk * SECTOR;
         for d in std::iter::once(&vol.main).chain(vol.spares.values()) {
@@ -281,7 +343,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             self.mirror_backlog.insert(vol.config.name.clone(), 0);
         }
         self.volumes.insert(vol.config.name.clone(), vol);
-        Ok(adopted)
+        Ok((adopted, resume.is_none()))
     }
 
     /// The main device: the one whose identity matches; by size only when it has no WWN or
@@ -492,6 +554,43 @@ mod tests {
     }
 
     #[test]
+    fn a_clean_restart_writes_no_checkpoint_and_the_journal_goes_on() {
+        let mut a = rig(SimDm::new());
+        a.create().unwrap();
+        a.engine.remap_add("v", 80, 8).unwrap();
+        a.engine.remap_add("v", 800, 16).unwrap();
+        let j = a.engine.volumes["v"].journal.clone();
+        let area = |io: &crate::blockdev::SimIo| {
+            [S1, S2].map(|m| io.peek(SIM, m, 0, j.layout.area_bytes as usize).unwrap())
+        };
+        let before = area(&a.io);
+        let reboot = |r: &crate::engine::tests::Rig| {
+            let mut b = r.restart();
+            b.dm = Arc::new(SimDm::new());
+            b.engine = crate::engine::Engine::new(b.dm.clone(), b.io.clone(), SimWatch::default());
+            let rep = b.engine.assemble(None);
+            assert_eq!(rep[0].outcome, "created", "{rep:?}");
+            assert!(rep[0].notes.is_empty(), "{rep:?}");
+            b
+        };
+        let mut b = reboot(&a);
+        assert!(
+            area(&b.io) == before,
+            "assembly wrote nothing to the metadata"
+        );
+        let k = b.engine.volumes["v"].journal.clone();
+        assert_eq!(
+            (k.generation, k.next, k.used, k.ckpt_slot, k.ckpt_gen),
+            (j.generation, j.next, j.used, j.ckpt_slot, j.ckpt_gen)
+        );
+        b.engine.remap_add("v", 8000, 8).unwrap();
+        let want = tables(&b.dm, 4);
+        let c = reboot(&b);
+        assert_eq!(c.status()["remaps"], 4);
+        assert_eq!(tables(&c.dm, 4), want);
+    }
+
+    #[test]
     fn a_stale_copy_is_outranked_and_rewritten() {
         let mut a = rig(SimDm::new());
         a.create().unwrap();
@@ -629,10 +728,14 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_million_remaps_assemble_and_are_counted() {
-        // Metadata built directly: an 8 GiB main, one 8 GiB spare, 1,000,000 remapped chunks in
-        // runs of 100 (so the tables stay reasonable while the metadata holds every one).
+    /// An 8 GiB main and one 8 GiB spare whose metadata holds `remaps` (written directly, no
+    /// engine), and an engine that has not assembled yet.
+    fn metadata_only(
+        remaps: &RemapTable,
+    ) -> (
+        Arc<SimDm>,
+        crate::engine::Engine<Arc<SimDm>, Arc<crate::blockdev::SimIo>, SimWatch>,
+    ) {
         let io = Arc::new(crate::blockdev::SimIo::new());
         io.add_disk("/sim/main", SIM, MAIN, 8 << 30, 512);
         io.add_disk("/sim/s1", SIM, S1, 8 << 30, 512);
@@ -663,21 +766,6 @@ mod tests {
             pending_mode: crate::volume::PendingMode::FlakeyErrorReads,
             meta_area_sectors: layout.area_bytes / 512,
         };
-        let area = layout.area_bytes / 512;
-        let mut remaps = RemapTable::default();
-        for i in 0..1_000_000u64 {
-            let chunk = i / 100 * 200 + i % 100;
-            remaps.insert(
-                chunk,
-                Remap {
-                    extent: Extent {
-                        spare: 0,
-                        start: area + i * 8,
-                    },
-                    pending: 0,
-                },
-            );
-        }
         let s1 = BlockDev {
             path: "/sim/s1".into(),
             major: SIM,
@@ -692,11 +780,52 @@ mod tests {
                 uuid: uuid_bytes(&"22".repeat(16)),
             }],
             &config,
-            &remaps,
+            remaps,
         )
         .unwrap();
         let dm = Arc::new(SimDm::new());
-        let mut engine = crate::engine::Engine::new(dm.clone(), io.clone(), SimWatch::default());
+        let engine = crate::engine::Engine::new(dm.clone(), io, SimWatch::default());
+        (dm, engine)
+    }
+
+    /// The first data sector of the spare in [`metadata_only`].
+    const AREA: u64 = (128 << 20) / 512;
+
+    fn at(start: u64) -> Remap {
+        Remap {
+            extent: Extent { spare: 0, start },
+            pending: 0,
+        }
+    }
+
+    #[test]
+    fn an_extent_claimed_by_two_chunks_is_refused_and_nothing_is_created() {
+        let mut remaps = RemapTable::default();
+        remaps.insert(3, at(AREA));
+        remaps.insert(5, at(AREA + 8));
+        remaps.insert(9, at(AREA + 8));
+        let (dm, mut engine) = metadata_only(&remaps);
+        let rep = engine.assemble(None);
+        assert_eq!(rep[0].outcome, "refused", "{rep:?}");
+        let msg = rep[0].notes.join("; ");
+        assert!(
+            msg.contains("chunk 5 and 9") && msg.contains("already owned"),
+            "{msg}"
+        );
+        assert!(dm.list("").unwrap().is_empty(), "no device created");
+        assert!(engine.status(Some("v")).is_err());
+    }
+
+    #[test]
+    fn a_million_remaps_assemble_and_are_counted() {
+        // 1,000,000 remapped chunks in runs of 100 (so the tables stay reasonable while the
+        // metadata holds every one).
+        let mut remaps = RemapTable::default();
+        for i in 0..1_000_000u64 {
+            remaps.insert(i / 100 * 200 + i % 100, at(AREA + i * 8));
+        }
+        let (dm, mut engine) = metadata_only(&remaps);
+        drop(remaps);
         let rep = engine.assemble(None);
         assert_eq!(rep[0].outcome, "created", "{rep:?}");
         let st = engine.status(Some("v")).unwrap();

@@ -495,7 +495,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 v.config.name
             )));
         }
-        match metadata::read_device(&self.io, &dev) {
+        match metadata::read_device_with(&self.io, &dev, |_| false) {
             Err(metadata::MetaError::NoMagic) => {}
             Ok(m) => {
                 return Err(EngineError::Refused(format!(

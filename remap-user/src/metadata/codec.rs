@@ -216,14 +216,17 @@ fn ckpt_header(bytes: &[u8]) -> Result<CkptHeader, MetaError> {
     Ok(h)
 }
 
-pub struct Checkpoint {
+pub struct Checkpoint<'a> {
     pub uuid: [u8; 16],
     pub generation: u64,
     pub config: VolumeConfig,
-    pub remaps: RemapTable,
+    /// The remap records, checked (payload CRC) but not decoded: see [`decode_records`].
+    pub records: &'a [u8],
 }
 
-pub fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, MetaError> {
+/// A checkpoint's header and configuration, its whole payload checked against its CRC; the
+/// records stay encoded, so a copy known to equal one already decoded costs no table.
+pub fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint<'_>, MetaError> {
     let h = ckpt_header(bytes)?;
     let config_end = HEADER + h.config_len as usize;
     let end = (h.count as usize)
@@ -238,20 +241,26 @@ pub fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, MetaError> {
     }
     let config: VolumeConfig = serde_json::from_slice(&bytes[HEADER..config_end])
         .map_err(|e| MetaError::Config(e.to_string()))?;
-    // Records come in chunk order: built in one go, not a million inserts.
-    let remaps = bytes[config_end..end]
-        .chunks_exact(RECORD)
-        .map(|rec| match op(rec)? {
-            JournalOp::Set { chunk, remap } => Ok((chunk, remap)),
-            JournalOp::Del { .. } => Err(MetaError::Invalid("delete in a checkpoint")),
-        })
-        .collect::<Result<RemapTable, _>>()?;
     Ok(Checkpoint {
         uuid: h.volume_uuid,
         generation: h.generation,
         config,
-        remaps,
+        records: &bytes[config_end..end],
     })
+}
+
+/// The remap table of a checkpoint's records.
+pub fn decode_records(records: &[u8]) -> Result<RemapTable, MetaError> {
+    // Records come in chunk order: built in one go, not a million inserts, from a vector
+    // sized once (collecting through a `Result` loses the size and regrows it ~20 times).
+    let mut out = Vec::with_capacity(records.len() / RECORD);
+    for rec in records.chunks_exact(RECORD) {
+        match op(rec)? {
+            JournalOp::Set { chunk, remap } => out.push((chunk, remap)),
+            JournalOp::Del { .. } => return Err(MetaError::Invalid("delete in a checkpoint")),
+        }
+    }
+    Ok(out.into_iter().collect())
 }
 
 /// CRC-32C of a table's records in chunk order: equal tables, equal digests.
@@ -340,6 +349,8 @@ pub struct JournalBlock {
     pub generation: u64,
     pub part: u16,
     pub parts: u16,
+    /// The block's own CRC: blocks of one commit are the same bytes on every copy.
+    pub crc: u32,
     pub ops: Vec<JournalOp>,
 }
 
@@ -368,6 +379,7 @@ pub fn decode_journal(uuid: &[u8; 16], block: &[u8]) -> Result<JournalBlock, Met
         generation: h.generation,
         part: h.part,
         parts: h.parts,
+        crc: h.crc,
         ops,
     })
 }
@@ -447,7 +459,7 @@ mod tests {
         let c = decode_checkpoint(&bytes).unwrap();
         assert_eq!((c.generation, c.uuid), (9, [3; 16]));
         assert_eq!(c.config, cfg);
-        assert_eq!(c.remaps, t);
+        assert_eq!(decode_records(c.records).unwrap(), t);
         for i in (0..len).step_by(7) {
             let mut b = bytes.clone();
             b[i] ^= 0x10;

@@ -303,24 +303,63 @@ pub struct DeviceMeta {
     pub device_uuid: [u8; 16],
     pub generation: u64,
     pub config: VolumeConfig,
+    /// Empty unless `has_table`.
     pub remaps: RemapTable,
+    /// `remaps` holds this copy's table. A copy read without it (another with the same
+    /// [`Source`] holds it) has `remap_count` and `digest` 0 until its reader copies them.
+    pub has_table: bool,
     /// How many remaps, and a CRC-32C of them in chunk order: what copies are compared by
     /// once only one of them keeps its table (see [`RemapTable`] memory at a million remaps).
     pub remap_count: usize,
     pub digest: u32,
+    pub source: Source,
     pub layout: Layout,
     /// Checkpoint slot the state was read from (the next checkpoint goes to the other one).
     pub ckpt_slot: u32,
+    /// Where commits can go on from, when the ring holds nothing past the replayed state.
+    pub resume: Option<JournalPos>,
     /// The newest metadata of this copy was damaged and an older state was read instead: its
-    /// generation says nothing about how far the volume really got.
+    /// generation says nothing about how far the volume got.
     pub degraded: bool,
     /// What was skipped on the way (a damaged superblock or checkpoint), for the log.
     pub notes: Vec<String>,
 }
 
+/// What a copy's state was built from: the checkpoint (its generation and CRC) and the
+/// journal blocks replayed over it (a CRC of their CRCs). Copies written by the same commits
+/// have equal sources and therefore equal tables, so only one of them needs decoding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Source {
+    pub volume_uuid: [u8; 16],
+    pub ckpt_gen: u64,
+    pub ckpt_crc: u32,
+    pub ckpt_bytes: u64,
+    pub generation: u64,
+    pub journal_crc: u32,
+}
+
+/// The journal position after the replayed commits, as the writer would have it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JournalPos {
+    /// Next free block.
+    pub next: u32,
+    /// Blocks holding commits since the checkpoint (skipped tails included).
+    pub used: u32,
+}
+
 /// Reads a device's metadata: the newest valid checkpoint, then the complete journal
 /// generations after it, in order.
 pub fn read_device(io: &impl BlockIo, dev: &BlockDev) -> Result<DeviceMeta, MetaError> {
+    read_device_with(io, dev, |_| true)
+}
+
+/// [`read_device`], decoding the table only if `decode` says so for the state's [`Source`]
+/// (everything else is read and checked all the same).
+pub fn read_device_with(
+    io: &impl BlockIo,
+    dev: &BlockDev,
+    decode: impl Fn(&Source) -> bool,
+) -> Result<DeviceMeta, MetaError> {
     let mut head = vec![0u8; 2 * BLOCK];
     io.read_at(dev, 0, &mut head).map_err(|e| io_err(dev, e))?;
     let mut sbs: Vec<Superblock> = Vec::new();
@@ -349,30 +388,42 @@ pub fn read_device(io: &impl BlockIo, dev: &BlockDev) -> Result<DeviceMeta, Meta
             area_bytes: sb.area_bytes,
             journal_blocks: sb.journal_blocks,
         };
-        match read_from(io, dev, &sb, layout) {
-            Ok((generation, config, remaps, beyond)) => {
-                if beyond {
+        match read_from(io, dev, &sb, layout, &decode) {
+            Ok(State {
+                config,
+                remaps,
+                replay,
+                source,
+            }) => {
+                if replay.beyond {
                     notes.push(format!(
-                        "the journal holds complete generations past {generation} that the checkpoint of generation {} cannot reach: a newer superblock or checkpoint was lost",
-                        sb.ckpt_gen
+                        "the journal holds complete generations past {} that the checkpoint of generation {} cannot reach: a newer superblock or checkpoint was lost",
+                        replay.generation, sb.ckpt_gen
                     ));
                 }
+                let (has_table, remap_count, digest) = match &remaps {
+                    Some(t) => (true, t.len(), codec::digest(t)),
+                    None => (false, 0, 0),
+                };
                 return Ok(DeviceMeta {
                     slot: sb.slot,
                     volume_uuid: sb.volume_uuid,
                     device_uuid: sb.device_uuid,
-                    generation,
+                    generation: replay.generation,
                     config,
-                    remap_count: remaps.len(),
-                    digest: codec::digest(&remaps),
-                    remaps,
+                    remaps: remaps.unwrap_or_default(),
+                    has_table,
+                    remap_count,
+                    digest,
+                    source,
                     layout,
                     ckpt_slot: sb.ckpt_slot,
+                    resume: replay.resume,
                     // A damaged superblock may have named a newer checkpoint; a fallback to the
                     // older one after a failed newest checkpoint certainly missed one, and so
                     // did a replay that stops short of complete newer commits (a zeroed
                     // superblock reads as never written, not as damaged).
-                    degraded: damaged || i > 0 || beyond,
+                    degraded: damaged || i > 0 || replay.beyond,
                     notes,
                 });
             }
@@ -388,14 +439,23 @@ pub fn read_device(io: &impl BlockIo, dev: &BlockDev) -> Result<DeviceMeta, Meta
     Err(last)
 }
 
+struct State {
+    config: VolumeConfig,
+    remaps: Option<RemapTable>,
+    replay: Replay,
+    source: Source,
+}
+
 fn read_from(
     io: &impl BlockIo,
     dev: &BlockDev,
     sb: &Superblock,
     layout: Layout,
-) -> Result<(u64, VolumeConfig, RemapTable, bool), MetaError> {
+    decode: &impl Fn(&Source) -> bool,
+) -> Result<State, MetaError> {
     if sb.ckpt_bytes > layout.ckpt_slot_bytes()
         || layout.journal_offset(layout.journal_blocks) > layout.area_bytes
+        || sb.journal_start >= layout.journal_blocks
     {
         return Err(MetaError::Invalid("superblock sizes exceed the area"));
     }
@@ -415,64 +475,143 @@ fn read_from(
     let mut journal = vec![0u8; layout.journal_blocks as usize * BLOCK];
     io.read_at(dev, layout.journal_offset(0), &mut journal)
         .map_err(|e| io_err(dev, e))?;
-    let (generation, remaps, beyond) =
-        replay(&sb.volume_uuid, ckpt.generation, ckpt.remaps, &journal);
-    Ok((generation, ckpt.config, remaps, beyond))
+    let replay = replay(&sb.volume_uuid, ckpt.generation, sb.journal_start, &journal);
+    let source = Source {
+        volume_uuid: sb.volume_uuid,
+        ckpt_gen: sb.ckpt_gen,
+        ckpt_crc: sb.ckpt_crc,
+        ckpt_bytes: sb.ckpt_bytes,
+        generation: replay.generation,
+        journal_crc: replay.crc,
+    };
+    let remaps = if decode(&source) {
+        let mut t = codec::decode_records(ckpt.records)?;
+        replay.apply(&mut t);
+        Some(t)
+    } else {
+        None
+    };
+    Ok(State {
+        config: ckpt.config,
+        remaps,
+        replay,
+        source,
+    })
 }
 
-/// Applies the journal's complete generations after `from`, in order, stopping at the first
-/// missing or incomplete one. Positions do not matter: stale blocks carry older generations.
-/// The flag says a complete generation lies past the stop: commits were made after a state
-/// this replay never reached (a checkpoint it does not know of), so the result is not the
-/// newest.
-pub fn replay(
-    uuid: &[u8; 16],
-    from: u64,
-    mut remaps: RemapTable,
-    journal: &[u8],
-) -> (u64, RemapTable, bool) {
-    use std::collections::BTreeMap;
-    let mut by_gen: BTreeMap<u64, Vec<codec::JournalBlock>> = BTreeMap::new();
-    for block in journal.chunks_exact(BLOCK) {
-        if let Ok(j) = codec::decode_journal(uuid, block)
-            && j.generation > from
-        {
-            by_gen.entry(j.generation).or_default().push(j);
-        }
-    }
-    let mut generation = from;
-    while let Some(mut parts) = by_gen.remove(&(generation + 1)) {
-        if !complete(&mut parts) {
-            break;
-        }
-        for p in parts {
-            for op in p.ops {
-                match op {
-                    JournalOp::Set { chunk, remap } => {
-                        remaps.insert(chunk, remap);
-                    }
-                    JournalOp::Del { chunk } => {
-                        remaps.remove(chunk);
-                    }
+/// The complete journal generations after a checkpoint, read but not yet applied.
+#[derive(Debug)]
+pub struct Replay {
+    /// The generation the state reaches.
+    pub generation: u64,
+    ops: Vec<JournalOp>,
+    /// A complete generation lies past the stop: commits were made after a state this replay
+    /// never reached (a checkpoint it does not know of), so the result is not the newest.
+    pub beyond: bool,
+    /// Where the writer would go on, if the ring holds nothing newer than the state (no torn
+    /// or unreachable commit) and the commits sit where the writer puts them.
+    pub resume: Option<JournalPos>,
+    /// CRC-32C of the replayed blocks' CRCs, in order (part of [`Source`]).
+    pub crc: u32,
+}
+
+impl Replay {
+    pub fn apply(&self, remaps: &mut RemapTable) {
+        for op in &self.ops {
+            match *op {
+                JournalOp::Set { chunk, remap } => {
+                    remaps.insert(chunk, remap);
+                }
+                JournalOp::Del { chunk } => {
+                    remaps.remove(chunk);
                 }
             }
         }
-        generation += 1;
     }
-    let beyond = by_gen
-        .into_iter()
-        .any(|(g, mut parts)| g > generation + 1 && complete(&mut parts));
-    (generation, remaps, beyond)
 }
 
-/// Every part of one generation's commit is there, once.
-fn complete(parts: &mut Vec<codec::JournalBlock>) -> bool {
-    parts.sort_by_key(|p| p.part);
-    parts.dedup_by_key(|p| p.part);
-    parts.iter().enumerate().all(|(i, p)| p.part as usize == i)
+/// Finds the journal's complete generations after `from`, in order, stopping at the first
+/// missing or incomplete one; `start` is the block the checkpoint's commits begin at.
+/// Positions do not matter for the state (stale blocks carry older generations); they are
+/// followed only to tell where the writer would go on.
+pub fn replay(uuid: &[u8; 16], from: u64, start: u32, journal: &[u8]) -> Replay {
+    use std::collections::BTreeMap;
+    let ring = (journal.len() / BLOCK) as u32;
+    let mut by_gen: BTreeMap<u64, Vec<(u32, codec::JournalBlock)>> = BTreeMap::new();
+    for (i, block) in journal.chunks_exact(BLOCK).enumerate() {
+        if let Ok(j) = codec::decode_journal(uuid, block)
+            && j.generation > from
+        {
+            by_gen.entry(j.generation).or_default().push((i as u32, j));
+        }
+    }
+    let mut out = Replay {
+        generation: from,
+        ops: Vec::new(),
+        beyond: false,
+        resume: (start < ring).then_some(JournalPos {
+            next: start,
+            used: 0,
+        }),
+        crc: 0,
+    };
+    while let Some(mut parts) = by_gen.remove(&(out.generation + 1)) {
+        let found = parts.len();
+        if !complete(&mut parts) {
+            by_gen.insert(out.generation + 1, parts);
+            break;
+        }
+        // The writer puts a commit's blocks in a row at its next block, or at block 0 when
+        // they do not fit before the ring's end; anything else (or a duplicate) and the
+        // position is unknown.
+        let at = parts[0].0;
+        let n = parts.len() as u32;
+        let in_a_row = found == parts.len()
+            && parts
+                .iter()
+                .enumerate()
+                .all(|(k, (i, _))| *i == at + k as u32);
+        out.resume = out.resume.filter(|_| in_a_row).and_then(|p| {
+            let skip = if at == p.next {
+                0
+            } else if at == 0 && p.next + n > ring {
+                ring - p.next
+            } else {
+                return None;
+            };
+            let used = p.used + skip + n;
+            (used <= ring).then_some(JournalPos {
+                next: (at + n) % ring,
+                used,
+            })
+        });
+        for (_, p) in parts {
+            out.crc = crc32c::crc32c_append(out.crc, &p.crc.to_le_bytes());
+            out.ops.extend(p.ops);
+        }
+        out.generation += 1;
+    }
+    out.beyond = by_gen
+        .iter_mut()
+        .any(|(g, parts)| *g > out.generation + 1 && complete(parts));
+    if !by_gen.is_empty() {
+        // Blocks newer than the state: the next commit must not take their generations.
+        out.resume = None;
+    }
+    out
+}
+
+/// Every part of one generation's commit is there, once (duplicates dropped), in part order.
+fn complete(parts: &mut Vec<(u32, codec::JournalBlock)>) -> bool {
+    parts.sort_by_key(|(_, p)| p.part);
+    parts.dedup_by_key(|(_, p)| p.part);
+    parts
+        .iter()
+        .enumerate()
+        .all(|(i, (_, p))| p.part as usize == i)
         && parts
             .first()
-            .is_some_and(|p| p.parts as usize == parts.len())
+            .is_some_and(|(_, p)| p.parts as usize == parts.len())
 }
 
 #[cfg(test)]
@@ -632,6 +771,51 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_replay_ends_where_the_writer_would_go_on_across_wraps_and_checkpoints() {
+        let mut t = two();
+        let jb = t.j.layout.journal_blocks as u64;
+        // Commits of 1 and 3 blocks, so some do not fit the ring's tail and start over at 0.
+        for i in 0..2 * jb {
+            let n = if i % 5 == 0 { 300 } else { 1 };
+            let ops: Vec<_> = (0..n).map(|k| set(i * 1000 + k, 16384 + k * 8)).collect();
+            t.commit(&ops);
+            if i % 97 == 0 || i + 1 == 2 * jb {
+                let m = read_device(&*t.io, &t.a).unwrap();
+                let want = JournalPos {
+                    next: t.j.next,
+                    used: t.j.used,
+                };
+                assert_eq!(
+                    (m.generation, m.resume),
+                    (t.j.generation, Some(want)),
+                    "after commit {i}"
+                );
+            }
+        }
+        assert!(t.j.ckpt_gen > 1, "checkpointed along the way");
+    }
+
+    #[test]
+    fn a_copy_read_without_its_table_is_checked_all_the_same() {
+        let mut t = two();
+        t.commit(&[set(1, 16384), set(2, 16392)]);
+        let full = read_device(&*t.io, &t.a).unwrap();
+        let bare = read_device_with(&*t.io, &t.b, |src| *src != full.source).unwrap();
+        assert!(full.has_table && !bare.has_table && bare.remaps.is_empty());
+        assert_eq!(
+            (bare.source, bare.generation),
+            (full.source, full.generation)
+        );
+        // A flipped record is caught without decoding the table.
+        let off = t.j.layout.ckpt_offset(t.j.ckpt_slot) + 200;
+        t.io.poke(240, 2, off, &[0xff]).unwrap();
+        assert_eq!(
+            read_device_with(&*t.io, &t.b, |_| false).map(|m| m.generation),
+            Err(MetaError::Checksum("checkpoint"))
+        );
+    }
+
+    #[test]
     fn a_torn_commit_is_not_applied_and_the_previous_generation_stands() {
         let mut t = two();
         t.commit(&[set(1, 16384)]);
@@ -645,6 +829,8 @@ pub(crate) mod tests {
         let b = read_device(&*t.io, &t.b).unwrap();
         assert_eq!((a.generation, a.remaps.len()), (2, 1));
         assert_eq!((b.generation, b.remaps.len()), (3, 391));
+        // Its first block is still in a's ring, newer than the state: no going on from there.
+        assert_eq!((a.resume, b.resume.is_some()), (None, true));
     }
 
     #[test]
