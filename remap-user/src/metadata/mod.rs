@@ -466,7 +466,13 @@ fn read_from(
     if crc32c::crc32c(&buf[..sb.ckpt_bytes as usize]) != sb.ckpt_crc {
         return Err(MetaError::Checksum("checkpoint"));
     }
-    let ckpt = codec::decode_checkpoint(&buf)?;
+    // The superblock's CRC covers the checkpoint's length as that checkpoint states it.
+    if codec::checkpoint_len(&buf)? as u64 != sb.ckpt_bytes {
+        return Err(MetaError::Invalid(
+            "checkpoint length differs from its superblock",
+        ));
+    }
+    let ckpt = codec::decode_checkpoint_vouched(&buf)?;
     if ckpt.generation != sb.ckpt_gen || ckpt.uuid != sb.volume_uuid {
         return Err(MetaError::Invalid(
             "checkpoint does not match its superblock",
