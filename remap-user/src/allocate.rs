@@ -253,7 +253,8 @@ impl Pool {
     /// the error names the first extent refused in (spare, start) order.
     pub fn take_all(&mut self, extents: &mut [Extent]) -> Result<(), PoolError> {
         let chunk = self.chunk;
-        extents.sort_unstable_by_key(|e| (e.spare, e.start));
+        // Stable sort: linear on the (nearly) sorted order first-fit leaves.
+        extents.sort_by_key(|e| (e.spare, e.start));
         let mut rebuilt = Vec::new();
         for group in extents.chunk_by(|a, b| a.spare == b.spare) {
             let slot = group[0].spare;

@@ -109,8 +109,9 @@ impl Volume {
         format!("{ma}:{mi}")
     }
 
-    pub(crate) fn region_lines(&self, region: u32) -> Vec<table::DmLine> {
-        let segs = table::region_table(self.geo(), region, &self.remaps, self.config.pending_mode);
+    pub(crate) fn region_lines(&mut self, region: u32) -> Vec<table::DmLine> {
+        let geo = self.config.geometry;
+        let segs = table::region_table(&geo, region, &mut self.remaps, self.config.pending_mode);
         table::render(&segs, |d| self.resolve(d))
     }
 
@@ -1172,7 +1173,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 vol.remaps = before;
                 return Err(e);
             }
-            self.switch(&vol, &regions)?;
+            self.switch(&mut vol, &regions)?;
             for (c, mask) in chunks {
                 if let Some(r) = vol.remaps.get(*c).copied() {
                     tracing::info!(
@@ -1195,7 +1196,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     }
 
     /// Suspends `regions`, loads their tables from the model and resumes them.
-    fn switch(&self, vol: &Volume, regions: &BTreeSet<u32>) -> Result<()> {
+    fn switch(&self, vol: &mut Volume, regions: &BTreeSet<u32>) -> Result<()> {
         let mut suspended = Vec::new();
         let mut res = Ok(());
         for &r in regions {
@@ -1552,11 +1553,11 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
 
     /// Backs out of a batch before its commit: the regions' prepared tables are dropped (the
     /// model is already back to the live state) and the suspended ones resumed as they were.
-    fn drop_prepared(&self, vol: &Volume, regions: &BTreeSet<u32>, suspended: &[u32]) {
-        let name = &vol.config.name;
+    fn drop_prepared(&self, vol: &mut Volume, regions: &BTreeSet<u32>, suspended: &[u32]) {
+        let name = vol.config.name.clone();
         let mut resume = Vec::new();
         for &r in regions {
-            let rn = region_name(name, r);
+            let rn = region_name(&name, r);
             let dropped = self
                 .dm
                 .clear(&rn)
@@ -1576,7 +1577,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 ),
             }
         }
-        self.resume_all(name, &resume);
+        self.resume_all(&name, &resume);
     }
 
     fn resume_all(&self, volume: &str, regions: &[u32]) {
@@ -2238,7 +2239,7 @@ pub(crate) mod tests {
             ]
         );
         let live = r.dm.table("v-remap-r0000").unwrap();
-        let want = r.engine.volume("v").unwrap().region_lines(0);
+        let want = r.engine.volumes.get_mut("v").unwrap().region_lines(0);
         assert!(crate::dm::same_table(&want, &live), "{live:?}");
         assert_eq!(r.read_volume(1003), None, "the pending block does not read");
         assert_eq!(r.read_volume(1002), Some(golden(1002)));

@@ -165,10 +165,21 @@ pub enum PendingMode {
 }
 
 /// The remaps of one volume, by chunk.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct RemapTable {
     by_chunk: BTreeMap<u64, Remap>,
+    /// Region tables built from it and what changed since (see [`crate::table::region_table`]).
+    pub(crate) memo: crate::table::Memo,
 }
+
+/// Equal remaps, whatever tables were built from them.
+impl PartialEq for RemapTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.by_chunk == other.by_chunk
+    }
+}
+
+impl Eq for RemapTable {}
 
 /// Later entries for the same chunk win, as with [`RemapTable::insert`]; sorted input (a
 /// checkpoint) is built in linear time.
@@ -176,6 +187,7 @@ impl FromIterator<(u64, Remap)> for RemapTable {
     fn from_iter<T: IntoIterator<Item = (u64, Remap)>>(iter: T) -> Self {
         Self {
             by_chunk: iter.into_iter().collect(),
+            memo: Default::default(),
         }
     }
 }
@@ -186,10 +198,12 @@ impl RemapTable {
     }
 
     pub fn insert(&mut self, chunk: u64, r: Remap) -> Option<Remap> {
+        self.memo.changed(chunk);
         self.by_chunk.insert(chunk, r)
     }
 
     pub fn remove(&mut self, chunk: u64) -> Option<Remap> {
+        self.memo.changed(chunk);
         self.by_chunk.remove(&chunk)
     }
 

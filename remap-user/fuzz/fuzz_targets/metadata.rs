@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         let whole = data.len() / codec::BLOCK * codec::BLOCK;
         let blocks = (whole / codec::BLOCK) as u32;
         let mut table = RemapTable::default();
-        replay(&uuid, 0, 0, &data[..whole]).apply(&mut table);
+        let _ = replay(&uuid, 0, 0, &data[..whole]).apply(&data[..whole], &mut table);
         let _ = replay(&uuid, 1, blocks.saturating_sub(1), &data[..whole]);
     }
 });

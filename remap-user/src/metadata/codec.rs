@@ -366,6 +366,28 @@ pub struct JournalBlock {
 }
 
 pub fn decode_journal(uuid: &[u8; 16], block: &[u8]) -> Result<JournalBlock, MetaError> {
+    let h = journal_head(uuid, block)?;
+    Ok(JournalBlock {
+        generation: h.generation,
+        part: h.part,
+        parts: h.parts,
+        crc: h.crc,
+        ops: journal_ops(block, &h).collect::<Result<_, _>>()?,
+    })
+}
+
+/// A journal block's header, the block checked (magic, CRC, volume, ranges); its records are
+/// read by [`journal_ops`] only when they are applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JournalHead {
+    pub generation: u64,
+    pub part: u16,
+    pub parts: u16,
+    pub count: u32,
+    pub crc: u32,
+}
+
+pub fn journal_head(uuid: &[u8; 16], block: &[u8]) -> Result<JournalHead, MetaError> {
     let b = block
         .get(..BLOCK)
         .ok_or(MetaError::Truncated("journal block"))?;
@@ -382,17 +404,23 @@ pub fn decode_journal(uuid: &[u8; 16], block: &[u8]) -> Result<JournalBlock, Met
     if h.count as usize > RECORDS_PER_BLOCK || h.part >= h.parts {
         return Err(MetaError::Invalid("journal block header out of range"));
     }
-    let ops = b[HEADER..HEADER + h.count as usize * RECORD]
-        .chunks_exact(RECORD)
-        .map(op)
-        .collect::<Result<_, _>>()?;
-    Ok(JournalBlock {
+    Ok(JournalHead {
         generation: h.generation,
         part: h.part,
         parts: h.parts,
+        count: h.count,
         crc: h.crc,
-        ops,
     })
+}
+
+/// The records of a block [`journal_head`] accepted.
+pub fn journal_ops<'a>(
+    block: &'a [u8],
+    head: &JournalHead,
+) -> impl Iterator<Item = Result<JournalOp, MetaError>> + 'a {
+    block[HEADER..HEADER + head.count as usize * RECORD]
+        .chunks_exact(RECORD)
+        .map(op)
 }
 
 #[cfg(test)]

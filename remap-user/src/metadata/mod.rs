@@ -492,7 +492,7 @@ fn read_from(
     };
     let remaps = if decode(&source) {
         let mut t = codec::decode_records(ckpt.records)?;
-        replay.apply(&mut t);
+        replay.apply(&journal, &mut t)?;
         Some(t)
     } else {
         None
@@ -510,7 +510,8 @@ fn read_from(
 pub struct Replay {
     /// The generation the state reaches.
     pub generation: u64,
-    ops: Vec<JournalOp>,
+    /// The ring's blocks to apply, in order (their records are decoded only then).
+    blocks: Vec<(u32, codec::JournalHead)>,
     /// A complete generation lies past the stop: commits were made after a state this replay
     /// never reached (a checkpoint it does not know of), so the result is not the newest.
     pub beyond: bool,
@@ -522,17 +523,22 @@ pub struct Replay {
 }
 
 impl Replay {
-    pub fn apply(&self, remaps: &mut RemapTable) {
-        for op in &self.ops {
-            match *op {
-                JournalOp::Set { chunk, remap } => {
-                    remaps.insert(chunk, remap);
-                }
-                JournalOp::Del { chunk } => {
-                    remaps.remove(chunk);
+    /// Applies the replayed commits of `journal` (the ring this replay was found in).
+    pub fn apply(&self, journal: &[u8], remaps: &mut RemapTable) -> Result<(), MetaError> {
+        for (i, head) in &self.blocks {
+            let at = *i as usize * BLOCK;
+            for op in codec::journal_ops(&journal[at..at + BLOCK], head) {
+                match op? {
+                    JournalOp::Set { chunk, remap } => {
+                        remaps.insert(chunk, remap);
+                    }
+                    JournalOp::Del { chunk } => {
+                        remaps.remove(chunk);
+                    }
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -543,17 +549,17 @@ impl Replay {
 pub fn replay(uuid: &[u8; 16], from: u64, start: u32, journal: &[u8]) -> Replay {
     use std::collections::BTreeMap;
     let ring = (journal.len() / BLOCK) as u32;
-    let mut by_gen: BTreeMap<u64, Vec<(u32, codec::JournalBlock)>> = BTreeMap::new();
+    let mut by_gen: BTreeMap<u64, Vec<(u32, codec::JournalHead)>> = BTreeMap::new();
     for (i, block) in journal.chunks_exact(BLOCK).enumerate() {
-        if let Ok(j) = codec::decode_journal(uuid, block)
-            && j.generation > from
+        if let Ok(h) = codec::journal_head(uuid, block)
+            && h.generation > from
         {
-            by_gen.entry(j.generation).or_default().push((i as u32, j));
+            by_gen.entry(h.generation).or_default().push((i as u32, h));
         }
     }
     let mut out = Replay {
         generation: from,
-        ops: Vec::new(),
+        blocks: Vec::new(),
         beyond: false,
         resume: (start < ring).then_some(JournalPos {
             next: start,
@@ -591,10 +597,10 @@ pub fn replay(uuid: &[u8; 16], from: u64, start: u32, journal: &[u8]) -> Replay 
                 used,
             })
         });
-        for (_, p) in parts {
-            out.crc = crc32c::crc32c_append(out.crc, &p.crc.to_le_bytes());
-            out.ops.extend(p.ops);
+        for (_, h) in &parts {
+            out.crc = crc32c::crc32c_append(out.crc, &h.crc.to_le_bytes());
         }
+        out.blocks.extend(parts);
         out.generation += 1;
     }
     out.beyond = by_gen
@@ -608,7 +614,7 @@ pub fn replay(uuid: &[u8; 16], from: u64, start: u32, journal: &[u8]) -> Replay 
 }
 
 /// Every part of one generation's commit is there, once (duplicates dropped), in part order.
-fn complete(parts: &mut Vec<(u32, codec::JournalBlock)>) -> bool {
+fn complete(parts: &mut Vec<(u32, codec::JournalHead)>) -> bool {
     parts.sort_by_key(|(_, p)| p.part);
     parts.dedup_by_key(|(_, p)| p.part);
     parts
