@@ -80,7 +80,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     // compared by digest (a million remaps per copy add up).
                     let keep = newest_intact(group);
                     for (i, f) in group.iter_mut().enumerate() {
-                        if Some(i) != keep {
+                        if Some(i) != keep && f.meta.has_table {
+                            f.meta.ensure_digest();
                             f.meta.remaps = Default::default();
                             f.meta.has_table = false;
                         }
@@ -163,6 +164,23 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 names.join(", ")
             ));
         };
+        // Copies at the newest generation built from other commits than this one are compared
+        // with it by digest; copies built from the same commits hold the same table.
+        let (generation, source) = (found[bi].meta.generation, found[bi].meta.source);
+        let others = |f: &Found| f.meta.generation == generation && f.meta.source != source;
+        let best_digest = match found.iter().any(others) {
+            true => found[bi].meta.ensure_digest(),
+            false => None,
+        };
+        // A copy read without its table has the digest of the copy it was read as a twin of.
+        let digest_of = |f: &Found| {
+            f.meta.digest.or_else(|| {
+                found
+                    .iter()
+                    .filter(|g| g.meta.source == f.meta.source)
+                    .find_map(|g| g.meta.digest)
+            })
+        };
         let best = &found[bi];
         if let Some(d) = found
             .iter()
@@ -197,7 +215,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             );
             if f.meta.generation == meta.generation
                 && (f.meta.remap_count != meta.remap_count
-                    || f.meta.digest != meta.digest
+                    || (others(f) && digest_of(f) != best_digest)
                     || f.meta.config != *config)
             {
                 return refuse(format!(
@@ -588,6 +606,55 @@ mod tests {
         let c = reboot(&b);
         assert_eq!(c.status()["remaps"], 4);
         assert_eq!(tables(&c.dm, 4), want);
+    }
+
+    #[test]
+    fn copies_that_differ_at_the_same_generation_are_refused() {
+        let mut a = rig(SimDm::new());
+        a.create().unwrap();
+        a.engine.remap_add("v", 80, 8).unwrap();
+        a.engine.stop("v").unwrap();
+        // S2's last commit says something else with the same generation (its own extent for
+        // the chunk): both copies are intact and newest, and they disagree.
+        let m = metadata::read_device(
+            &*a.io,
+            &BlockDev {
+                path: "/sim/s2".into(),
+                major: SIM,
+                minor: S2,
+            },
+        )
+        .unwrap();
+        let (chunk, r) = m.remaps.iter().next().map(|(c, r)| (c, *r)).unwrap();
+        let moved = Remap {
+            extent: Extent {
+                spare: r.extent.spare,
+                start: r.extent.start + 8,
+            },
+            ..r
+        };
+        let block = metadata::codec::encode_journal(
+            &m.volume_uuid,
+            m.generation,
+            &[metadata::codec::JournalOp::Set {
+                chunk,
+                remap: moved,
+            }],
+        );
+        let last = m.resume.expect("clean journal").next - 1;
+        a.io.poke(SIM, S2, m.layout.journal_offset(last), &block)
+            .unwrap();
+        let mut b = a.restart();
+        let rep = b.engine.assemble(None);
+        assert_eq!(rep[0].outcome, "refused", "{rep:?}");
+        assert!(
+            rep[0]
+                .notes
+                .iter()
+                .any(|n| n.contains("both claim generation")),
+            "{rep:?}"
+        );
+        assert!(b.dm.list("").unwrap().is_empty(), "nothing created");
     }
 
     #[test]

@@ -306,12 +306,13 @@ pub struct DeviceMeta {
     /// Empty unless `has_table`.
     pub remaps: RemapTable,
     /// `remaps` holds this copy's table. A copy read without it (another with the same
-    /// [`Source`] holds it) has `remap_count` and `digest` 0 until its reader copies them.
+    /// [`Source`] holds it) has `remap_count` 0 until its reader copies it.
     pub has_table: bool,
-    /// How many remaps, and a CRC-32C of them in chunk order: what copies are compared by
-    /// once only one of them keeps its table (see [`RemapTable`] memory at a million remaps).
+    /// How many remaps, and a CRC-32C of them in chunk order (computed when needed, see
+    /// [`DeviceMeta::ensure_digest`]): what copies are compared by once only one of them keeps
+    /// its table (see [`RemapTable`] memory at a million remaps).
     pub remap_count: usize,
-    pub digest: u32,
+    pub digest: Option<u32>,
     pub source: Source,
     pub layout: Layout,
     /// Checkpoint slot the state was read from (the next checkpoint goes to the other one).
@@ -401,10 +402,8 @@ pub fn read_device_with(
                         replay.generation, sb.ckpt_gen
                     ));
                 }
-                let (has_table, remap_count, digest) = match &remaps {
-                    Some(t) => (true, t.len(), codec::digest(t)),
-                    None => (false, 0, 0),
-                };
+                let (has_table, remap_count) =
+                    remaps.as_ref().map_or((false, 0), |t| (true, t.len()));
                 return Ok(DeviceMeta {
                     slot: sb.slot,
                     volume_uuid: sb.volume_uuid,
@@ -414,7 +413,7 @@ pub fn read_device_with(
                     remaps: remaps.unwrap_or_default(),
                     has_table,
                     remap_count,
-                    digest,
+                    digest: None,
                     source,
                     layout,
                     ckpt_slot: sb.ckpt_slot,
@@ -437,6 +436,17 @@ pub fn read_device_with(
         }
     }
     Err(last)
+}
+
+impl DeviceMeta {
+    /// The digest, computed from the table when this copy holds it and it is not known yet
+    /// (a pass over every remap: only when copies must be compared).
+    pub fn ensure_digest(&mut self) -> Option<u32> {
+        if self.digest.is_none() && self.has_table {
+            self.digest = Some(codec::digest(&self.remaps));
+        }
+        self.digest
+    }
 }
 
 struct State {
