@@ -197,6 +197,10 @@ pub const MIRROR_SLICE: usize = 4096;
 pub const HOT_SPARE_THRESHOLD: f64 = 0.2;
 /// Chunks moved per batch when a spare is emptied.
 const MIGRATE_BATCH: usize = 256;
+/// Most chunks one remap batch takes: a storm is remapped in batches of this many, each under
+/// its own suspend, so I/O to the region gets through between them (a batch's suspend lasts
+/// its copy: 4 MiB at 4 KiB chunks) instead of waiting out the whole storm's copy at once.
+pub const REMAP_BATCH_MAX: usize = 1024;
 
 #[derive(Default)]
 struct History {
@@ -942,8 +946,9 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         Ok(serde_json::to_value(report).expect("plain struct"))
     }
 
-    /// Feeds detector events to the remap path; one batch per volume. Successful writes to
-    /// pending chunks (errno 0) clear the blocks they rewrote.
+    /// Feeds detector events to the remap path: per volume, batches of at most
+    /// [`REMAP_BATCH_MAX`] chunks. Successful writes to pending chunks (errno 0) clear the
+    /// blocks they rewrote.
     pub fn on_errors(&mut self, events: &[ErrorEvent]) -> Vec<RemapReport> {
         let mut work: BTreeMap<String, BTreeMap<u64, bool>> = BTreeMap::new();
         let mut rewrites: BTreeMap<String, BTreeMap<u64, u64>> = BTreeMap::new();
@@ -1002,10 +1007,17 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
         }
         let mut reports = Vec::new();
-        for (name, chunks) in work {
-            match self.remap_batch(&name, chunks) {
-                Ok(r) => reports.push(r),
-                Err(e) => tracing::error!(volume = name, "remap failed: {e}"),
+        for (name, mut chunks) in work {
+            while !chunks.is_empty() {
+                let rest = match chunks.keys().nth(REMAP_BATCH_MAX) {
+                    Some(&at) => chunks.split_off(&at),
+                    None => BTreeMap::new(),
+                };
+                match self.remap_batch(&name, chunks) {
+                    Ok(r) => reports.push(r),
+                    Err(e) => tracing::error!(volume = name, "remap failed: {e}"),
+                }
+                chunks = rest;
             }
         }
         reports
@@ -2152,6 +2164,22 @@ pub(crate) mod tests {
         // Contiguous chunks landed next to each other and coalesced into one segment.
         let r0 = r.dm.table("v-remap-r0000").unwrap();
         assert!(r0.len() <= 3 + 2 * 10, "{r0:?}");
+    }
+
+    #[test]
+    fn a_storm_is_remapped_in_bounded_batches() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        let n = 2 * REMAP_BATCH_MAX as u64 + 100;
+        // One bad block in each chunk; the failed request covers them all.
+        for c in 0..n {
+            r.io.fail_reads(SIM, MAIN, c * 8 + 3..c * 8 + 4);
+        }
+        let reports = r.error(MAIN, 0, (n * 8) as u32);
+        let sizes: Vec<usize> = reports.iter().map(|x| x.remapped.len()).collect();
+        assert_eq!(sizes, [REMAP_BATCH_MAX, REMAP_BATCH_MAX, 100]);
+        assert_eq!(r.status()["remaps"], n);
+        assert_eq!(r.read_volume(8 * (n - 1)), Some(golden(8 * (n - 1))));
     }
 
     #[test]
