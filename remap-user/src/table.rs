@@ -550,6 +550,19 @@ mod properties {
         }
     }
 
+    /// 8 MiB in 1 MiB regions.
+    fn geometry() -> Geometry {
+        Geometry::new(8 << 20, 512, 4096, 1 << 20).unwrap()
+    }
+
+    fn pending_mode(sel: u8) -> PendingMode {
+        match sel {
+            0 => PendingMode::FlakeyErrorReads,
+            1 => PendingMode::Policy(UnreadablePolicy::Error),
+            _ => PendingMode::Policy(UnreadablePolicy::Zero),
+        }
+    }
+
     fn remap_strategy() -> impl Strategy<Value = (u32, u64, u8)> {
         (
             0u32..2,
@@ -570,12 +583,7 @@ mod properties {
             ),
             mode_sel in 0u8..3,
         ) {
-            let g = Geometry::new(8 << 20, 512, 4096, 1 << 20).unwrap();
-            let mode = match mode_sel {
-                0 => PendingMode::FlakeyErrorReads,
-                1 => PendingMode::Policy(UnreadablePolicy::Error),
-                _ => PendingMode::Policy(UnreadablePolicy::Zero),
-            };
+            let (g, mode) = (geometry(), pending_mode(mode_sel));
             let mut t: RemapTable = start.iter().map(|(c, v)| (*c, near(*c, *v))).collect();
             for r in 0..g.regions() {
                 region_table(&g, r, &mut t, mode);
@@ -602,12 +610,7 @@ mod properties {
             chunks in proptest::collection::btree_map(0u64..2048, (0u32..3, 0u64..4096, any::<u8>()), 0..200),
             mode_sel in 0u8..3,
         ) {
-            let g = Geometry::new(8 << 20, 512, 4096, 1 << 20).unwrap();
-            let mode = match mode_sel {
-                0 => PendingMode::FlakeyErrorReads,
-                1 => PendingMode::Policy(UnreadablePolicy::Error),
-                _ => PendingMode::Policy(UnreadablePolicy::Zero),
-            };
+            let (g, mode) = (geometry(), pending_mode(mode_sel));
             let mut t = RemapTable::default();
             for (c, (spare, slot, pending)) in &chunks {
                 t.insert(*c, Remap { extent: Extent { spare: *spare, start: 16384 + slot * 8 }, pending: u64::from(*pending) });
