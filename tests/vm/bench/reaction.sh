@@ -182,6 +182,8 @@ meta_cost() {
         req_add $((c * 8)) $((k * 8)) >>/tmp/meta.req
     done
     MISC_I=$((MISC_I + n / k))
+    local g0 g1
+    g0=$(superblock 48 8)
     m0=$(nb_wsect $META_DEVS)
     d0=$(nb_wsect $DATA_DEVS)
     t0=$(now_us)
@@ -189,7 +191,9 @@ meta_cost() {
     us=$(($(now_us) - t0))
     m1=$(nb_wsect $META_DEVS)
     d1=$(nb_wsect $DATA_DEVS)
-    emit meta "{\"size\":$1,\"remaps\":$(status_num remaps),\"n\":$((n / k * k)),\"burst\":$k,\"failed\":$((fails * k)),\"micros\":$us,\"meta_sectors\":$((m1 - m0)),\"data_sectors\":$((d1 - d0)),\"spares\":2}"
+    g1=$(superblock 48 8)
+    # A checkpoint that fell in the window is reported apart (its size from the superblock).
+    emit meta "{\"size\":$1,\"remaps\":$(status_num remaps),\"n\":$((n / k * k)),\"burst\":$k,\"failed\":$((fails * k)),\"micros\":$us,\"meta_sectors\":$((m1 - m0)),\"data_sectors\":$((d1 - d0)),\"spares\":2,\"checkpointed\":$([ "$g1" != "$g0" ] && echo true || echo false),\"ckpt_bytes\":$(superblock 56 8)}"
 }
 
 # superblock FIELD_OFFSET BYTES: a field of the newer superblock (higher checkpoint generation)
@@ -203,6 +207,14 @@ superblock() {
     local b=256
     [ "$(sb_field 257 48 8)" -gt "$(sb_field 256 48 8)" ] && b=257
     sb_field $b "$1" "$2"
+}
+# ckpt_field OFFSET LEN: a field of the header of the checkpoint the newest superblock names
+# (config_len at 12, count at 40; docs/METADATA.md).
+ckpt_field() {
+    local jb area slot slot_bytes
+    jb=$(superblock 76 4) area=$(superblock 80 8) slot=$(superblock 68 4)
+    slot_bytes=$(((area - 8192 - jb * 4096) / 2 / 4096 * 4096))
+    sb_field $((256 + (8192 + jb * 4096 + slot * slot_bytes) / 4096)) "$1" "$2"
 }
 
 # scale_at SIZE: the volume's tables saved; the volume stopped and the agent restarted (it
@@ -243,7 +255,7 @@ scale_at() {
     local line remaps
     line=$(grep "assembled" "$LOG" | tail -1)
     remaps=$(status_num remaps)
-    emit scale "{\"size\":$1,\"remaps\":$remaps,\"regions\":${#regions[@]},\"segments\":$(region_segments),\"ready_micros\":$READY_US,\"start_micros\":$base,\"floor_micros\":$floor_us,\"floor_processes\":$((${#regions[@]} + 1)),\"kernel_floor_micros\":${kfloor:-0},\"kernel_assembly_micros\":${kasm:-0},\"hwm_kb\":$(proc_kb $AGENT_PID VmHWM),\"rss_kb\":$(proc_kb $AGENT_PID VmRSS),\"checkpoint_sectors\":$((m1 - m0)),\"ckpt_bytes\":$(superblock 56 8),\"journal_blocks\":$(superblock 76 4),\"log\":$(jstr "$line")}"
+    emit scale "{\"size\":$1,\"remaps\":$remaps,\"regions\":${#regions[@]},\"segments\":$(region_segments),\"ready_micros\":$READY_US,\"start_micros\":$base,\"floor_micros\":$floor_us,\"floor_processes\":$((${#regions[@]} + 1)),\"kernel_floor_micros\":${kfloor:-0},\"kernel_assembly_micros\":${kasm:-0},\"hwm_kb\":$(proc_kb $AGENT_PID VmHWM),\"rss_kb\":$(proc_kb $AGENT_PID VmRSS),\"checkpoint_sectors\":$((m1 - m0)),\"ckpt_bytes\":$(superblock 56 8),\"config_bytes\":$(ckpt_field 12 4),\"journal_blocks\":$(superblock 76 4),\"log\":$(jstr "$line")}"
     progress "scale: $remaps remaps assembled, ready in $((READY_US / 1000)) ms, dmsetup floor $((floor_us / 1000)) ms"
 }
 
