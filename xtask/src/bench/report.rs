@@ -842,7 +842,8 @@ fn scale(r: &mut Report, s: &SectionRun, vm_note: &str) {
             "size": size, "remaps": num(v, "remaps"), "assembly_us": assembly, "floor_us": floor,
             "kernel_floor_us": kf, "kernel_assembly_us": ka,
             "ready_us": ready, "hwm_kb": num(v, "hwm_kb"), "rss_kb": num(v, "rss_kb"),
-            "ckpt_bytes": num(v, "ckpt_bytes"), "journal_blocks": num(v, "journal_blocks"),
+            "ckpt_bytes": num(v, "ckpt_bytes"), "config_bytes": num(v, "config_bytes"),
+            "journal_blocks": num(v, "journal_blocks"),
         }));
     }
     r.plot_assembly = vec![
