@@ -12,23 +12,23 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::workspace;
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Default)]
 pub struct InstallArgs {
     /// Installation prefix: binaries in PREFIX/sbin and PREFIX/bin, the unit in
     /// PREFIX/lib/systemd/system, man pages and completions in PREFIX/share.
     #[arg(long, default_value = "/usr/local")]
-    prefix: PathBuf,
+    pub prefix: PathBuf,
     /// Configuration folder (remap/remapd.conf goes there); default /etc for the prefixes
     /// /usr and /usr/local, PREFIX/etc otherwise.
     #[arg(long)]
-    sysconfdir: Option<PathBuf>,
+    pub sysconfdir: Option<PathBuf>,
     /// Staging root for packages: files go to DESTDIR/PREFIX/..., while the unit still names
     /// PREFIX paths.
     #[arg(long)]
-    destdir: Option<PathBuf>,
+    pub destdir: Option<PathBuf>,
     /// Print what would be installed, change nothing (and build nothing).
     #[arg(long)]
-    dry_run: bool,
+    pub dry_run: bool,
 }
 
 /// The unit as shipped names these; the installed unit names the real paths.

@@ -1,8 +1,10 @@
 //! Developer tasks for remap. `cargo xtask run` and `cargo xtask test` set up what they need
 //! (toolchain, bpf-linker, packages, kernel mounts) before they build.
 mod bench;
+mod deb;
 mod demo;
 mod fuzz;
+mod guard;
 mod install;
 mod provision;
 mod testrun;
@@ -13,6 +15,7 @@ use std::ffi::OsString;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use provision::Use;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Build, run and test remap")]
@@ -39,6 +42,9 @@ enum Cmd {
     Vm(vm::VmCmd),
     /// Install remapd, remapctl, the systemd unit, its config, man pages and completions.
     Install(install::InstallArgs),
+    /// Build the Debian package target/deb/remap_VERSION_amd64.deb (`--test`: install, verify
+    /// and purge it in a clean Debian 12 root).
+    Deb(deb::DebArgs),
     /// Benchmarks: tables of ratios measured side by side (host eBPF cost, VM volume overhead,
     /// reaction, storm, scale), JSON and a PNG plot in target/bench/.
     Bench(bench::BenchArgs),
@@ -85,22 +91,28 @@ fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Run { detector, args } => {
             if !args.is_empty() {
-                provision::host(&[])?;
+                provision::host(&[Use::Host])?;
                 provision::kernel_mounts()?;
                 return demo::remapd(&args);
             }
             if detector {
-                provision::host(&[])?;
+                provision::host(&[Use::Host])?;
                 provision::kernel_mounts()?;
                 demo::run_detector()?;
                 return Ok(0);
             }
-            provision::host(vm::APT_PACKAGES)?;
+            provision::host(&[Use::Host, Use::Vm])?;
             demo::run_vm()
         }
         Cmd::Test(t) => {
-            let vm_pkgs: &[&str] = if t.host { &[] } else { vm::APT_PACKAGES };
-            provision::host(vm_pkgs)?;
+            let mut uses = vec![Use::Host];
+            if !t.vm {
+                uses.extend([Use::Alerts, Use::Deb]);
+            }
+            if !t.host {
+                uses.push(Use::Vm);
+            }
+            provision::host(&uses)?;
             let tally = testrun::run(&testrun::TestOpts {
                 vm_only: t.vm,
                 host_only: t.host,
@@ -109,19 +121,23 @@ fn run(cli: Cli) -> Result<i32> {
                 soak: t.soak,
             })?;
             println!("{}", tally.line());
-            Ok(i32::from(tally.failed > 0))
+            Ok(i32::from(tally.failed > 0 || tally.ci_refused()))
         }
         Cmd::Install(a) => install::run(a).map(|()| 0),
+        Cmd::Deb(a) => {
+            provision::host(if a.test { &[Use::Deb] } else { &[] })?;
+            deb::main(&a).map(|()| 0)
+        }
         Cmd::Fuzz { target, time } => {
             provision::host(&[])?;
             fuzz::run(&target, time).map(|()| 0)
         }
         Cmd::Bench(a) => {
-            provision::host(vm::APT_PACKAGES)?;
+            provision::host(&[Use::Host, Use::Vm])?;
             bench::run(&a)
         }
         Cmd::Vm(c) => {
-            provision::host(vm::APT_PACKAGES)?;
+            provision::host(&[Use::Host, Use::Vm])?;
             vm::run_cmd(c).map(|()| 0)
         }
     }

@@ -12,15 +12,96 @@ use anyhow::{Context as _, Result, bail};
 /// newer Rust than this machine has.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-/// Debian packages needed to build bpf-linker.
-const BPF_LINKER_APT: &[&str] = &[
-    "llvm-22-dev",
-    "libzstd-dev",
-    "zlib1g-dev",
-    "libpolly-22-dev",
+
+/// What a Debian package is needed for. Each command asks for the uses it has; the package guard
+/// (`guard.rs`) checks that everything the build and the tests opened is declared here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Use {
+    /// Building the product: bpf-linker against LLVM 22, and devicemapper-sys (pkg-config finds
+    /// devmapper.pc, bindgen loads libclang).
+    Build,
+    /// The host-kernel tests and the detector demo (the FUSE failing disk, bpftool).
+    Host,
+    /// The VM laboratory: qemu, the guest's userland, and host tools copied into the guest.
+    Vm,
+    /// The alert-rule unit tests (promtool).
+    Alerts,
+    /// `cargo xtask deb` and its install test (a Debian 12 root made by debootstrap).
+    Deb,
+}
+
+/// Every Debian package the project uses, declared once, with the use that needs it and why.
+/// Packages of the machine's image (base-packages.txt) are not repeated here.
+pub const PACKAGES: &[(&str, Use, &str)] = &[
+    ("llvm-22-dev", Use::Build, "bpf-linker links LLVM 22"),
+    (
+        "libpolly-22-dev",
+        Use::Build,
+        "LLVM 22's link line names Polly",
+    ),
+    ("libzstd-dev", Use::Build, "LLVM 22's link line names zstd"),
+    ("zlib1g-dev", Use::Build, "LLVM 22's link line names zlib"),
+    (
+        "libdevmapper-dev",
+        Use::Build,
+        "devicemapper-sys: devmapper.pc and libdevmapper.h",
+    ),
+    (
+        "libclang-dev",
+        Use::Build,
+        "devicemapper-sys: bindgen loads libclang",
+    ),
+    (
+        "pkg-config",
+        Use::Build,
+        "devicemapper-sys probes devmapper with pkg-config",
+    ),
+    (
+        "fuse3",
+        Use::Host,
+        "the failing disk of the host tests is a FUSE file",
+    ),
+    (
+        "bpftool",
+        Use::Host,
+        "host tests and the guest dump the pinned maps",
+    ),
+    ("qemu-system-x86", Use::Vm, "the guest"),
+    ("busybox-static", Use::Vm, "the guest's userland"),
+    ("kmod", Use::Vm, "depmod for the guest's modules"),
+    (
+        "zstd",
+        Use::Vm,
+        "6.12 kernel images and modules are zstd/xz",
+    ),
+    ("xz-utils", Use::Vm, "6.1 kernel images are xz"),
+    ("fio", Use::Vm, "workloads with verify in the guest"),
+    ("e2fsprogs", Use::Vm, "mkfs.ext4 and fsck in the guest"),
+    (
+        "dmsetup",
+        Use::Vm,
+        "tables checked from the guest, and the dmsetup floor of the bench",
+    ),
+    (
+        "prometheus",
+        Use::Alerts,
+        "promtool tests the shipped alert rules",
+    ),
+    (
+        "debootstrap",
+        Use::Deb,
+        "a clean Debian 12 root to install the package in",
+    ),
 ];
-/// Debian packages the host tests and the demo use at run time (mounting the FUSE disk).
-pub const HOST_APT: &[&str] = &["fuse3", "bpftool"];
+
+/// The packages declared for these uses.
+pub fn packages(uses: &[Use]) -> Vec<&'static str> {
+    PACKAGES
+        .iter()
+        .filter(|(_, u, _)| uses.contains(u))
+        .map(|(p, _, _)| *p)
+        .collect()
+}
 
 fn step(what: &str) {
     println!("[prereq] {what}");
@@ -46,13 +127,12 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Everything `cargo xtask run` and the host part of `cargo xtask test` need.
-pub fn host(extra_apt: &[&str]) -> Result<()> {
+/// The toolchain, bpf-linker and the Debian packages of `uses` (building is always one of them).
+pub fn host(uses: &[Use]) -> Result<()> {
     nightly_with_rust_src()?;
-    let mut pkgs: Vec<&str> = BPF_LINKER_APT.to_vec();
-    pkgs.extend_from_slice(HOST_APT);
-    pkgs.extend_from_slice(extra_apt);
-    apt(&pkgs)?;
+    let mut all = vec![Use::Build];
+    all.extend_from_slice(uses);
+    apt(&packages(&all))?;
     bpf_linker()?;
     Ok(())
 }
@@ -153,7 +233,7 @@ fn bpf_linker() -> Result<()> {
     if !Path::new(LLVM_PREFIX).is_dir() {
         bail!(
             "bpf-linker needs LLVM 22 at {LLVM_PREFIX}; run: apt-get install {} && {cmd}",
-            BPF_LINKER_APT.join(" ")
+            packages(&[Use::Build]).join(" ")
         );
     }
     step(&format!("building bpf-linker (2-3 min): {cmd}"));

@@ -6,7 +6,12 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::{vm, workspace};
+use crate::{guard, vm, workspace};
+
+/// CI runs must run every tier: a tier that could not run at all fails there.
+pub fn under_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
 
 /// Pass/fail/skip counts, summed over every part of the run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -17,6 +22,20 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// Under CI, skipped cases are not acceptable: the run fails (they are never counted as
+    /// passed anyway).
+    pub fn ci_refused(&self) -> bool {
+        under_ci() && self.skipped > 0
+    }
+
+    fn fail(why: impl std::fmt::Display) -> Tally {
+        println!("FAILED {why}");
+        Tally {
+            failed: 1,
+            ..Tally::default()
+        }
+    }
+
     pub fn add(&mut self, o: Tally) {
         self.passed += o.passed;
         self.failed += o.failed;
@@ -115,11 +134,64 @@ pub struct TestOpts {
 }
 
 pub fn run(o: &TestOpts) -> Result<Tally> {
+    let watch = if unsafe { libc::geteuid() } == 0 {
+        Some(guard::Watch::start()?)
+    } else {
+        println!("SKIPPED package guard: not root (fanotify needs it)");
+        None
+    };
+    let mut total = run_tiers(o)?;
+    match watch {
+        Some(w) => total.add(package_guard(w)),
+        None => total.skipped += 1,
+    }
+    if total.ci_refused() {
+        println!(
+            "FAILED under CI: {} case(s) skipped; CI must run every tier (see the SKIPPED lines)",
+            total.skipped
+        );
+    }
+    Ok(total)
+}
+
+/// The Debian packages the run opened files of, against the image and the declared ones.
+fn package_guard(w: guard::Watch) -> Tally {
+    let mut t = match guard::self_check() {
+        Ok(()) => {
+            println!(
+                "PASS package guard self-check (pkg-config's devmapper probe is seen; with \
+                 libdevmapper-dev undeclared the guard refuses)"
+            );
+            Tally {
+                passed: 1,
+                ..Tally::default()
+            }
+        }
+        Err(e) => Tally::fail(format!("package guard self-check: {e:#}")),
+    };
+    let judged = w
+        .finish()
+        .and_then(|files| guard::judge(&files, &guard::declared()).map(|n| (files.len(), n)));
+    match judged {
+        Ok((files, pkgs)) => {
+            println!(
+                "PASS package guard ({files} files opened from {pkgs} Debian packages, all \
+                 in the image's list or declared)"
+            );
+            t.passed += 1;
+        }
+        Err(e) => t.add(Tally::fail(format!("package guard: {e:#}"))),
+    }
+    t
+}
+
+fn run_tiers(o: &TestOpts) -> Result<Tally> {
     let mut total = Tally::default();
     if !o.vm_only {
         total.add(cargo_test("unit tests", &["test", "--workspace"], &[])?);
         total.add(host_kernel_tests()?);
         total.add(alert_rule_tests());
+        total.add(package_test());
     }
     if !o.host_only {
         let s = vm::run_scenarios(&vm::ScenarioOpts {
@@ -137,6 +209,28 @@ pub fn run(o: &TestOpts) -> Result<Tally> {
     Ok(total)
 }
 
+/// The Debian package: built, installed with apt in a clean Debian 12 root, verified, purged.
+fn package_test() -> Tally {
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED debian package: not root (chroot and overlay mounts need it)");
+        return Tally {
+            skipped: 1,
+            ..Tally::default()
+        };
+    }
+    println!("== debian package: cargo xtask deb --test");
+    match crate::deb::build().and_then(|deb| crate::deb::test_install(&deb)) {
+        Ok(()) => {
+            println!("PASS debian package (installs, verifies, enables on request, purges clean)");
+            Tally {
+                passed: 1,
+                ..Tally::default()
+            }
+        }
+        Err(e) => Tally::fail(format!("debian package: {e:#}")),
+    }
+}
+
 /// The shipped Prometheus alert rules against their unit tests, with promtool (Debian package
 /// `prometheus`) when it is installed; without it they are skipped, loudly.
 fn alert_rule_tests() -> Tally {
@@ -147,7 +241,10 @@ fn alert_rule_tests() -> Tally {
         .output()
     {
         Err(_) => {
-            println!("SKIPPED alert rules: promtool is not installed (apt-get install prometheus)");
+            println!(
+                "SKIPPED alert rules: promtool is not installed (apt-get install prometheus; \
+                 `cargo xtask test` installs it when run as root)"
+            );
             Tally {
                 skipped: 1,
                 ..Tally::default()

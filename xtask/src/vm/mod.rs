@@ -24,19 +24,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// Debian packages the VM laboratory needs on the host.
-pub const APT_PACKAGES: &[&str] = &[
-    "qemu-system-x86",
-    "busybox-static",
-    "kmod",
-    "zstd",
-    "xz-utils",
-    "fio",
-    "e2fsprogs",
-    "bpftool",
-    "dmsetup",
-];
-
 #[derive(clap::Subcommand)]
 pub enum VmCmd {
     /// Boot the guest with a shell on the console (quit with `exit`, or Ctrl-A X).
@@ -261,7 +248,9 @@ struct Lab {
     bins: GuestBins,
 }
 
-fn prepare_lab(paths: Paths, labels: &[String], with_bins: bool) -> Lab {
+/// Prepares kernels and (with `with_bins`) the guest binaries. A failed build is an error: no
+/// guest boots without the product in it.
+fn prepare_lab(paths: Paths, labels: &[String], with_bins: bool) -> Result<Lab> {
     let (kernels, bins) = std::thread::scope(|s| {
         let bins = with_bins.then(|| s.spawn(|| guest::build(&paths)));
         let ks: Vec<_> = labels
@@ -291,20 +280,20 @@ fn prepare_lab(paths: Paths, labels: &[String], with_bins: bool) -> Lab {
         let bins = match bins {
             Some(h) => h
                 .join()
-                .unwrap_or_else(|_| GuestBins::Failed("build thread panicked".into())),
-            None => GuestBins::Built(Vec::new()),
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("guest build thread panicked"))),
+            None => Ok(GuestBins::default()),
         };
         (ks, bins)
     });
-    Lab {
+    Ok(Lab {
         paths,
         kernels,
-        bins,
-    }
+        bins: bins?,
+    })
 }
 
-fn guest_env(k: &Kernel, bins: &GuestBins, disks: &[(DiskSpec, PathBuf)]) -> Vec<(String, String)> {
-    let mut env = vec![
+fn guest_env(k: &Kernel, disks: &[(DiskSpec, PathBuf)]) -> Vec<(String, String)> {
+    let env = vec![
         ("VM_KERNEL".to_string(), k.label.clone()),
         ("VM_PRELOAD".to_string(), initramfs::PRELOAD.join(" ")),
         (
@@ -316,12 +305,6 @@ fn guest_env(k: &Kernel, bins: &GuestBins, disks: &[(DiskSpec, PathBuf)]) -> Vec
                 .join(" "),
         ),
     ];
-    for b in guest::GUEST_BINS {
-        env.push((
-            format!("VM_BIN_{}", b.to_uppercase()),
-            bins.status(b).to_string(),
-        ));
-    }
     env
 }
 
@@ -363,7 +346,7 @@ pub fn run_scenarios(o: &ScenarioOpts) -> Result<Summary> {
     let started = Instant::now();
     qemu::announce_accel();
     let _lock = lock_lab(&paths)?;
-    let lab = prepare_lab(paths, &labels, true);
+    let lab = prepare_lab(paths, &labels, true)?;
     step(&format!(
         "prepared in {:.1}s",
         started.elapsed().as_secs_f64()
@@ -450,11 +433,10 @@ fn run_scenario(
         )));
     }
     for need in &s.spec.needs {
-        if let Some(why) = lab.bins.unavailable(need) {
-            return all(match lab.bins {
-                GuestBins::Failed(_) => Verdict::Fail(why),
-                GuestBins::Built(_) => Verdict::Skip(why),
-            });
+        if lab.bins.path(need).is_none() {
+            return all(Verdict::Fail(format!(
+                "{need} is not among the guest binaries"
+            )));
         }
     }
     match boot_scenario(lab, k, base, s, soak) {
@@ -508,7 +490,7 @@ fn boot_scenario(
             .unwrap_or_default();
         let bdir = dir.join(format!("boot-{}", i + 1));
         std::fs::create_dir_all(&bdir)?;
-        let mut env = guest_env(k, &lab.bins, &disks);
+        let mut env = guest_env(k, &disks);
         env.extend([
             ("VM_MODE".to_string(), "script".to_string()),
             ("VM_SCENARIO".to_string(), s.name.clone()),
@@ -638,7 +620,7 @@ pub fn run_cmd(c: VmCmd) -> Result<()> {
     match c {
         VmCmd::Prepare { kernels } => {
             let _lock = lock_lab(&paths)?;
-            let lab = prepare_lab(paths, &labels(&kernels)?, false);
+            let lab = prepare_lab(paths, &labels(&kernels)?, false)?;
             for (l, r) in lab.kernels {
                 let (k, base) = r.with_context(|| format!("kernel {l}"))?;
                 println!(
@@ -709,7 +691,7 @@ fn boot_one(
         .iter()
         .map(|d| DiskSpec::parse(d))
         .collect::<Result<_>>()?;
-    let lab = prepare_lab(paths, &[label.to_string()], true);
+    let lab = prepare_lab(paths, &[label.to_string()], true)?;
     let (_, prepared) = lab.kernels.first().context("no kernel")?;
     let (k, base) = prepared.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
     let mode = if script.is_some() { "exec" } else { "shell" };
@@ -728,7 +710,7 @@ fn boot_one(
     for (d, f) in &disks {
         qemu::ensure_disk_file(f, d.size)?;
     }
-    let mut env = guest_env(k, &lab.bins, &disks);
+    let mut env = guest_env(k, &disks);
     env.push((
         "VM_MODE".into(),
         if script.is_some() { "script" } else { "shell" }.into(),
