@@ -10,7 +10,9 @@ use std::{
     collections::VecDeque,
     fs,
     net::SocketAddr,
-    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _},
+    os::unix::fs::{
+        DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+    },
     path::{Path, PathBuf},
     sync::{Arc, Mutex, mpsc},
     thread,
@@ -106,6 +108,59 @@ pub enum AgentError {
         "the engine thread stopped unexpectedly (see the log above); restarting remapd is safe"
     )]
     EngineDied,
+    #[error(
+        "another remapd{} manages this machine's volumes (lock {path}); only one agent may run \
+         on a machine, whatever its --pin-dir or --socket: stop it first (systemctl stop remapd)",
+        holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    AnotherAgent { path: String, holder: Option<u32> },
+}
+
+/// The one-writer lock of the machine: its path is fixed (no option moves it), so a second
+/// agent is refused whatever its pin folder or socket. /run/remap is the unit's
+/// RuntimeDirectory, writable under ProtectSystem=strict.
+pub const MACHINE_LOCK: &str = "/run/remap/agent.lock";
+
+/// Held for the agent's lifetime; the kernel releases it however the agent ends.
+pub struct MachineLock(#[expect(dead_code, reason = "held for its flock, never read")] fs::File);
+
+impl MachineLock {
+    pub fn acquire(path: &Path) -> Result<MachineLock, AgentError> {
+        use std::io::{Read as _, Seek as _, Write as _};
+        use std::os::fd::AsRawFd as _;
+        if let Some(dir) = path.parent()
+            && !dir.exists()
+        {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        // SAFETY: flock on a descriptor `f` owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                return Err(e.into());
+            }
+            let mut text = String::new();
+            let _ = f.read_to_string(&mut text);
+            return Err(AgentError::AnotherAgent {
+                path: path.display().to_string(),
+                holder: text.trim().parse().ok(),
+            });
+        }
+        f.set_len(0)?;
+        f.rewind()?;
+        writeln!(f, "{}", std::process::id())?;
+        Ok(MachineLock(f))
+    }
 }
 
 /// Recent events kept for `remapctl events` without `--follow`.
@@ -879,6 +934,9 @@ where
     D: DeviceMapper + Send + 'static,
     I: BlockIo + Send + Sync + 'static,
 {
+    // Before anything is attached, pinned, bound or assembled: a refused second agent changes
+    // nothing.
+    let _machine = MachineLock::acquire(Path::new(MACHINE_LOCK))?;
     let notifier = Notifier::from_env();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

@@ -2,7 +2,7 @@
 //! their size, block size and stable identity; whether something else uses them; and O_DIRECT
 //! I/O behind [`BlockIo`], with [`DirectIo`] for the kernel and [`SimIo`] for tests.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     fs::{self, File, OpenOptions},
     io,
@@ -411,6 +411,58 @@ fn holder_name(name: &str) -> String {
     }
 }
 
+/// (major, minor)
+pub type DevNo = (u32, u32);
+
+/// `MAJ:MIN` as sysfs `dev` files hold it.
+fn parse_devno(s: &str) -> Option<(u32, u32)> {
+    let (a, b) = s.trim().split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// The devices `devno` is made of, itself included, from sysfs: the whole disk of a partition,
+/// the slaves of a device-mapper or md device, the device a loop device reads (its backing
+/// block device, or the device of the filesystem holding its backing file), transitively.
+/// Two devices whose stacks meet share sectors, or may.
+pub fn device_stack(devno: (u32, u32)) -> BTreeSet<(u32, u32)> {
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![devno];
+    while let Some(d) = todo.pop() {
+        if !seen.insert(d) || seen.len() > 4096 {
+            continue;
+        }
+        let link = PathBuf::from(format!("/sys/dev/block/{}:{}", d.0, d.1));
+        let Ok(dir) = fs::canonicalize(&link) else {
+            continue;
+        };
+        if dir.join("partition").exists()
+            && let Some(parent) = dir.parent().and_then(|p| sysfs_attr(&p.join("dev")))
+            && let Some(pd) = parse_devno(&parent)
+        {
+            todo.push(pd);
+        }
+        if let Ok(entries) = fs::read_dir(dir.join("slaves")) {
+            for e in entries.filter_map(Result::ok) {
+                if let Some(sd) = sysfs_attr(&e.path().join("dev")).and_then(|t| parse_devno(&t)) {
+                    todo.push(sd);
+                }
+            }
+        }
+        if let Some(backing) = sysfs_attr(&dir.join("loop/backing_file")) {
+            use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+            if let Ok(md) = fs::metadata(&backing) {
+                let n = if md.file_type().is_block_device() {
+                    md.rdev()
+                } else {
+                    md.dev()
+                };
+                todo.push((libc::major(n), libc::minor(n)));
+            }
+        }
+    }
+    seen
+}
+
 impl BlockDev {
     /// Whether something else uses the device, best effort: a check that cannot be made (no
     /// permission to open it) counts as "not in use". See [`Self::check_in_use`].
@@ -531,6 +583,10 @@ pub trait BlockIo {
     fn in_use(&self, dev: &BlockDev) -> Option<InUse> {
         dev.in_use()
     }
+    /// The devices `dev` is built from, itself included ([`device_stack`]).
+    fn stack(&self, dev: &BlockDev) -> BTreeSet<(u32, u32)> {
+        device_stack((dev.major, dev.minor))
+    }
     /// Every block device that could hold a volume's data or metadata (assembly looks at
     /// each): whole disks and partitions, not remap's own device-mapper devices.
     fn scan(&self) -> Vec<BlockDev> {
@@ -566,6 +622,9 @@ impl<T: BlockIo + ?Sized> BlockIo for &T {
     fn in_use(&self, dev: &BlockDev) -> Option<InUse> {
         (**self).in_use(dev)
     }
+    fn stack(&self, dev: &BlockDev) -> BTreeSet<(u32, u32)> {
+        (**self).stack(dev)
+    }
     fn scan(&self) -> Vec<BlockDev> {
         (**self).scan()
     }
@@ -598,6 +657,9 @@ impl<T: BlockIo + ?Sized> BlockIo for Arc<T> {
     }
     fn in_use(&self, dev: &BlockDev) -> Option<InUse> {
         (**self).in_use(dev)
+    }
+    fn stack(&self, dev: &BlockDev) -> BTreeSet<(u32, u32)> {
+        (**self).stack(dev)
     }
     fn scan(&self) -> Vec<BlockDev> {
         (**self).scan()
@@ -759,6 +821,10 @@ pub struct SimIo {
     /// Paths that [`BlockIo::open`] resolves, and devices reported as in use.
     paths: Mutex<HashMap<PathBuf, (u32, u32)>>,
     busy: Mutex<HashMap<(u32, u32), InUse>>,
+    /// Devices a device is built on (a partition's disk, a loop's backing device, ...).
+    built_on: Mutex<HashMap<DevNo, Vec<DevNo>>>,
+    /// Serial numbers shared by several paths to one disk (multipath).
+    serials: Mutex<HashMap<(u32, u32), String>>,
 }
 
 const PAGE: usize = 4096;
@@ -885,6 +951,16 @@ impl SimIo {
         };
     }
 
+    /// Declares `dev` built on `under` (as sysfs would show: partition, slaves, loop backing).
+    pub fn set_built_on(&self, dev: (u32, u32), under: &[(u32, u32)]) {
+        lock(&self.built_on).insert(dev, under.to_vec());
+    }
+
+    /// Gives the device the serial number of another (a second path to the same disk).
+    pub fn set_serial(&self, dev: (u32, u32), serial: &str) {
+        lock(&self.serials).insert(dev, serial.to_owned());
+    }
+
     /// Adds (or replaces) a zero-filled device of `size_bytes` with logical blocks of
     /// `block_bytes`.
     pub fn add_device(&self, major: u32, minor: u32, size_bytes: u64, block_bytes: u64) {
@@ -1005,9 +1081,13 @@ impl BlockIo for SimIo {
     }
 
     fn identity(&self, dev: &BlockDev) -> Result<DevIdentity, BlockDevError> {
+        let serial = lock(&self.serials)
+            .get(&(dev.major, dev.minor))
+            .cloned()
+            .unwrap_or_else(|| format!("sim-{}-{}", dev.major, dev.minor));
         Ok(DevIdentity {
             wwn: None,
-            serial: Some(format!("sim-{}-{}", dev.major, dev.minor)),
+            serial: Some(serial),
             by_id: None,
             size_bytes: self.size_bytes(dev)?,
         })
@@ -1015,6 +1095,18 @@ impl BlockIo for SimIo {
 
     fn in_use(&self, dev: &BlockDev) -> Option<InUse> {
         lock(&self.busy).get(&(dev.major, dev.minor)).cloned()
+    }
+
+    fn stack(&self, dev: &BlockDev) -> BTreeSet<(u32, u32)> {
+        let map = lock(&self.built_on);
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![(dev.major, dev.minor)];
+        while let Some(d) = todo.pop() {
+            if seen.insert(d) {
+                todo.extend(map.get(&d).into_iter().flatten().copied());
+            }
+        }
+        seen
     }
 
     fn scan(&self) -> Vec<BlockDev> {

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::{
     allocate::{Policy, Pool, PoolError},
-    blockdev::{BlockDev, BlockIo, DevIdentity},
+    blockdev::{BlockDev, BlockIo, DevIdentity, IdentityMatch},
     control::{Request, Response, exit},
     dm::DeviceMapper,
     metadata::{
@@ -201,6 +201,19 @@ const MIGRATE_BATCH: usize = 256;
 /// its own suspend, so I/O to the region gets through between them (a batch's suspend lasts
 /// its copy: 4 MiB at 4 KiB chunks) instead of waiting out the whole storm's copy at once.
 pub const REMAP_BATCH_MAX: usize = 1024;
+
+/// `chunks` cut into batches of at most [`REMAP_BATCH_MAX`], in order.
+fn batches(mut chunks: BTreeMap<u64, bool>) -> Vec<BTreeMap<u64, bool>> {
+    let mut out = Vec::new();
+    while !chunks.is_empty() {
+        let rest = match chunks.keys().nth(REMAP_BATCH_MAX) {
+            Some(&at) => chunks.split_off(&at),
+            None => BTreeMap::new(),
+        };
+        out.push(std::mem::replace(&mut chunks, rest));
+    }
+    out
+}
 
 #[derive(Default)]
 struct History {
@@ -500,6 +513,18 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 v.config.name
             )));
         }
+        for v in self.volumes.values() {
+            for member in std::iter::once(&v.main).chain(v.spares.values()) {
+                if let Some(why) = self.overlap(&dev, member) {
+                    return Err(EngineError::Refused(format!(
+                        "{role} {} overlaps {} of volume `{}`: {why}",
+                        path.display(),
+                        member.path.display(),
+                        v.config.name
+                    )));
+                }
+            }
+        }
         match metadata::read_device_with(&self.io, &dev, |_| false) {
             Err(metadata::MetaError::NoMagic) => {}
             Ok(m) => {
@@ -525,6 +550,25 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             )));
         }
         Ok(dev)
+    }
+
+    /// Why `a` and `b` cannot both be members: they share a device underneath (a partition and
+    /// its disk, a loop or device-mapper device over the other, a remap volume over its own
+    /// members) or are two paths to one disk (the same WWN or serial).
+    fn overlap(&self, a: &BlockDev, b: &BlockDev) -> Option<String> {
+        if same(a, b) {
+            return Some("they are the same device".into());
+        }
+        let (sa, sb) = (self.io.stack(a), self.io.stack(b));
+        if let Some((maj, min)) = sa.intersection(&sb).next() {
+            return Some(format!("both are built on device {maj}:{min}"));
+        }
+        if let (Ok(ia), Ok(ib)) = (self.io.identity(a), self.io.identity(b))
+            && ia.compare(&ib) == IdentityMatch::Same
+        {
+            return Some("they are two paths to one disk (same WWN or serial number)".into());
+        }
+        None
     }
 
     fn identity(&self, dev: &BlockDev) -> Result<DevIdentity> {
@@ -585,6 +629,23 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     p.display()
                 )));
             }
+            if let Some(why) = self.overlap(&s, &main) {
+                return Err(EngineError::Invalid(format!(
+                    "spare {} overlaps the main device {}: {why}",
+                    p.display(),
+                    main_path.display()
+                )));
+            }
+            if let Some((o, why)) = spares
+                .values()
+                .find_map(|o| self.overlap(&s, o).map(|w| (o, w)))
+            {
+                return Err(EngineError::Invalid(format!(
+                    "spare {} overlaps spare {}: {why}",
+                    p.display(),
+                    o.path.display()
+                )));
+            }
             spares.insert(i as u32, s);
         }
         let main_size = self
@@ -597,6 +658,20 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             .map_err(|e| failed(format!("block size of {}", main_path.display()))(e.to_string()))?;
         let geometry = Geometry::new(main_size, block, chunk_bytes, region_bytes)
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        if region_bytes < crate::volume::MIN_REGION_BYTES {
+            return Err(EngineError::Invalid(format!(
+                "--region-size {region_bytes} is below the minimum of {} bytes (1 MiB): each region is a device-mapper device",
+                crate::volume::MIN_REGION_BYTES
+            )));
+        }
+        if geometry.regions() > crate::volume::MAX_REGIONS {
+            return Err(EngineError::Invalid(format!(
+                "--region-size {region_bytes} cuts {} into {} regions, more than {}: choose a larger region size",
+                main_path.display(),
+                geometry.regions(),
+                crate::volume::MAX_REGIONS
+            )));
+        }
         let mut sizes = BTreeMap::new();
         for (slot, s) in &spares {
             let size = self
@@ -725,10 +800,19 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     }
 
     /// Removes whatever devices of `vol` exist (volume first: it holds the regions).
+    /// Removes the devices of a volume whose creation failed: only those that carry this
+    /// volume's device-mapper UUIDs, never another's device that happens to have the name.
     fn teardown(&self, vol: &Volume) {
-        let _ = self.dm.remove(&vol.config.name);
-        for r in 0..vol.geo().regions() {
-            let _ = self.dm.remove(&region_name(&vol.config.name, r));
+        let name = &vol.config.name;
+        let mut ours: BTreeMap<String, String> = (0..vol.geo().regions())
+            .map(|r| (region_name(name, r), dm_uuid(&vol.config.uuid, Some(r))))
+            .collect();
+        ours.insert(name.clone(), dm_uuid(&vol.config.uuid, None));
+        // Sorted by name: the volume comes before the regions it holds.
+        for d in self.dm.list(name).unwrap_or_default() {
+            if ours.get(&d.name) == Some(&d.uuid) {
+                let _ = self.dm.remove(&d.name);
+            }
         }
     }
 
@@ -1007,17 +1091,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
         }
         let mut reports = Vec::new();
-        for (name, mut chunks) in work {
-            while !chunks.is_empty() {
-                let rest = match chunks.keys().nth(REMAP_BATCH_MAX) {
-                    Some(&at) => chunks.split_off(&at),
-                    None => BTreeMap::new(),
-                };
-                match self.remap_batch(&name, chunks) {
+        for (name, chunks) in work {
+            for batch in batches(chunks) {
+                match self.remap_batch(&name, batch) {
                     Ok(r) => reports.push(r),
                     Err(e) => tracing::error!(volume = name, "remap failed: {e}"),
                 }
-                chunks = rest;
             }
         }
         reports
@@ -1276,8 +1355,30 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     }
 
     /// The remap path for a batch of chunks of one volume (all of them move).
+    /// Remaps `chunks` in batches of at most [`REMAP_BATCH_MAX`], each under its own suspend, so
+    /// that I/O to the region gets through between them however many were asked for. On an
+    /// error the batches before it stand (each was committed) and the error is returned.
     pub fn remap(&mut self, name: &str, chunks: BTreeSet<u64>) -> Result<RemapReport> {
-        self.remap_batch(name, chunks.into_iter().map(|c| (c, true)).collect())
+        let mut total: Option<RemapReport> = None;
+        for batch in batches(chunks.into_iter().map(|c| (c, true)).collect()) {
+            let r = self.remap_batch(name, batch)?;
+            match &mut total {
+                None => total = Some(r),
+                Some(t) => {
+                    t.remapped.extend(r.remapped);
+                    t.pending_blocks += r.pending_blocks;
+                    t.exhausted.extend(r.exhausted);
+                    for g in r.regions {
+                        if !t.regions.contains(&g) {
+                            t.regions.push(g);
+                        }
+                    }
+                    t.micros += r.micros;
+                    t.suspended_micros = t.suspended_micros.max(r.suspended_micros);
+                }
+            }
+        }
+        total.ok_or_else(|| EngineError::Invalid("no chunk to remap".into()))
     }
 
     /// The remap path; chunks marked `false` move only if an unreadable block is found in them.
@@ -2167,6 +2268,24 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_large_manual_remap_is_cut_into_bounded_suspends() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        r.dm.take_log();
+        let n = 2 * REMAP_BATCH_MAX as u64 + 100;
+        let v = r.engine.remap_add("v", 0, n * 8).unwrap();
+        assert_eq!(v["remapped"].as_array().map(Vec::len), Some(n as usize));
+        let log = r.dm.take_log();
+        let suspends = log.iter().filter(|l| l.starts_with("suspend")).count();
+        assert_eq!(
+            suspends, 3,
+            "one suspend per batch of at most {REMAP_BATCH_MAX}: {suspends}"
+        );
+        assert_eq!(r.status()["remaps"], n);
+        assert_eq!(r.read_volume(8 * (n - 1)), Some(golden(8 * (n - 1))));
+    }
+
+    #[test]
     fn a_storm_is_remapped_in_bounded_batches() {
         let mut r = rig(SimDm::new());
         r.create().unwrap();
@@ -2399,6 +2518,136 @@ pub(crate) mod tests {
             "{t:?}"
         );
         assert!(r.watch.pending.borrow().is_empty());
+    }
+
+    #[test]
+    fn overlapping_devices_are_refused_at_create_and_spare_add_and_change_nothing() {
+        let mut r = rig(SimDm::new());
+        // A partition of the main disk, a loop device over a spare, a second path to the main
+        // disk (multipath: same serial), and a device-mapper device over another volume's main.
+        r.io.add_disk("/sim/main-part1", SIM, 20, 8 * MIB, 512);
+        r.io.set_built_on((SIM, 20), &[(SIM, MAIN)]);
+        r.io.add_disk("/sim/loop-over-s2", SIM, 21, 24 * MIB, 512);
+        r.io.set_built_on((SIM, 21), &[(SIM, S2)]);
+        r.io.add_disk("/sim/main-path2", SIM, 22, 64 * MIB, 512);
+        r.io.set_serial((SIM, 22), &format!("sim-{SIM}-{MAIN}"));
+        r.io.add_disk("/sim/other", SIM, 23, 32 * MIB, 512);
+        r.io.add_disk("/sim/dm-over-other", SIM, 24, 32 * MIB, 512);
+        r.io.set_built_on((SIM, 24), &[(SIM, 23)]);
+        let create = |r: &mut Rig, main: &str, spares: &[&str]| {
+            let spares: Vec<std::path::PathBuf> =
+                spares.iter().map(std::path::PathBuf::from).collect();
+            r.engine.create(
+                "w",
+                Path::new(main),
+                &spares,
+                4096,
+                16 * MIB,
+                Policy::FirstFit,
+                UnreadablePolicy::Error,
+            )
+        };
+        for (main, spares, phrase) in [
+            (
+                "/sim/main",
+                vec!["/sim/main-part1"],
+                "both are built on device 240:0",
+            ),
+            (
+                "/sim/main-part1",
+                vec!["/sim/main"],
+                "both are built on device 240:0",
+            ),
+            (
+                "/sim/main",
+                vec!["/sim/s2", "/sim/loop-over-s2"],
+                "overlaps spare /sim/s2",
+            ),
+            (
+                "/sim/main",
+                vec!["/sim/main-path2"],
+                "two paths to one disk",
+            ),
+            (
+                "/sim/other",
+                vec!["/sim/dm-over-other"],
+                "built on device 240:23",
+            ),
+        ] {
+            let before = r.dm.log().len();
+            let e = create(&mut r, main, &spares).expect_err(main);
+            assert!(e.to_string().contains(phrase), "{main} {spares:?}: {e}");
+            assert_eq!(r.dm.log().len(), before, "nothing created for {spares:?}");
+        }
+        // Once a volume exists, nothing built on its members joins another volume or itself.
+        r.create().unwrap();
+        r.io.add_disk("/sim/vol-v", SIM, 25, 64 * MIB, 512);
+        r.io.set_built_on((SIM, 25), &[(SIM, MAIN), (SIM, S1), (SIM, S2)]);
+        let before = r.status();
+        for (path, phrase) in [
+            ("/sim/loop-over-s2", "overlaps /sim/s2 of volume `v`"),
+            ("/sim/main-part1", "overlaps /sim/main of volume `v`"),
+            ("/sim/main-path2", "two paths to one disk"),
+            ("/sim/vol-v", "overlaps /sim/main of volume `v`"),
+        ] {
+            let e = r.engine.spare_add("v", Path::new(path)).expect_err(path);
+            assert!(e.to_string().contains(phrase), "{path}: {e}");
+            assert_eq!(e.code(), exit::REFUSED, "{path}");
+        }
+        assert_eq!(r.status(), before);
+        let e = create(&mut r, "/sim/other", &["/sim/vol-v"]).expect_err("a volume as spare");
+        assert!(e.to_string().contains("of volume `v`"), "{e}");
+    }
+
+    #[test]
+    fn region_sizes_below_the_bound_are_refused_before_anything_is_made() {
+        let mut r = rig(SimDm::new());
+        for region in [4096, 64 << 10, (1 << 20) - 4096] {
+            let e = r
+                .engine
+                .create(
+                    "v",
+                    Path::new("/sim/main"),
+                    &["/sim/s1".into()],
+                    4096,
+                    region,
+                    Policy::FirstFit,
+                    UnreadablePolicy::Error,
+                )
+                .expect_err("tiny region");
+            assert_eq!(e.code(), exit::USAGE);
+            assert!(e.to_string().contains("below the minimum"), "{e}");
+        }
+        assert!(r.dm.log().is_empty(), "{:?}", r.dm.log());
+        assert!(r.create().is_ok());
+    }
+
+    #[test]
+    fn a_failed_create_removes_only_its_own_devices() {
+        let mut r = rig(SimDm::new());
+        // Someone else's device with the name of the new volume's second region.
+        let foreign: Vec<crate::dm::DmLine> = vec![(0, 8, "error".into(), String::new())];
+        r.dm.create("v-remap-r0001", "SOMEONE-ELSE", &foreign)
+            .unwrap();
+        let e = r.create().expect_err("region 1's name is taken");
+        assert!(e.to_string().contains("v-remap-r0001"), "{e}");
+        let left: Vec<String> =
+            r.dm.list("v")
+                .unwrap()
+                .into_iter()
+                .map(|d| d.name)
+                .collect();
+        assert_eq!(
+            left,
+            ["v-remap-r0001"],
+            "ours removed, the foreign one kept"
+        );
+        assert_eq!(r.dm.list("v").unwrap()[0].uuid, "SOMEONE-ELSE");
+        // Nothing of the volume is left on the spares either.
+        assert!(matches!(
+            metadata::read_device(&r.io, &r.io.open(Path::new("/sim/s1")).unwrap()),
+            Err(metadata::MetaError::NoMagic)
+        ));
     }
 
     #[test]

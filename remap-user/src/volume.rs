@@ -43,6 +43,12 @@ pub struct Geometry {
 /// large enough that the volume's own table stays short (1 TiB → 1,024 regions).
 pub const DEFAULT_REGION_BYTES: u64 = 1 << 30;
 pub const DEFAULT_CHUNK_BYTES: u64 = 4096;
+/// Each region is a device-mapper device: below this a volume becomes thousands of devices
+/// for no gain (a 4 KiB region would be one device per chunk).
+pub const MIN_REGION_BYTES: u64 = 1 << 20;
+/// Regions per volume, at create and as read from metadata (a format limit: a garbled or
+/// hostile geometry cannot make assembly create millions of devices).
+pub const MAX_REGIONS: u32 = 1 << 16;
 
 impl Geometry {
     pub fn new(

@@ -678,3 +678,25 @@ fn groups_resolve_from_etc_group() {
     assert_eq!(group_in(etc, "broken"), None);
     assert_eq!(resolve_group("123").unwrap(), 123);
 }
+
+#[test]
+fn a_second_agent_is_refused_by_the_machine_lock_and_told_who_holds_it() {
+    let dir = std::env::temp_dir().join(format!("remap-lock-{}", std::process::id()));
+    let path = dir.join("agent.lock");
+    let first = MachineLock::acquire(&path).expect("first agent");
+    // flock is per open file: a second open in this process conflicts just as another
+    // process would.
+    match MachineLock::acquire(&path) {
+        Err(AgentError::AnotherAgent { holder, .. }) => {
+            assert_eq!(holder, Some(std::process::id()));
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("two agents held the machine lock"),
+    }
+    let msg = MachineLock::acquire(&path).err().unwrap().to_string();
+    assert!(msg.contains("only one agent may run"), "{msg}");
+    drop(first);
+    let again = MachineLock::acquire(&path).expect("free once the first agent is gone");
+    drop(again);
+    let _ = fs::remove_dir_all(&dir);
+}

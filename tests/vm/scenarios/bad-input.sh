@@ -3,7 +3,7 @@
 # exact exit code (2 invalid, 3 not found, 4 refused), and changes nothing: the agent's
 # `status --json` (all volumes), `dmsetup ls`, every device-mapper table and the metadata areas
 # of every device involved are byte-identical before and after each attempt.
-#vm: cases missing-device not-block-device spare-is-main spare-twice main-in-use spare-in-use spare-mounted spare-too-small lba-past-end count-zero duplicate-spare-add spare-remove-busy spare-remove-not-spare unknown-volume invalid-name name-exists dm-name-exists still-usable
+#vm: cases missing-device not-block-device spare-is-main spare-twice overlap-loop overlap-volume main-in-use spare-in-use spare-mounted spare-too-small lba-past-end count-zero duplicate-spare-add spare-remove-busy spare-remove-not-spare unknown-volume invalid-name name-exists dm-name-exists still-usable
 #vm: needs remapd remapctl
 #vm: timeout 300
 . /vm/lib.sh
@@ -85,6 +85,18 @@ attempt spare-is-main 2 "spare $m1 is the main device itself" create bx --main "
 
 attempt spare-twice 2 "spare $s3 is given twice" create bx --main "$m1" --spare "$s3" --spare "$s3" &&
     pass spare-twice "$LAST"
+
+# Devices that share sectors with a member, by another path: a loop device over vol0's main, the
+# volume vol0 itself. (A device-mapper device over a disk holds it: that is "in use".)
+loopdev=/dev/loop7
+losetup "$loopdev" "$m0" || { fail overlap-loop "setup: losetup"; }
+attempt overlap-loop 4 "overlaps $m0 of volume \`vol0\`" spare add vol0 "$loopdev" &&
+    attempt overlap-loop 4 "overlaps $m0 of volume \`vol0\`" create bx --main "$m1" --spare "$loopdev" &&
+    pass overlap-loop "$LAST"
+losetup -d "$loopdev"
+attempt overlap-volume 4 "of volume \`vol0\`" spare add vol0 /dev/mapper/vol0 &&
+    attempt overlap-volume 4 "of volume \`vol0\`" create bx --main "$m1" --spare /dev/mapper/vol0 &&
+    pass overlap-volume "$LAST"
 
 attempt main-in-use 4 "main device $m0 is already part of volume \`vol0\`" create bx --main "$m0" --spare "$s3" &&
     attempt main-in-use 4 "main device $s1 is already part of volume \`vol0\`" create bx --main "$s1" --spare "$s3" &&

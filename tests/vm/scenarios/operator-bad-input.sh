@@ -8,7 +8,7 @@
 #
 # `remapctl debug raw` writes its standard input to the socket unchanged (there is no socat
 # or nc -U in the guest) and exits with the code of the last answer.
-#vm: cases sock-garbage sock-empty-line sock-no-cmd sock-cmd-type sock-unknown-cmd sock-unknown-field sock-wrong-type sock-negative sock-float sock-u64-overflow sock-u64-max-lba sock-u64-max-count sock-non-utf8 sock-control-bytes sock-two-in-one sock-deep-nesting sock-oversized sock-oversized-valid sock-half-request sock-map-width sock-unknown-volume sock-nonroot-change sock-nonroot-assemble sock-flood cli-unknown-command cli-lba-not-number cli-lba-negative cli-lba-overflow cli-bad-size cli-bad-policy cli-missing-spare cli-width-range cli-bad-shell cli-no-agent cli-not-a-socket cli-json-error cli-nonroot-change cli-outsider concurrent-stop concurrent-remap still-serving
+#vm: cases sock-garbage sock-empty-line sock-no-cmd sock-cmd-type sock-unknown-cmd sock-unknown-field sock-wrong-type sock-negative sock-float sock-u64-overflow sock-u64-max-lba sock-u64-max-count sock-non-utf8 sock-control-bytes sock-two-in-one sock-deep-nesting sock-oversized sock-oversized-valid sock-half-request sock-map-width sock-unknown-volume sock-nonroot-change sock-nonroot-assemble sock-flood cli-unknown-command cli-lba-not-number cli-lba-negative cli-lba-overflow cli-bad-size cli-bad-policy cli-missing-spare cli-width-range cli-bad-shell cli-no-agent cli-not-a-socket cli-json-error cli-nonroot-change cli-outsider second-agent concurrent-stop concurrent-remap still-serving
 #vm: needs remapd remapctl
 #vm: timeout 600
 . /vm/lib.sh
@@ -162,6 +162,18 @@ cli cli-bad-policy 2 "unknown allocation policy \`random\`" create x --main "$m1
 cli cli-missing-spare 2 "the following required arguments were not provided" create x --main "$m1"
 cli cli-width-range 2 "invalid value '0' for '--width <WIDTH>'" status vol0 --width 0
 cli cli-bad-shell 2 "invalid value 'tcsh'" completions tcsh
+
+# A second agent, with its own pin folder and socket, must not start beside the first: it would
+# adopt and write the same volumes. Refused before it pins, binds or assembles anything.
+snapshot >/tmp/before
+remapd --pin-dir /sys/fs/bpf/remap-second --socket /run/second.sock >/tmp/out 2>&1
+rc=$?
+if [ -e /sys/fs/bpf/remap-second ] || [ -e /run/second.sock ]; then
+    fail second-agent "the refused agent left $(ls -d /sys/fs/bpf/remap-second /run/second.sock 2>/dev/null)"
+else
+    check second-agent 1 "another remapd (pid $agent) manages this machine's volumes" "$rc" "$(cat /tmp/out)" &&
+        pass second-agent "$LAST"
+fi
 cli cli-no-agent 1 "cannot reach remapd at /run/nope.sock" --socket /run/nope.sock status
 cli cli-not-a-socket 1 "cannot reach remapd at /etc/passwd" --socket /etc/passwd status
 snapshot >/tmp/before
