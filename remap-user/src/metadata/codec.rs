@@ -252,6 +252,7 @@ fn decode_checkpoint_with(bytes: &[u8], check_payload: bool) -> Result<Checkpoin
     }
     let config: VolumeConfig = serde_json::from_slice(&bytes[HEADER..config_end])
         .map_err(|e| MetaError::Config(e.to_string()))?;
+    config.check()?;
     Ok(Checkpoint {
         uuid: h.volume_uuid,
         generation: h.generation,

@@ -75,6 +75,48 @@ pub struct VolumeConfig {
     pub meta_area_sectors: Sector,
 }
 
+impl VolumeConfig {
+    /// Whether this configuration is one remap could have written: every size within the
+    /// format's limits and consistent with the others. Run on every configuration read from a
+    /// disk, before anything is sized from it.
+    pub fn check(&self) -> Result<(), MetaError> {
+        let bad = |what| Err(MetaError::Invalid(what));
+        if self.name.is_empty() || self.name.len() > 127 {
+            return bad("volume name length");
+        }
+        let g = &self.geometry;
+        let bytes = |s: u64| s.checked_mul(crate::volume::SECTOR);
+        let (Some(size), Some(block), Some(chunk), Some(region)) = (
+            bytes(g.size),
+            bytes(g.block),
+            bytes(g.chunk),
+            bytes(g.region),
+        ) else {
+            return bad("geometry out of range");
+        };
+        match crate::volume::Geometry::new(size, block, chunk, region) {
+            Ok(again) if again == *g => {}
+            _ => return bad("geometry out of range"),
+        }
+        if g.size.div_ceil(g.region) > u64::from(crate::volume::MAX_REGIONS) {
+            return bad("more regions than the format allows");
+        }
+        if self.spares.is_empty() || self.spares.len() > MAX_SPARES {
+            return bad("spare count");
+        }
+        let mut slots: Vec<u32> = self.spares.iter().map(|s| s.slot).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        if slots.len() != self.spares.len() {
+            return bad("a spare slot is named twice");
+        }
+        if bytes(self.meta_area_sectors).is_none_or(|b| b > MAX_AREA_BYTES) {
+            return bad("metadata area larger than the format allows");
+        }
+        Ok(())
+    }
+}
+
 /// Where things sit in a metadata area of a given size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
@@ -83,6 +125,12 @@ pub struct Layout {
 }
 
 const SB_AREA: u64 = 2 * BLOCK as u64;
+/// The largest metadata area remap writes ([`Layout::for_spare`]) and its largest journal: a
+/// format limit, so that no superblock can make a reader allocate more than this.
+pub const MAX_AREA_BYTES: u64 = 128 << 20;
+const MAX_JOURNAL_BLOCKS: u32 = 1 << 20;
+/// Spares one volume may have (a format limit on configurations read from disk).
+pub const MAX_SPARES: usize = 1024;
 
 impl Layout {
     /// A quarter of the area is journal, the rest two checkpoint slots.
@@ -99,6 +147,29 @@ impl Layout {
     pub fn for_spare(spare_bytes: u64) -> Self {
         let want = (spare_bytes / 64).next_power_of_two();
         Self::new(want.clamp(8 << 20, 128 << 20))
+    }
+
+    /// The layout a superblock states, if it is one remap could have written on a device of
+    /// `device_bytes`: the area within the device and the format's limit, the journal and both
+    /// checkpoint slots within the area. Checked before anything is sized from it.
+    pub fn of_superblock(sb: &Superblock, device_bytes: u64) -> Result<Layout, MetaError> {
+        if sb.area_bytes > MAX_AREA_BYTES || sb.area_bytes > device_bytes {
+            return Err(MetaError::Invalid(
+                "superblock's metadata area is larger than the device or the format allows",
+            ));
+        }
+        let layout = Layout {
+            area_bytes: sb.area_bytes,
+            journal_blocks: sb.journal_blocks,
+        };
+        if sb.journal_blocks > MAX_JOURNAL_BLOCKS
+            || layout.journal_offset(sb.journal_blocks) > sb.area_bytes
+            || sb.journal_start >= sb.journal_blocks
+            || sb.ckpt_bytes > layout.ckpt_slot_bytes()
+        {
+            return Err(MetaError::Invalid("superblock sizes exceed the area"));
+        }
+        Ok(layout)
     }
 
     pub fn journal_offset(&self, block: u32) -> u64 {
@@ -383,19 +454,24 @@ pub fn read_device_with(
         return Err(first_err.unwrap_or(MetaError::NoMagic));
     }
     sbs.sort_by_key(|sb| std::cmp::Reverse(sb.ckpt_gen));
+    let device_bytes = io.size_bytes(dev).map_err(|e| MetaError::Io {
+        dev: dev.path.display().to_string(),
+        error: e.to_string(),
+    })?;
     let mut last = MetaError::NoMagic;
     for (i, sb) in sbs.into_iter().enumerate() {
-        let layout = Layout {
-            area_bytes: sb.area_bytes,
-            journal_blocks: sb.journal_blocks,
-        };
-        match read_from(io, dev, &sb, layout, &decode) {
-            Ok(State {
-                config,
-                remaps,
-                replay,
-                source,
-            }) => {
+        let read = Layout::of_superblock(&sb, device_bytes)
+            .and_then(|layout| read_from(io, dev, &sb, layout, &decode).map(|s| (layout, s)));
+        match read {
+            Ok((
+                layout,
+                State {
+                    config,
+                    remaps,
+                    replay,
+                    source,
+                },
+            )) => {
                 if replay.beyond {
                     notes.push(format!(
                         "the journal holds complete generations past {} that the checkpoint of generation {} cannot reach: a newer superblock or checkpoint was lost",
@@ -463,12 +539,6 @@ fn read_from(
     layout: Layout,
     decode: &impl Fn(&Source) -> bool,
 ) -> Result<State, MetaError> {
-    if sb.ckpt_bytes > layout.ckpt_slot_bytes()
-        || layout.journal_offset(layout.journal_blocks) > layout.area_bytes
-        || sb.journal_start >= layout.journal_blocks
-    {
-        return Err(MetaError::Invalid("superblock sizes exceed the area"));
-    }
     let len = (sb.ckpt_bytes as usize).next_multiple_of(BLOCK);
     let mut buf = vec![0u8; len];
     io.read_at(dev, layout.ckpt_offset(sb.ckpt_slot), &mut buf)
@@ -897,6 +967,122 @@ pub(crate) mod tests {
         // Both superblocks gone: no metadata.
         wipe(&*t.io, &t.a).unwrap();
         assert_eq!(read_device(&*t.io, &t.a), Err(MetaError::NoMagic));
+    }
+
+    /// Rewrites superblock `slot` of minor 1 with `f` applied and a valid CRC: what a crafted
+    /// disk would carry.
+    fn forge_superblock(t: &Two, slot: u32, f: impl Fn(&mut Superblock)) {
+        let raw =
+            t.io.peek(240, 1, u64::from(slot) * BLOCK as u64, BLOCK)
+                .unwrap();
+        let mut sb = Superblock::decode(&raw).unwrap();
+        f(&mut sb);
+        t.io.poke(240, 1, u64::from(slot) * BLOCK as u64, &sb.encode())
+            .unwrap();
+    }
+
+    #[test]
+    fn hostile_superblock_sizes_are_refused_before_anything_is_allocated() {
+        type Forge = fn(&mut Superblock);
+        let cases: [(&str, Forge); 6] = [
+            ("huge area", |sb| sb.area_bytes = u64::MAX / 2),
+            ("area past the device", |sb| sb.area_bytes = 64 << 20),
+            ("journal past the area", |sb| sb.journal_blocks = u32::MAX),
+            ("journal a little past the area", |sb| {
+                sb.journal_blocks = (sb.area_bytes / BLOCK as u64) as u32
+            }),
+            ("checkpoint past its slot", |sb| sb.ckpt_bytes = u64::MAX),
+            ("journal start past the ring", |sb| {
+                sb.journal_start = u32::MAX
+            }),
+        ];
+        for (what, f) in cases {
+            let t = two();
+            let slot = t.j.ckpt_slot;
+            forge_superblock(&t, slot, f);
+            // The other superblock (an older, empty slot here) may be used instead; the forged
+            // one must never be, and nothing may panic or allocate its sizes.
+            match read_device(&*t.io, &t.a) {
+                Err(e) => assert!(
+                    matches!(e, MetaError::Invalid(_) | MetaError::Checksum(_)),
+                    "{what}: {e}"
+                ),
+                Ok(m) => {
+                    assert!(m.layout.area_bytes <= 32 << 20, "{what}: {:?}", m.layout);
+                    assert!(
+                        m.notes
+                            .iter()
+                            .any(|n| n.contains("exceed") || n.contains("larger")),
+                        "{what}: {:?}",
+                        m.notes
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_configurations_are_refused() {
+        type Bend = fn(&mut VolumeConfig);
+        let cases: [(&str, Bend); 6] = [
+            ("a million regions", |c| {
+                c.geometry.size = 1 << 40;
+                c.geometry.region = c.geometry.chunk;
+            }),
+            ("chunk larger than 64 blocks", |c| {
+                c.geometry.chunk = 1 << 20
+            }),
+            ("size not whole chunks", |c| c.geometry.size += 1),
+            ("no spares", |c| c.spares.clear()),
+            ("a slot twice", |c| {
+                let s = c.spares[0].clone();
+                c.spares.push(s);
+            }),
+            ("giant metadata area", |c| {
+                c.meta_area_sectors = u64::MAX / 4
+            }),
+        ];
+        for (what, bend) in cases {
+            let mut cfg = sample_config();
+            bend(&mut cfg);
+            let bytes =
+                codec::encode_checkpoint(&[5; 16], 1, &cfg, &RemapTable::default()).unwrap();
+            match codec::decode_checkpoint(&bytes) {
+                Err(MetaError::Invalid(_)) => {}
+                Err(e) => panic!("{what}: wrong error {e}"),
+                Ok(_) => panic!("{what}: accepted"),
+            }
+        }
+        let good = codec::encode_checkpoint(&[5; 16], 1, &sample_config(), &RemapTable::default())
+            .unwrap();
+        assert!(codec::decode_checkpoint(&good).is_ok());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        /// Whatever a superblock says (with a valid CRC), reading never panics and never
+        /// trusts sizes beyond the device.
+        #[test]
+        fn any_superblock_is_read_safely(
+            area in proptest::prelude::any::<u64>(),
+            jb in proptest::prelude::any::<u32>(),
+            js in proptest::prelude::any::<u32>(),
+            ckb in proptest::prelude::any::<u64>(),
+            slot in 0u32..3,
+        ) {
+            let t = two();
+            let at = t.j.ckpt_slot;
+            forge_superblock(&t, at, |sb| {
+                sb.area_bytes = area;
+                sb.journal_blocks = jb.max(1);
+                sb.journal_start = js;
+                sb.ckpt_bytes = ckb;
+                sb.ckpt_slot = slot.min(1);
+            });
+            if let Ok(m) = read_device(&*t.io, &t.a) {
+                proptest::prop_assert!(m.layout.area_bytes <= 32 << 20);
+            }
+        }
     }
 
     #[test]
