@@ -962,7 +962,8 @@ where
     };
     // Shared: the scrubs read the main devices through it while the engine works.
     let io = Arc::new(io);
-    let engine = Engine::new(dm, Arc::clone(&io), watcher);
+    let mut engine = Engine::new(dm, Arc::clone(&io), watcher);
+    engine.host_id = crate::engine::machine_id();
     let (tx, rx) = mpsc::channel();
     let scrubs = Scrubs::new(Some(ScrubSetup {
         state_dir: opts.state_dir.clone(),

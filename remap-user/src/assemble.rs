@@ -43,9 +43,93 @@ fn newest_intact(found: &[Found]) -> Option<usize> {
         .max_by_key(|&i| (found[i].meta.generation, found[i].meta.has_table))
 }
 
+/// Decides which of the devices carrying a volume's metadata are its members. A copy is
+/// trusted only if another device's copy names it (slot and device UUID): a disk that merely
+/// claims membership, with whatever generation, is set aside. The trusted copies must then all
+/// be named by the newest one, and no two devices may carry one member's identity (a clone, or
+/// two paths to one disk). Returns notes on what was set aside, or why the volume is refused.
+fn vet_members(found: &mut Vec<Found>) -> Result<Vec<String>, String> {
+    let mut notes = Vec::new();
+    for (i, a) in found.iter().enumerate() {
+        if let Some(b) = found[i + 1..]
+            .iter()
+            .find(|b| b.meta.device_uuid == a.meta.device_uuid)
+        {
+            return Err(format!(
+                "{} and {} carry the metadata of the same member (slot {}): a copied disk or two paths to one disk; detach one and assemble again",
+                a.dev.path.display(),
+                b.dev.path.display(),
+                a.meta.slot
+            ));
+        }
+    }
+    if found.len() < 2 {
+        return Ok(notes);
+    }
+    let named_by = |cfg: &metadata::VolumeConfig, f: &Found| {
+        let uuid = uuid_hex(&f.meta.device_uuid);
+        cfg.spares
+            .iter()
+            .any(|r| r.slot == f.meta.slot && r.uuid == uuid)
+    };
+    let vouched: Vec<bool> = found
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            found
+                .iter()
+                .enumerate()
+                .any(|(j, g)| i != j && named_by(&g.meta.config, f))
+        })
+        .collect();
+    if !vouched.iter().any(|v| *v) {
+        let names: Vec<_> = found
+            .iter()
+            .map(|f| f.dev.path.display().to_string())
+            .collect();
+        return Err(format!(
+            "no copy of the metadata is named as a member by another ({}): they cannot be told from foreign disks; refusing",
+            names.join(", ")
+        ));
+    }
+    let mut keep = vouched.into_iter();
+    found.retain(|f| {
+        let ok = keep.next().unwrap_or(false);
+        if !ok {
+            notes.push(format!(
+                "{} carries metadata of this volume (generation {}) but no member names it: not trusted, ignored (wipe it if it is not a member)",
+                f.dev.path.display(),
+                f.meta.generation
+            ));
+        }
+        ok
+    });
+    let newest = found
+        .iter()
+        .max_by_key(|f| f.meta.generation)
+        .expect("one kept");
+    if let Some(f) = found.iter().find(|f| !named_by(&newest.meta.config, f)) {
+        return Err(format!(
+            "the newest copy (on {}, generation {}) does not name {} as a member, which other members name: conflicting member sets; refusing to guess",
+            newest.dev.path.display(),
+            newest.meta.generation,
+            f.dev.path.display()
+        ));
+    }
+    Ok(notes)
+}
+
 impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     /// Scans every block device and assembles the volumes found (only `only`, if given).
+    /// Volumes another machine owns are left alone unless named (`only`): see
+    /// [`Engine::assemble_explicit`].
     pub fn assemble(&mut self, only: Option<&str>) -> Vec<Assembled> {
+        self.assemble_explicit(only, only.is_some())
+    }
+
+    /// [`Engine::assemble`]; `explicit` takes over volumes recorded with another machine's id
+    /// (mdadm's homehost, LVM's system ID): at start remapd assembles only its own.
+    pub fn assemble_explicit(&mut self, only: Option<&str>, explicit: bool) -> Vec<Assembled> {
         let devices = self.io.scan();
         let mut groups: BTreeMap<[u8; 16], Vec<Found>> = BTreeMap::new();
         let mut plain = Vec::new();
@@ -93,6 +177,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         let mut out = Vec::new();
         for (uuid, mut found) in groups {
+            let vetted = vet_members(&mut found);
             let best = found
                 .iter()
                 .max_by_key(|f| f.meta.generation)
@@ -113,6 +198,36 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 report.outcome = "already-running".into();
                 out.push(report);
                 continue;
+            }
+            match vetted {
+                Ok(n) => report.notes.extend(n),
+                Err(e) => {
+                    tracing::error!(volume = name, "not assembled: {e}");
+                    report.notes.push(e);
+                    out.push(report);
+                    continue;
+                }
+            }
+            let owner = best.meta.config.host.clone();
+            let foreign = owner
+                .as_ref()
+                .zip(self.host_id.as_ref())
+                .is_some_and(|(o, me)| o != me);
+            if foreign && !explicit {
+                let e = format!(
+                    "created on another machine (host id {}); not assembled automatically. Take it over with `remapctl assemble {name}`",
+                    owner.unwrap_or_default()
+                );
+                tracing::warn!(volume = name, "{e}");
+                report.notes.push(e);
+                out.push(report);
+                continue;
+            }
+            if foreign {
+                report.notes.push(format!(
+                    "taken over from host id {} by this machine",
+                    owner.unwrap_or_default()
+                ));
             }
             let read: std::time::Duration = found.iter().map(|f| f.read).sum();
             let t0 = std::time::Instant::now();
@@ -164,6 +279,25 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 names.join(", ")
             ));
         };
+        if !found[bi].meta.has_table {
+            // Its table was dropped while a copy since set aside (not trusted) outranked it:
+            // read it again, whole.
+            let again = metadata::read_device(&self.io, &found[bi].dev).map_err(|e| {
+                EngineError::Refused(format!(
+                    "the metadata of `{}` on {} could not be read again: {e}",
+                    found[bi].meta.config.name,
+                    found[bi].dev.path.display()
+                ))
+            })?;
+            if again.source != found[bi].meta.source {
+                return refuse(format!(
+                    "the metadata of `{}` on {} changed while it was assembled; assemble again",
+                    found[bi].meta.config.name,
+                    found[bi].dev.path.display()
+                ));
+            }
+            found[bi].meta = again;
+        }
         // Copies at the newest generation built from other commits than this one are compared
         // with it by digest; copies built from the same commits hold the same table.
         let (generation, source) = (found[bi].meta.generation, found[bi].meta.source);
@@ -192,15 +326,6 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 best.meta.generation,
                 d.dev.path.display(),
                 d.meta.generation
-            ));
-        }
-        if !best.meta.has_table {
-            // Cannot happen: a copy is read without its table only while an intact twin,
-            // which it does not outrank, holds it.
-            return refuse(format!(
-                "the remap table of `{}` on {} was not read; assemble again",
-                best.meta.config.name,
-                best.dev.path.display()
             ));
         }
         let (meta, config) = (&best.meta, &best.meta.config);
@@ -322,7 +447,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         if let Some(pos) = resume {
             (journal.next, journal.used) = (pos.next, pos.used);
         }
-        let config = config.clone();
+        let mut config = config.clone();
+        // A volume taken over (explicitly) from another machine, or created before hosts were
+        // recorded, becomes this machine's; the new owner is written with a checkpoint.
+        let take_over = self.host_id.is_some() && config.host != self.host_id;
+        config.host.clone_from(&self.host_id);
+        let resume = resume.filter(|_| !take_over);
         // Taken, not copied: at a million remaps the copy would be most of the agent's memory.
         let remaps = std::mem::take(&mut found[bi].meta.remaps);
         let mut vol = Volume {
@@ -608,6 +738,188 @@ mod tests {
         assert_eq!(tables(&c.dm, 4), want);
     }
 
+    fn sim(minor: u32) -> BlockDev {
+        BlockDev {
+            path: format!("/sim/x{minor}").into(),
+            major: SIM,
+            minor,
+        }
+    }
+
+    /// A rebooted machine: the disks as they are, no device-mapper devices, no agent.
+    fn rebooted(a: &crate::engine::tests::Rig) -> crate::engine::tests::Rig {
+        let mut b = a.restart();
+        b.dm = Arc::new(SimDm::new());
+        b.engine = crate::engine::Engine::new(b.dm.clone(), b.io.clone(), SimWatch::default());
+        b
+    }
+
+    /// Writes onto a new disk `minor` a copy of `v`'s metadata that claims `members` (slot,
+    /// device UUID byte) at generation `generation`, as a crafted USB stick would.
+    fn forge(
+        a: &crate::engine::tests::Rig,
+        minor: u32,
+        slot: u32,
+        members: &[(u32, u8)],
+        generation: u64,
+    ) {
+        a.io.add_disk(&format!("/sim/x{minor}"), SIM, minor, 24 * MIB, 512);
+        let s1 = BlockDev {
+            path: "/sim/s1".into(),
+            major: SIM,
+            minor: S1,
+        };
+        let m = metadata::read_device(&*a.io, &s1).unwrap();
+        let mut cfg = m.config.clone();
+        cfg.spares = members
+            .iter()
+            .map(|(slot, id)| SpareRecord {
+                slot: *slot,
+                identity: DevIdentity {
+                    wwn: None,
+                    serial: Some(format!("forged-{slot}")),
+                    by_id: None,
+                    size_bytes: 24 * MIB,
+                },
+                uuid: format!("{id:02x}").repeat(16),
+                size_sectors: 24 * MIB / 512,
+                last_path: format!("/sim/forged{slot}"),
+                hot: false,
+                draining: false,
+            })
+            .collect();
+        let own = members
+            .iter()
+            .find(|(s, _)| *s == slot)
+            .map_or(0xee, |(_, id)| *id);
+        let mut j = Journal::new(m.layout, m.volume_uuid);
+        j.generation = generation - 1;
+        j.checkpoint(
+            &*a.io,
+            &[Copy {
+                dev: &sim(minor),
+                slot,
+                uuid: [own; 16],
+            }],
+            &cfg,
+            &RemapTable::default(),
+        )
+        .unwrap();
+    }
+
+    fn uuid_byte_of(a: &crate::engine::tests::Rig, minor: u32) -> u8 {
+        let d = BlockDev {
+            path: "/sim/any".into(),
+            major: SIM,
+            minor,
+        };
+        metadata::read_device(&*a.io, &d).unwrap().device_uuid[0]
+    }
+
+    #[test]
+    fn a_disk_that_claims_membership_with_a_higher_generation_is_not_trusted() {
+        let mut a = rig(SimDm::new());
+        a.create().unwrap();
+        a.engine.remap_add("v", 80, 8).unwrap();
+        let legit = a.status();
+        a.engine.stop("v").unwrap();
+        // It names the real spares (their UUIDs are on them) and itself, 100 generations on,
+        // with an empty table: were it believed, chunk 10 would read the main's stale data.
+        let (u1, u2) = (uuid_byte_of(&a, S1), uuid_byte_of(&a, S2));
+        forge(&a, 30, 2, &[(0, u1), (1, u2), (2, 0xdd)], 100);
+        let mut b = rebooted(&a);
+        let rep = b.engine.assemble(None);
+        assert_eq!(rep.len(), 1, "{rep:?}");
+        assert_eq!(rep[0].outcome, "created", "{rep:?}");
+        assert!(
+            rep[0]
+                .notes
+                .iter()
+                .any(|n| n.contains("/sim/x30") && n.contains("no member names it")),
+            "{rep:?}"
+        );
+        let st = b.status();
+        assert_eq!(st["remaps"], legit["remaps"]);
+        assert_eq!(
+            st["generation"], legit["generation"],
+            "the forged generation was not taken"
+        );
+        assert!(
+            !b.engine.volumes["v"].main_or_spare(&sim(30)),
+            "the forged disk is no member"
+        );
+    }
+
+    #[test]
+    fn disks_that_vouch_for_each_other_against_the_members_are_a_conflict() {
+        let mut a = rig(SimDm::new());
+        a.create().unwrap();
+        a.engine.stop("v").unwrap();
+        forge(&a, 30, 0, &[(0, 0xd0), (1, 0xd1)], 50);
+        forge(&a, 31, 1, &[(0, 0xd0), (1, 0xd1)], 50);
+        let mut b = rebooted(&a);
+        let rep = b.engine.assemble(None);
+        assert_eq!(rep[0].outcome, "refused", "{rep:?}");
+        assert!(
+            rep[0]
+                .notes
+                .iter()
+                .any(|n| n.contains("conflicting member sets")),
+            "{rep:?}"
+        );
+        assert!(b.dm.list("").unwrap().is_empty(), "nothing created");
+    }
+
+    #[test]
+    fn a_cloned_member_is_a_conflict() {
+        let mut a = rig(SimDm::new());
+        a.create().unwrap();
+        let area = a.engine.volumes["v"].journal.layout.area_bytes as usize;
+        a.engine.stop("v").unwrap();
+        a.io.add_disk("/sim/x30", SIM, 30, 24 * MIB, 512);
+        let bytes = a.io.peek(SIM, S2, 0, area).unwrap();
+        a.io.poke(SIM, 30, 0, &bytes).unwrap();
+        let mut b = rebooted(&a);
+        let rep = b.engine.assemble(None);
+        assert_eq!(rep[0].outcome, "refused", "{rep:?}");
+        assert!(
+            rep[0].notes.iter().any(|n| n.contains("same member")),
+            "{rep:?}"
+        );
+        assert!(b.dm.list("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn another_machines_volume_waits_for_an_explicit_request_then_becomes_ours() {
+        let mut a = rig(SimDm::new());
+        a.engine.host_id = Some("a".repeat(32));
+        a.create().unwrap();
+        a.engine.stop("v").unwrap();
+        let mut b = rebooted(&a);
+        b.engine.host_id = Some("b".repeat(32));
+        let rep = b.engine.assemble(None);
+        assert_eq!(rep[0].outcome, "refused", "{rep:?}");
+        assert!(
+            rep[0].notes.iter().any(|n| n.contains("another machine")),
+            "{rep:?}"
+        );
+        assert!(b.dm.list("").unwrap().is_empty(), "nothing created");
+        let rep = b.engine.assemble(Some("v"));
+        assert_eq!(rep[0].outcome, "created", "{rep:?}");
+        assert!(
+            rep[0].notes.iter().any(|n| n.contains("taken over")),
+            "{rep:?}"
+        );
+        b.engine.stop("v").unwrap();
+        // Now it is this machine's: it comes up by itself, and no longer on the first.
+        let mut c = rebooted(&b);
+        c.engine.host_id = Some("b".repeat(32));
+        assert_eq!(c.engine.assemble(None)[0].outcome, "created");
+        let mut d = rebooted(&b);
+        d.engine.host_id = Some("a".repeat(32));
+        assert_eq!(d.engine.assemble(None)[0].outcome, "refused");
+    }
+
     #[test]
     fn copies_that_differ_at_the_same_generation_are_refused() {
         let mut a = rig(SimDm::new());
@@ -832,6 +1144,7 @@ mod tests {
             unreadable: UnreadablePolicy::Error,
             pending_mode: crate::volume::PendingMode::FlakeyErrorReads,
             meta_area_sectors: layout.area_bytes / 512,
+            host: None,
         };
         let s1 = BlockDev {
             path: "/sim/s1".into(),

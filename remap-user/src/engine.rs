@@ -187,6 +187,19 @@ pub struct Engine<D, I, W> {
     /// million map updates take seconds, which readiness need not wait for. The agent makes
     /// them in slices between requests ([`Engine::mirror_some`]).
     pub(crate) mirror_backlog: BTreeMap<String, u64>,
+    /// This machine's id ([`machine_id`]): recorded in the volumes it creates; volumes
+    /// recorded with another id are assembled only on an explicit request.
+    pub host_id: Option<String>,
+}
+
+/// This machine's id, as systemd keeps it; `None` where there is none (then volumes record no
+/// host and every machine treats them as its own, as before ids were recorded).
+pub fn machine_id() -> Option<String> {
+    ["/etc/machine-id", "/var/lib/dbus/machine-id"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_owned())
+        .find(|s| s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Remaps mirrored per slice of the assembly backlog: a few milliseconds, so a request that
@@ -247,6 +260,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             history: BTreeMap::new(),
             started: Instant::now(),
             mirror_backlog: BTreeMap::new(),
+            host_id: None,
         }
     }
 
@@ -710,6 +724,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             unreadable,
             pending_mode,
             meta_area_sectors: area,
+            host: self.host_id.clone(),
         };
         let journal = Journal::new(layout, uuid_bytes(&config.uuid));
         let mut vol = Volume {

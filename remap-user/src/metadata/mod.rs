@@ -73,6 +73,11 @@ pub struct VolumeConfig {
     pub unreadable: UnreadablePolicy,
     pub pending_mode: PendingMode,
     pub meta_area_sectors: Sector,
+    /// The machine the volume belongs to (its /etc/machine-id when it was created or last
+    /// taken over): only that machine assembles it by itself. Absent on volumes made before
+    /// it was recorded, and where the machine has no id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 impl VolumeConfig {
@@ -742,6 +747,7 @@ pub(crate) mod tests {
             unreadable: UnreadablePolicy::Error,
             pending_mode: PendingMode::FlakeyErrorReads,
             meta_area_sectors: (8 << 20) / 512,
+            host: None,
         }
     }
 
