@@ -786,6 +786,7 @@ mod tests {
                 last_path: format!("/sim/forged{slot}"),
                 hot: false,
                 draining: false,
+                meta_failed: false,
             })
             .collect();
         let own = members
@@ -794,17 +795,21 @@ mod tests {
             .map_or(0xee, |(_, id)| *id);
         let mut j = Journal::new(m.layout, m.volume_uuid);
         j.generation = generation - 1;
-        j.checkpoint(
-            &*a.io,
-            &[Copy {
-                dev: &sim(minor),
-                slot,
-                uuid: [own; 16],
-            }],
-            &cfg,
-            &RemapTable::default(),
-        )
-        .unwrap();
+        assert!(
+            j.checkpoint(
+                &*a.io,
+                &[Copy {
+                    dev: &sim(minor),
+                    slot,
+                    uuid: [own; 16],
+                }],
+                &cfg,
+                &RemapTable::default(),
+            )
+            .unwrap()
+            .failed
+            .is_empty()
+        );
     }
 
     fn uuid_byte_of(a: &crate::engine::tests::Rig, minor: u32) -> u8 {
@@ -1081,14 +1086,18 @@ mod tests {
         vol.remaps.insert(2, r);
         let copies: Vec<Copy<'_>> = vol.copies();
         let mut j = vol.journal.clone();
-        j.commit(
-            &*a.io,
-            &copies,
-            &[metadata::codec::JournalOp::Set { chunk: 2, remap: r }],
-            &vol.config,
-            &vol.remaps,
-        )
-        .unwrap();
+        assert!(
+            j.commit(
+                &*a.io,
+                &copies,
+                &[metadata::codec::JournalOp::Set { chunk: 2, remap: r }],
+                &vol.config,
+                &vol.remaps,
+            )
+            .unwrap()
+            .failed
+            .is_empty()
+        );
         a.dm.suspend("v-remap-r0000").unwrap();
         let mut b = a.restart();
         let rep = b.engine.assemble(None);
@@ -1139,6 +1148,7 @@ mod tests {
                 last_path: "/sim/s1".into(),
                 hot: false,
                 draining: false,
+                meta_failed: false,
             }],
             policy: Policy::FirstFit,
             unreadable: UnreadablePolicy::Error,
@@ -1152,17 +1162,21 @@ mod tests {
             minor: S1,
         };
         let mut j = Journal::new(layout, uuid_bytes(&config.uuid));
-        j.checkpoint(
-            &*io,
-            &[Copy {
-                dev: &s1,
-                slot: 0,
-                uuid: uuid_bytes(&"22".repeat(16)),
-            }],
-            &config,
-            remaps,
-        )
-        .unwrap();
+        assert!(
+            j.checkpoint(
+                &*io,
+                &[Copy {
+                    dev: &s1,
+                    slot: 0,
+                    uuid: uuid_bytes(&"22".repeat(16)),
+                }],
+                &config,
+                remaps,
+            )
+            .unwrap()
+            .failed
+            .is_empty()
+        );
         let dm = Arc::new(SimDm::new());
         let engine = crate::engine::Engine::new(dm.clone(), io, SimWatch::default());
         (dm, engine)

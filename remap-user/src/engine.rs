@@ -116,9 +116,17 @@ impl Volume {
     }
 
     /// The spares as metadata copies.
+    /// The metadata copies written: one per spare, but for spares whose copy failed.
     pub(crate) fn copies(&self) -> Vec<Copy<'_>> {
+        let failed = |slot: u32| {
+            self.config
+                .spares
+                .iter()
+                .any(|s| s.slot == slot && s.meta_failed)
+        };
         self.spares
             .iter()
+            .filter(|(slot, _)| !failed(**slot))
             .map(|(slot, dev)| Copy {
                 dev,
                 slot: *slot,
@@ -710,6 +718,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 last_path: s.path.display().to_string(),
                 hot: false,
                 draining: false,
+                meta_failed: false,
             });
         }
         let pending_mode = self.pending_mode(&main, unreadable)?;
@@ -915,6 +924,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 last_path: path.display().to_string(),
                 hot,
                 draining: false,
+                meta_failed: false,
             });
             if let Err(e) = self.checkpoint(&mut vol) {
                 vol.spares.remove(&slot);
@@ -1762,20 +1772,60 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     /// journal is full).
     fn commit_ops(&self, vol: &mut Volume, ops: &[JournalOp]) -> Result<()> {
         let mut j = vol.journal.clone();
-        j.commit(&self.io, &vol.copies(), ops, &vol.config, &vol.remaps)
+        let written = j
+            .commit(&self.io, &vol.copies(), ops, &vol.config, &vol.remaps)
             .map_err(|e| EngineError::Failed(format!("committing metadata: {e}")))?;
         vol.journal = j;
         crash_point("after-commit");
+        self.degrade_copies(vol, written.failed);
         Ok(())
     }
 
     /// Writes the whole state (configuration changes) to every spare.
     pub(crate) fn checkpoint(&self, vol: &mut Volume) -> Result<()> {
         let mut j = vol.journal.clone();
-        j.checkpoint(&self.io, &vol.copies(), &vol.config, &vol.remaps)
+        let written = j
+            .checkpoint(&self.io, &vol.copies(), &vol.config, &vol.remaps)
             .map_err(|e| EngineError::Failed(format!("writing metadata: {e}")))?;
         vol.journal = j;
+        self.degrade_copies(vol, written.failed);
         Ok(())
+    }
+
+    /// The copies a write reached hold the new state, durably: the volume goes on with it
+    /// (rolling back in memory would leave the disks saying something else than the volume
+    /// serves). The copies it did not reach are no longer written; their spares take nothing
+    /// new; the change is recorded on the copies that remain, and the operator is told.
+    fn degrade_copies(&self, vol: &mut Volume, mut failed: Vec<(u32, metadata::MetaError)>) {
+        while !failed.is_empty() {
+            for (slot, e) in &failed {
+                if let Some(rec) = vol.config.spares.iter_mut().find(|r| r.slot == *slot) {
+                    rec.meta_failed = true;
+                    rec.draining = true;
+                }
+                let _ = vol.pool.set_open(*slot, false);
+                tracing::error!(
+                    volume = vol.config.name,
+                    spare = %vol.spares.get(slot).map(|d| d.path.display().to_string()).unwrap_or_default(),
+                    remaining = vol.copies().len(),
+                    "metadata write failed: {e}; this spare's copy is no longer written (the others hold the volume's state) and nothing new lands on it: replace it (remapctl spare add, then spare remove --migrate)"
+                );
+            }
+            let mut j = vol.journal.clone();
+            match j.checkpoint(&self.io, &vol.copies(), &vol.config, &vol.remaps) {
+                Ok(w) => {
+                    vol.journal = j;
+                    failed = w.failed;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        volume = vol.config.name,
+                        "recording the failed metadata copy failed too: {e}"
+                    );
+                    break;
+                }
+            }
+        }
     }
 
     fn wipe_metadata(&self, dev: &BlockDev) -> Result<()> {
@@ -1860,6 +1910,8 @@ fn pool_json(vol: &Volume) -> Value {
                 "free_bytes": u.free * chunk_bytes,
                 // draining: being emptied (`spare remove --migrate`), nothing new lands on it.
                 "state": if vol.pool.is_open(u.slot) { "active" } else { "draining" },
+                // Its metadata copy failed a write and is no longer kept.
+                "metadata": if rec.is_some_and(|r| r.meta_failed) { "failed" } else { "ok" },
             })
         })
         .collect();
@@ -2069,6 +2121,74 @@ pub(crate) mod tests {
                 _ => None,
             }
         }
+
+        /// Writes one sector through the volume's live tables (a linear segment only), durably.
+        pub(crate) fn write_volume(&self, sector: u64, data: &[u8]) {
+            let vol = self.engine.volume("v").unwrap();
+            let g = *vol.geo();
+            let r = g.region_of_chunk(sector / g.chunk);
+            let lines = self.dm.table(&region_name("v", r)).unwrap();
+            let rel = sector - g.region_span(r).0;
+            let (start, _, ty, params) = lines
+                .iter()
+                .find(|(s, l, ..)| (*s..s + l).contains(&rel))
+                .unwrap();
+            assert_eq!(ty, "linear", "write to a non-linear segment");
+            let mut p = params.split_whitespace();
+            let minor: u32 = p
+                .next()
+                .unwrap()
+                .split(':')
+                .nth(1)
+                .unwrap()
+                .parse()
+                .unwrap();
+            let off: u64 = p.next().unwrap().parse().unwrap();
+            self.io
+                .poke(SIM, minor, (off + rel - start) * 512, data)
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_commit_that_fails_on_one_copy_goes_forward_on_the_other_and_remapping_goes_on() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        // S2's metadata area fails every write from now on (its data area is fine).
+        r.io.fail_writes(SIM, S2, 0..(8 * MIB / 512));
+        r.io.fail_reads(SIM, MAIN, 1001..1002);
+        let reports = r.error(MAIN, 1000, 8);
+        assert_eq!(reports.len(), 1, "the remap went through");
+        assert_eq!(reports[0].remapped, [125]);
+        // The volume serves the new table, and a write to a readable neighbour of the bad
+        // sector goes where the metadata says the chunk lives.
+        let fresh = vec![0x5au8; 512];
+        r.write_volume(1003, &fresh);
+        let st = r.status();
+        let devs = st["pool"]["devices"].as_array().unwrap();
+        assert_eq!(devs[1]["metadata"], "failed", "{st}");
+        assert_eq!(devs[1]["state"], "draining", "{st}");
+        // Later errors are remapped too, onto the healthy spare only.
+        r.io.fail_reads(SIM, MAIN, 40001..40002);
+        let more = r.error(MAIN, 40000, 8);
+        assert_eq!(more.len(), 1);
+        assert_eq!(more[0].remapped, [5000]);
+        // A crash and a reboot: assembly takes the healthy copy, which says what was served.
+        let mut b = r.restart();
+        b.dm = Arc::new(SimDm::new());
+        b.engine = Engine::new(b.dm.clone(), b.io.clone(), SimWatch::default());
+        let rep = b.engine.assemble(None);
+        assert_eq!(rep[0].outcome, "created", "{rep:?}");
+        assert_eq!(b.status()["remaps"], 2);
+        assert_eq!(
+            b.read_volume(1003),
+            Some(fresh),
+            "the write made after the remap survived"
+        );
+        assert_eq!(b.read_volume(1000), Some(golden(1000)));
+        assert_eq!(b.read_volume(40000), Some(golden(40000)));
+        let st = b.status();
+        assert_eq!(st["pool"]["devices"][1]["metadata"], "failed", "{st}");
     }
 
     fn event(minor: u32, sector: u64, nr: u32, errno: i32) -> ErrorEvent {
@@ -2339,12 +2459,15 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_failed_commit_changes_nothing() {
+    fn a_commit_no_copy_takes_changes_nothing() {
         let mut r = rig(SimDm::new());
         r.create().unwrap();
         let before = r.status();
         let table = r.dm.table("v-remap-r0000").unwrap();
         r.dm.take_log();
+        // Every copy fails (one failing copy is not a failed commit: see
+        // a_commit_that_fails_on_one_copy_goes_forward_on_the_other_and_remapping_goes_on).
+        r.io.fail_writes(SIM, S1, 0..(8 << 20) / 512);
         r.io.fail_writes(SIM, S2, 0..(8 << 20) / 512);
         r.io.fail_reads(SIM, MAIN, 16..17);
         assert!(

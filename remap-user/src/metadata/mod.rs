@@ -40,6 +40,8 @@ pub enum MetaError {
     Full { count: usize, capacity: usize },
     #[error("metadata I/O on {dev}: {error}")]
     Io { dev: String, error: String },
+    #[error("no metadata copy is left to write (every spare's metadata area failed)")]
+    NoCopy,
 }
 
 /// One pool member as recorded in the metadata.
@@ -58,6 +60,10 @@ pub struct SpareRecord {
     /// Being emptied (`spare remove --migrate`): nothing new lands on it.
     #[serde(default)]
     pub draining: bool,
+    /// Its metadata copy failed a write: it is no longer written (the other copies hold the
+    /// volume's state) and nothing new lands on the device. Its extents still serve.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub meta_failed: bool,
 }
 
 /// Everything about a volume except its remaps.
@@ -232,18 +238,54 @@ fn io_err(dev: &BlockDev, e: std::io::Error) -> MetaError {
     }
 }
 
-fn write_all(
+/// Which copies a commit or checkpoint reached. The write succeeded if at least one did: the
+/// new state is durable there, and assembly takes the newest intact copy. The caller must stop
+/// writing to the failed ones (their device is no longer trusted for metadata).
+#[derive(Debug, Default, PartialEq, Eq)]
+#[must_use]
+pub struct Written {
+    /// Slots whose copy failed, with the error.
+    pub failed: Vec<(u32, MetaError)>,
+}
+
+/// Writes what `bytes` gives for each copy not yet failed, at `off`, and flushes; a failure
+/// marks the copy.
+fn write_each<'b>(
     io: &impl BlockIo,
     copies: &[Copy<'_>],
+    failed: &mut Vec<(u32, MetaError)>,
     off: u64,
-    bytes: &[u8],
-) -> Result<(), MetaError> {
-    for c in copies {
-        io.write_at(c.dev, off, bytes)
-            .map_err(|e| io_err(c.dev, e))?;
-        io.flush(c.dev).map_err(|e| io_err(c.dev, e))?;
+    bytes: impl Fn(&Copy<'_>) -> std::borrow::Cow<'b, [u8]>,
+    after_first: Option<&str>,
+) {
+    for (i, c) in copies.iter().enumerate() {
+        if failed.iter().any(|(s, _)| *s == c.slot) {
+            continue;
+        }
+        let r = io
+            .write_at(c.dev, off, &bytes(c))
+            .and_then(|()| io.flush(c.dev))
+            .map_err(|e| io_err(c.dev, e));
+        if let Err(e) = r {
+            failed.push((c.slot, e));
+        }
+        if i == 0
+            && let Some(point) = after_first
+        {
+            crash_point(point);
+        }
     }
-    Ok(())
+}
+
+/// `Ok` when some copy has it; the first error when none has.
+fn outcome(copies: &[Copy<'_>], mut failed: Vec<(u32, MetaError)>) -> Result<Written, MetaError> {
+    if copies.is_empty() {
+        return Err(MetaError::NoCopy);
+    }
+    if failed.len() >= copies.len() {
+        return Err(failed.remove(0).1);
+    }
+    Ok(Written { failed })
 }
 
 /// Points at which a test build can make remapd abort (REMAP_CRASH_AT), to prove that a crash
@@ -281,7 +323,7 @@ impl Journal {
         copies: &[Copy<'_>],
         config: &VolumeConfig,
         remaps: &RemapTable,
-    ) -> Result<(), MetaError> {
+    ) -> Result<Written, MetaError> {
         let generation = self.generation + 1;
         let bytes = codec::encode_checkpoint(&self.uuid, generation, config, remaps)?;
         if bytes.len() as u64 > self.layout.ckpt_slot_bytes() {
@@ -291,10 +333,18 @@ impl Journal {
             });
         }
         let slot = 1 - self.ckpt_slot;
-        write_all(io, copies, self.layout.ckpt_offset(slot), &bytes)?;
+        let mut failed = Vec::new();
+        write_each(
+            io,
+            copies,
+            &mut failed,
+            self.layout.ckpt_offset(slot),
+            |_| bytes.as_slice().into(),
+            None,
+        );
         let len = codec::checkpoint_len(&bytes)?;
-        for c in copies {
-            let sb = Superblock {
+        let sb_of = |c: &Copy<'_>| -> std::borrow::Cow<'static, [u8]> {
+            Superblock {
                 magic: codec::SB_MAGIC,
                 version: codec::VERSION,
                 slot: c.slot,
@@ -309,18 +359,25 @@ impl Journal {
                 area_bytes: self.layout.area_bytes,
                 reserved: [0; 36],
                 crc: 0,
-            };
-            // Superblock i describes checkpoint slot i: a torn write leaves the other intact.
-            let off = u64::from(slot) * BLOCK as u64;
-            io.write_at(c.dev, off, &sb.encode())
-                .map_err(|e| io_err(c.dev, e))?;
-            io.flush(c.dev).map_err(|e| io_err(c.dev, e))?;
-        }
+            }
+            .encode()
+            .into()
+        };
+        // Superblock i describes checkpoint slot i: a torn write leaves the other intact.
+        write_each(
+            io,
+            copies,
+            &mut failed,
+            u64::from(slot) * BLOCK as u64,
+            sb_of,
+            None,
+        );
+        let written = outcome(copies, failed)?;
         self.generation = generation;
         self.ckpt_gen = generation;
         self.ckpt_slot = slot;
         self.used = 0;
-        Ok(())
+        Ok(written)
     }
 
     /// Commits `ops` as generation `generation + 1`: a journal append when it fits, a
@@ -332,7 +389,7 @@ impl Journal {
         ops: &[JournalOp],
         config: &VolumeConfig,
         remaps_after: &RemapTable,
-    ) -> Result<(), MetaError> {
+    ) -> Result<Written, MetaError> {
         let generation = self.generation + 1;
         let bytes = codec::encode_journal(&self.uuid, generation, ops);
         let parts = (bytes.len() / BLOCK) as u32;
@@ -349,18 +406,20 @@ impl Journal {
         let off = self.layout.journal_offset(at);
         // A crash here leaves some copies with this generation and some without: assembly
         // takes the newest complete one, and either is consistent with the data on disk.
-        for (i, c) in copies.iter().enumerate() {
-            io.write_at(c.dev, off, &bytes)
-                .map_err(|e| io_err(c.dev, e))?;
-            io.flush(c.dev).map_err(|e| io_err(c.dev, e))?;
-            if i == 0 {
-                crash_point("mid-metadata");
-            }
-        }
+        let mut failed = Vec::new();
+        write_each(
+            io,
+            copies,
+            &mut failed,
+            off,
+            |_| bytes.as_slice().into(),
+            Some("mid-metadata"),
+        );
+        let written = outcome(copies, failed)?;
         self.generation = generation;
         self.next = (at + parts) % jb;
         self.used += skip + parts;
-        Ok(())
+        Ok(written)
     }
 }
 
@@ -742,6 +801,7 @@ pub(crate) mod tests {
                 last_path: "/dev/nullb1".into(),
                 hot: false,
                 draining: false,
+                meta_failed: false,
             }],
             policy: Policy::FirstFit,
             unreadable: UnreadablePolicy::Error,
@@ -802,7 +862,12 @@ pub(crate) mod tests {
                 uuid: [2; 16],
             },
         ];
-        t.j.checkpoint(&*t.io, &copies, &t.cfg, &t.table).unwrap();
+        assert!(
+            t.j.checkpoint(&*t.io, &copies, &t.cfg, &t.table)
+                .unwrap()
+                .failed
+                .is_empty()
+        );
         t
     }
 
@@ -825,9 +890,13 @@ pub(crate) mod tests {
                     uuid: [2; 16],
                 },
             ];
-            self.j
-                .commit(&*self.io, &copies, ops, &self.cfg, &self.table)
-                .unwrap();
+            assert!(
+                self.j
+                    .commit(&*self.io, &copies, ops, &self.cfg, &self.table)
+                    .unwrap()
+                    .failed
+                    .is_empty()
+            );
         }
     }
 
@@ -947,7 +1016,12 @@ pub(crate) mod tests {
                 uuid: [2; 16],
             },
         ];
-        t.j.checkpoint(&*t.io, &copies, &t.cfg, &t.table).unwrap();
+        assert!(
+            t.j.checkpoint(&*t.io, &copies, &t.cfg, &t.table)
+                .unwrap()
+                .failed
+                .is_empty()
+        );
         t.commit(&[set(2, 16392)]);
         // Zero the newest superblock of a: the older checkpoint plus the journal still hold
         // everything up to the checkpoint; generation 4 was after it and is in the journal.

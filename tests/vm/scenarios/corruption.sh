@@ -9,7 +9,7 @@
 # it must refuse: the newest state they held is gone, and an older one is not the volume
 # (checked with two copies, and with three after a spare was added, where each copy still has
 # an older valid superblock to fall back to). Offsets follow docs/METADATA.md.
-#vm: cases setup checkpoint-slots-alternate flip-sb-s1 flip-sb-s2 zero-newest-sb-s1 zero-newest-sb-s2 torn-ckpt-s1 torn-ckpt-s2 torn-journal-s1 torn-journal-s2 stale-s1 stale-s2 zero-sb-s1 zero-sb-s2 both-zero-sb both-flip-sb both-torn-ckpt both-flip-newest-sb both-zero-newest-sb rollback-torn-ckpt rollback-flip-sb rollback-zero-newest-sb
+#vm: cases setup checkpoint-slots-alternate flip-sb-s1 flip-sb-s2 zero-newest-sb-s1 zero-newest-sb-s2 torn-ckpt-s1 torn-ckpt-s2 torn-journal-s1 torn-journal-s2 stale-s1 stale-s2 zero-sb-s1 zero-sb-s2 both-zero-sb both-flip-sb both-torn-ckpt both-flip-newest-sb both-zero-newest-sb rollback-torn-ckpt rollback-flip-sb rollback-zero-newest-sb clone-member foreign-host-waits foreign-host-explicit
 #vm: needs remapd remapctl
 #vm: timeout 900
 . /vm/lib.sh
@@ -20,6 +20,7 @@ main=$(nullb create --size 64)
 sp1=$(nullb create --size 24)
 sp2=$(nullb create --size 24)
 sp3=$(nullb create --size 24)
+sp4=$(nullb create --size 24)
 
 start_agent() {
     touch /tmp/remapd.log
@@ -286,6 +287,48 @@ else
     fail rollback-flip-sb "setup failed"
     fail rollback-zero-newest-sb "setup failed"
 fi
+
+# --- a disk that carries a copy of a member's metadata (a cloned disk, a second path): which
+# one is the member cannot be told, so nothing is assembled.
+fresh && restore "$sp4" /tmp/cur.s1
+assemble
+if refused && printf '%s' "$msg" | grep -q "same member"; then
+    pass clone-member "exit $rc: $msg"
+else
+    fail clone-member "exit $rc: $msg; devices: $(dmsetup ls | tr '\n' ' ')"
+fi
+cleanup
+zero "$sp4" 0 $AREA_BYTES
+
+# --- a volume belongs to the machine that made it (its machine id): after a move to another
+# machine it is not assembled at start, only when asked for by name, which takes it over.
+fresh
+kill -TERM $agent
+wait $agent
+echo 0123456789abcdef0123456789abcdef >/etc/machine-id
+start_agent || fail foreign-host-waits "remapd not ready: $(tail -3 /tmp/remapd.log)"
+# The volume had no owner: this machine took it over at start. What it reads now is what it
+# must read on the next machine.
+R_HOST=$(json_num "$(status)" remaps)
+/usr/bin/dd if=$DEV of=/tmp/host.golden bs=1M iflag=direct status=none
+timeout 60 remapctl stop "$VOL" >/dev/null 2>&1
+kill -TERM $agent
+wait $agent
+echo fedcba9876543210fedcba9876543210 >/etc/machine-id
+start_agent || fail foreign-host-waits "remapd not ready: $(tail -3 /tmp/remapd.log)"
+if [ "$(dmsetup ls)" = "No devices found" ] && tail -20 /tmp/remapd.log | grep -q "another machine"; then
+    pass foreign-host-waits "$(grep "another machine" /tmp/remapd.log | tail -1 | cut -c1-200)"
+else
+    fail foreign-host-waits "devices: $(dmsetup ls | tr '\n' ' '); log: $(tail -3 /tmp/remapd.log)"
+fi
+assemble
+st=$(status)
+if [ $rc = 0 ] && [ "$(json_num "$st" remaps)" = "$R_HOST" ] && /usr/bin/dd if=$DEV bs=1M iflag=direct status=none | cmp -s - /tmp/host.golden; then
+    pass foreign-host-explicit "remapctl assemble $VOL: remaps $R_HOST, every byte as on the first machine; $msg"
+else
+    fail foreign-host-explicit "exit $rc: $msg; remaps $(json_num "$st" remaps) (want $R_HOST)"
+fi
+rm -f /etc/machine-id
 
 kill -TERM $agent
 wait $agent
