@@ -121,6 +121,19 @@ pub enum AgentError {
 /// RuntimeDirectory, writable under ProtectSystem=strict.
 pub const MACHINE_LOCK: &str = "/run/remap/agent.lock";
 
+/// Locks the agent's memory, now and to come (as multipathd and dmeventd do): while a region
+/// is suspended, a page fault that has to read the binary, a library or swap from a protected
+/// volume would wait for the very suspend the agent is holding.
+pub fn lock_memory() {
+    // SAFETY: mlockall has no memory-safety preconditions.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
+        tracing::warn!(
+            "cannot lock remapd's memory ({}): a page fault during a suspend could deadlock if remapd's files or swap live on a protected volume (needs CAP_IPC_LOCK)",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Held for the agent's lifetime; the kernel releases it however the agent ends.
 pub struct MachineLock(#[expect(dead_code, reason = "held for its flock, never read")] fs::File);
 
@@ -937,6 +950,7 @@ where
     // Before anything is attached, pinned, bound or assembled: a refused second agent changes
     // nothing.
     let _machine = MachineLock::acquire(Path::new(MACHINE_LOCK))?;
+    lock_memory();
     let notifier = Notifier::from_env();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

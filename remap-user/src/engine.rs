@@ -198,6 +198,9 @@ pub struct Engine<D, I, W> {
     /// This machine's id ([`machine_id`]): recorded in the volumes it creates; volumes
     /// recorded with another id are assembled only on an explicit request.
     pub host_id: Option<String>,
+    /// Messages of the suspended window, logged once its regions are resumed: logging can
+    /// block (journald, a console) on I/O to the very volume that is suspended.
+    deferred: std::sync::Mutex<Vec<String>>,
 }
 
 /// This machine's id, as systemd keeps it; `None` where there is none (then volumes record no
@@ -269,6 +272,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             started: Instant::now(),
             mirror_backlog: BTreeMap::new(),
             host_id: None,
+            deferred: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -1577,6 +1581,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
 
         crash_point("after-load");
 
+        // Everything the suspended window needs is allocated before it.
+        let mut chunk_buf = vec![0u8; (g.chunk * SECTOR) as usize];
         // Suspend the regions: no I/O reaches these chunks until the new tables are live.
         let ts = Instant::now();
         let mut suspended = Vec::new();
@@ -1591,10 +1597,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
 
         // Copy every block still readable; unreadable ones become zeros on the spare and pending.
-        let mut copied = Vec::new();
+        let mut copied = Vec::with_capacity(moves.len());
         let mut copy_err = None;
         for (c, old, e, bad) in &moves {
-            match self.copy_chunk(vol, *c, *old, *e, *bad) {
+            match self.copy_chunk(vol, *c, (*old, *e, *bad), &mut chunk_buf) {
                 Ok(pending) => copied.push((*c, *old, *e, pending)),
                 Err(err) => {
                     copy_err = Some(err);
@@ -1725,25 +1731,42 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 tracing::error!(region = rn, "resume failed: {e}");
             }
         }
+        self.flush_deferred();
+    }
+
+    /// Keeps an error for the log until no region of ours is suspended.
+    fn defer(&self, msg: String) {
+        self.deferred
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(msg);
+    }
+
+    /// Logs what [`Self::defer`] kept (after every resume, and after work done unsuspended).
+    pub(crate) fn flush_deferred(&self) {
+        let msgs = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|e| e.into_inner()));
+        for m in msgs {
+            tracing::error!("{m}");
+        }
     }
 
     /// Copies chunk `c` to `dst`; returns the pending mask (blocks that could not be read).
+    /// `data` is a chunk-sized buffer allocated before the suspend: nothing is allocated while
+    /// a region is suspended.
     fn copy_chunk(
         &self,
         vol: &Volume,
         c: u64,
-        old: Option<Remap>,
-        dst: Extent,
-        bad: u64,
+        (old, dst, bad): (Option<Remap>, Extent, u64),
+        data: &mut [u8],
     ) -> Result<u64> {
         let g = vol.geo();
         let (src, base) = source(vol, c, old);
         let spare = &vol.spares[&dst.spare];
         let block_bytes = (g.block * SECTOR) as usize;
-        let mut data = vec![0u8; (g.chunk * SECTOR) as usize];
         let mut pending = bad;
         // One read of the whole chunk when it is healthy; block by block otherwise.
-        if bad != 0 || self.io.read_at(src, base * SECTOR, &mut data).is_err() {
+        if bad != 0 || self.io.read_at(src, base * SECTOR, data).is_err() {
             for (b, buf) in data.chunks_mut(block_bytes).enumerate() {
                 if pending & (1 << b) != 0 {
                     buf.fill(0);
@@ -1757,7 +1780,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
         }
         self.io
-            .write_at(spare, dst.start * SECTOR, &data)
+            .write_at(spare, dst.start * SECTOR, data)
             .and_then(|()| self.io.flush(spare))
             .map_err(|e| {
                 EngineError::Failed(format!(
@@ -1789,6 +1812,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             .map_err(|e| EngineError::Failed(format!("writing metadata: {e}")))?;
         vol.journal = j;
         self.degrade_copies(vol, written.failed);
+        // A checkpoint runs with nothing suspended.
+        self.flush_deferred();
         Ok(())
     }
 
@@ -1804,12 +1829,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     rec.draining = true;
                 }
                 let _ = vol.pool.set_open(*slot, false);
-                tracing::error!(
-                    volume = vol.config.name,
-                    spare = %vol.spares.get(slot).map(|d| d.path.display().to_string()).unwrap_or_default(),
-                    remaining = vol.copies().len(),
-                    "metadata write failed: {e}; this spare's copy is no longer written (the others hold the volume's state) and nothing new lands on it: replace it (remapctl spare add, then spare remove --migrate)"
-                );
+                self.defer(format!(
+                    "volume {}: metadata write to spare {} failed: {e}; its copy is no longer written ({} copies hold the volume's state) and nothing new lands on it: replace it (remapctl spare add, then spare remove --migrate)",
+                    vol.config.name,
+                    vol.spares.get(slot).map(|d| d.path.display().to_string()).unwrap_or_default(),
+                    vol.copies().len()
+                ));
             }
             let mut j = vol.journal.clone();
             match j.checkpoint(&self.io, &vol.copies(), &vol.config, &vol.remaps) {
@@ -1818,10 +1843,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     failed = w.failed;
                 }
                 Err(e) => {
-                    tracing::error!(
-                        volume = vol.config.name,
-                        "recording the failed metadata copy failed too: {e}"
-                    );
+                    self.defer(format!(
+                        "volume {}: recording the failed metadata copy failed too: {e}",
+                        vol.config.name
+                    ));
                     break;
                 }
             }

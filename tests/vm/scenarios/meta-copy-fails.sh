@@ -5,7 +5,8 @@
 # pool shows it, its spare takes nothing new). A write made through the volume to a readable
 # neighbour of the bad sector survives a crash (SIGKILL) and a "reboot" (every volume device
 # removed) because what assembly reads is what the volume served. Remapping goes on afterwards.
-#vm: cases remapped-anyway copy-marked-failed neighbour-write-survives remapping-goes-on
+# remapd's memory is locked (no page fault may wait on a region it holds suspended).
+#vm: cases memory-locked remapped-anyway copy-marked-failed neighbour-write-survives remapping-goes-on
 #vm: needs remapd remapctl
 #vm: timeout 300
 . /vm/lib.sh
@@ -34,6 +35,12 @@ start_agent || { fail remapped-anyway "remapd not ready: $(tail -5 /tmp/remapd.l
 if ! out=$(remapctl create "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1); then
     fail remapped-anyway "create: $out"
     exit 1
+fi
+lck=$(awk '/^VmLck:/ { print $2 }' /proc/$agent/status)
+if [ "${lck:-0}" -gt 0 ]; then
+    pass memory-locked "VmLck $lck kB"
+else
+    fail memory-locked "VmLck ${lck:-?} kB: $(grep -i 'lock' /tmp/remapd.log | head -2)"
 fi
 dd if=/dev/urandom of="/dev/mapper/$VOL" bs=1M count=64 oflag=direct status=none
 dd if="/dev/mapper/$VOL" of=/tmp/golden bs=1M iflag=direct status=none
