@@ -219,21 +219,32 @@ fn watch_rewrites(ctx: &TracePointContext) {
             chunk,
         };
         if PENDING_CHUNKS.get_ptr(key).is_some() {
-            let event = ErrorEvent {
-                ts_ns: unsafe { bpf_ktime_get_ns() },
-                sector,
-                dev,
-                nr_sector,
-                errno: 0,
-                op: Op::Write as u8,
-                kind: kind::REWRITE,
-                _pad: [0; 6],
-                latency_us: 0,
-            };
-            send(event, |c| c.rewrites += 1);
+            send_rewrite(dev, sector, nr_sector);
             return;
         }
     }
+    // A write past what the loop can look at, to a pool device (where pending blocks live):
+    // reported whole, the agent finds the pending chunks in its range. A missed rewrite would
+    // leave written data failing reads.
+    if last - first >= PENDING_SCAN_CHUNKS && POOL_DEVS.get_ptr(dev).is_some() {
+        send_rewrite(dev, sector, nr_sector);
+    }
+}
+
+#[inline(always)]
+fn send_rewrite(dev: u32, sector: u64, nr_sector: u32) {
+    let event = ErrorEvent {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        sector,
+        dev,
+        nr_sector,
+        errno: 0,
+        op: Op::Write as u8,
+        kind: kind::REWRITE,
+        _pad: [0; 6],
+        latency_us: 0,
+    };
+    send(event, |c| c.rewrites += 1);
 }
 
 #[tracepoint]

@@ -43,6 +43,41 @@ fn newest_intact(found: &[Found]) -> Option<usize> {
         .max_by_key(|&i| (found[i].meta.generation, found[i].meta.has_table))
 }
 
+impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
+    /// Drops the inactive table of every remap region that is not part of a running volume,
+    /// whether or not its volume assembles: a table prepared before a crash and never
+    /// committed must not go live at the next resume (an operator's, or a later start's).
+    fn drop_stray_prepared_tables(&mut self) -> Vec<String> {
+        let mut dropped = Vec::new();
+        let Ok(devices) = self.dm.list("") else {
+            return dropped;
+        };
+        for d in devices {
+            if !d.uuid.starts_with("REMAP-") || !d.name.contains("-remap-r") {
+                continue;
+            }
+            let ours = self
+                .volumes
+                .keys()
+                .any(|v| d.name.starts_with(&format!("{v}-remap-r")));
+            if ours || !self.dm.info(&d.name).is_ok_and(|i| i.inactive_table) {
+                continue;
+            }
+            match self.dm.clear(&d.name) {
+                Ok(()) => {
+                    tracing::warn!(
+                        region = d.name,
+                        "dropped a table prepared before a crash and never committed"
+                    );
+                    dropped.push(d.name);
+                }
+                Err(e) => tracing::error!(region = d.name, "dropping a prepared table: {e}"),
+            }
+        }
+        dropped
+    }
+}
+
 /// Decides which of the devices carrying a volume's metadata are its members. A copy is
 /// trusted only if another device's copy names it (slot and device UUID): a disk that merely
 /// claims membership, with whatever generation, is set aside. The trusted copies must then all
@@ -130,6 +165,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     /// [`Engine::assemble`]; `explicit` takes over volumes recorded with another machine's id
     /// (mdadm's homehost, LVM's system ID): at start remapd assembles only its own.
     pub fn assemble_explicit(&mut self, only: Option<&str>, explicit: bool) -> Vec<Assembled> {
+        let dropped = self.drop_stray_prepared_tables();
         let devices = self.io.scan();
         let mut groups: BTreeMap<[u8; 16], Vec<Found>> = BTreeMap::new();
         let mut plain = Vec::new();
@@ -194,6 +230,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 remaps: best.meta.remap_count,
                 notes: damaged.clone(),
             };
+            report.notes.extend(
+                dropped
+                    .iter()
+                    .filter(|d| d.starts_with(&format!("{name}-remap-r")))
+                    .map(|d| format!("{d}: dropped a table loaded but never made live")),
+            );
             if self.volumes.contains_key(&name) {
                 report.outcome = "already-running".into();
                 out.push(report);
@@ -490,7 +532,30 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         if !vol.remaps.is_empty() {
             self.mirror_backlog.insert(vol.config.name.clone(), 0);
         }
-        self.volumes.insert(vol.config.name.clone(), vol);
+        let name = vol.config.name.clone();
+        // Pending blocks rewritten while no agent watched (remapd down, or a write the
+        // detector could not follow) are data now: committed and mapped back as such, the
+        // same way a rewrite seen live is.
+        let rewritten: BTreeMap<u64, u64> = vol
+            .remaps
+            .iter()
+            .filter(|(_, r)| r.pending != 0)
+            .filter_map(|(c, r)| {
+                let cleared = r.pending & !self.still_pending(&vol, c, r);
+                (cleared != 0).then_some((c, cleared))
+            })
+            .collect();
+        self.volumes.insert(name.clone(), vol);
+        if !rewritten.is_empty() {
+            let blocks: u32 = rewritten.values().map(|m| m.count_ones()).sum();
+            match self.clear_pending(&name, &rewritten) {
+                Ok(()) => notes.push(format!(
+                    "{blocks} pending blocks in {} chunks were rewritten while no agent watched: no longer pending",
+                    rewritten.len()
+                )),
+                Err(e) => notes.push(format!("clearing {blocks} rewritten pending blocks failed: {e}")),
+            }
+        }
         Ok((adopted, resume.is_none()))
     }
 
@@ -610,9 +675,17 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     .clear(&rn)
                     .map_err(|e| EngineError::Failed(e.to_string()))?;
             }
+            if !crate::dm::same_table(&want, &live) && !info.suspended {
+                // Not left suspended by a crash of ours: the table went live by another hand
+                // (a `dmsetup resume` of a prepared table), and I/O may have gone where the
+                // metadata does not know. Reverting it could lose those writes.
+                return Err(EngineError::Refused(format!(
+                    "{rn} serves a table that differs from the metadata of `{name}` and is not suspended: it was resumed or loaded by hand, and writes may have gone to extents the metadata does not know. Refusing to revert it; see OPERATING.md (never resume a *-remap-r* device by hand)"
+                )));
+            }
             if !crate::dm::same_table(&want, &live) {
                 notes.push(format!(
-                    "{rn}: live table differed from the metadata; reloaded"
+                    "{rn}: left suspended with a table that differs from the metadata (a crash between commit and resume); reloaded"
                 ));
                 self.dm
                     .suspend(&rn)
@@ -1070,6 +1143,117 @@ mod tests {
     }
 
     #[test]
+    fn a_prepared_table_is_dropped_even_when_its_volume_does_not_assemble() {
+        let mut a = rig(SimDm::new());
+        a.create().unwrap();
+        let vol = a.engine.volumes.get_mut("v").unwrap();
+        let e = vol.pool.allocate(None).unwrap();
+        vol.remaps.insert(
+            2,
+            Remap {
+                extent: e,
+                pending: 0,
+            },
+        );
+        let prepared = vol.region_lines(0);
+        a.dm.load("v-remap-r0000", &prepared).unwrap();
+        // The volume cannot assemble: its second spare lost its metadata.
+        let s2 = BlockDev {
+            path: "/sim/s2".into(),
+            major: SIM,
+            minor: S2,
+        };
+        metadata::wipe(&*a.io, &s2).unwrap();
+        let mut b = a.restart();
+        let rep = b.engine.assemble(None);
+        assert_eq!(rep[0].outcome, "refused", "{rep:?}");
+        assert!(
+            !b.dm.info("v-remap-r0000").unwrap().inactive_table,
+            "a later resume cannot make it live"
+        );
+    }
+
+    #[test]
+    fn a_region_resumed_by_hand_on_another_table_is_refused_not_reverted() {
+        let mut a = rig(SimDm::new());
+        a.create().unwrap();
+        // An operator's `dmsetup load` + `resume` of something else than the metadata says
+        // (e.g. a prepared table after a crash): I/O has been going there.
+        let vol = a.engine.volumes.get_mut("v").unwrap();
+        let e = vol.pool.allocate(None).unwrap();
+        vol.remaps.insert(
+            2,
+            Remap {
+                extent: e,
+                pending: 0,
+            },
+        );
+        let by_hand = vol.region_lines(0);
+        a.dm.load("v-remap-r0000", &by_hand).unwrap();
+        a.dm.suspend("v-remap-r0000").unwrap();
+        a.dm.resume("v-remap-r0000").unwrap();
+        let mut b = a.restart();
+        let rep = b.engine.assemble(None);
+        assert_eq!(rep[0].outcome, "refused", "{rep:?}");
+        assert!(
+            rep[0]
+                .notes
+                .iter()
+                .any(|n| n.contains("resumed or loaded by hand")),
+            "{rep:?}"
+        );
+        assert_eq!(
+            b.dm.table("v-remap-r0000").unwrap(),
+            by_hand,
+            "nothing reverted"
+        );
+    }
+
+    #[test]
+    fn a_pending_block_rewritten_while_no_agent_ran_is_pending_no_more() {
+        let mut a = rig(SimDm::new());
+        a.create().unwrap();
+        a.io.fail_reads(SIM, MAIN, 1001..1002);
+        a.error(MAIN, 1000, 8);
+        assert_eq!(a.status()["pending"], 1);
+        let r = *a.engine.volumes["v"].remaps.get(125).unwrap();
+        // The agent stops; a write reaches the pending block through dm-flakey (which passes
+        // writes to the spare), unseen.
+        a.engine.volumes.clear();
+        let fresh = vec![0x77u8; 512];
+        a.io.poke(SIM, r.extent.spare + 1, (r.extent.start + 1) * 512, &fresh)
+            .unwrap();
+        let mut b = a.restart();
+        let rep = b.engine.assemble(None);
+        assert_eq!(rep[0].outcome, "adopted", "{rep:?}");
+        assert!(
+            rep[0]
+                .notes
+                .iter()
+                .any(|n| n.contains("rewritten while no agent watched")),
+            "{rep:?}"
+        );
+        assert_eq!(b.status()["pending"], 0);
+        assert_eq!(
+            b.read_volume(1001),
+            Some(fresh),
+            "the block reads the data written to it"
+        );
+        assert_eq!(b.read_volume(1002), Some(golden(1002)));
+        // And it stays so after another restart (it was committed).
+        let mut c = b.restart();
+        c.engine.assemble(None);
+        assert_eq!(c.status()["pending"], 0);
+        // Whereas a pending block nobody wrote stays pending across restarts.
+        c.io.fail_reads(SIM, MAIN, 2001..2002);
+        c.error(MAIN, 2000, 8);
+        c.engine.volumes.clear();
+        let mut d = c.restart();
+        d.engine.assemble(None);
+        assert_eq!(d.status()["pending"], 1);
+    }
+
+    #[test]
     fn a_crash_between_commit_and_load_is_repaired_from_the_metadata() {
         let mut a = rig(SimDm::new());
         a.create().unwrap();
@@ -1155,6 +1339,7 @@ mod tests {
             pending_mode: crate::volume::PendingMode::FlakeyErrorReads,
             meta_area_sectors: layout.area_bytes / 512,
             host: None,
+            pending_marked: false,
         };
         let s1 = BlockDev {
             path: "/sim/s1".into(),

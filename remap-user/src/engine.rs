@@ -24,7 +24,10 @@ use crate::{
         crash_point,
     },
     table::{self, DevRef},
-    volume::{Extent, Geometry, PendingMode, Remap, RemapTable, SECTOR, Sector, UnreadablePolicy},
+    volume::{
+        Extent, Geometry, PendingMode, Remap, RemapTable, SECTOR, Sector, UnreadablePolicy,
+        pending_marker,
+    },
 };
 
 /// Reads of a block before it is declared unreadable.
@@ -738,6 +741,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             pending_mode,
             meta_area_sectors: area,
             host: self.host_id.clone(),
+            pending_marked: true,
         };
         let journal = Journal::new(layout, uuid_bytes(&config.uuid));
         let mut vol = Volume {
@@ -1260,7 +1264,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
 
     /// Maps rewritten pending blocks back as plain data: commit, then switch their regions.
     /// The data is already on the spare (dm-flakey passed the write through).
-    fn clear_pending(&mut self, name: &str, chunks: &BTreeMap<u64, u64>) -> Result<()> {
+    pub(crate) fn clear_pending(&mut self, name: &str, chunks: &BTreeMap<u64, u64>) -> Result<()> {
         let mut vol = self
             .volumes
             .remove(name)
@@ -1289,11 +1293,30 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     })
                 })
                 .collect();
-            if let Err(e) = self.commit_ops(&mut vol, &ops) {
+            // Suspended from before the commit until the new tables are live: a crash in
+            // between leaves the regions suspended, which assembly reads as "ours, finish it",
+            // never as a table changed by hand.
+            let mut suspended = Vec::new();
+            let mut prepared = Ok(());
+            for &r in &regions {
+                let rn = region_name(&vol.config.name, r);
+                if let Err(e) = self.dm.load(&rn, &vol.region_lines(r)) {
+                    prepared = Err(EngineError::Failed(format!("loading {rn}: {e}")));
+                    break;
+                }
+                if let Err(e) = self.dm.suspend(&rn) {
+                    prepared = Err(EngineError::Failed(format!("suspending {rn}: {e}")));
+                    break;
+                }
+                suspended.push(r);
+            }
+            let committed = prepared.and_then(|()| self.commit_ops(&mut vol, &ops));
+            if let Err(e) = committed {
                 vol.remaps = before;
+                self.drop_prepared(&mut vol, &regions, &suspended);
                 return Err(e);
             }
-            self.switch(&mut vol, &regions)?;
+            self.resume_all(&vol.config.name, &suspended);
             for (c, mask) in chunks {
                 if let Some(r) = vol.remaps.get(*c).copied() {
                     tracing::info!(
@@ -1312,26 +1335,6 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             Ok(())
         })();
         self.volumes.insert(name.to_owned(), vol);
-        res
-    }
-
-    /// Suspends `regions`, loads their tables from the model and resumes them.
-    fn switch(&self, vol: &mut Volume, regions: &BTreeSet<u32>) -> Result<()> {
-        let mut suspended = Vec::new();
-        let mut res = Ok(());
-        for &r in regions {
-            let rn = region_name(&vol.config.name, r);
-            if let Err(e) = self.dm.suspend(&rn) {
-                res = Err(EngineError::Failed(format!("suspending {rn}: {e}")));
-                break;
-            }
-            suspended.push(r);
-            if let Err(e) = self.dm.load(&rn, &vol.region_lines(r)) {
-                res = Err(EngineError::Failed(format!("loading {rn}: {e}")));
-                break;
-            }
-        }
-        self.resume_all(&vol.config.name, &suspended);
         res
     }
 
@@ -1484,7 +1487,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         for (&c, &definite) in &chunks {
             let old = vol.remaps.get(c).copied();
             let (src, base) = source(vol, c, old);
-            let mut bad = old.map_or(0, |r| r.pending);
+            // A pending block rewritten meanwhile is data now: it moves with the chunk.
+            let mut bad = old.map_or(0, |r| self.still_pending(vol, c, &r));
             // A chunk that reads whole is healthy: one request instead of one per block.
             let mut whole = vec![0u8; (g.chunk * SECTOR) as usize];
             if bad == 0 && self.io.read_at(src, base * SECTOR, &mut whole).is_ok() {
@@ -1751,6 +1755,36 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     }
 
     /// Copies chunk `c` to `dst`; returns the pending mask (blocks that could not be read).
+    /// The blocks of chunk `c` (remapped as `r`) that are still pending: those whose spare copy
+    /// still holds the marker the copy wrote. A block written since (through dm-flakey, which
+    /// passes writes) holds the writer's data, whether or not the detector saw the write.
+    pub(crate) fn still_pending(&self, vol: &Volume, c: u64, r: &Remap) -> u64 {
+        if r.pending == 0
+            || !vol.config.pending_marked
+            || vol.config.pending_mode != PendingMode::FlakeyErrorReads
+        {
+            return r.pending;
+        }
+        let g = vol.geo();
+        let Some(spare) = vol.spares.get(&r.extent.spare) else {
+            return r.pending;
+        };
+        let mut buf = vec![0u8; (g.block * SECTOR) as usize];
+        let mut left = r.pending;
+        for b in 0..g.blocks_per_chunk() {
+            if r.pending & (1 << b) == 0 {
+                continue;
+            }
+            let off = (r.extent.start + u64::from(b) * g.block) * SECTOR;
+            if self.io.read_at(spare, off, &mut buf).is_ok()
+                && buf != pending_marker(&vol.config.uuid, c, b, buf.len())
+            {
+                left &= !(1 << b);
+            }
+        }
+        left
+    }
+
     /// `data` is a chunk-sized buffer allocated before the suspend: nothing is allocated while
     /// a region is suspended.
     fn copy_chunk(
@@ -1767,14 +1801,23 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let mut pending = bad;
         // One read of the whole chunk when it is healthy; block by block otherwise.
         if bad != 0 || self.io.read_at(src, base * SECTOR, data).is_err() {
+            let unreadable = |buf: &mut [u8], b: usize| {
+                if vol.config.pending_marked
+                    && vol.config.pending_mode == PendingMode::FlakeyErrorReads
+                {
+                    buf.copy_from_slice(&pending_marker(&vol.config.uuid, c, b as u32, buf.len()));
+                } else {
+                    buf.fill(0);
+                }
+            };
             for (b, buf) in data.chunks_mut(block_bytes).enumerate() {
                 if pending & (1 << b) != 0 {
-                    buf.fill(0);
+                    unreadable(buf, b);
                     continue;
                 }
                 let off = (base + b as u64 * g.block) * SECTOR;
                 if !(0..READ_TRIES).any(|_| self.io.read_at(src, off, buf).is_ok()) {
-                    buf.fill(0);
+                    unreadable(buf, b);
                     pending |= 1 << b;
                 }
             }

@@ -161,6 +161,15 @@ impl std::str::FromStr for UnreadablePolicy {
     }
 }
 
+/// What the copy writes on the spare in place of a block it could not read, when pending blocks
+/// fail reads but pass writes (dm-flakey `error_reads`): text naming the volume, chunk and
+/// block, repeated. A pending block whose spare copy no longer holds it was rewritten, even
+/// while no agent watched (a restart, a write the detector could not follow).
+pub fn pending_marker(volume_uuid: &str, chunk: u64, block: u32, len: usize) -> Vec<u8> {
+    let line = format!("REMAP PENDING BLOCK volume {volume_uuid} chunk {chunk} block {block}\n");
+    line.bytes().cycle().take(len).collect()
+}
+
 /// How pending blocks are mapped on this kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PendingMode {

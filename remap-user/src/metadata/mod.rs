@@ -84,6 +84,10 @@ pub struct VolumeConfig {
     /// it was recorded, and where the machine has no id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// Pending blocks hold [`crate::volume::pending_marker`] on their spare (volumes made
+    /// before it keep zeros there, and rely on the detector alone to see rewrites).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending_marked: bool,
 }
 
 impl VolumeConfig {
@@ -808,6 +812,7 @@ pub(crate) mod tests {
             pending_mode: PendingMode::FlakeyErrorReads,
             meta_area_sectors: (8 << 20) / 512,
             host: None,
+            pending_marked: false,
         }
     }
 
