@@ -349,9 +349,14 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
                 }
                 Err(mpsc::TryRecvError::Disconnected) => return,
             },
-            None => match rx.recv() {
+            None => match rx.recv_timeout(PENDING_RECHECK) {
                 Ok(m) => m,
-                Err(_) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    engine.recheck_pending();
+                    changed(&mut engine, hub);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
             },
         };
         match msg {
@@ -936,6 +941,9 @@ pub fn admit(stream: UnixStream, uid: u32, slots: &Arc<Semaphore>, ctx: &Ctx) {
         serve(stream, uid, ctx).await;
     });
 }
+
+/// After this long without work the engine looks at every pending block again.
+const PENDING_RECHECK: Duration = Duration::from_secs(60);
 
 /// How often the main loop checks the engine thread when systemd set no watchdog.
 const HEALTH_TICK: Duration = Duration::from_secs(5);

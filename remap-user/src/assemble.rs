@@ -536,15 +536,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         // Pending blocks rewritten while no agent watched (remapd down, or a write the
         // detector could not follow) are data now: committed and mapped back as such, the
         // same way a rewrite seen live is.
-        let rewritten: BTreeMap<u64, u64> = vol
-            .remaps
-            .iter()
-            .filter(|(_, r)| r.pending != 0)
-            .filter_map(|(c, r)| {
-                let cleared = r.pending & !self.still_pending(&vol, c, r);
-                (cleared != 0).then_some((c, cleared))
-            })
-            .collect();
+        let rewritten = self.rewritten_pending(&vol);
         self.volumes.insert(name.clone(), vol);
         if !rewritten.is_empty() {
             let blocks: u32 = rewritten.values().map(|m| m.count_ones()).sum();
