@@ -19,13 +19,29 @@ pub struct Tally {
     pub passed: usize,
     pub failed: usize,
     pub skipped: usize,
+    /// Tiers that could not run at all (no qemu, not root, no promtool...).
+    pub tiers_skipped: usize,
 }
 
 impl Tally {
-    /// Under CI, skipped cases are not acceptable: the run fails (they are never counted as
-    /// passed anyway).
+    /// Under CI a tier that could not run at all fails the run (a case a scenario skips for a
+    /// stated reason, e.g. a kernel without a feature, is reported as skipped, never passed).
     pub fn ci_refused(&self) -> bool {
-        under_ci() && self.skipped > 0
+        self.refused_under(under_ci())
+    }
+
+    fn refused_under(&self, ci: bool) -> bool {
+        ci && self.tiers_skipped > 0
+    }
+
+    /// A whole tier skipped, with the reason printed.
+    fn tier_skipped(what: &str, cases: usize, why: &str) -> Tally {
+        println!("SKIPPED {what} ({cases}): {why}");
+        Tally {
+            skipped: cases,
+            tiers_skipped: 1,
+            ..Tally::default()
+        }
     }
 
     fn fail(why: impl std::fmt::Display) -> Tally {
@@ -40,6 +56,7 @@ impl Tally {
         self.passed += o.passed;
         self.failed += o.failed;
         self.skipped += o.skipped;
+        self.tiers_skipped += o.tiers_skipped;
     }
 
     /// The summary line; `skipped` is shown only when something was skipped.
@@ -137,19 +154,22 @@ pub fn run(o: &TestOpts) -> Result<Tally> {
     let watch = if unsafe { libc::geteuid() } == 0 {
         Some(guard::Watch::start()?)
     } else {
-        println!("SKIPPED package guard: not root (fanotify needs it)");
         None
     };
     let mut total = run_tiers(o)?;
     match watch {
         Some(w) => total.add(package_guard(w)),
-        None => total.skipped += 1,
+        None => total.add(Tally::tier_skipped(
+            "package guard",
+            2,
+            "not root (fanotify needs it)",
+        )),
     }
     if total.ci_refused() {
-        println!(
-            "FAILED under CI: {} case(s) skipped; CI must run every tier (see the SKIPPED lines)",
-            total.skipped
-        );
+        total.add(Tally::fail(format!(
+            "under CI: {} tier(s) could not run at all; CI must run every tier (see the SKIPPED lines)",
+            total.tiers_skipped
+        )));
     }
     Ok(total)
 }
@@ -204,6 +224,7 @@ fn run_tiers(o: &TestOpts) -> Result<Tally> {
             passed: s.passed,
             failed: s.failed,
             skipped: s.skipped,
+            tiers_skipped: usize::from(s.tier_skipped.is_some()),
         });
     }
     Ok(total)
@@ -212,11 +233,11 @@ fn run_tiers(o: &TestOpts) -> Result<Tally> {
 /// The Debian package: built, installed with apt in a clean Debian 12 root, verified, purged.
 fn package_test() -> Tally {
     if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED debian package: not root (chroot and overlay mounts need it)");
-        return Tally {
-            skipped: 1,
-            ..Tally::default()
-        };
+        return Tally::tier_skipped(
+            "debian package",
+            1,
+            "not root (chroot and overlay mounts need it)",
+        );
     }
     println!("== debian package: cargo xtask deb --test");
     match crate::deb::build().and_then(|deb| crate::deb::test_install(&deb)) {
@@ -240,16 +261,12 @@ fn alert_rule_tests() -> Tally {
         .arg(&file)
         .output()
     {
-        Err(_) => {
-            println!(
-                "SKIPPED alert rules: promtool is not installed (apt-get install prometheus; \
-                 `cargo xtask test` installs it when run as root)"
-            );
-            Tally {
-                skipped: 1,
-                ..Tally::default()
-            }
-        }
+        Err(_) => Tally::tier_skipped(
+            "alert rules",
+            1,
+            "promtool is not installed (apt-get install prometheus; `cargo xtask test` \
+             installs it when run as root)",
+        ),
         Ok(o) if o.status.success() => {
             println!("PASS alert rules ({})", file.display());
             Tally {
@@ -291,12 +308,11 @@ fn host_kernel_tests() -> Result<Tally> {
             .map(|e| format!("{e:#}"))
     };
     if let Some(reason) = why_not {
-        let n = count_tests(ARGS).max(1);
-        println!("SKIPPED host-kernel tests ({n}): {reason}");
-        return Ok(Tally {
-            skipped: n,
-            ..Tally::default()
-        });
+        return Ok(Tally::tier_skipped(
+            "host-kernel tests",
+            count_tests(ARGS).max(1),
+            &reason,
+        ));
     }
     // The tests drive the real binaries; build them first so a stale one is never used.
     let bin_dir = match workspace::build_host_bins() {
@@ -331,7 +347,8 @@ mod tests {
             Some(Tally {
                 passed: 12,
                 failed: 0,
-                skipped: 2
+                skipped: 2,
+                tiers_skipped: 0,
             })
         );
         let bad = "test result: FAILED. 3 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s";
@@ -344,10 +361,27 @@ mod tests {
         let mut t = Tally {
             passed: 4,
             failed: 1,
-            skipped: 0,
+            ..Tally::default()
         };
         assert_eq!(t.line(), "4 passed, 1 failed");
         t.skipped = 2;
         assert_eq!(t.line(), "4 passed, 1 failed, 2 skipped");
+    }
+
+    #[test]
+    fn a_tier_that_cannot_run_fails_under_ci_and_a_skipped_case_does_not() {
+        let mut t = Tally {
+            passed: 10,
+            skipped: 2,
+            ..Tally::default()
+        };
+        assert!(
+            !t.refused_under(true),
+            "cases a scenario skips for a reason"
+        );
+        t.add(Tally::tier_skipped("VM tests", 40, "no qemu"));
+        assert_eq!((t.skipped, t.passed), (42, 10), "never counted as passed");
+        assert!(t.refused_under(true));
+        assert!(!t.refused_under(false), "outside CI it is only reported");
     }
 }

@@ -72,6 +72,8 @@ pub struct Summary {
     pub passed: usize,
     pub failed: usize,
     pub skipped: usize,
+    /// Why the whole tier could not run (every case skipped), if it could not.
+    pub tier_skipped: Option<String>,
 }
 
 /// Where things are: the workspace, its target directory, the VM's corner of it.
@@ -340,6 +342,7 @@ pub fn run_scenarios(o: &ScenarioOpts) -> Result<Summary> {
             println!("{l}");
         }
         sum.skipped = lines.len();
+        sum.tier_skipped = Some(why);
         return Ok(sum);
     }
 
