@@ -20,6 +20,13 @@ pub const MAP_DEDUP: &str = "DEDUP";
 /// write there is reported (errno 0) so the agent can map the rewritten blocks back in.
 pub const MAP_PENDING: &str = "PENDING_CHUNKS";
 
+/// Devices whose chunks the agent is locating bad blocks in: kernel dev_t → [`LocateWatch`].
+/// A write completing in the range meanwhile is flagged, so that blocks found unreadable are
+/// read again under the suspend (the write may have healed them) and never discarded.
+pub const MAP_LOCATING: &str = "LOCATING";
+/// Capacity of [`MAP_LOCATING`] (source devices of one batch).
+pub const LOCATING_ENTRIES: usize = 256;
+
 /// Mirror of the spare pools for bpftool: spare kernel dev_t → [`PoolDev`].
 pub const MAP_POOL: &str = "POOL_DEVS";
 /// Mirror of the remap tables for bpftool: [`RemapKey`] → [`RemapVal`].
@@ -101,6 +108,18 @@ pub struct DedupKey {
     pub dev: u32,
     pub _pad: u32,
     pub chunk: u64,
+}
+
+/// A chunk range being located on one device, and whether a write completed in it since.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct LocateWatch {
+    /// First and last chunk (inclusive, in the device's watch chunks).
+    pub lo: u64,
+    pub hi: u64,
+    /// Set (1) by the completion program.
+    pub written: u32,
+    pub _pad: u32,
 }
 
 /// One spare device of a pool, as mirrored for bpftool (counts in chunks).
@@ -262,6 +281,7 @@ mod user {
     unsafe impl aya::Pod for super::Layout {}
     unsafe impl aya::Pod for super::WatchedDev {}
     unsafe impl aya::Pod for super::DedupKey {}
+    unsafe impl aya::Pod for super::LocateWatch {}
     unsafe impl aya::Pod for super::ErrorEvent {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::PoolDev {}

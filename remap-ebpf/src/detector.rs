@@ -9,9 +9,10 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use remap_common::{
-    Counters, DEDUP_ENTRIES, DedupKey, EVENTS_RING_BYTES, ErrorEvent, INFLIGHT_ENTRIES, Layout,
-    MAX_WATCHED, Op, PENDING_ENTRIES, PENDING_SCAN_CHUNKS, POOL_ENTRIES, PoolDev,
-    REMAP_MIRROR_ENTRIES, RemapKey, RemapVal, SLOW_DEDUP_BIT, WatchedDev, kind,
+    Counters, DEDUP_ENTRIES, DedupKey, EVENTS_RING_BYTES, ErrorEvent, INFLIGHT_ENTRIES,
+    LOCATING_ENTRIES, Layout, LocateWatch, MAX_WATCHED, Op, PENDING_ENTRIES, PENDING_SCAN_CHUNKS,
+    POOL_ENTRIES, PoolDev, REMAP_MIRROR_ENTRIES, RemapKey, RemapVal, SLOW_DEDUP_BIT, WatchedDev,
+    kind,
 };
 
 #[unsafe(no_mangle)]
@@ -59,6 +60,9 @@ static REMAPS: HashMap<RemapKey, RemapVal, REMAP_MIRROR_ENTRIES, { BPF_F_NO_PREA
 
 #[btf_map]
 static PENDING_CHUNKS: HashMap<DedupKey, u32, PENDING_ENTRIES> = HashMap::new();
+
+#[btf_map]
+static LOCATING: HashMap<u32, LocateWatch, LOCATING_ENTRIES> = HashMap::new();
 
 #[btf_map]
 static INFLIGHT: LruHashMap<DedupKey, u64, INFLIGHT_ENTRIES> = LruHashMap::new();
@@ -208,6 +212,14 @@ fn watch_rewrites(ctx: &TracePointContext) {
     let shift = unsafe { (*watched).chunk_shift } & 63;
     let first = sector >> shift;
     let last = (sector + u64::from(nr_sector) - 1) >> shift;
+    if let Some(w) = LOCATING.get_ptr_mut(dev) {
+        // SAFETY: a valid map value pointer, written by this program and read by the agent.
+        unsafe {
+            if first <= (*w).hi && last >= (*w).lo {
+                (*w).written = 1;
+            }
+        }
+    }
     for i in 0..PENDING_SCAN_CHUNKS {
         let chunk = first + i;
         if chunk > last {

@@ -56,6 +56,13 @@ impl Watch for Watcher {
     fn set_pending(&mut self, dev: &BlockDev, chunk: u64, on: bool) -> Result<(), String> {
         Watcher::set_pending(self, dev, chunk, on).map_err(|e| e.to_string())
     }
+    fn locate_window(&mut self, dev: &BlockDev, range: Option<(u64, u64)>) -> bool {
+        // A window that cannot be kept counts as written: the blocks are read again.
+        Watcher::locate_window(self, dev, range).unwrap_or_else(|e| {
+            tracing::warn!("{e}");
+            true
+        })
+    }
     // The mirrors are for people running bpftool: a failed update is logged, never fatal.
     fn mirror_pool(&mut self, spare: &BlockDev, value: Option<PoolDev>) {
         if let Err(e) = Watcher::mirror_pool(self, spare, value) {

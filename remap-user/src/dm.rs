@@ -806,6 +806,8 @@ fn map_err(op: DmOp, name: &str, e: devicemapper::DmError) -> DmError {
 /// it failed); reads (table, list, info) are not, so tests can assert the exact sequence.
 pub struct SimDm {
     state: Mutex<SimState>,
+    /// Runs at the next suspend, before it: what the rest of the machine does meanwhile.
+    before_suspend: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 struct SimState {
@@ -856,6 +858,7 @@ impl SimDm {
                 log: Vec::new(),
                 faults: Vec::new(),
             }),
+            before_suspend: Mutex::new(None),
         }
     }
 
@@ -870,6 +873,15 @@ impl SimDm {
         // A test that panicked while holding the lock leaves consistent state behind: every
         // operation validates before it mutates.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` when the next suspend is asked for, before it takes effect (e.g. a write that
+    /// completes just before a region is suspended).
+    pub fn on_next_suspend(&self, f: impl FnOnce() + Send + 'static) {
+        *self
+            .before_suspend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Box::new(f));
     }
 
     /// Makes the next call of kind `op` fail with [`DmError::Injected`], after validating its
@@ -1083,6 +1095,14 @@ impl DeviceMapper for SimDm {
 
     fn suspend(&self, name: &str) -> Result<(), DmError> {
         let op = DmOp::Suspend;
+        let hook = self
+            .before_suspend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(f) = hook {
+            f();
+        }
         self.run(op, name, |st| {
             st.get_mut(op, name)?;
             st.fault(op, name)?;

@@ -39,6 +39,9 @@ pub trait Watch {
     fn unwatch(&mut self, dev: &BlockDev) -> Result<(), String>;
     /// Reports writes to chunk `chunk` (in chunks from the start) of `dev`, or stops.
     fn set_pending(&mut self, dev: &BlockDev, chunk: u64, on: bool) -> Result<(), String>;
+    /// Flags writes completing on `dev` in chunks `lo..=hi` from now on (`Some`), or stops and
+    /// says whether one did (`None`). A watcher that cannot tell says yes.
+    fn locate_window(&mut self, dev: &BlockDev, range: Option<(u64, u64)>) -> bool;
     /// Mirrors a spare's usage where operators look (the pinned maps); `None`: it left.
     fn mirror_pool(&mut self, spare: &BlockDev, value: Option<PoolDev>) {
         let _ = (spare, value);
@@ -1481,6 +1484,30 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             ..RemapReport::default()
         };
 
+        // Writes to these chunks are watched from before the first locate read until the
+        // suspend: a block found unreadable and rewritten meanwhile (a filesystem or md often
+        // rewrites right after a read error, and the write heals the sector) is read again
+        // under the suspend, never discarded; without such a write no failing read is repeated.
+        let mut windows: BTreeMap<(u32, u32), (BlockDev, u64, u64)> = BTreeMap::new();
+        for &c in chunks.keys() {
+            let (src, base) = source(vol, c, vol.remaps.get(c).copied());
+            let dc = base / g.chunk;
+            let w = windows
+                .entry((src.major, src.minor))
+                .or_insert_with(|| (src.clone(), dc, dc));
+            (w.1, w.2) = (w.1.min(dc), w.2.max(dc));
+        }
+        for (dev, lo, hi) in windows.values() {
+            self.watch.locate_window(dev, Some((*lo, *hi)));
+        }
+        let close_windows = |watch: &mut W| -> BTreeSet<(u32, u32)> {
+            windows
+                .iter()
+                .filter(|(_, (dev, ..))| watch.locate_window(dev, None))
+                .map(|(k, _)| *k)
+                .collect()
+        };
+
         // Locate: which blocks of each chunk can be read where the chunk lives now. Outside the
         // suspend: retries on a failing disk can take long, and other I/O must not wait for it.
         let mut plan: Vec<(u64, Option<Remap>, u64)> = Vec::new();
@@ -1541,6 +1568,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             );
         }
         if moves.is_empty() {
+            close_windows(&mut self.watch);
             report.micros = t0.elapsed().as_micros() as u64;
             return Ok(report);
         }
@@ -1578,6 +1606,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         restore(vol, &prior);
         if let Some(err) = prepare_err {
+            close_windows(&mut self.watch);
             self.drop_prepared(vol, &regions, &[]);
             release(vol, &moves);
             return Err(err);
@@ -1593,11 +1622,32 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         for &r in &regions {
             let rn = region_name(&vol.config.name, r);
             if let Err(e) = self.dm.suspend(&rn) {
+                close_windows(&mut self.watch);
                 self.drop_prepared(vol, &regions, &suspended);
                 release(vol, &moves);
                 return Err(EngineError::Failed(format!("suspending {rn}: {e}")));
             }
             suspended.push(r);
+        }
+        // Suspended: every write to these chunks has completed. Where one did since the
+        // locate began, the blocks found unreadable get one more read each.
+        let written = close_windows(&mut self.watch);
+        // What the prepared tables took as pending, to find those the copy proves wrong.
+        let prepared_bad: Vec<u64> = moves.iter().map(|m| m.3).collect();
+        if !written.is_empty() {
+            let mut buf = vec![0u8; block_bytes];
+            for (c, old, _, bad) in moves.iter_mut() {
+                let (src, base) = source(vol, *c, *old);
+                if *bad == 0 || !written.contains(&(src.major, src.minor)) {
+                    continue;
+                }
+                for b in 0..bpc {
+                    let off = (base + u64::from(b) * g.block) * SECTOR;
+                    if *bad & (1 << b) != 0 && self.io.read_at(src, off, &mut buf).is_ok() {
+                        *bad &= !(1 << b);
+                    }
+                }
+            }
         }
 
         // Copy every block still readable; unreadable ones become zeros on the spare and pending.
@@ -1629,12 +1679,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 },
             );
         }
-        // A block that failed at the copy but not at the locate: that region's prepared table
-        // is wrong, load it again (still before the commit, so still nothing live).
+        // A block that failed at the copy but not at the locate, or that a rewrite healed:
+        // that region's prepared table is wrong, load it again (still before the commit, so
+        // still nothing live).
         let stale: BTreeSet<u32> = copied
             .iter()
-            .zip(&moves)
-            .filter(|((_, _, _, pending), (_, _, _, bad))| pending != bad)
+            .zip(&prepared_bad)
+            .filter(|((_, _, _, pending), bad)| pending != *bad)
             .map(|((c, ..), _)| g.region_of_chunk(*c))
             .collect();
         for &r in &stale {
@@ -2093,6 +2144,9 @@ pub(crate) mod tests {
 
     #[derive(Clone, Default)]
     pub(crate) struct SimWatch {
+        /// Set by a test when a write lands during a locate window; taken when it closes.
+        pub(crate) write_seen: Arc<std::sync::atomic::AtomicBool>,
+        pub(crate) windows: Rc<RefCell<Vec<(crate::blockdev::DevNo, Option<(u64, u64)>)>>>,
         pub(crate) watched: Rc<RefCell<BTreeSet<(u32, u32)>>>,
         pub(crate) pending: Rc<RefCell<BTreeSet<(u32, u64)>>>,
         pub(crate) pool: Rc<RefCell<BTreeMap<u32, PoolDev>>>,
@@ -2119,6 +2173,15 @@ pub(crate) mod tests {
                 Some(v) => self.remaps.borrow_mut().insert(key.chunk, v),
                 None => self.remaps.borrow_mut().remove(&key.chunk),
             };
+        }
+        fn locate_window(&mut self, dev: &BlockDev, range: Option<(u64, u64)>) -> bool {
+            self.windows
+                .borrow_mut()
+                .push(((dev.major, dev.minor), range));
+            range.is_none()
+                && self
+                    .write_seen
+                    .swap(false, std::sync::atomic::Ordering::SeqCst)
         }
         fn set_pending(&mut self, dev: &BlockDev, chunk: u64, on: bool) -> Result<(), String> {
             let key = (dev.minor, chunk);
@@ -2742,6 +2805,60 @@ pub(crate) mod tests {
         assert_eq!(r.read_volume(2050), Some(fresh));
         assert_eq!(r.status()["pending"], 0);
         assert!(r.watch.pending.borrow().is_empty(), "watch disarmed");
+    }
+
+    #[test]
+    fn a_block_rewritten_between_locate_and_suspend_is_copied_not_discarded() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        r.io.fail_reads(SIM, MAIN, 1001..1002);
+        // After the locate found sector 1001 unreadable, and before the suspend, a filesystem
+        // rewrites it (the write heals the sector) and the write completes.
+        let (io, seen) = (r.io.clone(), r.watch.write_seen.clone());
+        let fresh = vec![0x3cu8; 512];
+        let data = fresh.clone();
+        r.dm.on_next_suspend(move || {
+            io.heal(SIM, MAIN, 1001..1002);
+            io.poke(SIM, MAIN, 1001 * 512, &data).unwrap();
+            seen.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let rep = r.error(MAIN, 1000, 8);
+        assert_eq!(rep[0].remapped, [125]);
+        assert_eq!(
+            rep[0].pending_blocks, 0,
+            "the rewritten block is data, not pending"
+        );
+        assert_eq!(r.status()["pending"], 0);
+        assert_eq!(
+            r.read_volume(1001),
+            Some(fresh),
+            "the write is on the spare"
+        );
+        assert_eq!(r.read_volume(1002), Some(golden(1002)));
+        let w = r.watch.windows.borrow();
+        assert_eq!(w.first(), Some(&((SIM, MAIN), Some((125, 125)))), "{w:?}");
+    }
+
+    #[test]
+    fn without_a_write_in_the_window_no_failing_read_is_repeated_under_the_suspend() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        r.io.fail_reads(SIM, MAIN, 1001..1002);
+        let (io, at_suspend) = (r.io.clone(), Arc::new(std::sync::atomic::AtomicU64::new(0)));
+        let snap = at_suspend.clone();
+        r.dm.on_next_suspend(move || {
+            snap.store(
+                io.stats(SIM, MAIN).errors,
+                std::sync::atomic::Ordering::SeqCst,
+            );
+        });
+        let rep = r.error(MAIN, 1000, 8);
+        assert_eq!(rep[0].pending_blocks, 1);
+        assert_eq!(
+            r.io.stats(SIM, MAIN).errors,
+            at_suspend.load(std::sync::atomic::Ordering::SeqCst),
+            "no read of the bad block while suspended"
+        );
     }
 
     #[test]

@@ -32,6 +32,9 @@ impl Watch for NoWatch {
     fn set_pending(&mut self, _: &BlockDev, _: u64, _: bool) -> Result<(), String> {
         Ok(())
     }
+    fn locate_window(&mut self, _: &BlockDev, range: Option<(u64, u64)>) -> bool {
+        range.is_none()
+    }
 }
 
 /// An engine thread on simulated disks: a 64 MiB main (minor 0) and two 24 MiB spares.

@@ -331,11 +331,23 @@ impl Detector {
                 what: "opening the remap mirror".into(),
                 source,
             })?;
+        let locating = det
+            .ebpf
+            .take_map(remap_common::MAP_LOCATING)
+            .ok_or_else(|| DetectError::Io {
+                what: "the eBPF object has no LOCATING map".into(),
+                source: std::io::ErrorKind::NotFound.into(),
+            })?;
+        let locating = HashMap::try_from(locating).map_err(|source| DetectError::Map {
+            what: "opening the locate-window map".into(),
+            source,
+        })?;
         det.watcher = Some(Watcher {
             map,
             pending,
             pool,
             remaps,
+            locating,
             slow_us: det.slow_us,
         });
         Ok(det)
@@ -465,6 +477,7 @@ impl Drop for Detector {
 pub struct Watcher {
     map: HashMap<MapData, u32, WatchedDev>,
     pending: HashMap<MapData, DedupKey, u32>,
+    locating: HashMap<MapData, u32, remap_common::LocateWatch>,
     pool: HashMap<MapData, u32, PoolDev>,
     remaps: HashMap<MapData, RemapKey, RemapVal>,
     slow_us: u32,
@@ -508,6 +521,44 @@ impl Watcher {
             what: format!("marking chunk {chunk} of {} pending", dev.path.display()),
             source,
         })
+    }
+
+    /// Flags writes that complete on `dev` in chunks `lo..=hi` from now on (`None`: stop, and
+    /// say whether one did).
+    pub fn locate_window(
+        &mut self,
+        dev: &BlockDev,
+        range: Option<(u64, u64)>,
+    ) -> Result<bool, DetectError> {
+        let key = dev.kernel_dev();
+        let what = |verb: &str| format!("{verb} the locate window of {}", dev.path.display());
+        match range {
+            Some((lo, hi)) => {
+                let w = remap_common::LocateWatch {
+                    lo,
+                    hi,
+                    written: 0,
+                    _pad: 0,
+                };
+                self.locating
+                    .insert(key, w, 0)
+                    .map_err(|source| DetectError::Map {
+                        what: what("opening"),
+                        source,
+                    })?;
+                Ok(false)
+            }
+            None => {
+                let written = self.locating.get(&key, 0).is_ok_and(|w| w.written != 0);
+                match self.locating.remove(&key) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(written),
+                    Err(source) => Err(DetectError::Map {
+                        what: what("closing"),
+                        source,
+                    }),
+                }
+            }
+        }
     }
 
     /// Mirrors one spare's usage for bpftool (`None`: it left the pool).
