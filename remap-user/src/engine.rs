@@ -2142,11 +2142,14 @@ pub(crate) mod tests {
     pub(crate) const S2: u32 = 2;
     pub(crate) const MIB: u64 = 1 << 20;
 
+    /// A locate window opened (`Some(range)`) or closed on a device.
+    pub(crate) type Window = (crate::blockdev::DevNo, Option<(u64, u64)>);
+
     #[derive(Clone, Default)]
     pub(crate) struct SimWatch {
         /// Set by a test when a write lands during a locate window; taken when it closes.
         pub(crate) write_seen: Arc<std::sync::atomic::AtomicBool>,
-        pub(crate) windows: Rc<RefCell<Vec<(crate::blockdev::DevNo, Option<(u64, u64)>)>>>,
+        pub(crate) windows: Rc<RefCell<Vec<Window>>>,
         pub(crate) watched: Rc<RefCell<BTreeSet<(u32, u32)>>>,
         pub(crate) pending: Rc<RefCell<BTreeSet<(u32, u64)>>>,
         pub(crate) pool: Rc<RefCell<BTreeMap<u32, PoolDev>>>,
