@@ -721,6 +721,17 @@ mod tests {
         volume::{Extent, Geometry, Remap, RemapTable, UnreadablePolicy},
     };
 
+    /// Assembly refused the volume, saying `phrase`, and created no device.
+    fn assert_refused_and_nothing_made(
+        b: &crate::engine::tests::Rig,
+        rep: &[Assembled],
+        phrase: &str,
+    ) {
+        assert_eq!(rep[0].outcome, "refused", "{rep:?}");
+        assert!(rep[0].notes.iter().any(|n| n.contains(phrase)), "{rep:?}");
+        assert!(b.dm.list("").unwrap().is_empty(), "nothing created");
+    }
+
     fn tables(dm: &SimDm, n: u32) -> Vec<Vec<crate::table::DmLine>> {
         (0..n)
             .map(|r| dm.table(&region_name("v", r)).unwrap())
@@ -929,15 +940,7 @@ mod tests {
         forge(&a, 31, 1, &[(0, 0xd0), (1, 0xd1)], 50);
         let mut b = rebooted(&a);
         let rep = b.engine.assemble(None);
-        assert_eq!(rep[0].outcome, "refused", "{rep:?}");
-        assert!(
-            rep[0]
-                .notes
-                .iter()
-                .any(|n| n.contains("conflicting member sets")),
-            "{rep:?}"
-        );
-        assert!(b.dm.list("").unwrap().is_empty(), "nothing created");
+        assert_refused_and_nothing_made(&b, &rep, "conflicting member sets");
     }
 
     #[test]
@@ -1028,15 +1031,7 @@ mod tests {
             .unwrap();
         let mut b = a.restart();
         let rep = b.engine.assemble(None);
-        assert_eq!(rep[0].outcome, "refused", "{rep:?}");
-        assert!(
-            rep[0]
-                .notes
-                .iter()
-                .any(|n| n.contains("both claim generation")),
-            "{rep:?}"
-        );
-        assert!(b.dm.list("").unwrap().is_empty(), "nothing created");
+        assert_refused_and_nothing_made(&b, &rep, "both claim generation");
     }
 
     #[test]

@@ -2264,8 +2264,9 @@ pub(crate) mod tests {
             self.engine.on_errors(&[event(minor, sector, nr, 5)])
         }
 
-        /// What reading `sector` through the volume returns, following the live tables.
-        pub(crate) fn read_volume(&self, sector: u64) -> Option<Vec<u8>> {
+        /// Where `sector` of the volume lives under the live tables: (minor, byte offset) when
+        /// its segment is linear, `None` otherwise (pending, error).
+        fn live_place(&self, sector: u64) -> Option<(u32, u64)> {
             let vol = self.engine.volume("v").unwrap();
             let g = *vol.geo();
             let r = g.region_of_chunk(sector / g.chunk);
@@ -2275,45 +2276,27 @@ pub(crate) mod tests {
                 .iter()
                 .find(|(s, l, ..)| (*s..s + l).contains(&rel))
                 .unwrap();
-            let mut p = params.split_whitespace();
-            let dev = p.next().unwrap_or_default();
-            let off: u64 = p.next().map_or(0, |o| o.parse().unwrap());
-            match ty.as_str() {
-                "linear" => {
-                    let minor: u32 = dev.split(':').nth(1).unwrap().parse().unwrap();
-                    self.io
-                        .peek(SIM, minor, (off + rel - start) * 512, 512)
-                        .ok()
-                }
-                _ => None,
+            if ty != "linear" {
+                return None;
             }
+            let mut p = params.split_whitespace();
+            let minor: u32 = p.next()?.split(':').nth(1)?.parse().ok()?;
+            let off: u64 = p.next()?.parse().ok()?;
+            Some((minor, (off + rel - start) * 512))
+        }
+
+        /// What reading `sector` through the volume returns, following the live tables.
+        pub(crate) fn read_volume(&self, sector: u64) -> Option<Vec<u8>> {
+            let (minor, at) = self.live_place(sector)?;
+            self.io.peek(SIM, minor, at, 512).ok()
         }
 
         /// Writes one sector through the volume's live tables (a linear segment only), durably.
         pub(crate) fn write_volume(&self, sector: u64, data: &[u8]) {
-            let vol = self.engine.volume("v").unwrap();
-            let g = *vol.geo();
-            let r = g.region_of_chunk(sector / g.chunk);
-            let lines = self.dm.table(&region_name("v", r)).unwrap();
-            let rel = sector - g.region_span(r).0;
-            let (start, _, ty, params) = lines
-                .iter()
-                .find(|(s, l, ..)| (*s..s + l).contains(&rel))
-                .unwrap();
-            assert_eq!(ty, "linear", "write to a non-linear segment");
-            let mut p = params.split_whitespace();
-            let minor: u32 = p
-                .next()
-                .unwrap()
-                .split(':')
-                .nth(1)
-                .unwrap()
-                .parse()
-                .unwrap();
-            let off: u64 = p.next().unwrap().parse().unwrap();
-            self.io
-                .poke(SIM, minor, (off + rel - start) * 512, data)
-                .unwrap();
+            let (minor, at) = self
+                .live_place(sector)
+                .expect("a write to a linear segment");
+            self.io.poke(SIM, minor, at, data).unwrap();
         }
     }
 
