@@ -762,6 +762,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             self.wipe_metadata(s)?;
         }
         self.checkpoint(&mut vol)?;
+        crash_point("create-after-metadata");
         if let Err(e) = self.build_devices(&mut vol) {
             self.teardown(&vol);
             for s in vol.spares.values() {
@@ -943,6 +944,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 let _ = vol.pool.remove(slot);
                 return Err(e);
             }
+            crash_point("spare-add-after-checkpoint");
             Ok(())
         })();
         let chunk_bytes = vol.geo().chunk * SECTOR;
@@ -1319,6 +1321,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 self.drop_prepared(&mut vol, &regions, &suspended);
                 return Err(e);
             }
+            crash_point("pending-after-commit");
             self.resume_all(&vol.config.name, &suspended);
             for (c, mask) in chunks {
                 if let Some(r) = vol.remaps.get(*c).copied() {
