@@ -58,7 +58,7 @@ n=0
 while [ "$(json_num "$(status)" remaps)" != 1 ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
 st=$(status)
 if [ "$(json_num "$st" remaps)" = 1 ]; then
-    pass remapped-anyway "$(grep -m1 'metadata write failed' /tmp/remapd.log | cut -c1-220)"
+    pass remapped-anyway "$(grep -m1 'metadata write to spare' /tmp/remapd.log | cut -c1-240)"
 else
     fail remapped-anyway "remaps $(json_num "$st" remaps); log: $(tail -4 /tmp/remapd.log | tr '\n' ' ')"
 fi
