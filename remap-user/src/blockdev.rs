@@ -2,7 +2,7 @@
 //! their size, block size and stable identity; whether something else uses them; and O_DIRECT
 //! I/O behind [`BlockIo`], with [`DirectIo`] for the kernel and [`SimIo`] for tests.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     fmt,
     fs::{self, File, OpenOptions},
     io,
@@ -420,47 +420,183 @@ fn parse_devno(s: &str) -> Option<(u32, u32)> {
     Some((a.parse().ok()?, b.parse().ok()?))
 }
 
-/// The devices `devno` is made of, itself included, from sysfs: the whole disk of a partition,
-/// the slaves of a device-mapper or md device, the device a loop device reads (its backing
-/// block device, or the device of the filesystem holding its backing file), transitively.
-/// Two devices whose stacks meet share sectors, or may.
-pub fn device_stack(devno: (u32, u32)) -> BTreeSet<(u32, u32)> {
-    let mut seen = BTreeSet::new();
-    let mut todo = vec![devno];
-    while let Some(d) = todo.pop() {
-        if !seen.insert(d) || seen.len() > 4096 {
-            continue;
-        }
-        let link = PathBuf::from(format!("/sys/dev/block/{}:{}", d.0, d.1));
-        let Ok(dir) = fs::canonicalize(&link) else {
-            continue;
-        };
-        if dir.join("partition").exists()
-            && let Some(parent) = dir.parent().and_then(|p| sysfs_attr(&p.join("dev")))
-            && let Some(pd) = parse_devno(&parent)
-        {
-            todo.push(pd);
-        }
-        if let Ok(entries) = fs::read_dir(dir.join("slaves")) {
-            for e in entries.filter_map(Result::ok) {
-                if let Some(sd) = sysfs_attr(&e.path().join("dev")).and_then(|t| parse_devno(&t)) {
-                    todo.push(sd);
-                }
-            }
-        }
-        if let Some(backing) = sysfs_attr(&dir.join("loop/backing_file")) {
-            use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
-            if let Ok(md) = fs::metadata(&backing) {
-                let n = if md.file_type().is_block_device() {
-                    md.rdev()
-                } else {
-                    md.dev()
-                };
-                todo.push((libc::major(n), libc::minor(n)));
-            }
+/// A range of 512-byte sectors of one device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Span {
+    pub dev: (u32, u32),
+    pub start: u64,
+    pub len: u64,
+}
+
+impl Span {
+    pub fn whole(dev: (u32, u32)) -> Self {
+        Self {
+            dev,
+            start: 0,
+            len: u64::MAX,
         }
     }
-    seen
+
+    fn end(&self) -> u64 {
+        self.start.saturating_add(self.len)
+    }
+
+    /// Whether the two share a sector.
+    pub fn meets(&self, other: &Span) -> bool {
+        self.dev == other.dev && self.start < other.end() && other.start < self.end()
+    }
+}
+
+/// How sectors `from..from + len` of a device map onto a device below it: from `to_start` on,
+/// or, when the mapping is not known sector by sector, anywhere on `to`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lower {
+    pub from: u64,
+    pub len: u64,
+    pub to: (u32, u32),
+    pub to_start: Option<u64>,
+}
+
+impl Lower {
+    /// All of a device maps somewhere on `to` (a loop device's backing, an md member).
+    pub fn anywhere_on(to: (u32, u32)) -> Self {
+        Self {
+            from: 0,
+            len: u64::MAX,
+            to,
+            to_start: None,
+        }
+    }
+}
+
+/// The sectors of the bottom devices (disks, the device of a loop file's file system) that
+/// `devno` is made of. `lowers` says how a device maps onto those below it, `None` for a
+/// bottom device. Two devices share data exactly when their spans meet.
+pub fn resolve_spans(
+    devno: (u32, u32),
+    lowers: impl Fn((u32, u32)) -> Option<Vec<Lower>>,
+) -> Vec<Span> {
+    let mut out = Vec::new();
+    let mut todo = vec![Span::whole(devno)];
+    // Bounded: a device-mapper table can name thousands of segments, never a cycle.
+    let mut budget = 1 << 16;
+    while let Some(s) = todo.pop() {
+        budget -= 1;
+        if budget == 0 {
+            // Past any real stack: everything is taken to meet everything below it.
+            out.push(Span::whole(s.dev));
+            break;
+        }
+        let Some(below) = lowers(s.dev) else {
+            out.push(s);
+            continue;
+        };
+        for l in below {
+            let a = s.start.max(l.from);
+            let b = s.end().min(l.from.saturating_add(l.len));
+            if a >= b {
+                continue;
+            }
+            todo.push(match l.to_start {
+                Some(t) => Span {
+                    dev: l.to,
+                    start: t.saturating_add(a - l.from),
+                    len: b - a,
+                },
+                None => Span::whole(l.to),
+            });
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// How a device-mapper table maps onto the devices it names: `linear`, `flakey`, `delay` and
+/// `dust` give a device and offset, `log-writes` passes sectors straight through to its first
+/// device (its log device holds copies of writes, never data read back); any other device
+/// named by a target is taken as used anywhere.
+pub fn dm_lowers(table: &[(u64, u64, String, String)]) -> Vec<Lower> {
+    let mut out = Vec::new();
+    for (start, len, target, params) in table {
+        let words: Vec<&str> = params.split_whitespace().collect();
+        let at = |dev: &str, to_start: Option<u64>| {
+            parse_devno(dev).map(|to| Lower {
+                from: *start,
+                len: *len,
+                to,
+                to_start,
+            })
+        };
+        match (target.as_str(), words.as_slice()) {
+            ("linear" | "flakey" | "dust", [dev, off, ..]) if off.parse::<u64>().is_ok() => {
+                out.extend(at(dev, off.parse().ok()));
+            }
+            // Read, then optional write and flush devices: `dev offset delay` each.
+            ("delay", _) if words.len().is_multiple_of(3) && words.len() >= 3 => {
+                for w in words.chunks(3) {
+                    out.extend(at(w[0], w[1].parse().ok()));
+                }
+            }
+            // What it reads is its first device's; the log only receives copies of writes.
+            ("log-writes", [dev, ..]) => out.extend(at(dev, Some(*start))),
+            _ => out.extend(words.iter().filter_map(|w| at(w, None))),
+        }
+    }
+    out
+}
+
+/// How the running system builds `devno` on other devices, from sysfs and device-mapper:
+/// a partition's place on its disk, a device-mapper device's table, a loop device's backing
+/// device (or the device of the file system holding its backing file), md or other slaves.
+fn system_lowers(d: (u32, u32)) -> Option<Vec<Lower>> {
+    let link = PathBuf::from(format!("/sys/dev/block/{}:{}", d.0, d.1));
+    let dir = fs::canonicalize(&link).ok()?;
+    if dir.join("partition").exists() {
+        let parent = dir
+            .parent()
+            .and_then(|p| sysfs_attr(&p.join("dev")))
+            .and_then(|t| parse_devno(&t))?;
+        let start = sysfs_attr(&dir.join("start")).and_then(|t| t.parse().ok());
+        let len = sysfs_attr(&dir.join("size")).and_then(|t| t.parse().ok());
+        return Some(vec![match (start, len) {
+            (Some(start), Some(len)) => Lower {
+                from: 0,
+                len,
+                to: parent,
+                to_start: Some(start),
+            },
+            _ => Lower::anywhere_on(parent),
+        }]);
+    }
+    if dir.join("dm").exists()
+        && let Some(table) = crate::dm::table_of(d)
+    {
+        return Some(dm_lowers(&table));
+    }
+    if let Some(backing) = sysfs_attr(&dir.join("loop/backing_file")) {
+        use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+        let md = fs::metadata(&backing).ok()?;
+        let n = if md.file_type().is_block_device() {
+            md.rdev()
+        } else {
+            md.dev()
+        };
+        return Some(vec![Lower::anywhere_on((libc::major(n), libc::minor(n)))]);
+    }
+    let slaves: Vec<Lower> = fs::read_dir(dir.join("slaves"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| sysfs_attr(&e.path().join("dev")).and_then(|t| parse_devno(&t)))
+        .map(Lower::anywhere_on)
+        .collect();
+    (!slaves.is_empty()).then_some(slaves)
+}
+
+/// The bottom-device sectors `devno` is made of on the running system ([`resolve_spans`]).
+pub fn device_spans(devno: (u32, u32)) -> Vec<Span> {
+    resolve_spans(devno, system_lowers)
 }
 
 impl BlockDev {
@@ -583,9 +719,9 @@ pub trait BlockIo {
     fn in_use(&self, dev: &BlockDev) -> Option<InUse> {
         dev.in_use()
     }
-    /// The devices `dev` is built from, itself included ([`device_stack`]).
-    fn stack(&self, dev: &BlockDev) -> BTreeSet<(u32, u32)> {
-        device_stack((dev.major, dev.minor))
+    /// The bottom-device sectors `dev` is made of ([`device_spans`]).
+    fn stack(&self, dev: &BlockDev) -> Vec<Span> {
+        device_spans((dev.major, dev.minor))
     }
     /// Every block device that could hold a volume's data or metadata (assembly looks at
     /// each): whole disks and partitions, not remap's own device-mapper devices.
@@ -622,7 +758,7 @@ impl<T: BlockIo + ?Sized> BlockIo for &T {
     fn in_use(&self, dev: &BlockDev) -> Option<InUse> {
         (**self).in_use(dev)
     }
-    fn stack(&self, dev: &BlockDev) -> BTreeSet<(u32, u32)> {
+    fn stack(&self, dev: &BlockDev) -> Vec<Span> {
         (**self).stack(dev)
     }
     fn scan(&self) -> Vec<BlockDev> {
@@ -658,7 +794,7 @@ impl<T: BlockIo + ?Sized> BlockIo for Arc<T> {
     fn in_use(&self, dev: &BlockDev) -> Option<InUse> {
         (**self).in_use(dev)
     }
-    fn stack(&self, dev: &BlockDev) -> BTreeSet<(u32, u32)> {
+    fn stack(&self, dev: &BlockDev) -> Vec<Span> {
         (**self).stack(dev)
     }
     fn scan(&self) -> Vec<BlockDev> {
@@ -822,7 +958,7 @@ pub struct SimIo {
     paths: Mutex<HashMap<PathBuf, (u32, u32)>>,
     busy: Mutex<HashMap<(u32, u32), InUse>>,
     /// Devices a device is built on (a partition's disk, a loop's backing device, ...).
-    built_on: Mutex<HashMap<DevNo, Vec<DevNo>>>,
+    built_on: Mutex<HashMap<DevNo, Vec<Lower>>>,
     /// Serial numbers shared by several paths to one disk (multipath).
     serials: Mutex<HashMap<(u32, u32), String>>,
 }
@@ -953,7 +1089,20 @@ impl SimIo {
 
     /// Declares `dev` built on `under` (as sysfs would show: partition, slaves, loop backing).
     pub fn set_built_on(&self, dev: (u32, u32), under: &[(u32, u32)]) {
-        lock(&self.built_on).insert(dev, under.to_vec());
+        let lowers = under.iter().map(|&d| Lower::anywhere_on(d)).collect();
+        lock(&self.built_on).insert(dev, lowers);
+    }
+
+    /// Declares `dev` to be sectors `start..start + len` of `under` (a partition, a linear
+    /// device-mapper device).
+    pub fn set_part_of(&self, dev: (u32, u32), under: (u32, u32), start: u64, len: u64) {
+        let lower = Lower {
+            from: 0,
+            len,
+            to: under,
+            to_start: Some(start),
+        };
+        lock(&self.built_on).insert(dev, vec![lower]);
     }
 
     /// Gives the device the serial number of another (a second path to the same disk).
@@ -1097,16 +1246,9 @@ impl BlockIo for SimIo {
         lock(&self.busy).get(&(dev.major, dev.minor)).cloned()
     }
 
-    fn stack(&self, dev: &BlockDev) -> BTreeSet<(u32, u32)> {
+    fn stack(&self, dev: &BlockDev) -> Vec<Span> {
         let map = lock(&self.built_on);
-        let mut seen = BTreeSet::new();
-        let mut todo = vec![(dev.major, dev.minor)];
-        while let Some(d) = todo.pop() {
-            if seen.insert(d) {
-                todo.extend(map.get(&d).into_iter().flatten().copied());
-            }
-        }
-        seen
+        resolve_spans((dev.major, dev.minor), |d| map.get(&d).cloned())
     }
 
     fn scan(&self) -> Vec<BlockDev> {

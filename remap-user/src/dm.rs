@@ -693,6 +693,14 @@ fn probe_error_reads(dm: &impl DeviceMapper, name: &str, probe_dev: &str) -> Res
     Ok(supported)
 }
 
+/// The live table of the device-mapper device `devno` (its name from sysfs), or `None` when
+/// it cannot be read: callers then fall back to what sysfs says.
+pub fn table_of(devno: (u32, u32)) -> Option<Vec<DmLine>> {
+    let name =
+        fs::read_to_string(format!("/sys/dev/block/{}:{}/dm/name", devno.0, devno.1)).ok()?;
+    Dm::new().ok()?.table(name.trim()).ok()
+}
+
 /// Whether the running kernel registered device-mapper's misc device (its control node may
 /// still be missing from a hand-made /dev).
 fn kernel_has_dm() -> bool {

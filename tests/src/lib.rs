@@ -5,4 +5,5 @@
 
 pub mod blockio;
 pub mod faultdisk;
+pub mod logwrites;
 pub mod loopdev;

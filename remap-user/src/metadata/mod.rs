@@ -306,6 +306,17 @@ pub fn crash_point(name: &str) {
     }
 }
 
+/// Faults a test build can inject (REMAP_FAULT), to prove that the test meant to catch one
+/// does: `skip-copy-flush` leaves a chunk's copy on its spare unflushed before the commit that
+/// points at it (the flush-point replayer must then find a crash state with wrong data).
+pub fn fault(name: &str) -> bool {
+    static FAULT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    FAULT
+        .get_or_init(|| std::env::var("REMAP_FAULT").ok())
+        .as_deref()
+        == Some(name)
+}
+
 impl Journal {
     pub fn new(layout: Layout, uuid: [u8; 16]) -> Self {
         Self {

@@ -4,8 +4,9 @@ use anyhow::{Context as _, Result, bail};
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The binaries of remap-user the guest gets.
-pub const GUEST_BINS: &[&str] = &["remapd", "remapctl"];
+/// The binaries the guest gets: remap-user's, and the flush-point writer and checker of the
+/// tests (which `host-check` also runs on the host).
+pub const GUEST_BINS: &[&str] = &["remapd", "remapctl", "flushcheck"];
 
 const TRIPLE: &str = "x86_64-unknown-linux-gnu";
 
@@ -35,10 +36,17 @@ pub fn build(paths: &Paths) -> Result<GuestBins> {
             TRIPLE,
             "-p",
             "remap-user",
-            "--bins",
+            "-p",
+            "remap-tests",
+            "--bin",
+            "remapd",
+            "--bin",
+            "remapctl",
+            "--bin",
+            "flushcheck",
             // libdevmapper is only needed for its headers; a static link must not ask for it.
             "--features",
-            "static",
+            "remap-user/static",
         ])
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .output()

@@ -565,6 +565,13 @@ fn boot_scenario(
             break;
         }
     }
+    let completed = !matches!(
+        ends.last().map(|(_, e)| e),
+        Some(End::Timeout | End::Crashed(_))
+    );
+    for check in s.spec.host_checks.iter().filter(|_| completed) {
+        records.extend(host_check(lab, k, s, check, &disks)?);
+    }
     let verdicts = scenario::evaluate(&s.spec, &records, &ends);
     if verdicts.iter().any(|(_, v)| matches!(v, Verdict::Fail(_))) {
         for (boot, console) in &consoles {
@@ -579,6 +586,59 @@ fn boot_scenario(
         }
     }
     Ok((records, ends))
+}
+
+/// Runs a scenario's `host-check` on the host: a static guest binary over the disk files the
+/// boots left, its stdout read as results records.
+fn host_check(
+    lab: &Lab,
+    k: &Kernel,
+    s: &Scenario,
+    check: &[String],
+    disks: &[(qemu::DiskSpec, PathBuf)],
+) -> Result<Vec<scenario::Record>> {
+    let bin = lab
+        .bins
+        .path(&check[0])
+        .with_context(|| format!("host-check: {} is not among the guest binaries", check[0]))?;
+    let mut args = Vec::new();
+    for a in &check[1..] {
+        args.push(match a.strip_prefix('@') {
+            Some(name) => disks
+                .iter()
+                .find(|(d, _)| d.name == name)
+                .map(|(_, f)| f.display().to_string())
+                .with_context(|| format!("host-check: no disk named {name}"))?,
+            None => a.clone(),
+        });
+    }
+    step(&format!(
+        "{}/{}: host check {}",
+        k.label,
+        s.name,
+        check.join(" ")
+    ));
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(bin)
+        .args(&args)
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut records: Vec<_> = stdout.lines().map(scenario::parse_record).collect();
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        records.push(scenario::parse_record(&format!(
+            "FAIL host-check: {} {}: {why}",
+            check[0], out.status
+        )));
+    }
+    step(&format!(
+        "{}/{}: host check done in {:.1}s",
+        k.label,
+        s.name,
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(records)
 }
 
 /// Serialises runs that share `target/vm` (kernel unpacking, base archives, run directories):

@@ -13,6 +13,9 @@
 //! #vm: expect-fail CASE             CASE must report FAIL (proves a wrong expectation fails)
 //! #vm: repeat N [SOAK]              boot this script N times in a row (SOAK times with --soak);
 //!                                   the guest sees VM_ITER (1..) and VM_ITERS
+//! #vm: host-check BIN ARG...        after the last boot, run the guest binary BIN on the host
+//!                                   (it is static) with `@NAME` standing for disk NAME's file;
+//!                                   its stdout is read as results records, like the guest's
 //! ```
 //!
 //! The guest reports on the results channel, one line per record: `PASS case[: note]`,
@@ -43,6 +46,8 @@ pub struct Spec {
     pub expect_fail: Vec<String>,
     /// Boot scripts (by file name) run several times in a row: (name, count, soak count).
     pub repeats: Vec<(String, u32, u32)>,
+    /// Checks run on the host after the boots: a guest binary and its arguments.
+    pub host_checks: Vec<Vec<String>>,
 }
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -105,6 +110,13 @@ impl Spec {
                         .map(|f| f.to_string_lossy().into_owned())
                         .unwrap_or_default();
                     self.repeats.push((name, n, soak));
+                }
+                Some("host-check") => {
+                    let cmd: Vec<String> = words.map(str::to_string).collect();
+                    if cmd.is_empty() {
+                        bail!("{}: expected `#vm: host-check BIN ARG...`", at());
+                    }
+                    self.host_checks.push(cmd);
                 }
                 other => bail!("{}: unknown directive {other:?}", at()),
             }
@@ -395,7 +407,7 @@ mod tests {
     fn directives_parse() {
         let mut s = Spec::default();
         s.parse_directives(
-            "#!/bin/sh\n#vm: cases a b\n#vm: disk bad 16M inject=read_aio:5:1000\n#vm: timeout 90\n\
+            "#!/bin/sh\n#vm: cases a b\n#vm: disk bad 16M inject=read_aio:5:1000\n#vm: timeout 90\n#vm: host-check flushcheck check @bad --case a\n\
              #vm: kernels 6.12\n#vm: needs remapd\n#vm: expect-fail b\necho '#vm: not a directive'\n",
             "t.sh",
         )
@@ -406,6 +418,10 @@ mod tests {
         assert_eq!(s.kernels.as_deref(), Some(&["6.12".to_string()][..]));
         assert_eq!(s.needs, ["remapd"]);
         assert_eq!(s.expect_fail, ["b"]);
+        assert_eq!(
+            s.host_checks,
+            [["flushcheck", "check", "@bad", "--case", "a"]]
+        );
         assert!(
             Spec::default()
                 .parse_directives("#vm: frobnicate\n", "t.sh")
