@@ -48,7 +48,6 @@ stack() {
 
 # unstack PREFIX VOLUME: the volume's devices, then the stack; the log is complete after.
 unstack() {
-    dmsetup info -c
     timeout 60 dmsetup remove "$2" || { echo w >/proc/sysrq-trigger; sleep 5; return 1; }
     for d in $(dmsetup ls | awk '{ print $1 }' | grep "^$2-remap-r"); do dmsetup remove "$d"; done
     for d in main s1 s2 lw; do
