@@ -604,8 +604,20 @@ fn agent_call<D: DeviceMapper, I: BlockIo, W: Watch>(
         },
         AgentRequest::ScrubStop { name } => scrubs.stop(&name, volume(engine, &name)),
         AgentRequest::ScrubStatus { name } => scrubs.status(&name, volume(engine, &name)),
-        AgentRequest::Assemble { name } => {
-            let found = engine.assemble(name.as_deref());
+        AgentRequest::Assemble { name, main } => {
+            let found = match (&name, &main) {
+                (Some(n), Some(m)) => match engine.assemble_with_main(n, m) {
+                    Ok(found) => found,
+                    Err(e) => return Response::err(e.code(), e.to_string()),
+                },
+                (None, Some(_)) => {
+                    return Response::err(
+                        exit::USAGE,
+                        "--main names the main device of one volume: give the volume's name too",
+                    );
+                }
+                _ => engine.assemble(name.as_deref()),
+            };
             // Scrubs that were running when the agent (or the volume) stopped go on.
             scrubs.resume(engine.volumes());
             if let Some(n) = name.filter(|_| found.is_empty()) {
@@ -1021,7 +1033,10 @@ where
     // down and is in the log; the agent still serves the others.
     if opts.assemble {
         let r = ask(&tx, |reply| Msg::Agent {
-            req: AgentRequest::Assemble { name: None },
+            req: AgentRequest::Assemble {
+                name: None,
+                main: None,
+            },
             uid: 0,
             reply,
         })

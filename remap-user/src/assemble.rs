@@ -173,6 +173,31 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     /// [`Engine::assemble`]; `explicit` takes over volumes recorded with another machine's id
     /// (mdadm's homehost, LVM's system ID): at start remapd assembles only its own.
     pub fn assemble_explicit(&mut self, only: Option<&str>, explicit: bool) -> Vec<Assembled> {
+        self.assemble_inner(only, explicit, None)
+    }
+
+    /// Assembles volume `name` on the main device the operator names: the way out when its
+    /// main has no WWN or serial and several disks have its size (remap never picks one).
+    /// The device must match what was recorded (its identity, or its size when it has none),
+    /// carry no remap metadata and not be one of the volume's spares.
+    pub fn assemble_with_main(
+        &mut self,
+        name: &str,
+        main: &std::path::Path,
+    ) -> Result<Vec<Assembled>, EngineError> {
+        let dev = self
+            .io
+            .open(main)
+            .map_err(|e| EngineError::Invalid(format!("main device {}: {e}", main.display())))?;
+        Ok(self.assemble_inner(Some(name), true, Some(&dev)))
+    }
+
+    fn assemble_inner(
+        &mut self,
+        only: Option<&str>,
+        explicit: bool,
+        main: Option<&BlockDev>,
+    ) -> Vec<Assembled> {
         let dropped = self.drop_stray_prepared_tables();
         let devices = self.io.scan();
         let mut groups: BTreeMap<[u8; 16], Vec<Found>> = BTreeMap::new();
@@ -281,7 +306,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
             let read: std::time::Duration = found.iter().map(|f| f.read).sum();
             let t0 = std::time::Instant::now();
-            match self.assemble_one(&mut found, &plain, &mut report.notes) {
+            match self.assemble_one(&mut found, &plain, main, &mut report.notes) {
                 Ok((adopted, checkpoint)) => {
                     report.outcome = if adopted { "adopted" } else { "created" }.into();
                     tracing::info!(
@@ -312,6 +337,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         &mut self,
         found: &mut [Found],
         plain: &[BlockDev],
+        main: Option<&BlockDev>,
         notes: &mut Vec<String>,
     ) -> Result<(bool, bool), EngineError> {
         let refuse = |msg: String| Err(EngineError::Refused(msg));
@@ -431,7 +457,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 }
             }
         }
-        let main = self.find_main(config, plain, &spares)?;
+        let main = self.find_main(config, plain, &spares, main)?;
         let size = self
             .io
             .size_bytes(&main)
@@ -559,21 +585,59 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         Ok((adopted, resume.is_none()))
     }
 
-    /// The main device: the one whose identity matches; by size only when it has no WWN or
-    /// serial, and then only if that is unambiguous (or its last path breaks the tie).
+    /// The main device: the one whose identity matches (of several paths to it, the one at its
+    /// last path); by size only when it has no WWN or serial, and then only if exactly one
+    /// disk has that size. Several are refused, never picked among: the operator names it
+    /// (`given`, from `remapctl assemble NAME --main DEV`).
     fn find_main(
         &self,
         config: &metadata::VolumeConfig,
         plain: &[BlockDev],
         spares: &BTreeMap<u32, BlockDev>,
+        given: Option<&BlockDev>,
     ) -> Result<BlockDev, EngineError> {
+        let is_spare = |d: &BlockDev| {
+            spares
+                .values()
+                .any(|s| (s.major, s.minor) == (d.major, d.minor))
+        };
+        if let Some(g) = given {
+            let refuse = |why: String| {
+                Err(EngineError::Refused(format!(
+                    "{} cannot be the main device of `{}`: {why}",
+                    g.path.display(),
+                    config.name
+                )))
+            };
+            if is_spare(g) {
+                return refuse("it is one of its spares".into());
+            }
+            if !plain
+                .iter()
+                .any(|d| (d.major, d.minor) == (g.major, g.minor))
+            {
+                return refuse("it carries remap metadata or is in use by a volume".into());
+            }
+            let id = self.io.identity(g).map_err(|e| {
+                EngineError::Failed(format!("identifying {}: {e}", g.path.display()))
+            })?;
+            if config.main.compare(&id) == IdentityMatch::Different {
+                return refuse(format!(
+                    "its identity ({} bytes, serial {:?}, WWN {:?}) is not the recorded one ({} bytes, serial {:?}, WWN {:?})",
+                    id.size_bytes,
+                    id.serial,
+                    id.wwn,
+                    config.main.size_bytes,
+                    config.main.serial,
+                    config.main.wwn
+                ));
+            }
+            return Ok(g.clone());
+        }
         let mut same = Vec::new();
         let mut by_size = Vec::new();
         for d in plain {
-            if spares
-                .values()
-                .any(|s| (s.major, s.minor) == (d.major, d.minor))
-            {
+            if is_spare(d) {
                 continue;
             }
             let Ok(id) = self.io.identity(d) else {
@@ -585,29 +649,42 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 IdentityMatch::Different => {}
             }
         }
-        let pick = |mut c: Vec<BlockDev>, how: &str| -> Result<BlockDev, EngineError> {
-            if c.len() > 1 {
-                if let Some(i) = c
-                    .iter()
-                    .position(|d| d.path.to_string_lossy() == config.main_last_path)
-                {
-                    return Ok(c.swap_remove(i));
-                }
-                let names: Vec<_> = c.iter().map(|d| d.path.display().to_string()).collect();
-                return Err(EngineError::Refused(format!(
-                    "main device of `{}` is ambiguous: {} match its {how}; none is at its last path {}. Detach the others or give the device at that path",
-                    config.name,
-                    names.join(", "),
-                    config.main_last_path
-                )));
-            }
-            Ok(c.pop().expect("one candidate"))
+        let names = |c: &[BlockDev]| {
+            c.iter()
+                .map(|d| d.path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         };
-        if !same.is_empty() {
-            return pick(same, "identity");
+        if same.len() > 1 {
+            // Paths to one disk (same WWN or serial): the same data whichever is taken.
+            if let Some(i) = same
+                .iter()
+                .position(|d| d.path.to_string_lossy() == config.main_last_path)
+            {
+                return Ok(same.swap_remove(i));
+            }
+            return Err(EngineError::Refused(format!(
+                "main device of `{}` is ambiguous: {} match its identity; none is at its last path {}. Name it: remapctl assemble {} --main DEV",
+                config.name,
+                names(&same),
+                config.main_last_path,
+                config.name
+            )));
         }
-        if !by_size.is_empty() {
-            return pick(by_size, "size (it has no WWN or serial)");
+        if let Some(d) = same.pop() {
+            return Ok(d);
+        }
+        if by_size.len() > 1 {
+            return Err(EngineError::Refused(format!(
+                "main device of `{}` is ambiguous: it has no WWN or serial and {} all have its size ({} bytes); remap does not guess by path. Name it: remapctl assemble {} --main DEV",
+                config.name,
+                names(&by_size),
+                config.main.size_bytes,
+                config.name
+            )));
+        }
+        if let Some(d) = by_size.pop() {
+            return Ok(d);
         }
         Err(EngineError::Refused(format!(
             "main device of `{}` not found (last seen at {}, identity {:?}); attach it and assemble again",
@@ -717,7 +794,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    use std::{path::Path, sync::Arc};
 
     use super::*;
     use crate::{
@@ -783,6 +860,55 @@ mod tests {
         assert_eq!(rep[0].remaps, 5);
         assert_eq!(tables(&b.dm, 4), want);
         assert!(b.dm.table("v").is_ok());
+    }
+
+    #[test]
+    fn a_serial_less_main_among_disks_of_its_size_is_refused_until_named() {
+        let mut a = rig(SimDm::new());
+        a.io.set_serial((SIM, MAIN), "");
+        a.create().unwrap();
+        for c in [3, 4000] {
+            a.io.fail_reads(SIM, MAIN, c * 8 + 1..c * 8 + 2);
+            a.error(MAIN, c * 8, 8);
+        }
+        let want = tables(&a.dm, 4);
+        // A reboot with a second disk of the main's size that reports no serial either; the
+        // main is still at its last path, which proves nothing.
+        a.io.add_disk("/sim/twin", SIM, 30, 64 * MIB, 512);
+        a.io.set_serial((SIM, 30), "");
+        let mut b = a.restart();
+        b.dm = Arc::new(SimDm::new());
+        b.engine = crate::engine::Engine::new(b.dm.clone(), b.io.clone(), SimWatch::default());
+        let rep = b.engine.assemble(None);
+        assert_eq!(rep[0].outcome, "refused", "{rep:?}");
+        let why = rep[0].notes.join(" ");
+        assert!(
+            why.contains("/sim/main, /sim/twin") && why.contains("--main DEV"),
+            "{why}"
+        );
+        assert!(b.dm.list("").unwrap().is_empty(), "nothing created");
+        // Named wrongly: a spare, a disk of another size.
+        for (dev, phrase) in [
+            ("/sim/s1", "one of its spares"),
+            ("/sim/tiny", "is not the recorded one"),
+        ] {
+            let rep = b.engine.assemble_with_main("v", Path::new(dev)).unwrap();
+            assert_eq!(rep[0].outcome, "refused", "{dev}: {rep:?}");
+            assert!(rep[0].notes.join(" ").contains(phrase), "{dev}: {rep:?}");
+            assert!(b.dm.list("").unwrap().is_empty(), "{dev}: nothing created");
+        }
+        let e = b
+            .engine
+            .assemble_with_main("v", Path::new("/sim/nothing"))
+            .unwrap_err();
+        assert!(e.to_string().contains("/sim/nothing"), "{e}");
+        // Named rightly: the exact tables.
+        let rep = b
+            .engine
+            .assemble_with_main("v", Path::new("/sim/main"))
+            .unwrap();
+        assert_eq!(rep[0].outcome, "created", "{rep:?}");
+        assert_eq!(tables(&b.dm, 4), want);
     }
 
     #[test]

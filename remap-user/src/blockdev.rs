@@ -1105,7 +1105,8 @@ impl SimIo {
         lock(&self.built_on).insert(dev, vec![lower]);
     }
 
-    /// Gives the device the serial number of another (a second path to the same disk).
+    /// Gives the device the serial number of another (a second path to the same disk); an
+    /// empty one makes it a disk with no serial (nor WWN).
     pub fn set_serial(&self, dev: (u32, u32), serial: &str) {
         lock(&self.serials).insert(dev, serial.to_owned());
     }
@@ -1236,7 +1237,8 @@ impl BlockIo for SimIo {
             .unwrap_or_else(|| format!("sim-{}-{}", dev.major, dev.minor));
         Ok(DevIdentity {
             wwn: None,
-            serial: Some(serial),
+            // An empty serial stands for a disk that reports none.
+            serial: Some(serial).filter(|s| !s.is_empty()),
             by_id: None,
             size_bytes: self.size_bytes(dev)?,
         })

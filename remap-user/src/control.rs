@@ -118,6 +118,10 @@ pub enum AgentRequest {
     Assemble {
         #[serde(default)]
         name: Option<String>,
+        /// The main device of `name`, when assembly cannot tell it (no WWN or serial, and
+        /// several disks of its size).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        main: Option<PathBuf>,
     },
     /// Starts (or resumes, or re-paces) a background read of the volume's whole main device;
     /// the chunks it cannot read are remapped. `rate` in bytes a second, 0 for no limit;
@@ -495,7 +499,18 @@ mod tests {
             ),
             (
                 r#"{"cmd":"assemble"}"#,
-                AgentRequest::Assemble { name: None },
+                AgentRequest::Assemble {
+                    name: None,
+                    main: None,
+                },
+                true,
+            ),
+            (
+                r#"{"cmd":"assemble","name":"v","main":"/dev/vdb"}"#,
+                AgentRequest::Assemble {
+                    name: Some("v".into()),
+                    main: Some("/dev/vdb".into()),
+                },
                 true,
             ),
             (

@@ -71,7 +71,13 @@ enum Cmd {
         unreadable: UnreadablePolicy,
     },
     /// Bring up volumes found by their metadata on the block devices (all, or NAME).
-    Assemble { name: Option<String> },
+    Assemble {
+        name: Option<String>,
+        /// NAME's main device, when remap cannot tell it: it has no WWN or serial and several
+        /// disks have its size.
+        #[arg(long, requires = "name")]
+        main: Option<PathBuf>,
+    },
     /// Remove the volume's devices (the metadata stays on the spares).
     Stop { name: String },
     /// Volumes: a map of where the remaps and pending blocks are, and the spare pool.
@@ -332,10 +338,10 @@ fn run(cli: Cli) -> Result<i32> {
                 cli.json,
             );
         }
-        Cmd::Assemble { name } => {
+        Cmd::Assemble { name, main } => {
             let resp = call(
                 socket,
-                &AgentRequest::Assemble { name },
+                &AgentRequest::Assemble { name, main },
                 Some("assembling volumes"),
             )?;
             if cli.json {
