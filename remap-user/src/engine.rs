@@ -256,7 +256,16 @@ struct History {
     agent_seen: crate::health::Seen,
     /// Main-device chunks read slowly, with the times (s since start) they were.
     weak: BTreeMap<u64, Vec<f64>>,
+    /// Errors that were not the medium (path, target, resources), and the last errno.
+    not_media: u64,
+    last_not_media: i32,
+    /// Read errors on chunks whose blocks all read fine when located.
+    transient: u64,
+    /// Chunks that failed a request of their own, with the times (s since start) they did.
+    strikes: BTreeMap<u64, Vec<f64>>,
 }
+
+use crate::health::STRIKES;
 
 /// A chunk of the main device that needs this long this many times within [`WEAK_WINDOW_S`]
 /// is weak: it still reads, and moves now, while it does (what a drive does with a sector it
@@ -339,6 +348,14 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .sum(),
             pool_available: vol.pool.available(),
             slow: self.history.get(&vol.config.name).map_or(0, |h| h.slow),
+            not_media: self
+                .history
+                .get(&vol.config.name)
+                .map_or((0, 0), |h| (h.not_media, h.last_not_media)),
+            transient: self
+                .history
+                .get(&vol.config.name)
+                .map_or(0, |h| h.transient),
         }
     }
 
@@ -366,6 +383,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             "alerts": assessed.alerts,
             "errors_seen": h.errors,
             "slow_io_seen": h.slow,
+            "not_media_errors_seen": h.not_media,
+            "transient_errors_seen": h.transient,
             "chunks_remapped": h.remapped,
             "hot_spares": hot,
         }))
@@ -1091,7 +1110,15 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 }
                 continue;
             }
+            let class = crate::detect::class::classify(ev.errno);
+            if !class.may_remap() {
+                self.not_media(ev);
+                continue;
+            }
             for (name, chunk, definite) in self.attribute(ev) {
+                // A request of its own that failed: the chunk moves now if a block does not
+                // read back; if all do, only once it has failed STRIKES times.
+                let definite = definite && self.strike(&name, chunk) >= STRIKES;
                 *work.entry(name).or_default().entry(chunk).or_default() |= definite;
             }
             for v in self.volumes.values() {
@@ -1143,6 +1170,48 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     }
 
     /// Counts a slow request against its volume; returns the chunks it made weak.
+    /// One more failed request of `chunk`'s own: how many within the window.
+    fn strike(&mut self, name: &str, chunk: u64) -> usize {
+        let t = self.started.elapsed().as_secs_f64();
+        let h = self.history.entry(name.to_owned()).or_default();
+        if h.strikes.len() > WEAK_TRACKED {
+            h.strikes
+                .retain(|_, seen| seen.iter().any(|&at| t - at < WEAK_WINDOW_S));
+        }
+        let seen = h.strikes.entry(chunk).or_default();
+        seen.retain(|&at| t - at < WEAK_WINDOW_S);
+        seen.push(t);
+        let n = seen.len();
+        if n >= STRIKES {
+            h.strikes.remove(&chunk);
+        }
+        n
+    }
+
+    /// An error that was not the medium's, on a volume's device: counted and alerted, never
+    /// a reason to move data (a path, a controller or a target failed, not a sector).
+    fn not_media(&mut self, ev: &ErrorEvent) {
+        for v in self.volumes.values() {
+            let ours = v.main.matches_kernel_dev(ev.dev)
+                || v.spares.values().any(|s| s.matches_kernel_dev(ev.dev));
+            if !ours {
+                continue;
+            }
+            let h = self.history.entry(v.config.name.clone()).or_default();
+            h.not_media += 1;
+            h.last_not_media = ev.errno;
+            if h.not_media == 1 || h.not_media.is_power_of_two() {
+                tracing::warn!(
+                    volume = v.config.name,
+                    errno = ev.errno,
+                    sector = ev.sector,
+                    count = h.not_media,
+                    "I/O error that is not the medium's (path, controller, target or resources): nothing moved"
+                );
+            }
+        }
+    }
+
     fn slow(&mut self, ev: &ErrorEvent) -> Vec<(String, u64)> {
         let t = self.started.elapsed().as_secs_f64();
         let mut weak = Vec::new();
@@ -1526,6 +1595,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             if bad == 0 && self.io.read_at(src, base * SECTOR, &mut whole).is_ok() {
                 if definite {
                     plan.push((c, old, 0));
+                } else {
+                    // A neighbour in the same failed request, or a transient (see STRIKES).
+                    self.history
+                        .entry(vol.config.name.clone())
+                        .or_default()
+                        .transient += 1;
                 }
                 continue;
             }
@@ -1540,7 +1615,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 }
             }
             if !definite && bad == old.map_or(0, |r| r.pending) {
-                // A neighbour in the same failed request; every block here reads fine.
+                // Every block reads fine: a neighbour in the same failed request, or a
+                // transient (see STRIKES).
+                self.history
+                    .entry(vol.config.name.clone())
+                    .or_default()
+                    .transient += 1;
                 continue;
             }
             plan.push((c, old, bad));
@@ -2665,11 +2745,72 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_read_error_on_a_chunk_that_reads_fine_is_a_transient_until_it_keeps_failing() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        let before = r.status();
+        for _ in 1..STRIKES {
+            let rep = r.error(MAIN, 1000, 8);
+            assert!(
+                rep.iter().all(|x| x.remapped.is_empty()),
+                "a transient moves nothing"
+            );
+        }
+        assert_eq!(r.status(), before, "the pool is untouched");
+        let h = r.engine.health("v").unwrap();
+        assert_eq!(h["transient_errors_seen"], STRIKES as u64 - 1, "{h}");
+        // The same chunk failing again: it keeps failing, and moves with all its data.
+        let rep = r.error(MAIN, 1000, 8);
+        assert_eq!(rep[0].remapped, [125]);
+        assert_eq!(rep[0].pending_blocks, 0);
+        assert_eq!(r.read_volume(1000), Some(golden(1000)));
+        // A medium error on a block that does not read back moves its chunk at once.
+        r.io.fail_reads(SIM, MAIN, 40001..40002);
+        let rep = r.error(MAIN, 40000, 8);
+        assert_eq!(rep[0].remapped, [5000]);
+        assert_eq!(rep[0].pending_blocks, 1);
+    }
+
+    #[test]
+    fn errors_that_are_not_the_mediums_are_counted_and_alerted_and_move_nothing() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        // Even where a block really is unreadable: the error says the path failed, not it.
+        r.io.fail_reads(SIM, MAIN, 1001..1002);
+        let before = r.status();
+        for errno in [libc::ENOLINK, libc::ETIMEDOUT, libc::EREMOTEIO] {
+            for _ in 0..STRIKES {
+                assert!(
+                    r.engine
+                        .on_errors(&[event(MAIN, 1000, 8, errno)])
+                        .is_empty()
+                );
+            }
+        }
+        assert_eq!(r.status(), before);
+        let h = r.engine.health("v").unwrap();
+        assert_eq!(h["not_media_errors_seen"], 3 * STRIKES as u64, "{h}");
+        let alerts = h["alerts"].to_string();
+        assert!(alerts.contains("not the medium's (errno 121)"), "{h}");
+        assert!(
+            !r.engine.health("v").unwrap()["alerts"]
+                .to_string()
+                .contains("medium"),
+            "a stable count does not alert again"
+        );
+    }
+
+    #[test]
     fn a_block_that_fails_only_at_the_copy_gets_its_table_loaded_again_before_the_commit() {
         let mut r = rig(SimDm::new());
         r.create().unwrap();
+        // Two failed requests of the chunk's own while it reads fine: transients.
+        for _ in 1..STRIKES {
+            assert!(r.error(MAIN, 1000, 8).iter().all(|x| x.remapped.is_empty()));
+        }
         r.dm.take_log();
-        // The chunk still reads whole at the locate, then sector 1003 goes bad for good.
+        // The third moves it: it still reads whole at the locate, then sector 1003 goes bad
+        // for good.
         r.io.fail_reads_after(SIM, MAIN, 1003..1004, 1);
         let rep = r.error(MAIN, 1000, 8);
         assert_eq!(rep[0].remapped, [125]);

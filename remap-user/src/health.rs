@@ -51,6 +51,11 @@ pub struct Health {
     pub alerts: Vec<String>,
 }
 
+/// A chunk whose own requests fail this many times within an hour moves even if every block
+/// reads back when located: it keeps failing. Fewer is a transient (a bus glitch, a drive that
+/// recovered the sector): counted, the pool untouched.
+pub const STRIKES: usize = 3;
+
 /// What is known of a volume now, for the score.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Now {
@@ -60,6 +65,10 @@ pub struct Now {
     pub pool_available: u64,
     /// Requests that succeeded slowly, in total.
     pub slow: u64,
+    /// Errors that were not the medium's, in total, and the last one's errno.
+    pub not_media: (u64, i32),
+    /// Read errors on chunks that read fine when located, in total.
+    pub transient: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -75,6 +84,7 @@ pub struct Tracker {
 pub struct Seen {
     last_pending: u64,
     last_slow: u64,
+    last_not_media: u64,
     /// Whether the last assessment saw the remap rate rising (alerts fire when it starts).
     rising: bool,
 }
@@ -243,6 +253,31 @@ impl Tracker {
             alerts.push(format!("{} new slow requests", now.slow - seen.last_slow));
         }
         seen.last_slow = now.slow;
+        let (not_media, errno) = now.not_media;
+        if not_media > 0 {
+            reasons.push(Reason {
+                penalty: 10,
+                why: format!(
+                    "{not_media} I/O errors that were not the medium's (last errno {errno}): a path, controller or target fault; no data moved for them"
+                ),
+            });
+        }
+        if not_media > seen.last_not_media {
+            alerts.push(format!(
+                "{} new I/O errors that were not the medium's (errno {errno}): check cables, controller and paths",
+                not_media - seen.last_not_media
+            ));
+        }
+        seen.last_not_media = not_media;
+        if now.transient > 0 {
+            reasons.push(Reason {
+                penalty: 5,
+                why: format!(
+                    "{} read errors on blocks that read fine when located (transient: a chunk moves once its own requests fail {STRIKES} times)",
+                    now.transient
+                ),
+            });
+        }
         if now.pool_total > 0 {
             let used = 1.0 - now.pool_available as f64 / now.pool_total as f64;
             if used > 0.8 {
@@ -392,6 +427,7 @@ mod tests {
             pool_total: 10_000,
             pool_available: 10_000 - *remapped as u64,
             slow: 0,
+            ..Now::default()
         })
     }
 
@@ -492,6 +528,7 @@ mod tests {
             pool_total: 100,
             pool_available: 10,
             slow: 0,
+            ..Now::default()
         });
         assert_eq!(h.score, 100 - 30 - 30 - 20, "{h:?}");
         assert!(h.reasons.iter().any(|r| r.why.contains("pending")));
@@ -503,6 +540,7 @@ mod tests {
             pool_total: 100,
             pool_available: 10,
             slow: 0,
+            ..Now::default()
         });
         assert!(
             again.alerts.is_empty(),
@@ -522,6 +560,7 @@ mod tests {
             pool_total: 1000,
             pool_available: 900,
             slow: 0,
+            ..Now::default()
         });
         assert!(
             rising.alerts.iter().any(|a| a.contains("rising")),
@@ -538,6 +577,7 @@ mod tests {
             pool_total: 100,
             pool_available: 100,
             slow: 0,
+            ..Now::default()
         });
         assert_eq!((h.score, h.reasons.len()), (100, 0));
     }

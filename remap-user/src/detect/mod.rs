@@ -2,7 +2,9 @@
 //! stream it produces.
 //!
 //! [`format`] parses the tracepoint's format file (pure), [`event`] turns ring-buffer records
-//! into typed events (pure), [`loader`] loads, pins and attaches the programs (kernel).
+//! into typed events (pure), [`loader`] loads, pins and attaches the programs (kernel),
+//! [`class`] says which errors may move data (pure).
+pub mod class;
 pub mod event;
 pub mod format;
 pub mod loader;
