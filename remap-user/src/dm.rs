@@ -816,6 +816,7 @@ pub struct SimDm {
     state: Mutex<SimState>,
     /// Runs at the next suspend, before it: what the rest of the machine does meanwhile.
     before_suspend: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    after_suspend: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 struct SimState {
@@ -867,6 +868,7 @@ impl SimDm {
                 faults: Vec::new(),
             }),
             before_suspend: Mutex::new(None),
+            after_suspend: Mutex::new(None),
         }
     }
 
@@ -888,6 +890,15 @@ impl SimDm {
     pub fn on_next_suspend(&self, f: impl FnOnce() + Send + 'static) {
         *self
             .before_suspend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Box::new(f));
+    }
+
+    /// Runs `f` right after the next suspend took effect (e.g. an operator's resume by hand
+    /// while the agent copies).
+    pub fn after_next_suspend(&self, f: impl FnOnce() + Send + 'static) {
+        *self
+            .after_suspend
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(Box::new(f));
     }
@@ -1111,13 +1122,22 @@ impl DeviceMapper for SimDm {
         if let Some(f) = hook {
             f();
         }
-        self.run(op, name, |st| {
+        let done = self.run(op, name, |st| {
             st.get_mut(op, name)?;
             st.fault(op, name)?;
             // Suspending a suspended device is a no-op for the kernel too.
             st.get_mut(op, name)?.suspended = true;
             Ok(())
-        })
+        });
+        let hook = self
+            .after_suspend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let (Ok(()), Some(f)) = (&done, hook) {
+            f();
+        }
+        done
     }
 
     fn resume(&self, name: &str) -> Result<(), DmError> {

@@ -1783,6 +1783,34 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
         }
 
+        // Still suspended by us with the prepared tables? A region resumed by hand meanwhile
+        // (`dmsetup resume` of a `*-remap-r*` device) serves the new table already: the
+        // metadata must say what the volume serves, so the commit goes ahead, loudly. One
+        // whose prepared table was dropped serves the old one: nothing is committed.
+        let mut resumed_by_hand = Vec::new();
+        for &r in &suspended {
+            let rn = region_name(&vol.config.name, r);
+            match self.dm.info(&rn) {
+                Ok(i) if i.suspended && i.inactive_table => {}
+                Ok(i) if !i.suspended && !i.inactive_table => resumed_by_hand.push(rn),
+                other => {
+                    restore(vol, &prior);
+                    self.drop_prepared(vol, &regions, &suspended);
+                    release(vol, &moves);
+                    return Err(EngineError::Failed(format!(
+                        "{rn} no longer holds the table prepared for this remap ({}): nothing committed; never change a *-remap-r* device by hand",
+                        match other {
+                            Ok(i) => format!(
+                                "suspended {}, prepared table {}",
+                                i.suspended, i.inactive_table
+                            ),
+                            Err(e) => e.to_string(),
+                        }
+                    )));
+                }
+            }
+        }
+
         // Commit: the new remaps are durable before any table points at them.
         let ops: Vec<JournalOp> = copied
             .iter()
@@ -1804,6 +1832,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         crash_point("before-resume");
         self.resume_all(&vol.config.name, &suspended);
         report.suspended_micros = ts.elapsed().as_micros() as u64;
+        for rn in &resumed_by_hand {
+            tracing::error!(
+                volume = vol.config.name,
+                region = rn,
+                "the region was resumed by hand during a remap: committed, so that the metadata matches the table it serves; a write made between that resume and the copy may have been overwritten. Never resume a *-remap-r* device by hand"
+            );
+        }
 
         // The old extents of chunks that moved again are free now.
         for (_, old, e, pending) in &copied {
@@ -2741,6 +2776,45 @@ pub(crate) mod tests {
             r.dm.inactive_table("v-remap-r0000").unwrap(),
             None,
             "the prepared table is dropped"
+        );
+    }
+
+    #[test]
+    fn a_region_resumed_by_hand_during_the_copy_is_committed_as_it_serves() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        r.io.fail_reads(SIM, MAIN, 1001..1002);
+        let dm = r.dm.clone();
+        r.dm.after_next_suspend(move || dm.resume("v-remap-r0000").unwrap());
+        let rep = r.error(MAIN, 1000, 8);
+        assert_eq!(rep[0].remapped, [125]);
+        // The metadata says what the volume serves: a restart finds the same.
+        let live = r.dm.table("v-remap-r0000").unwrap();
+        assert_eq!(live, r.engine.volumes.get_mut("v").unwrap().region_lines(0));
+        let mut b = r.restart();
+        b.dm = Arc::new(SimDm::new());
+        b.engine = Engine::new(b.dm.clone(), b.io.clone(), SimWatch::default());
+        b.engine.assemble(None);
+        assert_eq!(b.dm.table("v-remap-r0000").unwrap(), live);
+    }
+
+    #[test]
+    fn a_region_whose_prepared_table_was_dropped_by_hand_commits_nothing() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        r.io.fail_reads(SIM, MAIN, 1001..1002);
+        let before = r.status();
+        let dm = r.dm.clone();
+        r.dm.after_next_suspend(move || dm.clear("v-remap-r0000").unwrap());
+        let rep = r.error(MAIN, 1000, 8);
+        assert!(rep.iter().all(|x| x.remapped.is_empty()), "{rep:?}");
+        assert_eq!(r.status(), before, "nothing committed");
+        let i = r.dm.info("v-remap-r0000").unwrap();
+        assert!(!i.suspended && !i.inactive_table, "{i:?}");
+        assert_eq!(
+            r.dm.table("v-remap-r0000").unwrap(),
+            r.engine.volumes.get_mut("v").unwrap().region_lines(0),
+            "the old table is served, as the metadata says"
         );
     }
 
