@@ -58,6 +58,19 @@ enum Cmd {
         /// 512-byte sectors never to write, START+COUNT (bad sectors); repeatable.
         #[arg(long = "skip", value_parser = parse_range)]
         skip: Vec<(u64, u64)>,
+        /// Hold an exclusive lock on this file while flushing (see `locked`).
+        #[arg(long)]
+        lock: Option<PathBuf>,
+    },
+    /// Run a command holding an exclusive lock on FILE. dm-log-writes logs a write with the
+    /// first flush that reaches it after it completed, when that flush completes: two flushes
+    /// in flight at once can be logged out of order, and the log would then show a write later
+    /// than it became durable. The writer's flushes and remapd's commits take turns this way;
+    /// the writer's writes still race the remaps.
+    Locked {
+        file: PathBuf,
+        #[arg(trailing_var_arg = true, required = true)]
+        cmd: Vec<String>,
     },
     /// Replay LOG and check every flush point; prints PASS/FAIL CASE lines.
     Check {
@@ -94,6 +107,7 @@ fn main() {
             max_writes,
             pause_ms,
             skip,
+            lock,
         } => write(
             &dev,
             fill,
@@ -102,7 +116,9 @@ fn main() {
             max_writes,
             std::time::Duration::from_millis(pause_ms),
             &skip,
+            lock.as_deref(),
         ),
+        Cmd::Locked { file, cmd } => locked(&file, &cmd),
         Cmd::Check {
             log,
             case,
@@ -118,6 +134,10 @@ fn main() {
 
 // ---------------------------------------------------------------- the writer
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "mirrors the write subcommand's options one to one"
+)]
 fn write(
     dev: &Path,
     fill: bool,
@@ -126,7 +146,13 @@ fn write(
     max_writes: Option<u64>,
     pause: std::time::Duration,
     skip: &[(u64, u64)],
+    lock: Option<&Path>,
 ) -> Result<()> {
+    let lock = lock.map(open_lock).transpose()?;
+    let sync = |f: &File| -> Result<()> {
+        let _held = lock.as_ref().map(Held::take).transpose()?;
+        f.sync_data().context("fdatasync")
+    };
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -180,15 +206,51 @@ fn write(
             .with_context(|| format!("writing block {w}"))?;
         writes += 1;
         if !fill && writes % sync_every == 0 {
-            f.sync_data().context("fdatasync")?;
+            sync(&f)?;
             syncs += 1;
             std::thread::sleep(pause);
         }
     }
-    f.sync_data().context("fdatasync")?;
+    sync(&f)?;
     syncs += 1;
     println!("flushcheck: {writes} writes, {syncs} flushes");
     Ok(())
+}
+
+fn open_lock(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// An exclusive lock, released when dropped.
+struct Held<'a>(&'a File);
+
+impl<'a> Held<'a> {
+    fn take(f: &'a File) -> Result<Self> {
+        f.lock().context("taking the lock")?;
+        Ok(Held(f))
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+fn locked(file: &Path, cmd: &[String]) -> Result<()> {
+    let f = open_lock(file)?;
+    let held = Held::take(&f)?;
+    let status = std::process::Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .status()
+        .with_context(|| format!("running {}", cmd[0]))?;
+    drop(held);
+    std::process::exit(status.code().unwrap_or(1));
 }
 
 // ---------------------------------------------------------------- the checker

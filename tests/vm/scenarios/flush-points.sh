@@ -3,7 +3,7 @@
 # device, which records every write, flush and FUA of the volume and of remapd, in order, on a
 # host disk. Over it: a volume with six bad 4 KiB blocks (null_blk bad blocks under the log),
 # filled by a writer, then more than 1,000 remaps made one by one while the writer keeps
-# writing random blocks and flushing every 4 writes. After the boot, `flushcheck check` on the
+# writing random blocks and flushing every 4 writes (its flushes take turns with the remaps). After the boot, `flushcheck check` on the
 # host replays the log to every flush point (and every FUA write), and at each one reads the
 # metadata as assembly would and checks: acknowledged writes present, no extent owned twice,
 # bad blocks pending and readable ones not, no wrong data; each lone metadata write of an epoch
@@ -55,10 +55,14 @@ unstack() {
     done
 }
 
+# Each start logs to its own file: waiting on a reused one could find the last start's "ready".
+starts=0
 start_agent() {
-    env "$@" remapd >/tmp/remapd.out 2>/tmp/remapd.log &
+    starts=$((starts + 1))
+    log=/tmp/remapd.$starts.log
+    env "$@" remapd >>/tmp/remapd.out 2>"$log" &
     agent=$!
-    wait_for /tmp/remapd.log "remapd ready" 90
+    wait_for "$log" "remapd ready" 90
 }
 stop_agent() {
     kill -TERM $agent
@@ -67,7 +71,7 @@ stop_agent() {
 
 data=$(nullb create --size $(((MAIN + 2 * SPARE) / 2048)) $NULLB_BAD)
 stack "" "$data" "$(vmdisk log)" || { fail remaps-done "setup: the log-writes stack"; exit 1; }
-start_agent || { fail remaps-done "remapd not ready: $(tail -5 /tmp/remapd.log)"; exit 1; }
+start_agent || { fail remaps-done "remapd not ready: $(tail -5 "$log")"; exit 1; }
 if ! out=$(remapctl create vol0 --main /dev/mapper/main --spare /dev/mapper/s1 --spare /dev/mapper/s2 \
     --chunk-size 16KiB --region-size 1MiB 2>&1); then
     fail remaps-done "create: $out"
@@ -76,17 +80,22 @@ fi
 dmsetup message lw 0 mark created
 flushcheck write /dev/mapper/vol0 --fill $SKIP || { fail remaps-done "fill failed"; exit 1; }
 rm -f /tmp/stop
-flushcheck write /dev/mapper/vol0 --sync-every 4 --pause-ms 30 --until /tmp/stop --max-writes 30000 $SKIP >/tmp/writer.out 2>&1 &
+# The writer's flushes and each remap take turns (flushcheck locked: two flushes in flight at
+# once can reach the log out of order); its writes race the remaps.
+flushcheck write /dev/mapper/vol0 --sync-every 4 --pause-ms 30 --until /tmp/stop --max-writes 30000 \
+    --lock /tmp/flush.lock $SKIP >/tmp/writer.out 2>&1 &
 writer=$!
 # Chunks 0 to 1000, then the bad chunks past them: one remap, one commit each.
 t0=$(date +%s)
 failed=0 c=0
 while [ $c -le 1000 ]; do
-    remapctl remap add vol0 $((c * 32)) >/dev/null 2>>/tmp/remap-errors || failed=$((failed + 1))
+    flushcheck locked /tmp/flush.lock remapctl remap add vol0 $((c * 32)) >/dev/null 2>>/tmp/remap-errors ||
+        failed=$((failed + 1))
     c=$((c + 1))
 done
 for c in 1031 1562 1875; do
-    remapctl remap add vol0 $((c * 32)) >/dev/null 2>>/tmp/remap-errors || failed=$((failed + 1))
+    flushcheck locked /tmp/flush.lock remapctl remap add vol0 $((c * 32)) >/dev/null 2>>/tmp/remap-errors ||
+        failed=$((failed + 1))
 done
 t1=$(date +%s)
 touch /tmp/stop
@@ -109,7 +118,7 @@ fi
 # The same with the copy's flush left out.
 data2=$(nullb create --size $(((MAIN + 2 * SPARE) / 2048)) $NULLB_BAD)
 stack f "$data2" "$(vmdisk faultlog)" || { fail fault-run-done "setup: the second stack"; exit 1; }
-start_agent REMAP_FAULT=skip-copy-flush || { fail fault-run-done "remapd not ready: $(tail -5 /tmp/remapd.log)"; exit 1; }
+start_agent REMAP_FAULT=skip-copy-flush || { fail fault-run-done "remapd not ready: $(tail -5 "$log")"; exit 1; }
 if ! out=$(remapctl create vol1 --main /dev/mapper/fmain --spare /dev/mapper/fs1 --spare /dev/mapper/fs2 \
     --chunk-size 16KiB --region-size 1MiB 2>&1); then
     fail fault-run-done "create: $out"
