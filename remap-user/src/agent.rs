@@ -94,6 +94,15 @@ pub enum Msg {
         volume: String,
         chunks: Vec<u64>,
     },
+    /// Block devices appeared or went away (kernel uevents, settled).
+    Hotplug(crate::hotplug::Batch),
+    /// The volumes' main devices, for the SMART reads.
+    Mains(oneshot::Sender<Vec<(String, PathBuf)>>),
+    /// What smartctl said of a volume's main disk.
+    Smart {
+        volume: String,
+        smart: Result<crate::smart::Smart, String>,
+    },
     /// Finish the current work and return.
     Shutdown,
 }
@@ -375,6 +384,17 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
                 scrub_found(&mut engine, &volume, &chunks, hub);
                 changed(&mut engine, hub);
             }
+            Msg::Hotplug(batch) => {
+                hotplug(&mut engine, &mut scrubs, &batch);
+                changed(&mut engine, hub);
+            }
+            Msg::Mains(reply) => {
+                let _ = reply.send(engine.mains());
+            }
+            Msg::Smart { volume, smart } => {
+                engine.set_smart(&volume, smart);
+                changed(&mut engine, hub);
+            }
             Msg::Request { req, uid, reply } => {
                 let mutates = req.mutates();
                 let manual = matches!(req, Request::RemapAdd { .. });
@@ -482,6 +502,39 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
     }
 }
 
+/// Disks that went away under a volume are path faults; disks that appeared may complete a
+/// volume that is down, or bring one whose members all arrived late (as `mdadm
+/// --incremental` does): the disks are scanned again, and what is complete comes up.
+fn hotplug<D: DeviceMapper, I: BlockIo, W: Watch>(
+    engine: &mut Engine<D, I, W>,
+    scrubs: &mut Scrubs,
+    batch: &crate::hotplug::Batch,
+) {
+    for &(major, minor) in &batch.gone {
+        engine.path_fault(major, minor, "the device went away");
+    }
+    if !batch.appeared {
+        return;
+    }
+    for a in engine.assemble(None) {
+        match a.outcome.as_str() {
+            "created" | "adopted" => {
+                tracing::info!(
+                    volume = a.name,
+                    "assembled: a device it waited for appeared"
+                )
+            }
+            "refused" => tracing::info!(
+                volume = a.name,
+                "still down: {}",
+                a.notes.last().map_or("", String::as_str)
+            ),
+            _ => {}
+        }
+    }
+    scrubs.resume(engine.volumes());
+}
+
 /// Counts and announces a `remap add` that succeeded (its data is a RemapReport).
 fn manual_remap(data: &Value, hub: &Hub) {
     let num = |k: &str| data[k].as_u64().unwrap_or(0);
@@ -540,11 +593,17 @@ fn changed<D: DeviceMapper, I: BlockIo, W: Watch>(engine: &mut Engine<D, I, W>, 
         // Metrics first: whoever hears of an alert must find it counted.
         hub.metrics.on_health(&name, &h);
         for alert in &h.alerts {
-            tracing::warn!(volume = name, score = h.score, "health alert: {alert}");
+            tracing::warn!(
+                volume = name,
+                score = h.score,
+                kind = alert.kind.as_str(),
+                "health alert: {alert}"
+            );
             hub.publish(Event::Alert {
                 time_ms: now_ms(),
                 volume: name.clone(),
-                alert: alert.clone(),
+                kind: alert.kind.as_str().into(),
+                alert: alert.text.clone(),
                 score: h.score,
             });
         }
@@ -680,6 +739,10 @@ pub struct AgentOptions {
     pub assemble: bool,
     /// Where the agent keeps state of its own (scrub positions).
     pub state_dir: PathBuf,
+    /// The operator's alert hook (`--notify-exec`).
+    pub notify: Option<crate::hook::HookOptions>,
+    /// How often smartctl is asked about the main disks (`None`: never).
+    pub smart_every: Option<Duration>,
 }
 
 /// Resolves a group name (or a numeric gid) through /etc/group. Parsed here rather than with
@@ -967,6 +1030,56 @@ const PENDING_RECHECK: Duration = Duration::from_secs(60);
 /// How often the main loop checks the engine thread when systemd set no watchdog.
 const HEALTH_TICK: Duration = Duration::from_secs(5);
 
+/// smartctl's answer about one disk: its view, or why there is none.
+async fn smart_of(dev: &Path) -> Result<crate::smart::Smart, String> {
+    let run = tokio::process::Command::new("smartctl")
+        .args(["--json", "-a"])
+        .arg(dev)
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(SMART_TIMEOUT, run).await {
+        Err(_) => Err(format!(
+            "smartctl gave no answer within {} s",
+            SMART_TIMEOUT.as_secs()
+        )),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err("smartctl is not installed (Debian: apt install smartmontools)".into())
+        }
+        Ok(Err(e)) => Err(format!("smartctl: {e}")),
+        Ok(Ok(out)) => {
+            crate::smart::parse(&String::from_utf8_lossy(&out.stdout)).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// A drive busy with a failing sector can take long to answer; the engine never waits for it.
+const SMART_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Asks smartctl about every volume's main disk now and then (off the engine thread).
+async fn smart_reads(every: Duration, tx: mpsc::Sender<Msg>) {
+    // Shortly after start, then at the interval: the first view comes soon after assembly.
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(5), every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (reply, rx) = oneshot::channel();
+        if tx.send(Msg::Mains(reply)).is_err() {
+            return;
+        }
+        let Ok(mains) = rx.await else { return };
+        for (volume, dev) in mains {
+            let smart = smart_of(&dev).await;
+            if let Err(why) = &smart {
+                tracing::debug!(volume, device = %dev.display(), "no SMART view: {why}");
+            }
+            if tx.send(Msg::Smart { volume, smart }).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// The agent's main loop: detector events and control connections until SIGINT/SIGTERM.
 /// Volumes stay up when the agent stops (as md arrays do when mdadm --monitor exits).
 pub async fn run<D, I>(opts: AgentOptions, dm: D, io: I) -> Result<(), AgentError>
@@ -1028,6 +1141,25 @@ where
             .name("remap-engine".into())
             .spawn(move || engine_loop_with(engine, rx, &hub, scrubs))?
     };
+    // Listening before the first scan: a disk that appears while it runs is scanned again.
+    if opts.assemble {
+        match crate::hotplug::open() {
+            Ok(sock) => {
+                let tx = Mutex::new(tx.clone());
+                thread::Builder::new()
+                    .name("remap-hotplug".into())
+                    .spawn(move || {
+                        crate::hotplug::listen(sock, |b| {
+                            let tx = tx.lock().unwrap_or_else(|e| e.into_inner());
+                            tx.send(Msg::Hotplug(b)).is_ok()
+                        })
+                    })?;
+            }
+            Err(e) => tracing::warn!(
+                "cannot listen to the kernel's uevents ({e}): volumes whose disks appear later need `remapctl assemble`"
+            ),
+        }
+    }
     // Volumes come up before READY: systemd orders the volumes' users after remapd, so READY
     // has to mean "the volumes exist". A volume refused here (conflicting metadata) stays
     // down and is in the log; the agent still serves the others.
@@ -1045,6 +1177,13 @@ where
             tracing::error!("assembly at start: {e}");
         }
     }
+    let hook_task = opts
+        .notify
+        .clone()
+        .map(|h| tokio::spawn(crate::hook::run(h, hub.clone())));
+    let smart_task = opts
+        .smart_every
+        .map(|every| tokio::spawn(smart_reads(every, tx.clone())));
     let mut state = hub.watch_state();
     let status = state.borrow_and_update().status_line();
     tracing::info!(
@@ -1110,7 +1249,7 @@ where
         Ok(()) => tracing::info!("stopping; volumes stay up"),
         Err(e) => tracing::error!("stopping: {e}; volumes stay up"),
     }
-    if let Some(t) = metrics_task {
+    for t in [metrics_task, hook_task, smart_task].into_iter().flatten() {
         t.abort();
     }
     let _ = fs::remove_file(&opts.socket);

@@ -255,6 +255,11 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             if only.is_some_and(|n| n != name) {
                 continue;
             }
+            // Stopped by the operator: only a request naming it brings it back.
+            if !explicit && self.stopped.contains(&name) {
+                continue;
+            }
+            self.stopped.remove(&name);
             let mut report = Assembled {
                 name: name.clone(),
                 uuid: uuid_hex(&uuid),
@@ -327,6 +332,22 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 }
             }
             out.push(report);
+        }
+        // What is down, and why: for `status`, and for the next disk that appears.
+        if only.is_none() {
+            self.down.retain(|n, _| out.iter().any(|a| &a.name == n));
+        }
+        for a in &out {
+            if a.outcome == "refused" {
+                let reason = a.notes.last().cloned().unwrap_or_default();
+                let d = crate::engine::Down {
+                    uuid: a.uuid.clone(),
+                    reason,
+                };
+                self.down.insert(a.name.clone(), d);
+            } else {
+                self.down.remove(&a.name);
+            }
         }
         out
     }
@@ -1513,7 +1534,13 @@ mod tests {
             "{msg}"
         );
         assert!(dm.list("").unwrap().is_empty(), "no device created");
-        assert!(engine.status(Some("v")).is_err());
+        // Status shows it down, with why.
+        let st = engine.status(Some("v")).unwrap();
+        assert_eq!(st["state"], "down", "{st}");
+        assert!(
+            st["reason"].as_str().unwrap().contains("already owned"),
+            "{st}"
+        );
     }
 
     #[test]

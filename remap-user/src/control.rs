@@ -315,6 +315,8 @@ pub enum Event {
     Alert {
         time_ms: u64,
         volume: String,
+        /// What it is about (`pending`, `path-fault`, `pool-low`, ...: see `AlertKind`).
+        kind: String,
         alert: String,
         score: u32,
     },

@@ -207,6 +207,19 @@ pub struct Engine<D, I, W> {
     /// Messages of the suspended window, logged once its regions are resumed: logging can
     /// block (journald, a console) on I/O to the very volume that is suspended.
     deferred: std::sync::Mutex<Vec<String>>,
+    /// Volumes found on the disks but not brought up, with why (a member missing, conflicting
+    /// copies): `status` shows them, and a disk that appears later may complete them.
+    pub(crate) down: BTreeMap<String, Down>,
+    /// Volumes the operator stopped: automatic assembly (at start, on hotplug) leaves them
+    /// down until `remapctl assemble` names them.
+    pub(crate) stopped: BTreeSet<String>,
+}
+
+/// A volume found on the disks that is not up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Down {
+    pub uuid: String,
+    pub reason: String,
 }
 
 /// This machine's id, as systemd keeps it; `None` where there is none (then volumes record no
@@ -245,7 +258,6 @@ fn batches(mut chunks: BTreeMap<u64, bool>) -> Vec<BTreeMap<u64, bool>> {
     out
 }
 
-#[derive(Default)]
 struct History {
     tracker: crate::health::Tracker,
     remapped: u64,
@@ -263,6 +275,29 @@ struct History {
     transient: u64,
     /// Chunks that failed a request of their own, with the times (s since start) they did.
     strikes: BTreeMap<u64, Vec<f64>>,
+    /// Members that went away or failed every request.
+    path_faults: u64,
+    /// The main disk's own view (smartctl), or why there is none.
+    smart: Result<crate::smart::Smart, String>,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        Self {
+            tracker: Default::default(),
+            remapped: 0,
+            errors: 0,
+            slow: 0,
+            agent_seen: Default::default(),
+            weak: BTreeMap::new(),
+            not_media: 0,
+            last_not_media: 0,
+            transient: 0,
+            strikes: BTreeMap::new(),
+            path_faults: 0,
+            smart: Err("not read yet".into()),
+        }
+    }
 }
 
 use crate::health::STRIKES;
@@ -288,6 +323,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             mirror_backlog: BTreeMap::new(),
             host_id: None,
             deferred: std::sync::Mutex::new(Vec::new()),
+            down: BTreeMap::new(),
+            stopped: BTreeSet::new(),
         }
     }
 
@@ -336,7 +373,18 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
 
     /// What the health assessment needs to know of a volume now.
     fn health_now(&self, vol: &Volume) -> crate::health::Now {
+        let h = self.history.get(&vol.config.name);
+        let spares_failing = vol
+            .config
+            .spares
+            .iter()
+            .filter(|s| !s.hot && !s.draining && !vol.pool.is_open(s.slot))
+            .count() as u64;
         crate::health::Now {
+            path_faults: h.map_or(0, |h| h.path_faults),
+            spares_failing,
+            copies_failed: vol.config.spares.iter().filter(|s| s.meta_failed).count() as u64,
+            smart: h.and_then(|h| h.smart.as_ref().ok().copied()),
             t: self.started.elapsed().as_secs_f64(),
             pending: vol.remaps.pending_blocks(),
             pool_total: vol
@@ -385,9 +433,49 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             "slow_io_seen": h.slow,
             "not_media_errors_seen": h.not_media,
             "transient_errors_seen": h.transient,
+            "path_faults_seen": h.path_faults,
+            "smart": match &h.smart {
+                Ok(s) => json!(s),
+                Err(why) => json!({ "unavailable": why }),
+            },
             "chunks_remapped": h.remapped,
             "hot_spares": hot,
         }))
+    }
+
+    /// The main devices of the volumes, for the agent's SMART reads.
+    pub fn mains(&self) -> Vec<(String, std::path::PathBuf)> {
+        self.volumes
+            .values()
+            .map(|v| (v.config.name.clone(), v.main.path.clone()))
+            .collect()
+    }
+
+    /// What smartctl said of a volume's main disk (or why it said nothing).
+    pub fn set_smart(&mut self, name: &str, smart: Result<crate::smart::Smart, String>) {
+        if self.volumes.contains_key(name) {
+            self.history.entry(name.to_owned()).or_default().smart = smart;
+        }
+    }
+
+    /// A member device of a volume went away (or fails every request): a path fault. Counted
+    /// and alerted; nothing moves for it (its chunks cannot be read to be copied, and what
+    /// fails is the path, not the medium). Returns the volume it belongs to.
+    pub fn path_fault(&mut self, major: u32, minor: u32, why: &str) -> Option<String> {
+        let v = self.volumes.values().find(|v| {
+            std::iter::once(&v.main)
+                .chain(v.spares.values())
+                .any(|d| (d.major, d.minor) == (major, minor))
+        })?;
+        let name = v.config.name.clone();
+        let h = self.history.entry(name.clone()).or_default();
+        h.path_faults += 1;
+        tracing::error!(
+            volume = name,
+            device = format!("{major}:{minor}"),
+            "path fault: {why}; nothing moved"
+        );
+        Some(name)
     }
 
     /// Brings a hot spare into the pool; false when there is none (or it could not join).
@@ -905,17 +993,32 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 None,
             );
         }
+        self.stopped.insert(name.to_owned());
         tracing::info!(volume = name, "stopped");
         Ok(json!({ "stopped": name }))
     }
 
+    /// The volumes that are up, and those found on the disks that are down (with why).
     pub fn status(&self, name: Option<&str>) -> Result<Value> {
+        let down = |(n, d): (&String, &Down)| json!({ "name": n, "uuid": d.uuid, "state": "down", "reason": d.reason });
         match name {
-            Some(n) => Ok(status_json(self.volume(n)?)),
+            Some(n) => match self.down.get_key_value(n) {
+                Some(d) if !self.volumes.contains_key(n) => Ok(down(d)),
+                _ => Ok(status_json(self.volume(n)?)),
+            },
             None => Ok(Value::Array(
-                self.volumes.values().map(status_json).collect(),
+                self.volumes
+                    .values()
+                    .map(status_json)
+                    .chain(self.down.iter().map(down))
+                    .collect(),
             )),
         }
+    }
+
+    /// Whether a volume found on the disks is down.
+    pub fn any_down(&self) -> bool {
+        !self.down.is_empty()
     }
 
     pub fn spare_list(&self, name: &str) -> Result<Value> {
@@ -2231,6 +2334,7 @@ fn status_json(vol: &Volume) -> Value {
     json!({
         "name": vol.config.name,
         "uuid": vol.config.uuid,
+        "state": "up",
         "device": format!("/dev/mapper/{}", vol.config.name),
         "main": vol.main.path.display().to_string(),
         "main_identity": vol.config.main,
@@ -3590,7 +3694,7 @@ pub(crate) mod tests {
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|a| a.as_str().unwrap().contains("pending"))
+                .any(|a| a["kind"] == "pending")
         );
     }
 

@@ -48,8 +48,68 @@ pub struct Health {
     pub reasons: Vec<Reason>,
     pub forecast: Option<Forecast>,
     /// Changes since the last report that deserve an alert.
-    pub alerts: Vec<String>,
+    pub alerts: Vec<Alert>,
 }
+
+/// What an alert is about: the hook (`--notify-exec`) and the metrics are keyed by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AlertKind {
+    /// New pending blocks: data that could not be read.
+    Pending,
+    /// New slow requests.
+    Slow,
+    /// New errors that were not the medium's (path, controller, target).
+    NotMedia,
+    /// A member device went away or fails everything: nothing moved.
+    PathFault,
+    /// The remap rate rose.
+    Rising,
+    /// The spare pool crossed 80 % used.
+    PoolLow,
+    /// The forecast says the pool runs out within a week.
+    Forecast,
+    /// A spare reports I/O errors: nothing new lands on it.
+    SpareFailed,
+    /// A metadata copy failed a write and is no longer kept.
+    MetadataDegraded,
+    /// The drive's own SMART counts grew, or it says it is failing.
+    Smart,
+}
+
+impl AlertKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Slow => "slow",
+            Self::NotMedia => "not-media",
+            Self::PathFault => "path-fault",
+            Self::Rising => "rising",
+            Self::PoolLow => "pool-low",
+            Self::Forecast => "forecast",
+            Self::SpareFailed => "spare-failed",
+            Self::MetadataDegraded => "metadata-degraded",
+            Self::Smart => "smart",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Alert {
+    pub kind: AlertKind,
+    pub text: String,
+}
+
+impl std::fmt::Display for Alert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// Used above this fraction, the pool is low: a reason, and an alert when it crosses.
+const POOL_LOW: f64 = 0.8;
+/// A forecast that the pool runs out sooner than this is a reason, and an alert when it starts.
+const FORECAST_ALERT_SECS: f64 = 7.0 * 86400.0;
 
 /// A chunk whose own requests fail this many times within an hour moves even if every block
 /// reads back when located: it keeps failing. Fewer is a transient (a bus glitch, a drive that
@@ -69,6 +129,14 @@ pub struct Now {
     pub not_media: (u64, i32),
     /// Read errors on chunks that read fine when located, in total.
     pub transient: u64,
+    /// Members that went away or failed every request (path faults), in total.
+    pub path_faults: u64,
+    /// Spares closed to new extents because they report I/O errors.
+    pub spares_failing: u64,
+    /// Metadata copies no longer written because a write to them failed.
+    pub copies_failed: u64,
+    /// The main disk's own SMART view, when smartctl gave one.
+    pub smart: Option<crate::smart::Smart>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -85,8 +153,17 @@ pub struct Seen {
     last_pending: u64,
     last_slow: u64,
     last_not_media: u64,
+    last_path_faults: u64,
+    last_spares_failing: u64,
+    last_copies_failed: u64,
+    last_smart_defects: u64,
+    smart_failed: bool,
     /// Whether the last assessment saw the remap rate rising (alerts fire when it starts).
     rising: bool,
+    /// Whether the pool was low, and the forecast short, at the last assessment (alerts fire
+    /// when each starts, and again only after it ended).
+    pool_low: bool,
+    forecast_short: bool,
 }
 
 /// The recent part of the sampled time span whose rate is compared with the rate before it.
@@ -224,89 +301,185 @@ impl Tracker {
     pub fn assess_for(&self, now: Now, seen: &mut Seen) -> Health {
         let mut reasons = Vec::new();
         let mut alerts = Vec::new();
+        let mut reason = |penalty, why: String| reasons.push(Reason { penalty, why });
+        let mut alert = |kind, text: String| alerts.push(Alert { kind, text });
+        // A count that grew since the watcher last looked is an alert; a stable one is not.
+        let grew = |now: u64, last: &mut u64| {
+            let d = now.saturating_sub(*last);
+            *last = now;
+            d
+        };
         if now.pending > 0 {
-            reasons.push(Reason {
-                penalty: 30,
-                why: format!(
+            reason(
+                30,
+                format!(
                     "{} blocks could not be read when their chunks moved (pending: they fail reads until rewritten)",
                     now.pending
                 ),
-            });
+            );
         }
-        if now.pending > seen.last_pending {
-            alerts.push(format!(
-                "{} new pending blocks (data that could not be read)",
-                now.pending - seen.last_pending
-            ));
+        let d = grew(now.pending, &mut seen.last_pending);
+        if d > 0 {
+            alert(
+                AlertKind::Pending,
+                format!("{d} new pending blocks (data that could not be read)"),
+            );
         }
-        seen.last_pending = now.pending;
         if now.slow > 0 {
-            reasons.push(Reason {
-                penalty: 10,
-                why: format!(
+            reason(
+                10,
+                format!(
                     "{} slow requests (the disk retries: a chunk read slowly 3 times is moved while it still reads)",
                     now.slow
                 ),
-            });
+            );
         }
-        if now.slow > seen.last_slow {
-            alerts.push(format!("{} new slow requests", now.slow - seen.last_slow));
+        let d = grew(now.slow, &mut seen.last_slow);
+        if d > 0 {
+            alert(AlertKind::Slow, format!("{d} new slow requests"));
         }
-        seen.last_slow = now.slow;
         let (not_media, errno) = now.not_media;
         if not_media > 0 {
-            reasons.push(Reason {
-                penalty: 10,
-                why: format!(
+            reason(
+                10,
+                format!(
                     "{not_media} I/O errors that were not the medium's (last errno {errno}): a path, controller or target fault; no data moved for them"
                 ),
-            });
+            );
         }
-        if not_media > seen.last_not_media {
-            alerts.push(format!(
-                "{} new I/O errors that were not the medium's (errno {errno}): check cables, controller and paths",
-                not_media - seen.last_not_media
-            ));
+        let d = grew(not_media, &mut seen.last_not_media);
+        if d > 0 {
+            alert(
+                AlertKind::NotMedia,
+                format!(
+                    "{d} new I/O errors that were not the medium's (errno {errno}): check cables, controller and paths"
+                ),
+            );
         }
-        seen.last_not_media = not_media;
+        if now.path_faults > 0 {
+            reason(
+                20,
+                format!(
+                    "{} path faults: a member went away or failed every request; no data moved for them",
+                    now.path_faults
+                ),
+            );
+        }
+        let d = grew(now.path_faults, &mut seen.last_path_faults);
+        if d > 0 {
+            alert(
+                AlertKind::PathFault,
+                format!(
+                    "{d} new path faults: a member went away or fails every request (nothing moved; check the disk's cable, controller and power)"
+                ),
+            );
+        }
         if now.transient > 0 {
-            reasons.push(Reason {
-                penalty: 5,
-                why: format!(
+            reason(
+                5,
+                format!(
                     "{} read errors on blocks that read fine when located (transient: a chunk moves once its own requests fail {STRIKES} times)",
                     now.transient
                 ),
-            });
+            );
         }
+        if now.spares_failing > 0 {
+            reason(
+                20,
+                format!(
+                    "{} spares report I/O errors and take nothing new: replace them (spare add, then spare remove --migrate)",
+                    now.spares_failing
+                ),
+            );
+        }
+        let d = grew(now.spares_failing, &mut seen.last_spares_failing);
+        if d > 0 {
+            alert(
+                AlertKind::SpareFailed,
+                format!("{d} more spares report I/O errors: nothing new lands on them"),
+            );
+        }
+        if now.copies_failed > 0 {
+            reason(
+                15,
+                format!(
+                    "{} metadata copies failed a write and are no longer kept: fewer copies hold the volume's state",
+                    now.copies_failed
+                ),
+            );
+        }
+        let d = grew(now.copies_failed, &mut seen.last_copies_failed);
+        if d > 0 {
+            alert(
+                AlertKind::MetadataDegraded,
+                format!("{d} more metadata copies failed a write and are no longer kept"),
+            );
+        }
+        if let Some(smart) = &now.smart {
+            for r in smart.reasons() {
+                reason(r.penalty, r.why);
+            }
+            let was = seen.last_smart_defects;
+            let d = grew(smart.defects(), &mut seen.last_smart_defects);
+            // The first view is news only if it shows defects (`was` is 0 then).
+            if d > 0 {
+                alert(
+                    AlertKind::Smart,
+                    format!(
+                        "the drive's own defect counts grew by {d} (reallocated, pending, uncorrectable or media errors; now {}, was {was})",
+                        smart.defects()
+                    ),
+                );
+            }
+            let failed = smart.passed == Some(false);
+            if failed && !seen.smart_failed {
+                alert(
+                    AlertKind::Smart,
+                    "the drive's own SMART self-assessment says FAILED".into(),
+                );
+            }
+            seen.smart_failed = failed;
+        }
+        let mut pool_low = false;
         if now.pool_total > 0 {
             let used = 1.0 - now.pool_available as f64 / now.pool_total as f64;
-            if used > 0.8 {
-                reasons.push(Reason {
-                    penalty: 30,
-                    why: format!("spare pool {:.0} % used: add a spare", used * 100.0),
-                });
+            pool_low = used > POOL_LOW;
+            if pool_low {
+                reason(
+                    30,
+                    format!("spare pool {:.0} % used: add a spare", used * 100.0),
+                );
+                if !seen.pool_low {
+                    alert(
+                        AlertKind::PoolLow,
+                        format!(
+                            "spare pool {:.0} % used ({} chunks left): add a spare",
+                            used * 100.0,
+                            now.pool_available
+                        ),
+                    );
+                }
             } else if used > 0.5 {
-                reasons.push(Reason {
-                    penalty: 10,
-                    why: format!("spare pool {:.0} % used", used * 100.0),
-                });
+                reason(10, format!("spare pool {:.0} % used", used * 100.0));
             }
         }
+        seen.pool_low = pool_low;
         let forecast = self.forecast(now.pool_available, now.t);
-        if let Some(f) = forecast {
-            if f.exhausted_in_secs < 7.0 * 86400.0 {
-                reasons.push(Reason {
-                    penalty: 20,
-                    why: format!(
-                        "at {:.1} remaps per hour the pool runs out in {} (between {} and {})",
-                        f.rate_per_hour,
-                        human(f.exhausted_in_secs),
-                        human(f.earliest_secs),
-                        human(f.latest_secs)
-                    ),
-                });
+        let short = forecast.filter(|f| f.exhausted_in_secs < FORECAST_ALERT_SECS);
+        if let Some(f) = short {
+            let why = format!(
+                "at {:.1} remaps per hour the pool runs out in {} (between {} and {})",
+                f.rate_per_hour,
+                human(f.exhausted_in_secs),
+                human(f.earliest_secs),
+                human(f.latest_secs)
+            );
+            if !seen.forecast_short {
+                alert(AlertKind::Forecast, why.clone());
             }
+            reason(20, why);
         }
+        seen.forecast_short = short.is_some();
         // Rising: the recent rate against the one before it, from the samples alone (comparing
         // with the rate seen at the last call would hide a rise from anyone who asks often).
         let rising = self.trend().filter(|t| {
@@ -317,12 +490,15 @@ impl Tracker {
         if let Some(t) = rising
             && !seen.rising
         {
-            alerts.push(format!(
-                "remap rate rising: {:.1}/h over the last {}, was {:.1}/h",
-                t.recent_per_hour,
-                human(t.recent_secs),
-                t.before_per_hour
-            ));
+            alert(
+                AlertKind::Rising,
+                format!(
+                    "remap rate rising: {:.1}/h over the last {}, was {:.1}/h",
+                    t.recent_per_hour,
+                    human(t.recent_secs),
+                    t.before_per_hour
+                ),
+            );
         }
         seen.rising = rising.is_some();
         if let (Some(first), Some(last)) = (self.samples.front(), self.samples.back()) {
@@ -440,7 +616,7 @@ mod tests {
         for _ in 0..20 {
             let h = staircase(&mut t, at, &mut remapped, 1.0);
             assert!(
-                h.alerts.iter().all(|a| !a.contains("rising")),
+                h.alerts.iter().all(|a| a.kind != AlertKind::Rising),
                 "steady at {at}: {h:?}"
             );
             at += 3.0;
@@ -451,7 +627,11 @@ mod tests {
         let mut alerts = 0;
         for _ in 0..10 {
             let h = staircase(&mut t, at, &mut remapped, 3.0);
-            alerts += h.alerts.iter().filter(|a| a.contains("rising")).count();
+            alerts += h
+                .alerts
+                .iter()
+                .filter(|a| a.kind == AlertKind::Rising)
+                .count();
             at += 3.0;
         }
         assert_eq!(alerts, 1, "{:?}", t.trend());
@@ -466,7 +646,10 @@ mod tests {
         let (mut remapped, mut at) = (0.0, 0.0);
         for _ in 0..5 {
             let h = staircase(&mut t, at, &mut remapped, 1.0);
-            assert!(h.alerts.iter().all(|a| !a.contains("rising")), "{h:?}");
+            assert!(
+                h.alerts.iter().all(|a| a.kind != AlertKind::Rising),
+                "{h:?}"
+            );
             at += 10.0;
         }
     }
@@ -514,9 +697,10 @@ mod tests {
         let h = t.assess(now(4));
         assert_eq!(h.score, 90, "{h:?}");
         assert!(h.reasons[0].why.starts_with("4 slow requests"), "{h:?}");
-        assert_eq!(h.alerts, ["4 new slow requests"]);
+        let texts = |h: Health| h.alerts.into_iter().map(|a| a.text).collect::<Vec<_>>();
+        assert_eq!(texts(h), ["4 new slow requests"]);
         assert!(t.assess(now(4)).alerts.is_empty(), "no change, no alert");
-        assert_eq!(t.assess(now(6)).alerts, ["2 new slow requests"]);
+        assert_eq!(texts(t.assess(now(6))), ["2 new slow requests"]);
     }
 
     #[test]
@@ -533,7 +717,12 @@ mod tests {
         assert_eq!(h.score, 100 - 30 - 30 - 20, "{h:?}");
         assert!(h.reasons.iter().any(|r| r.why.contains("pending")));
         assert!(h.reasons.iter().any(|r| r.why.contains("90 % used")));
-        assert_eq!(h.alerts.len(), 1, "{h:?}");
+        let kinds: Vec<_> = h.alerts.iter().map(|a| a.kind).collect();
+        assert_eq!(
+            kinds,
+            [AlertKind::Pending, AlertKind::PoolLow, AlertKind::Forecast],
+            "{h:?}"
+        );
         let again = t.assess(Now {
             t: 21.0,
             pending: 2,
@@ -563,7 +752,7 @@ mod tests {
             ..Now::default()
         });
         assert!(
-            rising.alerts.iter().any(|a| a.contains("rising")),
+            rising.alerts.iter().any(|a| a.kind == AlertKind::Rising),
             "{rising:?}"
         );
     }

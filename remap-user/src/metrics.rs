@@ -128,7 +128,7 @@ pub struct Metrics {
     exhausted: Family<VolumeLabel, Counter>,
     health_score: Family<VolumeLabel, Gauge>,
     exhausted_in: Family<VolumeLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
-    health_alerts: Family<VolumeLabel, Counter>,
+    health_alerts: Family<RequestLabels, Counter>,
     remap_seconds: Family<VolumeLabel, Histogram>,
     suspend_seconds: Family<VolumeLabel, Histogram>,
     requests: Family<RequestLabels, Counter>,
@@ -206,7 +206,7 @@ impl Metrics {
         );
         registry.register(
             "health_alerts",
-            "Health alerts raised: new pending blocks, a rising remap rate, new slow requests",
+            "Health alerts raised, by kind (pending, slow, not-media, path-fault, rising, pool-low, forecast, spare-failed, metadata-degraded, smart)",
             m.health_alerts.clone(),
         );
         registry.register(
@@ -283,9 +283,14 @@ impl Metrics {
             h.forecast
                 .map_or(f64::INFINITY, |f| f.exhausted_in_secs.max(0.0)),
         );
-        self.health_alerts
-            .get_or_create(&l)
-            .inc_by(h.alerts.len() as u64);
+        for a in &h.alerts {
+            self.health_alerts
+                .get_or_create(&[
+                    ("volume", volume.to_owned()),
+                    ("kind", a.kind.as_str().to_owned()),
+                ])
+                .inc();
+        }
     }
 
     /// One control request and the exit code it was answered with.

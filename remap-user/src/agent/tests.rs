@@ -499,7 +499,7 @@ async fn a_new_pending_block_is_alerted_as_it_happens_and_the_operator_still_see
     let t = ctx.hub.metrics.encode();
     assert!(
         t.lines()
-            .any(|l| l == "remap_health_alerts_total{volume=\"v\"} 1"),
+            .any(|l| l == "remap_health_alerts_total{volume=\"v\",kind=\"pending\"} 1"),
         "{t}"
     );
     assert!(
@@ -516,7 +516,8 @@ async fn a_new_pending_block_is_alerted_as_it_happens_and_the_operator_still_see
             .as_array()
             .unwrap()
             .iter()
-            .any(|a| a.as_str().unwrap().starts_with("1 new pending")),
+            .any(|a| a["kind"] == "pending"
+                && a["text"].as_str().unwrap().starts_with("1 new pending")),
         "{r:?}"
     );
     // A remap that leaves no new pending block: no second alert.
@@ -529,7 +530,7 @@ async fn a_new_pending_block_is_alerted_as_it_happens_and_the_operator_still_see
     let t = ctx.hub.metrics.encode();
     assert!(
         t.lines()
-            .any(|l| l == "remap_health_alerts_total{volume=\"v\"} 1"),
+            .any(|l| l == "remap_health_alerts_total{volume=\"v\",kind=\"pending\"} 1"),
         "{t}"
     );
 }
@@ -583,7 +584,18 @@ async fn events_follow_streams_errors_and_remaps() {
     );
     // History for a later caller without --follow.
     let r = Client::new(&ctx, USER).call(r#"{"cmd":"events"}"#).await;
-    assert_eq!(r.data.as_array().unwrap().len(), 5);
+    let (alerts, others): (Vec<_>, Vec<_>) = r
+        .data
+        .as_array()
+        .unwrap()
+        .iter()
+        .partition(|e| e["event"] == "alert");
+    assert_eq!(others.len(), 4, "{:?}", r.data);
+    assert!(
+        alerts.iter().any(|a| a["kind"] == "pending"),
+        "{:?}",
+        r.data
+    );
     // Metrics saw it all.
     let t = ctx.hub.metrics.encode();
     for want in [
@@ -710,4 +722,75 @@ fn a_second_agent_is_refused_by_the_machine_lock_and_told_who_holds_it() {
     let again = MachineLock::acquire(&path).expect("free once the first agent is gone");
     drop(again);
     let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_volume_down_for_a_missing_spare_comes_up_when_it_appears_and_a_member_gone_is_a_path_fault() {
+    use crate::{
+        engine::tests::{MAIN, S2, SIM, rig},
+        hotplug::Batch,
+    };
+    let appeared = Batch {
+        appeared: true,
+        gone: Vec::new(),
+    };
+    let mut a = rig(SimDm::new());
+    a.create().unwrap();
+    let area = (a.engine.volumes["v"].config.meta_area_sectors * 512) as usize;
+    a.engine.stop("v").unwrap();
+    // The spare is not there yet: its metadata is not seen.
+    let saved = a.io.peek(SIM, S2, 0, area).unwrap();
+    let s2 = BlockDev {
+        path: "/sim/s2".into(),
+        major: SIM,
+        minor: S2,
+    };
+    crate::metadata::wipe(&*a.io, &s2).unwrap();
+    let mut b = a.restart();
+    let mut scrubs = Scrubs::new(None);
+    hotplug(&mut b.engine, &mut scrubs, &appeared);
+    let st = b.engine.status(Some("v")).unwrap();
+    assert_eq!(st["state"], "down", "{st}");
+    assert!(
+        st["reason"].as_str().unwrap().contains("spare slot 1"),
+        "{st}"
+    );
+    let all = b.engine.status(None).unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+    // The spare appears: the volume comes up with no command.
+    a.io.poke(SIM, S2, 0, &saved).unwrap();
+    hotplug(&mut b.engine, &mut scrubs, &appeared);
+    assert_eq!(b.engine.status(Some("v")).unwrap()["state"], "up");
+    assert!(!b.engine.any_down());
+    // Its main goes away: a path fault, alerted once, nothing moved.
+    let gone = Batch {
+        appeared: false,
+        gone: vec![(SIM, MAIN)],
+    };
+    hotplug(&mut b.engine, &mut scrubs, &gone);
+    let h = b.engine.health_watch("v").unwrap();
+    let faults: Vec<_> = h
+        .alerts
+        .iter()
+        .filter(|a| a.kind == crate::health::AlertKind::PathFault)
+        .collect();
+    assert_eq!(faults.len(), 1, "{h:?}");
+    assert!(b.engine.health_watch("v").unwrap().alerts.is_empty());
+    assert_eq!(b.engine.health("v").unwrap()["path_faults_seen"], 1);
+    assert_eq!(b.engine.status(Some("v")).unwrap()["remaps"], 0);
+    // A disk of no volume going away is nobody's fault.
+    hotplug(
+        &mut b.engine,
+        &mut scrubs,
+        &Batch {
+            appeared: false,
+            gone: vec![(SIM, 77)],
+        },
+    );
+    assert_eq!(b.engine.health("v").unwrap()["path_faults_seen"], 1);
+    // A volume the operator stopped stays down when disks appear, until named.
+    b.engine.stop("v").unwrap();
+    hotplug(&mut b.engine, &mut scrubs, &appeared);
+    assert!(b.engine.status(Some("v")).is_err());
+    assert_eq!(b.engine.assemble(Some("v"))[0].outcome, "created");
 }

@@ -748,10 +748,11 @@ fn event_line(ev: &Event) -> String {
         Event::Alert {
             time_ms,
             volume,
+            kind,
             alert,
             score,
         } => format!(
-            "{}  alert  {volume:<12} {alert}  (health {score})",
+            "{}  alert  {volume:<12} [{kind}] {alert}  (health {score})",
             render::utc(*time_ms),
         ),
         Event::Lagged { missed } => {
@@ -968,7 +969,24 @@ fn print_human(kind: &str, v: &Value) {
                 println!("  forecast: not enough remaps yet");
             }
             for a in v["alerts"].as_array().into_iter().flatten() {
-                println!("  ALERT {}", a.as_str().unwrap_or(""));
+                println!(
+                    "  ALERT [{}] {}",
+                    a["kind"].as_str().unwrap_or(""),
+                    a["text"].as_str().unwrap_or("")
+                );
+            }
+            match v["smart"].get("unavailable").and_then(Value::as_str) {
+                Some(why) => println!("  drive's own view (SMART): none ({why})"),
+                None if v["smart"].is_object() => println!(
+                    "  drive's own view (SMART, {}): reallocated {}, pending {}, uncorrectable {}, media errors {}, spare {}",
+                    v["smart"]["transport"].as_str().unwrap_or("?"),
+                    v["smart"]["reallocated"],
+                    v["smart"]["pending"],
+                    v["smart"]["offline_uncorrectable"],
+                    v["smart"]["media_errors"],
+                    v["smart"]["available_spare"]
+                ),
+                None => {}
             }
             println!(
                 "  errors seen {}, chunks remapped {}, hot spares {}",

@@ -82,6 +82,32 @@ struct AgentArgs {
         value_name = "DIR"
     )]
     state_dir: PathBuf,
+    /// Run PROG on every alert that is new or has grown (new pending blocks, pool low, a spare
+    /// or metadata copy failing, a short forecast, a path fault, errors that are not the
+    /// medium's, the drive's own SMART counts growing), never for a stable count. The facts
+    /// are in REMAP_VOLUME, REMAP_ALERT_KIND, REMAP_ALERT, REMAP_SCORE, REMAP_TIME,
+    /// REMAP_HOST and REMAP_SUPPRESSED, and as JSON on stdin. One hook at a time, killed after
+    /// 2 minutes; its failures are logged. A sample that mails: remap-notify-mail.
+    #[arg(long, env = "REMAPD_NOTIFY_EXEC", value_name = "PROG")]
+    notify_exec: Option<PathBuf>,
+    /// Least seconds between two runs of the hook for the same volume and kind of alert;
+    /// alerts meanwhile are folded into the next run (REMAP_SUPPRESSED counts them).
+    #[arg(
+        long,
+        env = "REMAPD_NOTIFY_INTERVAL",
+        default_value_t = 60,
+        value_name = "SECS"
+    )]
+    notify_interval: u64,
+    /// Minutes between reads of the main disks' SMART data (smartctl --json, when installed)
+    /// for health; 0: never.
+    #[arg(
+        long,
+        env = "REMAPD_SMART_MINUTES",
+        default_value_t = 30,
+        value_name = "MIN"
+    )]
+    smart_minutes: u64,
     /// Where the log goes: the journal when systemd connected stderr to it (auto), or force.
     #[arg(long, env = "REMAPD_LOG_TARGET", default_value = "auto", value_parser = ["auto", "journald", "stderr"])]
     log_target: String,
@@ -163,6 +189,30 @@ fn main() {
     }
 }
 
+/// The hook must be there and runnable when remapd starts, not at the first alert.
+fn check_hook(prog: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(prog).with_context(|| {
+        format!(
+            "--notify-exec {}: no such program (give the full path of an executable)",
+            prog.display()
+        )
+    })?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        anyhow::bail!(
+            "--notify-exec {}: not an executable file (chmod +x it, or give another)",
+            prog.display()
+        );
+    }
+    if !prog.is_absolute() {
+        anyhow::bail!(
+            "--notify-exec {}: give an absolute path (remapd runs from /)",
+            prog.display()
+        );
+    }
+    Ok(())
+}
+
 fn man(out: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let cmd = Cli::command();
@@ -194,6 +244,9 @@ fn agent(a: AgentArgs) -> Result<()> {
         .as_deref()
         .map(agent::resolve_group)
         .transpose()?;
+    if let Some(prog) = &a.notify_exec {
+        check_hook(prog)?;
+    }
     let dm = Dm::new()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -207,6 +260,12 @@ fn agent(a: AgentArgs) -> Result<()> {
             metrics: a.metrics,
             assemble: !a.no_assemble,
             state_dir: a.state_dir,
+            notify: a.notify_exec.map(|prog| remap_user::hook::HookOptions {
+                prog,
+                interval: Duration::from_secs(a.notify_interval),
+                timeout: Duration::from_secs(120),
+            }),
+            smart_every: (a.smart_minutes > 0).then(|| Duration::from_secs(a.smart_minutes * 60)),
         },
         dm,
         DirectIo::default(),
