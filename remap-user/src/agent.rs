@@ -592,6 +592,8 @@ fn changed<D: DeviceMapper, I: BlockIo, W: Watch>(engine: &mut Engine<D, I, W>, 
         };
         // Metrics first: whoever hears of an alert must find it counted.
         hub.metrics.on_health(&name, &h);
+        hub.metrics
+            .on_error_classes(&name, &engine.error_classes(&name));
         for alert in &h.alerts {
             tracing::warn!(
                 volume = name,

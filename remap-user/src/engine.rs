@@ -443,6 +443,16 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }))
     }
 
+    /// Errors on a volume's devices that moved nothing, by class, in total.
+    pub fn error_classes(&self, name: &str) -> [(&'static str, u64); 3] {
+        let h = self.history.get(name);
+        [
+            ("not-media", h.map_or(0, |h| h.not_media)),
+            ("transient", h.map_or(0, |h| h.transient)),
+            ("path-fault", h.map_or(0, |h| h.path_faults)),
+        ]
+    }
+
     /// The main devices of the volumes, for the agent's SMART reads.
     pub fn mains(&self) -> Vec<(String, std::path::PathBuf)> {
         self.volumes
@@ -1272,6 +1282,19 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         reports
     }
 
+    /// Whether a device still answers reads at all: its first, middle and last blocks (a disk
+    /// that lost sectors still reads most of them; a dead path reads none).
+    fn answers(&self, dev: &BlockDev) -> bool {
+        let Ok(size) = self.io.size_bytes(dev) else {
+            return false;
+        };
+        let mut buf = vec![0u8; 4096];
+        let last = (size / 4096).saturating_sub(1) * 4096;
+        [0, size / 2 / 4096 * 4096, last]
+            .into_iter()
+            .any(|off| self.io.read_at(dev, off, &mut buf).is_ok())
+    }
+
     /// Counts a slow request against its volume; returns the chunks it made weak.
     /// One more failed request of `chunk`'s own: how many within the window.
     fn strike(&mut self, name: &str, chunk: u64) -> usize {
@@ -1727,6 +1750,45 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 continue;
             }
             plan.push((c, old, bad));
+        }
+
+        // A device where nothing of these chunks reads, and nothing elsewhere either, has not
+        // lost sectors: its path, controller or power failed (or it went away). Moving its
+        // chunks would copy nothing and mark all of them pending; they stay, and it is a
+        // path fault.
+        let full = if bpc >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << bpc) - 1
+        };
+        let mut per_dev: BTreeMap<(u32, u32), (bool, BlockDev)> = BTreeMap::new();
+        for (c, old, bad) in &plan {
+            let (src, _) = source(vol, *c, *old);
+            let e = per_dev
+                .entry((src.major, src.minor))
+                .or_insert_with(|| (true, src.clone()));
+            e.0 &= *bad & full == full;
+        }
+        let mut dead: BTreeSet<(u32, u32)> = BTreeSet::new();
+        for (key, (all_bad, src)) in per_dev {
+            if all_bad && !self.answers(&src) {
+                dead.insert(key);
+                tracing::error!(
+                    volume = vol.config.name,
+                    device = %src.path.display(),
+                    "path fault: the device fails every read, here and elsewhere; nothing moved"
+                );
+                self.history
+                    .entry(vol.config.name.clone())
+                    .or_default()
+                    .path_faults += 1;
+            }
+        }
+        if !dead.is_empty() {
+            plan.retain(|(c, old, _)| {
+                let (src, _) = source(vol, *c, *old);
+                !dead.contains(&(src.major, src.minor))
+            });
         }
 
         // Allocate, in chunk order so neighbours can land next to each other.
@@ -2947,6 +3009,34 @@ pub(crate) mod tests {
         let rep = r.error(MAIN, 40000, 8);
         assert_eq!(rep[0].remapped, [5000]);
         assert_eq!(rep[0].pending_blocks, 1);
+    }
+
+    #[test]
+    fn a_device_that_fails_every_read_is_a_path_fault_and_moves_nothing() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        let before = r.status();
+        // The main answers nothing: not the chunk, not its first, middle or last block.
+        r.io.fail_reads(SIM, MAIN, 0..64 * MIB / 512);
+        let rep = r.error(MAIN, 1000, 8);
+        assert!(rep.iter().all(|x| x.remapped.is_empty()), "{rep:?}");
+        assert_eq!(r.status(), before, "the pool is untouched");
+        let h = r.engine.health_watch("v").unwrap();
+        assert_eq!(
+            h.alerts
+                .iter()
+                .filter(|a| a.kind == crate::health::AlertKind::PathFault)
+                .count(),
+            1,
+            "{h:?}"
+        );
+        // Where the rest of the disk still reads, an unreadable chunk is the medium's: it moves.
+        r.io.heal(SIM, MAIN, 0..64 * MIB / 512);
+        r.io.fail_reads(SIM, MAIN, 1000..1008);
+        let rep = r.error(MAIN, 1000, 8);
+        assert_eq!(rep[0].remapped, [125]);
+        assert_eq!(rep[0].pending_blocks, 8);
+        assert_eq!(r.engine.health("v").unwrap()["path_faults_seen"], 1);
     }
 
     #[test]

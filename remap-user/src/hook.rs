@@ -259,6 +259,77 @@ mod tests {
         );
     }
 
+    /// The hook as a real program: run once per alert, with the facts in its environment and
+    /// on stdin; a burst of one kind folded; the engine never waits for it.
+    #[tokio::test]
+    async fn the_hook_runs_with_the_facts_and_a_burst_is_folded() {
+        let dir = std::env::temp_dir().join(format!("remap-hook-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (prog, log) = (dir.join("hook"), dir.join("log"));
+        std::fs::write(
+            &prog,
+            format!(
+                "#!/bin/sh\nprintf '%s|%s|%s|%s|' \"$REMAP_ALERT_KIND\" \"$REMAP_VOLUME\" \"$REMAP_SUPPRESSED\" \"$REMAP_ALERT\" >>{log}\ncat >>{log}\n",
+                log = log.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let hub = Hub::new(Arc::new(crate::metrics::Metrics::new(Box::new(|| None))));
+        let opts = HookOptions {
+            prog,
+            interval: Duration::from_millis(300),
+            timeout: Duration::from_secs(10),
+        };
+        let task = tokio::spawn(run(opts, hub.clone()));
+        tokio::task::yield_now().await;
+        let alert = |kind: &str, text: &str| Event::Alert {
+            time_ms: 0,
+            volume: "v".into(),
+            kind: kind.into(),
+            alert: text.into(),
+            score: 70,
+        };
+        hub.publish(alert("pending", "1 new pending blocks"));
+        hub.publish(alert("pending", "2 new pending blocks"));
+        hub.publish(alert("pending", "3 new pending blocks"));
+        hub.publish(alert("path-fault", "1 new path faults"));
+        let lines = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        for _ in 0..100 {
+            if lines().len() >= 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        task.abort();
+        let got = lines();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(
+            got[0].starts_with("pending|v|0|1 new pending blocks|{"),
+            "{got:?}"
+        );
+        assert!(got[1].starts_with("path-fault|v|0|"), "{got:?}");
+        // The two held back: the newest runs after the interval, counting the one folded.
+        assert!(
+            got[2].starts_with("pending|v|1|3 new pending blocks|"),
+            "{got:?}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(got[2].splitn(5, '|').nth(4).unwrap()).unwrap();
+        assert_eq!(
+            (json["kind"].as_str(), json["suppressed"].as_u64()),
+            (Some("pending"), Some(1))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn the_environment_names_every_fact() {
         let env = notice("path-fault", "gone").env();

@@ -129,6 +129,7 @@ pub struct Metrics {
     health_score: Family<VolumeLabel, Gauge>,
     exhausted_in: Family<VolumeLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     health_alerts: Family<RequestLabels, Counter>,
+    errors_by_class: Family<RequestLabels, Counter>,
     remap_seconds: Family<VolumeLabel, Histogram>,
     suspend_seconds: Family<VolumeLabel, Histogram>,
     requests: Family<RequestLabels, Counter>,
@@ -154,6 +155,7 @@ impl Metrics {
             health_score: Family::default(),
             exhausted_in: Family::default(),
             health_alerts: Family::default(),
+            errors_by_class: Family::default(),
             remap_seconds: Family::new_with_constructor(latency_histogram),
             suspend_seconds: Family::new_with_constructor(latency_histogram),
             requests: Family::default(),
@@ -208,6 +210,11 @@ impl Metrics {
             "health_alerts",
             "Health alerts raised, by kind (pending, slow, not-media, path-fault, rising, pool-low, forecast, spare-failed, metadata-degraded, smart)",
             m.health_alerts.clone(),
+        );
+        registry.register(
+            "errors_by_class",
+            "Errors on a volume's devices that moved nothing, by class: not-media (path, controller, target), transient (the blocks read fine when located), path-fault (a member went away or fails every read)",
+            m.errors_by_class.clone(),
         );
         registry.register(
             "remap_duration_seconds",
@@ -290,6 +297,17 @@ impl Metrics {
                     ("kind", a.kind.as_str().to_owned()),
                 ])
                 .inc();
+        }
+    }
+
+    /// The engine's running totals of errors that moved nothing, by class.
+    pub fn on_error_classes(&self, volume: &str, totals: &[(&'static str, u64)]) {
+        for &(class, n) in totals {
+            let c = self
+                .errors_by_class
+                .get_or_create(&[("volume", volume.to_owned()), ("class", class.to_owned())]);
+            // The engine keeps the totals; the counter follows them (they only grow).
+            c.inner().fetch_max(n, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

@@ -115,6 +115,11 @@ pub fn run(a: InstallArgs) -> Result<()> {
     ] {
         files.push((share.join(path), Source::Completion(shell), 0o644));
     }
+    files.push((
+        share.join("doc/remap/examples/remap-notify-mail"),
+        Source::File(dist.join("remap-notify-mail")),
+        0o755,
+    ));
     for doc in [
         "OPERATING.md",
         "EXIT-CODES.md",

@@ -794,3 +794,30 @@ fn a_volume_down_for_a_missing_spare_comes_up_when_it_appears_and_a_member_gone_
     assert!(b.engine.status(Some("v")).is_err());
     assert_eq!(b.engine.assemble(Some("v"))[0].outcome, "created");
 }
+
+#[tokio::test]
+async fn errors_that_moved_nothing_are_counted_by_class_in_the_metrics() {
+    let (ctx, _io) = agent_io();
+    create(&ctx).await;
+    let not_media = ErrorEvent {
+        errno: libc::ENOLINK,
+        ..error_event(0, 2001)
+    };
+    // A transient: EIO on a chunk that reads fine when located.
+    ctx.tx
+        .send(Msg::Errors(vec![not_media, error_event(0, 3001)]))
+        .unwrap();
+    // A request after the batch: answered once the batch is done.
+    Client::new(&ctx, USER)
+        .call(r#"{"cmd":"status","name":"v"}"#)
+        .await;
+    let t = ctx.hub.metrics.encode();
+    for want in [
+        "remap_errors_by_class_total{volume=\"v\",class=\"not-media\"} 1",
+        "remap_errors_by_class_total{volume=\"v\",class=\"transient\"} 1",
+        "remap_errors_by_class_total{volume=\"v\",class=\"path-fault\"} 0",
+        "remap_health_alerts_total{volume=\"v\",kind=\"not-media\"} 1",
+    ] {
+        assert!(t.lines().any(|l| l == want), "missing {want} in\n{t}");
+    }
+}

@@ -480,6 +480,13 @@ fn status(socket: &Path, name: Option<String>, width: Option<u32>, json: bool) -
             println!();
         }
         let name = v["name"].as_str().unwrap_or_default().to_owned();
+        if v["state"] == "down" {
+            println!(
+                "{name}  DOWN  {}",
+                v["reason"].as_str().unwrap_or("(no reason recorded)")
+            );
+            continue;
+        }
         // The map is an extra: a volume stopped in between, or an older agent, only loses it.
         let map = call(socket, &AgentRequest::Map { name, width: cells }, None)
             .ok()
