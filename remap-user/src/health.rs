@@ -758,6 +758,44 @@ mod tests {
     }
 
     #[test]
+    fn the_drives_own_counts_lower_the_score_and_alert_when_they_grow() {
+        let fixture = |name: &str| {
+            let path = format!(
+                "{}/tests/fixtures/smart/{name}",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            crate::smart::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
+        };
+        let mut t = Tracker::default();
+        let now = |smart| Now {
+            pool_total: 100,
+            pool_available: 100,
+            smart,
+            ..Now::default()
+        };
+        let healthy = t.assess(now(Some(fixture("ata-healthy.json"))));
+        assert_eq!((healthy.score, healthy.alerts.len()), (100, 0), "{healthy:?}");
+        let failing = fixture("ata-failing.json");
+        let h = t.assess(now(Some(failing)));
+        assert_eq!(h.score, 60, "{h:?}");
+        assert!(
+            h.reasons.iter().any(|r| r.why.contains("reallocated 56 sectors")),
+            "{h:?}"
+        );
+        assert_eq!(h.alerts.len(), 1, "{h:?}");
+        assert_eq!(h.alerts[0].kind, AlertKind::Smart);
+        // The same counts again: no alert; one more pending sector: one.
+        assert!(t.assess(now(Some(failing))).alerts.is_empty());
+        let worse = crate::smart::Smart {
+            pending: Some(9),
+            ..failing
+        };
+        assert_eq!(t.assess(now(Some(worse))).alerts.len(), 1);
+        // No SMART view: no reason, no penalty.
+        assert_eq!(t.assess(now(None)).score, 100);
+    }
+
+    #[test]
     fn healthy_is_100() {
         let mut t = Tracker::default();
         let h = t.assess(Now {
