@@ -47,6 +47,38 @@ pub const PROG_RQ_DONE: &str = "rq_done";
 /// eBPF program on `block:block_rq_issue` that stamps requests of devices watched for slow I/O.
 pub const PROG_RQ_ISSUE: &str = "rq_issue";
 
+/// BTF tracepoint program on `block_rq_complete` (the raw tracepoint, handed the `struct
+/// request`): slow requests from the request's own start stamp and rewrites of pending chunks,
+/// with no issue-side program and no map written on healthy I/O. Used where the kernel's BTF
+/// gives the [`ReqLayout`]; [`PROG_RQ_DONE`] and [`PROG_RQ_ISSUE`] otherwise.
+pub const PROG_RQ_DONE_BTF: &str = "rq_done_btf";
+/// Name of the read-only global carrying the [`ReqLayout`].
+pub const GLOBAL_REQ_LAYOUT: &str = "REQ_LAYOUT";
+/// One-entry array: non-zero while some chunk is pending or a locate window is open, the only
+/// times completed writes are looked at. Checked before anything else on the write path.
+pub const MAP_ARMED: &str = "ARMED";
+
+/// Where the fields the completion program reads sit in the kernel's structures, in bytes,
+/// from the running kernel's BTF (Rust eBPF has no CO-RE relocations: user space resolves
+/// them at load time).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ReqLayout {
+    /// `struct request`: `q`, `__sector`, `__data_len`, `cmd_flags`, `start_time_ns`.
+    pub rq_q: u32,
+    pub rq_sector: u32,
+    pub rq_data_len: u32,
+    pub rq_cmd_flags: u32,
+    pub rq_start_time_ns: u32,
+    /// `struct request_queue`: `disk`.
+    pub q_disk: u32,
+    /// `struct gendisk`: `major`, `first_minor`.
+    pub disk_major: u32,
+    pub disk_first_minor: u32,
+    /// 1 once resolved; the program does nothing while it is 0.
+    pub valid: u32,
+}
+
 /// Requests in flight on devices watched for slow I/O: [`DedupKey`] (dev, first sector) →
 /// issue time (ns). An LRU, so requests whose completion was never seen age out.
 pub const MAP_INFLIGHT: &str = "INFLIGHT";
@@ -287,4 +319,5 @@ mod user {
     unsafe impl aya::Pod for super::PoolDev {}
     unsafe impl aya::Pod for super::RemapKey {}
     unsafe impl aya::Pod for super::RemapVal {}
+    unsafe impl aya::Pod for super::ReqLayout {}
 }

@@ -3,16 +3,16 @@
 use aya_ebpf::{
     Global,
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    helpers::bpf_ktime_get_ns,
-    macros::{btf_map, tracepoint},
-    programs::TracePointContext,
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{btf_map, btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use remap_common::{
     Counters, DEDUP_ENTRIES, DedupKey, EVENTS_RING_BYTES, ErrorEvent, INFLIGHT_ENTRIES,
     LOCATING_ENTRIES, Layout, LocateWatch, MAX_WATCHED, Op, PENDING_ENTRIES, PENDING_SCAN_CHUNKS,
-    POOL_ENTRIES, PoolDev, REMAP_MIRROR_ENTRIES, RemapKey, RemapVal, SLOW_DEDUP_BIT, WatchedDev,
-    kind,
+    POOL_ENTRIES, PoolDev, REMAP_MIRROR_ENTRIES, RemapKey, RemapVal, ReqLayout, SLOW_DEDUP_BIT,
+    WatchedDev, kind,
 };
 
 #[unsafe(no_mangle)]
@@ -34,6 +34,22 @@ static ISSUE_LAYOUT: Global<Layout> = Global::new(Layout {
     rwbs: 0,
     valid: 0,
 });
+
+#[unsafe(no_mangle)]
+static REQ_LAYOUT: Global<ReqLayout> = Global::new(ReqLayout {
+    rq_q: 0,
+    rq_sector: 0,
+    rq_data_len: 0,
+    rq_cmd_flags: 0,
+    rq_start_time_ns: 0,
+    q_disk: 0,
+    disk_major: 0,
+    disk_first_minor: 0,
+    valid: 0,
+});
+
+#[btf_map]
+static ARMED: Array<u32, 1> = Array::new();
 
 #[unsafe(no_mangle)]
 static DEDUP_WINDOW_NS: Global<u64> = Global::new(1_000_000_000);
@@ -67,15 +83,128 @@ static LOCATING: HashMap<u32, LocateWatch, LOCATING_ENTRIES> = HashMap::new();
 #[btf_map]
 static INFLIGHT: LruHashMap<DedupKey, u64, INFLIGHT_ENTRIES> = LruHashMap::new();
 
-/// Every completion: slow requests of slow-watched devices, rewrites of pending chunks.
+/// Every completion: slow requests of slow-watched devices, rewrites of pending chunks (the
+/// fallback where the kernel's BTF does not give the request's layout).
 #[tracepoint]
 pub fn rq_done(ctx: TracePointContext) -> u32 {
-    watch_slow(&ctx);
-    watch_rewrites(&ctx);
+    let layout = LAYOUT.load();
+    if layout.valid == 0 {
+        return 0;
+    }
+    // SAFETY: offsets from the tracepoint's format file, read through bpf_probe_read_kernel.
+    let (Ok(dev), Ok(sector), Ok(nr_sector), Ok(error), Ok(rwbs)) = (unsafe {
+        (
+            ctx.read_at::<u32>(layout.dev as usize),
+            ctx.read_at::<u64>(layout.sector as usize),
+            ctx.read_at::<u32>(layout.nr_sector as usize),
+            ctx.read_at::<i32>(layout.error as usize),
+            ctx.read_at::<[u8; 2]>(layout.rwbs as usize),
+        )
+    }) else {
+        return 0;
+    };
+    // Errors are the error detector's; a slow failure is reported as the failure it is.
+    if error != 0 || nr_sector == 0 {
+        return 0;
+    }
+    let Some(watched) = WATCHED_DEVS.get_ptr(dev) else {
+        return 0;
+    };
+    // SAFETY: a map value pointer, read once.
+    let watched = unsafe { *watched };
+    let op = Op::from_rwbs(rwbs[0], rwbs[1]);
+    if watched.slow_us != 0 {
+        let key = DedupKey {
+            dev,
+            _pad: 0,
+            chunk: sector,
+        };
+        if let Some(issued) = INFLIGHT.get_ptr(key) {
+            let issued = unsafe { *issued };
+            let _ = INFLIGHT.remove(key);
+            watch_slow(dev, sector, nr_sector, op, watched, issued);
+        }
+    }
+    if op == Op::Write {
+        watch_rewrites(dev, sector, nr_sector, watched);
+    }
     0
 }
 
-/// Stamps each request of a slow-watched device when the driver gets it.
+/// The same from the raw tracepoint: the request itself, its start stamped by the block layer,
+/// the device found through its queue's disk. Healthy I/O of an unwatched device costs four
+/// reads and one lookup; of a watched one, a stamp read; no map is written.
+#[btf_tracepoint(function = "block_rq_complete")]
+pub fn rq_done_btf(ctx: BtfTracePointContext) -> u32 {
+    let l = REQ_LAYOUT.load();
+    if l.valid == 0 {
+        return 0;
+    }
+    let rq: *const u8 = ctx.arg(0);
+    let status: u8 = ctx.arg(1);
+    if status != 0 || rq.is_null() {
+        return 0;
+    }
+    // SAFETY: offsets from the running kernel's BTF; bpf_probe_read_kernel turns a bad pointer
+    // into an error, never a fault.
+    let dev = unsafe {
+        let Ok(q) = bpf_probe_read_kernel(rq.add(l.rq_q as usize) as *const *const u8) else {
+            return 0;
+        };
+        let Ok(disk) = bpf_probe_read_kernel(q.add(l.q_disk as usize) as *const *const u8) else {
+            return 0;
+        };
+        if disk.is_null() {
+            return 0;
+        }
+        let (Ok(major), Ok(minor)) = (
+            bpf_probe_read_kernel(disk.add(l.disk_major as usize) as *const i32),
+            bpf_probe_read_kernel(disk.add(l.disk_first_minor as usize) as *const i32),
+        ) else {
+            return 0;
+        };
+        ((major as u32) << 20) | (minor as u32 & 0xf_ffff)
+    };
+    let Some(watched) = WATCHED_DEVS.get_ptr(dev) else {
+        return 0;
+    };
+    // SAFETY: a map value pointer, read once.
+    let watched = unsafe { *watched };
+    let (Ok(sector), Ok(len), Ok(flags)) = (unsafe {
+        (
+            bpf_probe_read_kernel(rq.add(l.rq_sector as usize) as *const u64),
+            bpf_probe_read_kernel(rq.add(l.rq_data_len as usize) as *const u32),
+            bpf_probe_read_kernel(rq.add(l.rq_cmd_flags as usize) as *const u32),
+        )
+    }) else {
+        return 0;
+    };
+    let nr_sector = len >> 9;
+    if nr_sector == 0 {
+        return 0;
+    }
+    // REQ_OP_READ 0, REQ_OP_WRITE 1 in the low byte of cmd_flags.
+    let op = match flags & 0xff {
+        0 => Op::Read,
+        1 => Op::Write,
+        _ => return 0,
+    };
+    if watched.slow_us != 0 {
+        // 0 where the block layer did not stamp it (no I/O accounting): nothing to measure.
+        if let Ok(start) =
+            unsafe { bpf_probe_read_kernel(rq.add(l.rq_start_time_ns as usize) as *const u64) }
+            && start != 0
+        {
+            watch_slow(dev, sector, nr_sector, op, watched, start);
+        }
+    }
+    if op == Op::Write {
+        watch_rewrites(dev, sector, nr_sector, watched);
+    }
+    0
+}
+
+/// Stamps each request of a slow-watched device when the driver gets it (the fallback).
 #[tracepoint]
 pub fn rq_issue(ctx: TracePointContext) -> u32 {
     let layout = ISSUE_LAYOUT.load();
@@ -104,57 +233,17 @@ pub fn rq_issue(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Reports a request that succeeded but took its device's `slow_us` or longer, once per chunk
-/// per de-duplication window (a slow region must not flood the ring buffer).
+/// Reports a request that succeeded but took its device's `slow_us` or longer since
+/// `started` (ns), once per chunk per de-duplication window (a slow region must not flood the
+/// ring buffer).
 #[inline(always)]
-fn watch_slow(ctx: &TracePointContext) {
-    let layout = LAYOUT.load();
-    if layout.valid == 0 {
-        return;
-    }
-    let (Ok(dev), Ok(sector)) = (unsafe {
-        (
-            ctx.read_at::<u32>(layout.dev as usize),
-            ctx.read_at::<u64>(layout.sector as usize),
-        )
-    }) else {
-        return;
-    };
-    let Some(watched) = WATCHED_DEVS.get_ptr(dev) else {
-        return;
-    };
-    let (slow_us, shift) = unsafe { ((*watched).slow_us, (*watched).chunk_shift & 63) };
-    if slow_us == 0 {
-        return;
-    }
-    let key = DedupKey {
-        dev,
-        _pad: 0,
-        chunk: sector,
-    };
-    let Some(issued) = INFLIGHT.get_ptr(key) else {
-        return;
-    };
-    let issued = unsafe { *issued };
-    let _ = INFLIGHT.remove(key);
+fn watch_slow(dev: u32, sector: u64, nr_sector: u32, op: Op, watched: WatchedDev, started: u64) {
     let now = unsafe { bpf_ktime_get_ns() };
-    let took = now.wrapping_sub(issued);
-    if took < u64::from(slow_us) * 1000 {
+    let took = now.wrapping_sub(started);
+    if took < u64::from(watched.slow_us) * 1000 || took > (1u64 << 62) {
         return;
     }
-    // Errors are the error detector's; a slow failure is reported as the failure it is.
-    let (Ok(error), Ok(nr_sector), Ok(rwbs)) = (unsafe {
-        (
-            ctx.read_at::<i32>(layout.error as usize),
-            ctx.read_at::<u32>(layout.nr_sector as usize),
-            ctx.read_at::<[u8; 2]>(layout.rwbs as usize),
-        )
-    }) else {
-        return;
-    };
-    if error != 0 || nr_sector == 0 {
-        return;
-    }
+    let shift = watched.chunk_shift & 63;
     if repeated(dev, (sector >> shift) | SLOW_DEDUP_BIT, now) {
         return;
     }
@@ -164,7 +253,7 @@ fn watch_slow(ctx: &TracePointContext) {
         dev,
         nr_sector,
         errno: 0,
-        op: Op::from_rwbs(rwbs[0], rwbs[1]) as u8,
+        op: op as u8,
         kind: kind::SLOW,
         _pad: [0; 6],
         latency_us: (took / 1000).min(u64::from(u32::MAX)) as u32,
@@ -174,42 +263,15 @@ fn watch_slow(ctx: &TracePointContext) {
 
 /// Reports a successful write that touches a chunk holding pending blocks: on kernels where
 /// those blocks fail reads but pass writes (dm-flakey error_reads), the rewrite is what makes
-/// them good again, as on a drive.
+/// them good again, as on a drive. Nothing is looked at while nothing is pending and no locate
+/// window is open.
 #[inline(always)]
-fn watch_rewrites(ctx: &TracePointContext) {
-    let layout = LAYOUT.load();
-    if layout.valid == 0 {
-        return;
+fn watch_rewrites(dev: u32, sector: u64, nr_sector: u32, watched: WatchedDev) {
+    match ARMED.get(0) {
+        Some(&armed) if armed != 0 => {}
+        _ => return,
     }
-    // SAFETY: as in `handle`.
-    let Ok(error) = (unsafe { ctx.read_at::<i32>(layout.error as usize) }) else {
-        return;
-    };
-    if error != 0 {
-        return;
-    }
-    let Ok(rwbs) = (unsafe { ctx.read_at::<[u8; 2]>(layout.rwbs as usize) }) else {
-        return;
-    };
-    if Op::from_rwbs(rwbs[0], rwbs[1]) != Op::Write {
-        return;
-    }
-    let (Ok(dev), Ok(sector), Ok(nr_sector)) = (unsafe {
-        (
-            ctx.read_at::<u32>(layout.dev as usize),
-            ctx.read_at::<u64>(layout.sector as usize),
-            ctx.read_at::<u32>(layout.nr_sector as usize),
-        )
-    }) else {
-        return;
-    };
-    if nr_sector == 0 {
-        return;
-    }
-    let Some(watched) = WATCHED_DEVS.get_ptr(dev) else {
-        return;
-    };
-    let shift = unsafe { (*watched).chunk_shift } & 63;
+    let shift = watched.chunk_shift & 63;
     let first = sector >> shift;
     let last = (sector + u64::from(nr_sector) - 1) >> shift;
     if let Some(w) = LOCATING.get_ptr_mut(dev) {

@@ -69,6 +69,12 @@ struct AgentArgs {
     /// data still reads. 0 turns slow-I/O detection off.
     #[arg(long, env = "REMAPD_SLOW_MS", default_value_t = DEFAULT_SLOW_MS)]
     slow_ms: u64,
+    /// How completions are watched (slow requests, rewrites of pending blocks): auto reads
+    /// the request itself through the raw tracepoint, with its layout from the kernel's BTF
+    /// (nothing per request on healthy I/O), and falls back to the tracepoints without BTF;
+    /// tracepoint forces the fallback (a program at issue and a map write per request).
+    #[arg(long, env = "REMAPD_COMPLETION", default_value = "auto", value_parser = ["auto", "tracepoint"])]
+    completion: String,
     /// Do not assemble the volumes found on the block devices at start (`remapctl assemble`
     /// does it later).
     #[arg(long, env = "REMAPD_NO_ASSEMBLE")]
@@ -148,6 +154,9 @@ struct WatchArgs {
     /// Also report requests that succeed but take this many milliseconds or more (0: off).
     #[arg(long, env = "REMAPD_SLOW_MS", default_value_t = DEFAULT_SLOW_MS)]
     slow_ms: u64,
+    /// How completions are watched: auto (the raw tracepoint, with BTF) or tracepoint.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "tracepoint"])]
+    completion: String,
 }
 
 const DEFAULT_SLOW_MS: u64 = DEFAULT_SLOW_THRESHOLD.as_millis() as u64;
@@ -238,6 +247,7 @@ fn agent(a: AgentArgs) -> Result<()> {
         keep_pins: false,
         pending_watch: true,
         slow_threshold: slow_threshold(a.slow_ms),
+        completion: a.completion.parse().map_err(anyhow::Error::msg)?,
     };
     let socket_group = a
         .socket_group
@@ -287,6 +297,7 @@ fn watch(a: WatchArgs) -> Result<()> {
         keep_pins: a.keep_pins,
         pending_watch: false,
         slow_threshold: slow_threshold(a.slow_ms),
+        completion: a.completion.parse().map_err(anyhow::Error::msg)?,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

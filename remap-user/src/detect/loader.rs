@@ -15,14 +15,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, TracePoint},
 };
 use remap_common::{
     Counters, DedupKey, ErrorEvent, GLOBAL_DEDUP_WINDOW_NS, GLOBAL_ISSUE_LAYOUT, GLOBAL_LAYOUT,
-    MAP_COUNTERS, MAP_DEDUP, MAP_EVENTS, MAP_INFLIGHT, MAP_PENDING, MAP_POOL, MAP_REMAPS,
-    MAP_WATCHED, PROG_RQ_COMPLETE, PROG_RQ_DONE, PROG_RQ_ERROR, PROG_RQ_ISSUE, PoolDev, RemapKey,
-    RemapVal, WatchedDev,
+    GLOBAL_REQ_LAYOUT, MAP_ARMED, MAP_COUNTERS, MAP_DEDUP, MAP_EVENTS, MAP_INFLIGHT, MAP_PENDING,
+    MAP_POOL, MAP_REMAPS, MAP_WATCHED, PROG_RQ_COMPLETE, PROG_RQ_DONE, PROG_RQ_DONE_BTF,
+    PROG_RQ_ERROR, PROG_RQ_ISSUE, PoolDev, RemapKey, RemapVal, WatchedDev,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -165,9 +165,36 @@ pub struct DetectorConfig {
     pub keep_pins: bool,
     /// Also watch for rewrites of pending blocks (a program on every completion).
     pub pending_watch: bool,
-    /// Report successful requests slower than this on watched devices (programs on every
-    /// issue and completion); `None` turns slow-I/O detection off.
+    /// Report successful requests slower than this on watched devices; `None` turns slow-I/O
+    /// detection off.
     pub slow_threshold: Option<Duration>,
+    /// How completions are watched: from the request itself where the kernel's BTF allows
+    /// (`Auto`), or through the tracepoints with a stamp per request at issue (`Tracepoint`).
+    pub completion: CompletionWatch,
+}
+
+/// How the completion watch (slow requests, rewrites of pending blocks) reads completions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CompletionWatch {
+    /// The raw tracepoint with the request's layout from the kernel's BTF; the tracepoints
+    /// when the BTF does not give it.
+    #[default]
+    Auto,
+    /// The tracepoints (`block_rq_complete`, and `block_rq_issue` for slow I/O).
+    Tracepoint,
+}
+
+impl FromStr for CompletionWatch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" | "btf" => Ok(Self::Auto),
+            "tracepoint" => Ok(Self::Tracepoint),
+            other => Err(format!(
+                "unknown completion watch `{other}`: auto or tracepoint"
+            )),
+        }
+    }
 }
 
 /// What a request must take, issue to completion, to count as slow: far beyond any healthy
@@ -184,6 +211,7 @@ impl Default for DetectorConfig {
             keep_pins: false,
             pending_watch: true,
             slow_threshold: Some(DEFAULT_SLOW_THRESHOLD),
+            completion: CompletionWatch::Auto,
         }
     }
 }
@@ -234,8 +262,26 @@ impl Detector {
         let lock = prepare_pin_dir(&cfg.pin_dir)?;
 
         let window_ns = u64::try_from(cfg.dedup_window.as_nanos()).unwrap_or(u64::MAX);
-        // Slow I/O needs the issue tracepoint; without it (or its layout) it is off, loudly.
+        // The completion watch reads the request itself where the kernel's BTF says how: no
+        // issue-side program, no map written per request. Otherwise the tracepoints, with a
+        // stamp per request at issue.
+        let wanted = cfg.pending_watch || cfg.slow_threshold.is_some();
+        let req_layout = match (wanted && cfg.completion == CompletionWatch::Auto)
+            .then(super::btf::running_req_layout)
+        {
+            Some(Ok(l)) => Some(l),
+            Some(Err(why)) => {
+                tracing::warn!(
+                    "the kernel's BTF does not give the request's layout ({why}): completions are watched through the tracepoints, at a cost per request"
+                );
+                None
+            }
+            None => None,
+        };
+        // Slow I/O without BTF needs the issue tracepoint; without it (or its layout) it is
+        // off, loudly.
         let issue_layout = match cfg.slow_threshold {
+            Some(_) if req_layout.is_some() => None,
             Some(_) => match issue_layout(&tracefs) {
                 Ok(l) => Some(l),
                 Err(why) => {
@@ -249,6 +295,7 @@ impl Detector {
             .override_global(GLOBAL_LAYOUT, &layout, true)
             .override_global(GLOBAL_ISSUE_LAYOUT, &issue_layout.unwrap_or_default(), true)
             .override_global(GLOBAL_DEDUP_WINDOW_NS, &window_ns, true)
+            .override_global(GLOBAL_REQ_LAYOUT, &req_layout.unwrap_or_default(), true)
             .load(OBJECT)
             .map_err(|e| DetectError::NoBpf(e.to_string()))?;
 
@@ -294,13 +341,22 @@ impl Detector {
                 what: format!("attaching to block:{tracepoint}"),
                 source,
             })?;
-        let slow = issue_layout.is_some();
-        let done = (cfg.pending_watch || slow) && det.attach_done(&tracefs, &layout)?;
-        det.slow_us = match cfg.slow_threshold {
-            Some(t) if slow && done => {
-                det.attach_tp(PROG_RQ_ISSUE, "block_rq_issue")?;
-                u32::try_from(t.as_micros()).unwrap_or(u32::MAX).max(1)
+        let slow = match (req_layout, cfg.slow_threshold) {
+            (Some(_), _) => {
+                det.attach_done_btf()?;
+                cfg.slow_threshold.is_some()
             }
+            (None, _) => {
+                let stamped = issue_layout.is_some();
+                let done = (cfg.pending_watch || stamped) && det.attach_done(&tracefs, &layout)?;
+                if stamped && done {
+                    det.attach_tp(PROG_RQ_ISSUE, "block_rq_issue")?;
+                }
+                stamped && done
+            }
+        };
+        det.slow_us = match cfg.slow_threshold {
+            Some(t) if slow => u32::try_from(t.as_micros()).unwrap_or(u32::MAX).max(1),
             _ => 0,
         };
         let map = det
@@ -342,12 +398,22 @@ impl Detector {
             what: "opening the locate-window map".into(),
             source,
         })?;
+        let armed = Array::try_from(take(&mut det, MAP_ARMED)).map_err(|source| {
+            DetectError::Map {
+                what: "opening the rewrite-watch switch".into(),
+                source,
+            }
+        })?;
         det.watcher = Some(Watcher {
             map,
             pending,
             pool,
             remaps,
             locating,
+            armed,
+            pending_keys: std::collections::BTreeSet::new(),
+            windows: std::collections::BTreeSet::new(),
+            is_armed: false,
             slow_us: det.slow_us,
         });
         Ok(det)
@@ -376,6 +442,36 @@ impl Detector {
         }
         self.attach_tp(PROG_RQ_DONE, "block_rq_complete")?;
         Ok(true)
+    }
+
+    /// Attaches the completion watcher as a BTF tracepoint on `block_rq_complete`.
+    fn attach_done_btf(&mut self) -> Result<(), DetectError> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| DetectError::Io {
+            what: "reading the kernel's BTF".into(),
+            source: io::Error::other(e),
+        })?;
+        let prog: &mut BtfTracePoint = self
+            .ebpf
+            .program_mut(PROG_RQ_DONE_BTF)
+            .ok_or_else(|| DetectError::Io {
+                what: format!("eBPF object has no program {PROG_RQ_DONE_BTF}"),
+                source: io::ErrorKind::NotFound.into(),
+            })?
+            .try_into()
+            .map_err(|source| DetectError::Program {
+                what: format!("{PROG_RQ_DONE_BTF} is not a BTF tracepoint program"),
+                source,
+            })?;
+        prog.load("block_rq_complete", &btf)
+            .map_err(|source| DetectError::Program {
+                what: format!("the kernel refused the {PROG_RQ_DONE_BTF} program"),
+                source,
+            })?;
+        prog.attach().map_err(|source| DetectError::Program {
+            what: "attaching to the raw tracepoint block_rq_complete".into(),
+            source,
+        })?;
+        Ok(())
     }
 
     fn attach_tp(&mut self, program: &str, tracepoint: &str) -> Result<(), DetectError> {
@@ -480,6 +576,11 @@ pub struct Watcher {
     locating: HashMap<MapData, u32, remap_common::LocateWatch>,
     pool: HashMap<MapData, u32, PoolDev>,
     remaps: HashMap<MapData, RemapKey, RemapVal>,
+    /// The rewrite watch's switch, on while a chunk is pending or a locate window open.
+    armed: Array<MapData, u32>,
+    pending_keys: std::collections::BTreeSet<(u32, u64)>,
+    windows: std::collections::BTreeSet<u32>,
+    is_armed: bool,
     slow_us: u32,
 }
 
@@ -520,7 +621,29 @@ impl Watcher {
         res.map_err(|source| DetectError::Map {
             what: format!("marking chunk {chunk} of {} pending", dev.path.display()),
             source,
-        })
+        })?;
+        if on {
+            self.pending_keys.insert((key.dev, chunk));
+        } else {
+            self.pending_keys.remove(&(key.dev, chunk));
+        }
+        self.arm()
+    }
+
+    /// Turns the rewrite watch on while anything is pending or being located, off otherwise:
+    /// a healthy volume's writes are not looked at.
+    fn arm(&mut self) -> Result<(), DetectError> {
+        let want = !self.pending_keys.is_empty() || !self.windows.is_empty();
+        if want != self.is_armed {
+            self.armed
+                .set(0, u32::from(want), 0)
+                .map_err(|source| DetectError::Map {
+                    what: "switching the rewrite watch".into(),
+                    source,
+                })?;
+            self.is_armed = want;
+        }
+        Ok(())
     }
 
     /// Flags writes that complete on `dev` in chunks `lo..=hi` from now on (`None`: stop, and
@@ -540,6 +663,9 @@ impl Watcher {
                     written: 0,
                     _pad: 0,
                 };
+                // Armed before the window opens: no write in it may go unseen.
+                self.windows.insert(key);
+                self.arm()?;
                 self.locating
                     .insert(key, w, 0)
                     .map_err(|source| DetectError::Map {
@@ -550,13 +676,16 @@ impl Watcher {
             }
             None => {
                 let written = self.locating.get(&key, 0).is_ok_and(|w| w.written != 0);
-                match self.locating.remove(&key) {
+                let res = match self.locating.remove(&key) {
                     Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(written),
                     Err(source) => Err(DetectError::Map {
                         what: what("closing"),
                         source,
                     }),
-                }
+                };
+                self.windows.remove(&key);
+                self.arm()?;
+                res
             }
         }
     }

@@ -55,7 +55,7 @@ pub const PATTERNS: &[(&str, &str, u32)] = &[
 ];
 
 /// Variants, in the order of the first round (later rounds rotate it, so drift spreads evenly).
-pub const VARIANTS: &[&str] = &["detached", "error", "complete", "slow", "agent"];
+pub const VARIANTS: &[&str] = &["detached", "error", "complete", "slow", "slow-tp", "agent"];
 
 pub fn run(plan: &Plan, remapd: &Path, dir: &Path) -> Result<HostReport> {
     let mut rep = HostReport {
@@ -221,7 +221,8 @@ fn tracepoint_progs() -> Result<BTreeMap<u64, String>> {
     Ok(v.as_array()
         .into_iter()
         .flatten()
-        .filter(|p| p["type"] == "tracepoint")
+        // Tracepoint programs, and the raw (BTF) tracepoint one.
+        .filter(|p| p["type"] == "tracepoint" || p["type"] == "tracing")
         .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_string())))
         .collect())
 }
@@ -271,14 +272,18 @@ impl Attached {
                     .arg(format!("{PIN_DIR}-agent"));
                 "remapd ready"
             }
-            // `slow`: the error detector plus the slow-I/O programs on every issue and
-            // completion; the others without them, to show each program's own cost.
+            // `slow`: the error detector plus the completion watch reading the request itself
+            // (BTF); `slow-tp`: the same through the tracepoints, a program at issue and at
+            // completion (the fallback); the others without them, to show each program's own
+            // cost.
             d => {
-                let (det, slow_ms) = match d {
-                    "slow" => ("error", SLOW_MS),
-                    d => (d, "0"),
+                let (det, slow_ms, completion) = match d {
+                    "slow" => ("error", SLOW_MS, "auto"),
+                    "slow-tp" => ("error", SLOW_MS, "tracepoint"),
+                    d => (d, "0", "auto"),
                 };
                 cmd.args(["watch", "--detector", det, "--slow-ms", slow_ms])
+                    .args(["--completion", completion])
                     .args(["--pin-dir", PIN_DIR, "--device"])
                     .arg(dev);
                 "attached"

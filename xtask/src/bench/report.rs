@@ -167,6 +167,7 @@ fn host(r: &mut Report, h: Option<&HostReport>) -> Option<f64> {
             "program (tracepoint)",
             "runs per I/O",
             "ns per run",
+            "ns per I/O",
             "IOPS ratio QD1",
             "IOPS ratio QD32",
         ],
@@ -184,7 +185,7 @@ fn host(r: &mut Report, h: Option<&HostReport>) -> Option<f64> {
     };
     let mut numbers = serde_json::Map::new();
     let mut complete_ns = None;
-    for variant in ["error", "complete", "slow", "agent"] {
+    for variant in ["error", "complete", "slow", "slow-tp", "agent"] {
         let runs: Vec<_> = h.runs.iter().filter(|x| x.variant == variant).collect();
         if runs.is_empty() {
             continue;
@@ -210,9 +211,12 @@ fn host(r: &mut Report, h: Option<&HostReport>) -> Option<f64> {
                 )
             })
             .collect();
+        let mut total_ns_per_io = 0.0;
         for (prog, (time, cnt)) in &progs {
             let ns = (*cnt > 0).then(|| *time as f64 / *cnt as f64);
             let per_io = *cnt as f64 / ios;
+            let ns_per_io = *time as f64 / ios;
+            total_ns_per_io += ns_per_io;
             if variant == "complete" && *prog == "rq_complete" {
                 complete_ns = ns;
             }
@@ -221,14 +225,30 @@ fn host(r: &mut Report, h: Option<&HostReport>) -> Option<f64> {
                 prog_label(prog),
                 format!("{per_io:.3}"),
                 ns.map_or("– (never ran)".into(), |v| format!("{v:.0}")),
+                format!("{ns_per_io:.0}"),
                 ratios[0].clone(),
                 ratios[1].clone(),
             ]);
             numbers.insert(
                 format!("{variant}/{prog}"),
-                json!({"ns_per_run": ns, "runs_per_io": per_io, "iops_ratio": ratios}),
+                json!({"ns_per_run": ns, "runs_per_io": per_io, "ns_per_io": ns_per_io, "iops_ratio": ratios}),
             );
         }
+        if progs.len() > 1 {
+            t.rows.push(vec![
+                mode_label(variant).into(),
+                "all of its programs".into(),
+                "–".into(),
+                "–".into(),
+                format!("**{total_ns_per_io:.0}**"),
+                ratios[0].clone(),
+                ratios[1].clone(),
+            ]);
+        }
+        numbers.insert(
+            format!("{variant}/total_ns_per_io"),
+            json!(total_ns_per_io),
+        );
     }
     if let Some(why) = &h.agent {
         t.rows.push(vec![
@@ -236,6 +256,7 @@ fn host(r: &mut Report, h: Option<&HostReport>) -> Option<f64> {
             "rq_error + rq_issue + rq_done (block_rq_complete)".into(),
             "–".into(),
             "not measured here".into(),
+            "–".into(),
             "–".into(),
             "–".into(),
         ]);
@@ -258,7 +279,8 @@ fn mode_label(v: &str) -> &'static str {
     match v {
         "error" => "`watch --detector error`",
         "complete" => "`watch --detector complete` (fallback)",
-        "slow" => "`watch --slow-ms 500` (slow-I/O detector)",
+        "slow" => "`watch --slow-ms 500` (slow-I/O, the request's own stamp via BTF)",
+        "slow-tp" => "`watch --slow-ms 500 --completion tracepoint` (fallback)",
         "agent" => "agent (`remapd --no-assemble`)",
         _ => "?",
     }
@@ -271,6 +293,7 @@ fn prog_label(p: &str) -> String {
         "pending_write" => "pending_write (block_rq_complete)".into(),
         "rq_issue" => "rq_issue (block_rq_issue)".into(),
         "rq_done" => "rq_done (block_rq_complete)".into(),
+        "rq_done_btf" => "rq_done_btf (raw block_rq_complete, BTF)".into(),
         p => p.into(),
     }
 }
