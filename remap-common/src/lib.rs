@@ -52,6 +52,8 @@ pub const PROG_RQ_ISSUE: &str = "rq_issue";
 /// with no issue-side program and no map written on healthy I/O. Used where the kernel's BTF
 /// gives the [`ReqLayout`]; [`PROG_RQ_DONE`] and [`PROG_RQ_ISSUE`] otherwise.
 pub const PROG_RQ_DONE_BTF: &str = "rq_done_btf";
+/// Name of the read-only global saying (1) that slow I/O is watched.
+pub const GLOBAL_SLOW_ON: &str = "SLOW_ON";
 /// Name of the read-only global carrying the [`ReqLayout`].
 pub const GLOBAL_REQ_LAYOUT: &str = "REQ_LAYOUT";
 /// One-entry array: non-zero while some chunk is pending or a locate window is open, the only

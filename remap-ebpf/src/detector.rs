@@ -1,10 +1,12 @@
 //! The block I/O error detector (see the crate docs).
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     Global,
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::bpf_ktime_get_ns,
     macros::{btf_map, btf_tracepoint, tracepoint},
     programs::{BtfTracePointContext, TracePointContext},
 };
@@ -51,6 +53,11 @@ static REQ_LAYOUT: Global<ReqLayout> = Global::new(ReqLayout {
 #[btf_map]
 static ARMED: Array<u32, 1> = Array::new();
 
+/// 1 when the agent watches for slow I/O (set at load): without it, and with nothing armed,
+/// the completion programs return before looking at the request.
+#[unsafe(no_mangle)]
+static SLOW_ON: Global<u32> = Global::new(0);
+
 #[unsafe(no_mangle)]
 static DEDUP_WINDOW_NS: Global<u64> = Global::new(1_000_000_000);
 
@@ -87,6 +94,10 @@ static INFLIGHT: LruHashMap<DedupKey, u64, INFLIGHT_ENTRIES> = LruHashMap::new()
 /// fallback where the kernel's BTF does not give the request's layout).
 #[tracepoint]
 pub fn rq_done(ctx: TracePointContext) -> u32 {
+    let armed = matches!(ARMED.get(0), Some(&a) if a != 0);
+    if SLOW_ON.load() == 0 && !armed {
+        return 0;
+    }
     let layout = LAYOUT.load();
     if layout.valid == 0 {
         return 0;
@@ -125,7 +136,7 @@ pub fn rq_done(ctx: TracePointContext) -> u32 {
             watch_slow(dev, sector, nr_sector, op, watched, issued);
         }
     }
-    if op == Op::Write {
+    if armed && op == Op::Write {
         watch_rewrites(dev, sector, nr_sector, watched);
     }
     0
@@ -140,29 +151,29 @@ pub fn rq_done_btf(ctx: BtfTracePointContext) -> u32 {
     if l.valid == 0 {
         return 0;
     }
+    let armed = matches!(ARMED.get(0), Some(&a) if a != 0);
+    if SLOW_ON.load() == 0 && !armed {
+        return 0;
+    }
     let rq: *const u8 = ctx.arg(0);
     let status: u8 = ctx.arg(1);
     if status != 0 || rq.is_null() {
         return 0;
     }
-    // SAFETY: offsets from the running kernel's BTF; bpf_probe_read_kernel turns a bad pointer
-    // into an error, never a fault.
+    // SAFETY: `rq` is the tracepoint's `struct request *` (a BTF pointer: the verifier checks
+    // each load against the kernel's layout, and a fault in one reads as 0, never an oops);
+    // the offsets are that layout's, from user space, constants in .rodata.
     let dev = unsafe {
-        let Ok(q) = bpf_probe_read_kernel(rq.add(l.rq_q as usize) as *const *const u8) else {
+        let q: *const u8 = read_volatile(rq.add(l.rq_q as usize) as *const *const u8);
+        if q.is_null() {
             return 0;
-        };
-        let Ok(disk) = bpf_probe_read_kernel(q.add(l.q_disk as usize) as *const *const u8) else {
-            return 0;
-        };
+        }
+        let disk: *const u8 = read_volatile(q.add(l.q_disk as usize) as *const *const u8);
         if disk.is_null() {
             return 0;
         }
-        let (Ok(major), Ok(minor)) = (
-            bpf_probe_read_kernel(disk.add(l.disk_major as usize) as *const i32),
-            bpf_probe_read_kernel(disk.add(l.disk_first_minor as usize) as *const i32),
-        ) else {
-            return 0;
-        };
+        let major = read_volatile(disk.add(l.disk_major as usize) as *const i32);
+        let minor = read_volatile(disk.add(l.disk_first_minor as usize) as *const i32);
         ((major as u32) << 20) | (minor as u32 & 0xf_ffff)
     };
     let Some(watched) = WATCHED_DEVS.get_ptr(dev) else {
@@ -170,14 +181,17 @@ pub fn rq_done_btf(ctx: BtfTracePointContext) -> u32 {
     };
     // SAFETY: a map value pointer, read once.
     let watched = unsafe { *watched };
-    let (Ok(sector), Ok(len), Ok(flags)) = (unsafe {
-        (
-            bpf_probe_read_kernel(rq.add(l.rq_sector as usize) as *const u64),
-            bpf_probe_read_kernel(rq.add(l.rq_data_len as usize) as *const u32),
-            bpf_probe_read_kernel(rq.add(l.rq_cmd_flags as usize) as *const u32),
-        )
-    }) else {
+    if watched.slow_us == 0 && !armed {
         return 0;
+    }
+    // SAFETY: as above.
+    let (sector, len, flags, start) = unsafe {
+        (
+            read_volatile(rq.add(l.rq_sector as usize) as *const u64),
+            read_volatile(rq.add(l.rq_data_len as usize) as *const u32),
+            read_volatile(rq.add(l.rq_cmd_flags as usize) as *const u32),
+            read_volatile(rq.add(l.rq_start_time_ns as usize) as *const u64),
+        )
     };
     let nr_sector = len >> 9;
     if nr_sector == 0 {
@@ -189,16 +203,11 @@ pub fn rq_done_btf(ctx: BtfTracePointContext) -> u32 {
         1 => Op::Write,
         _ => return 0,
     };
-    if watched.slow_us != 0 {
-        // 0 where the block layer did not stamp it (no I/O accounting): nothing to measure.
-        if let Ok(start) =
-            unsafe { bpf_probe_read_kernel(rq.add(l.rq_start_time_ns as usize) as *const u64) }
-            && start != 0
-        {
-            watch_slow(dev, sector, nr_sector, op, watched, start);
-        }
+    // A start of 0: the block layer did not stamp it (no I/O accounting), nothing to measure.
+    if watched.slow_us != 0 && start != 0 {
+        watch_slow(dev, sector, nr_sector, op, watched, start);
     }
-    if op == Op::Write {
+    if armed && op == Op::Write {
         watch_rewrites(dev, sector, nr_sector, watched);
     }
     0
@@ -263,14 +272,10 @@ fn watch_slow(dev: u32, sector: u64, nr_sector: u32, op: Op, watched: WatchedDev
 
 /// Reports a successful write that touches a chunk holding pending blocks: on kernels where
 /// those blocks fail reads but pass writes (dm-flakey error_reads), the rewrite is what makes
-/// them good again, as on a drive. Nothing is looked at while nothing is pending and no locate
-/// window is open.
+/// them good again, as on a drive. Called only while something is pending or a locate window
+/// is open (`ARMED`).
 #[inline(always)]
 fn watch_rewrites(dev: u32, sector: u64, nr_sector: u32, watched: WatchedDev) {
-    match ARMED.get(0) {
-        Some(&armed) if armed != 0 => {}
-        _ => return,
-    }
     let shift = watched.chunk_shift & 63;
     let first = sector >> shift;
     let last = (sector + u64::from(nr_sector) - 1) >> shift;

@@ -760,10 +760,7 @@ mod tests {
     #[test]
     fn the_drives_own_counts_lower_the_score_and_alert_when_they_grow() {
         let fixture = |name: &str| {
-            let path = format!(
-                "{}/tests/fixtures/smart/{name}",
-                env!("CARGO_MANIFEST_DIR")
-            );
+            let path = format!("{}/tests/fixtures/smart/{name}", env!("CARGO_MANIFEST_DIR"));
             crate::smart::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
         };
         let mut t = Tracker::default();
@@ -774,12 +771,18 @@ mod tests {
             ..Now::default()
         };
         let healthy = t.assess(now(Some(fixture("ata-healthy.json"))));
-        assert_eq!((healthy.score, healthy.alerts.len()), (100, 0), "{healthy:?}");
+        assert_eq!(
+            (healthy.score, healthy.alerts.len()),
+            (100, 0),
+            "{healthy:?}"
+        );
         let failing = fixture("ata-failing.json");
         let h = t.assess(now(Some(failing)));
         assert_eq!(h.score, 60, "{h:?}");
         assert!(
-            h.reasons.iter().any(|r| r.why.contains("reallocated 56 sectors")),
+            h.reasons
+                .iter()
+                .any(|r| r.why.contains("reallocated 56 sectors")),
             "{h:?}"
         );
         assert_eq!(h.alerts.len(), 1, "{h:?}");

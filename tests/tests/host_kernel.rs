@@ -173,7 +173,11 @@ fn a_slow_read_is_reported_with_its_latency_and_fast_ones_are_not() {
             ..config("slow", ProgramChoice::Error)
         };
         let mut det = Detector::start(&cfg).unwrap();
-        assert_eq!(det.slow_us(), 200_000, "{completion:?}: slow watch attached");
+        assert_eq!(
+            det.slow_us(),
+            200_000,
+            "{completion:?}: slow watch attached"
+        );
         det.watch(&disk.dev(), 4096).unwrap();
         for s in [0, 8, 4096] {
             assert_eq!(read_err(&disk.path(), s, 4096), None);

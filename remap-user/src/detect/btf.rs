@@ -92,7 +92,10 @@ mod tests {
         assert_eq!(l.valid, 1);
         // The sector and the length sit near each other at the start of the request.
         assert!(l.rq_data_len.abs_diff(l.rq_sector) <= 16, "{l:?}");
-        assert!(l.rq_q < l.rq_sector && l.rq_start_time_ns > l.rq_sector, "{l:?}");
+        assert!(
+            l.rq_q < l.rq_sector && l.rq_start_time_ns > l.rq_sector,
+            "{l:?}"
+        );
         assert_eq!(l.disk_first_minor.abs_diff(l.disk_major), 4, "{l:?}");
     }
 }

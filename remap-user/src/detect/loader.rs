@@ -20,9 +20,9 @@ use aya::{
 };
 use remap_common::{
     Counters, DedupKey, ErrorEvent, GLOBAL_DEDUP_WINDOW_NS, GLOBAL_ISSUE_LAYOUT, GLOBAL_LAYOUT,
-    GLOBAL_REQ_LAYOUT, MAP_ARMED, MAP_COUNTERS, MAP_DEDUP, MAP_EVENTS, MAP_INFLIGHT, MAP_PENDING,
-    MAP_POOL, MAP_REMAPS, MAP_WATCHED, PROG_RQ_COMPLETE, PROG_RQ_DONE, PROG_RQ_DONE_BTF,
-    PROG_RQ_ERROR, PROG_RQ_ISSUE, PoolDev, RemapKey, RemapVal, WatchedDev,
+    GLOBAL_REQ_LAYOUT, GLOBAL_SLOW_ON, MAP_ARMED, MAP_COUNTERS, MAP_DEDUP, MAP_EVENTS,
+    MAP_INFLIGHT, MAP_PENDING, MAP_POOL, MAP_REMAPS, MAP_WATCHED, PROG_RQ_COMPLETE, PROG_RQ_DONE,
+    PROG_RQ_DONE_BTF, PROG_RQ_ERROR, PROG_RQ_ISSUE, PoolDev, RemapKey, RemapVal, WatchedDev,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -291,11 +291,15 @@ impl Detector {
             },
             None => None,
         };
+        // Slow I/O is watched when asked for and there is a way to stamp requests.
+        let slow_on =
+            cfg.slow_threshold.is_some() && (req_layout.is_some() || issue_layout.is_some());
         let ebpf = EbpfLoader::new()
             .override_global(GLOBAL_LAYOUT, &layout, true)
             .override_global(GLOBAL_ISSUE_LAYOUT, &issue_layout.unwrap_or_default(), true)
             .override_global(GLOBAL_DEDUP_WINDOW_NS, &window_ns, true)
             .override_global(GLOBAL_REQ_LAYOUT, &req_layout.unwrap_or_default(), true)
+            .override_global(GLOBAL_SLOW_ON, &u32::from(slow_on), true)
             .load(OBJECT)
             .map_err(|e| DetectError::NoBpf(e.to_string()))?;
 
@@ -398,12 +402,11 @@ impl Detector {
             what: "opening the locate-window map".into(),
             source,
         })?;
-        let armed = Array::try_from(take(&mut det, MAP_ARMED)).map_err(|source| {
-            DetectError::Map {
+        let armed =
+            Array::try_from(take(&mut det, MAP_ARMED)).map_err(|source| DetectError::Map {
                 what: "opening the rewrite-watch switch".into(),
                 source,
-            }
-        })?;
+            })?;
         det.watcher = Some(Watcher {
             map,
             pending,
@@ -415,6 +418,7 @@ impl Detector {
             windows: std::collections::BTreeSet::new(),
             is_armed: false,
             slow_us: det.slow_us,
+            btf: req_layout.is_some(),
         });
         Ok(det)
     }
@@ -582,6 +586,8 @@ pub struct Watcher {
     windows: std::collections::BTreeSet<u32>,
     is_armed: bool,
     slow_us: u32,
+    /// Whether completions are read from the request itself (BTF).
+    btf: bool,
 }
 
 impl Watcher {
@@ -594,6 +600,19 @@ impl Watcher {
             chunk_shift: (chunk_bytes / 512).trailing_zeros(),
             slow_us: self.slow_us,
         };
+        // The request's start is stamped only with I/O accounting (or a scheduler) on.
+        if self.slow_us > 0 && self.btf {
+            let dir = dev.sysfs_dir();
+            let knob = [dir.join("queue/iostats"), dir.join("../queue/iostats")]
+                .into_iter()
+                .find_map(|p| fs::read_to_string(p).ok());
+            if knob.is_some_and(|v| v.trim() == "0") {
+                tracing::warn!(
+                    device = %dev.path.display(),
+                    "I/O accounting is off (queue/iostats = 0): slow requests may go unseen; echo 1 > /sys/block/<disk>/queue/iostats"
+                );
+            }
+        }
         self.map
             .insert(dev.kernel_dev(), value, 0)
             .map_err(|source| DetectError::Map {
@@ -610,7 +629,11 @@ impl Watcher {
             _pad: 0,
             chunk,
         };
+        // Armed before the chunk is marked, disarmed after it is cleared: no write to a
+        // pending chunk can fall between the two.
         let res = if on {
+            self.pending_keys.insert((key.dev, chunk));
+            self.arm()?;
             self.pending.insert(key, 1, 0)
         } else {
             match self.pending.remove(&key) {
@@ -622,9 +645,7 @@ impl Watcher {
             what: format!("marking chunk {chunk} of {} pending", dev.path.display()),
             source,
         })?;
-        if on {
-            self.pending_keys.insert((key.dev, chunk));
-        } else {
+        if !on {
             self.pending_keys.remove(&(key.dev, chunk));
         }
         self.arm()

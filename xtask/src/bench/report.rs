@@ -245,10 +245,7 @@ fn host(r: &mut Report, h: Option<&HostReport>) -> Option<f64> {
                 ratios[1].clone(),
             ]);
         }
-        numbers.insert(
-            format!("{variant}/total_ns_per_io"),
-            json!(total_ns_per_io),
-        );
+        numbers.insert(format!("{variant}/total_ns_per_io"), json!(total_ns_per_io));
     }
     if let Some(why) = &h.agent {
         t.rows.push(vec![
