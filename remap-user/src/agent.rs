@@ -1191,6 +1191,7 @@ where
     tracing::info!(
         socket = %opts.socket.display(),
         pins = %det.pin_dir().display(),
+        completions = det.completion(),
         "remapd ready: attached {}",
         det.tracepoint()
     );

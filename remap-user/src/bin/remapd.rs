@@ -314,6 +314,7 @@ fn watch(a: WatchArgs) -> Result<()> {
         tracing::info!(
             program = %if cfg.program == ProgramChoice::Auto { "auto".into() } else { cfg.program.to_string() },
             pins = %det.pin_dir().display(),
+            completions = det.completion(),
             "attached {}; watching {}",
             det.tracepoint(),
             devices.iter().map(|d| format!("{} ({}:{})", d.path.display(), d.major, d.minor)).collect::<Vec<_>>().join(", ")

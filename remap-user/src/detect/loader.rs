@@ -225,6 +225,8 @@ pub struct Detector {
     keep_pins: bool,
     watcher: Option<Watcher>,
     slow_us: u32,
+    /// How completions are watched, for the log: "raw tracepoint (BTF)", "tracepoints", "off".
+    completion: &'static str,
     /// flock on the pin folder: one detector per folder, released when dropped.
     _lock: File,
 }
@@ -310,6 +312,7 @@ impl Detector {
             keep_pins: cfg.keep_pins,
             watcher: None,
             slow_us: 0,
+            completion: "off",
             _lock: lock,
         };
         for name in PINNED_MAPS {
@@ -348,6 +351,7 @@ impl Detector {
         let slow = match (req_layout, cfg.slow_threshold) {
             (Some(_), _) => {
                 det.attach_done_btf()?;
+                det.completion = "raw tracepoint block_rq_complete (BTF)";
                 cfg.slow_threshold.is_some()
             }
             (None, _) => {
@@ -355,6 +359,9 @@ impl Detector {
                 let done = (cfg.pending_watch || stamped) && det.attach_done(&tracefs, &layout)?;
                 if stamped && done {
                     det.attach_tp(PROG_RQ_ISSUE, "block_rq_issue")?;
+                }
+                if done {
+                    det.completion = "tracepoints block_rq_complete/block_rq_issue";
                 }
                 stamped && done
             }
@@ -501,6 +508,11 @@ impl Detector {
                 source,
             })?;
         Ok(())
+    }
+
+    /// How completions (slow requests, rewrites of pending blocks) are watched.
+    pub fn completion(&self) -> &'static str {
+        self.completion
     }
 
     /// Threshold (µs) for slow requests on watched devices; 0 when slow I/O is not watched.

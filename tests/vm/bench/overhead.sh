@@ -20,7 +20,7 @@ PATTERNS="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd1 randwrite-4k-qd32 re
 # bpf_snap: "NAME:RUN_TIME_NS:RUN_CNT ..." of the tracepoint programs loaded.
 bpf_snap() {
     bpftool prog show 2>/dev/null | awk '
-        /^[0-9]+: tracepoint/ { name = ""; for (i = 1; i <= NF; i++) { if ($i == "name") name = $(i + 1) }
+        /^[0-9]+: (tracepoint|tracing)/ { name = ""; for (i = 1; i <= NF; i++) { if ($i == "name") name = $(i + 1) }
             t = 0; c = 0
             for (i = 1; i <= NF; i++) { if ($i == "run_time_ns") t = $(i + 1); if ($i == "run_cnt") c = $(i + 1) }
             if (name != "") printf "%s:%s:%s ", name, t, c }'

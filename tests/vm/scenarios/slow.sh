@@ -17,6 +17,9 @@ sp2=$(nullb create --size 24)
 remapd --socket /run/remap/remapd.sock --slow-ms 150 >/tmp/remapd.out 2>/tmp/remapd.log &
 agent=$!
 wait_for /tmp/remapd.log "remapd ready" 90 || { fail detected "remapd not ready: $(tail -5 /tmp/remapd.log)"; exit 1; }
+# Debian's kernels publish BTF: the completion watch reads the request itself.
+grep -q 'completions="raw tracepoint' /tmp/remapd.log ||
+    fail detected "completions not watched through the raw tracepoint: $(grep 'remapd ready' /tmp/remapd.log)"
 status() { remapctl status "$VOL" --json; }
 
 if ! out=$(remapctl create "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1); then
