@@ -301,120 +301,130 @@ impl Tracker {
     pub fn assess_for(&self, now: Now, seen: &mut Seen) -> Health {
         let mut reasons = Vec::new();
         let mut alerts = Vec::new();
+        let errno = now.not_media.1;
+        // Counts that only grow: each one above 0 is a reason, and each rise since the watcher
+        // last looked is an alert (a stable count is not). Transients are a reason only.
+        type Text<'a> = &'a dyn Fn(u64) -> String;
+        type Count<'a> = (u64, Option<&'a mut u64>, u32, AlertKind, Text<'a>, Text<'a>);
+        let counts: [Count; 7] = [
+            (
+                now.pending,
+                Some(&mut seen.last_pending),
+                30,
+                AlertKind::Pending,
+                &|n| {
+                    format!(
+                        "{n} blocks could not be read when their chunks moved (pending: they fail reads until rewritten)"
+                    )
+                },
+                &|d| format!("{d} new pending blocks (data that could not be read)"),
+            ),
+            (
+                now.slow,
+                Some(&mut seen.last_slow),
+                10,
+                AlertKind::Slow,
+                &|n| {
+                    format!(
+                        "{n} slow requests (the disk retries: a chunk read slowly 3 times is moved while it still reads)"
+                    )
+                },
+                &|d| format!("{d} new slow requests"),
+            ),
+            (
+                now.not_media.0,
+                Some(&mut seen.last_not_media),
+                10,
+                AlertKind::NotMedia,
+                &|n| {
+                    format!(
+                        "{n} I/O errors that were not the medium's (last errno {errno}): a path, controller or target fault; no data moved for them"
+                    )
+                },
+                &|d| {
+                    format!(
+                        "{d} new I/O errors that were not the medium's (errno {errno}): check cables, controller and paths"
+                    )
+                },
+            ),
+            (
+                now.path_faults,
+                Some(&mut seen.last_path_faults),
+                20,
+                AlertKind::PathFault,
+                &|n| {
+                    format!(
+                        "{n} path faults: a member went away or failed every request; no data moved for them"
+                    )
+                },
+                &|d| {
+                    format!(
+                        "{d} new path faults: a member went away or fails every request (nothing moved; check the disk's cable, controller and power)"
+                    )
+                },
+            ),
+            (
+                now.transient,
+                None,
+                5,
+                AlertKind::Pending,
+                &|n| {
+                    format!(
+                        "{n} read errors on blocks that read fine when located (transient: a chunk moves once its own requests fail {STRIKES} times)"
+                    )
+                },
+                &|_| String::new(),
+            ),
+            (
+                now.spares_failing,
+                Some(&mut seen.last_spares_failing),
+                20,
+                AlertKind::SpareFailed,
+                &|n| {
+                    format!(
+                        "{n} spares report I/O errors and take nothing new: replace them (spare add, then spare remove --migrate)"
+                    )
+                },
+                &|d| format!("{d} more spares report I/O errors: nothing new lands on them"),
+            ),
+            (
+                now.copies_failed,
+                Some(&mut seen.last_copies_failed),
+                15,
+                AlertKind::MetadataDegraded,
+                &|n| {
+                    format!(
+                        "{n} metadata copies failed a write and are no longer kept: fewer copies hold the volume's state"
+                    )
+                },
+                &|d| format!("{d} more metadata copies failed a write and are no longer kept"),
+            ),
+        ];
+        for (n, last, penalty, kind, why, news) in counts {
+            if n > 0 {
+                reasons.push(Reason {
+                    penalty,
+                    why: why(n),
+                });
+            }
+            if let Some(last) = last {
+                let d = n.saturating_sub(*last);
+                *last = n;
+                if d > 0 {
+                    alerts.push(Alert {
+                        kind,
+                        text: news(d),
+                    });
+                }
+            }
+        }
         let mut reason = |penalty, why: String| reasons.push(Reason { penalty, why });
         let mut alert = |kind, text: String| alerts.push(Alert { kind, text });
-        // A count that grew since the watcher last looked is an alert; a stable one is not.
         let grew = |now: u64, last: &mut u64| {
             let d = now.saturating_sub(*last);
             *last = now;
             d
         };
-        if now.pending > 0 {
-            reason(
-                30,
-                format!(
-                    "{} blocks could not be read when their chunks moved (pending: they fail reads until rewritten)",
-                    now.pending
-                ),
-            );
-        }
-        let d = grew(now.pending, &mut seen.last_pending);
-        if d > 0 {
-            alert(
-                AlertKind::Pending,
-                format!("{d} new pending blocks (data that could not be read)"),
-            );
-        }
-        if now.slow > 0 {
-            reason(
-                10,
-                format!(
-                    "{} slow requests (the disk retries: a chunk read slowly 3 times is moved while it still reads)",
-                    now.slow
-                ),
-            );
-        }
-        let d = grew(now.slow, &mut seen.last_slow);
-        if d > 0 {
-            alert(AlertKind::Slow, format!("{d} new slow requests"));
-        }
-        let (not_media, errno) = now.not_media;
-        if not_media > 0 {
-            reason(
-                10,
-                format!(
-                    "{not_media} I/O errors that were not the medium's (last errno {errno}): a path, controller or target fault; no data moved for them"
-                ),
-            );
-        }
-        let d = grew(not_media, &mut seen.last_not_media);
-        if d > 0 {
-            alert(
-                AlertKind::NotMedia,
-                format!(
-                    "{d} new I/O errors that were not the medium's (errno {errno}): check cables, controller and paths"
-                ),
-            );
-        }
-        if now.path_faults > 0 {
-            reason(
-                20,
-                format!(
-                    "{} path faults: a member went away or failed every request; no data moved for them",
-                    now.path_faults
-                ),
-            );
-        }
-        let d = grew(now.path_faults, &mut seen.last_path_faults);
-        if d > 0 {
-            alert(
-                AlertKind::PathFault,
-                format!(
-                    "{d} new path faults: a member went away or fails every request (nothing moved; check the disk's cable, controller and power)"
-                ),
-            );
-        }
-        if now.transient > 0 {
-            reason(
-                5,
-                format!(
-                    "{} read errors on blocks that read fine when located (transient: a chunk moves once its own requests fail {STRIKES} times)",
-                    now.transient
-                ),
-            );
-        }
-        if now.spares_failing > 0 {
-            reason(
-                20,
-                format!(
-                    "{} spares report I/O errors and take nothing new: replace them (spare add, then spare remove --migrate)",
-                    now.spares_failing
-                ),
-            );
-        }
-        let d = grew(now.spares_failing, &mut seen.last_spares_failing);
-        if d > 0 {
-            alert(
-                AlertKind::SpareFailed,
-                format!("{d} more spares report I/O errors: nothing new lands on them"),
-            );
-        }
-        if now.copies_failed > 0 {
-            reason(
-                15,
-                format!(
-                    "{} metadata copies failed a write and are no longer kept: fewer copies hold the volume's state",
-                    now.copies_failed
-                ),
-            );
-        }
-        let d = grew(now.copies_failed, &mut seen.last_copies_failed);
-        if d > 0 {
-            alert(
-                AlertKind::MetadataDegraded,
-                format!("{d} more metadata copies failed a write and are no longer kept"),
-            );
-        }
         if let Some(smart) = &now.smart {
             for r in smart.reasons() {
                 reason(r.penalty, r.why);
