@@ -10,7 +10,11 @@ use crate::{
     blockdev::{BlockDev, BlockIo, IdentityMatch},
     dm::DeviceMapper,
     engine::{Engine, EngineError, Volume, Watch, region_name},
-    metadata::{self, DeviceMeta, Journal, codec::uuid_hex},
+    metadata::{
+        self, DeviceMeta, Journal,
+        codec::{uuid_bytes, uuid_hex},
+        header::{self, HeaderError},
+    },
     table,
     volume::{PendingMode, SECTOR},
 };
@@ -241,6 +245,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     }
                 }
                 Err(metadata::MetaError::NoMagic) => plain.push(dev),
+                // Unreadable where a spare keeps its metadata: a main with a bad sector there
+                // (its header, if any, says so; the other copy of it stands in) is still a main.
+                Err(e @ metadata::MetaError::Io { .. }) => {
+                    damaged.push(format!("{}: {e}", dev.path.display()));
+                    plain.push(dev);
+                }
                 Err(e) => damaged.push(format!("{}: {e}", dev.path.display())),
             }
         }
@@ -483,12 +493,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             .io
             .size_bytes(&main)
             .map_err(|e| EngineError::Failed(e.to_string()))?;
-        if size < config.geometry.size * SECTOR {
+        let needs = (config.data_offset + config.geometry.size) * SECTOR;
+        if size < needs {
             return refuse(format!(
-                "main device {} has {size} bytes, less than `{}` needs ({})",
+                "main device {} has {size} bytes, less than `{}` needs ({needs})",
                 main.path.display(),
                 config.name,
-                config.geometry.size * SECTOR
             ));
         }
         // Rebuild the pool; an extent owned twice or inside a metadata area is refused.
@@ -642,6 +652,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             let id = self.io.identity(g).map_err(|e| {
                 EngineError::Failed(format!("identifying {}: {e}", g.path.display()))
             })?;
+            if let Some(why) = self.header_mismatch(config, g) {
+                return refuse(why);
+            }
+            if config.has_header() {
+                // The header remap wrote decides (a disk cloned onto a new one keeps it).
+                return Ok(g.clone());
+            }
             if config.main.compare(&id) == IdentityMatch::Different {
                 return refuse(format!(
                     "its identity ({} bytes, serial {:?}, WWN {:?}) is not the recorded one ({} bytes, serial {:?}, WWN {:?})",
@@ -657,8 +674,26 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         let mut same = Vec::new();
         let mut by_size = Vec::new();
+        let mut headerless = Vec::new();
         for d in plain {
             if is_spare(d) {
+                continue;
+            }
+            if let Some(why) = self.header_mismatch(config, d) {
+                // Not this volume's main (another volume's, or no header where one must be);
+                // a disk with the recorded WWN or serial is worth naming in the refusal.
+                if self
+                    .io
+                    .identity(d)
+                    .is_ok_and(|id| config.main.compare(&id) == IdentityMatch::Same)
+                {
+                    headerless.push(format!("{}: {why}", d.path.display()));
+                }
+                continue;
+            }
+            if config.has_header() {
+                // Carries this volume's header: found, whatever its size or serial says.
+                same.push(d.clone());
                 continue;
             }
             let Ok(id) = self.io.identity(d) else {
@@ -707,10 +742,56 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         if let Some(d) = by_size.pop() {
             return Ok(d);
         }
+        if !headerless.is_empty() {
+            return Err(EngineError::Refused(format!(
+                "main device of `{}` not found: the disk with its identity is refused ({}); its start was overwritten or it is another volume's. Nothing assembled",
+                config.name,
+                headerless.join("; ")
+            )));
+        }
         Err(EngineError::Refused(format!(
             "main device of `{}` not found (last seen at {}, identity {:?}); attach it and assemble again",
             config.name, config.main_last_path, config.main
         )))
+    }
+
+    /// Why `d` cannot be the main of `config` by its header: a volume with a header needs its
+    /// own (same volume and member UUID, same data offset); a volume without one never takes a
+    /// disk that carries a header (it is some volume's main, its data at an offset).
+    fn header_mismatch(&self, config: &metadata::VolumeConfig, d: &BlockDev) -> Option<String> {
+        let found = header::read(&self.io, d);
+        if !config.has_header() {
+            return match found {
+                Err(HeaderError::NoMagic) | Err(HeaderError::Io { .. }) => None,
+                Ok(h) => Some(format!(
+                    "it carries the remap header of volume `{}`",
+                    h.volume_name
+                )),
+                Err(e) => Some(format!("it carries a damaged remap header ({e})")),
+            };
+        }
+        let h = match found {
+            Ok(h) => h,
+            Err(HeaderError::NoMagic) => return Some("it carries no remap header".into()),
+            Err(e) => return Some(format!("its remap header cannot be used: {e}")),
+        };
+        let member = config.main_uuid.as_deref().map(uuid_bytes);
+        if h.volume_uuid != uuid_bytes(&config.uuid) {
+            return Some(format!(
+                "it carries the remap header of another volume (`{}`, {})",
+                h.volume_name,
+                uuid_hex(&h.volume_uuid)
+            ));
+        }
+        if Some(h.member_uuid) != member || h.data_offset != config.data_offset {
+            return Some(format!(
+                "its remap header names `{}` but disagrees with the metadata (member {}, data offset {} sectors)",
+                h.volume_name,
+                uuid_hex(&h.member_uuid),
+                h.data_offset
+            ));
+        }
+        None
     }
 
     /// Creates the volume's devices, or adopts them when they are up (the agent restarted):
@@ -1482,6 +1563,8 @@ mod tests {
             meta_area_sectors: layout.area_bytes / 512,
             host: None,
             pending_marked: false,
+            data_offset: 0,
+            main_uuid: None,
         };
         let s1 = BlockDev {
             path: "/sim/s1".into(),

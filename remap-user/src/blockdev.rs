@@ -713,6 +713,17 @@ pub trait BlockIo {
     fn logical_block_size(&self, dev: &BlockDev) -> Result<u64, BlockDevError> {
         dev.logical_block_size()
     }
+    /// The unit the medium fails in (a 512e disk: 4 KiB behind 512-byte logical sectors);
+    /// the logical block size where the kernel does not say.
+    fn physical_block_size(&self, dev: &BlockDev) -> Result<u64, BlockDevError> {
+        let logical = self.logical_block_size(dev)?;
+        Ok(dev.physical_block_size().unwrap_or(logical).max(logical))
+    }
+    /// The kernel's zone model of the device (`host-managed`, `host-aware`), `None` for a
+    /// conventional one.
+    fn zoned(&self, dev: &BlockDev) -> Option<String> {
+        sysfs_attr(&dev.sysfs_dir().join("queue/zoned")).filter(|z| z != "none")
+    }
     fn identity(&self, dev: &BlockDev) -> Result<DevIdentity, BlockDevError> {
         dev.identity()
     }

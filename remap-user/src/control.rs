@@ -56,6 +56,10 @@ pub enum Request {
         region_bytes: u64,
         policy: Policy,
         unreadable: UnreadablePolicy,
+        /// The volume starts at the main's first sector (a disk that already holds data); no
+        /// header, so the raw main shows the volume's contents.
+        #[serde(default)]
+        in_place: bool,
     },
     Stop {
         name: String,
@@ -427,6 +431,7 @@ mod tests {
                 region_bytes: 1 << 30,
                 policy: Policy::FirstFit,
                 unreadable: UnreadablePolicy::Error,
+                in_place: false,
             },
             Request::Stop { name: name() },
             Request::Status { name: None },

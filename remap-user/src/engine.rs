@@ -21,7 +21,7 @@ use crate::{
     metadata::{
         self, Copy, Journal, Layout, SpareRecord, VolumeConfig,
         codec::{JournalOp, uuid_bytes},
-        crash_point,
+        crash_point, header,
     },
     table::{self, DevRef},
     volume::{
@@ -117,7 +117,18 @@ impl Volume {
 
     pub(crate) fn region_lines(&mut self, region: u32) -> Vec<table::DmLine> {
         let geo = self.config.geometry;
-        let segs = table::region_table(&geo, region, &mut self.remaps, self.config.pending_mode);
+        let mut segs =
+            table::region_table(&geo, region, &mut self.remaps, self.config.pending_mode);
+        // The table works in the volume's sectors; on the main they start after its header.
+        for s in &mut segs {
+            if let table::Target::Linear {
+                dev: DevRef::Main,
+                offset,
+            } = &mut s.target
+            {
+                *offset += self.config.data_offset;
+            }
+        }
         table::render(&segs, |d| self.resolve(d))
     }
 
@@ -144,6 +155,18 @@ impl Volume {
                     .map_or([0; 16], |s| uuid_bytes(&s.uuid)),
             })
             .collect()
+    }
+
+    /// The volume chunks a request of `len` sectors at `sector` of the main device touches:
+    /// none when it lies wholly in remap's header or the room at the end.
+    pub(crate) fn main_chunks(&self, sector: Sector, len: Sector) -> std::ops::Range<u64> {
+        let d = self.config.data_offset;
+        let end = sector.saturating_add(len.max(1));
+        if end <= d {
+            return 0..0;
+        }
+        let start = sector.saturating_sub(d);
+        self.geo().chunks_of_range(start, end - d - start)
     }
 
     pub(crate) fn main_or_spare(&self, dev: &BlockDev) -> bool {
@@ -612,6 +635,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 region_bytes,
                 policy,
                 unreadable,
+                in_place,
             } => self.create(
                 &name,
                 &main,
@@ -619,6 +643,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 chunk_bytes,
                 region_bytes,
                 policy,
+                in_place,
                 unreadable,
             ),
             Request::Stop { name } => self.stop(&name),
@@ -692,6 +717,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 )));
             }
         }
+        if let Some(model) = self.io.zoned(&dev).filter(|z| z == "host-managed") {
+            return Err(EngineError::Invalid(format!(
+                "{role} {} is a zoned device ({model}): it takes writes only in sequence within each zone, and remap copies and writes chunks anywhere; use a conventional disk",
+                path.display()
+            )));
+        }
         if let Some(why) = self.io.in_use(&dev) {
             return Err(EngineError::Refused(format!(
                 "{role} {} is in use ({why}); unmount or release it first",
@@ -722,6 +753,62 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         None
     }
 
+    /// What the main holds now, against what create is about to do with it: a volume's
+    /// header is never overwritten, and without `--in-place` nothing that looks like data
+    /// is hidden behind a new header.
+    fn check_main_contents(&self, main: &BlockDev, in_place: bool) -> Result<()> {
+        let shown = main.path.display();
+        match header::read(&self.io, main) {
+            Err(header::HeaderError::NoMagic) => {}
+            Err(header::HeaderError::Io { error, .. }) => {
+                return Err(EngineError::Failed(format!(
+                    "reading the start of {shown}: {error}"
+                )));
+            }
+            found => {
+                let whose = found.map_or_else(
+                    |e| format!("a remap header that cannot be read ({e})"),
+                    |h| format!("the remap header of volume `{}`", h.volume_name),
+                );
+                let mib = self.io.size_bytes(main).map_or(0, |b| b >> 20);
+                return Err(EngineError::Refused(format!(
+                    "main device {shown} carries {whose}: assemble that volume (remapctl assemble); if it is gone for good, clear both copies of the header first: dd if=/dev/zero of={shown} bs=1M count=1 oflag=direct; dd if=/dev/zero of={shown} bs=1M seek={} count=1 oflag=direct",
+                    mib.saturating_sub(1)
+                )));
+            }
+        }
+        if in_place {
+            return Ok(());
+        }
+        let size = self
+            .io
+            .size_bytes(main)
+            .map_err(|e| failed(format!("size of {shown}"))(e.to_string()))?;
+        let mut start = vec![0u8; crate::signature::PROBE_BYTES.min(size as usize)];
+        self.io
+            .read_at(main, 0, &mut start)
+            .map_err(|e| failed(format!("reading the start of {shown}"))(e.to_string()))?;
+        if let Some(what) = crate::signature::probe(&start) {
+            return Err(EngineError::Refused(format!(
+                "main device {shown} holds {what}: a volume puts remap's header where it starts. To keep its data and protect it as it is, create with --in-place (the volume starts at the disk's first sector); to use the disk empty, wipe it first (wipefs -a {shown})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the main's header (over a zeroed front and back room) for `vol`.
+    fn write_header(&self, vol: &Volume, device_sectors: Sector) -> Result<()> {
+        let h = header::MemberHeader {
+            volume_uuid: uuid_bytes(&vol.config.uuid),
+            member_uuid: uuid_bytes(vol.config.main_uuid.as_deref().unwrap_or_default()),
+            volume_name: vol.config.name.clone(),
+            data_offset: vol.config.data_offset,
+            data_sectors: vol.geo().size,
+            device_sectors,
+        };
+        header::write(&self.io, &vol.main, &h).map_err(|e| EngineError::Failed(e.to_string()))
+    }
+
     fn identity(&self, dev: &BlockDev) -> Result<DevIdentity> {
         self.io
             .identity(dev)
@@ -740,6 +827,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         chunk_bytes: u64,
         region_bytes: u64,
         policy: Policy,
+        in_place: bool,
         unreadable: UnreadablePolicy,
     ) -> Result<Value> {
         validate_name(name)?;
@@ -803,11 +891,21 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             .io
             .size_bytes(&main)
             .map_err(|e| failed(format!("size of {}", main_path.display()))(e.to_string()))?;
+        // Bad blocks are located, and kept pending, in the unit the medium fails in: on a 512e
+        // disk one bad 4 KiB physical sector fails all eight of its logical sectors.
         let block = self
             .io
-            .logical_block_size(&main)
+            .physical_block_size(&main)
             .map_err(|e| failed(format!("block size of {}", main_path.display()))(e.to_string()))?;
-        let geometry = Geometry::new(main_size, block, chunk_bytes, region_bytes)
+        // The header's room, unless the data stays where it is.
+        let (front, tail) = if in_place {
+            (0, 0)
+        } else {
+            header::reserved((chunk_bytes / SECTOR).max(1))
+        };
+        self.check_main_contents(&main, in_place)?;
+        let data_bytes = main_size.saturating_sub((front + tail) * SECTOR);
+        let geometry = Geometry::new(data_bytes, block, chunk_bytes, region_bytes)
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
         if region_bytes < crate::volume::MIN_REGION_BYTES {
             return Err(EngineError::Invalid(format!(
@@ -864,6 +962,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             meta_area_sectors: area,
             host: self.host_id.clone(),
             pending_marked: true,
+            data_offset: front,
+            main_uuid: (!in_place).then(new_uuid),
         };
         let journal = Journal::new(layout, uuid_bytes(&config.uuid));
         let mut vol = Volume {
@@ -880,13 +980,28 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         for s in vol.spares.values() {
             self.wipe_metadata(s)?;
         }
-        self.checkpoint(&mut vol)?;
+        // The header before the metadata: a crash between them leaves a header that names a
+        // volume no spare knows (refused at create, nothing assembles), never metadata that
+        // points at a main whose data is not where it says.
+        if vol.config.has_header() {
+            self.write_header(&vol, main_size / SECTOR)?;
+        }
+        let undo_header = |engine: &Self, vol: &Volume| {
+            if vol.config.has_header() {
+                let _ = header::erase(&engine.io, &vol.main);
+            }
+        };
+        if let Err(e) = self.checkpoint(&mut vol) {
+            undo_header(self, &vol);
+            return Err(e);
+        }
         crash_point("create-after-metadata");
         if let Err(e) = self.build_devices(&mut vol) {
             self.teardown(&vol);
             for s in vol.spares.values() {
                 let _ = self.wipe_metadata(s);
             }
+            undo_header(self, &vol);
             return Err(e);
         }
         let chunk_bytes = vol.geo().chunk * SECTOR;
@@ -1361,7 +1476,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
             // A slow request of many chunks says nothing about which of them is weak.
             let g = v.geo();
-            let range = g.chunks_of_range(ev.sector, u64::from(ev.nr_sector.max(1)));
+            let range = v.main_chunks(ev.sector, u64::from(ev.nr_sector));
             if range.end - range.start != 1 {
                 continue;
             }
@@ -1398,7 +1513,16 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         for v in self.volumes.values() {
             let g = v.geo();
             if v.main.matches_kernel_dev(ev.dev) {
-                let range = g.chunks_of_range(ev.sector, u64::from(ev.nr_sector));
+                let range = v.main_chunks(ev.sector, u64::from(ev.nr_sector));
+                if range.is_empty() {
+                    tracing::error!(
+                        volume = v.config.name,
+                        main = %v.main.path.display(),
+                        sector = ev.sector,
+                        "I/O error in the main's remap header or end room, outside the volume's data: nothing to move (the header's other copy and the spares' metadata identify the volume)"
+                    );
+                    continue;
+                }
                 let definite = range.end - range.start == 1;
                 out.extend(
                     range
@@ -2289,7 +2413,7 @@ fn restore(vol: &mut Volume, prior: &[(u64, Option<Remap>)]) {
 fn source(vol: &Volume, c: u64, old: Option<Remap>) -> (&BlockDev, Sector) {
     match old {
         Some(r) => (&vol.spares[&r.extent.spare], r.extent.start),
-        None => (&vol.main, c * vol.geo().chunk),
+        None => (&vol.main, vol.config.data_offset + c * vol.geo().chunk),
     }
 }
 
@@ -2400,8 +2524,14 @@ fn status_json(vol: &Volume) -> Value {
         "device": format!("/dev/mapper/{}", vol.config.name),
         "main": vol.main.path.display().to_string(),
         "main_identity": vol.config.main,
+        // "header": the raw main shows remap's header, the data starts at data_offset;
+        // "in-place": the data starts at 0 and the raw main shows the volume's contents.
+        "raw_main": if vol.config.has_header() { "header" } else { "in-place" },
+        "data_offset": vol.config.data_offset * SECTOR,
         "size_bytes": g.size * SECTOR,
         "chunk_size": g.chunk * SECTOR,
+        // The unit bad blocks are located and kept pending in (the physical sector).
+        "block_size": g.block * SECTOR,
         "region_size": g.region * SECTOR,
         "regions": g.regions(),
         "remaps": vol.remaps.len(),
@@ -2543,6 +2673,7 @@ pub(crate) mod tests {
                 4096,
                 16 * MIB,
                 Policy::FirstFit,
+                true,
                 UnreadablePolicy::Error,
             )
         }
@@ -3174,6 +3305,7 @@ pub(crate) mod tests {
                 4096,
                 16 * MIB,
                 Policy::FirstFit,
+                true,
                 UnreadablePolicy::Error,
             )
             .unwrap();
@@ -3333,6 +3465,7 @@ pub(crate) mod tests {
                 4096,
                 16 * MIB,
                 Policy::FirstFit,
+                true,
                 UnreadablePolicy::Error,
             )
         };
@@ -3413,6 +3546,7 @@ pub(crate) mod tests {
                 4096,
                 16 * MIB,
                 Policy::FirstFit,
+                true,
                 UnreadablePolicy::Error,
             )
         };
@@ -3497,6 +3631,7 @@ pub(crate) mod tests {
                     4096,
                     region,
                     Policy::FirstFit,
+                    true,
                     UnreadablePolicy::Error,
                 )
                 .expect_err("tiny region");
@@ -3601,6 +3736,7 @@ pub(crate) mod tests {
                 4096,
                 16 * MIB,
                 Policy::FirstFit,
+                true,
                 UnreadablePolicy::Error,
             )
             .unwrap_err();
@@ -3692,6 +3828,7 @@ pub(crate) mod tests {
                 4096,
                 16 * MIB,
                 Policy::FirstFit,
+                true,
                 UnreadablePolicy::Error,
             )
             .unwrap();
@@ -3806,5 +3943,213 @@ pub(crate) mod tests {
                 .is_empty()
         );
         assert!(r.watch.watched.borrow().is_empty());
+    }
+
+    // The member header: the volume's data after it on the main.
+
+    impl Rig {
+        pub(crate) fn create_with_header(&mut self) -> Result<Value> {
+            self.engine.create(
+                "v",
+                Path::new("/sim/main"),
+                &["/sim/s1".into(), "/sim/s2".into()],
+                4096,
+                16 * MIB,
+                Policy::FirstFit,
+                false,
+                UnreadablePolicy::Error,
+            )
+        }
+
+        /// A reboot: the kernel forgets every device, the disks keep their contents.
+        fn reboot(&self) -> Rig {
+            let mut b = self.restart();
+            b.dm = Arc::new(SimDm::new());
+            b.engine = Engine::new(b.dm.clone(), b.io.clone(), SimWatch::default());
+            b
+        }
+    }
+
+    /// Where the data starts on the main: 1 MiB.
+    const D: u64 = 2048;
+
+    #[test]
+    fn a_volume_with_a_header_keeps_its_data_after_it_and_remaps_at_that_offset() {
+        let mut r = rig(SimDm::new());
+        let st = r.create_with_header().unwrap();
+        assert_eq!(st["raw_main"], "header", "{st}");
+        assert_eq!(st["data_offset"], D * 512);
+        assert_eq!(
+            st["size_bytes"],
+            62 * MIB,
+            "1 MiB of header room at each end"
+        );
+        // The raw main starts with remap's header and nothing of the volume: a filesystem
+        // made on the volume has its superblock 1 MiB further in.
+        let raw =
+            r.io.peek(SIM, MAIN, 0, crate::signature::PROBE_BYTES)
+                .unwrap();
+        let h = header::MemberHeader::decode(&raw).unwrap();
+        assert_eq!((h.volume_name.as_str(), h.data_offset), ("v", D));
+        r.write_volume(2, &[0x53; 512]);
+        assert_eq!(
+            crate::signature::probe(
+                &r.io
+                    .peek(SIM, MAIN, 0, crate::signature::PROBE_BYTES)
+                    .unwrap()
+            ),
+            Some("remap's header (the main device of a volume)")
+        );
+        assert_eq!(
+            r.io.peek(SIM, MAIN, (D + 2) * 512, 512).unwrap(),
+            vec![0x53; 512]
+        );
+        assert_eq!(r.read_volume(1000), Some(golden(D + 1000)));
+        // A bad sector, reported in the disk's sectors, moves the volume's chunk at the offset.
+        r.io.fail_reads(SIM, MAIN, D + 1001..D + 1002);
+        let reports = r.error(MAIN, D + 1000, 8);
+        assert_eq!(reports[0].remapped, [125]);
+        assert_eq!(reports[0].pending_blocks, 1);
+        assert_eq!(r.read_volume(1000), Some(golden(D + 1000)));
+        assert_eq!(
+            r.read_volume(1001),
+            None,
+            "unreadable block never reads as data"
+        );
+        // An error in the header room is no chunk of the volume.
+        r.io.fail_reads(SIM, MAIN, 8..9);
+        assert!(r.error(MAIN, 8, 8).is_empty());
+        assert_eq!(r.status()["remaps"], 1);
+        // After a reboot the main is found by its header and the table is the same.
+        let want = r.dm.table(&region_name("v", 0)).unwrap();
+        let mut b = r.reboot();
+        let rep = b.engine.assemble(None);
+        assert_eq!(rep[0].outcome, "created", "{rep:?}");
+        assert_eq!(b.dm.table(&region_name("v", 0)).unwrap(), want);
+        assert_eq!(b.read_volume(1000), Some(golden(D + 1000)));
+        assert_eq!(b.read_volume(2), Some(vec![0x53; 512]));
+        assert_eq!(b.status()["raw_main"], "header");
+    }
+
+    #[test]
+    fn a_serial_less_main_is_found_by_its_header_and_another_volumes_header_is_refused() {
+        let mut r = rig(SimDm::new());
+        r.io.set_serial((SIM, MAIN), "");
+        r.create_with_header().unwrap();
+        // A twin of the main's size and no serial either: by size alone it is ambiguous;
+        // the header says which one is the main.
+        r.io.add_disk("/sim/twin", SIM, 30, 64 * MIB, 512);
+        r.io.set_serial((SIM, 30), "");
+        let mut b = r.reboot();
+        let rep = b.engine.assemble(None);
+        assert_eq!(rep[0].outcome, "created", "{rep:?}");
+        assert_eq!(b.status()["main"], "/sim/main");
+        // Named by hand, the twin is refused: it carries no header.
+        b.engine.stop("v").unwrap();
+        let rep = b
+            .engine
+            .assemble_with_main("v", Path::new("/sim/twin"))
+            .unwrap();
+        assert_eq!(rep[0].outcome, "refused", "{rep:?}");
+        assert!(
+            rep[0].notes.join(" ").contains("no remap header"),
+            "{rep:?}"
+        );
+        // The main's header now names another volume (both copies): refused, nothing made.
+        let size = 64 * MIB;
+        let other = header::MemberHeader {
+            volume_uuid: [1; 16],
+            member_uuid: [2; 16],
+            volume_name: "w".into(),
+            data_offset: D,
+            data_sectors: 100,
+            device_sectors: size / 512,
+        }
+        .encode();
+        r.io.poke(SIM, MAIN, 0, &other).unwrap();
+        r.io.poke(SIM, MAIN, size - 4096, &other).unwrap();
+        let mut c = r.reboot();
+        let rep = c.engine.assemble(None);
+        assert_eq!(rep[0].outcome, "refused", "{rep:?}");
+        assert!(c.dm.list("").unwrap().is_empty(), "nothing created");
+        let rep = c
+            .engine
+            .assemble_with_main("v", Path::new("/sim/main"))
+            .unwrap();
+        assert_eq!(rep[0].outcome, "refused", "{rep:?}");
+        assert!(
+            rep[0].notes.join(" ").contains("another volume (`w`"),
+            "{rep:?}"
+        );
+    }
+
+    #[test]
+    fn the_back_copy_of_the_header_stands_in_for_a_front_one_overwritten() {
+        let mut r = rig(SimDm::new());
+        r.create_with_header().unwrap();
+        // A partitioning tool wrote sector 0.
+        r.io.poke(SIM, MAIN, 0, &[0xee; 4096]).unwrap();
+        let mut b = r.reboot();
+        let rep = b.engine.assemble(None);
+        assert_eq!(rep[0].outcome, "created", "{rep:?}");
+    }
+
+    #[test]
+    fn create_refuses_to_hide_a_filesystem_behind_a_header_and_changes_nothing() {
+        let mut r = rig(SimDm::new());
+        // An ext4 superblock's magic at 1080, as on a disk that already holds data.
+        r.io.poke(SIM, MAIN, 1024, &{
+            let mut sb = vec![0u8; 512];
+            sb[56..58].copy_from_slice(&[0x53, 0xef]);
+            sb
+        })
+        .unwrap();
+        let before: Vec<_> = [MAIN, S1, S2]
+            .iter()
+            .map(|m| r.io.peek(SIM, *m, 0, 2 * MIB as usize).unwrap())
+            .collect();
+        let e = r
+            .create_with_header()
+            .expect_err("a filesystem on the main");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("ext2/ext3/ext4") && msg.contains("--in-place"),
+            "{msg}"
+        );
+        assert!(r.dm.log().is_empty(), "{:?}", r.dm.log());
+        let after: Vec<_> = [MAIN, S1, S2]
+            .iter()
+            .map(|m| r.io.peek(SIM, *m, 0, 2 * MIB as usize).unwrap())
+            .collect();
+        assert!(before == after, "no disk changed");
+        // In place, the data stays where it is and reads through the volume.
+        let st = r.create().unwrap();
+        assert_eq!(st["raw_main"], "in-place");
+        assert_eq!(r.read_volume(2).unwrap()[56..58], [0x53, 0xef]);
+    }
+
+    #[test]
+    fn create_never_overwrites_another_volumes_header() {
+        let mut r = rig(SimDm::new());
+        r.create_with_header().unwrap();
+        r.engine.stop("v").unwrap();
+        let main_before = r.io.peek(SIM, MAIN, 0, 4096).unwrap();
+        for in_place in [false, true] {
+            let e = r
+                .engine
+                .create(
+                    "x",
+                    Path::new("/sim/main"),
+                    &["/sim/tiny".into()],
+                    4096,
+                    16 * MIB,
+                    Policy::FirstFit,
+                    in_place,
+                    UnreadablePolicy::Error,
+                )
+                .expect_err("the main of `v`");
+            assert!(e.to_string().contains("remap header of volume `v`"), "{e}");
+        }
+        assert_eq!(r.io.peek(SIM, MAIN, 0, 4096).unwrap(), main_before);
     }
 }

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod notify;
 pub mod render;
 pub mod scrub;
+pub mod signature;
 pub mod smart;
 pub mod table;
 pub mod volume;

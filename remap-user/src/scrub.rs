@@ -416,6 +416,8 @@ pub struct Scanner {
     piece: u64,
     skip: BTreeSet<u64>,
     buf: Vec<u8>,
+    /// Where the volume's data starts on `dev`, in bytes (after remap's header).
+    base: u64,
 }
 
 impl Scanner {
@@ -428,7 +430,14 @@ impl Scanner {
             piece,
             skip,
             buf: Vec::new(),
+            base: 0,
         }
+    }
+
+    /// Reads the volume's data from `base` bytes into the device (the main's data offset).
+    pub fn starting_at(mut self, base: u64) -> Self {
+        self.base = base;
+        self
     }
 
     /// Reads the next piece; when it fails, each of its chunks alone, to name the bad ones.
@@ -457,13 +466,16 @@ impl Scanner {
             bad: Vec::new(),
             sectors: len as u64 / SECTOR,
         };
-        if io.read_at(&self.dev, range.start, &mut self.buf).is_err() {
+        if io
+            .read_at(&self.dev, self.base + range.start, &mut self.buf)
+            .is_err()
+        {
             let chunk = self.chunk as usize;
             for (i, buf) in self.buf.chunks_mut(chunk).enumerate() {
                 let off = range.start + (i * chunk) as u64;
                 let ok = (0..CHUNK_TRIES).any(|_| {
                     step.sectors += self.chunk / SECTOR;
-                    io.read_at(&self.dev, off, buf).is_ok()
+                    io.read_at(&self.dev, self.base + off, buf).is_ok()
                 });
                 if !ok {
                     step.bad.push(off / self.chunk);
@@ -662,7 +674,8 @@ impl Scrubs {
     fn spawn(&mut self, vol: &Volume, cursor: Cursor, path: PathBuf) {
         let Some(setup) = &self.setup else { return };
         let skip = vol.remaps.iter().map(|(c, _)| c).collect();
-        let scanner = Scanner::new(vol.main.clone(), &cursor, setup.piece_bytes, skip);
+        let scanner = Scanner::new(vol.main.clone(), &cursor, setup.piece_bytes, skip)
+            .starting_at(vol.config.data_offset * SECTOR);
         let shared = Arc::new(Shared {
             live: Mutex::new(Live {
                 from: cursor.position_bytes,

@@ -78,6 +78,11 @@ pub const PACKAGES: &[(&str, Use, &str)] = &[
     ("fio", Use::Vm, "workloads with verify in the guest"),
     ("e2fsprogs", Use::Vm, "mkfs.ext4 and fsck in the guest"),
     (
+        "util-linux",
+        Use::Vm,
+        "blkid and wipefs in the guest: what the raw main shows",
+    ),
+    (
         "dmsetup",
         Use::Vm,
         "tables checked from the guest, and the dmsetup floor of the bench",

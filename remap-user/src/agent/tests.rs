@@ -99,7 +99,7 @@ impl Client {
 async fn create(ctx: &Ctx) {
     let r = Client::new(ctx, ROOT)
         .call(
-            r#"{"cmd":"create","name":"v","main":"/sim/main","spares":["/sim/s1","/sim/s2"],"chunk_bytes":4096,"region_bytes":16777216,"policy":"first-fit","unreadable":"error"}"#,
+            r#"{"cmd":"create","name":"v","main":"/sim/main","spares":["/sim/s1","/sim/s2"],"chunk_bytes":4096,"region_bytes":16777216,"policy":"first-fit","unreadable":"error","in_place":true}"#,
         )
         .await;
     assert_eq!(r.code, exit::OK, "{r:?}");

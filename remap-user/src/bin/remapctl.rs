@@ -69,6 +69,11 @@ enum Cmd {
         /// Unreadable blocks where the kernel cannot fail reads and pass writes: error or zero.
         #[arg(long, default_value = "error")]
         unreadable: UnreadablePolicy,
+        /// Keep the data the main already holds: the volume starts at its first sector, with
+        /// no remap header, so the raw disk still shows the volume's contents (hidden only by
+        /// the udev rule and by remapd refusing a main in use). The weaker mode.
+        #[arg(long)]
+        in_place: bool,
     },
     /// Bring up volumes found by their metadata on the block devices (all, or NAME).
     Assemble {
@@ -367,6 +372,7 @@ fn run(cli: Cli) -> Result<i32> {
             region_size,
             policy,
             unreadable,
+            in_place,
         } => Request::Create {
             name,
             main,
@@ -375,6 +381,7 @@ fn run(cli: Cli) -> Result<i32> {
             region_bytes: region_size,
             policy,
             unreadable,
+            in_place,
         },
         Cmd::Stop { name } => Request::Stop { name },
         Cmd::Spare(SpareCmd::Add { name, dev, hot }) => Request::SpareAdd { name, dev, hot },
@@ -905,6 +912,13 @@ fn print_status(v: &Value, map: Option<&VolumeMap>) {
         b(&v["size_bytes"]),
         v["main"].as_str().unwrap_or("?"),
     );
+    if v["raw_main"] == "in-place" {
+        println!(
+            "  raw main: in place (data at sector 0, no remap header): the raw disk shows the volume's contents; keep it hidden (udev rule) and never mount it"
+        );
+    } else {
+        println!("  raw main: remap header, data at {}", b(&v["data_offset"]));
+    }
     println!(
         "  chunk {}  regions {} x {}  generation {}",
         b(&v["chunk_size"]),

@@ -10,6 +10,9 @@ pub const SB_MAGIC: [u8; 8] = *b"REMAPSB2";
 pub const CKPT_MAGIC: [u8; 8] = *b"REMAPCKP";
 pub const JOURNAL_MAGIC: [u8; 8] = *b"REMAPJNL";
 pub const VERSION: u32 = 2;
+/// Checkpoints of volumes whose data sits after a header on the main: a remapd that predates
+/// the header must refuse them (it would read the volume at the wrong offset), not ignore it.
+pub const VERSION_HEADER: u32 = 3;
 const HEADER: usize = 64;
 pub const RECORD: usize = 32;
 /// Records that fit one journal block after its header.
@@ -141,7 +144,8 @@ impl Superblock {
         let sb: Self = bytemuck::pod_read_unaligned(&b[..128]);
         if sb.magic != SB_MAGIC {
             // Another version of remap's metadata: refuse it, never take the device as free.
-            if sb.magic.starts_with(b"REMAP") {
+            // (A main's header is not metadata: that disk holds no volume state.)
+            if sb.magic.starts_with(b"REMAP") && sb.magic != super::header::HEADER_MAGIC {
                 return Err(MetaError::Version(sb.version));
             }
             return Err(MetaError::NoMagic);
@@ -166,6 +170,11 @@ pub fn encode_checkpoint(
     config: &VolumeConfig,
     remaps: &RemapTable,
 ) -> Result<Vec<u8>, MetaError> {
+    let version = if config.has_header() {
+        VERSION_HEADER
+    } else {
+        VERSION
+    };
     let config = serde_json::to_vec(config).map_err(|e| MetaError::Config(e.to_string()))?;
     let mut out = Vec::with_capacity(HEADER + config.len() + remaps.len() * RECORD + BLOCK);
     out.extend_from_slice(&[0; HEADER]);
@@ -178,7 +187,7 @@ pub fn encode_checkpoint(
     }
     let mut h = CkptHeader {
         magic: CKPT_MAGIC,
-        version: VERSION,
+        version,
         config_len: config.len() as u32,
         volume_uuid: *uuid,
         generation,
@@ -210,7 +219,7 @@ fn ckpt_header(bytes: &[u8]) -> Result<CkptHeader, MetaError> {
     if crc_without(raw, 52) != h.crc {
         return Err(MetaError::Checksum("checkpoint header"));
     }
-    if h.version != VERSION {
+    if h.version != VERSION && h.version != VERSION_HEADER {
         return Err(MetaError::Version(h.version));
     }
     Ok(h)
@@ -253,6 +262,11 @@ fn decode_checkpoint_with(bytes: &[u8], check_payload: bool) -> Result<Checkpoin
     let config: VolumeConfig = serde_json::from_slice(&bytes[HEADER..config_end])
         .map_err(|e| MetaError::Config(e.to_string()))?;
     config.check()?;
+    if config.has_header() != (h.version == VERSION_HEADER) {
+        return Err(MetaError::Invalid(
+            "checkpoint version and data offset disagree",
+        ));
+    }
     Ok(Checkpoint {
         uuid: h.volume_uuid,
         generation: h.generation,

@@ -8,6 +8,7 @@
 //! is written after it. Reading a device takes the newest valid checkpoint and replays the
 //! journal generations that follow it, complete ones only.
 pub mod codec;
+pub mod header;
 
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +89,18 @@ pub struct VolumeConfig {
     /// before it keep zeros there, and rely on the detector alone to see rewrites).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pending_marked: bool,
+    /// Where the volume's data starts on the main device, in sectors: after remap's header
+    /// ([`header`]). 0: the data starts at the main's first sector (`--in-place`, and volumes
+    /// made before the header), so the raw main shows the volume's contents.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub data_offset: Sector,
+    /// The UUID written in the main's header (hex), with `data_offset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub main_uuid: Option<String>,
+}
+
+fn is_zero(v: &Sector) -> bool {
+    *v == 0
 }
 
 impl VolumeConfig {
@@ -128,7 +141,24 @@ impl VolumeConfig {
         if bytes(self.meta_area_sectors).is_none_or(|b| b > MAX_AREA_BYTES) {
             return bad("metadata area larger than the format allows");
         }
+        if self.data_offset > 0 {
+            let data_end = self.data_offset.checked_add(g.size);
+            if !self.data_offset.is_multiple_of(g.chunk)
+                || self.data_offset > header::MAX_DATA_OFFSET
+                || self.main_uuid.is_none()
+                || data_end.is_none_or(|e| {
+                    self.main.size_bytes > 0 && e > self.main.size_bytes / crate::volume::SECTOR
+                })
+            {
+                return bad("data offset on the main device");
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the main carries remap's header (the raw disk shows nothing of the volume).
+    pub fn has_header(&self) -> bool {
+        self.data_offset > 0
     }
 }
 
@@ -824,6 +854,8 @@ pub(crate) mod tests {
             meta_area_sectors: (8 << 20) / 512,
             host: None,
             pending_marked: false,
+            data_offset: 0,
+            main_uuid: None,
         }
     }
 

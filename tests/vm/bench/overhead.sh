@@ -60,7 +60,7 @@ kill -TERM $watch_pid
 wait $watch_pid 2>/dev/null
 
 agent_start || exit 1
-remapctl --json create $VOL --main $main --spare "$sp0" --spare "$sp1" >/tmp/create.json ||
+remapctl --json create --in-place $VOL --main $main --spare "$sp0" --spare "$sp1" >/tmp/create.json ||
     { echo "create failed: $(cat /tmp/create.json)" >&2; exit 1; }
 # At 0 remaps the agent is stopped and started again each round (the volume stays up): what
 # its programs cost the raw disk and the volume.

@@ -58,7 +58,7 @@ agent_start --no-assemble || exit 1
 emit agent-start "{\"ready_micros\":$READY_US}"
 agent_stop
 agent_start || exit 1
-remapctl --json create $VOL --main $main --spare "$sp0" --spare "$sp1" >/tmp/create.json ||
+remapctl --json create --in-place $VOL --main $main --spare "$sp0" --spare "$sp1" >/tmp/create.json ||
     { echo "create failed: $(cat /tmp/create.json)" >&2; exit 1; }
 check_meta_window $MAIN_MB "$(cat /tmp/create.json)" || exit 1
 emit volume "$(cat /tmp/create.json)"

@@ -15,7 +15,7 @@ nb_create 0 2048 0
 nb_create 1 512 1
 nb_create 2 512 1
 agent_start || exit 1
-remapctl --json create $VOL --main $main --spare /dev/nullb1 --spare /dev/nullb2 >/tmp/create.json ||
+remapctl --json create --in-place $VOL --main $main --spare /dev/nullb1 --spare /dev/nullb2 >/tmp/create.json ||
     { echo "create failed: $(cat /tmp/create.json)" >&2; exit 1; }
 hwm0=$(proc_kb $AGENT_PID VmHWM)
 : >/tmp/expected

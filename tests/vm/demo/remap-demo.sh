@@ -16,7 +16,13 @@ n=0; while [ ! -S /run/remap/remapd.sock ] && [ $n -lt 600 ]; do sleep 0.1; n=$(
 
 say "remapctl create demo --main $main --spare $sp1 --spare $sp2 --region-size 32MiB"
 remapctl create demo --main "$main" --spare "$sp1" --spare "$sp2" --region-size 32MiB || exit 1
+# The volume's data starts after remap's header on the main: sector N of the disk is sector
+# N - off of the volume.
+off=$(( $(json_num "$(remapctl status demo --json)" data_offset) / 512 ))
 mkfs.ext4 -q -F /dev/mapper/demo && mkdir -p /mnt/demo && mount /dev/mapper/demo /mnt/demo
+say "blkid: the volume holds ext4; the raw main shows remap's header, never the filesystem"
+echo "  /dev/mapper/demo: $(blkid -o value -s TYPE /dev/mapper/demo)"
+echo "  $main: $(blkid -p -o value -s TYPE "$main" || echo 'no filesystem (sectors 0..'$((off - 1))': remap header)')"
 say "workload: files written to ext4 on /dev/mapper/demo"
 i=0
 while [ $i -lt 40 ]; do
@@ -29,7 +35,7 @@ umount /mnt/demo
 
 round=1
 for bad in "20000-20000 90000-90003" "150000-150000 200007-200007 260000-260001" "300000-300007 400100-400100 480000-480000"; do
-    say "round $round: the disk grows bad sectors: $bad"
+    say "round $round: the disk grows bad sectors: $bad (disk sectors; the volume's are $off lower)"
     for b in $bad; do nullb bad add "$main" "$b"; done
     say "round $round: reading the whole volume (errors are caught and remapped as they happen)"
     t0=$(date +%s)
@@ -37,7 +43,7 @@ for bad in "20000-20000 90000-90003" "150000-150000 200007-200007 260000-260001"
     sleep 1
     say "round $round: the unreadable sectors still fail (never read as other data); their neighbours read"
     for b in $bad; do
-        s=${b%-*}
+        s=$((${b%-*} - off))
         if dio-read /dev/mapper/demo "$s" 1 2>/dev/null; then r=READ; else r=fails; fi
         if dio-read /dev/mapper/demo $(( (s / 8) * 8 + (s % 8 + 1) % 8 )) 1 2>/dev/null; then n=reads; else n=FAILS; fi
         echo "  sector $s: $r; its chunk neighbour: $n"

@@ -23,7 +23,7 @@ agent=$!
 wait_for /tmp/remapd.log "remapd ready" 90 || { fail still-usable "remapd not ready: $(tail -5 /tmp/remapd.log)"; exit 1; }
 
 # A volume with one extent on its first spare, for the cases that need an existing volume.
-if ! out=$(remapctl create vol0 --main "$m0" --spare "$s1" --spare "$s2" --region-size 16MiB 2>&1) ||
+if ! out=$(remapctl create --in-place vol0 --main "$m0" --spare "$s1" --spare "$s2" --region-size 16MiB 2>&1) ||
     ! out=$(remapctl remap add vol0 0 2>&1); then
     fail still-usable "setup: $out"
     exit 1
@@ -158,7 +158,7 @@ attempt dm-name-exists 4 "a device-mapper device named \`other\` already exists"
 
 # The devices refused above were refused for what they are, not left claimed: the good ones
 # make a volume now.
-if out=$(remapctl create bx --main "$m1" --spare "$s3" 2>&1) && [ -b /dev/mapper/bx ]; then
+if out=$(remapctl create --in-place bx --main "$m1" --spare "$s3" 2>&1) && [ -b /dev/mapper/bx ]; then
     expect_eq still-usable "volumes" 2 "$(remapctl status --json | grep -o '"uuid"' | wc -l)" &&
         remapctl stop bx >/dev/null && pass still-usable
 else

@@ -37,7 +37,7 @@ settled() { ! dmsetup info 2>/dev/null | grep -qE "SUSPENDED|INACTIVE"; }
 
 # --- create: the metadata is written, the devices never made
 start_agent create-after-metadata || { fail create-after-metadata "remapd not ready"; exit 1; }
-timeout 60 remapctl create "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB >/tmp/out 2>&1
+timeout 60 remapctl create --in-place "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB >/tmp/out 2>&1
 if crashed create-after-metadata && start_agent && st=$(status) && [ -b /dev/mapper/$VOL ] &&
     [ "$(json_num "$st" regions)" = 4 ] && settled; then
     pass create-after-metadata "the volume came up from its metadata: $(grep -m1 'assembled' "$log" | cut -c1-120)"

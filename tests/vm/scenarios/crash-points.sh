@@ -107,7 +107,7 @@ check_pool() {
 
 # --- setup: one volume for every trial
 start_agent || { fail setup "remapd not ready: $(tail -5 "$log")"; exit 1; }
-if ! out=$(timeout 120 remapctl create "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1); then
+if ! out=$(timeout 120 remapctl create --in-place "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1); then
     fail setup "create: $out"
     exit 1
 fi

@@ -25,7 +25,7 @@ sp1=$(nullb create --size 24)
 remapd >/tmp/remapd.out 2>/tmp/remapd.log &
 agent=$!
 wait_for /tmp/remapd.log "remapd ready" 90 || { fail transient-moves-nothing "remapd not ready: $(tail -5 /tmp/remapd.log)"; exit 1; }
-if ! out=$(remapctl create "$VOL" --main "$main" --spare "$sp1" --region-size 16MiB 2>&1); then
+if ! out=$(remapctl create --in-place "$VOL" --main "$main" --spare "$sp1" --region-size 16MiB 2>&1); then
     fail transient-moves-nothing "create: $out"
     exit 1
 fi
@@ -73,7 +73,7 @@ part2() {
     done
     exit 1
 }
-out=$(remapctl create "$HP" --main "$hmain" --spare "$hsp" --spare "$hsp2" --region-size 16MiB 2>&1) || part2 "create: $out"
+out=$(remapctl create --in-place "$HP" --main "$hmain" --spare "$hsp" --spare "$hsp2" --region-size 16MiB 2>&1) || part2 "create: $out"
 out=$(remapctl stop "$HP" 2>&1) || part2 "stop: $out"
 kill "$agent"
 wait "$agent"

@@ -39,7 +39,7 @@ agent=$!
 wait_for /tmp/remapd.log "remapd ready" 90 || { fail setup "remapd not ready: $(tail -5 /tmp/remapd.log)"; exit 1; }
 num() { json_num "$(remapctl status $VOL --json)" "$1"; }
 
-if ! out=$(remapctl create $VOL --main "$main" --spare "$sp1" --spare "$sp2" --chunk-size 32KiB \
+if ! out=$(remapctl create --in-place $VOL --main "$main" --spare "$sp1" --spare "$sp2" --chunk-size 32KiB \
     --region-size 16MiB 2>&1); then
     fail setup "create: $out"
     exit 1

@@ -127,7 +127,7 @@ sectors_exact() {
 }
 
 # --- create, write everything with fio, keep a golden copy
-if out=$(remapctl create "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1) &&
+if out=$(remapctl create --in-place "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1) &&
     [ -b "/dev/mapper/$VOL" ]; then
     expect_eq create regions 4 "$(num $VOL regions)" &&
         expect_eq create size $SIZE "$(num $VOL size_bytes)" && pass create
@@ -200,7 +200,7 @@ fi
 # sectors are still there) with spares of its own (vol0's keep vol0's metadata).
 if remapctl stop $VOL >/tmp/out 2>&1; then
     VOL=vol1
-    if out=$(remapctl create $VOL --main "$main" --spare "$sp3" --spare "$sp4" --region-size 16MiB \
+    if out=$(remapctl create --in-place $VOL --main "$main" --spare "$sp3" --spare "$sp4" --region-size 16MiB \
         --unreadable zero 2>&1); then
         trigger "/dev/mapper/$VOL"
         wait_remaps $VOL $NBLOCKS

@@ -72,7 +72,7 @@ stop_agent() {
 data=$(nullb create --size $(((MAIN + 2 * SPARE) / 2048)) $NULLB_BAD)
 stack "" "$data" "$(vmdisk log)" || { fail remaps-done "setup: the log-writes stack"; exit 1; }
 start_agent || { fail remaps-done "remapd not ready: $(tail -5 "$log")"; exit 1; }
-if ! out=$(remapctl create vol0 --main /dev/mapper/main --spare /dev/mapper/s1 --spare /dev/mapper/s2 \
+if ! out=$(remapctl create --in-place vol0 --main /dev/mapper/main --spare /dev/mapper/s1 --spare /dev/mapper/s2 \
     --chunk-size 16KiB --region-size 1MiB 2>&1); then
     fail remaps-done "create: $out"
     exit 1
@@ -119,7 +119,7 @@ fi
 data2=$(nullb create --size $(((MAIN + 2 * SPARE) / 2048)) $NULLB_BAD)
 stack f "$data2" "$(vmdisk faultlog)" || { fail fault-run-done "setup: the second stack"; exit 1; }
 start_agent REMAP_FAULT=skip-copy-flush || { fail fault-run-done "remapd not ready: $(tail -5 "$log")"; exit 1; }
-if ! out=$(remapctl create vol1 --main /dev/mapper/fmain --spare /dev/mapper/fs1 --spare /dev/mapper/fs2 \
+if ! out=$(remapctl create --in-place vol1 --main /dev/mapper/fmain --spare /dev/mapper/fs1 --spare /dev/mapper/fs2 \
     --chunk-size 16KiB --region-size 1MiB 2>&1); then
     fail fault-run-done "create: $out"
     exit 1

@@ -51,7 +51,7 @@ case1() {
     m=$(nullb create --size 16)
     s=$(nullb create --size 9)
     h=$(nullb create --size 9)
-    out=$(remapctl create vol1 --main "$m" --spare "$s" 2>&1) || { fail hot-spare-joins "create: $out"; return; }
+    out=$(remapctl create --in-place vol1 --main "$m" --spare "$s" 2>&1) || { fail hot-spare-joins "create: $out"; return; }
     dd if=/dev/urandom of=/dev/mapper/vol1 bs=1M count=16 oflag=direct status=none
     dd if=/dev/mapper/vol1 of=/tmp/golden1 bs=1M iflag=direct status=none
     out=$(remapctl spare add vol1 "$h" --hot 2>&1) || { fail hot-spare-joins "spare add --hot: $out"; return; }
@@ -132,7 +132,7 @@ case2() {
     m=$(nullb create --size 64)
     a=$(nullb create --size 24)
     b=$(nullb create --size 24)
-    out=$(remapctl create vol2 --main "$m" --spare "$a" --spare "$b" --region-size 16MiB 2>&1) ||
+    out=$(remapctl create --in-place vol2 --main "$m" --spare "$a" --spare "$b" --region-size 16MiB 2>&1) ||
         { fail migrate-under-load "create: $out"; return; }
     dd if=/dev/urandom of=/dev/mapper/vol2 bs=1M count=64 oflag=direct status=none
     dd if=/dev/mapper/vol2 of=/tmp/golden2 bs=1M iflag=direct status=none
@@ -221,7 +221,7 @@ case3() {
     m3=$(nullb create --size 16)
     s3a=$(nullb create --size 9)
     s3b=$(nullb create --size 9)
-    out=$(remapctl create vol3 --main "$m3" --spare "$s3a" --spare "$s3b" 2>&1) || { fail forecast "create: $out"; return; }
+    out=$(remapctl create --in-place vol3 --main "$m3" --spare "$s3a" --spare "$s3b" 2>&1) || { fail forecast "create: $out"; return; }
     nb=0
     : >/tmp/health3.steady
     : >/tmp/health3.rising

@@ -32,7 +32,7 @@ start_agent() {
 status() { remapctl status "$VOL" --json; }
 
 start_agent || { fail remapped-anyway "remapd not ready: $(tail -5 /tmp/remapd.log)"; exit 1; }
-if ! out=$(remapctl create "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1); then
+if ! out=$(remapctl create --in-place "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1); then
     fail remapped-anyway "create: $out"
     exit 1
 fi

@@ -39,8 +39,8 @@ trigger() { # trigger VOL SECTOR...: one failing 4 KiB read per sector's chunk
     for s in "$@"; do dio-read "/dev/mapper/$v" $((s / 8 * 8)) 8 2>/dev/null && info "read of $v sector $s did not fail"; done
 }
 
-if out=$(remapctl create va --main "$ma" --spare "$a1" --spare "$a2" --region-size 16MiB 2>&1) &&
-    out=$(remapctl create vb --main "$mb" --spare "$b1" --region-size 16MiB 2>&1); then
+if out=$(remapctl create --in-place va --main "$ma" --spare "$a1" --spare "$a2" --region-size 16MiB 2>&1) &&
+    out=$(remapctl create --in-place vb --main "$mb" --spare "$b1" --region-size 16MiB 2>&1); then
     expect_eq create "volumes" 2 "$(remapctl status --json | grep -o '"uuid"' | wc -l)" && pass create
 else
     fail create "$out"

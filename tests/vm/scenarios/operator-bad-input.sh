@@ -34,7 +34,7 @@ s3=$(nullb create --size 24)
 remapd --socket-group remap >/tmp/remapd.out 2>/tmp/remapd.log &
 agent=$!
 wait_for /tmp/remapd.log "remapd ready" 90 || { fail still-serving "remapd not ready: $(tail -5 /tmp/remapd.log)"; exit 1; }
-if ! out=$(remapctl create vol0 --main "$m0" --spare "$s1" --spare "$s2" --region-size 16MiB 2>&1) ||
+if ! out=$(remapctl create --in-place vol0 --main "$m0" --spare "$s1" --spare "$s2" --region-size 16MiB 2>&1) ||
     ! out=$(remapctl remap add vol0 0 2>&1); then
     fail still-serving "setup: $out"
     exit 1
@@ -193,7 +193,7 @@ cli cli-outsider 4 "permission denied on /run/remap/remapd.sock" --as nobody sta
 
 # --- conflicting calls at once
 # Two stops of one volume: exactly one succeeds, the other finds no volume.
-if out=$(remapctl create vol1 --main "$m1" --spare "$s3" --region-size 16MiB 2>&1); then
+if out=$(remapctl create --in-place vol1 --main "$m1" --spare "$s3" --region-size 16MiB 2>&1); then
     remapctl stop vol1 >/tmp/stop.a 2>&1 &
     a=$!
     remapctl stop vol1 >/tmp/stop.b 2>&1 &

@@ -71,7 +71,7 @@ case "$st" in
 *) fail status-line "first STATUS line: '$st'" ;;
 esac
 
-if out=$(remapctl create "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1); then
+if out=$(remapctl create --in-place "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1); then
     info "created $VOL"
 else
     fail group-reads "setup: create: $out"

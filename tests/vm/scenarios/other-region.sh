@@ -53,7 +53,7 @@ other=$(nullb create --size 16) # the unrelated reader's disk, outside any volum
 remapd >/tmp/remapd.out 2>/tmp/remapd.log &
 agent=$!
 wait_for /tmp/remapd.log "remapd ready" 90 || { fail setup "remapd not ready: $(tail -5 /tmp/remapd.log)"; exit 1; }
-if ! out=$(remapctl create $VOL --main "$main" --spare "$sp1" --spare "$sp2" --region-size 32MiB 2>&1); then
+if ! out=$(remapctl create --in-place $VOL --main "$main" --spare "$sp1" --spare "$sp2" --region-size 32MiB 2>&1); then
     fail setup "create: $out"
     exit 1
 fi

@@ -23,7 +23,7 @@ status() { remapctl status "$VOL" --json; }
 num() { json_num "$(status)" "$1"; }
 
 # --- create
-if out=$(remapctl create "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1) &&
+if out=$(remapctl create --in-place "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1) &&
     [ -b "/dev/mapper/$VOL" ]; then
     st=$(status)
     expect_eq create remaps 0 "$(json_num "$st" remaps)" &&

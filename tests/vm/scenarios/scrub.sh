@@ -43,7 +43,7 @@ if ! start_agent 1; then
     fail scrub-finds-latent "remapd not ready: $(tail -5 /tmp/remapd1.log)"
     exit 1
 fi
-if ! out=$(remapctl create "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1); then
+if ! out=$(remapctl create --in-place "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1); then
     fail scrub-finds-latent "create: $out"
     exit 1
 fi

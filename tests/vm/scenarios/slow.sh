@@ -22,7 +22,7 @@ grep -q 'completions="raw tracepoint' /tmp/remapd.log ||
     fail detected "completions not watched through the raw tracepoint: $(grep 'remapd ready' /tmp/remapd.log)"
 status() { remapctl status "$VOL" --json; }
 
-if ! out=$(remapctl create "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1); then
+if ! out=$(remapctl create --in-place "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1); then
     fail detected "create: $out"
     exit 1
 fi

@@ -35,7 +35,7 @@ remap_field() {
     }
 }
 
-if ! out=$(remapctl create $VOL --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1); then
+if ! out=$(remapctl create --in-place $VOL --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1); then
     fail manual-remap "create: $out"
     exit 1
 fi

@@ -71,6 +71,8 @@ const HOST_TOOLS: &[(&str, bool)] = &[
     ("e2fsck", true),
     ("fsck.ext4", true),
     ("dumpe2fs", false),
+    ("blkid", true),
+    ("wipefs", true),
     ("losetup", false),
 ];
 

@@ -175,6 +175,14 @@ impl Tool {
             name: "dash",
             package: "dash",
         },
+        Tool {
+            name: "blkid",
+            package: "util-linux",
+        },
+        Tool {
+            name: "wipefs",
+            package: "util-linux",
+        },
     ];
 }
 

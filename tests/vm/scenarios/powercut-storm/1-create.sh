@@ -18,7 +18,7 @@
 . /vm/scenario/_lib.sh
 
 start_agent || { fail create "remapd not ready: $(tail -5 /tmp/remapd.log)"; exit 1; }
-if out=$(timeout 120 remapctl create "$VOL" --main "$MAIN" --spare "$S1" --spare "$S2" --region-size 16MiB 2>&1) &&
+if out=$(timeout 120 remapctl create --in-place "$VOL" --main "$MAIN" --spare "$S1" --spare "$S2" --region-size 16MiB 2>&1) &&
     [ -b "$DEV" ]; then
     st=$(status)
     expect_eq create regions 4 "$(json_num "$st" regions)" &&
