@@ -124,7 +124,7 @@ pub fn rq_done(ctx: TracePointContext) -> u32 {
     // SAFETY: a map value pointer, read once.
     let watched = unsafe { *watched };
     let op = Op::from_rwbs(rwbs[0], rwbs[1]);
-    if watched.slow_us != 0 {
+    if watched.slow_us != 0 && matches!(op, Op::Read | Op::Write) {
         let key = DedupKey {
             dev,
             _pad: 0,
@@ -136,7 +136,9 @@ pub fn rq_done(ctx: TracePointContext) -> u32 {
             watch_slow(dev, sector, nr_sector, op, watched, issued);
         }
     }
-    if armed && op == Op::Write {
+    // A discard (fstrim) of a pending block makes it good as a write does: a drive clears a
+    // pending sector on TRIM.
+    if armed && matches!(op, Op::Write | Op::Discard) {
         watch_rewrites(dev, sector, nr_sector, watched);
     }
     0
@@ -197,17 +199,20 @@ pub fn rq_done_btf(ctx: BtfTracePointContext) -> u32 {
     if nr_sector == 0 {
         return 0;
     }
-    // REQ_OP_READ 0, REQ_OP_WRITE 1 in the low byte of cmd_flags.
+    // REQ_OP_READ 0, REQ_OP_WRITE 1, REQ_OP_DISCARD 3, REQ_OP_WRITE_ZEROES 9 in the low
+    // byte of cmd_flags.
     let op = match flags & 0xff {
         0 => Op::Read,
-        1 => Op::Write,
+        1 | 9 => Op::Write,
+        3 => Op::Discard,
         _ => return 0,
     };
     // A start of 0: the block layer did not stamp it (no I/O accounting), nothing to measure.
-    if watched.slow_us != 0 && start != 0 {
+    // A slow discard is the device's business, not a weak sector.
+    if watched.slow_us != 0 && start != 0 && op != Op::Discard {
         watch_slow(dev, sector, nr_sector, op, watched, start);
     }
-    if armed && op == Op::Write {
+    if armed && op != Op::Read {
         watch_rewrites(dev, sector, nr_sector, watched);
     }
     0

@@ -489,6 +489,16 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
         }
         let main = self.find_main(config, plain, &spares, main)?;
+        // The raw disk mounted by itself (an in-place main seen by an automounter or an fstab
+        // entry before remapd ran): its writes bypass the remaps and its reads see their stale
+        // data. A volume over it would serve one thing while the mount changes another.
+        if let Some(why @ crate::blockdev::InUse::Mounted { .. }) = self.io.in_use(&main) {
+            return refuse(format!(
+                "main device {} is in use outside remap ({why}): writes there bypass the remaps. Unmount it, then: remapctl assemble {}",
+                main.path.display(),
+                config.name
+            ));
+        }
         let size = self
             .io
             .size_bytes(&main)

@@ -729,6 +729,18 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 path.display()
             )));
         }
+        // A spare is written over from its first sector (metadata, then extents): what it
+        // holds is named before anything is lost. (The main is checked by create, which knows
+        // whether its data is to be kept in place.)
+        if role != "main device"
+            && let Some(what) = self.holds(&dev)?
+        {
+            return Err(EngineError::Refused(format!(
+                "{role} {} holds {what}: remap would overwrite it. If its data is no longer needed, wipe it first (wipefs -a {})",
+                path.display(),
+                path.display()
+            )));
+        }
         Ok(dev)
     }
 
@@ -780,20 +792,27 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         if in_place {
             return Ok(());
         }
-        let size = self
-            .io
-            .size_bytes(main)
-            .map_err(|e| failed(format!("size of {shown}"))(e.to_string()))?;
-        let mut start = vec![0u8; crate::signature::PROBE_BYTES.min(size as usize)];
-        self.io
-            .read_at(main, 0, &mut start)
-            .map_err(|e| failed(format!("reading the start of {shown}"))(e.to_string()))?;
-        if let Some(what) = crate::signature::probe(&start) {
+        if let Some(what) = self.holds(main)? {
             return Err(EngineError::Refused(format!(
                 "main device {shown} holds {what}: a volume puts remap's header where it starts. To keep its data and protect it as it is, create with --in-place (the volume starts at the disk's first sector); to use the disk empty, wipe it first (wipefs -a {shown})"
             )));
         }
         Ok(())
+    }
+
+    /// The filesystem, volume manager or partition table `dev` starts with, if any.
+    fn holds(&self, dev: &BlockDev) -> Result<Option<&'static str>> {
+        let shown = dev.path.display();
+        let size = self
+            .io
+            .size_bytes(dev)
+            .map_err(|e| failed(format!("size of {shown}"))(e.to_string()))?;
+        let len = (crate::signature::PROBE_BYTES as u64).min(size / 4096 * 4096) as usize;
+        let mut start = vec![0u8; len];
+        self.io
+            .read_at(dev, 0, &mut start)
+            .map_err(|e| failed(format!("reading the start of {shown}"))(e.to_string()))?;
+        Ok(crate::signature::probe(&start))
     }
 
     /// Writes the main's header (over a zeroed front and back room) for `vol`.
@@ -4151,5 +4170,45 @@ pub(crate) mod tests {
             assert!(e.to_string().contains("remap header of volume `v`"), "{e}");
         }
         assert_eq!(r.io.peek(SIM, MAIN, 0, 4096).unwrap(), main_before);
+    }
+
+    #[test]
+    fn a_spare_that_holds_data_is_refused_and_nothing_changes() {
+        let mut r = rig(SimDm::new());
+        r.io.poke(SIM, S2, 512, b"LABELONE").unwrap();
+        let before = r.io.peek(SIM, S2, 0, 2 * MIB as usize).unwrap();
+        let e = r.create_with_header().expect_err("an LVM label on a spare");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("spare /sim/s2 holds an LVM physical volume") && msg.contains("wipefs -a"),
+            "{msg}"
+        );
+        assert!(r.dm.log().is_empty());
+        assert_eq!(r.io.peek(SIM, S2, 0, 2 * MIB as usize).unwrap(), before);
+        assert!(header::read(&*r.io, &r.engine.io.open(Path::new("/sim/main")).unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_main_mounted_raw_is_not_assembled() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        let mut b = r.reboot();
+        b.io.set_in_use(
+            SIM,
+            MAIN,
+            Some(crate::blockdev::InUse::Mounted {
+                dev: "/sim/main".into(),
+                mount_point: "/media/disk".into(),
+            }),
+        );
+        let rep = b.engine.assemble(None);
+        assert_eq!(rep[0].outcome, "refused", "{rep:?}");
+        assert!(
+            rep[0].notes.join(" ").contains("mounted on /media/disk"),
+            "{rep:?}"
+        );
+        assert!(b.dm.list("").unwrap().is_empty());
+        b.io.set_in_use(SIM, MAIN, None);
+        assert_eq!(b.engine.assemble(None)[0].outcome, "created");
     }
 }

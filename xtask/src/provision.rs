@@ -80,7 +80,7 @@ pub const PACKAGES: &[(&str, Use, &str)] = &[
     (
         "util-linux",
         Use::Vm,
-        "blkid and wipefs in the guest: what the raw main shows",
+        "blkid, wipefs and fstrim in the guest: what the raw main shows, discards",
     ),
     (
         "dmsetup",

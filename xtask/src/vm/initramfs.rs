@@ -73,6 +73,7 @@ const HOST_TOOLS: &[(&str, bool)] = &[
     ("dumpe2fs", false),
     ("blkid", true),
     ("wipefs", true),
+    ("fstrim", true),
     ("losetup", false),
 ];
 

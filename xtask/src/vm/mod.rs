@@ -183,6 +183,10 @@ impl Tool {
             name: "wipefs",
             package: "util-linux",
         },
+        Tool {
+            name: "fstrim",
+            package: "util-linux",
+        },
     ];
 }
 
