@@ -206,6 +206,8 @@ pub struct Hub {
     history: Mutex<VecDeque<Event>>,
     pub metrics: Arc<Metrics>,
     state: tokio::sync::watch::Sender<Snapshot>,
+    /// The in-place mains' list, and the volumes already seen to be in it (or unlistable).
+    in_place: Mutex<(Option<PathBuf>, std::collections::BTreeSet<String>)>,
 }
 
 impl Hub {
@@ -215,7 +217,45 @@ impl Hub {
             history: Mutex::new(VecDeque::with_capacity(HISTORY)),
             metrics,
             state: tokio::sync::watch::channel(Snapshot::default()).0,
+            in_place: Mutex::new((None, std::collections::BTreeSet::new())),
         })
+    }
+
+    /// Lists in-place mains in `list` from now on.
+    pub fn list_in_place_mains(&self, list: Option<PathBuf>) {
+        self.in_place.lock().expect("not poisoned").0 = list;
+    }
+
+    /// Makes sure every running in-place volume's main is in the list the udev rule reads
+    /// (once per volume and run; the file is rewritten only when a line is added).
+    fn note_in_place<'a>(&self, volumes: impl Iterator<Item = &'a crate::engine::Volume>) {
+        let mut g = self.in_place.lock().expect("not poisoned");
+        let (list, seen) = &mut *g;
+        let Some(list) = list.clone() else { return };
+        for v in volumes.filter(|v| !v.config.has_header()) {
+            let key = crate::members::key(&v.config.main);
+            if !seen.insert(format!("{} {key:?}", v.config.name)) {
+                continue;
+            }
+            match crate::members::remember(&list, &v.config.main, &v.config.name) {
+                Ok(_) if key.is_none() => tracing::warn!(
+                    volume = v.config.name,
+                    main = %v.main.path.display(),
+                    "in-place main has no WWN or serial: the udev rule cannot hide the raw disk; keep it out of fstab and automounters"
+                ),
+                Ok(true) => tracing::info!(
+                    volume = v.config.name,
+                    list = %list.display(),
+                    "in-place main listed: the udev rule hides the raw disk"
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::error!(
+                    volume = v.config.name,
+                    list = %list.display(),
+                    "cannot list the in-place main for the udev rule: {e}"
+                ),
+            }
+        }
     }
 
     fn history(&self) -> std::sync::MutexGuard<'_, VecDeque<Event>> {
@@ -585,6 +625,8 @@ fn scrub_found<D: DeviceMapper, I: BlockIo, W: Watch>(
 /// counted and announced as they happen, not only when someone asks.
 fn changed<D: DeviceMapper, I: BlockIo, W: Watch>(engine: &mut Engine<D, I, W>, hub: &Hub) {
     hub.set_state(Snapshot::of(engine.volumes()));
+    hub.note_in_place(engine.volumes());
+    engine.release_unused();
     let names: Vec<String> = engine.volumes().map(|v| v.config.name.clone()).collect();
     for name in names {
         let Some(h) = engine.health_watch(&name) else {
@@ -741,6 +783,8 @@ pub struct AgentOptions {
     pub assemble: bool,
     /// Where the agent keeps state of its own (scrub positions).
     pub state_dir: PathBuf,
+    /// The list of in-place mains for the udev rule ([`crate::members`]).
+    pub in_place_list: Option<PathBuf>,
     /// The operator's alert hook (`--notify-exec`).
     pub notify: Option<crate::hook::HookOptions>,
     /// How often smartctl is asked about the main disks (`None`: never).
@@ -1105,6 +1149,7 @@ where
         read_pinned_counters(&pin_dir).ok()
     })));
     let hub = Hub::new(metrics.clone());
+    hub.list_in_place_mains(opts.in_place_list.clone());
     let metrics_task = match opts.metrics {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)

@@ -699,6 +699,10 @@ pub trait BlockIo {
     fn release(&self, dev: &BlockDev) {
         let _ = dev;
     }
+    /// Drops what is kept open for every device but `keep` (after a scan read them all).
+    fn release_all_but(&self, keep: &[(u32, u32)]) {
+        let _ = keep;
+    }
 
     // What the engine needs to know about a device, through the same boundary so that a
     // simulation can answer for devices that do not exist.
@@ -754,6 +758,9 @@ impl<T: BlockIo + ?Sized> BlockIo for &T {
     fn release(&self, dev: &BlockDev) {
         (**self).release(dev);
     }
+    fn release_all_but(&self, keep: &[(u32, u32)]) {
+        (**self).release_all_but(keep);
+    }
     fn open(&self, path: &Path) -> Result<BlockDev, BlockDevError> {
         (**self).open(path)
     }
@@ -789,6 +796,9 @@ impl<T: BlockIo + ?Sized> BlockIo for Arc<T> {
     }
     fn release(&self, dev: &BlockDev) {
         (**self).release(dev);
+    }
+    fn release_all_but(&self, keep: &[(u32, u32)]) {
+        (**self).release_all_but(keep);
     }
     fn open(&self, path: &Path) -> Result<BlockDev, BlockDevError> {
         (**self).open(path)
@@ -956,6 +966,10 @@ impl BlockIo for DirectIo {
 
     fn release(&self, dev: &BlockDev) {
         lock(&self.open).retain(|(a, b, _), _| (*a, *b) != (dev.major, dev.minor));
+    }
+
+    fn release_all_but(&self, keep: &[(u32, u32)]) {
+        lock(&self.open).retain(|(a, b, _), _| keep.contains(&(*a, *b)));
     }
 }
 

@@ -1142,6 +1142,19 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         Ok(json!({ "stopped": name }))
     }
 
+    /// Closes what was opened of devices that are no member of a running volume (a scan reads
+    /// every disk; a stopped volume's disks): remapd must not keep a disk open that it does
+    /// not use, or the disk cannot go away (hot removal, a driver unloaded).
+    pub fn release_unused(&self) {
+        let keep: Vec<(u32, u32)> = self
+            .volumes
+            .values()
+            .flat_map(|v| std::iter::once(&v.main).chain(v.spares.values()))
+            .map(|d| (d.major, d.minor))
+            .collect();
+        self.io.release_all_but(&keep);
+    }
+
     /// The volumes that are up, and those found on the disks that are down (with why).
     pub fn status(&self, name: Option<&str>) -> Result<Value> {
         let down = |(n, d): (&String, &Down)| json!({ "name": n, "uuid": d.uuid, "state": "down", "reason": d.reason });

@@ -17,6 +17,7 @@ pub mod health;
 pub mod hook;
 pub mod hotplug;
 pub mod logging;
+pub mod members;
 pub mod metadata;
 pub mod metrics;
 pub mod notify;

@@ -58,6 +58,15 @@ impl Plan {
     fn unit_dir(&self) -> PathBuf {
         self.prefix.join("lib/systemd/system")
     }
+    /// udev reads rules from /usr/lib and /etc only: under /usr the package's place, for any
+    /// other prefix the administrator's.
+    fn udev_dir(&self) -> PathBuf {
+        if self.prefix == Path::new("/usr") {
+            PathBuf::from("/usr/lib/udev/rules.d")
+        } else {
+            self.sysconfdir.join("udev/rules.d")
+        }
+    }
     fn man(&self) -> PathBuf {
         self.prefix.join("share/man")
     }
@@ -98,7 +107,15 @@ pub fn run(a: InstallArgs) -> Result<()> {
         ),
         (
             plan.unit_dir().join("remapd.service"),
-            Source::Text(unit_text.clone()),
+            Source::Text(unit_text.clone(), "remap-user/dist/remapd.service"),
+            0o644,
+        ),
+        (
+            plan.udev_dir().join(UDEV_RULE),
+            Source::Text(
+                udev_rule(&fs::read_to_string(dist.join(UDEV_RULE))?, &plan)?,
+                "remap-user/dist/59-remap-members.rules",
+            ),
             0o644,
         ),
     ];
@@ -168,7 +185,7 @@ pub fn run(a: InstallArgs) -> Result<()> {
                 fs::read(bins.join(name)).with_context(|| format!("reading the built {name}"))?
             }
             Source::File(p) => fs::read(p).with_context(|| format!("reading {}", p.display()))?,
-            Source::Text(t) => t.clone().into_bytes(),
+            Source::Text(t, _) => t.clone().into_bytes(),
             Source::Completion(shell) => {
                 output(Command::new(bins.join("remapctl")).args(["completions", shell]))?
             }
@@ -219,7 +236,8 @@ const STATE_DIR: &str = "/var/lib/remap";
 enum Source {
     Built(&'static str),
     File(PathBuf),
-    Text(String),
+    /// A shipped file with its paths set, and where it comes from.
+    Text(String, &'static str),
     Completion(&'static str),
 }
 
@@ -232,10 +250,25 @@ impl Source {
                 .unwrap_or(p)
                 .display()
                 .to_string(),
-            Self::Text(_) => "remap-user/dist/remapd.service (paths set for this prefix)".into(),
+            Self::Text(_, from) => format!("{from} (paths set for this prefix)"),
             Self::Completion(s) => format!("`remapctl completions {s}`"),
         }
     }
+}
+
+const UDEV_RULE: &str = "59-remap-members.rules";
+/// The shipped rule names remapctl here.
+const RULE_REMAPCTL: &str = "/usr/local/bin/remapctl";
+
+/// The shipped udev rule with remapctl's path set for this installation.
+fn udev_rule(shipped: &str, plan: &Plan) -> Result<String> {
+    if !shipped.contains(RULE_REMAPCTL) {
+        bail!("remap-user/dist/{UDEV_RULE} no longer names {RULE_REMAPCTL}");
+    }
+    Ok(shipped.replace(
+        RULE_REMAPCTL,
+        &plan.bin().join("remapctl").display().to_string(),
+    ))
 }
 
 /// The shipped unit with its paths set for this installation.

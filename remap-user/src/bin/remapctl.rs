@@ -141,6 +141,15 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// What DEV is to remap (a main by its header, a spare by its metadata, an in-place main
+    /// by remapd's list), as udev variables; nothing when it is no member. Run by the udev rule
+    /// that hides members; needs no remapd.
+    Member {
+        dev: PathBuf,
+        /// The in-place mains remapd lists.
+        #[arg(long, default_value = remap_user::members::IN_PLACE_LIST, value_name = "FILE")]
+        list: PathBuf,
+    },
     /// Print a shell completion script (e.g. `remapctl completions bash > /etc/bash_completion.d/remapctl`).
     Completions { shell: clap_complete::Shell },
     /// Write the man pages (remapctl.1 and one per subcommand) to a folder.
@@ -304,6 +313,7 @@ fn run(cli: Cli) -> Result<i32> {
     let socket = cli.socket.as_path();
     let req = match cli.cmd {
         Cmd::Counters { pin_dir } => return counters(&pin_dir, cli.json),
+        Cmd::Member { dev, list } => return member(&dev, &list, cli.json),
         Cmd::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -414,6 +424,33 @@ fn run(cli: Cli) -> Result<i32> {
         print_human(kind, &resp.data);
     }
     Ok(resp.code)
+}
+
+fn member(dev: &Path, list: &Path, json: bool) -> Result<i32> {
+    let io = remap_user::blockdev::DirectIo::default();
+    let d = remap_user::blockdev::BlockDev::open(dev)?;
+    // No list (no in-place volume made yet, or no permission to read it): headers and
+    // metadata still say what is a member.
+    let listed = std::fs::read_to_string(list).unwrap_or_default();
+    let found = remap_user::members::probe(&io, &d, &listed);
+    if json {
+        let v = match &found {
+            None => serde_json::json!({ "member": null }),
+            Some(remap_user::members::Member::Main { name, uuid }) => {
+                serde_json::json!({ "member": "main", "volume": name, "volume_uuid": uuid })
+            }
+            Some(remap_user::members::Member::InPlace { name }) => {
+                serde_json::json!({ "member": "main-in-place", "volume": name })
+            }
+            Some(remap_user::members::Member::Spare { uuid }) => {
+                serde_json::json!({ "member": "spare", "volume_uuid": uuid })
+            }
+        };
+        println!("{v}");
+    } else if let Some(m) = found {
+        print!("{}", m.udev());
+    }
+    Ok(exit::OK)
 }
 
 fn counters(pin_dir: &Path, json: bool) -> Result<i32> {

@@ -88,6 +88,16 @@ struct AgentArgs {
         value_name = "DIR"
     )]
     state_dir: PathBuf,
+    /// Where remapd lists the mains of `--in-place` volumes (by WWN or serial) for the udev
+    /// rule that hides members (`remapctl member`); on the root filesystem, read at boot
+    /// before /var is mounted. `none`: keep no list.
+    #[arg(
+        long,
+        env = "REMAPD_IN_PLACE_LIST",
+        default_value = remap_user::members::IN_PLACE_LIST,
+        value_name = "FILE"
+    )]
+    in_place_list: PathBuf,
     /// Run PROG on every alert that is new or has grown (new pending blocks, pool low, a spare
     /// or metadata copy failing, a short forecast, a path fault, errors that are not the
     /// medium's, the drive's own SMART counts growing), never for a stable count. The facts
@@ -270,6 +280,8 @@ fn agent(a: AgentArgs) -> Result<()> {
             metrics: a.metrics,
             assemble: !a.no_assemble,
             state_dir: a.state_dir,
+            in_place_list: (a.in_place_list != std::path::Path::new("none"))
+                .then_some(a.in_place_list),
             notify: a.notify_exec.map(|prog| remap_user::hook::HookOptions {
                 prog,
                 interval: Duration::from_secs(a.notify_interval),

@@ -528,6 +528,14 @@ pub struct JournalPos {
     pub used: u32,
 }
 
+/// A valid superblock of `dev` (either of the two), without reading further: enough to say
+/// the device is some volume's spare.
+pub fn read_superblock(io: &impl BlockIo, dev: &BlockDev) -> Result<Superblock, MetaError> {
+    let mut head = vec![0u8; 2 * BLOCK];
+    io.read_at(dev, 0, &mut head).map_err(|e| io_err(dev, e))?;
+    Superblock::decode(&head[..BLOCK]).or_else(|_| Superblock::decode(&head[BLOCK..]))
+}
+
 /// Reads a device's metadata: the newest valid checkpoint, then the complete journal
 /// generations after it, in order.
 pub fn read_device(io: &impl BlockIo, dev: &BlockDev) -> Result<DeviceMeta, MetaError> {

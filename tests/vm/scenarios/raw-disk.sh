@@ -6,8 +6,8 @@
 # refuses a main carrying another volume's; create never hides a filesystem behind a header
 # unless told to keep it in place; a zoned disk is refused; fstrim through a volume reaches its
 # disks and clears the pending blocks it discards; on a 512e disk a bad physical sector is
-# remapped whole.
-#vm: cases header-create raw-main-hidden remap-at-offset assembled-by-header foreign-header-refused filesystem-kept-in-place zoned-refused fstrim-reaches-the-disks physical-sector-whole
+# remapped whole; `remapctl member` tells the udev rule which disks to hide.
+#vm: cases header-create raw-main-hidden remap-at-offset assembled-by-header foreign-header-refused filesystem-kept-in-place zoned-refused fstrim-reaches-the-disks physical-sector-whole members-for-udev
 #vm: needs remapd remapctl
 #vm: timeout 420
 . /vm/lib.sh
@@ -266,5 +266,35 @@ if out=$(remapctl create v512e --main "$e" --spare "$s6" --spare "$s7" --region-
         pass physical-sector-whole "one bad logical sector: its 4 KiB physical sector pending as one block"
 else
     fail physical-sector-whole "create on the 512e disk: $out"
+fi
+
+# --- what the udev rule learns from `remapctl member`: a main by its header, a spare by its
+# metadata, an in-place main by the list remapd keeps (by WWN or serial: scsi_debug has one,
+# null_blk has neither and cannot be listed), and nothing for other disks
+remapctl stop v512e >/dev/null
+scsi-debug destroy
+sd=$(scsi-debug create --size 32)
+s8=$(nullb create --size 16)
+list=/etc/remap/in-place-mains
+if out=$(remapctl create vip --in-place --main "$sd" --spare "$s8" --region-size 16MiB 2>&1); then
+    n=0
+    while ! grep -q " vip$" $list 2>/dev/null && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
+    m=$(remapctl member "$main" | tr '\n' ' ')
+    sp=$(remapctl member "$sp1" | head -1)
+    ip=$(remapctl member "$sd" | tr '\n' ' ')
+    none=$(remapctl member "$twin")
+    expect_eq members-for-udev "header main" "REMAP_MEMBER=main REMAP_VOLUME=vol0 " "$(echo "$m" | cut -d' ' -f1-2) " &&
+        expect_eq members-for-udev spare REMAP_MEMBER=spare "$sp" &&
+        expect_eq members-for-udev "in-place main" "REMAP_MEMBER=main-in-place REMAP_VOLUME=vip " "$ip" &&
+        expect_eq members-for-udev "other disk" "" "$none" &&
+        expect_eq members-for-udev "list mode" 600 "$(stat -c %a $list)" &&
+        expect_eq members-for-udev "in-place main without serial" "" "$(remapctl member "$m3")" &&
+        if grep -q "vol2.*no WWN or serial\|no WWN or serial.*vol2" /tmp/remapd.log; then
+            pass members-for-udev "$(grep -v '^#' $list | tr '\n' ';') (vol2's null_blk main is not listable: warned)"
+        else
+            fail members-for-udev "no warning for vol2's serial-less in-place main"
+        fi
+else
+    fail members-for-udev "create --in-place on scsi_debug: $out"
 fi
 exit 0
