@@ -315,7 +315,7 @@ fn remap_event(r: &RemapReport, lbas: Vec<u64>, cause: &str) -> Event {
 struct Named {
     volume: Option<String>,
     device: String,
-    main_chunk: Option<u64>,
+    main_chunk: Option<Option<u64>>,
 }
 
 fn name_event<D: DeviceMapper, I: BlockIo, W: Watch>(
@@ -327,7 +327,9 @@ fn name_event<D: DeviceMapper, I: BlockIo, W: Watch>(
             return Named {
                 volume: Some(v.config.name.clone()),
                 device: v.main.path.display().to_string(),
-                main_chunk: Some(v.config.geometry.chunk),
+                // The volume's chunk (its data sits after the header on the main); none
+                // when the sector is in the header's room.
+                main_chunk: Some(v.main_chunks(ev.sector, 1).next()),
             };
         }
         if let Some(s) = v.spares.values().find(|s| s.matches_kernel_dev(ev.dev)) {
@@ -350,15 +352,25 @@ fn log_error(n: &Named, ev: &ErrorEvent) {
     let volume = n.volume.as_deref().unwrap_or("");
     let op = Op::from_u8(ev.op).as_str();
     match n.main_chunk {
-        Some(chunk) => tracing::warn!(
+        // The disk's sector, and the volume's chunk it falls in.
+        Some(Some(chunk)) => tracing::warn!(
             volume,
             device = n.device,
-            lba = ev.sector,
+            sector = ev.sector,
             sectors = ev.nr_sector,
-            chunk = ev.sector.checked_div(chunk).unwrap_or(0),
+            chunk,
             errno = ev.errno,
             op,
             "I/O error"
+        ),
+        Some(None) => tracing::warn!(
+            volume,
+            device = n.device,
+            sector = ev.sector,
+            sectors = ev.nr_sector,
+            errno = ev.errno,
+            op,
+            "I/O error in the main's header room (no chunk of the volume)"
         ),
         // On a spare (or an unknown device) the sector is the device's, not a volume LBA.
         None => tracing::warn!(

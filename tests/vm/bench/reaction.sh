@@ -103,7 +103,7 @@ inject_one() {
     # Done when the log has this error and then a finished batch (logged after the resume).
     # The trace is read only then: the kernel stops recording while its trace file is read.
     while [ $n -lt 3000 ]; do
-        line=$(awk -v s="lba=$s " 'index($0, s) && /I\/O error/ { f = 1 } f && /remap batch done/ { print; exit }' "$LOG")
+        line=$(awk -v s="sector=$s " 'index($0, s) && /I\/O error/ { f = 1 } f && /remap batch done/ { print; exit }' "$LOG")
         [ -n "$line" ] && break
         sleep 0.01
         n=$((n + 1))

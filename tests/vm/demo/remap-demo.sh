@@ -43,10 +43,13 @@ for bad in "20000-20000 90000-90003" "150000-150000 200007-200007 260000-260001"
     sleep 1
     say "round $round: the unreadable sectors still fail (never read as other data); their neighbours read"
     for b in $bad; do
-        s=$((${b%-*} - off))
+        s=$((${b%-*} - off)) e=$((${b#*-} - off))
         if dio-read /dev/mapper/demo "$s" 1 2>/dev/null; then r=READ; else r=fails; fi
-        if dio-read /dev/mapper/demo $(( (s / 8) * 8 + (s % 8 + 1) % 8 )) 1 2>/dev/null; then n=reads; else n=FAILS; fi
-        echo "  sector $s: $r; its chunk neighbour: $n"
+        # A good sector of the same 4 KiB chunk: after the bad range, or before it.
+        if [ $(((e + 1) / 8)) = $((s / 8)) ]; then nb=$((e + 1)); elif [ $((s % 8)) != 0 ]; then nb=$((s - 1)); else nb=; fi
+        if [ -z "$nb" ]; then n="none (the whole chunk is bad)"
+        elif dio-read /dev/mapper/demo "$nb" 1 2>/dev/null; then n="$nb reads"; else n="$nb FAILS"; fi
+        echo "  sector $s: $r; a good neighbour in its chunk: $n"
     done
     round=$((round + 1))
 done
