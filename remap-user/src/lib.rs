@@ -13,6 +13,7 @@ pub mod control;
 pub mod detect;
 pub mod dm;
 pub mod engine;
+pub mod files;
 pub mod health;
 pub mod hook;
 pub mod hotplug;

@@ -76,7 +76,11 @@ pub const PACKAGES: &[(&str, Use, &str)] = &[
     ),
     ("xz-utils", Use::Vm, "6.1 kernel images are xz"),
     ("fio", Use::Vm, "workloads with verify in the guest"),
-    ("e2fsprogs", Use::Vm, "mkfs.ext4 and fsck in the guest"),
+    (
+        "e2fsprogs",
+        Use::Vm,
+        "mkfs.ext4, fsck, debugfs and dumpe2fs in the guest",
+    ),
     (
         "util-linux",
         Use::Vm,

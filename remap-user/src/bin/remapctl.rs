@@ -100,6 +100,16 @@ enum Cmd {
     Remap(RemapCmd),
     /// Blocks that could not be read when their chunk moved (they fail reads until rewritten).
     Pending { name: String },
+    /// Which files lost data: what owns each pending block (or each --lba): a file and the
+    /// bytes of it, a directory, filesystem metadata and its kind, or free space. ext2/3/4
+    /// directly on the volume, mounted or not (read with e2fsprogs' debugfs); anything else is
+    /// named as unknown, never guessed.
+    Files {
+        name: String,
+        /// Volume LBAs (512-byte sectors) to look up instead of the pending blocks.
+        #[arg(long = "lba", value_name = "LBA")]
+        lbas: Vec<u64>,
+    },
     /// Health of a volume: a score with the reasons behind it, when the pool will run out,
     /// and what changed since the last look.
     Health { name: String },
@@ -314,6 +324,7 @@ fn run(cli: Cli) -> Result<i32> {
     let req = match cli.cmd {
         Cmd::Counters { pin_dir } => return counters(&pin_dir, cli.json),
         Cmd::Member { dev, list } => return member(&dev, &list, cli.json),
+        Cmd::Files { name, lbas } => return files(socket, &name, &lbas, cli.json),
         Cmd::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -424,6 +435,93 @@ fn run(cli: Cli) -> Result<i32> {
         print_human(kind, &resp.data);
     }
     Ok(resp.code)
+}
+
+/// Runs e2fsprogs and the like for [`remap_user::files`].
+struct Programs;
+
+impl remap_user::files::Tools for Programs {
+    fn run(&self, prog: &str, args: &[&str]) -> Result<String, String> {
+        let out = std::process::Command::new(prog)
+            .args(args)
+            .output()
+            .map_err(|e| format!("running {prog}: {e} (e2fsprogs installed?)"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{prog} {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+fn files(socket: &Path, name: &str, lbas: &[u64], json: bool) -> Result<i32> {
+    let blocks: Vec<(u64, u64)> = if lbas.is_empty() {
+        let resp = call(
+            socket,
+            &Request::Pending {
+                name: name.to_owned(),
+            },
+            None,
+        )?;
+        if let Some(e) = &resp.error {
+            report_error(json, resp.code, e);
+            return Ok(resp.code);
+        }
+        resp.data["blocks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| Some((b["lba"].as_u64()?, b["sectors"].as_u64()?)))
+            .collect()
+    } else {
+        lbas.iter().map(|&l| (l, 1)).collect()
+    };
+    let dev = format!("/dev/mapper/{name}");
+    let mut start = vec![0u8; remap_user::signature::PROBE_BYTES];
+    let n = std::fs::File::open(&dev)
+        .and_then(|mut f| {
+            use std::io::Read as _;
+            let mut n = 0;
+            loop {
+                match f.read(&mut start[n..])? {
+                    0 => break,
+                    k => n += k,
+                }
+                if n == start.len() {
+                    break;
+                }
+            }
+            Ok(n)
+        })
+        .with_context(|| format!("reading the start of {dev}"))?;
+    start.truncate(n);
+    let found = remap_user::files::resolve(&dev, &start, &blocks, &Programs);
+    if json {
+        println!("{}", serde_json::to_string(&found)?);
+        return Ok(exit::OK);
+    }
+    if found.is_empty() {
+        println!("{name}: no pending blocks, no file lost data");
+        return Ok(exit::OK);
+    }
+    println!("{:<12} {:>7}  OWNER", "LBA", "SECTORS");
+    for f in &found {
+        for (i, o) in f.owners.iter().enumerate() {
+            if i == 0 {
+                println!("{:<12} {:>7}  {o}", f.lba, f.sectors);
+            } else {
+                println!("{:<12} {:>7}  {o}", "", "");
+            }
+        }
+    }
+    println!(
+        "{} files or directories lost data",
+        remap_user::files::files_affected(&found)
+    );
+    Ok(exit::OK)
 }
 
 fn member(dev: &Path, list: &Path, json: bool) -> Result<i32> {

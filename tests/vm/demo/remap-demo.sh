@@ -56,8 +56,17 @@ done
 
 say "the files: checksums after the remaps"
 mount /dev/mapper/demo /mnt/demo
-(cd /mnt/demo && sha256sum -c /tmp/sums 2>&1 | grep -vc ': OK$' | sed 's/^/  files that changed or cannot be read in full: /')
+changed=$(cd /mnt/demo && sha256sum -c /tmp/sums 2>/dev/null | grep -v ': OK$' | sed 's/:.*//' | sort -u | tr '\n' ' ')
 umount /mnt/demo
+echo "  files that changed or cannot be read in full: ${changed:-none}"
+say "remapctl files demo: what owns each pending block"
+remapctl files demo
+named=$(remapctl files demo --json | grep -o '"owner":"file","path":"/[^"]*"' | sed 's/.*"path":"\///; s/"$//' | sort -u | tr '\n' ' ')
+if [ "$named" = "$changed" ]; then
+    echo "  the files remapctl names are exactly the files whose checksums changed: ${named:-none}"
+else
+    echo "  MISMATCH: remapctl names '${named}', checksums changed for '${changed}'"
+fi
 say "remapctl status demo"
 remapctl status demo
 say "remapctl pending demo"

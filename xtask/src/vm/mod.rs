@@ -152,6 +152,14 @@ impl Tool {
             package: "e2fsprogs",
         },
         Tool {
+            name: "debugfs",
+            package: "e2fsprogs",
+        },
+        Tool {
+            name: "dumpe2fs",
+            package: "e2fsprogs",
+        },
+        Tool {
             name: "bpftool",
             package: "bpftool",
         },

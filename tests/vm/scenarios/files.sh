@@ -1,0 +1,83 @@
+#!/bin/sh
+# Which files lost data: ext4 on a volume, blocks gone bad under a known file, a directory,
+# the inode table and free space; `remapctl files` names exactly those (the file with the
+# bytes lost), nothing else; a rewrite of the file's block takes it off the list.
+#vm: cases named-exactly human-readable rewrite-clears
+#vm: needs remapd remapctl
+#vm: timeout 300
+. /vm/lib.sh
+
+VOL=vf
+main=$(nullb create --size 64)
+sp1=$(nullb create --size 24)
+sp2=$(nullb create --size 24)
+remapd --socket /run/remap/remapd.sock >/tmp/remapd.out 2>/tmp/remapd.log &
+wait_for /tmp/remapd.log "remapd ready" 90 || { fail named-exactly "remapd not ready: $(tail -5 /tmp/remapd.log)"; exit 1; }
+status() { remapctl status "$VOL" --json; }
+
+remapctl create "$VOL" --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB >/dev/null ||
+    { fail named-exactly "create"; exit 1; }
+off=$(($(json_num "$(status)" data_offset) / 512))
+dev=/dev/mapper/$VOL
+mkfs.ext4 -q -F -b 4096 "$dev" && mkdir -p /mnt/vf && mount "$dev" /mnt/vf || { fail named-exactly "mkfs/mount"; exit 1; }
+mkdir /mnt/vf/dir
+i=0
+while [ $i -lt 100 ]; do : >"/mnt/vf/dir/an-entry-with-a-rather-long-name-$i"; i=$((i + 1)); done
+for f in f1 f2 f3; do dd if=/dev/urandom of=/mnt/vf/$f bs=64K count=4 status=none; done
+sync
+umount /mnt/vf
+
+# Filesystem blocks (4 KiB: one chunk each) under: the 4th block of /f2 (bytes 12288-16383),
+# the first block of /dir, a block of the inode table, a free block.
+b_f2=$(debugfs -R "bmap /f2 3" "$dev" 2>/dev/null)
+b_dir=$(debugfs -R "bmap /dir 0" "$dev" 2>/dev/null)
+it=$(dumpe2fs "$dev" 2>/dev/null | sed -n 's/^ *Inode table at \([0-9]*\)-.*/\1/p' | head -1)
+b_it=$((it + 10))
+last_free=$(dumpe2fs "$dev" 2>/dev/null | sed -n 's/^ *Free blocks: //p' | head -1 | tr ',' '\n' | tail -1)
+b_free=$((${last_free#*-} - 10))
+info named-exactly "blocks: /f2 $b_f2, /dir $b_dir, inode table $b_it, free $b_free"
+for b in $b_f2 $b_dir $b_it $b_free; do
+    s=$((off + b * 8 + 1))
+    nullb bad add "$main" "$s-$s"
+done
+/usr/bin/dd if="$dev" of=/dev/null bs=4096 iflag=direct conv=noerror status=none 2>/dev/null
+n=0
+while [ "$(json_num "$(status)" pending)" != 4 ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
+expect_eq named-exactly "pending blocks" 4 "$(json_num "$(status)" pending)" || exit 1
+
+# --- exactly these owners, and nothing else
+j=$(remapctl files "$VOL" --json)
+has() { case "$j" in *"$1"*) return 0 ;; esac; fail named-exactly "missing $1 in $j"; return 1; }
+owners=$(printf '%s' "$j" | grep -o '"owner":"[a-z-]*"' | sort | tr '\n' ' ')
+has '"owner":"file","path":"/f2","inode":' && has '"offset":12288,"length":4096' &&
+    has '"owner":"directory","path":"/dir"' &&
+    has '"owner":"metadata","kind":"inode table"' &&
+    has '"owner":"free"' &&
+    expect_eq named-exactly owners '"owner":"directory" "owner":"file" "owner":"free" "owner":"metadata" ' "$owners" &&
+    pass named-exactly "$j"
+
+# --- the same for people
+out=$(remapctl files "$VOL")
+case "$out" in
+*"file /f2 (bytes 12288-16383)"*"2 files or directories lost data"*) pass human-readable "$(echo "$out" | tr '\n' ';')" ;;
+*) fail human-readable "$out" ;;
+esac
+
+# --- the file restored: its block rewritten through the filesystem, it leaves the list
+mode=$(json_str "$(status)" pending_mode)
+if [ "$mode" = error-reads ]; then
+    mount "$dev" /mnt/vf &&
+        /usr/bin/dd if=/dev/urandom of=/mnt/vf/f2 bs=4096 seek=3 count=1 conv=notrunc oflag=direct status=none
+    n=0
+    while [ "$(json_num "$(status)" pending)" != 3 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+    j=$(remapctl files "$VOL" --json)
+    umount /mnt/vf
+    case "$j" in
+    *'"path":"/f2"'*) fail rewrite-clears "/f2 still listed after its block was rewritten: $j" ;;
+    *'"path":"/dir"'*) expect_eq rewrite-clears "pending blocks" 3 "$(json_num "$(status)" pending)" && pass rewrite-clears ;;
+    *) fail rewrite-clears "the others are gone too: $j" ;;
+    esac
+else
+    skip rewrite-clears "kernel $VM_KERNEL has no dm-flakey error_reads: a pending block fails writes too (policy $mode)"
+fi
+exit 0
