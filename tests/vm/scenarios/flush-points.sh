@@ -46,12 +46,34 @@ stack() {
         "remap-layout;main=0+$MAIN;spare=$MAIN+$SPARE;spare=$((MAIN + SPARE))+$SPARE;bad=$(echo $BAD | tr ' ' ',')"
 }
 
-# unstack PREFIX VOLUME: the volume's devices, then the stack; the log is complete after.
+# remove_dev NAME: dmsetup remove, watched. Once on 6.1 a removal in this teardown stayed blocked
+# in the kernel (D state: no signal ends it, so `timeout` waited with it until the boot timed
+# out). A removal still running after 60 s dumps the blocked tasks' stacks on the console and is
+# left behind; the log was closed by a mark before the teardown, so the host checks still read
+# every entry of the run.
+remove_dev() {
+    dmsetup remove "$1" &
+    rp=$! i=0
+    while kill -0 $rp 2>/dev/null; do
+        i=$((i + 1))
+        if [ $i -gt 600 ]; then
+            echo w >/proc/sysrq-trigger
+            info "teardown: dmsetup remove $1 blocked in the kernel for 60 s (stacks on the console)"
+            return 1
+        fi
+        sleep 0.1
+    done
+    wait $rp
+}
+
+# unstack PREFIX VOLUME: a mark that writes the log's superblock (so it counts every entry
+# before it), then the volume's devices and the stack.
 unstack() {
-    timeout 60 dmsetup remove "$2" || { echo w >/proc/sysrq-trigger; sleep 5; return 1; }
-    for d in $(dmsetup ls | awk '{ print $1 }' | grep "^$2-remap-r"); do dmsetup remove "$d"; done
+    dmsetup message "${1}lw" 0 mark end-of-run
+    remove_dev "$2" || return 1
+    for d in $(dmsetup ls | awk '{ print $1 }' | grep "^$2-remap-r"); do remove_dev "$d" || return 1; done
     for d in main s1 s2 lw; do
-        timeout 60 dmsetup remove "$1$d" || { echo w >/proc/sysrq-trigger; sleep 5; return 1; }
+        remove_dev "$1$d" || return 1
     done
 }
 
@@ -110,7 +132,7 @@ else
     fail remaps-done "remaps ${remaps:-?}, $failed failed ($(head -c 300 /tmp/remap-errors)), writer status $wstatus: $(tail -2 /tmp/writer.out)"
 fi
 stop_agent
-unstack "" vol0 || fail remaps-done "teardown: $(dmsetup ls | tr '\n' ' ')"
+unstack "" vol0 || info "teardown left: $(dmsetup ls | tr '\n' ' ')"
 if dmesg | grep -q "log-writes.*Ran out of space"; then
     fail remaps-done "the log device is too small: $(dmesg | grep log-writes | tail -1)"
 fi
@@ -132,5 +154,5 @@ for c in $(seq 1 2 61); do
 done
 pass fault-run-done "$n remaps with REMAP_FAULT=skip-copy-flush"
 stop_agent
-unstack f vol1 || fail fault-run-done "teardown: $(dmsetup ls | tr '\n' ' ')"
+unstack f vol1 || info "teardown left: $(dmsetup ls | tr '\n' ' ')"
 sync
