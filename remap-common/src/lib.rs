@@ -57,8 +57,17 @@ pub const GLOBAL_SLOW_ON: &str = "SLOW_ON";
 /// Name of the read-only global carrying the [`ReqLayout`].
 pub const GLOBAL_REQ_LAYOUT: &str = "REQ_LAYOUT";
 /// One-entry array: non-zero while some chunk is pending or a locate window is open, the only
-/// times completed writes are looked at. Checked before anything else on the write path.
+/// times completed writes are looked at. Checked before anything else on the write path; its
+/// bits ([`armed`]) say which of the two lookups a write needs.
 pub const MAP_ARMED: &str = "ARMED";
+
+/// Bits of [`MAP_ARMED`].
+pub mod armed {
+    /// Some chunk holds pending blocks: writes are looked up in the pending-chunk map.
+    pub const PENDING: u32 = 1;
+    /// A locate window is open: writes are looked up in the locate-window map.
+    pub const LOCATING: u32 = 2;
+}
 
 /// Where the fields the completion program reads sit in the kernel's structures, in bytes,
 /// from the running kernel's BTF (Rust eBPF has no CO-RE relocations: user space resolves
@@ -122,6 +131,42 @@ pub struct Layout {
     /// Set to 1 once filled in from a format file; the programs do nothing while it is 0, so a
     /// program loaded without a layout can never report garbage.
     pub valid: u32,
+}
+
+/// The completion program's first filter: an array of [`WATCH_SLOT_COUNT`] entries indexed by
+/// [`watch_slot`] of the device, mirroring [`MAP_WATCHED`]. An array lookup is a few
+/// instructions (the verifier inlines it) where a hash lookup is a helper call: a completion of
+/// a device nobody watches costs one of them, of a watched one its settings without the hash.
+pub const MAP_WATCH_SLOTS: &str = "WATCH_SLOTS";
+/// Entries of [`MAP_WATCH_SLOTS`] (a power of two).
+pub const WATCH_SLOT_COUNT: u32 = 256;
+
+/// [`MAP_WATCH_SLOTS`] entry states.
+pub mod slot {
+    /// No watched device hashes here: the completion is not ours.
+    pub const EMPTY: u32 = 0;
+    /// Exactly one: `dev` and its settings.
+    pub const ONE: u32 = 1;
+    /// Several: look the device up in [`super::MAP_WATCHED`].
+    pub const SHARED: u32 = 2;
+}
+
+/// Value of [`MAP_WATCH_SLOTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct WatchSlot {
+    pub state: u32,
+    pub dev: u32,
+    pub watched: WatchedDev,
+}
+
+/// Slot of a kernel `dev_t` (major << 20 | minor): minors of one driver fall into distinct
+/// slots (disks of one SCSI host are 16 minors apart), and majors spread them further.
+#[inline(always)]
+pub const fn watch_slot(dev: u32) -> u32 {
+    let major = dev >> 20;
+    let minor = dev & 0xf_ffff;
+    (minor ^ (minor >> 4) ^ major.wrapping_mul(37)) & (WATCH_SLOT_COUNT - 1)
 }
 
 /// Value of the watched-device map.
@@ -314,6 +359,7 @@ mod user {
     // SAFETY: all of these are #[repr(C)] Pod types without padding holes.
     unsafe impl aya::Pod for super::Layout {}
     unsafe impl aya::Pod for super::WatchedDev {}
+    unsafe impl aya::Pod for super::WatchSlot {}
     unsafe impl aya::Pod for super::DedupKey {}
     unsafe impl aya::Pod for super::LocateWatch {}
     unsafe impl aya::Pod for super::ErrorEvent {}
@@ -322,4 +368,28 @@ mod user {
     unsafe impl aya::Pod for super::RemapKey {}
     unsafe impl aya::Pod for super::RemapVal {}
     unsafe impl aya::Pod for super::ReqLayout {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minors_of_one_major_never_share_a_slot() {
+        for major in [8u32, 65, 252, 253, 254, 259] {
+            let mut seen = [false; WATCH_SLOT_COUNT as usize];
+            for minor in 0..WATCH_SLOT_COUNT {
+                let s = watch_slot(major << 20 | minor) as usize;
+                assert!(!seen[s], "{major}:{minor} shares slot {s}");
+                seen[s] = true;
+            }
+        }
+    }
+
+    #[test]
+    fn slots_stay_in_the_array() {
+        for dev in [0u32, u32::MAX, 8 << 20 | 0xf_ffff, 4095 << 20] {
+            assert!(watch_slot(dev) < WATCH_SLOT_COUNT);
+        }
+    }
 }

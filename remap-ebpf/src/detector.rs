@@ -14,7 +14,7 @@ use remap_common::{
     Counters, DEDUP_ENTRIES, DedupKey, EVENTS_RING_BYTES, ErrorEvent, INFLIGHT_ENTRIES,
     LOCATING_ENTRIES, Layout, LocateWatch, MAX_WATCHED, Op, PENDING_ENTRIES, PENDING_SCAN_CHUNKS,
     POOL_ENTRIES, PoolDev, REMAP_MIRROR_ENTRIES, RemapKey, RemapVal, ReqLayout, SLOW_DEDUP_BIT,
-    WatchedDev, kind,
+    WATCH_SLOT_COUNT, WatchSlot, WatchedDev, armed as bits, kind, slot, watch_slot,
 };
 
 #[unsafe(no_mangle)]
@@ -65,6 +65,22 @@ static DEDUP_WINDOW_NS: Global<u64> = Global::new(1_000_000_000);
 static WATCHED_DEVS: HashMap<u32, WatchedDev, MAX_WATCHED> = HashMap::new();
 
 #[btf_map]
+static WATCH_SLOTS: Array<WatchSlot, { WATCH_SLOT_COUNT as usize }> = Array::new();
+
+/// The watched device's settings, or None: the slot array first (inlined by the verifier, no
+/// helper call), the hash only when several watched devices share the slot.
+#[inline(always)]
+fn watched(dev: u32) -> Option<WatchedDev> {
+    let s = WATCH_SLOTS.get(watch_slot(dev))?;
+    match s.state {
+        slot::ONE if s.dev == dev => Some(s.watched),
+        // SAFETY: a map value pointer, read once.
+        slot::SHARED => WATCHED_DEVS.get_ptr(dev).map(|w| unsafe { *w }),
+        _ => None,
+    }
+}
+
+#[btf_map]
 static ERROR_EVENTS: RingBuf<ErrorEvent, EVENTS_RING_BYTES> = RingBuf::new();
 
 #[btf_map]
@@ -94,7 +110,8 @@ static INFLIGHT: LruHashMap<DedupKey, u64, INFLIGHT_ENTRIES> = LruHashMap::new()
 /// fallback where the kernel's BTF does not give the request's layout).
 #[tracepoint]
 pub fn rq_done(ctx: TracePointContext) -> u32 {
-    let armed = matches!(ARMED.get(0), Some(&a) if a != 0);
+    let armed_bits = ARMED.get(0).copied().unwrap_or(0);
+    let armed = armed_bits != 0;
     if SLOW_ON.load() == 0 && !armed {
         return 0;
     }
@@ -118,11 +135,9 @@ pub fn rq_done(ctx: TracePointContext) -> u32 {
     if error != 0 || nr_sector == 0 {
         return 0;
     }
-    let Some(watched) = WATCHED_DEVS.get_ptr(dev) else {
+    let Some(watched) = watched(dev) else {
         return 0;
     };
-    // SAFETY: a map value pointer, read once.
-    let watched = unsafe { *watched };
     let op = Op::from_rwbs(rwbs[0], rwbs[1]);
     if watched.slow_us != 0 && matches!(op, Op::Read | Op::Write) {
         let key = DedupKey {
@@ -139,21 +154,23 @@ pub fn rq_done(ctx: TracePointContext) -> u32 {
     // A discard (fstrim) of a pending block makes it good as a write does: a drive clears a
     // pending sector on TRIM.
     if armed && matches!(op, Op::Write | Op::Discard) {
-        watch_rewrites(dev, sector, nr_sector, watched);
+        watch_rewrites(dev, sector, nr_sector, watched, armed_bits);
     }
     0
 }
 
 /// The same from the raw tracepoint: the request itself, its start stamped by the block layer,
 /// the device found through its queue's disk. Healthy I/O of an unwatched device costs four
-/// reads and one lookup; of a watched one, a stamp read; no map is written.
+/// reads and an array lookup (no helper call); of a watched one, a stamp and a clock read; no
+/// map is written.
 #[btf_tracepoint(function = "block_rq_complete")]
 pub fn rq_done_btf(ctx: BtfTracePointContext) -> u32 {
     let l = REQ_LAYOUT.load();
     if l.valid == 0 {
         return 0;
     }
-    let armed = matches!(ARMED.get(0), Some(&a) if a != 0);
+    let armed_bits = ARMED.get(0).copied().unwrap_or(0);
+    let armed = armed_bits != 0;
     if SLOW_ON.load() == 0 && !armed {
         return 0;
     }
@@ -178,11 +195,9 @@ pub fn rq_done_btf(ctx: BtfTracePointContext) -> u32 {
         let minor = read_volatile(disk.add(l.disk_first_minor as usize) as *const i32);
         ((major as u32) << 20) | (minor as u32 & 0xf_ffff)
     };
-    let Some(watched) = WATCHED_DEVS.get_ptr(dev) else {
+    let Some(watched) = watched(dev) else {
         return 0;
     };
-    // SAFETY: a map value pointer, read once.
-    let watched = unsafe { *watched };
     if watched.slow_us == 0 && !armed {
         return 0;
     }
@@ -213,7 +228,7 @@ pub fn rq_done_btf(ctx: BtfTracePointContext) -> u32 {
         watch_slow(dev, sector, nr_sector, op, watched, start);
     }
     if armed && op != Op::Read {
-        watch_rewrites(dev, sector, nr_sector, watched);
+        watch_rewrites(dev, sector, nr_sector, watched, armed_bits);
     }
     0
 }
@@ -229,10 +244,10 @@ pub fn rq_issue(ctx: TracePointContext) -> u32 {
     let Ok(dev) = (unsafe { ctx.read_at::<u32>(layout.dev as usize) }) else {
         return 0;
     };
-    let Some(watched) = WATCHED_DEVS.get_ptr(dev) else {
+    let Some(watched) = watched(dev) else {
         return 0;
     };
-    if unsafe { (*watched).slow_us } == 0 {
+    if watched.slow_us == 0 {
         return 0;
     }
     let Ok(sector) = (unsafe { ctx.read_at::<u64>(layout.sector as usize) }) else {
@@ -280,17 +295,22 @@ fn watch_slow(dev: u32, sector: u64, nr_sector: u32, op: Op, watched: WatchedDev
 /// them good again, as on a drive. Called only while something is pending or a locate window
 /// is open (`ARMED`).
 #[inline(always)]
-fn watch_rewrites(dev: u32, sector: u64, nr_sector: u32, watched: WatchedDev) {
+fn watch_rewrites(dev: u32, sector: u64, nr_sector: u32, watched: WatchedDev, armed: u32) {
     let shift = watched.chunk_shift & 63;
     let first = sector >> shift;
     let last = (sector + u64::from(nr_sector) - 1) >> shift;
-    if let Some(w) = LOCATING.get_ptr_mut(dev) {
+    if armed & bits::LOCATING != 0
+        && let Some(w) = LOCATING.get_ptr_mut(dev)
+    {
         // SAFETY: a valid map value pointer, written by this program and read by the agent.
         unsafe {
             if first <= (*w).hi && last >= (*w).lo {
                 (*w).written = 1;
             }
         }
+    }
+    if armed & bits::PENDING == 0 {
+        return;
     }
     for i in 0..PENDING_SCAN_CHUNKS {
         let chunk = first + i;
@@ -408,12 +428,11 @@ fn handle(ctx: &TracePointContext) {
         bump(|c| c.no_data += 1);
         return;
     }
-    let Some(watched) = WATCHED_DEVS.get_ptr(dev) else {
+    let Some(watched) = watched(dev) else {
         bump(|c| c.unwatched += 1);
         return;
     };
-    // SAFETY: value pointer returned by the map lookup, read once.
-    let shift = unsafe { (*watched).chunk_shift } & 63;
+    let shift = watched.chunk_shift & 63;
     let now = unsafe { bpf_ktime_get_ns() };
     if repeated(dev, sector >> shift, now) {
         return;

@@ -167,6 +167,11 @@ struct WatchArgs {
     /// How completions are watched: auto (the raw tracepoint, with BTF) or tracepoint.
     #[arg(long, default_value = "auto", value_parser = ["auto", "tracepoint"])]
     completion: String,
+    /// Watch the chunk holding this sector (512-byte, on the first device) as the agent
+    /// watches one holding pending blocks: writes and discards to it are reported as rewrite
+    /// events (repeatable). Shows what a rewrite looks like, and what the watch costs.
+    #[arg(long = "pending", value_name = "SECTOR")]
+    pending: Vec<u64>,
 }
 
 const DEFAULT_SLOW_MS: u64 = DEFAULT_SLOW_THRESHOLD.as_millis() as u64;
@@ -307,7 +312,7 @@ fn watch(a: WatchArgs) -> Result<()> {
         program: a.detector.parse().map_err(anyhow::Error::msg)?,
         dedup_window: Duration::from_millis(a.dedup_window_ms),
         keep_pins: a.keep_pins,
-        pending_watch: false,
+        pending_watch: !a.pending.is_empty(),
         slow_threshold: slow_threshold(a.slow_ms),
         completion: a.completion.parse().map_err(anyhow::Error::msg)?,
     };
@@ -321,6 +326,10 @@ fn watch(a: WatchArgs) -> Result<()> {
         let mut det = Detector::start(&cfg)?;
         for d in &devices {
             det.watch(d, a.chunk_size)?;
+        }
+        let shift = (a.chunk_size / 512).trailing_zeros();
+        for &sector in &a.pending {
+            det.set_pending(&devices[0], sector >> shift)?;
         }
         let mut events = det.events()?;
         tracing::info!(

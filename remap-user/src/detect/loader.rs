@@ -1,6 +1,7 @@
 //! Loads the detector into the kernel: checks what it needs, fills in the tracepoint layout,
 //! pins its maps under one bpffs folder, attaches one program, and hands out the event stream.
 use std::{
+    collections::BTreeMap,
     fmt, fs,
     fs::File,
     io,
@@ -21,8 +22,9 @@ use aya::{
 use remap_common::{
     Counters, DedupKey, ErrorEvent, GLOBAL_DEDUP_WINDOW_NS, GLOBAL_ISSUE_LAYOUT, GLOBAL_LAYOUT,
     GLOBAL_REQ_LAYOUT, GLOBAL_SLOW_ON, MAP_ARMED, MAP_COUNTERS, MAP_DEDUP, MAP_EVENTS,
-    MAP_INFLIGHT, MAP_PENDING, MAP_POOL, MAP_REMAPS, MAP_WATCHED, PROG_RQ_COMPLETE, PROG_RQ_DONE,
-    PROG_RQ_DONE_BTF, PROG_RQ_ERROR, PROG_RQ_ISSUE, PoolDev, RemapKey, RemapVal, WatchedDev,
+    MAP_INFLIGHT, MAP_PENDING, MAP_POOL, MAP_REMAPS, MAP_WATCH_SLOTS, MAP_WATCHED,
+    PROG_RQ_COMPLETE, PROG_RQ_DONE, PROG_RQ_DONE_BTF, PROG_RQ_ERROR, PROG_RQ_ISSUE, PoolDev,
+    RemapKey, RemapVal, WatchSlot, WatchedDev, watch_slot,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -414,8 +416,16 @@ impl Detector {
                 what: "opening the rewrite-watch switch".into(),
                 source,
             })?;
+        let slots = Array::try_from(take(&mut det, MAP_WATCH_SLOTS)).map_err(|source| {
+            DetectError::Map {
+                what: "opening the watched-device slots".into(),
+                source,
+            }
+        })?;
         det.watcher = Some(Watcher {
             map,
+            slots,
+            devs: BTreeMap::new(),
             pending,
             pool,
             remaps,
@@ -423,7 +433,7 @@ impl Detector {
             armed,
             pending_keys: std::collections::BTreeSet::new(),
             windows: std::collections::BTreeSet::new(),
-            is_armed: false,
+            armed_bits: 0,
             slow_us: det.slow_us,
             btf: req_layout.is_some(),
         });
@@ -540,6 +550,18 @@ impl Detector {
         }
     }
 
+    /// Marks a chunk of a watched device as holding pending blocks (see
+    /// [`Watcher::set_pending`]).
+    pub fn set_pending(&mut self, dev: &BlockDev, chunk: u64) -> Result<(), DetectError> {
+        match self.watcher.as_mut() {
+            Some(w) => w.set_pending(dev, chunk, true),
+            None => Err(DetectError::Io {
+                what: "the watched-device map was handed to the engine".into(),
+                source: io::ErrorKind::Other.into(),
+            }),
+        }
+    }
+
     /// Hands the watched-device map to its owner (the engine), once.
     pub fn take_watcher(&mut self) -> Option<Watcher> {
         self.watcher.take()
@@ -588,6 +610,10 @@ impl Drop for Detector {
 /// The watched-device map: which devices the detector reports.
 pub struct Watcher {
     map: HashMap<MapData, u32, WatchedDev>,
+    /// The programs' first filter, derived from `devs` (see [`remap_common::MAP_WATCH_SLOTS`]).
+    slots: Array<MapData, WatchSlot>,
+    /// What `map` holds.
+    devs: BTreeMap<u32, WatchedDev>,
     pending: HashMap<MapData, DedupKey, u32>,
     locating: HashMap<MapData, u32, remap_common::LocateWatch>,
     pool: HashMap<MapData, u32, PoolDev>,
@@ -596,7 +622,8 @@ pub struct Watcher {
     armed: Array<MapData, u32>,
     pending_keys: std::collections::BTreeSet<(u32, u64)>,
     windows: std::collections::BTreeSet<u32>,
-    is_armed: bool,
+    /// What `armed` holds ([`remap_common::armed`] bits).
+    armed_bits: u32,
     slow_us: u32,
     /// Whether completions are read from the request itself (BTF).
     btf: bool,
@@ -625,10 +652,25 @@ impl Watcher {
                 );
             }
         }
+        // The hash first: a slot that turns shared sends the programs there.
+        let key = dev.kernel_dev();
         self.map
-            .insert(dev.kernel_dev(), value, 0)
+            .insert(key, value, 0)
             .map_err(|source| DetectError::Map {
                 what: format!("watching {}", dev.path.display()),
+                source,
+            })?;
+        self.devs.insert(key, value);
+        self.write_slot(watch_slot(key), &dev.path)
+    }
+
+    /// Writes slot `index` from what is watched: empty, the one device hashing there, or shared.
+    fn write_slot(&mut self, index: u32, path: &Path) -> Result<(), DetectError> {
+        let value = slot_value(&self.devs, index);
+        self.slots
+            .set(index, value, 0)
+            .map_err(|source| DetectError::Map {
+                what: format!("updating the watched-device slot of {}", path.display()),
                 source,
             })
     }
@@ -666,15 +708,21 @@ impl Watcher {
     /// Turns the rewrite watch on while anything is pending or being located, off otherwise:
     /// a healthy volume's writes are not looked at.
     fn arm(&mut self) -> Result<(), DetectError> {
-        let want = !self.pending_keys.is_empty() || !self.windows.is_empty();
-        if want != self.is_armed {
+        let mut want = 0;
+        if !self.pending_keys.is_empty() {
+            want |= remap_common::armed::PENDING;
+        }
+        if !self.windows.is_empty() {
+            want |= remap_common::armed::LOCATING;
+        }
+        if want != self.armed_bits {
             self.armed
-                .set(0, u32::from(want), 0)
+                .set(0, want, 0)
                 .map_err(|source| DetectError::Map {
                     what: "switching the rewrite watch".into(),
                     source,
                 })?;
-            self.is_armed = want;
+            self.armed_bits = want;
         }
         Ok(())
     }
@@ -763,13 +811,36 @@ impl Watcher {
     }
 
     pub fn unwatch(&mut self, dev: &BlockDev) -> Result<(), DetectError> {
-        match self.map.remove(&dev.kernel_dev()) {
+        // The slot first: the programs stop looking before the settings go.
+        let key = dev.kernel_dev();
+        if self.devs.remove(&key).is_some() {
+            self.write_slot(watch_slot(key), &dev.path)?;
+        }
+        match self.map.remove(&key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(DetectError::Map {
                 what: format!("unwatching {}", dev.path.display()),
                 source,
             }),
         }
+    }
+}
+
+/// Slot `index` for the watched devices `devs`: empty, the one device hashing there, or shared
+/// (the programs then look the device up in the hash).
+fn slot_value(devs: &BTreeMap<u32, WatchedDev>, index: u32) -> WatchSlot {
+    let mut here = devs.iter().filter(|(d, _)| watch_slot(**d) == index);
+    match (here.next(), here.next()) {
+        (None, _) => WatchSlot::default(),
+        (Some((&dev, &watched)), None) => WatchSlot {
+            state: remap_common::slot::ONE,
+            dev,
+            watched,
+        },
+        (Some(_), Some(_)) => WatchSlot {
+            state: remap_common::slot::SHARED,
+            ..WatchSlot::default()
+        },
     }
 }
 
@@ -894,4 +965,50 @@ fn issue_layout(tracefs: &Tracefs) -> Result<remap_common::Layout, String> {
     parse_format(&text)
         .and_then(|f| f.block_rq_issue_layout())
         .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use remap_common::slot;
+
+    use super::*;
+
+    fn w(shift: u32) -> WatchedDev {
+        WatchedDev {
+            chunk_shift: shift,
+            slow_us: 500_000,
+        }
+    }
+
+    /// Two devices of different majors that land in one slot.
+    fn colliding() -> (u32, u32) {
+        let a = 8 << 20;
+        let b = (1..4096u32)
+            .map(|major| major << 20)
+            .find(|&d| d != a && watch_slot(d) == watch_slot(a))
+            .expect("256 slots and 4095 majors collide");
+        (a, b)
+    }
+
+    #[test]
+    fn a_slot_holds_its_one_device_and_its_settings() {
+        let devs = BTreeMap::from([(8 << 20 | 16, w(3))]);
+        let i = watch_slot(8 << 20 | 16);
+        let s = slot_value(&devs, i);
+        assert_eq!((s.state, s.dev, s.watched), (slot::ONE, 8 << 20 | 16, w(3)));
+        assert_eq!(slot_value(&devs, (i + 1) % 256).state, slot::EMPTY);
+    }
+
+    #[test]
+    fn a_slot_two_devices_share_sends_the_programs_to_the_hash() {
+        let (a, b) = colliding();
+        let mut devs = BTreeMap::from([(a, w(3)), (b, w(5))]);
+        assert_eq!(slot_value(&devs, watch_slot(a)).state, slot::SHARED);
+        // One leaves: the slot is the other's again, with its own settings.
+        devs.remove(&a);
+        let s = slot_value(&devs, watch_slot(a));
+        assert_eq!((s.state, s.dev, s.watched), (slot::ONE, b, w(5)));
+        devs.remove(&b);
+        assert_eq!(slot_value(&devs, watch_slot(a)), WatchSlot::default());
+    }
 }

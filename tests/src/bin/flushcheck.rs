@@ -715,7 +715,10 @@ fn check(log: &Path, case: &str, expect_violation: bool, min_remaps: usize) -> R
     // The target writes `dm-log-writes-end` as it is removed, and the scenario `end-of-run`
     // before its teardown (its removal once blocked in the kernel): without either last,
     // logging stopped early (the log device filled up) and the super's entry count is stale.
-    if !matches!(last_mark.as_deref(), Some("dm-log-writes-end" | "end-of-run")) {
+    if !matches!(
+        last_mark.as_deref(),
+        Some("dm-log-writes-end" | "end-of-run")
+    ) {
         println!(
             "FAIL {case}: the log is incomplete ({} entries, the last is not the end-of-run or dm-log-writes-end mark): was the log device too small?",
             r.nr_entries

@@ -49,13 +49,23 @@ pub struct HostRun {
     pub programs: BTreeMap<String, (u64, u64)>,
 }
 
-pub const PATTERNS: &[(&str, &str, u32)] = &[
-    ("randread-4k-qd1", "psync", 1),
-    ("randread-4k-qd32", "libaio", 32),
+/// fio jobs: name, engine, queue depth, rw. The writes are what the rewrite watch looks at.
+pub const PATTERNS: &[(&str, &str, u32, &str)] = &[
+    ("randread-4k-qd1", "psync", 1, "randread"),
+    ("randread-4k-qd32", "libaio", 32, "randread"),
+    ("randwrite-4k-qd32", "libaio", 32, "randwrite"),
 ];
 
 /// Variants, in the order of the first round (later rounds rotate it, so drift spreads evenly).
-pub const VARIANTS: &[&str] = &["detached", "error", "complete", "slow", "slow-tp", "agent"];
+pub const VARIANTS: &[&str] = &[
+    "detached",
+    "error",
+    "complete",
+    "slow",
+    "slow-pending",
+    "slow-tp",
+    "agent",
+];
 
 pub fn run(plan: &Plan, remapd: &Path, dir: &Path) -> Result<HostReport> {
     let mut rep = HostReport {
@@ -98,11 +108,11 @@ pub fn run(plan: &Plan, remapd: &Path, dir: &Path) -> Result<HostReport> {
         }
     }
     // A first run warms the loop device and the page cache; it is not counted.
-    fio(&lo.0, "warm-up", "psync", 1, plan.secs.min(3))?;
+    fio(&lo.0, "warm-up", "psync", 1, "randread", plan.secs.min(3))?;
     for round in 0..plan.rounds {
         let mut order = variants.clone();
         order.rotate_left(round % variants.len());
-        for (pattern, engine, qd) in PATTERNS {
+        for (pattern, engine, qd, rw) in PATTERNS {
             for v in &order {
                 let att = match *v {
                     "detached" => None,
@@ -110,10 +120,10 @@ pub fn run(plan: &Plan, remapd: &Path, dir: &Path) -> Result<HostReport> {
                 };
                 let ids = att.as_ref().map(|a| a.progs.clone()).unwrap_or_default();
                 let before = prog_stats(&ids)?;
-                let job = fio(&lo.0, pattern, engine, *qd, plan.secs)?;
+                let job = fio(&lo.0, pattern, engine, *qd, rw, plan.secs)?;
                 let after = prog_stats(&ids)?;
                 drop(att);
-                step(&format!("host {pattern} {v}: {:.0} IOPS", job.read.iops));
+                step(&format!("host {pattern} {v}: {:.0} IOPS", job.main().iops));
                 rep.runs.push(HostRun {
                     variant: v.to_string(),
                     pattern: pattern.to_string(),
@@ -273,12 +283,13 @@ impl Attached {
                 "remapd ready"
             }
             // `slow`: the error detector plus the completion watch reading the request itself
-            // (BTF); `slow-tp`: the same through the tracepoints, a program at issue and at
-            // completion (the fallback); the others without them, to show each program's own
-            // cost.
+            // (BTF); `slow-pending`: the same with a chunk pending (the rewrite watch armed, as
+            // the agent runs while any block is pending: its full program set); `slow-tp`: the
+            // same through the tracepoints, a program at issue and at completion (the
+            // fallback); the others without them, to show each program's own cost.
             d => {
                 let (det, slow_ms, completion) = match d {
-                    "slow" => ("error", SLOW_MS, "auto"),
+                    "slow" | "slow-pending" => ("error", SLOW_MS, "auto"),
                     "slow-tp" => ("error", SLOW_MS, "tracepoint"),
                     d => (d, "0", "auto"),
                 };
@@ -286,6 +297,9 @@ impl Attached {
                     .args(["--completion", completion])
                     .args(["--pin-dir", PIN_DIR, "--device"])
                     .arg(dev);
+                if d == "slow-pending" {
+                    cmd.args(["--pending", "0"]);
+                }
                 "attached"
             }
         };
@@ -333,11 +347,11 @@ impl Drop for Attached {
     }
 }
 
-fn fio(dev: &Path, name: &str, engine: &str, qd: u32, secs: u64) -> Result<FioJob> {
+fn fio(dev: &Path, name: &str, engine: &str, qd: u32, rw: &str, secs: u64) -> Result<FioJob> {
     let out = Command::new("fio")
         .args([
             &format!("--name={name}"),
-            "--rw=randread",
+            &format!("--rw={rw}"),
             "--bs=4k",
             "--direct=1",
             &format!("--ioengine={engine}"),

@@ -152,7 +152,7 @@ fn host(r: &mut Report, h: Option<&HostReport>) -> Option<f64> {
     let mut t = Table::new(
         "eBPF on healthy I/O (host kernel, real CPU)",
         &format!(
-            "fio 4 KiB random reads, O_DIRECT, on {}; each detector attached by remapd and \
+            "fio 4 KiB random reads and writes, O_DIRECT, on {}; each detector attached by remapd and \
              detached in alternation (order rotated each round), BPF statistics \
              (`kernel.bpf_stats_enabled`) for the program's own time. IOPS ratio = median \
              attached / median detached, same run.",
@@ -168,8 +168,9 @@ fn host(r: &mut Report, h: Option<&HostReport>) -> Option<f64> {
             "runs per I/O",
             "ns per run",
             "ns per I/O",
-            "IOPS ratio QD1",
-            "IOPS ratio QD32",
+            "IOPS ratio: randread QD1",
+            "randread QD32",
+            "randwrite QD32",
         ],
     );
     if let Some(why) = &h.skipped {
@@ -180,12 +181,19 @@ fn host(r: &mut Report, h: Option<&HostReport>) -> Option<f64> {
         h.runs
             .iter()
             .filter(|x| x.variant == variant && x.pattern == pattern)
-            .map(|x| x.job.read.iops)
+            .map(|x| x.job.main().iops)
             .collect()
     };
     let mut numbers = serde_json::Map::new();
     let mut complete_ns = None;
-    for variant in ["error", "complete", "slow", "slow-tp", "agent"] {
+    for variant in [
+        "error",
+        "complete",
+        "slow",
+        "slow-pending",
+        "slow-tp",
+        "agent",
+    ] {
         let runs: Vec<_> = h.runs.iter().filter(|x| x.variant == variant).collect();
         if runs.is_empty() {
             continue;
@@ -193,7 +201,7 @@ fn host(r: &mut Report, h: Option<&HostReport>) -> Option<f64> {
         let mut progs: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
         let mut ios = 0.0;
         for x in &runs {
-            ios += x.job.read.ios(4.0);
+            ios += x.job.read.ios(4.0) + x.job.write.ios(4.0);
             for (n, (t, c)) in &x.programs {
                 let e = progs.entry(n).or_default();
                 e.0 += t;
@@ -220,39 +228,46 @@ fn host(r: &mut Report, h: Option<&HostReport>) -> Option<f64> {
             if variant == "complete" && *prog == "rq_complete" {
                 complete_ns = ns;
             }
-            t.rows.push(vec![
-                mode_label(variant).into(),
-                prog_label(prog),
-                format!("{per_io:.3}"),
-                ns.map_or("– (never ran)".into(), |v| format!("{v:.0}")),
-                format!("{ns_per_io:.0}"),
-                ratios[0].clone(),
-                ratios[1].clone(),
-            ]);
+            t.rows.push(
+                vec![
+                    mode_label(variant).into(),
+                    prog_label(prog),
+                    format!("{per_io:.3}"),
+                    ns.map_or("– (never ran)".into(), |v| format!("{v:.0}")),
+                    format!("{ns_per_io:.0}"),
+                ]
+                .into_iter()
+                .chain(ratios.iter().cloned())
+                .collect(),
+            );
             numbers.insert(
                 format!("{variant}/{prog}"),
                 json!({"ns_per_run": ns, "runs_per_io": per_io, "ns_per_io": ns_per_io, "iops_ratio": ratios}),
             );
         }
         if progs.len() > 1 {
-            t.rows.push(vec![
-                mode_label(variant).into(),
-                "all of its programs".into(),
-                "–".into(),
-                "–".into(),
-                format!("**{total_ns_per_io:.0}**"),
-                ratios[0].clone(),
-                ratios[1].clone(),
-            ]);
+            t.rows.push(
+                vec![
+                    mode_label(variant).into(),
+                    "all of its programs".into(),
+                    "–".into(),
+                    "–".into(),
+                    format!("**{total_ns_per_io:.0}**"),
+                ]
+                .into_iter()
+                .chain(ratios.iter().cloned())
+                .collect(),
+            );
         }
         numbers.insert(format!("{variant}/total_ns_per_io"), json!(total_ns_per_io));
     }
     if let Some(why) = &h.agent {
         t.rows.push(vec![
             "agent (`remapd --no-assemble`)".into(),
-            "rq_error + rq_issue + rq_done (block_rq_complete)".into(),
+            "rq_error + rq_done_btf (raw block_rq_complete)".into(),
             "–".into(),
             "not measured here".into(),
+            "–".into(),
             "–".into(),
             "–".into(),
             "–".into(),
@@ -277,6 +292,9 @@ fn mode_label(v: &str) -> &'static str {
         "error" => "`watch --detector error`",
         "complete" => "`watch --detector complete` (fallback)",
         "slow" => "`watch --slow-ms 500` (slow-I/O, the request's own stamp via BTF)",
+        "slow-pending" => {
+            "`watch --slow-ms 500 --pending 0` (the agent's full set: slow-I/O on, a chunk pending)"
+        }
         "slow-tp" => "`watch --slow-ms 500 --completion tracepoint` (fallback)",
         "agent" => "agent (`remapd --no-assemble`)",
         _ => "?",
