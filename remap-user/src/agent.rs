@@ -40,6 +40,7 @@ use crate::{
     detect::{DetectorConfig, Watcher, loader::read_pinned_counters},
     dm::DeviceMapper,
     engine::{Engine, RemapReport, Watch},
+    health::AlertKind,
     metrics::{Metrics, Snapshot},
     notify::Notifier,
     render::VolumeMap,
@@ -390,7 +391,7 @@ fn log_error(n: &Named, ev: &ErrorEvent) {
 pub fn engine_loop<D: DeviceMapper, I: BlockIo, W: Watch>(
     engine: Engine<D, I, W>,
     rx: mpsc::Receiver<Msg>,
-    hub: &Hub,
+    hub: &Arc<Hub>,
 ) {
     engine_loop_with(engine, rx, hub, Scrubs::new(None));
 }
@@ -399,7 +400,7 @@ pub fn engine_loop<D: DeviceMapper, I: BlockIo, W: Watch>(
 pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
     mut engine: Engine<D, I, W>,
     rx: mpsc::Receiver<Msg>,
-    hub: &Hub,
+    hub: &Arc<Hub>,
     mut scrubs: Scrubs,
 ) {
     changed(&mut engine, hub);
@@ -635,7 +636,7 @@ fn scrub_found<D: DeviceMapper, I: BlockIo, W: Watch>(
 /// After a change: the state for metrics and status, and the agent's own health watch of every
 /// volume, whose alerts (new pending blocks, a rising remap rate, new slow requests) are logged,
 /// counted and announced as they happen, not only when someone asks.
-fn changed<D: DeviceMapper, I: BlockIo, W: Watch>(engine: &mut Engine<D, I, W>, hub: &Hub) {
+fn changed<D: DeviceMapper, I: BlockIo, W: Watch>(engine: &mut Engine<D, I, W>, hub: &Arc<Hub>) {
     hub.set_state(Snapshot::of(engine.volumes()));
     hub.note_in_place(engine.volumes());
     engine.release_unused();
@@ -655,14 +656,51 @@ fn changed<D: DeviceMapper, I: BlockIo, W: Watch>(engine: &mut Engine<D, I, W>, 
                 kind = alert.kind.as_str(),
                 "health alert: {alert}"
             );
-            hub.publish(Event::Alert {
+            let ev = Event::Alert {
                 time_ms: now_ms(),
                 volume: name.clone(),
                 kind: alert.kind.as_str().into(),
                 alert: alert.text.clone(),
                 score: h.score,
-            });
+                files: Vec::new(),
+            };
+            let dev = PathBuf::from(crate::dm::MAPPER_DIR).join(&name);
+            match engine.pending_blocks(&name) {
+                Ok(blocks) if alert.kind == AlertKind::Pending && dev.exists() => {
+                    name_what_was_lost(hub, ev, dev, blocks);
+                }
+                _ => hub.publish(ev),
+            }
         }
+    }
+}
+
+/// Publishes a pending alert once the files that lost data are named. Naming them reads the
+/// filesystem on the volume (debugfs: seconds on a large one), so it runs off the engine's
+/// thread, and the alert goes out when it is done, named or not.
+fn name_what_was_lost(hub: &Arc<Hub>, mut ev: Event, dev: PathBuf, blocks: Vec<(u64, u64)>) {
+    let hub = Arc::clone(hub);
+    let unnamed = ev.clone();
+    let publisher = Arc::clone(&hub);
+    let spawned = std::thread::Builder::new()
+        .name("remap-files".into())
+        .spawn(move || {
+            let dev_s = dev.display().to_string();
+            let lost = match crate::files::on_device(&dev_s, &blocks, &crate::files::Programs) {
+                Ok(found) => crate::files::lost(&found),
+                Err(e) => vec![format!("unknown: reading {dev_s}: {e}")],
+            };
+            if let Event::Alert { volume, files, .. } = &mut ev {
+                if !lost.is_empty() {
+                    tracing::warn!(volume = %volume, "lost data: {}", lost.join("; "));
+                }
+                *files = lost;
+            }
+            hub.publish(ev);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("naming the files that lost data: cannot start a thread: {e}");
+        publisher.publish(unnamed);
     }
 }
 

@@ -323,6 +323,10 @@ pub enum Event {
         kind: String,
         alert: String,
         score: u32,
+        /// For new pending blocks: what lost data (files with their bytes, directories,
+        /// metadata), when the filesystem on the volume could be read; empty otherwise.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        files: Vec<String>,
     },
     /// A subscriber read too slowly and missed this many events.
     Lagged { missed: u64 },

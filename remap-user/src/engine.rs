@@ -1314,22 +1314,30 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
 
     pub fn pending(&self, name: &str) -> Result<Value> {
         let vol = self.volume(name)?;
+        let out: Vec<Value> = self
+            .pending_blocks(name)?
+            .into_iter()
+            .map(|(lba, sectors)| json!({ "lba": lba, "sectors": sectors }))
+            .collect();
+        Ok(json!({
+            "mode": mode_name(vol.config.pending_mode),
+            "blocks": out,
+        }))
+    }
+
+    /// The volume's pending blocks as (LBA, sectors) of the volume, in order.
+    pub fn pending_blocks(&self, name: &str) -> Result<Vec<(u64, u64)>> {
+        let vol = self.volume(name)?;
         let g = vol.geo();
         let mut out = Vec::new();
         for (c, r) in vol.remaps.iter() {
             for b in 0..g.blocks_per_chunk() {
                 if r.pending & (1 << b) != 0 {
-                    out.push(json!({
-                        "lba": c * g.chunk + u64::from(b) * g.block,
-                        "sectors": g.block,
-                    }));
+                    out.push((c * g.chunk + u64::from(b) * g.block, g.block));
                 }
             }
         }
-        Ok(json!({
-            "mode": mode_name(vol.config.pending_mode),
-            "blocks": out,
-        }))
+        Ok(out)
     }
 
     pub fn remap_add(&mut self, name: &str, lba: u64, count: u64) -> Result<Value> {

@@ -52,6 +52,56 @@ pub trait Tools {
     fn run(&self, prog: &str, args: &[&str]) -> Result<String, String>;
 }
 
+/// Runs the real programs (e2fsprogs and the like).
+pub struct Programs;
+
+impl Tools for Programs {
+    fn run(&self, prog: &str, args: &[&str]) -> Result<String, String> {
+        let out = std::process::Command::new(prog)
+            .args(args)
+            .output()
+            .map_err(|e| format!("running {prog}: {e} (e2fsprogs installed?)"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{prog} {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// [`resolve`] on the device `dev`, its start read here.
+pub fn on_device(
+    dev: &str,
+    blocks: &[(u64, u64)],
+    tools: &dyn Tools,
+) -> std::io::Result<Vec<Finding>> {
+    use std::io::Read as _;
+    let mut start = Vec::with_capacity(crate::signature::PROBE_BYTES);
+    std::fs::File::open(dev)?
+        .take(crate::signature::PROBE_BYTES as u64)
+        .read_to_end(&mut start)?;
+    Ok(resolve(dev, &start, blocks, tools))
+}
+
+/// What lost data, once each, for people and hooks: the files (with their bytes), the
+/// directories, the kinds of metadata, and what could not be named; free space is left out.
+pub fn lost(found: &[Finding]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for o in found.iter().flat_map(|f| &f.owners) {
+        if *o == Owner::Free {
+            continue;
+        }
+        let text = o.to_string();
+        if !out.contains(&text) {
+            out.push(text);
+        }
+    }
+    out
+}
+
 /// The owners of `blocks` ((lba, sectors) of the volume) on the device `dev`, whose start is
 /// `start` (its first 68 KiB, for the filesystem's signature).
 pub fn resolve(dev: &str, start: &[u8], blocks: &[(u64, u64)], tools: &dyn Tools) -> Vec<Finding> {
@@ -390,6 +440,19 @@ mod tests {
             ]
         );
         assert_eq!(files_affected(&got), 2);
+        // For alerts: once each, free space left out.
+        let again = resolve("/dev/mapper/v", &ext4_start(), &[(4390 * 2, 1)], &Canned);
+        let both: Vec<Finding> = got.iter().chain(&again).cloned().collect();
+        assert_eq!(
+            lost(&both),
+            [
+                "file /f1 (bytes 5120-6143)",
+                "directory /d1",
+                "filesystem metadata: inode table",
+                "filesystem metadata: journal",
+                "filesystem metadata: backup superblock",
+            ]
+        );
     }
 
     #[test]

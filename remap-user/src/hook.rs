@@ -33,6 +33,9 @@ pub struct Notice {
     pub kind: String,
     pub alert: String,
     pub score: u32,
+    /// What lost data, for new pending blocks (see `Event::Alert`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
     pub time_ms: u64,
     pub host: String,
     /// Alerts of this volume and kind folded into this one since the hook last ran for them.
@@ -50,6 +53,8 @@ impl Notice {
             ("REMAP_TIME_MS", self.time_ms.to_string()),
             ("REMAP_HOST", self.host.clone()),
             ("REMAP_SUPPRESSED", self.suppressed.to_string()),
+            // One per line; empty when nothing was named.
+            ("REMAP_FILES", self.files.join("\n")),
         ]
     }
 }
@@ -141,12 +146,14 @@ pub async fn run(opts: HookOptions, hub: Arc<Hub>) {
                 kind,
                 alert,
                 score,
+                files,
             })) => {
                 let n = Notice {
                     volume,
                     kind,
                     alert,
                     score,
+                    files,
                     time_ms,
                     host: host.clone(),
                     suppressed: 0,
@@ -227,6 +234,7 @@ mod tests {
             kind: kind.into(),
             alert: text.into(),
             score: 70,
+            files: Vec::new(),
             time_ms: 0,
             host: "h".into(),
             suppressed: 0,
@@ -290,6 +298,7 @@ mod tests {
             kind: kind.into(),
             alert: text.into(),
             score: 70,
+            files: Vec::new(),
         };
         hub.publish(alert("pending", "1 new pending blocks"));
         hub.publish(alert("pending", "2 new pending blocks"));
@@ -302,8 +311,10 @@ mod tests {
                 .map(str::to_owned)
                 .collect::<Vec<_>>()
         };
+        // Three lines, the last one whole: the hook writes its prefix and its JSON apart.
         for _ in 0..100 {
-            if lines().len() >= 3 {
+            let got = lines();
+            if got.len() >= 3 && got[2].ends_with('}') {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -339,5 +350,14 @@ mod tests {
         assert_eq!(get("REMAP_SCORE"), Some("70"));
         assert_eq!(get("REMAP_SUPPRESSED"), Some("0"));
         assert!(get("REMAP_TIME").is_some_and(|t| t.starts_with("1970-01-01")));
+        assert_eq!(get("REMAP_FILES"), Some(""));
+        let mut n = notice("pending", "2 new pending blocks");
+        n.files = vec!["file /a (bytes 0-4095)".into(), "directory /d".into()];
+        let env = n.env();
+        let get = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str());
+        assert_eq!(
+            get("REMAP_FILES"),
+            Some("file /a (bytes 0-4095)\ndirectory /d")
+        );
     }
 }

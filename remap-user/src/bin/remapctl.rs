@@ -99,7 +99,12 @@ enum Cmd {
     #[command(subcommand)]
     Remap(RemapCmd),
     /// Blocks that could not be read when their chunk moved (they fail reads until rewritten).
-    Pending { name: String },
+    Pending {
+        name: String,
+        /// Say what owns each block: the same answer as `remapctl files NAME`.
+        #[arg(long)]
+        files: bool,
+    },
     /// Which files lost data: what owns each pending block (or each --lba): a file and the
     /// bytes of it, a directory, filesystem metadata and its kind, or free space. ext2/3/4
     /// directly on the volume, mounted or not (read with e2fsprogs' debugfs); anything else is
@@ -325,6 +330,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Counters { pin_dir } => return counters(&pin_dir, cli.json),
         Cmd::Member { dev, list } => return member(&dev, &list, cli.json),
         Cmd::Files { name, lbas } => return files(socket, &name, &lbas, cli.json),
+        Cmd::Pending { name, files: true } => return files(socket, &name, &[], cli.json),
         Cmd::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -413,7 +419,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Spare(SpareCmd::List { name }) => Request::SpareList { name },
         Cmd::Remap(RemapCmd::Add { name, lba, count }) => Request::RemapAdd { name, lba, count },
         Cmd::Remap(RemapCmd::List { name }) => Request::RemapList { name },
-        Cmd::Pending { name } => Request::Pending { name },
+        Cmd::Pending { name, .. } => Request::Pending { name },
     };
     let busy = match &req {
         Request::Create { name, .. } => Some(format!("creating {name}")),
@@ -435,26 +441,6 @@ fn run(cli: Cli) -> Result<i32> {
         print_human(kind, &resp.data);
     }
     Ok(resp.code)
-}
-
-/// Runs e2fsprogs and the like for [`remap_user::files`].
-struct Programs;
-
-impl remap_user::files::Tools for Programs {
-    fn run(&self, prog: &str, args: &[&str]) -> Result<String, String> {
-        let out = std::process::Command::new(prog)
-            .args(args)
-            .output()
-            .map_err(|e| format!("running {prog}: {e} (e2fsprogs installed?)"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "{prog} {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
 }
 
 fn files(socket: &Path, name: &str, lbas: &[u64], json: bool) -> Result<i32> {
@@ -480,25 +466,8 @@ fn files(socket: &Path, name: &str, lbas: &[u64], json: bool) -> Result<i32> {
         lbas.iter().map(|&l| (l, 1)).collect()
     };
     let dev = format!("/dev/mapper/{name}");
-    let mut start = vec![0u8; remap_user::signature::PROBE_BYTES];
-    let n = std::fs::File::open(&dev)
-        .and_then(|mut f| {
-            use std::io::Read as _;
-            let mut n = 0;
-            loop {
-                match f.read(&mut start[n..])? {
-                    0 => break,
-                    k => n += k,
-                }
-                if n == start.len() {
-                    break;
-                }
-            }
-            Ok(n)
-        })
+    let found = remap_user::files::on_device(&dev, &blocks, &remap_user::files::Programs)
         .with_context(|| format!("reading the start of {dev}"))?;
-    start.truncate(n);
-    let found = remap_user::files::resolve(&dev, &start, &blocks, &Programs);
     if json {
         println!("{}", serde_json::to_string(&found)?);
         return Ok(exit::OK);
@@ -900,10 +869,17 @@ fn event_line(ev: &Event) -> String {
             kind,
             alert,
             score,
-        } => format!(
-            "{}  alert  {volume:<12} [{kind}] {alert}  (health {score})",
-            render::utc(*time_ms),
-        ),
+            files,
+        } => {
+            let mut line = format!(
+                "{}  alert  {volume:<12} [{kind}] {alert}  (health {score})",
+                render::utc(*time_ms),
+            );
+            for f in files {
+                line.push_str(&format!("\n    lost: {f}"));
+            }
+            line
+        }
         Event::Lagged { missed } => {
             format!("(missed {missed} events: remapctl read too slowly)")
         }

@@ -102,7 +102,8 @@ struct AgentArgs {
     /// or metadata copy failing, a short forecast, a path fault, errors that are not the
     /// medium's, the drive's own SMART counts growing), never for a stable count. The facts
     /// are in REMAP_VOLUME, REMAP_ALERT_KIND, REMAP_ALERT, REMAP_SCORE, REMAP_TIME,
-    /// REMAP_HOST and REMAP_SUPPRESSED, and as JSON on stdin. One hook at a time, killed after
+    /// REMAP_HOST, REMAP_SUPPRESSED and (for new pending blocks) REMAP_FILES, what lost data,
+    /// one per line, and as JSON on stdin. One hook at a time, killed after
     /// 2 minutes; its failures are logged. A sample that mails: remap-notify-mail.
     #[arg(long, env = "REMAPD_NOTIFY_EXEC", value_name = "PROG")]
     notify_exec: Option<PathBuf>,

@@ -1,8 +1,9 @@
 #!/bin/sh
 # Which files lost data: ext4 on a volume, blocks gone bad under a known file, a directory,
 # the inode table and free space; `remapctl files` names exactly those (the file with the
-# bytes lost), nothing else; a rewrite of the file's block takes it off the list.
-#vm: cases named-exactly human-readable rewrite-clears
+# bytes lost), nothing else; the pending alert names them to the notify hook; a rewrite of the
+# file's block takes it off the list.
+#vm: cases named-exactly human-readable hook-names-files rewrite-clears
 #vm: needs remapd remapctl
 #vm: timeout 300
 . /vm/lib.sh
@@ -11,7 +12,13 @@ VOL=vf
 main=$(nullb create --size 64)
 sp1=$(nullb create --size 24)
 sp2=$(nullb create --size 24)
-remapd --socket /run/remap/remapd.sock >/tmp/remapd.out 2>/tmp/remapd.log &
+cat >/tmp/hook.sh <<'HOOK'
+#!/bin/sh
+{ echo "== $REMAP_ALERT_KIND: $REMAP_ALERT"; printf '%s\n' "$REMAP_FILES"; } >>/tmp/hook.log
+HOOK
+chmod 755 /tmp/hook.sh
+remapd --socket /run/remap/remapd.sock --notify-exec /tmp/hook.sh --notify-interval 1 \
+    >/tmp/remapd.out 2>/tmp/remapd.log &
 wait_for /tmp/remapd.log "remapd ready" 90 || { fail named-exactly "remapd not ready: $(tail -5 /tmp/remapd.log)"; exit 1; }
 status() { remapctl status "$VOL" --json; }
 
@@ -57,11 +64,27 @@ has '"owner":"file","path":"/f2","inode":' && has '"offset":12288,"length":4096'
     pass named-exactly "$j"
 
 # --- the same for people
-out=$(remapctl files "$VOL")
+out=$(remapctl pending "$VOL" --files)
 case "$out" in
 *"file /f2 (bytes 12288-16383)"*"2 files or directories lost data"*) pass human-readable "$(echo "$out" | tr '\n' ';')" ;;
 *) fail human-readable "$out" ;;
 esac
+
+# --- the hook heard it: the pending alert carries what lost data
+n=0
+until grep -q "^file /f2 (bytes 12288-16383)$" /tmp/hook.log 2>/dev/null &&
+    grep -q "^directory /dir$" /tmp/hook.log && grep -q "^filesystem metadata: inode table$" /tmp/hook.log ||
+    [ $n -ge 300 ]; do sleep 0.1; n=$((n + 1)); done
+if grep -q "^file /f2 (bytes 12288-16383)$" /tmp/hook.log 2>/dev/null &&
+    grep -q "^directory /dir$" /tmp/hook.log && grep -q "^filesystem metadata: inode table$" /tmp/hook.log; then
+    if grep -q "free space\|^file /f[13]" /tmp/hook.log; then
+        fail hook-names-files "more than what lost data: $(tr '\n' ';' </tmp/hook.log)"
+    else
+        pass hook-names-files "$(tr '\n' ';' </tmp/hook.log)"
+    fi
+else
+    fail hook-names-files "REMAP_FILES: $(tr '\n' ';' </tmp/hook.log 2>/dev/null); log: $(grep -i "hook\|lost data" /tmp/remapd.log | tail -3)"
+fi
 
 # --- the file restored: its block rewritten through the filesystem, it leaves the list
 mode=$(json_str "$(status)" pending_mode)
