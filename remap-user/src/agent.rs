@@ -667,7 +667,7 @@ fn changed<D: DeviceMapper, I: BlockIo, W: Watch>(engine: &mut Engine<D, I, W>, 
             let dev = PathBuf::from(crate::dm::MAPPER_DIR).join(&name);
             match engine.pending_blocks(&name) {
                 Ok(blocks) if alert.kind == AlertKind::Pending && dev.exists() => {
-                    name_what_was_lost(hub, ev, dev, blocks);
+                    name_what_was_lost(hub, ev, name.clone(), blocks);
                 }
                 _ => hub.publish(ev),
             }
@@ -678,17 +678,16 @@ fn changed<D: DeviceMapper, I: BlockIo, W: Watch>(engine: &mut Engine<D, I, W>, 
 /// Publishes a pending alert once the files that lost data are named. Naming them reads the
 /// filesystem on the volume (debugfs: seconds on a large one), so it runs off the engine's
 /// thread, and the alert goes out when it is done, named or not.
-fn name_what_was_lost(hub: &Arc<Hub>, mut ev: Event, dev: PathBuf, blocks: Vec<(u64, u64)>) {
+fn name_what_was_lost(hub: &Arc<Hub>, mut ev: Event, name: String, blocks: Vec<(u64, u64)>) {
     let hub = Arc::clone(hub);
     let unnamed = ev.clone();
     let publisher = Arc::clone(&hub);
     let spawned = std::thread::Builder::new()
         .name("remap-files".into())
         .spawn(move || {
-            let dev_s = dev.display().to_string();
-            let lost = match crate::files::on_device(&dev_s, &blocks, &crate::files::Programs) {
+            let lost = match crate::files::of_volume(&name, &blocks) {
                 Ok(found) => crate::files::lost(&found),
-                Err(e) => vec![format!("unknown: reading {dev_s}: {e}")],
+                Err(e) => vec![format!("unknown: reading /dev/mapper/{name}: {e}")],
             };
             if let Event::Alert { volume, files, .. } = &mut ev {
                 if !lost.is_empty() {

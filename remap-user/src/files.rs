@@ -44,6 +44,10 @@ pub struct Finding {
     pub lba: u64,
     pub sectors: u64,
     pub owners: Vec<Owner>,
+    /// Where the owners were found when it is not the volume itself: the device stacked on
+    /// it and the way there (`/dev/mapper/lv0 (sector 2048, through crypt luks0, linear lv0)`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on: Option<String>,
 }
 
 /// Runs a program and returns its standard output (the caller's `Command`, or canned output
@@ -72,6 +76,208 @@ impl Tools for Programs {
     }
 }
 
+/// What the kernel stacks on a block device: the device-mapper devices holding it (kpartx
+/// partitions, LVM logical volumes, dm-crypt/LUKS), named by kernel name (`dm-3`).
+pub trait Layers {
+    /// The devices holding `kname`.
+    fn holders(&self, kname: &str) -> Vec<String>;
+    /// `major:minor` of `kname`.
+    fn numbers(&self, kname: &str) -> Option<String>;
+    /// The device-mapper name and live table of `kname`, or why they cannot be read.
+    fn table(&self, kname: &str) -> Result<(String, Vec<crate::table::DmLine>), String>;
+}
+
+/// The running kernel's layers: sysfs for holders, device-mapper for tables.
+pub struct KernelLayers(Result<crate::dm::Dm, String>);
+
+impl KernelLayers {
+    pub fn new() -> Self {
+        Self(crate::dm::Dm::new().map_err(|e| e.to_string()))
+    }
+}
+
+impl Default for KernelLayers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Layers for KernelLayers {
+    fn holders(&self, kname: &str) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(format!("/sys/block/{kname}/holders"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn numbers(&self, kname: &str) -> Option<String> {
+        std::fs::read_to_string(format!("/sys/block/{kname}/dev"))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    }
+
+    fn table(&self, kname: &str) -> Result<(String, Vec<crate::table::DmLine>), String> {
+        use crate::dm::DeviceMapper as _;
+        let name = std::fs::read_to_string(format!("/sys/block/{kname}/dm/name"))
+            .map(|s| s.trim().to_owned())
+            .map_err(|_| format!("{kname} is not a device-mapper device"))?;
+        let dm = self.0.as_ref().map_err(Clone::clone)?;
+        let table = dm.table(&name).map_err(|e| e.to_string())?;
+        Ok((name, table))
+    }
+}
+
+/// Where a block lands at the top of what is stacked on its device: the top device's kernel
+/// name, the sector there and the way (`crypt luks0`, `linear lv0`).
+#[derive(Debug, PartialEq, Eq)]
+struct Top {
+    kname: String,
+    at: u64,
+    via: Vec<String>,
+}
+
+/// A block of the volume ((lba, sectors)) and where it lands.
+type Landed = ((u64, u64), Top);
+
+/// Where one block of `kname` lands (see [`Top`]), or why it cannot be followed (a target
+/// that is not linear or crypt, a block no layer maps).
+fn climb(layers: &dyn Layers, kname: &str, lba: u64) -> Result<Top, String> {
+    let (mut cur, mut lba, mut via) = (kname.to_owned(), lba, Vec::new());
+    // Bounded: a stack deeper than this is not one that people build.
+    for _ in 0..16 {
+        let holders = layers.holders(&cur);
+        if holders.is_empty() {
+            return Ok(Top {
+                kname: cur,
+                at: lba,
+                via,
+            });
+        }
+        let me = layers
+            .numbers(&cur)
+            .ok_or_else(|| format!("the device numbers of {cur} cannot be read"))?;
+        let mut names = Vec::new();
+        let mut hit = None;
+        for h in &holders {
+            let (name, table) = layers.table(h).map_err(|e| {
+                format!("{h} is stacked on the volume and its table cannot be read: {e}")
+            })?;
+            for (start, len, ty, params) in &table {
+                let p: Vec<&str> = params.split_whitespace().collect();
+                // linear: DEV OFFSET; crypt: CIPHER KEY IV_OFFSET DEV OFFSET [options].
+                let (dev, off) = match ty.as_str() {
+                    "linear" => (p.first(), p.get(1)),
+                    "crypt" => (p.get(3), p.get(4)),
+                    _ if p.contains(&me.as_str()) => {
+                        return Err(format!(
+                            "{name} maps the volume through a {ty} target: not followed (only linear and crypt are)"
+                        ));
+                    }
+                    _ => continue,
+                };
+                let Some(off) = off.and_then(|o| o.parse::<u64>().ok()) else {
+                    continue;
+                };
+                if dev.copied() == Some(me.as_str()) && lba >= off && lba < off + len {
+                    hit = Some((h.clone(), start + (lba - off), format!("{ty} {name}")));
+                }
+            }
+            names.push(name);
+        }
+        let Some((h, at, way)) = hit else {
+            return Err(format!(
+                "no device stacked on it maps this block ({}): a partition table, an LVM or LUKS header, or unused space",
+                names.join(", ")
+            ));
+        };
+        cur = h;
+        lba = at;
+        via.push(way);
+    }
+    Err("the stack on the volume is deeper than 16 devices".into())
+}
+
+/// The owners of the volume `name`'s `blocks`, through what is stacked on it, with the real
+/// programs and the running kernel.
+pub fn of_volume(name: &str, blocks: &[(u64, u64)]) -> std::io::Result<Vec<Finding>> {
+    let dev = format!("{}/{name}", crate::dm::MAPPER_DIR);
+    let bd = crate::blockdev::BlockDev::open(std::path::Path::new(&dev))
+        .map_err(std::io::Error::other)?;
+    let kname = std::fs::canonicalize(bd.sysfs_dir())?
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    through_stack(&dev, &kname, blocks, &Programs, &KernelLayers::new())
+}
+
+/// The owners of `blocks` ((lba, sectors) of the volume `dev`, kernel name `kname`), through
+/// whatever is stacked on it: each block is followed up the linear and crypt layers to the
+/// top device, and asked of the filesystem there.
+pub fn through_stack(
+    dev: &str,
+    kname: &str,
+    blocks: &[(u64, u64)],
+    tools: &dyn Tools,
+    layers: &dyn Layers,
+) -> std::io::Result<Vec<Finding>> {
+    if layers.holders(kname).is_empty() {
+        return on_device(dev, blocks, tools);
+    }
+    // Per top device: the volume's blocks and where each lands.
+    let mut tops: BTreeMap<String, Vec<Landed>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for &(lba, sectors) in blocks {
+        match climb(layers, kname, lba) {
+            Ok(top) => tops
+                .entry(top.kname.clone())
+                .or_default()
+                .push(((lba, sectors), top)),
+            Err(why) => out.push(Finding {
+                lba,
+                sectors,
+                owners: vec![Owner::Unknown { why }],
+                on: None,
+            }),
+        }
+    }
+    for (top, list) in tops {
+        let name = layers
+            .table(&top)
+            .map_or_else(|_| top.clone(), |(name, _)| name);
+        let path = format!("{}/{name}", crate::dm::MAPPER_DIR);
+        let here: Vec<(u64, u64)> = list.iter().map(|((_, s), t)| (t.at, *s)).collect();
+        let found = on_device(&path, &here, tools).unwrap_or_else(|e| {
+            let why = format!("reading {path}: {e}");
+            let owners = vec![Owner::Unknown { why }];
+            here.iter()
+                .map(|&(lba, sectors)| Finding {
+                    lba,
+                    sectors,
+                    owners: owners.clone(),
+                    on: None,
+                })
+                .collect()
+        });
+        for (f, ((lba, _), t)) in found.into_iter().zip(&list) {
+            out.push(Finding {
+                lba: *lba,
+                on: Some(format!(
+                    "{path} (sector {}, through {})",
+                    t.at,
+                    t.via.join(", ")
+                )),
+                ..f
+            });
+        }
+    }
+    out.sort_by_key(|f| f.lba);
+    Ok(out)
+}
+
 /// [`resolve`] on the device `dev`, its start read here.
 pub fn on_device(
     dev: &str,
@@ -90,13 +296,17 @@ pub fn on_device(
 /// directories, the kinds of metadata, and what could not be named; free space is left out.
 pub fn lost(found: &[Finding]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for o in found.iter().flat_map(|f| &f.owners) {
-        if *o == Owner::Free {
-            continue;
-        }
-        let text = o.to_string();
-        if !out.contains(&text) {
-            out.push(text);
+    for f in found {
+        // On a device stacked on the volume: its path says which filesystem.
+        let on =
+            f.on.as_deref()
+                .and_then(|on| on.split(" (").next())
+                .map_or_else(String::new, |dev| format!(" on {dev}"));
+        for o in f.owners.iter().filter(|o| **o != Owner::Free) {
+            let text = format!("{o}{on}");
+            if !out.contains(&text) {
+                out.push(text);
+            }
         }
     }
     out
@@ -112,6 +322,7 @@ pub fn resolve(dev: &str, start: &[u8], blocks: &[(u64, u64)], tools: &dyn Tools
                 lba,
                 sectors,
                 owners: vec![Owner::Unknown { why: why.clone() }],
+                on: None,
             })
             .collect()
     };
@@ -123,6 +334,7 @@ pub fn resolve(dev: &str, start: &[u8], blocks: &[(u64, u64)], tools: &dyn Tools
                     lba,
                     sectors,
                     owners: ext.owners(lba, sectors),
+                    on: None,
                 })
                 .collect(),
             Err(e) => unknown(format!("ext filesystem on {dev} cannot be read: {e}")),
@@ -453,6 +665,97 @@ mod tests {
                 "filesystem metadata: backup superblock",
             ]
         );
+    }
+
+    /// The volume dm-0 (253:0); on it dm-1, a crypt device with its data 4096 sectors in;
+    /// on that dm-2, a linear LV 2048 sectors in; dm-3, a striped device over dm-4.
+    struct Stack;
+
+    impl Layers for Stack {
+        fn holders(&self, kname: &str) -> Vec<String> {
+            match kname {
+                "dm-0" => vec!["dm-1".into()],
+                "dm-1" => vec!["dm-2".into()],
+                "dm-4" => vec!["dm-3".into()],
+                _ => vec![],
+            }
+        }
+        fn numbers(&self, kname: &str) -> Option<String> {
+            kname.strip_prefix("dm-").map(|n| format!("253:{n}"))
+        }
+        fn table(&self, kname: &str) -> Result<(String, Vec<crate::table::DmLine>), String> {
+            let line = |len, ty: &str, p: &str| (0, len, ty.to_owned(), p.to_owned());
+            match kname {
+                "dm-1" => Ok((
+                    "luks0".into(),
+                    vec![line(
+                        100_000,
+                        "crypt",
+                        "aes-xts-plain64 :64:logon:k 0 253:0 4096",
+                    )],
+                )),
+                "dm-2" => Ok(("lv0".into(), vec![line(50_000, "linear", "253:1 2048")])),
+                "dm-3" => Ok((
+                    "striped".into(),
+                    vec![line(1000, "striped", "2 128 253:4 0 253:5 0")],
+                )),
+                _ => Err("no table".into()),
+            }
+        }
+    }
+
+    #[test]
+    fn a_block_is_followed_up_through_crypt_and_linear() {
+        assert_eq!(
+            climb(&Stack, "dm-0", 4096 + 2048 + 10).unwrap(),
+            Top {
+                kname: "dm-2".into(),
+                at: 10,
+                via: vec!["crypt luks0".into(), "linear lv0".into()]
+            }
+        );
+        // In the LUKS header, in the crypt device before the LV: no layer maps it.
+        for lba in [100, 4096 + 5] {
+            let why = climb(&Stack, "dm-0", lba).unwrap_err();
+            assert!(
+                why.contains("no device stacked on it maps this block"),
+                "{why}"
+            );
+        }
+        // Past the LV's end.
+        assert!(climb(&Stack, "dm-0", 4096 + 2048 + 50_000).is_err());
+        // Nothing stacked: the block is the volume's own.
+        assert_eq!(
+            climb(&Stack, "dm-2", 7).unwrap(),
+            Top {
+                kname: "dm-2".into(),
+                at: 7,
+                via: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn a_target_it_cannot_follow_is_named() {
+        let why = climb(&Stack, "dm-4", 0).unwrap_err();
+        assert!(why.contains("striped target: not followed"), "{why}");
+    }
+
+    #[test]
+    fn what_lost_data_on_a_stacked_device_says_which() {
+        let f = Finding {
+            lba: 0,
+            sectors: 8,
+            owners: vec![
+                Owner::Directory {
+                    path: "/d".into(),
+                    inode: 2,
+                },
+                Owner::Free,
+            ],
+            on: Some("/dev/mapper/lv0 (sector 10, through crypt luks0, linear lv0)".into()),
+        };
+        assert_eq!(lost(&[f]), ["directory /d on /dev/mapper/lv0"]);
     }
 
     #[test]

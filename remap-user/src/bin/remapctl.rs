@@ -465,9 +465,8 @@ fn files(socket: &Path, name: &str, lbas: &[u64], json: bool) -> Result<i32> {
     } else {
         lbas.iter().map(|&l| (l, 1)).collect()
     };
-    let dev = format!("/dev/mapper/{name}");
-    let found = remap_user::files::on_device(&dev, &blocks, &remap_user::files::Programs)
-        .with_context(|| format!("reading the start of {dev}"))?;
+    let found = remap_user::files::of_volume(name, &blocks)
+        .with_context(|| format!("reading the start of /dev/mapper/{name}"))?;
     if json {
         println!("{}", serde_json::to_string(&found)?);
         return Ok(exit::OK);
@@ -484,6 +483,9 @@ fn files(socket: &Path, name: &str, lbas: &[u64], json: bool) -> Result<i32> {
             } else {
                 println!("{:<12} {:>7}  {o}", "", "");
             }
+        }
+        if let Some(on) = &f.on {
+            println!("{:<12} {:>7}    on {on}", "", "");
         }
     }
     println!(

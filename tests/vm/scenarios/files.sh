@@ -2,10 +2,11 @@
 # Which files lost data: ext4 on a volume, blocks gone bad under a known file, a directory,
 # the inode table and free space; `remapctl files` names exactly those (the file with the
 # bytes lost), nothing else; the pending alert names them to the notify hook; a rewrite of the
-# file's block takes it off the list.
-#vm: cases named-exactly human-readable hook-names-files rewrite-clears
+# file's block takes it off the list. Then the same through what people stack on a volume:
+# ext4 on a linear device (as an LVM volume) on dm-crypt (as LUKS) on a second volume.
+#vm: cases named-exactly human-readable hook-names-files rewrite-clears through-the-stack
 #vm: needs remapd remapctl
-#vm: timeout 300
+#vm: timeout 420
 . /vm/lib.sh
 
 VOL=vf
@@ -103,4 +104,42 @@ if [ "$mode" = error-reads ]; then
 else
     skip rewrite-clears "kernel $VM_KERNEL has no dm-flakey error_reads: a pending block fails writes too (policy $mode)"
 fi
+
+# --- through the stack: ext4 on a linear device 2048 sectors into a crypt device whose data
+# starts 4096 sectors into the volume (the layouts of LVM and LUKS, made here with dmsetup)
+modprobe dm-crypt 2>/dev/null
+main2=$(nullb create --size 64)
+sp3=$(nullb create --size 24)
+sp4=$(nullb create --size 24)
+remapctl create vs --main "$main2" --spare "$sp3" --spare "$sp4" --region-size 16MiB >/dev/null ||
+    { fail through-the-stack "create vs"; exit 1; }
+off2=$(($(json_num "$(remapctl status vs --json)" data_offset) / 512))
+size=$(blockdev --getsz /dev/mapper/vs)
+dmsetup create vscrypt --table "0 $((size - 4096)) crypt aes-cbc-plain 00112233445566778899aabbccddeeff 0 /dev/mapper/vs 4096" &&
+    dmsetup create vslv --table "0 $((size - 4096 - 2048)) linear /dev/mapper/vscrypt 2048" ||
+    { fail through-the-stack "dmsetup: $(dmsetup ls | tr '\n' ' ')"; exit 1; }
+lv=/dev/mapper/vslv
+mkfs.ext4 -q -F -b 4096 "$lv" && mount "$lv" /mnt/vf &&
+    dd if=/dev/urandom of=/mnt/vf/g bs=64K count=4 status=none && sync && umount /mnt/vf ||
+    { fail through-the-stack "mkfs/mount on $lv"; exit 1; }
+b_g=$(debugfs -R "bmap /g 1" "$lv" 2>/dev/null)
+# A sector in the second block of /g, and one in the crypt header (volume sector 81).
+vlba=$((b_g * 8 + 2048 + 4096))
+nullb bad add "$main2" "$((off2 + vlba + 1))-$((off2 + vlba + 1))"
+nullb bad add "$main2" "$((off2 + 81))-$((off2 + 81))"
+/usr/bin/dd if="$lv" of=/dev/null bs=4096 iflag=direct conv=noerror status=none 2>/dev/null
+/usr/bin/dd if=/dev/mapper/vs of=/dev/null bs=4096 skip=10 count=1 iflag=direct status=none 2>/dev/null
+n=0
+while [ "$(json_num "$(remapctl status vs --json)" pending)" != 2 ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
+j=$(remapctl files vs --json)
+case "$j" in
+*'"owner":"file","path":"/g","inode":'*'"offset":4096,"length":4096'*'"on":"/dev/mapper/vslv (sector '"$((b_g * 8 + 1))"', through crypt vscrypt, linear vslv)"'*)
+    case "$j" in
+    *'"lba":81,'*'no device stacked on it maps this block'*) pass through-the-stack "$j" ;;
+    *) fail through-the-stack "the block in the crypt header is not named as outside the stack: $j" ;;
+    esac ;;
+*) fail through-the-stack "/g (fs block $b_g, volume LBA $vlba) not named through the stack: $j" ;;
+esac
+dmsetup remove vslv
+dmsetup remove vscrypt
 exit 0

@@ -25,6 +25,7 @@ const MODULES: &[&str] = &[
     "dm-mod",
     "dm-flakey",
     "dm-log-writes",
+    "dm-crypt",
     "null_blk",
     "scsi_debug",
     "sd_mod",
