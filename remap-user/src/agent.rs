@@ -209,6 +209,17 @@ pub struct Hub {
     state: tokio::sync::watch::Sender<Snapshot>,
     /// The in-place mains' list, and the volumes already seen to be in it (or unlistable).
     in_place: Mutex<(Option<PathBuf>, std::collections::BTreeSet<String>)>,
+    /// Volumes whose lost files are being named (their device is open for it).
+    naming: Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// Marks a volume as being read to name its lost files, while alive.
+struct Naming(Arc<Hub>, String);
+
+impl Drop for Naming {
+    fn drop(&mut self) {
+        self.0.naming.lock().expect("not poisoned").remove(&self.1);
+    }
 }
 
 impl Hub {
@@ -219,7 +230,25 @@ impl Hub {
             metrics,
             state: tokio::sync::watch::channel(Snapshot::default()).0,
             in_place: Mutex::new((None, std::collections::BTreeSet::new())),
+            naming: Mutex::new(std::collections::BTreeSet::new()),
         })
+    }
+
+    fn naming(self: &Arc<Self>, volume: &str) -> Naming {
+        self.naming
+            .lock()
+            .expect("not poisoned")
+            .insert(volume.to_owned());
+        Naming(Arc::clone(self), volume.to_owned())
+    }
+
+    /// Waits (up to `limit`) until nothing reads `volume` to name its lost files: a stop must
+    /// not find its device held open by that.
+    fn wait_unnamed(&self, volume: &str, limit: Duration) {
+        let t0 = std::time::Instant::now();
+        while self.naming.lock().expect("not poisoned").contains(volume) && t0.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Lists in-place mains in `list` from now on.
@@ -455,6 +484,9 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
                     Request::Stop { name } => Some(name.clone()),
                     _ => None,
                 };
+                if let Some(name) = &stopping {
+                    hub.wait_unnamed(name, Duration::from_secs(30));
+                }
                 // Checked here too, where the change happens: a caller that reaches the
                 // engine by some other path still cannot change anything without root.
                 let resp = if mutates && uid != 0 {
@@ -682,6 +714,8 @@ fn name_what_was_lost(hub: &Arc<Hub>, mut ev: Event, name: String, blocks: Vec<(
     let hub = Arc::clone(hub);
     let unnamed = ev.clone();
     let publisher = Arc::clone(&hub);
+    // Marked before the thread starts: a stop that comes next waits for it.
+    let naming = hub.naming(&name);
     let spawned = std::thread::Builder::new()
         .name("remap-files".into())
         .spawn(move || {
@@ -695,6 +729,7 @@ fn name_what_was_lost(hub: &Arc<Hub>, mut ev: Event, name: String, blocks: Vec<(
                 }
                 *files = lost;
             }
+            drop(naming);
             hub.publish(ev);
         });
     if let Err(e) = spawned {
