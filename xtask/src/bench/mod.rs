@@ -35,6 +35,11 @@ pub struct BenchArgs {
     /// Guest kernel of the VM parts.
     #[arg(long, default_value = "6.12")]
     pub kernel: String,
+    /// Set a parameter of the VM parts' scripts (repeatable), e.g. `--set OVERHEAD_SIZES=0
+    /// --set ROUNDS=5`: the raw disk and the volume with the agent off and on only, five
+    /// rounds. The parameters are listed at the top of each tests/vm/bench/SECTION.sh.
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_param)]
+    pub set: Vec<(String, String)>,
     /// Also write the tables into docs/BENCHMARKS.md (between its bench markers).
     #[arg(long)]
     pub update_docs: bool,
@@ -42,6 +47,17 @@ pub struct BenchArgs {
     /// left in the output folder (host.json, guest/SECTION.results.txt).
     #[arg(long)]
     pub reanalyze: bool,
+}
+
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && k.chars().all(|c| c.is_ascii_uppercase() || c == '_') => {
+            Ok((k.to_owned(), v.to_owned()))
+        }
+        _ => Err(format!(
+            "{s:?}: expected KEY=VALUE with KEY in capitals (e.g. ROUNDS=5)"
+        )),
+    }
 }
 
 pub fn step(msg: &str) {
@@ -164,18 +180,21 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
             continue;
         }
         step(&format!("VM section {section} (kernel {})", a.kernel));
-        let run = guest::script(&root, section, &params(section, a.quick), &guest_dir).and_then(
-            |script| {
-                guest::run(
-                    &a.kernel,
-                    section,
-                    &script,
-                    timeout(section, a.quick),
-                    &results,
-                    &guest_dir,
-                )
-            },
-        );
+        let mut p = params(section, a.quick);
+        for (k, v) in &a.set {
+            p.retain(|(key, _)| key != k);
+            p.push((k.as_str(), v.clone()));
+        }
+        let run = guest::script(&root, section, &p, &guest_dir).and_then(|script| {
+            guest::run(
+                &a.kernel,
+                section,
+                &script,
+                timeout(section, a.quick),
+                &results,
+                &guest_dir,
+            )
+        });
         // One section failing leaves the others' numbers worth having.
         let run = run.unwrap_or_else(|e| guest::SectionRun {
             section: section.to_string(),
