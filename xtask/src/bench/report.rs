@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::guest::SectionRun;
-use super::host::{HostReport, PATTERNS};
+use super::host::{HostReport, PATTERNS, VARIANTS};
 use super::stats::{self, FioJob, max, mean, percentile};
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -186,14 +186,7 @@ fn host(r: &mut Report, h: Option<&HostReport>) -> Option<f64> {
     };
     let mut numbers = serde_json::Map::new();
     let mut complete_ns = None;
-    for variant in [
-        "error",
-        "complete",
-        "slow",
-        "slow-pending",
-        "slow-tp",
-        "agent",
-    ] {
+    for &variant in VARIANTS.iter().filter(|v| **v != "detached") {
         let runs: Vec<_> = h.runs.iter().filter(|x| x.variant == variant).collect();
         if runs.is_empty() {
             continue;
