@@ -82,6 +82,16 @@ pub const PACKAGES: &[(&str, Use, &str)] = &[
         "mkfs.ext4, fsck, debugfs and dumpe2fs in the guest",
     ),
     (
+        "xfsprogs",
+        Use::Vm,
+        "mkfs.xfs, xfs_db, xfs_io and xfs_repair in the guest: naming the files of XFS",
+    ),
+    (
+        "btrfs-progs",
+        Use::Vm,
+        "mkfs.btrfs and btrfs in the guest: naming the files of btrfs",
+    ),
+    (
         "util-linux",
         Use::Vm,
         "blkid, wipefs and fstrim in the guest: what the raw main shows, discards",

@@ -391,7 +391,9 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
              above shows in full) and on the volume over it, 8 GiB. Each run is a pair of jobs, \
              raw then volume (the order flips each round); the ratio is taken per pair, median \
              over rounds. \"agent off\": remapd stopped (the volume stays up); otherwise it runs \
-             and its programs see every completion. Background remaps as in the reaction \
+             and its programs see every completion. At 0 remaps each pattern runs with the \
+             agent off and on back to back (the order alternates), and \"raw: agent on ÷ off\" \
+             is the median of those adjacent pairs. Background remaps as in the reaction \
              table; remapped chunks live on the spares. With a disk that costs nothing per \
              I/O and a CPU emulated 10-30x slower, the ratios are a worst case: the last \
              column is the time the volume adds per I/O (1/IOPS), which on hardware shrinks \

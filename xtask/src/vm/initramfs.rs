@@ -35,6 +35,8 @@ const MODULES: &[&str] = &[
     "9p",
     "9pnet_virtio",
     "ext4",
+    "xfs",
+    "btrfs",
     "crc32c_generic",
 ];
 
@@ -73,6 +75,13 @@ const HOST_TOOLS: &[(&str, bool)] = &[
     ("fsck.ext4", true),
     ("dumpe2fs", true),
     ("debugfs", true),
+    ("mkfs.xfs", true),
+    ("xfs_db", true),
+    ("xfs_io", true),
+    ("xfs_repair", true),
+    ("mkfs.btrfs", true),
+    ("btrfs", true),
+    ("btrfs-map-logical", true),
     ("blkid", true),
     ("wipefs", true),
     ("fstrim", true),

@@ -160,6 +160,34 @@ impl Tool {
             package: "e2fsprogs",
         },
         Tool {
+            name: "mkfs.xfs",
+            package: "xfsprogs",
+        },
+        Tool {
+            name: "xfs_db",
+            package: "xfsprogs",
+        },
+        Tool {
+            name: "xfs_io",
+            package: "xfsprogs",
+        },
+        Tool {
+            name: "xfs_repair",
+            package: "xfsprogs",
+        },
+        Tool {
+            name: "mkfs.btrfs",
+            package: "btrfs-progs",
+        },
+        Tool {
+            name: "btrfs",
+            package: "btrfs-progs",
+        },
+        Tool {
+            name: "btrfs-map-logical",
+            package: "btrfs-progs",
+        },
+        Tool {
             name: "bpftool",
             package: "bpftool",
         },

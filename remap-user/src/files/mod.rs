@@ -2,15 +2,17 @@
 //! a directory, filesystem metadata and which kind, free space), asked of the filesystem's own
 //! tools, never by parsing its on-disk format here.
 //!
-//! ext2/3/4 directly on the volume, mounted or not, through e2fsprogs' `debugfs` (icheck: block
-//! → inode, ncheck: inode → path, dump_extents: where a block sits in its file, testb: in use
-//! or free) and `dumpe2fs` (where each group keeps its superblock, descriptors, bitmaps and
-//! inode table). Anything else is named as unknown with the reason, never guessed.
+//! The volume's blocks are followed up what is stacked on it (dm-crypt/LUKS, LVM and other
+//! linear devices) to the filesystem on top; ext2/3/4 ([`ext`]), XFS ([`xfs`]) and btrfs
+//! ([`btrfs`]) are asked there. Anything else is named as unknown with the reason, never
+//! guessed.
+mod btrfs;
+mod ext;
+mod xfs;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
-
-use crate::volume::SECTOR;
 
 /// What a pending block belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -50,21 +52,53 @@ pub struct Finding {
     pub on: Option<String>,
 }
 
-/// Runs a program and returns its standard output (the caller's `Command`, or canned output
-/// in tests).
+/// What the filesystems' tools and interfaces answer (the real ones, or canned answers in
+/// tests).
 pub trait Tools {
+    /// Runs a program and returns its standard output.
     fn run(&self, prog: &str, args: &[&str]) -> Result<String, String>;
+    /// Where the filesystem on the block device `dev` is mounted (its root), if it is.
+    fn mount_of(&self, dev: &str) -> Option<String>;
+    /// Every regular file and directory of the filesystem mounted at `mount`, with where its
+    /// data sits on the device (XFS's own block map, which unlike FIEMAP covers directories).
+    fn block_maps(&self, mount: &str) -> Result<Vec<BlockMap>, String>;
 }
 
-/// Runs the real programs (e2fsprogs and the like).
+/// A file or directory and its extents on the device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockMap {
+    /// From the filesystem's root (`/d/f1`).
+    pub path: String,
+    pub inode: u64,
+    pub dir: bool,
+    /// (offset in the file, sector on the device, sectors), in 512-byte units.
+    pub extents: Vec<(u64, u64, u64)>,
+}
+
+/// Runs the real programs (e2fsprogs, xfsprogs, btrfs-progs) and asks the running kernel.
 pub struct Programs;
 
 impl Tools for Programs {
+    fn mount_of(&self, dev: &str) -> Option<String> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        mount_in(&info, dev, |p| {
+            std::fs::canonicalize(p)
+                .ok()
+                .map(|c| c.to_string_lossy().into_owned())
+        })
+    }
+
+    fn block_maps(&self, mount: &str) -> Result<Vec<BlockMap>, String> {
+        xfs::walk(std::path::Path::new(mount))
+    }
+
     fn run(&self, prog: &str, args: &[&str]) -> Result<String, String> {
         let out = std::process::Command::new(prog)
             .args(args)
             .output()
-            .map_err(|e| format!("running {prog}: {e} (e2fsprogs installed?)"))?;
+            .map_err(|e| {
+                format!("running {prog}: {e} (e2fsprogs, xfsprogs or btrfs-progs installed?)")
+            })?;
         if !out.status.success() {
             return Err(format!(
                 "{prog} {}: {}",
@@ -278,17 +312,26 @@ pub fn through_stack(
     Ok(out)
 }
 
-/// [`resolve`] on the device `dev`, its start read here.
+/// [`resolve`] on the device `dev`, its start read here: 4 KiB at a time, since a pending
+/// block may well sit in it (a directory of a small XFS does); what cannot be read is left
+/// zero, and a signature in it is simply not seen.
 pub fn on_device(
     dev: &str,
     blocks: &[(u64, u64)],
     tools: &dyn Tools,
 ) -> std::io::Result<Vec<Finding>> {
-    use std::io::Read as _;
-    let mut start = Vec::with_capacity(crate::signature::PROBE_BYTES);
-    std::fs::File::open(dev)?
-        .take(crate::signature::PROBE_BYTES as u64)
-        .read_to_end(&mut start)?;
+    use std::os::unix::fs::FileExt as _;
+    let f = std::fs::File::open(dev)?;
+    let mut start = vec![0u8; crate::signature::PROBE_BYTES];
+    let mut read_any = false;
+    for (i, piece) in start.chunks_mut(4096).enumerate() {
+        read_any |= f.read_exact_at(piece, i as u64 * 4096).is_ok();
+    }
+    if !read_any {
+        return Err(std::io::Error::other(format!(
+            "the start of {dev} cannot be read"
+        )));
+    }
     Ok(resolve(dev, &start, blocks, tools))
 }
 
@@ -315,19 +358,9 @@ pub fn lost(found: &[Finding]) -> Vec<String> {
 /// The owners of `blocks` ((lba, sectors) of the volume) on the device `dev`, whose start is
 /// `start` (its first 68 KiB, for the filesystem's signature).
 pub fn resolve(dev: &str, start: &[u8], blocks: &[(u64, u64)], tools: &dyn Tools) -> Vec<Finding> {
-    let unknown = |why: String| -> Vec<Finding> {
-        blocks
-            .iter()
-            .map(|&(lba, sectors)| Finding {
-                lba,
-                sectors,
-                owners: vec![Owner::Unknown { why: why.clone() }],
-                on: None,
-            })
-            .collect()
-    };
+    let unknown = |why: String| unknown_all(blocks, &why);
     match crate::signature::probe(start) {
-        Some("an ext2/ext3/ext4 filesystem") => match Ext::read(dev, tools) {
+        Some("an ext2/ext3/ext4 filesystem") => match ext::Ext::read(dev, tools) {
             Ok(ext) => blocks
                 .iter()
                 .map(|&(lba, sectors)| Finding {
@@ -339,8 +372,10 @@ pub fn resolve(dev: &str, start: &[u8], blocks: &[(u64, u64)], tools: &dyn Tools
                 .collect(),
             Err(e) => unknown(format!("ext filesystem on {dev} cannot be read: {e}")),
         },
+        Some("an XFS filesystem") => xfs::resolve(dev, blocks, tools),
+        Some("a btrfs filesystem") => btrfs::resolve(dev, blocks, tools),
         Some(what) => unknown(format!(
-            "{dev} holds {what}: remap names the files of ext2/3/4 directly on a volume only"
+            "{dev} holds {what}: remap names the files of ext2/3/4, XFS and btrfs only"
         )),
         None => unknown(format!(
             "no filesystem remap can read starts on {dev} (a partition table, LVM or LUKS on the volume is not followed yet)"
@@ -348,204 +383,62 @@ pub fn resolve(dev: &str, start: &[u8], blocks: &[(u64, u64)], tools: &dyn Tools
     }
 }
 
-/// An ext filesystem as its tools describe it.
-struct Ext<'a> {
-    dev: &'a str,
-    tools: &'a dyn Tools,
-    block: u64,
-    /// (first, last, kind) of every metadata range dumpe2fs lists.
-    layout: Vec<(u64, u64, String)>,
-}
-
-impl<'a> Ext<'a> {
-    fn read(dev: &'a str, tools: &'a dyn Tools) -> Result<Self, String> {
-        let stats = debugfs(tools, dev, "stats")?;
-        let block = field(&stats, "Block size:")
-            .and_then(|v| v.parse::<u64>().ok())
-            .filter(|b| b.is_power_of_two() && *b >= 1024)
-            .ok_or("debugfs stats gives no block size")?;
-        let dump = tools.run("dumpe2fs", &[dev])?;
-        Ok(Self {
-            dev,
-            tools,
-            block,
-            layout: parse_layout(&dump),
-        })
-    }
-
-    fn owners(&self, lba: u64, sectors: u64) -> Vec<Owner> {
-        let per = self.block / SECTOR;
-        let first = lba / per;
-        let last = (lba + sectors.max(1) - 1) / per;
-        let blocks: Vec<u64> = (first..=last).collect();
-        let mut out = Vec::new();
-        let owners = match self.icheck(&blocks) {
-            Ok(o) => o,
-            Err(e) => return vec![Owner::Unknown { why: e }],
-        };
-        for b in blocks {
-            let o = match owners.get(&b) {
-                Some(&ino) => self.of_inode(ino, b),
-                None => self.unowned(b),
-            };
-            if !out.contains(&o) {
-                out.push(o);
-            }
-        }
-        out
-    }
-
-    /// Filesystem block → inode, for those an inode owns.
-    fn icheck(&self, blocks: &[u64]) -> Result<BTreeMap<u64, u64>, String> {
-        let list: Vec<String> = blocks.iter().map(u64::to_string).collect();
-        let out = debugfs(self.tools, self.dev, &format!("icheck {}", list.join(" ")))?;
-        Ok(out
-            .lines()
-            .filter_map(|l| {
-                let mut w = l.split_whitespace();
-                Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
-            })
-            .collect())
-    }
-
-    fn of_inode(&self, ino: u64, block: u64) -> Owner {
-        // The reserved inodes (ext4's fs/ext4/ext4.h numbers them).
-        match ino {
-            7 => return metadata("reserved group descriptor blocks (resize inode)"),
-            8 => return metadata("journal"),
-            1..=10 => return metadata(&format!("reserved inode {ino}")),
-            _ => {}
-        }
-        let path = match debugfs(self.tools, self.dev, &format!("ncheck {ino}")) {
-            Ok(out) => out
-                .lines()
-                .skip(1)
-                .find_map(|l| {
-                    let (i, p) = l.split_once(char::is_whitespace)?;
-                    (i.trim() == ino.to_string()).then(|| clean_path(p.trim()))
-                })
-                .unwrap_or_else(|| format!("<inode {ino}> (no name: deleted or orphan)")),
-            Err(e) => return Owner::Unknown { why: e },
-        };
-        let stat = debugfs(self.tools, self.dev, &format!("stat <{ino}>")).unwrap_or_default();
-        if stat.contains("Type: directory") {
-            return Owner::Directory { path, inode: ino };
-        }
-        let offset = debugfs(self.tools, self.dev, &format!("dump_extents <{ino}>"))
-            .ok()
-            .and_then(|d| logical_of(&d, block))
-            .or_else(|| {
-                debugfs(self.tools, self.dev, &format!("blocks <{ino}>"))
-                    .ok()
-                    .and_then(|b| b.split_whitespace().position(|w| w == block.to_string()))
-                    .map(|i| i as u64)
-            });
-        match offset {
-            Some(l) => Owner::File {
-                path,
-                inode: ino,
-                offset: l * self.block,
-                length: self.block,
-            },
-            // Owned, but in the inode's own mapping tree (an extent index block).
-            None => Owner::File {
-                path,
-                inode: ino,
-                offset: u64::MAX,
-                length: 0,
-            },
-        }
-    }
-
-    fn unowned(&self, b: u64) -> Owner {
-        if let Some((_, _, kind)) = self.layout.iter().find(|(f, l, _)| (*f..=*l).contains(&b)) {
-            return metadata(kind);
-        }
-        match debugfs(self.tools, self.dev, &format!("testb {b}")) {
-            Ok(o) if o.contains("not in use") => Owner::Free,
-            Ok(o) if o.contains("marked in use") => metadata("in use, owned by no inode"),
-            Ok(o) => Owner::Unknown {
-                why: format!("debugfs testb {b}: {}", o.trim()),
-            },
-            Err(e) => Owner::Unknown { why: e },
-        }
-    }
-}
-
-fn metadata(kind: &str) -> Owner {
+pub(crate) fn metadata(kind: &str) -> Owner {
     Owner::Metadata {
         kind: kind.to_owned(),
     }
 }
 
-fn debugfs(tools: &dyn Tools, dev: &str, cmd: &str) -> Result<String, String> {
-    tools.run("debugfs", &["-R", cmd, dev])
+/// The same `why` for every block.
+fn unknown_all(blocks: &[(u64, u64)], why: &str) -> Vec<Finding> {
+    blocks
+        .iter()
+        .map(|&(lba, sectors)| Finding {
+            lba,
+            sectors,
+            owners: vec![Owner::Unknown {
+                why: why.to_owned(),
+            }],
+            on: None,
+        })
+        .collect()
 }
 
-/// `Key:   value` in debugfs/dumpe2fs output.
-fn field<'t>(text: &'t str, key: &str) -> Option<&'t str> {
-    text.lines()
-        .find_map(|l| l.trim_start().strip_prefix(key).map(str::trim))
-}
-
-/// ncheck prints `//f1` for a file in the root directory.
-fn clean_path(p: &str) -> String {
-    let mut s = p.to_owned();
-    while s.contains("//") {
-        s = s.replace("//", "/");
-    }
-    s
-}
-
-/// The logical block of physical block `b` in debugfs `dump_extents` output (leaf lines:
-/// `level entries  lstart - lend  pstart - pend  len`).
-fn logical_of(dump: &str, b: u64) -> Option<u64> {
-    dump.lines().skip(1).find_map(|l| {
-        let nums: Vec<u64> = l
-            .split(|c: char| !c.is_ascii_digit())
-            .filter(|w| !w.is_empty())
-            .filter_map(|w| w.parse().ok())
-            .collect();
-        // 0/0 1/1 lstart lend pstart pend len: a leaf spans len blocks on both sides.
-        let &[_, _, _, _, ls, le, ps, pe, len] = nums.as_slice() else {
-            return None;
-        };
-        let leaf = len > 0 && le >= ls && pe >= ps && le - ls + 1 == len && pe - ps + 1 == len;
-        (leaf && (ps..=pe).contains(&b)).then(|| ls + (b - ps))
+/// The mount point of `dev` in /proc/self/mountinfo text: the mount whose source is the same
+/// device (`canon` resolves `/dev/mapper/x` and `/dev/dm-3` alike) and whose root is the
+/// filesystem's root (a bind mount of a subfolder would give paths from that folder).
+fn mount_in(info: &str, dev: &str, canon: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let want = canon(dev).unwrap_or_else(|| dev.to_owned());
+    info.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let sep = f.iter().position(|w| *w == "-")?;
+        let (root, point, source) = (f.get(3)?, f.get(4)?, f.get(sep + 2)?);
+        let same = *source == want || canon(source).as_deref() == Some(want.as_str());
+        (same && *root == "/").then(|| unescape(point))
     })
 }
 
-/// Every metadata range dumpe2fs lists per group.
-fn parse_layout(dump: &str) -> Vec<(u64, u64, String)> {
-    let mut out = Vec::new();
-    let range = |s: &str| -> Option<(u64, u64)> {
-        let s = s.split_whitespace().next()?.trim_end_matches(',');
-        match s.split_once('-') {
-            Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
-            None => s.parse().ok().map(|a| (a, a)),
-        }
-    };
-    for line in dump.lines() {
-        for part in line.trim().split(", ") {
-            for (key, kind) in [
-                ("Primary superblock at ", "superblock"),
-                ("Backup superblock at ", "backup superblock"),
-                ("Group descriptors at ", "group descriptors"),
-                (
-                    "Reserved GDT blocks at ",
-                    "reserved group descriptor blocks",
-                ),
-                ("Block bitmap at ", "block bitmap"),
-                ("Inode bitmap at ", "inode bitmap"),
-                ("Inode table at ", "inode table"),
-            ] {
-                if let Some((a, b)) = part.strip_prefix(key).and_then(range) {
-                    out.push((a, b, kind.to_owned()));
-                }
+/// mountinfo writes space, tab, newline and backslash as octal escapes (`\040`).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|o| o.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], oct) {
+            (b'\\', Some(o)) => {
+                out.push(o.iter().fold(0u8, |n, c| n.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
             }
         }
     }
-    out
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// How many distinct files (and directories) the findings name.
@@ -582,90 +475,6 @@ impl std::fmt::Display for Owner {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// debugfs 1.47 and dumpe2fs output of a 64 MiB ext4 with 1 KiB blocks: /f1 (inode 12,
-    /// blocks 4385-4677), the directory /d1 (inode 13, block 4678).
-    struct Canned;
-
-    impl Tools for Canned {
-        fn run(&self, prog: &str, args: &[&str]) -> Result<String, String> {
-            let cmd = if prog == "debugfs" { args[1] } else { prog };
-            Ok(match cmd {
-                "stats" => "First block:              1\nBlock size:               1024\n".into(),
-                "dumpe2fs" => "Group 0: (Blocks 1-8192) csum 0xc4c9 [ITABLE_ZEROED]\n  Primary superblock at 1, Group descriptors at 2-2\n  Reserved GDT blocks at 3-258\n  Block bitmap at 259 (+258), csum 0xb7ca8205\n  Inode bitmap at 267 (+266), csum 0xc30c4d08\n  Inode table at 275-786 (+274)\nGroup 1: (Blocks 8193-16384)\n  Backup superblock at 8193, Group descriptors at 8194-8194\n".into(),
-                c if c.starts_with("icheck") => {
-                    let mut o = String::from("Block\tInode number\n");
-                    for b in c.split_whitespace().skip(1) {
-                        let ino = match b.parse::<u64>().unwrap() {
-                            4385..=4677 => "12",
-                            4678 => "13",
-                            5000..=5003 => "8",
-                            _ => "<block not found>",
-                        };
-                        o.push_str(&format!("{b}\t{ino}\n"));
-                    }
-                    o
-                }
-                "ncheck 12" => "Inode\tPathname\n12\t//f1\n".into(),
-                "ncheck 13" => "Inode\tPathname\n13\t//d1\n".into(),
-                "stat <12>" => "Inode: 12   Type: regular    Mode:  0644\n".into(),
-                "stat <13>" => "Inode: 13   Type: directory    Mode:  0755\n".into(),
-                "dump_extents <12>" => "Level Entries       Logical      Physical Length Flags\n 0/ 0   1/  1     0 -   292  4385 -  4677    293 \n".into(),
-                "testb 60000" => "Block 60000 not in use\n".into(),
-                c => return Err(format!("unexpected {c}")),
-            })
-        }
-    }
-
-    fn ext4_start() -> Vec<u8> {
-        let mut b = vec![0u8; crate::signature::PROBE_BYTES];
-        b[1080..1082].copy_from_slice(&[0x53, 0xef]);
-        b
-    }
-
-    #[test]
-    fn pending_blocks_are_named_as_files_directories_metadata_or_free() {
-        // 1 KiB blocks: LBA 2n is filesystem block n.
-        let got = resolve(
-            "/dev/mapper/v",
-            &ext4_start(),
-            &[
-                (4390 * 2, 1),
-                (4678 * 2, 1),
-                (280 * 2, 1),
-                (5001 * 2, 1),
-                (60000 * 2, 1),
-                (8193 * 2, 2),
-            ],
-            &Canned,
-        );
-        let owners: Vec<String> = got.iter().map(|f| f.owners[0].to_string()).collect();
-        assert_eq!(
-            owners,
-            [
-                "file /f1 (bytes 5120-6143)",
-                "directory /d1",
-                "filesystem metadata: inode table",
-                "filesystem metadata: journal",
-                "free space (nothing lost)",
-                "filesystem metadata: backup superblock",
-            ]
-        );
-        assert_eq!(files_affected(&got), 2);
-        // For alerts: once each, free space left out.
-        let again = resolve("/dev/mapper/v", &ext4_start(), &[(4390 * 2, 1)], &Canned);
-        let both: Vec<Finding> = got.iter().chain(&again).cloned().collect();
-        assert_eq!(
-            lost(&both),
-            [
-                "file /f1 (bytes 5120-6143)",
-                "directory /d1",
-                "filesystem metadata: inode table",
-                "filesystem metadata: journal",
-                "filesystem metadata: backup superblock",
-            ]
-        );
-    }
 
     /// The volume dm-0 (253:0); on it dm-1, a crypt device with its data 4096 sectors in;
     /// on that dm-2, a linear LV 2048 sectors in; dm-3, a striped device over dm-4.
@@ -760,17 +569,47 @@ mod tests {
 
     #[test]
     fn a_filesystem_it_cannot_read_is_named_never_guessed() {
-        let mut xfs = vec![0u8; 4096];
-        xfs[..4].copy_from_slice(b"XFSB");
-        let got = resolve("/dev/mapper/v", &xfs, &[(8, 8)], &Canned);
+        struct Nothing;
+        impl Tools for Nothing {
+            fn run(&self, prog: &str, _: &[&str]) -> Result<String, String> {
+                Err(format!("{prog} must not run"))
+            }
+            fn mount_of(&self, _: &str) -> Option<String> {
+                None
+            }
+            fn block_maps(&self, _: &str) -> Result<Vec<BlockMap>, String> {
+                Err("not asked".into())
+            }
+        }
+        let mut swap = vec![0u8; 4096];
+        swap[4086..4096].copy_from_slice(b"SWAPSPACE2");
+        let got = resolve("/dev/mapper/v", &swap, &[(8, 8)], &Nothing);
         assert!(
-            matches!(&got[0].owners[0], Owner::Unknown { why } if why.contains("XFS")),
+            matches!(&got[0].owners[0], Owner::Unknown { why } if why.contains("swap")),
             "{got:?}"
         );
-        let got = resolve("/dev/mapper/v", &[0u8; 4096], &[(8, 8)], &Canned);
+        let got = resolve("/dev/mapper/v", &[0u8; 4096], &[(8, 8)], &Nothing);
         assert!(
             matches!(&got[0].owners[0], Owner::Unknown { .. }),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn the_mount_of_a_device_is_found_by_its_source() {
+        let info = "22 1 0:21 / /proc rw - proc proc rw\n\
+            40 1 253:3 / /srv/my\\040data rw,relatime - xfs /dev/mapper/v rw\n\
+            41 1 253:3 /sub /bind rw - xfs /dev/mapper/v rw\n\
+            42 1 0:45 / /b rw - btrfs /dev/dm-4 rw\n";
+        let canon = |p: &str| Some(p.replace("/dev/mapper/w", "/dev/dm-4"));
+        assert_eq!(
+            mount_in(info, "/dev/mapper/v", canon).as_deref(),
+            Some("/srv/my data")
+        );
+        assert_eq!(
+            mount_in(info, "/dev/mapper/w", canon).as_deref(),
+            Some("/b")
+        );
+        assert_eq!(mount_in(info, "/dev/mapper/x", canon), None);
     }
 }
