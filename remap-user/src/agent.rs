@@ -211,7 +211,13 @@ pub struct Hub {
     in_place: Mutex<(Option<PathBuf>, std::collections::BTreeSet<String>)>,
     /// Volumes whose lost files are being named (their device is open for it).
     naming: Mutex<std::collections::BTreeSet<String>>,
+    /// Per volume: what lost data, as last named.
+    lost: Mutex<std::collections::BTreeMap<String, LostNamed>>,
 }
+
+/// The pending blocks ((lba, sectors)) last named on a volume, and how many files and
+/// directories own them.
+type LostNamed = (Vec<(u64, u64)>, usize);
 
 /// Marks a volume as being read to name its lost files, while alive.
 struct Naming(Arc<Hub>, String);
@@ -231,7 +237,21 @@ impl Hub {
             state: tokio::sync::watch::channel(Snapshot::default()).0,
             in_place: Mutex::new((None, std::collections::BTreeSet::new())),
             naming: Mutex::new(std::collections::BTreeSet::new()),
+            lost: Mutex::new(std::collections::BTreeMap::new()),
         })
+    }
+
+    /// How many files and directories lost data on `volume`, if they were named for exactly
+    /// these pending `blocks` (a rewrite or a new pending block makes the count stale).
+    fn files_lost(&self, volume: &str, blocks: &[(u64, u64)]) -> Option<usize> {
+        let lost = self.lost.lock().expect("not poisoned");
+        lost.get(volume)
+            .filter(|(named, _)| named.as_slice() == blocks)
+            .map(|(_, n)| *n)
+    }
+
+    fn is_naming(&self, volume: &str) -> bool {
+        self.naming.lock().expect("not poisoned").contains(volume)
     }
 
     fn naming(self: &Arc<Self>, volume: &str) -> Naming {
@@ -517,7 +537,7 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
                         "permission denied: this command changes volumes and needs root",
                     )
                 } else {
-                    agent_call(&mut engine, &mut scrubs, req)
+                    agent_call(&mut engine, &mut scrubs, hub, req)
                 };
                 // State first: whoever gets the answer must find the metrics already saying so.
                 if mutates {
@@ -719,10 +739,7 @@ fn name_what_was_lost(hub: &Arc<Hub>, mut ev: Event, name: String, blocks: Vec<(
     let spawned = std::thread::Builder::new()
         .name("remap-files".into())
         .spawn(move || {
-            let lost = match crate::files::of_volume(&name, &blocks) {
-                Ok(found) => crate::files::lost(&found),
-                Err(e) => vec![format!("unknown: reading /dev/mapper/{name}: {e}")],
-            };
+            let lost = name_files(&hub, &name, blocks);
             if let Event::Alert { volume, files, .. } = &mut ev {
                 if !lost.is_empty() {
                     tracing::warn!(volume = %volume, "lost data: {}", lost.join("; "));
@@ -736,6 +753,46 @@ fn name_what_was_lost(hub: &Arc<Hub>, mut ev: Event, name: String, blocks: Vec<(
         tracing::warn!("naming the files that lost data: cannot start a thread: {e}");
         publisher.publish(unnamed);
     }
+}
+
+/// What lost data on `name` (see [`crate::files::lost`]), and the count kept for the status
+/// map.
+fn name_files(hub: &Hub, name: &str, blocks: Vec<(u64, u64)>) -> Vec<String> {
+    match crate::files::of_volume(name, &blocks) {
+        Ok(found) => {
+            let n = crate::files::files_affected(&found);
+            hub.lost
+                .lock()
+                .expect("not poisoned")
+                .insert(name.to_owned(), (blocks, n));
+            crate::files::lost(&found)
+        }
+        Err(e) => vec![format!("unknown: reading /dev/mapper/{name}: {e}")],
+    }
+}
+
+/// The files count of the status map, for `blocks` pending on `name`: the last naming's when
+/// it still holds, otherwise unknown for now and named again off the engine's thread (a
+/// rewrite changed the pending blocks, or the agent started), for the next look.
+fn files_lost_for_map(hub: &Arc<Hub>, name: &str, blocks: Vec<(u64, u64)>) -> Option<usize> {
+    if blocks.is_empty() {
+        return Some(0);
+    }
+    if let Some(n) = hub.files_lost(name, &blocks) {
+        return Some(n);
+    }
+    let dev = PathBuf::from(crate::dm::MAPPER_DIR).join(name);
+    if !hub.is_naming(name) && dev.exists() {
+        let naming = hub.naming(name);
+        let (hub, name) = (Arc::clone(hub), name.to_owned());
+        let _ = std::thread::Builder::new()
+            .name("remap-files".into())
+            .spawn(move || {
+                name_files(&hub, &name, blocks);
+                drop(naming);
+            });
+    }
+    None
 }
 
 /// A remap batch done: logged, counted, and announced to `events` subscribers.
@@ -772,6 +829,7 @@ fn announce<D: DeviceMapper, I: BlockIo, W: Watch>(
 fn agent_call<D: DeviceMapper, I: BlockIo, W: Watch>(
     engine: &mut Engine<D, I, W>,
     scrubs: &mut Scrubs,
+    hub: &Arc<Hub>,
     req: AgentRequest,
 ) -> Response {
     fn volume<'a, D: DeviceMapper, I: BlockIo, W: Watch>(
@@ -842,13 +900,16 @@ fn agent_call<D: DeviceMapper, I: BlockIo, W: Watch>(
                 return Response::err(exit::NOT_FOUND, format!("no volume named `{name}`"));
             };
             let g = &v.config.geometry;
-            let map = VolumeMap::build(
+            let mut map = VolumeMap::build(
                 &name,
                 g.chunks(),
                 g.chunk * crate::volume::SECTOR,
                 width,
                 v.remaps.iter().map(|(c, r)| (c, r.pending.count_ones())),
             );
+            if let Ok(blocks) = engine.pending_blocks(&name) {
+                map.files_lost = files_lost_for_map(hub, &name, blocks).map(|n| n as u64);
+            }
             Response::ok(serde_json::to_value(map).expect("plain struct"))
         }
         // Answered by the connection itself, from the hub.

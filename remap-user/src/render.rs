@@ -17,6 +17,9 @@ pub struct VolumeMap {
     pub remaps: Vec<u64>,
     /// Pending (unreadable, not yet rewritten) blocks per cell.
     pub pending: Vec<u64>,
+    /// Files and directories that own pending blocks, when named for the blocks pending now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_lost: Option<u64>,
 }
 
 /// Cell glyphs: a pending block is worse than a remap, which is worse than nothing.
@@ -44,6 +47,7 @@ impl VolumeMap {
             chunks,
             remaps: vec![0; width as usize],
             pending: vec![0; width as usize],
+            files_lost: None,
         };
         for (chunk, pending) in remaps {
             let cell = Self::cell_of(chunk, chunks, width);

@@ -1053,6 +1053,22 @@ fn print_status(v: &Value, map: Option<&VolumeMap>) {
             bytes(m.size_bytes),
             bytes(m.cell_bytes()),
         );
+        let pending: u64 = m.pending.iter().sum();
+        match m.files_lost {
+            _ if pending == 0 => {}
+            Some(0) => println!(
+                "  lost data: no file or directory named (remapctl files {} says what owns the blocks)",
+                m.name
+            ),
+            Some(n) => println!(
+                "  lost data: {n} files or directories (remapctl files {})",
+                m.name
+            ),
+            None => println!(
+                "  lost data: being named now; `remapctl files {}` says which files",
+                m.name
+            ),
+        }
     }
     print_pool(&v["pool"]);
 }
