@@ -92,6 +92,16 @@ pub const PACKAGES: &[(&str, Use, &str)] = &[
         "mkfs.btrfs and btrfs in the guest: naming the files of btrfs",
     ),
     (
+        "lvm2",
+        Use::Vm,
+        "lvm in the guest: an LVM volume group on LUKS on a volume, for naming files through it",
+    ),
+    (
+        "cryptsetup-bin",
+        Use::Vm,
+        "cryptsetup in the guest: LUKS on a volume, for naming files through it",
+    ),
+    (
         "util-linux",
         Use::Vm,
         "blkid, wipefs and fstrim in the guest: what the raw main shows, discards",

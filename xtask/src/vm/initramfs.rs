@@ -42,7 +42,7 @@ const MODULES: &[&str] = &[
 
 /// Modules taken when this kernel has them (dm-integrity and the fast crc32c are not in every
 /// build; nothing may depend on them being there).
-const OPTIONAL_MODULES: &[&str] = &["dm-integrity", "crc32c-intel"];
+const OPTIONAL_MODULES: &[&str] = &["dm-integrity", "crc32c-intel", "xts", "ecb"];
 
 /// Loaded by init at every boot; null_blk and scsi_debug are left to the helpers because
 /// their parameters are given at load time.
@@ -82,6 +82,8 @@ const HOST_TOOLS: &[(&str, bool)] = &[
     ("mkfs.btrfs", true),
     ("btrfs", true),
     ("btrfs-map-logical", true),
+    ("lvm", true),
+    ("cryptsetup", true),
     ("blkid", true),
     ("wipefs", true),
     ("fstrim", true),

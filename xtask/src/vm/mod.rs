@@ -188,6 +188,14 @@ impl Tool {
             package: "btrfs-progs",
         },
         Tool {
+            name: "lvm",
+            package: "lvm2",
+        },
+        Tool {
+            name: "cryptsetup",
+            package: "cryptsetup-bin",
+        },
+        Tool {
             name: "bpftool",
             package: "bpftool",
         },
