@@ -5,7 +5,7 @@
 # file's block takes it off the list. Then the same through what people stack on a volume:
 # ext4 on a linear device (as an LVM volume) on dm-crypt (as LUKS) on a second volume, made
 # with dmsetup; and made with cryptsetup and lvm on a third.
-#vm: cases named-exactly human-readable status-counts-files hook-names-files rewrite-clears through-the-stack lvm-on-luks
+#vm: cases named-exactly human-readable fsck-reports status-counts-files hook-names-files rewrite-clears through-the-stack lvm-on-luks
 #vm: needs remapd remapctl
 #vm: timeout 420
 . /vm/lib.sh
@@ -70,6 +70,17 @@ out=$(remapctl pending "$VOL" --files)
 case "$out" in
 *"file /f2 (bytes 12288-16383)"*"2 files or directories lost data"*) pass human-readable "$(echo "$out" | tr '\n' ';')" ;;
 *) fail human-readable "$out" ;;
+esac
+
+# --- the filesystem's own check sees what was lost: the inode table and directory blocks
+# cannot be read (e2fsck -n changes nothing)
+out=$(e2fsck -fn "$dev" 2>&1)
+rc=$?
+info fsck-reports "e2fsck -fn exit $rc: $(printf '%s' "$out" | head -8 | tr '\n' ';')"
+case "$rc:$out" in
+0:*) fail fsck-reports "e2fsck found nothing wrong" ;;
+*"rror reading block"*) pass fsck-reports "exit $rc" ;;
+*) fail fsck-reports "exit $rc without a read error" ;;
 esac
 
 # --- the status map counts them (named when the pending alert went out, or on this look)
