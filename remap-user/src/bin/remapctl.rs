@@ -228,6 +228,17 @@ enum DebugCmd {
         #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
+    /// What owns blocks of any block device (no volume needed), as `files --json` says it:
+    /// the filesystem on DEV asked directly (the benchmark times this).
+    Owners {
+        dev: PathBuf,
+        /// 512-byte sectors of DEV.
+        #[arg(required = true)]
+        lbas: Vec<u64>,
+        /// Sectors in each block.
+        #[arg(long, default_value_t = 8)]
+        sectors: u64,
+    },
 }
 
 fn main() {
@@ -348,6 +359,14 @@ fn run(cli: Cli) -> Result<i32> {
             until,
             timeout,
         }) => return notify_listen(&socket, until.as_deref(), timeout),
+        Cmd::Debug(DebugCmd::Owners { dev, lbas, sectors }) => {
+            let blocks: Vec<(u64, u64)> = lbas.iter().map(|&l| (l, sectors)).collect();
+            let dev = dev.to_string_lossy();
+            let found = remap_user::files::on_device(&dev, &blocks, &remap_user::files::Programs)
+                .with_context(|| format!("reading the start of {dev}"))?;
+            println!("{}", serde_json::to_string(&found)?);
+            return Ok(exit::OK);
+        }
         Cmd::Events { follow } => return events(socket, follow, cli.json),
         Cmd::Status { name, width } => return status(socket, name, width, cli.json),
         Cmd::Scrub {

@@ -31,26 +31,60 @@ impl<'a> Ext<'a> {
         })
     }
 
-    pub(super) fn owners(&self, lba: u64, sectors: u64) -> Vec<Owner> {
+    /// The owners of each block ((lba, sectors)). icheck and ncheck each read the whole
+    /// inode table or every directory, so each runs once for all the blocks, not per block.
+    pub(super) fn owners(&self, blocks: &[(u64, u64)]) -> Vec<Vec<Owner>> {
         let per = self.block / SECTOR;
-        let first = lba / per;
-        let last = (lba + sectors.max(1) - 1) / per;
-        let blocks: Vec<u64> = (first..=last).collect();
-        let mut out = Vec::new();
-        let owners = match self.icheck(&blocks) {
+        let fs_blocks: Vec<Vec<u64>> = blocks
+            .iter()
+            .map(|&(lba, sectors)| (lba / per..=(lba + sectors.max(1) - 1) / per).collect())
+            .collect();
+        let all: Vec<u64> = fs_blocks.iter().flatten().copied().collect();
+        let inodes = match self.icheck(&all) {
             Ok(o) => o,
-            Err(e) => return vec![Owner::Unknown { why: e }],
+            Err(e) => return vec![vec![Owner::Unknown { why: e }]; blocks.len()],
         };
-        for b in blocks {
-            let o = match owners.get(&b) {
-                Some(&ino) => self.of_inode(ino, b),
-                None => self.unowned(b),
+        let mut wanted: Vec<u64> = inodes.values().copied().filter(|&i| i > 10).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let paths = self.ncheck(&wanted);
+        fs_blocks
+            .iter()
+            .map(|list| {
+                let mut out = Vec::new();
+                for &b in list {
+                    let o = match (inodes.get(&b), &paths) {
+                        (Some(&ino), Ok(paths)) => self.of_inode(ino, b, paths),
+                        (Some(_), Err(e)) => Owner::Unknown { why: e.clone() },
+                        (None, _) => self.unowned(b),
+                    };
+                    if !out.contains(&o) {
+                        out.push(o);
+                    }
+                }
+                out
+            })
+            .collect()
+    }
+
+    /// Inode → path, for those that have one.
+    fn ncheck(&self, inodes: &[u64]) -> Result<BTreeMap<u64, String>, String> {
+        if inodes.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let list: Vec<String> = inodes.iter().map(u64::to_string).collect();
+        let out = debugfs(self.tools, self.dev, &format!("ncheck {}", list.join(" ")))?;
+        let mut paths = BTreeMap::new();
+        for l in out.lines().skip(1) {
+            let Some((i, p)) = l.trim().split_once(char::is_whitespace) else {
+                continue;
             };
-            if !out.contains(&o) {
-                out.push(o);
+            if let Ok(i) = i.trim().parse() {
+                // A hard-linked file is listed once per name: the first names it.
+                paths.entry(i).or_insert_with(|| clean_path(p.trim()));
             }
         }
-        out
+        Ok(paths)
     }
 
     /// Filesystem block → inode, for those an inode owns.
@@ -66,7 +100,7 @@ impl<'a> Ext<'a> {
             .collect())
     }
 
-    fn of_inode(&self, ino: u64, block: u64) -> Owner {
+    fn of_inode(&self, ino: u64, block: u64, paths: &BTreeMap<u64, String>) -> Owner {
         // The reserved inodes (ext4's fs/ext4/ext4.h numbers them).
         match ino {
             7 => return metadata("reserved group descriptor blocks (resize inode)"),
@@ -74,17 +108,10 @@ impl<'a> Ext<'a> {
             1..=10 => return metadata(&format!("reserved inode {ino}")),
             _ => {}
         }
-        let path = match debugfs(self.tools, self.dev, &format!("ncheck {ino}")) {
-            Ok(out) => out
-                .lines()
-                .skip(1)
-                .find_map(|l| {
-                    let (i, p) = l.split_once(char::is_whitespace)?;
-                    (i.trim() == ino.to_string()).then(|| clean_path(p.trim()))
-                })
-                .unwrap_or_else(|| format!("<inode {ino}> (no name: deleted or orphan)")),
-            Err(e) => return Owner::Unknown { why: e },
-        };
+        let path = paths
+            .get(&ino)
+            .cloned()
+            .unwrap_or_else(|| format!("<inode {ino}> (no name: deleted or orphan)"));
         let stat = debugfs(self.tools, self.dev, &format!("stat <{ino}>")).unwrap_or_default();
         if stat.contains("Type: directory") {
             return Owner::Directory { path, inode: ino };
@@ -227,8 +254,17 @@ mod tests {
                     }
                     o
                 }
-                "ncheck 12" => "Inode\tPathname\n12\t//f1\n".into(),
-                "ncheck 13" => "Inode\tPathname\n13\t//d1\n".into(),
+                c if c.starts_with("ncheck") => {
+                    let mut o = String::from("Inode\tPathname\n");
+                    for i in c.split_whitespace().skip(1) {
+                        match i {
+                            "12" => o.push_str("12\t//f1\n"),
+                            "13" => o.push_str("13\t//d1\n"),
+                            _ => {}
+                        }
+                    }
+                    o
+                }
                 "stat <12>" => "Inode: 12   Type: regular    Mode:  0644\n".into(),
                 "stat <13>" => "Inode: 13   Type: directory    Mode:  0755\n".into(),
                 "dump_extents <12>" => "Level Entries       Logical      Physical Length Flags\n 0/ 0   1/  1     0 -   292  4385 -  4677    293 \n".into(),

@@ -363,10 +363,11 @@ pub fn resolve(dev: &str, start: &[u8], blocks: &[(u64, u64)], tools: &dyn Tools
         Some("an ext2/ext3/ext4 filesystem") => match ext::Ext::read(dev, tools) {
             Ok(ext) => blocks
                 .iter()
-                .map(|&(lba, sectors)| Finding {
+                .zip(ext.owners(blocks))
+                .map(|(&(lba, sectors), owners)| Finding {
                     lba,
                     sectors,
-                    owners: ext.owners(lba, sectors),
+                    owners,
                     on: None,
                 })
                 .collect(),

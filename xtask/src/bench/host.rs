@@ -177,10 +177,10 @@ fn fill(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-struct LoopDev(PathBuf);
+pub(super) struct LoopDev(pub(super) PathBuf);
 
 impl LoopDev {
-    fn attach(file: &Path) -> Result<Self> {
+    pub(super) fn attach(file: &Path) -> Result<Self> {
         let out = Command::new("losetup")
             .args(["--find", "--show"])
             .arg(file)

@@ -2,10 +2,12 @@
 //! grows, as ratios measured side by side in one run.
 //!
 //! Parts: `host` (the eBPF programs on the host kernel's real CPU, with fio on a loop device),
+//! `files` (naming lost files on ext4, XFS and btrfs of 10,000 and 100,000 files, on the host),
 //! and three VM sections (`overhead`, `reaction`, `storm`), each one boot of the laboratory
 //! running `tests/vm/bench/SECTION.sh`. Tables go to stdout; `DIR/bench.json` (every record
 //! and the numbers behind the tables), `DIR/bench.png` and `DIR/tables.md` are written;
 //! `--update-docs` puts the tables into docs/BENCHMARKS.md. Nothing here asserts a timing.
+mod files;
 mod guest;
 mod host;
 mod plot;
@@ -29,8 +31,8 @@ pub struct BenchArgs {
     /// Where bench.json, bench.png and tables.md go (default: target/bench).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Only these parts (repeatable): host, overhead, reaction, storm.
-    #[arg(long = "only", value_parser = ["host", "overhead", "reaction", "storm"])]
+    /// Only these parts (repeatable): host, files, overhead, reaction, storm.
+    #[arg(long = "only", value_parser = ["host", "files", "overhead", "reaction", "storm"])]
     pub only: Vec<String>,
     /// Guest kernel of the VM parts.
     #[arg(long, default_value = "6.12")]
@@ -166,6 +168,26 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
         host_rep = Some(h);
     }
 
+    let mut files_table = None;
+    if want("files") && !a.reanalyze {
+        step("building remapctl (cargo build -p remap-user --bins --release)");
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "-p", "remap-user", "--bins", "--release"])
+            .current_dir(&root)
+            .status()
+            .context("running cargo build")?;
+        if !st.success() {
+            bail!("building remap-user failed");
+        }
+        let sizes: &[usize] = if a.quick {
+            &[1000, 10000]
+        } else {
+            &[10000, 100000]
+        };
+        let remapctl = workspace::target_dir().join("release/remapctl");
+        files_table = Some(files::run(sizes, &remapctl, &out.join("files"))?);
+    }
+
     let results = workspace::target_dir()
         .join("vm/exec")
         .join(&a.kernel)
@@ -207,12 +229,13 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
         sections.push(run);
     }
     let find = |s: &str| sections.iter().find(|x| x.section == s);
-    let rep = report::build(&report::Inputs {
+    let mut rep = report::build(&report::Inputs {
         host: host_rep.as_ref(),
         overhead: find("overhead"),
         reaction: find("reaction"),
         storm: find("storm"),
     });
+    rep.tables.extend(files_table);
 
     let machine = machine(host_rep.as_ref(), &sections, a.quick);
     let mut md = format!("{machine}\n");
