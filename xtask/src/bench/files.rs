@@ -25,8 +25,9 @@ pub fn run(sizes: &[usize], remapctl: &Path, dir: &Path) -> Result<Table> {
             "`remapctl files` for {BLOCKS} pending blocks, each under a different 4 KiB file of a \
              filesystem holding that many files ({PER_DIR} to a directory), on a loop device over \
              a file of the host; seconds for all {BLOCKS} together, and how many were named as \
-             the right file. ext4: debugfs (icheck, ncheck: each walks the inode table or the \
-             directories once per call), the same mounted or not. XFS mounted: the kernel's \
+             the right file. ext4: debugfs, mounted or not (icheck and ncheck walk the inode \
+             table or every directory, once for all the blocks; stat and dump_extents per \
+             inode). XFS mounted: the kernel's \
              space map, then XFS's block map of every file (one walk); not mounted: xfs_db's \
              walk of all metadata. btrfs: the chunk tree and the kernel's logical-to-inode \
              lookup per block (an index: no walk); data only while mounted."
