@@ -108,8 +108,8 @@ enum Cmd {
     /// Which files lost data: what owns each pending block (or each --lba): a file and the
     /// bytes of it, a directory, filesystem metadata and its kind, or free space. ext2/3/4,
     /// XFS and btrfs, on the volume or on linear (LVM) and crypt (LUKS) devices stacked on it;
-    /// asked of the filesystems' own tools (debugfs, xfs_io/xfs_db, btrfs inspect-internal;
-    /// btrfs data only while mounted); anything else is named as unknown, never guessed.
+    /// asked of the filesystems' own tools (debugfs, xfs_io/xfs_db, btrfs inspect-internal),
+    /// mounted or not; anything else is named as unknown, never guessed.
     Files {
         name: String,
         /// Volume LBAs (512-byte sectors) to look up instead of the pending blocks.

@@ -2,8 +2,9 @@
 //! sector of the device into btrfs's logical address and says what the chunk holds (data,
 //! metadata, system); a data address is asked of the mounted filesystem
 //! (`logical-resolve -P`: the kernel's LOGICAL_INO, every inode and offset that uses it), and
-//! the inode's path of `inode-resolve` (in its subvolume, of `subvolid-resolve`). Data cannot
-//! be named while the filesystem is not mounted: btrfs resolves only through a mount.
+//! the inode's path of `inode-resolve` (in its subvolume, of `subvolid-resolve`). Not
+//! mounted, data is looked up in the top-level subvolume's tree (`dump-tree -t fs`: file
+//! extents and names); a file of another subvolume is not seen there (mount it).
 use super::{Finding, Owner, Tools, metadata, unknown_all};
 
 /// One chunk's stripe on the device: sectors `start..start + len` hold logical
@@ -28,6 +29,13 @@ pub(super) fn resolve(dev: &str, blocks: &[(u64, u64)], tools: &dyn Tools) -> Ve
         Err(e) => return unknown_all(blocks, &format!("btrfs on {dev} cannot be read: {e}")),
     };
     let mnt = tools.mount_of(dev);
+    // Not mounted: the top-level subvolume's tree, dumped once, says which file extents use
+    // which logical range.
+    let offline = mnt.is_none().then(|| {
+        tools
+            .run("btrfs", &["inspect-internal", "dump-tree", "-t", "fs", dev])
+            .map(|out| FsTree::parse(&out))
+    });
     blocks
         .iter()
         .map(|&(lba, sectors)| {
@@ -36,7 +44,7 @@ pub(super) fn resolve(dev: &str, blocks: &[(u64, u64)], tools: &dyn Tools) -> Ve
             let first = lba / 8;
             let last = (lba + sectors.max(1) - 1) / 8;
             for b in first..=last {
-                for o in owners_of(b * 8, &chunks, mnt.as_deref(), dev, tools) {
+                for o in owners_of(b * 8, &chunks, mnt.as_deref(), offline.as_ref(), tools) {
                     if !owners.contains(&o) {
                         owners.push(o);
                     }
@@ -56,7 +64,7 @@ fn owners_of(
     s: u64,
     chunks: &[Stripe],
     mnt: Option<&str>,
-    dev: &str,
+    offline: Option<&Result<FsTree, String>>,
     tools: &dyn Tools,
 ) -> Vec<Owner> {
     let byte = s * 512;
@@ -87,11 +95,17 @@ fn owners_of(
     }
     let logical = c.logical + (s - c.start) * 512;
     let Some(mnt) = mnt else {
-        return vec![Owner::Unknown {
-            why: format!(
-                "btrfs data at logical {logical}: {dev} is not mounted, and btrfs names the files of a block only through a mount (mount it, then ask again)"
-            ),
-        }];
+        return match offline {
+            Some(Ok(tree)) => tree.owners(logical),
+            Some(Err(e)) => vec![Owner::Unknown {
+                why: format!(
+                    "btrfs data at logical {logical}: the filesystem tree cannot be read ({e})"
+                ),
+            }],
+            None => vec![Owner::Unknown {
+                why: format!("btrfs data at logical {logical}: neither mounted nor readable"),
+            }],
+        };
     };
     let l = logical.to_string();
     let out = match tools.run(
@@ -131,6 +145,118 @@ fn owners_of(
         owners.push(Owner::Free);
     }
     owners
+}
+
+/// The top-level subvolume as `dump-tree -t fs` prints it: every file extent (`key (INO
+/// EXTENT_DATA FILE_OFFSET)`, `extent data disk byte D nr N`, `extent data offset O nr R`)
+/// and every name (`key (INO INODE_REF PARENT)`, `... name: NAME`).
+#[derive(Default, Debug)]
+struct FsTree {
+    /// (inode, file offset, logical start of the bytes used, length)
+    extents: Vec<(u64, u64, u64, u64)>,
+    /// inode → (parent, name)
+    names: std::collections::BTreeMap<u64, (u64, String)>,
+    /// Whether it holds other subvolumes (whose files are in their own trees).
+    subvolumes: bool,
+}
+
+/// The top-level subvolume's root directory (BTRFS_FIRST_FREE_OBJECTID).
+const ROOT_DIR: u64 = 256;
+
+impl FsTree {
+    fn parse(out: &str) -> Self {
+        let mut t = FsTree::default();
+        // The item being read: (inode, kind, key offset), and a file extent's disk byte.
+        let mut item: Option<(u64, String, u64)> = None;
+        let mut disk: Option<u64> = None;
+        for line in out.lines() {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            match w.as_slice() {
+                ["item", _, "key", ino, kind, off, ..] => {
+                    let num =
+                        |x: &str| x.trim_matches(|c| c == '(' || c == ')').parse::<u64>().ok();
+                    item = match (num(ino), num(off)) {
+                        (Some(i), Some(o)) => Some((i, (*kind).to_owned(), o)),
+                        _ => None,
+                    };
+                    disk = None;
+                }
+                ["extent", "data", "disk", "byte", d, "nr", _] => disk = d.parse().ok(),
+                ["extent", "data", "offset", o, "nr", n, ..] => {
+                    if let (Some((ino, kind, foff)), Some(d), Ok(o), Ok(n)) =
+                        (&item, disk, o.parse::<u64>(), n.parse::<u64>())
+                    {
+                        // disk byte 0: a hole with nothing on the device.
+                        if kind == "EXTENT_DATA" && d > 0 {
+                            t.extents.push((*ino, *foff, d + o, n));
+                        }
+                    }
+                }
+                ["index", _, "namelen", _, "name:", ..] => {
+                    if let Some((ino, kind, parent)) = &item {
+                        if kind == "INODE_REF" {
+                            let name = line.split_once("name: ").map_or("", |(_, n)| n);
+                            t.names.entry(*ino).or_insert((*parent, name.to_owned()));
+                        }
+                    }
+                }
+                _ if line.contains("location key (") && line.contains("ROOT_ITEM") => {
+                    t.subvolumes = true;
+                }
+                _ => {}
+            }
+        }
+        t
+    }
+
+    fn path(&self, mut ino: u64) -> String {
+        let mut parts = Vec::new();
+        // Bounded: a cycle would be a damaged tree.
+        for _ in 0..4096 {
+            if ino == ROOT_DIR {
+                parts.reverse();
+                return format!("/{}", parts.join("/"));
+            }
+            let Some((parent, name)) = self.names.get(&ino) else {
+                break;
+            };
+            parts.push(name.clone());
+            ino = *parent;
+        }
+        format!("<inode {ino}> (no name found)")
+    }
+
+    /// Every file whose extents use `logical` (4 KiB at it), or free.
+    fn owners(&self, logical: u64) -> Vec<Owner> {
+        let mut out = Vec::new();
+        for &(ino, foff, start, len) in &self.extents {
+            if (start..start + len).contains(&logical) {
+                let o = Owner::File {
+                    path: self.path(ino),
+                    inode: ino,
+                    offset: (foff + (logical - start)) / 4096 * 4096,
+                    length: 4096,
+                };
+                if !out.contains(&o) {
+                    out.push(o);
+                }
+            }
+        }
+        if out.is_empty() {
+            // In a data chunk and used by no file of the top-level subvolume: free, unless
+            // another subvolume (not read here) uses it.
+            out.push(if self.subvolumes {
+                Owner::Unknown {
+                    why: format!(
+                        "btrfs data at logical {logical}: no file of the top-level subvolume uses it, and the others are read only through a mount (mount it, then ask again)"
+                    ),
+                }
+            } else {
+                Owner::Free
+            });
+        }
+        out
+    }
 }
 
 /// The path of inode `ino` of subvolume `root`, from the filesystem's root.
@@ -208,13 +334,24 @@ mod tests {
         \t\t\tstripe 0 devid 1 offset 38797312\n\
         \t\t\tstripe 1 devid 1 offset 72351744\n";
 
+    /// The top-level subvolume of the same: /d (257), /d/f2 (259), its one extent.
+    const FS_TREE: &str = "\titem 7 key (257 INODE_REF 256) itemoff 15814 itemsize 11\n\
+        \t\tindex 2 namelen 1 name: d\n\
+        \titem 18 key (259 INODE_REF 257) itemoff 15225 itemsize 12\n\
+        \t\tindex 3 namelen 2 name: f2\n\
+        \titem 19 key (259 EXTENT_DATA 0) itemoff 15172 itemsize 53\n\
+        \t\tgeneration 7 type 1 (regular)\n\
+        \t\textent data disk byte 13893632 nr 262144\n\
+        \t\textent data offset 0 nr 262144 ram 262144\n";
+
     struct Canned(Option<&'static str>);
 
     impl Tools for Canned {
         fn run(&self, prog: &str, args: &[&str]) -> Result<String, String> {
             assert_eq!(prog, "btrfs");
             match args[1] {
-                "dump-tree" => Ok(CHUNKS.into()),
+                "dump-tree" if args[3] == "chunk" => Ok(CHUNKS.into()),
+                "dump-tree" => Ok(FS_TREE.into()),
                 "logical-resolve" if args[3] == "13901824" => {
                     Ok("inode 259 offset 8192 root 5\n".into())
                 }
@@ -254,9 +391,9 @@ mod tests {
                 "free space (nothing lost)",
             ]
         );
-        // Not mounted: data cannot be named, metadata still can.
-        let got = resolve("/dev/mapper/b", &blocks[..3], &Canned(None));
-        assert!(matches!(&got[0].owners[0], Owner::Unknown { why } if why.contains("not mounted")));
-        assert!(matches!(&got[2].owners[0], Owner::Metadata { .. }));
+        // Not mounted: the same, from the filesystem tree.
+        let got = resolve("/dev/mapper/b", &blocks, &Canned(None));
+        let offline: Vec<String> = got.iter().map(|f| f.owners[0].to_string()).collect();
+        assert_eq!(offline, said);
     }
 }

@@ -6,9 +6,9 @@
 # Not mounted again: xfs_db cannot walk unreadable metadata, so only what the geometry says is
 # named, the rest is unknown with the reason; xfs_repair -n reports the failed read. btrfs: a file's block (through the chunk tree and the kernel's
 # logical-to-inode lookup), a metadata block and unallocated space; a rewrite (copy on write:
-# the file no longer uses the block) takes the file off the list; btrfs check reads the
-# metadata from its other copy.
-#vm: cases xfs-named-mounted xfs-rewrite-clears xfs-unmounted-unreadable xfs-named-unmounted xfs-repair btrfs-named btrfs-rewrite-clears btrfs-check
+# the file no longer uses the block) takes the file off the list; not mounted, the filesystem
+# tree names a file the same way; btrfs check reads the metadata from its other copy.
+#vm: cases xfs-named-mounted xfs-rewrite-clears xfs-unmounted-unreadable xfs-named-unmounted xfs-repair btrfs-named btrfs-rewrite-clears btrfs-named-unmounted btrfs-check
 #vm: needs remapd remapctl
 #vm: timeout 480
 . /vm/lib.sh
@@ -173,7 +173,19 @@ case "$j" in
 *'"kind":"metadata trees'*) pass btrfs-rewrite-clears "$j" ;;
 *) fail btrfs-rewrite-clears "the others are gone too: $j" ;;
 esac
+# Not mounted: the filesystem tree names the files (a block of /g3 goes bad first).
+fm3=$(first_sector /mnt/b/g3 fiemap)
+p_g3=$(btrfs-map-logical -l $((fm3 * 512 + 4096)) "$bdev" 2>/dev/null | awk '$1 == "mirror" && $2 == 1 { print $6; exit }')
 umount /mnt/b
+[ -n "$p_g3" ] || { fail btrfs-named-unmounted "no physical address for /g3"; exit 1; }
+bad "$main2" "$off2" $((p_g3 / 512))
+read_all "$bdev"
+wait_pending vb 4 || fail btrfs-named-unmounted "pending $(pending vb), not 4"
+j=$(remapctl files vb --json)
+has btrfs-named-unmounted "$j" '"owner":"file","path":"/g3","inode":' '"offset":4096,"length":4096' \
+    '"owner":"metadata","kind":"metadata trees' '"owner":"free"' &&
+    expect_eq btrfs-named-unmounted owners '"owner":"file" "owner":"free" "owner":"free" "owner":"metadata" ' "$(owners "$j")" &&
+    pass btrfs-named-unmounted "$j"
 
 # btrfs check reads the metadata; the bad copy is covered by the other (DUP).
 out=$(btrfs check --readonly "$bdev" 2>&1)

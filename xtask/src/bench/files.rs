@@ -29,8 +29,9 @@ pub fn run(sizes: &[usize], remapctl: &Path, dir: &Path) -> Result<Table> {
              table or every directory, once for all the blocks; stat and dump_extents per \
              inode). XFS mounted: the kernel's \
              space map, then XFS's block map of every file (one walk); not mounted: xfs_db's \
-             walk of all metadata. btrfs: the chunk tree and the kernel's logical-to-inode \
-             lookup per block (an index: no walk); data only while mounted."
+             walk of all metadata. btrfs mounted: the chunk tree and the kernel's \
+             logical-to-inode lookup per block (an index: no walk); not mounted: the \
+             filesystem tree, dumped once."
         ),
         header: [
             "filesystem",
