@@ -361,16 +361,7 @@ pub fn resolve(dev: &str, start: &[u8], blocks: &[(u64, u64)], tools: &dyn Tools
     let unknown = |why: String| unknown_all(blocks, &why);
     match crate::signature::probe(start) {
         Some("an ext2/ext3/ext4 filesystem") => match ext::Ext::read(dev, tools) {
-            Ok(ext) => blocks
-                .iter()
-                .zip(ext.owners(blocks))
-                .map(|(&(lba, sectors), owners)| Finding {
-                    lba,
-                    sectors,
-                    owners,
-                    on: None,
-                })
-                .collect(),
+            Ok(ext) => findings(blocks, ext.owners(blocks)),
             Err(e) => unknown(format!("ext filesystem on {dev} cannot be read: {e}")),
         },
         Some("an XFS filesystem") => xfs::resolve(dev, blocks, tools),
@@ -388,6 +379,20 @@ pub(crate) fn metadata(kind: &str) -> Owner {
     Owner::Metadata {
         kind: kind.to_owned(),
     }
+}
+
+/// Each block with its owners (in the same order).
+fn findings(blocks: &[(u64, u64)], owners: Vec<Vec<Owner>>) -> Vec<Finding> {
+    blocks
+        .iter()
+        .zip(owners)
+        .map(|(&(lba, sectors), owners)| Finding {
+            lba,
+            sectors,
+            owners,
+            on: None,
+        })
+        .collect()
 }
 
 /// The same `why` for every block.

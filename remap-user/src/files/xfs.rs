@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{BlockMap, Finding, Owner, Tools, metadata, unknown_all};
+use super::{BlockMap, Finding, Owner, Tools, findings, metadata, unknown_all};
 
 pub(super) fn resolve(dev: &str, blocks: &[(u64, u64)], tools: &dyn Tools) -> Vec<Finding> {
     let owners = match tools.mount_of(dev) {
@@ -16,16 +16,7 @@ pub(super) fn resolve(dev: &str, blocks: &[(u64, u64)], tools: &dyn Tools) -> Ve
         None => unmounted(dev, blocks, tools),
     };
     match owners {
-        Ok(o) => blocks
-            .iter()
-            .zip(o)
-            .map(|(&(lba, sectors), owners)| Finding {
-                lba,
-                sectors,
-                owners,
-                on: None,
-            })
-            .collect(),
+        Ok(o) => findings(blocks, o),
         Err(why) => unknown_all(blocks, &format!("XFS on {dev} cannot be read: {why}")),
     }
 }

@@ -147,15 +147,7 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
     } else if want("host") {
-        step("building release binaries (cargo build -p remap-user --bins --release)");
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", "remap-user", "--bins", "--release"])
-            .current_dir(&root)
-            .status()
-            .context("running cargo build")?;
-        if !st.success() {
-            bail!("building remap-user failed");
-        }
+        build_release(&root)?;
         let remapd = workspace::target_dir().join("release/remapd");
         let plan = if a.quick {
             host::Plan { secs: 2, rounds: 2 }
@@ -170,15 +162,7 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
 
     let mut files_table = None;
     if want("files") && !a.reanalyze {
-        step("building remapctl (cargo build -p remap-user --bins --release)");
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", "remap-user", "--bins", "--release"])
-            .current_dir(&root)
-            .status()
-            .context("running cargo build")?;
-        if !st.success() {
-            bail!("building remap-user failed");
-        }
+        build_release(&root)?;
         let sizes: &[usize] = if a.quick {
             &[1000, 10000]
         } else {
@@ -284,6 +268,20 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
         update_docs(&root.join("docs/BENCHMARKS.md"), &md)?;
     }
     Ok(0)
+}
+
+/// remapd and remapctl as users run them.
+fn build_release(root: &Path) -> Result<()> {
+    step("building release binaries (cargo build -p remap-user --bins --release)");
+    let st = Command::new(env!("CARGO"))
+        .args(["build", "-p", "remap-user", "--bins", "--release"])
+        .current_dir(root)
+        .status()
+        .context("running cargo build")?;
+    if !st.success() {
+        bail!("building remap-user failed");
+    }
+    Ok(())
 }
 
 /// One paragraph on where the numbers come from.
