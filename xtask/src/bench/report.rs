@@ -321,6 +321,21 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
         volume: Option<FioJob>,
         bpf: BTreeMap<String, (u64, u64)>,
     }
+    impl Run {
+        /// The I/Os of both jobs (fio counts KiB; the pattern names the block size).
+        fn ios(&self) -> f64 {
+            let bs = if self.pattern.contains("1m") {
+                1024.0
+            } else {
+                4.0
+            };
+            [&self.raw, &self.volume]
+                .into_iter()
+                .flatten()
+                .map(|j| j.read.ios(bs) + j.write.ios(bs))
+                .sum()
+        }
+    }
     let runs: Vec<Run> = s
         .all("fio")
         .filter_map(|v| {
@@ -382,14 +397,7 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
     let bpf_ns_per_io = |pattern: &str| -> f64 {
         let (mut ns, mut ios) = (0.0, 0.0);
         for x in sel("on", pattern, 0.0) {
-            let bs = if x.pattern.contains("1m") {
-                1024.0
-            } else {
-                4.0
-            };
-            for j in [&x.raw, &x.volume].into_iter().flatten() {
-                ios += j.read.ios(bs) + j.write.ios(bs);
-            }
+            ios += x.ios();
             ns += x.bpf.values().map(|(t, _)| *t as f64).sum::<f64>();
         }
         if ios > 0.0 { ns / ios } else { f64::NAN }
@@ -502,14 +510,7 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
         let mut m: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         let mut ios = 0.0;
         for x in runs.iter().filter(|x| x.agent == agent) {
-            let bs = if x.pattern.contains("1m") {
-                1024.0
-            } else {
-                4.0
-            };
-            for j in [&x.raw, &x.volume].into_iter().flatten() {
-                ios += j.read.ios(bs) + j.write.ios(bs);
-            }
+            ios += x.ios();
             for (n, (t, c)) in &x.bpf {
                 let e = m.entry(n.clone()).or_default();
                 e.0 += t;
