@@ -23,6 +23,8 @@ pub fn build_host_bins() -> Result<PathBuf> {
             "remap-user",
             "--package",
             "remap-tests",
+            "--features",
+            "remap-tests/flushcheck",
             "--bins",
         ])
         .current_dir(root())

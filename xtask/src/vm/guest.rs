@@ -46,7 +46,7 @@ pub fn build(paths: &Paths) -> Result<GuestBins> {
             "flushcheck",
             // libdevmapper is only needed for its headers; a static link must not ask for it.
             "--features",
-            "remap-user/static",
+            "remap-user/static,remap-tests/flushcheck",
         ])
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .output()
