@@ -20,7 +20,7 @@ use std::{
 };
 
 use remap_common::{ErrorEvent, Op, PoolDev, RemapKey, RemapVal, split_kernel_dev};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::{
     io::{
         AsyncBufRead, AsyncBufReadExt as _, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _,
@@ -499,7 +499,6 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
             }
             Msg::Request { req, uid, reply } => {
                 let mutates = req.mutates();
-                let manual = matches!(req, Request::RemapAdd { .. });
                 let stopping = match &req {
                     Request::Stop { name } => Some(name.clone()),
                     _ => None,
@@ -507,18 +506,12 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
                 if let Some(name) = &stopping {
                     hub.wait_unnamed(name, Duration::from_secs(30));
                 }
-                // Checked here too, where the change happens: a caller that reaches the
-                // engine by some other path still cannot change anything without root.
-                let resp = if mutates && uid != 0 {
-                    Response::err(
-                        exit::REFUSED,
-                        "permission denied: this command changes volumes and needs root",
-                    )
-                } else {
-                    engine.handle(req)
+                let (resp, manual) = match dispatch::permitted(mutates, uid) {
+                    Ok(()) => dispatch::handle(&mut engine, req),
+                    Err(refused) => (refused, None),
                 };
-                if manual && resp.code == exit::OK {
-                    manual_remap(&resp.data, hub);
+                if let Some(report) = manual {
+                    manual_remap(&report, hub);
                 }
                 if let Some(name) = stopping.filter(|_| resp.code == exit::OK) {
                     scrubs.volume_gone(&name);
@@ -531,13 +524,9 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
             }
             Msg::Agent { req, uid, reply } => {
                 let mutates = req.mutates();
-                let resp = if mutates && uid != 0 {
-                    Response::err(
-                        exit::REFUSED,
-                        "permission denied: this command changes volumes and needs root",
-                    )
-                } else {
-                    agent_call(&mut engine, &mut scrubs, hub, req)
+                let resp = match dispatch::permitted(mutates, uid) {
+                    Ok(()) => agent_call(&mut engine, &mut scrubs, hub, req),
+                    Err(refused) => refused,
                 };
                 // State first: whoever gets the answer must find the metrics already saying so.
                 if mutates {
@@ -640,31 +629,11 @@ fn hotplug<D: DeviceMapper, I: BlockIo, W: Watch>(
     scrubs.resume(engine.volumes());
 }
 
-/// Counts and announces a `remap add` that succeeded (its data is a RemapReport).
-fn manual_remap(data: &Value, hub: &Hub) {
-    let num = |k: &str| data[k].as_u64().unwrap_or(0);
-    let list = |k: &str| data[k].as_array().map_or(0, |a| a.len() as u64);
-    let volume = data["volume"].as_str().unwrap_or_default().to_owned();
-    hub.metrics.on_remap(
-        &volume,
-        list("remapped"),
-        num("pending_blocks"),
-        list("exhausted"),
-        num("micros"),
-        num("suspended_micros"),
-    );
-    hub.publish(Event::Remap {
-        time_ms: now_ms(),
-        volume,
-        chunks: list("remapped"),
-        // The report names chunks; the request named LBAs, so the caller knows them.
-        lbas: Vec::new(),
-        pending_blocks: num("pending_blocks"),
-        exhausted: list("exhausted"),
-        micros: num("micros"),
-        suspended_micros: num("suspended_micros"),
-        cause: "manual".into(),
-    });
+/// Counts and announces a `remap add` that succeeded.
+fn manual_remap(r: &RemapReport, hub: &Hub) {
+    hub.metrics.on_report(r);
+    // The report names chunks; the request named LBAs, so the caller knows them.
+    hub.publish(remap_event(r, Vec::new(), "manual"));
 }
 
 /// Remaps what a scrub found, as the detector's errors are: logged, counted, announced.
@@ -853,7 +822,7 @@ fn agent_call<D: DeviceMapper, I: BlockIo, W: Watch>(
             let found = match (&name, &main) {
                 (Some(n), Some(m)) => match engine.assemble_with_main(n, m) {
                     Ok(found) => found,
-                    Err(e) => return Response::err(e.code(), e.to_string()),
+                    Err(e) => return Response::err(dispatch::exit_code(&e), e.to_string()),
                 },
                 (None, Some(_)) => {
                     return Response::err(
@@ -1452,6 +1421,8 @@ where
     drop(det);
     res
 }
+
+pub(crate) mod dispatch;
 
 #[cfg(test)]
 mod tests;

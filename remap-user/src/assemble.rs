@@ -909,6 +909,7 @@ mod tests {
     use std::{path::Path, sync::Arc};
 
     use super::*;
+    use crate::engine::tests::Json as _;
     use crate::{
         allocate::Policy,
         blockdev::DevIdentity,
@@ -1628,7 +1629,7 @@ mod tests {
         );
         assert!(dm.list("").unwrap().is_empty(), "no device created");
         // Status shows it down, with why.
-        let st = engine.status(Some("v")).unwrap();
+        let st = engine.status(Some("v")).unwrap().j();
         assert_eq!(st["state"], "down", "{st}");
         assert!(
             st["reason"].as_str().unwrap().contains("already owned"),
@@ -1648,7 +1649,7 @@ mod tests {
         drop(remaps);
         let rep = engine.assemble(None);
         assert_eq!(rep[0].outcome, "created", "{rep:?}");
-        let st = engine.status(Some("v")).unwrap();
+        let st = engine.status(Some("v")).unwrap().j();
         assert_eq!(st["remaps"], 1_000_000);
         assert_eq!(st["pool"]["devices"][0]["used"], 1_000_000);
         assert_eq!(dm.table("v").unwrap().len(), 8);

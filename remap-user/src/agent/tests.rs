@@ -13,7 +13,8 @@ use tokio::{
 };
 
 use super::*;
-use crate::{blockdev::SimIo, dm::SimDm};
+use crate::{blockdev::SimIo, dm::SimDm, engine::tests::Json as _};
+use serde_json::Value;
 
 const SIM: u32 = 240;
 const MIB: u64 = 1 << 20;
@@ -749,18 +750,18 @@ fn a_volume_down_for_a_missing_spare_comes_up_when_it_appears_and_a_member_gone_
     let mut b = a.restart();
     let mut scrubs = Scrubs::new(None);
     hotplug(&mut b.engine, &mut scrubs, &appeared);
-    let st = b.engine.status(Some("v")).unwrap();
+    let st = b.engine.status(Some("v")).unwrap().j();
     assert_eq!(st["state"], "down", "{st}");
     assert!(
         st["reason"].as_str().unwrap().contains("spare slot 1"),
         "{st}"
     );
-    let all = b.engine.status(None).unwrap();
+    let all = b.engine.status(None).unwrap().j();
     assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
     // The spare appears: the volume comes up with no command.
     a.io.poke(SIM, S2, 0, &saved).unwrap();
     hotplug(&mut b.engine, &mut scrubs, &appeared);
-    assert_eq!(b.engine.status(Some("v")).unwrap()["state"], "up");
+    assert_eq!(b.engine.status(Some("v")).unwrap().j()["state"], "up");
     assert!(!b.engine.any_down());
     // Its main goes away: a path fault, alerted once, nothing moved.
     let gone = Batch {
@@ -776,8 +777,8 @@ fn a_volume_down_for_a_missing_spare_comes_up_when_it_appears_and_a_member_gone_
         .collect();
     assert_eq!(faults.len(), 1, "{h:?}");
     assert!(b.engine.health_watch("v").unwrap().alerts.is_empty());
-    assert_eq!(b.engine.health("v").unwrap()["path_faults_seen"], 1);
-    assert_eq!(b.engine.status(Some("v")).unwrap()["remaps"], 0);
+    assert_eq!(b.engine.health("v").unwrap().j()["path_faults_seen"], 1);
+    assert_eq!(b.engine.status(Some("v")).unwrap().j()["remaps"], 0);
     // A disk of no volume going away is nobody's fault.
     hotplug(
         &mut b.engine,
@@ -787,7 +788,7 @@ fn a_volume_down_for_a_missing_spare_comes_up_when_it_appears_and_a_member_gone_
             gone: vec![(SIM, 77)],
         },
     );
-    assert_eq!(b.engine.health("v").unwrap()["path_faults_seen"], 1);
+    assert_eq!(b.engine.health("v").unwrap().j()["path_faults_seen"], 1);
     // A volume the operator stopped stays down when disks appear, until named.
     b.engine.stop("v").unwrap();
     hotplug(&mut b.engine, &mut scrubs, &appeared);

@@ -1,0 +1,80 @@
+//! Commit: a batch's remaps made durable on every metadata copy before any table points at
+//! them, and a copy whose write failed dropped from the set, loudly.
+use crate::{
+    blockdev::{BlockDev, BlockIo},
+    dm::DeviceMapper,
+    engine::{Engine, EngineError, Result, Volume, Watch},
+    metadata::{self, codec::JournalOp, crash_point},
+};
+
+impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
+    /// Commits remap changes: one journal append on every spare (a checkpoint when the
+    /// journal is full).
+    pub(crate) fn commit_ops(&self, vol: &mut Volume, ops: &[JournalOp]) -> Result<()> {
+        let mut j = vol.journal.clone();
+        let written = j
+            .commit(&self.io, &vol.copies(), ops, &vol.config, &vol.remaps)
+            .map_err(|e| EngineError::Failed(format!("committing metadata: {e}")))?;
+        vol.journal = j;
+        crash_point("after-commit");
+        self.degrade_copies(vol, written.failed);
+        Ok(())
+    }
+
+    /// Writes the whole state (configuration changes) to every spare.
+    pub(crate) fn checkpoint(&self, vol: &mut Volume) -> Result<()> {
+        let mut j = vol.journal.clone();
+        let written = j
+            .checkpoint(&self.io, &vol.copies(), &vol.config, &vol.remaps)
+            .map_err(|e| EngineError::Failed(format!("writing metadata: {e}")))?;
+        vol.journal = j;
+        self.degrade_copies(vol, written.failed);
+        // A checkpoint runs with nothing suspended.
+        self.flush_deferred();
+        Ok(())
+    }
+
+    /// The copies a write reached hold the new state, durably: the volume goes on with it
+    /// (rolling back in memory would leave the disks saying something else than the volume
+    /// serves). The copies it did not reach are no longer written; their spares take nothing
+    /// new; the change is recorded on the copies that remain, and the operator is told.
+    pub(crate) fn degrade_copies(
+        &self,
+        vol: &mut Volume,
+        mut failed: Vec<(u32, metadata::MetaError)>,
+    ) {
+        while !failed.is_empty() {
+            for (slot, e) in &failed {
+                if let Some(rec) = vol.config.spares.iter_mut().find(|r| r.slot == *slot) {
+                    rec.meta_failed = true;
+                    rec.draining = true;
+                }
+                let _ = vol.pool.set_open(*slot, false);
+                self.defer(format!(
+                    "volume {}: metadata write to spare {} failed: {e}; its copy is no longer written ({} copies hold the volume's state) and nothing new lands on it: replace it (remapctl spare add, then spare remove --migrate)",
+                    vol.config.name,
+                    vol.spares.get(slot).map(|d| d.path.display().to_string()).unwrap_or_default(),
+                    vol.copies().len()
+                ));
+            }
+            let mut j = vol.journal.clone();
+            match j.checkpoint(&self.io, &vol.copies(), &vol.config, &vol.remaps) {
+                Ok(w) => {
+                    vol.journal = j;
+                    failed = w.failed;
+                }
+                Err(e) => {
+                    self.defer(format!(
+                        "volume {}: recording the failed metadata copy failed too: {e}",
+                        vol.config.name
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+
+    pub(crate) fn wipe_metadata(&self, dev: &BlockDev) -> Result<()> {
+        metadata::wipe(&self.io, dev).map_err(|e| EngineError::Failed(e.to_string()))
+    }
+}

@@ -1,0 +1,257 @@
+//! Detector events in: which volume and chunk each concerns ([`Engine::owners`]), counted by
+//! class, and turned into batches for the remap path.
+use std::collections::{BTreeMap, BTreeSet};
+
+use remap_common::ErrorEvent;
+
+use super::{
+    Engine, Watch,
+    history::{WEAK_READS, WEAK_TRACKED, WEAK_WINDOW_S},
+};
+use crate::{
+    blockdev::BlockIo,
+    dm::DeviceMapper,
+    health::STRIKES,
+    remap::{RemapReport, batches},
+};
+
+impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
+    /// Feeds detector events to the remap path: per volume, batches of at most
+    /// [`REMAP_BATCH_MAX`] chunks. Successful writes to pending chunks (errno 0) clear the
+    /// blocks they rewrote.
+    pub fn on_errors(&mut self, events: &[ErrorEvent]) -> Vec<RemapReport> {
+        let mut work: BTreeMap<String, BTreeMap<u64, bool>> = BTreeMap::new();
+        let mut rewrites: BTreeMap<String, BTreeMap<u64, u64>> = BTreeMap::new();
+        let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+        let mut failing: BTreeSet<(String, u32)> = BTreeSet::new();
+        for ev in events {
+            if ev.kind == remap_common::kind::SLOW {
+                for (name, chunk) in self.slow(ev) {
+                    work.entry(name).or_default().insert(chunk, true);
+                }
+                continue;
+            }
+            if ev.errno == 0 {
+                for (name, chunk, mask) in self.rewritten(ev) {
+                    *rewrites.entry(name).or_default().entry(chunk).or_default() |= mask;
+                }
+                continue;
+            }
+            let class = crate::detect::class::classify(ev.errno);
+            if !class.may_remap() {
+                self.not_media(ev);
+                continue;
+            }
+            for (name, chunk, definite) in self.attribute(ev) {
+                // A request of its own that failed: the chunk moves now if a block does not
+                // read back; if all do, only once it has failed STRIKES times.
+                let definite = definite && self.strike(&name, chunk) >= STRIKES;
+                *work.entry(name).or_default().entry(chunk).or_default() |= definite;
+            }
+            for v in self.volumes.values() {
+                if v.main.matches_kernel_dev(ev.dev) {
+                    *errors.entry(v.config.name.clone()).or_default() += 1;
+                } else if let Some((slot, _)) =
+                    v.spares.iter().find(|(_, s)| s.matches_kernel_dev(ev.dev))
+                {
+                    *errors.entry(v.config.name.clone()).or_default() += 1;
+                    failing.insert((v.config.name.clone(), *slot));
+                }
+            }
+        }
+        for (name, n) in errors {
+            self.note(&name, 0, n);
+        }
+        // A spare that fails gets nothing new, and a hot spare (if any) takes its place.
+        for (name, slot) in failing {
+            let Some(mut vol) = self.volumes.remove(&name) else {
+                continue;
+            };
+            if vol.pool.is_open(slot) {
+                let _ = vol.pool.set_open(slot, false);
+                tracing::warn!(
+                    volume = name,
+                    spare = %vol.spares[&slot].path.display(),
+                    "spare reports I/O errors: no new extents on it"
+                );
+                self.promote_hot(&mut vol, "a pool device is failing");
+                self.mirror(&vol, Some(&[]));
+            }
+            self.volumes.insert(name, vol);
+        }
+        for (name, chunks) in rewrites {
+            if let Err(e) = self.clear_pending(&name, &chunks) {
+                tracing::error!(volume = name, "mapping rewritten blocks back failed: {e}");
+            }
+        }
+        let mut reports = Vec::new();
+        for (name, chunks) in work {
+            for batch in batches(chunks) {
+                match self.remap_batch(&name, batch) {
+                    Ok(r) => reports.push(r),
+                    Err(e) => tracing::error!(volume = name, "remap failed: {e}"),
+                }
+            }
+        }
+        reports
+    }
+
+    /// An error that was not the medium's, on a volume's device: counted and alerted, never
+    /// a reason to move data (a path, a controller or a target failed, not a sector).
+    pub(crate) fn not_media(&mut self, ev: &ErrorEvent) {
+        for v in self.volumes.values() {
+            let ours = v.main.matches_kernel_dev(ev.dev)
+                || v.spares.values().any(|s| s.matches_kernel_dev(ev.dev));
+            if !ours {
+                continue;
+            }
+            let h = self.history.entry(v.config.name.clone()).or_default();
+            h.not_media += 1;
+            h.last_not_media = ev.errno;
+            if h.not_media == 1 || h.not_media.is_power_of_two() {
+                tracing::warn!(
+                    volume = v.config.name,
+                    errno = ev.errno,
+                    sector = ev.sector,
+                    count = h.not_media,
+                    "I/O error that is not the medium's (path, controller, target or resources): nothing moved"
+                );
+            }
+        }
+    }
+
+    pub(crate) fn slow(&mut self, ev: &ErrorEvent) -> Vec<(String, u64)> {
+        let t = self.started.elapsed().as_secs_f64();
+        let mut weak = Vec::new();
+        for v in self.volumes.values() {
+            let on_main = v.main.matches_kernel_dev(ev.dev);
+            if !on_main && !v.spares.values().any(|s| s.matches_kernel_dev(ev.dev)) {
+                continue;
+            }
+            let h = self.history.entry(v.config.name.clone()).or_default();
+            h.slow += 1;
+            if !on_main {
+                continue;
+            }
+            // The last spares are for chunks that fail; a slow one still reads.
+            if Self::pool_low(v) {
+                continue;
+            }
+            if h.weak.len() > WEAK_TRACKED {
+                h.weak
+                    .retain(|_, seen| seen.iter().any(|&at| t - at < WEAK_WINDOW_S));
+            }
+            // A slow request of many chunks says nothing about which of them is weak.
+            let g = v.geo();
+            let range = v.main_chunks(ev.sector, u64::from(ev.nr_sector));
+            if range.end - range.start != 1 {
+                continue;
+            }
+            for c in range {
+                if v.remaps.get(c).is_some() {
+                    continue;
+                }
+                let seen = h.weak.entry(c).or_default();
+                seen.retain(|&at| t - at < WEAK_WINDOW_S);
+                seen.push(t);
+                if seen.len() >= WEAK_READS {
+                    h.weak.remove(&c);
+                    tracing::warn!(
+                        volume = v.config.name,
+                        chunk = c,
+                        lba = c * g.chunk,
+                        latency_ms = ev.latency_us / 1000,
+                        "weak chunk: read slowly {WEAK_READS} times; moving it while it still reads"
+                    );
+                    weak.push((v.config.name.clone(), c));
+                }
+            }
+        }
+        weak
+    }
+
+    /// Which volume chunks an error event concerns, and whether the error names the chunk for
+    /// sure (a request within one chunk) or only maybe (a larger request failed somewhere: the
+    /// chunks move only if locating finds an unreadable block in them). Errors on the main
+    /// device matter for chunks still there (a chunk already moved is a stale report, e.g. from
+    /// locating it); errors on a spare matter for the chunk whose data lives there now.
+    pub(crate) fn attribute(&self, ev: &ErrorEvent) -> Vec<(String, u64, bool)> {
+        let mut out = Vec::new();
+        for v in self.volumes.values() {
+            let g = v.geo();
+            if v.main.matches_kernel_dev(ev.dev) {
+                let range = v.main_chunks(ev.sector, u64::from(ev.nr_sector));
+                if range.is_empty() {
+                    tracing::error!(
+                        volume = v.config.name,
+                        main = %v.main.path.display(),
+                        sector = ev.sector,
+                        "I/O error in the main's remap header or end room, outside the volume's data: nothing to move (the header's other copy and the spares' metadata identify the volume)"
+                    );
+                    continue;
+                }
+                let definite = range.end - range.start == 1;
+                out.extend(
+                    range
+                        .filter(|c| v.remaps.get(*c).is_none())
+                        .map(|c| (v.config.name.clone(), c, definite)),
+                );
+            } else if let Some((slot, _)) =
+                v.spares.iter().find(|(_, s)| s.matches_kernel_dev(ev.dev))
+            {
+                if ev.sector < v.config.meta_area_sectors {
+                    tracing::error!(
+                        volume = v.config.name,
+                        spare = %v.spares[slot].path.display(),
+                        sector = ev.sector,
+                        "I/O error in a spare's metadata area; the other copies keep the volume safe"
+                    );
+                    continue;
+                }
+                let end = ev.sector + u64::from(ev.nr_sector.max(1));
+                let first = ev.sector - ev.sector % g.chunk;
+                let definite = end - first <= g.chunk;
+                let mut s = first;
+                while s < end {
+                    if let Some(c) = v.remaps.chunk_at(*slot, s, g.chunk) {
+                        out.push((v.config.name.clone(), c, definite));
+                    }
+                    s += g.chunk;
+                }
+            }
+        }
+        out
+    }
+
+    /// Pending blocks of remapped chunks that a successful write to their spare extent fully
+    /// covered: (volume, chunk, mask of rewritten pending blocks).
+    pub(crate) fn rewritten(&self, ev: &ErrorEvent) -> Vec<(String, u64, u64)> {
+        let mut out = Vec::new();
+        let end = ev.sector + u64::from(ev.nr_sector);
+        for v in self.volumes.values() {
+            let g = v.geo();
+            let Some((slot, _)) = v.spares.iter().find(|(_, s)| s.matches_kernel_dev(ev.dev))
+            else {
+                continue;
+            };
+            let mut s = ev.sector - ev.sector % g.chunk;
+            while s < end {
+                if let Some(c) = v.remaps.chunk_at(*slot, s, g.chunk) {
+                    let r = v.remaps.get(c).expect("found above");
+                    let mut mask = 0u64;
+                    for b in 0..g.blocks_per_chunk() {
+                        let bs = r.extent.start + u64::from(b) * g.block;
+                        if r.pending & (1 << b) != 0 && bs >= ev.sector && bs + g.block <= end {
+                            mask |= 1 << b;
+                        }
+                    }
+                    if mask != 0 {
+                        out.push((v.config.name.clone(), c, mask));
+                    }
+                }
+                s += g.chunk;
+            }
+        }
+        out
+    }
+}

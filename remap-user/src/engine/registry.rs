@@ -1,0 +1,114 @@
+//! The running volumes: each one's devices, pool and remap table, and which volume a device
+//! belongs to.
+use std::collections::BTreeMap;
+
+use crate::{
+    allocate::Pool,
+    blockdev::BlockDev,
+    metadata::{Copy, Journal, VolumeConfig, codec::uuid_bytes},
+    table::{self, DevRef},
+    volume::{Geometry, RemapTable, Sector},
+};
+
+/// A protected volume as the running agent knows it.
+pub struct Volume {
+    pub config: VolumeConfig,
+    /// Commit state of the metadata (generation, journal position).
+    pub journal: Journal,
+    pub main: BlockDev,
+    pub spares: BTreeMap<u32, BlockDev>,
+    pub pool: Pool,
+    pub remaps: RemapTable,
+    /// major:minor of each region device, by region index.
+    pub regions: Vec<(u32, u32)>,
+    /// major:minor of the volume's own device.
+    pub dev: (u32, u32),
+}
+
+impl Volume {
+    pub(crate) fn geo(&self) -> &Geometry {
+        &self.config.geometry
+    }
+
+    pub(crate) fn resolve(&self, d: DevRef) -> String {
+        let (ma, mi) = match d {
+            DevRef::Main => (self.main.major, self.main.minor),
+            DevRef::Spare(s) => self
+                .spares
+                .get(&s)
+                .map(|b| (b.major, b.minor))
+                .unwrap_or((0, 0)),
+            DevRef::Region(r) => self.regions.get(r as usize).copied().unwrap_or((0, 0)),
+        };
+        format!("{ma}:{mi}")
+    }
+
+    pub(crate) fn region_lines(&mut self, region: u32) -> Vec<table::DmLine> {
+        let geo = self.config.geometry;
+        let mut segs =
+            table::region_table(&geo, region, &mut self.remaps, self.config.pending_mode);
+        // The table works in the volume's sectors; on the main they start after its header.
+        for s in &mut segs {
+            if let table::Target::Linear {
+                dev: DevRef::Main,
+                offset,
+            } = &mut s.target
+            {
+                *offset += self.config.data_offset;
+            }
+        }
+        table::render(&segs, |d| self.resolve(d))
+    }
+
+    /// The spares as metadata copies.
+    /// The metadata copies written: one per spare, but for spares whose copy failed.
+    pub(crate) fn copies(&self) -> Vec<Copy<'_>> {
+        let failed = |slot: u32| {
+            self.config
+                .spares
+                .iter()
+                .any(|s| s.slot == slot && s.meta_failed)
+        };
+        self.spares
+            .iter()
+            .filter(|(slot, _)| !failed(**slot))
+            .map(|(slot, dev)| Copy {
+                dev,
+                slot: *slot,
+                uuid: self
+                    .config
+                    .spares
+                    .iter()
+                    .find(|s| s.slot == *slot)
+                    .map_or([0; 16], |s| uuid_bytes(&s.uuid)),
+            })
+            .collect()
+    }
+
+    /// The volume chunks a request of `len` sectors at `sector` of the main device touches:
+    /// none when it lies wholly in remap's header or the room at the end.
+    pub(crate) fn main_chunks(&self, sector: Sector, len: Sector) -> std::ops::Range<u64> {
+        let d = self.config.data_offset;
+        let end = sector.saturating_add(len.max(1));
+        if end <= d {
+            return 0..0;
+        }
+        let start = sector.saturating_sub(d);
+        self.geo().chunks_of_range(start, end - d - start)
+    }
+
+    pub(crate) fn main_or_spare(&self, dev: &BlockDev) -> bool {
+        same(&self.main, dev) || self.spares.values().any(|s| same(s, dev))
+    }
+
+    pub(crate) fn spare_slot(&self, dev: &BlockDev) -> Option<u32> {
+        self.spares
+            .iter()
+            .find(|(_, s)| same(s, dev))
+            .map(|(slot, _)| *slot)
+    }
+}
+
+pub(crate) fn same(a: &BlockDev, b: &BlockDev) -> bool {
+    (a.major, a.minor) == (b.major, b.minor)
+}

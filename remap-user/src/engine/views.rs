@@ -1,0 +1,340 @@
+//! What the engine shows: typed views of a volume's status, pool, remaps, pending blocks and
+//! health. They serialize to the control protocol's JSON; only the daemon's dispatch turns them
+//! into it.
+use serde::Serialize;
+
+use super::{Down, Engine, Result, Volume, Watch};
+use crate::{
+    allocate::{Policy, Pool},
+    blockdev::{BlockIo, DevIdentity},
+    dm::DeviceMapper,
+    health::{Alert, Forecast, Reason},
+    volume::{PendingMode, SECTOR, UnreadablePolicy},
+};
+
+/// A volume that is up.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub uuid: String,
+    pub state: &'static str,
+    pub device: String,
+    pub main: String,
+    pub main_identity: DevIdentity,
+    /// "header": the raw main shows remap's header, the data starts at data_offset;
+    /// "in-place": the data starts at 0 and the raw main shows the volume's contents.
+    pub raw_main: &'static str,
+    pub data_offset: u64,
+    pub size_bytes: u64,
+    pub chunk_size: u64,
+    /// The unit bad blocks are located and kept pending in (the physical sector).
+    pub block_size: u64,
+    pub region_size: u64,
+    pub regions: u32,
+    pub remaps: usize,
+    pub pending: u64,
+    pub pending_mode: &'static str,
+    pub generation: u64,
+    pub metadata_capacity: usize,
+    pub pool: PoolView,
+}
+
+/// A volume found on the disks that is not up, with why.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DownStatus {
+    pub name: String,
+    pub uuid: String,
+    pub state: &'static str,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Status {
+    Up(Box<VolumeStatus>),
+    Down(DownStatus),
+    /// Every volume, up or down (no name asked for).
+    All(Vec<Status>),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PoolView {
+    pub policy: Policy,
+    pub devices: Vec<PoolDevice>,
+    /// Hot spares wait outside the pool (they hold nothing) until it runs low.
+    pub standby: Vec<StandbySpare>,
+    pub total: u64,
+    pub available: u64,
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PoolDevice {
+    pub slot: u32,
+    pub path: Option<String>,
+    pub identity: Option<DevIdentity>,
+    pub size_bytes: u64,
+    pub chunks: u64,
+    pub used: u64,
+    pub free: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+    /// "draining": being emptied (`spare remove --migrate`), nothing new lands on it.
+    pub state: &'static str,
+    /// "failed": its metadata copy failed a write and is no longer kept.
+    pub metadata: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StandbySpare {
+    pub slot: u32,
+    pub path: Option<String>,
+    pub identity: DevIdentity,
+    pub size_bytes: u64,
+    pub chunks: u64,
+    pub state: &'static str,
+}
+
+/// One remapped chunk.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RemapEntry {
+    pub chunk: u64,
+    pub lba: u64,
+    pub sectors: u64,
+    pub spare: Option<String>,
+    pub spare_slot: u32,
+    pub spare_sector: u64,
+    pub pending_blocks: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PendingView {
+    pub mode: &'static str,
+    pub blocks: Vec<PendingBlock>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PendingBlock {
+    pub lba: u64,
+    pub sectors: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HealthView {
+    pub volume: String,
+    pub score: u32,
+    pub reasons: Vec<Reason>,
+    pub forecast: Option<Forecast>,
+    pub alerts: Vec<Alert>,
+    pub errors_seen: u64,
+    pub slow_io_seen: u64,
+    pub not_media_errors_seen: u64,
+    pub transient_errors_seen: u64,
+    pub path_faults_seen: u64,
+    pub smart: SmartView,
+    pub chunks_remapped: u64,
+    pub hot_spares: usize,
+}
+
+/// The main disk's own view, or why there is none.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum SmartView {
+    Read(crate::smart::Smart),
+    Unavailable { unavailable: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Stopped {
+    pub stopped: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Migrated {
+    pub moved: u64,
+    pub batches: u64,
+    pub pool: PoolView,
+}
+
+impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
+    /// The volumes that are up, and those found on the disks that are down (with why).
+    pub fn status(&self, name: Option<&str>) -> Result<Status> {
+        let down = |(n, d): (&String, &Down)| {
+            Status::Down(DownStatus {
+                name: n.clone(),
+                uuid: d.uuid.clone(),
+                state: "down",
+                reason: d.reason.clone(),
+            })
+        };
+        match name {
+            Some(n) => match self.down.get_key_value(n) {
+                Some(d) if !self.volumes.contains_key(n) => Ok(down(d)),
+                _ => Ok(Status::Up(Box::new(status_of(self.volume(n)?)))),
+            },
+            None => Ok(Status::All(
+                self.volumes
+                    .values()
+                    .map(|v| Status::Up(Box::new(status_of(v))))
+                    .chain(self.down.iter().map(down))
+                    .collect(),
+            )),
+        }
+    }
+
+    pub fn remap_list(&self, name: &str) -> Result<Vec<RemapEntry>> {
+        let vol = self.volume(name)?;
+        let chunk = vol.geo().chunk;
+        Ok(vol
+            .remaps
+            .iter()
+            .map(|(c, r)| RemapEntry {
+                chunk: c,
+                lba: c * chunk,
+                sectors: chunk,
+                spare: vol
+                    .spares
+                    .get(&r.extent.spare)
+                    .map(|s| s.path.display().to_string()),
+                spare_slot: r.extent.spare,
+                spare_sector: r.extent.start,
+                pending_blocks: r.pending.count_ones(),
+            })
+            .collect())
+    }
+
+    pub fn pending(&self, name: &str) -> Result<PendingView> {
+        let vol = self.volume(name)?;
+        Ok(PendingView {
+            mode: mode_name(vol.config.pending_mode),
+            blocks: self
+                .pending_blocks(name)?
+                .into_iter()
+                .map(|(lba, sectors)| PendingBlock { lba, sectors })
+                .collect(),
+        })
+    }
+
+    /// The volume's pending blocks as (LBA, sectors) of the volume, in order.
+    pub fn pending_blocks(&self, name: &str) -> Result<Vec<(u64, u64)>> {
+        let vol = self.volume(name)?;
+        let g = vol.geo();
+        let mut out = Vec::new();
+        for (c, r) in vol.remaps.iter() {
+            for b in 0..g.blocks_per_chunk() {
+                if r.pending & (1 << b) != 0 {
+                    out.push((c * g.chunk + u64::from(b) * g.block, g.block));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub(crate) fn mode_name(m: PendingMode) -> &'static str {
+    match m {
+        PendingMode::FlakeyErrorReads => "error-reads",
+        PendingMode::Policy(UnreadablePolicy::Error) => "error",
+        PendingMode::Policy(UnreadablePolicy::Zero) => "zero",
+    }
+}
+
+pub(crate) fn pool_of(vol: &Volume) -> PoolView {
+    let chunk_bytes = vol.geo().chunk * SECTOR;
+    let devices = vol
+        .pool
+        .usage()
+        .iter()
+        .map(|u| {
+            let rec = vol.config.spares.iter().find(|s| s.slot == u.slot);
+            PoolDevice {
+                slot: u.slot,
+                path: vol
+                    .spares
+                    .get(&u.slot)
+                    .map(|s| s.path.display().to_string()),
+                identity: rec.map(|r| r.identity.clone()),
+                size_bytes: u.size_sectors * SECTOR,
+                chunks: u.total,
+                used: u.used,
+                free: u.free,
+                used_bytes: u.used * chunk_bytes,
+                free_bytes: u.free * chunk_bytes,
+                state: if vol.pool.is_open(u.slot) {
+                    "active"
+                } else {
+                    "draining"
+                },
+                metadata: if rec.is_some_and(|r| r.meta_failed) {
+                    "failed"
+                } else {
+                    "ok"
+                },
+            }
+        })
+        .collect();
+    let standby = vol
+        .config
+        .spares
+        .iter()
+        .filter(|r| r.hot)
+        .map(|r| {
+            let mut p = Pool::new(vol.geo().chunk, vol.pool.policy());
+            let chunks = p
+                .add(r.slot, r.size_sectors, vol.config.meta_area_sectors)
+                .map_or(0, |()| p.available());
+            StandbySpare {
+                slot: r.slot,
+                path: vol
+                    .spares
+                    .get(&r.slot)
+                    .map(|s| s.path.display().to_string()),
+                identity: r.identity.clone(),
+                size_bytes: r.size_sectors * SECTOR,
+                chunks,
+                state: "standby",
+            }
+        })
+        .collect();
+    let total: u64 = vol.pool.usage().iter().map(|u| u.total).sum();
+    let available = vol.pool.available();
+    PoolView {
+        policy: vol.pool.policy(),
+        devices,
+        standby,
+        total,
+        available,
+        total_bytes: total * chunk_bytes,
+        available_bytes: available * chunk_bytes,
+    }
+}
+
+pub(crate) fn status_of(vol: &Volume) -> VolumeStatus {
+    let g = vol.geo();
+    VolumeStatus {
+        name: vol.config.name.clone(),
+        uuid: vol.config.uuid.clone(),
+        state: "up",
+        device: format!("/dev/mapper/{}", vol.config.name),
+        main: vol.main.path.display().to_string(),
+        main_identity: vol.config.main.clone(),
+        raw_main: if vol.config.has_header() {
+            "header"
+        } else {
+            "in-place"
+        },
+        data_offset: vol.config.data_offset * SECTOR,
+        size_bytes: g.size * SECTOR,
+        chunk_size: g.chunk * SECTOR,
+        block_size: g.block * SECTOR,
+        region_size: g.region * SECTOR,
+        regions: g.regions(),
+        remaps: vol.remaps.len(),
+        pending: vol.remaps.pending_blocks(),
+        pending_mode: mode_name(vol.config.pending_mode),
+        generation: vol.journal.generation,
+        metadata_capacity: vol.journal.layout.capacity(),
+        pool: pool_of(vol),
+    }
+}
