@@ -6,7 +6,6 @@ use crate::{
     blockdev::BlockIo,
     dm::DeviceMapper,
     engine::{Engine, EngineError, Result, Volume, Watch},
-    locate::READ_TRIES,
     remap::source,
     volume::{Extent, PendingMode, Remap, SECTOR, pending_marker},
 };
@@ -80,15 +79,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     buf.fill(0);
                 }
             };
+            pending = crate::locate::read_blocks(&self.io, src, base, g, pending, data);
             for (b, buf) in data.chunks_mut(block_bytes).enumerate() {
                 if pending & (1 << b) != 0 {
                     unreadable(buf, b);
-                    continue;
-                }
-                let off = (base + b as u64 * g.block) * SECTOR;
-                if !(0..READ_TRIES).any(|_| self.io.read_at(src, off, buf).is_ok()) {
-                    unreadable(buf, b);
-                    pending |= 1 << b;
                 }
             }
         }

@@ -1,10 +1,13 @@
 //! Locate: which blocks of the chunks an error names cannot be read where the chunk lives now,
 //! read outside any suspend; and whether the device failed as a whole (a path fault) instead.
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
     blockdev::{BlockDev, BlockIo},
     dm::DeviceMapper,
-    engine::{Engine, Watch},
+    engine::{Engine, Volume, Watch},
+    remap::source,
+    volume::{Geometry, Remap, SECTOR, Sector},
 };
 
 /// Reads of a block before it is declared unreadable.
@@ -23,4 +26,123 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             .into_iter()
             .any(|off| self.io.read_at(dev, off, &mut buf).is_ok())
     }
+
+    /// Locate: which blocks of each chunk can be read where the chunk lives now, as
+    /// (chunk, where it lives now, mask of unreadable blocks). Chunks that read whole and were
+    /// named only maybe (or fail no more than a transient) are left out.
+    pub(crate) fn locate(
+        &mut self,
+        vol: &Volume,
+        chunks: &BTreeMap<u64, bool>,
+    ) -> Vec<(u64, Option<Remap>, u64)> {
+        let g = *vol.geo();
+        // Locate: which blocks of each chunk can be read where the chunk lives now. Outside the
+        // suspend: retries on a failing disk can take long, and other I/O must not wait for it.
+        let mut plan: Vec<(u64, Option<Remap>, u64)> = Vec::new();
+        for (&c, &definite) in chunks {
+            let old = vol.remaps.get(c).copied();
+            let (src, base) = source(vol, c, old);
+            // A pending block rewritten meanwhile is data now: it moves with the chunk.
+            let bad = old.map_or(0, |r| self.still_pending(vol, c, &r));
+            // A chunk that reads whole is healthy: one request instead of one per block.
+            let mut whole = vec![0u8; (g.chunk * SECTOR) as usize];
+            if bad == 0 && self.io.read_at(src, base * SECTOR, &mut whole).is_ok() {
+                if definite {
+                    plan.push((c, old, 0));
+                } else {
+                    // A neighbour in the same failed request, or a transient (see STRIKES).
+                    self.history
+                        .entry(vol.config.name.clone())
+                        .or_default()
+                        .transient += 1;
+                }
+                continue;
+            }
+            let bad = read_blocks(&self.io, src, base, &g, bad, &mut whole);
+            if !definite && bad == old.map_or(0, |r| r.pending) {
+                // Every block reads fine: a neighbour in the same failed request, or a
+                // transient (see STRIKES).
+                self.history
+                    .entry(vol.config.name.clone())
+                    .or_default()
+                    .transient += 1;
+                continue;
+            }
+            plan.push((c, old, bad));
+        }
+        plan
+    }
+
+    /// Drops from `plan` the chunks of a device that failed as a whole (a path fault).
+    pub(crate) fn without_path_faults(
+        &mut self,
+        vol: &Volume,
+        mut plan: Vec<(u64, Option<Remap>, u64)>,
+    ) -> Vec<(u64, Option<Remap>, u64)> {
+        let bpc = vol.geo().blocks_per_chunk();
+        // A device where nothing of these chunks reads, and nothing elsewhere either, has not
+        // lost sectors: its path, controller or power failed (or it went away). Moving its
+        // chunks would copy nothing and mark all of them pending; they stay, and it is a
+        // path fault.
+        let full = if bpc >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << bpc) - 1
+        };
+        let mut per_dev: BTreeMap<(u32, u32), (bool, BlockDev)> = BTreeMap::new();
+        for (c, old, bad) in &plan {
+            let (src, _) = source(vol, *c, *old);
+            let e = per_dev
+                .entry((src.major, src.minor))
+                .or_insert_with(|| (true, src.clone()));
+            e.0 &= *bad & full == full;
+        }
+        let mut dead: BTreeSet<(u32, u32)> = BTreeSet::new();
+        for (key, (all_bad, src)) in per_dev {
+            if all_bad && !self.answers(&src) {
+                dead.insert(key);
+                tracing::error!(
+                    volume = vol.config.name,
+                    device = %src.path.display(),
+                    "path fault: the device fails every read, here and elsewhere; nothing moved"
+                );
+                self.history
+                    .entry(vol.config.name.clone())
+                    .or_default()
+                    .path_faults += 1;
+            }
+        }
+        if !dead.is_empty() {
+            plan.retain(|(c, old, _)| {
+                let (src, _) = source(vol, *c, *old);
+                !dead.contains(&(src.major, src.minor))
+            });
+        }
+        plan
+    }
+}
+
+/// Reads a chunk at `base` on `src` block by block into `data` (chunk-sized), each block up to
+/// [`READ_TRIES`] times, skipping the blocks in `skip`: the one read loop of locate and copy.
+/// Returns `skip` with the blocks that could not be read added.
+pub(crate) fn read_blocks(
+    io: &impl BlockIo,
+    src: &BlockDev,
+    base: Sector,
+    g: &Geometry,
+    skip: u64,
+    data: &mut [u8],
+) -> u64 {
+    let block_bytes = (g.block * SECTOR) as usize;
+    let mut bad = skip;
+    for (b, buf) in data.chunks_mut(block_bytes).enumerate() {
+        if bad & (1 << b) != 0 {
+            continue;
+        }
+        let off = (base + b as u64 * g.block) * SECTOR;
+        if !(0..READ_TRIES).any(|_| io.read_at(src, off, buf).is_ok()) {
+            bad |= 1 << b;
+        }
+    }
+    bad
 }

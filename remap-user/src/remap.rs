@@ -9,7 +9,6 @@ use crate::{
     blockdev::{BlockDev, BlockIo},
     dm::DeviceMapper,
     engine::{Engine, EngineError, Result, Volume, Watch},
-    locate::READ_TRIES,
     metadata::{codec::JournalOp, crash_point},
     switch::region_name,
     volume::{Extent, Remap, SECTOR, Sector},
@@ -186,88 +185,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .collect()
         };
 
-        // Locate: which blocks of each chunk can be read where the chunk lives now. Outside the
-        // suspend: retries on a failing disk can take long, and other I/O must not wait for it.
-        let mut plan: Vec<(u64, Option<Remap>, u64)> = Vec::new();
-        for (&c, &definite) in &chunks {
-            let old = vol.remaps.get(c).copied();
-            let (src, base) = source(vol, c, old);
-            // A pending block rewritten meanwhile is data now: it moves with the chunk.
-            let mut bad = old.map_or(0, |r| self.still_pending(vol, c, &r));
-            // A chunk that reads whole is healthy: one request instead of one per block.
-            let mut whole = vec![0u8; (g.chunk * SECTOR) as usize];
-            if bad == 0 && self.io.read_at(src, base * SECTOR, &mut whole).is_ok() {
-                if definite {
-                    plan.push((c, old, 0));
-                } else {
-                    // A neighbour in the same failed request, or a transient (see STRIKES).
-                    self.history
-                        .entry(vol.config.name.clone())
-                        .or_default()
-                        .transient += 1;
-                }
-                continue;
-            }
-            let mut buf = vec![0u8; block_bytes];
-            for b in 0..bpc {
-                if bad & (1 << b) != 0 {
-                    continue;
-                }
-                let off = (base + u64::from(b) * g.block) * SECTOR;
-                if !(0..READ_TRIES).any(|_| self.io.read_at(src, off, &mut buf).is_ok()) {
-                    bad |= 1 << b;
-                }
-            }
-            if !definite && bad == old.map_or(0, |r| r.pending) {
-                // Every block reads fine: a neighbour in the same failed request, or a
-                // transient (see STRIKES).
-                self.history
-                    .entry(vol.config.name.clone())
-                    .or_default()
-                    .transient += 1;
-                continue;
-            }
-            plan.push((c, old, bad));
-        }
-
-        // A device where nothing of these chunks reads, and nothing elsewhere either, has not
-        // lost sectors: its path, controller or power failed (or it went away). Moving its
-        // chunks would copy nothing and mark all of them pending; they stay, and it is a
-        // path fault.
-        let full = if bpc >= 64 {
-            u64::MAX
-        } else {
-            (1u64 << bpc) - 1
-        };
-        let mut per_dev: BTreeMap<(u32, u32), (bool, BlockDev)> = BTreeMap::new();
-        for (c, old, bad) in &plan {
-            let (src, _) = source(vol, *c, *old);
-            let e = per_dev
-                .entry((src.major, src.minor))
-                .or_insert_with(|| (true, src.clone()));
-            e.0 &= *bad & full == full;
-        }
-        let mut dead: BTreeSet<(u32, u32)> = BTreeSet::new();
-        for (key, (all_bad, src)) in per_dev {
-            if all_bad && !self.answers(&src) {
-                dead.insert(key);
-                tracing::error!(
-                    volume = vol.config.name,
-                    device = %src.path.display(),
-                    "path fault: the device fails every read, here and elsewhere; nothing moved"
-                );
-                self.history
-                    .entry(vol.config.name.clone())
-                    .or_default()
-                    .path_faults += 1;
-            }
-        }
-        if !dead.is_empty() {
-            plan.retain(|(c, old, _)| {
-                let (src, _) = source(vol, *c, *old);
-                !dead.contains(&(src.major, src.minor))
-            });
-        }
+        let plan = self.locate(vol, &chunks);
+        let plan = self.without_path_faults(vol, plan);
 
         // Allocate, in chunk order so neighbours can land next to each other.
         let mut moves: Vec<(u64, Option<Remap>, Extent, u64)> = Vec::new();
@@ -301,11 +220,6 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             return Ok(report);
         }
         let regions: BTreeSet<u32> = moves.iter().map(|(c, ..)| g.region_of_chunk(*c)).collect();
-        let release = |vol: &mut Volume, moves: &[(u64, Option<Remap>, Extent, u64)]| {
-            for (_, _, e, _) in moves {
-                let _ = vol.pool.release(*e);
-            }
-        };
 
         crash_point("after-allocate");
 
@@ -335,8 +249,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         restore(vol, &prior);
         if let Some(err) = prepare_err {
             close_windows(&mut self.watch);
-            self.drop_prepared(vol, &regions, &[]);
-            release(vol, &moves);
+            self.back_out(vol, &prior, &regions, &[], &moves);
             return Err(err);
         }
 
@@ -351,8 +264,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             let rn = region_name(&vol.config.name, r);
             if let Err(e) = self.dm.suspend(&rn) {
                 close_windows(&mut self.watch);
-                self.drop_prepared(vol, &regions, &suspended);
-                release(vol, &moves);
+                self.back_out(vol, &prior, &regions, &suspended, &moves);
                 return Err(EngineError::Failed(format!("suspending {rn}: {e}")));
             }
             suspended.push(r);
@@ -391,8 +303,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
         }
         if let Some(err) = copy_err {
-            self.drop_prepared(vol, &regions, &suspended);
-            release(vol, &moves);
+            self.back_out(vol, &prior, &regions, &suspended, &moves);
             return Err(err);
         }
 
@@ -419,9 +330,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         for &r in &stale {
             let rn = region_name(&vol.config.name, r);
             if let Err(e) = self.dm.load(&rn, &vol.region_lines(r)) {
-                restore(vol, &prior);
-                self.drop_prepared(vol, &regions, &suspended);
-                release(vol, &moves);
+                self.back_out(vol, &prior, &regions, &suspended, &moves);
                 return Err(EngineError::Failed(format!("loading {rn}: {e}")));
             }
         }
@@ -437,9 +346,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 Ok(i) if i.suspended && i.inactive_table => {}
                 Ok(i) if !i.suspended && !i.inactive_table => resumed_by_hand.push(rn),
                 other => {
-                    restore(vol, &prior);
-                    self.drop_prepared(vol, &regions, &suspended);
-                    release(vol, &moves);
+                    self.back_out(vol, &prior, &regions, &suspended, &moves);
                     return Err(EngineError::Failed(format!(
                         "{rn} no longer holds the table prepared for this remap ({}): nothing committed; never change a *-remap-r* device by hand",
                         match other {
@@ -466,9 +373,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             })
             .collect();
         if let Err(err) = self.commit_ops(vol, &ops) {
-            restore(vol, &prior);
-            self.drop_prepared(vol, &regions, &suspended);
-            release(vol, &moves);
+            self.back_out(vol, &prior, &regions, &suspended, &moves);
             return Err(err);
         }
 
@@ -511,6 +416,23 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         report.regions = regions.into_iter().collect();
         report.micros = t0.elapsed().as_micros() as u64;
         Ok(report)
+    }
+
+    /// The one way back from a batch before its commit: the chunks as they were, the regions'
+    /// prepared tables dropped (the suspended ones resumed), the new extents free again.
+    fn back_out(
+        &self,
+        vol: &mut Volume,
+        prior: &[(u64, Option<Remap>)],
+        regions: &BTreeSet<u32>,
+        suspended: &[u32],
+        moves: &[(u64, Option<Remap>, Extent, u64)],
+    ) {
+        restore(vol, prior);
+        self.drop_prepared(vol, regions, suspended);
+        for (_, _, e, _) in moves {
+            let _ = vol.pool.release(*e);
+        }
     }
 
     /// Maps rewritten pending blocks back as plain data: commit, then switch their regions.
