@@ -1,0 +1,127 @@
+//! What a volume is, as its metadata records it: its configuration and pool members, and the
+//! checks any configuration read from a disk must pass.
+use serde::{Deserialize, Serialize};
+
+use super::{MAX_AREA_BYTES, MAX_SPARES, MetaError, header};
+use crate::{
+    allocate::Policy,
+    blockdev::DevIdentity,
+    volume::{Geometry, PendingMode, Sector, UnreadablePolicy},
+};
+
+/// One pool member as recorded in the metadata.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpareRecord {
+    pub slot: u32,
+    pub identity: DevIdentity,
+    /// Written in the device's superblock too: identifies devices with no WWN or serial.
+    pub uuid: String,
+    pub size_sectors: Sector,
+    /// The path it had when added (for messages; never used to find it).
+    pub last_path: String,
+    /// A hot spare: in standby, joins the pool when free space runs low.
+    #[serde(default)]
+    pub hot: bool,
+    /// Being emptied (`spare remove --migrate`): nothing new lands on it.
+    #[serde(default)]
+    pub draining: bool,
+    /// Its metadata copy failed a write: it is no longer written (the other copies hold the
+    /// volume's state) and nothing new lands on the device. Its extents still serve.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub meta_failed: bool,
+}
+
+/// Everything about a volume except its remaps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeConfig {
+    pub name: String,
+    pub uuid: String,
+    pub geometry: Geometry,
+    pub main: DevIdentity,
+    pub main_last_path: String,
+    pub spares: Vec<SpareRecord>,
+    pub policy: Policy,
+    pub unreadable: UnreadablePolicy,
+    pub pending_mode: PendingMode,
+    pub meta_area_sectors: Sector,
+    /// The machine the volume belongs to (its /etc/machine-id when it was created or last
+    /// taken over): only that machine assembles it by itself. Absent on volumes made before
+    /// it was recorded, and where the machine has no id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Pending blocks hold [`crate::volume::pending_marker`] on their spare (volumes made
+    /// before it keep zeros there, and rely on the detector alone to see rewrites).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending_marked: bool,
+    /// Where the volume's data starts on the main device, in sectors: after remap's header
+    /// ([`header`]). 0: the data starts at the main's first sector (`--in-place`, and volumes
+    /// made before the header), so the raw main shows the volume's contents.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub data_offset: Sector,
+    /// The UUID written in the main's header (hex), with `data_offset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub main_uuid: Option<String>,
+}
+
+fn is_zero(v: &Sector) -> bool {
+    *v == 0
+}
+
+impl VolumeConfig {
+    /// Whether this configuration is one remap could have written: every size within the
+    /// format's limits and consistent with the others. Run on every configuration read from a
+    /// disk, before anything is sized from it.
+    pub fn check(&self) -> Result<(), MetaError> {
+        let bad = |what| Err(MetaError::Invalid(what));
+        if self.name.is_empty() || self.name.len() > 127 {
+            return bad("volume name length");
+        }
+        let g = &self.geometry;
+        let bytes = |s: u64| s.checked_mul(crate::volume::SECTOR);
+        let (Some(size), Some(block), Some(chunk), Some(region)) = (
+            bytes(g.size),
+            bytes(g.block),
+            bytes(g.chunk),
+            bytes(g.region),
+        ) else {
+            return bad("geometry out of range");
+        };
+        match crate::volume::Geometry::new(size, block, chunk, region) {
+            Ok(again) if again == *g => {}
+            _ => return bad("geometry out of range"),
+        }
+        if g.size.div_ceil(g.region) > u64::from(crate::volume::MAX_REGIONS) {
+            return bad("more regions than the format allows");
+        }
+        if self.spares.is_empty() || self.spares.len() > MAX_SPARES {
+            return bad("spare count");
+        }
+        let mut slots: Vec<u32> = self.spares.iter().map(|s| s.slot).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        if slots.len() != self.spares.len() {
+            return bad("a spare slot is named twice");
+        }
+        if bytes(self.meta_area_sectors).is_none_or(|b| b > MAX_AREA_BYTES) {
+            return bad("metadata area larger than the format allows");
+        }
+        if self.data_offset > 0 {
+            let data_end = self.data_offset.checked_add(g.size);
+            if !self.data_offset.is_multiple_of(g.chunk)
+                || self.data_offset > header::MAX_DATA_OFFSET
+                || self.main_uuid.is_none()
+                || data_end.is_none_or(|e| {
+                    self.main.size_bytes > 0 && e > self.main.size_bytes / crate::volume::SECTOR
+                })
+            {
+                return bad("data offset on the main device");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the main carries remap's header (the raw disk shows nothing of the volume).
+    pub fn has_header(&self) -> bool {
+        self.data_offset > 0
+    }
+}

@@ -1,0 +1,218 @@
+//! Writing: commits appended to the journal ring, checkpoints to the idle slot, on every copy,
+//! with the copies that fail set aside.
+use super::{
+    Layout, MetaError, VolumeConfig,
+    codec::{self, BLOCK, JournalOp, Superblock},
+    crash_point, io_err,
+};
+use crate::{
+    blockdev::{BlockDev, BlockIo},
+    volume::RemapTable,
+};
+
+/// The commit state of one volume, in memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Journal {
+    pub layout: Layout,
+    pub uuid: [u8; 16],
+    pub generation: u64,
+    pub ckpt_slot: u32,
+    pub ckpt_gen: u64,
+    /// Next free journal block, and how many blocks (including skipped ones at the ring's
+    /// end) hold commits after the checkpoint.
+    pub next: u32,
+    pub used: u32,
+}
+
+impl Journal {
+    /// Three quarters of the ring hold commits: time for a checkpoint, taken while no region
+    /// is suspended, so a commit under suspend rarely has to write the whole state itself.
+    pub fn wants_checkpoint(&self) -> bool {
+        u64::from(self.used) * 4 >= u64::from(self.layout.journal_blocks) * 3
+    }
+}
+
+/// A spare as the metadata writer addresses it.
+pub struct Copy<'a> {
+    pub dev: &'a BlockDev,
+    pub slot: u32,
+    pub uuid: [u8; 16],
+}
+
+/// Which copies a commit or checkpoint reached. The write succeeded if at least one did: the
+/// new state is durable there, and assembly takes the newest intact copy. The caller must stop
+/// writing to the failed ones (their device is no longer trusted for metadata).
+#[derive(Debug, Default, PartialEq, Eq)]
+#[must_use]
+pub struct Written {
+    /// Slots whose copy failed, with the error.
+    pub failed: Vec<(u32, MetaError)>,
+}
+
+/// Writes what `bytes` gives for each copy not yet failed, at `off`, and flushes; a failure
+/// marks the copy.
+fn write_each<'b>(
+    io: &impl BlockIo,
+    copies: &[Copy<'_>],
+    failed: &mut Vec<(u32, MetaError)>,
+    off: u64,
+    bytes: impl Fn(&Copy<'_>) -> std::borrow::Cow<'b, [u8]>,
+    after_first: Option<&str>,
+) {
+    for (i, c) in copies.iter().enumerate() {
+        if failed.iter().any(|(s, _)| *s == c.slot) {
+            continue;
+        }
+        let r = io
+            .write_at(c.dev, off, &bytes(c))
+            .and_then(|()| io.flush(c.dev))
+            .map_err(|e| io_err(c.dev, e));
+        if let Err(e) = r {
+            failed.push((c.slot, e));
+        }
+        if i == 0
+            && let Some(point) = after_first
+        {
+            crash_point(point);
+        }
+    }
+}
+
+/// `Ok` when some copy has it; the first error when none has.
+fn outcome(copies: &[Copy<'_>], mut failed: Vec<(u32, MetaError)>) -> Result<Written, MetaError> {
+    if copies.is_empty() {
+        return Err(MetaError::NoCopy);
+    }
+    if failed.len() >= copies.len() {
+        return Err(failed.remove(0).1);
+    }
+    Ok(Written { failed })
+}
+
+impl Journal {
+    pub fn new(layout: Layout, uuid: [u8; 16]) -> Self {
+        Self {
+            layout,
+            uuid,
+            generation: 0,
+            ckpt_slot: 1,
+            ckpt_gen: 0,
+            next: 0,
+            used: 0,
+        }
+    }
+
+    /// Writes the whole state as generation `generation + 1` to the idle checkpoint slot of
+    /// every copy, then a superblock naming it.
+    pub fn checkpoint(
+        &mut self,
+        io: &impl BlockIo,
+        copies: &[Copy<'_>],
+        config: &VolumeConfig,
+        remaps: &RemapTable,
+    ) -> Result<Written, MetaError> {
+        let generation = self.generation + 1;
+        let bytes = codec::encode_checkpoint(&self.uuid, generation, config, remaps)?;
+        if bytes.len() as u64 > self.layout.ckpt_slot_bytes() {
+            return Err(MetaError::Full {
+                count: remaps.len(),
+                capacity: self.layout.capacity(),
+            });
+        }
+        let slot = 1 - self.ckpt_slot;
+        let mut failed = Vec::new();
+        write_each(
+            io,
+            copies,
+            &mut failed,
+            self.layout.ckpt_offset(slot),
+            |_| bytes.as_slice().into(),
+            None,
+        );
+        let len = codec::checkpoint_len(&bytes)?;
+        let sb_of = |c: &Copy<'_>| -> std::borrow::Cow<'static, [u8]> {
+            Superblock {
+                magic: codec::SB_MAGIC,
+                version: codec::VERSION,
+                slot: c.slot,
+                volume_uuid: self.uuid,
+                device_uuid: c.uuid,
+                ckpt_gen: generation,
+                ckpt_bytes: len as u64,
+                ckpt_crc: crc32c::crc32c(&bytes[..len]),
+                ckpt_slot: slot,
+                journal_start: self.next,
+                journal_blocks: self.layout.journal_blocks,
+                area_bytes: self.layout.area_bytes,
+                reserved: [0; 36],
+                crc: 0,
+            }
+            .encode()
+            .into()
+        };
+        // Superblock i describes checkpoint slot i: a torn write leaves the other intact.
+        write_each(
+            io,
+            copies,
+            &mut failed,
+            u64::from(slot) * BLOCK as u64,
+            sb_of,
+            None,
+        );
+        let written = outcome(copies, failed)?;
+        self.generation = generation;
+        self.ckpt_gen = generation;
+        self.ckpt_slot = slot;
+        self.used = 0;
+        Ok(written)
+    }
+
+    /// Commits `ops` as generation `generation + 1`: a journal append when it fits, a
+    /// checkpoint of the new state otherwise.
+    pub fn commit(
+        &mut self,
+        io: &impl BlockIo,
+        copies: &[Copy<'_>],
+        ops: &[JournalOp],
+        config: &VolumeConfig,
+        remaps_after: &RemapTable,
+    ) -> Result<Written, MetaError> {
+        let generation = self.generation + 1;
+        let bytes = codec::encode_journal(&self.uuid, generation, ops);
+        let parts = (bytes.len() / BLOCK) as u32;
+        let jb = self.layout.journal_blocks;
+        // A commit never wraps: it starts over at block 0, skipping the ring's tail.
+        let (at, skip) = if self.next + parts > jb {
+            (0, jb - self.next)
+        } else {
+            (self.next, 0)
+        };
+        if self.used + skip + parts > jb {
+            return self.checkpoint(io, copies, config, remaps_after);
+        }
+        let off = self.layout.journal_offset(at);
+        // A crash here leaves some copies with this generation and some without: assembly
+        // takes the newest complete one, and either is consistent with the data on disk.
+        let mut failed = Vec::new();
+        write_each(
+            io,
+            copies,
+            &mut failed,
+            off,
+            |_| bytes.as_slice().into(),
+            Some("mid-metadata"),
+        );
+        let written = outcome(copies, failed)?;
+        self.generation = generation;
+        self.next = (at + parts) % jb;
+        self.used += skip + parts;
+        Ok(written)
+    }
+}
+
+/// Clears the superblocks of a device (it no longer belongs to the volume, or is about to).
+pub fn wipe(io: &impl BlockIo, dev: &BlockDev) -> Result<(), MetaError> {
+    io.write_at(dev, 0, &vec![0u8; 2 * BLOCK])
+        .and_then(|()| io.flush(dev))
+        .map_err(|e| io_err(dev, e))
+}

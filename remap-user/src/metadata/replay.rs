@@ -1,0 +1,128 @@
+//! Replaying the journal: which complete generations follow a checkpoint, where the writer would
+//! go on, and applying them to a table.
+use super::{
+    JournalPos, MetaError,
+    codec::{self, BLOCK, JournalOp},
+};
+use crate::volume::RemapTable;
+
+/// The complete journal generations after a checkpoint, read but not yet applied.
+#[derive(Debug)]
+pub struct Replay {
+    /// The generation the state reaches.
+    pub generation: u64,
+    /// The ring's blocks to apply, in order (their records are decoded only then).
+    blocks: Vec<(u32, codec::JournalHead)>,
+    /// A complete generation lies past the stop: commits were made after a state this replay
+    /// never reached (a checkpoint it does not know of), so the result is not the newest.
+    pub beyond: bool,
+    /// Where the writer would go on, if the ring holds nothing newer than the state (no torn
+    /// or unreachable commit) and the commits sit where the writer puts them.
+    pub resume: Option<JournalPos>,
+    /// CRC-32C of the replayed blocks' CRCs, in order (part of [`Source`](super::Source)).
+    pub crc: u32,
+}
+
+impl Replay {
+    /// Applies the replayed commits of `journal` (the ring this replay was found in).
+    pub fn apply(&self, journal: &[u8], remaps: &mut RemapTable) -> Result<(), MetaError> {
+        for (i, head) in &self.blocks {
+            let at = *i as usize * BLOCK;
+            for op in codec::journal_ops(&journal[at..at + BLOCK], head) {
+                match op? {
+                    JournalOp::Set { chunk, remap } => {
+                        remaps.insert(chunk, remap);
+                    }
+                    JournalOp::Del { chunk } => {
+                        remaps.remove(chunk);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Finds the journal's complete generations after `from`, in order, stopping at the first
+/// missing or incomplete one; `start` is the block the checkpoint's commits begin at.
+/// Positions do not matter for the state (stale blocks carry older generations); they are
+/// followed only to tell where the writer would go on.
+pub fn replay(uuid: &[u8; 16], from: u64, start: u32, journal: &[u8]) -> Replay {
+    use std::collections::BTreeMap;
+    let ring = (journal.len() / BLOCK) as u32;
+    let mut by_gen: BTreeMap<u64, Vec<(u32, codec::JournalHead)>> = BTreeMap::new();
+    for (i, block) in journal.chunks_exact(BLOCK).enumerate() {
+        if let Ok(h) = codec::journal_head(uuid, block)
+            && h.generation > from
+        {
+            by_gen.entry(h.generation).or_default().push((i as u32, h));
+        }
+    }
+    let mut out = Replay {
+        generation: from,
+        blocks: Vec::new(),
+        beyond: false,
+        resume: (start < ring).then_some(JournalPos {
+            next: start,
+            used: 0,
+        }),
+        crc: 0,
+    };
+    while let Some(mut parts) = by_gen.remove(&(out.generation + 1)) {
+        let found = parts.len();
+        if !complete(&mut parts) {
+            by_gen.insert(out.generation + 1, parts);
+            break;
+        }
+        // The writer puts a commit's blocks in a row at its next block, or at block 0 when
+        // they do not fit before the ring's end; anything else (or a duplicate) and the
+        // position is unknown.
+        let at = parts[0].0;
+        let n = parts.len() as u32;
+        let in_a_row = found == parts.len()
+            && parts
+                .iter()
+                .enumerate()
+                .all(|(k, (i, _))| *i == at + k as u32);
+        out.resume = out.resume.filter(|_| in_a_row).and_then(|p| {
+            let skip = if at == p.next {
+                0
+            } else if at == 0 && p.next + n > ring {
+                ring - p.next
+            } else {
+                return None;
+            };
+            let used = p.used + skip + n;
+            (used <= ring).then_some(JournalPos {
+                next: (at + n) % ring,
+                used,
+            })
+        });
+        for (_, h) in &parts {
+            out.crc = crc32c::crc32c_append(out.crc, &h.crc.to_le_bytes());
+        }
+        out.blocks.extend(parts);
+        out.generation += 1;
+    }
+    out.beyond = by_gen
+        .iter_mut()
+        .any(|(g, parts)| *g > out.generation + 1 && complete(parts));
+    if !by_gen.is_empty() {
+        // Blocks newer than the state: the next commit must not take their generations.
+        out.resume = None;
+    }
+    out
+}
+
+/// Every part of one generation's commit is there, once (duplicates dropped), in part order.
+fn complete(parts: &mut Vec<(u32, codec::JournalHead)>) -> bool {
+    parts.sort_by_key(|(_, p)| p.part);
+    parts.dedup_by_key(|(_, p)| p.part);
+    parts
+        .iter()
+        .enumerate()
+        .all(|(i, (_, p))| p.part as usize == i)
+        && parts
+            .first()
+            .is_some_and(|(_, p)| p.parts as usize == parts.len())
+}

@@ -1,0 +1,407 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::{
+    allocate::Policy,
+    blockdev::{DevIdentity, SimIo},
+    volume::{Extent, Geometry, PendingMode, Remap, RemapTable, UnreadablePolicy},
+};
+use codec::{BLOCK, JournalOp, Superblock};
+
+pub(crate) fn sample_config() -> VolumeConfig {
+    let id = |serial: &str| DevIdentity {
+        wwn: None,
+        serial: Some(serial.into()),
+        by_id: None,
+        size_bytes: 64 << 20,
+    };
+    VolumeConfig {
+        name: "vol0".into(),
+        uuid: "0123456789abcdef0123456789abcdef".into(),
+        geometry: Geometry::new(64 << 20, 512, 4096, 16 << 20).unwrap(),
+        main: id("MAIN"),
+        main_last_path: "/dev/nullb0".into(),
+        spares: vec![SpareRecord {
+            slot: 0,
+            identity: id("S0"),
+            uuid: "aa".repeat(16),
+            size_sectors: 131_072,
+            last_path: "/dev/nullb1".into(),
+            hot: false,
+            draining: false,
+            meta_failed: false,
+        }],
+        policy: Policy::FirstFit,
+        unreadable: UnreadablePolicy::Error,
+        pending_mode: PendingMode::FlakeyErrorReads,
+        meta_area_sectors: (8 << 20) / 512,
+        host: None,
+        pending_marked: false,
+        data_offset: 0,
+        main_uuid: None,
+    }
+}
+
+fn dev(minor: u32) -> BlockDev {
+    BlockDev {
+        path: format!("/sim/{minor}").into(),
+        major: 240,
+        minor,
+    }
+}
+
+fn set(chunk: u64, start: u64) -> JournalOp {
+    JournalOp::Set {
+        chunk,
+        remap: Remap {
+            extent: Extent { spare: 0, start },
+            pending: 0,
+        },
+    }
+}
+
+struct Two {
+    io: Arc<SimIo>,
+    a: BlockDev,
+    b: BlockDev,
+    j: Journal,
+    table: RemapTable,
+    cfg: VolumeConfig,
+}
+
+fn two() -> Two {
+    let io = Arc::new(SimIo::new());
+    io.add_device(240, 1, 32 << 20, 512);
+    io.add_device(240, 2, 32 << 20, 512);
+    let mut t = Two {
+        io,
+        a: dev(1),
+        b: dev(2),
+        j: Journal::new(Layout::new(1 << 20), [5; 16]),
+        table: RemapTable::default(),
+        cfg: sample_config(),
+    };
+    let copies = [
+        Copy {
+            dev: &t.a,
+            slot: 0,
+            uuid: [1; 16],
+        },
+        Copy {
+            dev: &t.b,
+            slot: 1,
+            uuid: [2; 16],
+        },
+    ];
+    assert!(
+        t.j.checkpoint(&*t.io, &copies, &t.cfg, &t.table)
+            .unwrap()
+            .failed
+            .is_empty()
+    );
+    t
+}
+
+impl Two {
+    fn commit(&mut self, ops: &[JournalOp]) {
+        for op in ops {
+            if let JournalOp::Set { chunk, remap } = op {
+                self.table.insert(*chunk, *remap);
+            }
+        }
+        let copies = [
+            Copy {
+                dev: &self.a,
+                slot: 0,
+                uuid: [1; 16],
+            },
+            Copy {
+                dev: &self.b,
+                slot: 1,
+                uuid: [2; 16],
+            },
+        ];
+        assert!(
+            self.j
+                .commit(&*self.io, &copies, ops, &self.cfg, &self.table)
+                .unwrap()
+                .failed
+                .is_empty()
+        );
+    }
+}
+
+#[test]
+fn commits_replay_to_the_same_table_on_every_copy() {
+    let mut t = two();
+    for i in 0..40 {
+        t.commit(&[set(i, 16384 + i * 8)]);
+    }
+    for d in [&t.a, &t.b] {
+        let m = read_device(&*t.io, d).unwrap();
+        assert_eq!(m.generation, 41);
+        assert_eq!(m.remaps, t.table);
+        assert_eq!(m.config, t.cfg);
+    }
+    assert_eq!(read_device(&*t.io, &t.b).unwrap().slot, 1);
+}
+
+#[test]
+fn a_full_ring_turns_into_a_checkpoint_and_nothing_is_lost() {
+    let mut t = two();
+    let jb = t.j.layout.journal_blocks as u64;
+    for i in 0..3 * jb {
+        t.commit(&[set(i, 16384 + i * 8)]);
+    }
+    assert!(t.j.ckpt_gen > 1, "checkpointed along the way");
+    let m = read_device(&*t.io, &t.a).unwrap();
+    assert_eq!((m.generation, m.remaps.len() as u64), (3 * jb + 1, 3 * jb));
+    assert_eq!(m.remaps, t.table);
+}
+
+#[test]
+fn a_large_batch_spans_blocks_and_replays_whole() {
+    let mut t = two();
+    let ops: Vec<_> = (0..1000).map(|i| set(i, 16384 + i * 8)).collect();
+    t.commit(&ops);
+    let m = read_device(&*t.io, &t.a).unwrap();
+    assert_eq!(m.remaps.len(), 1000);
+}
+
+#[test]
+fn the_replay_ends_where_the_writer_would_go_on_across_wraps_and_checkpoints() {
+    let mut t = two();
+    let jb = t.j.layout.journal_blocks as u64;
+    // Commits of 1 and 3 blocks, so some do not fit the ring's tail and start over at 0.
+    for i in 0..2 * jb {
+        let n = if i % 5 == 0 { 300 } else { 1 };
+        let ops: Vec<_> = (0..n).map(|k| set(i * 1000 + k, 16384 + k * 8)).collect();
+        t.commit(&ops);
+        if i % 97 == 0 || i + 1 == 2 * jb {
+            let m = read_device(&*t.io, &t.a).unwrap();
+            let want = JournalPos {
+                next: t.j.next,
+                used: t.j.used,
+            };
+            assert_eq!(
+                (m.generation, m.resume),
+                (t.j.generation, Some(want)),
+                "after commit {i}"
+            );
+        }
+    }
+    assert!(t.j.ckpt_gen > 1, "checkpointed along the way");
+}
+
+#[test]
+fn a_copy_read_without_its_table_is_checked_all_the_same() {
+    let mut t = two();
+    t.commit(&[set(1, 16384), set(2, 16392)]);
+    let full = read_device(&*t.io, &t.a).unwrap();
+    let bare = read_device_with(&*t.io, &t.b, |src| *src != full.source).unwrap();
+    assert!(full.has_table && !bare.has_table && bare.remaps.is_empty());
+    assert_eq!(
+        (bare.source, bare.generation),
+        (full.source, full.generation)
+    );
+    // A flipped record is caught without decoding the table.
+    let off = t.j.layout.ckpt_offset(t.j.ckpt_slot) + 200;
+    t.io.poke(240, 2, off, &[0xff]).unwrap();
+    assert_eq!(
+        read_device_with(&*t.io, &t.b, |_| false).map(|m| m.generation),
+        Err(MetaError::Checksum("checkpoint"))
+    );
+}
+
+#[test]
+fn a_torn_commit_is_not_applied_and_the_previous_generation_stands() {
+    let mut t = two();
+    t.commit(&[set(1, 16384)]);
+    let ops: Vec<_> = (10..400).map(|i| set(i, 16384 + i * 8)).collect();
+    let next = t.j.next;
+    t.commit(&ops);
+    // Tear it: lose the second of its blocks on copy a.
+    t.io.poke(240, 1, t.j.layout.journal_offset(next + 1), &[0u8; BLOCK])
+        .unwrap();
+    let a = read_device(&*t.io, &t.a).unwrap();
+    let b = read_device(&*t.io, &t.b).unwrap();
+    assert_eq!((a.generation, a.remaps.len()), (2, 1));
+    assert_eq!((b.generation, b.remaps.len()), (3, 391));
+    // Its first block is still in a's ring, newer than the state: no going on from there.
+    assert_eq!((a.resume, b.resume.is_some()), (None, true));
+}
+
+#[test]
+fn damaged_superblock_or_checkpoint_falls_back_to_the_other() {
+    let mut t = two();
+    t.commit(&[set(1, 16384)]);
+    let copies = [
+        Copy {
+            dev: &t.a,
+            slot: 0,
+            uuid: [1; 16],
+        },
+        Copy {
+            dev: &t.b,
+            slot: 1,
+            uuid: [2; 16],
+        },
+    ];
+    assert!(
+        t.j.checkpoint(&*t.io, &copies, &t.cfg, &t.table)
+            .unwrap()
+            .failed
+            .is_empty()
+    );
+    t.commit(&[set(2, 16392)]);
+    // Zero the newest superblock of a: the older checkpoint plus the journal still hold
+    // everything up to the checkpoint; generation 4 was after it and is in the journal.
+    let newest = u64::from(t.j.ckpt_slot) * BLOCK as u64;
+    t.io.poke(240, 1, newest, &[0u8; BLOCK]).unwrap();
+    let a = read_device(&*t.io, &t.a).unwrap();
+    assert_eq!(a.remaps.get(1).map(|r| r.extent.start), Some(16384));
+    // A zeroed block reads as never written, but generation 4 in the journal gives the
+    // loss away: this copy must not pass for the newest.
+    assert_eq!((a.generation, a.remaps.get(2)), (2, None));
+    assert!(a.degraded, "{:?}", a.notes);
+    assert!(a.notes.iter().any(|n| n.contains("lost")), "{:?}", a.notes);
+    assert!(!read_device(&*t.io, &t.b).unwrap().degraded);
+    // Corrupt the newest checkpoint of b instead: same fallback, noted.
+    let off = t.j.layout.ckpt_offset(t.j.ckpt_slot) + 100;
+    t.io.poke(240, 2, off, &[0xff; 8]).unwrap();
+    let b = read_device(&*t.io, &t.b).unwrap();
+    assert!(
+        b.notes.iter().any(|n| n.contains("checksum")),
+        "{:?}",
+        b.notes
+    );
+    // Both superblocks gone: no metadata.
+    wipe(&*t.io, &t.a).unwrap();
+    assert_eq!(read_device(&*t.io, &t.a), Err(MetaError::NoMagic));
+}
+
+/// Rewrites superblock `slot` of minor 1 with `f` applied and a valid CRC: what a crafted
+/// disk would carry.
+fn forge_superblock(t: &Two, slot: u32, f: impl Fn(&mut Superblock)) {
+    let raw =
+        t.io.peek(240, 1, u64::from(slot) * BLOCK as u64, BLOCK)
+            .unwrap();
+    let mut sb = Superblock::decode(&raw).unwrap();
+    f(&mut sb);
+    t.io.poke(240, 1, u64::from(slot) * BLOCK as u64, &sb.encode())
+        .unwrap();
+}
+
+#[test]
+fn hostile_superblock_sizes_are_refused_before_anything_is_allocated() {
+    type Forge = fn(&mut Superblock);
+    let cases: [(&str, Forge); 6] = [
+        ("huge area", |sb| sb.area_bytes = u64::MAX / 2),
+        ("area past the device", |sb| sb.area_bytes = 64 << 20),
+        ("journal past the area", |sb| sb.journal_blocks = u32::MAX),
+        ("journal a little past the area", |sb| {
+            sb.journal_blocks = (sb.area_bytes / BLOCK as u64) as u32
+        }),
+        ("checkpoint past its slot", |sb| sb.ckpt_bytes = u64::MAX),
+        ("journal start past the ring", |sb| {
+            sb.journal_start = u32::MAX
+        }),
+    ];
+    for (what, f) in cases {
+        let t = two();
+        let slot = t.j.ckpt_slot;
+        forge_superblock(&t, slot, f);
+        // The other superblock (an older, empty slot here) may be used instead; the forged
+        // one must never be, and nothing may panic or allocate its sizes.
+        match read_device(&*t.io, &t.a) {
+            Err(e) => assert!(
+                matches!(e, MetaError::Invalid(_) | MetaError::Checksum(_)),
+                "{what}: {e}"
+            ),
+            Ok(m) => {
+                assert!(m.layout.area_bytes <= 32 << 20, "{what}: {:?}", m.layout);
+                assert!(
+                    m.notes
+                        .iter()
+                        .any(|n| n.contains("exceed") || n.contains("larger")),
+                    "{what}: {:?}",
+                    m.notes
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn hostile_configurations_are_refused() {
+    type Bend = fn(&mut VolumeConfig);
+    let cases: [(&str, Bend); 6] = [
+        ("a million regions", |c| {
+            c.geometry.size = 1 << 40;
+            c.geometry.region = c.geometry.chunk;
+        }),
+        ("chunk larger than 64 blocks", |c| {
+            c.geometry.chunk = 1 << 20
+        }),
+        ("size not whole chunks", |c| c.geometry.size += 1),
+        ("no spares", |c| c.spares.clear()),
+        ("a slot twice", |c| {
+            let s = c.spares[0].clone();
+            c.spares.push(s);
+        }),
+        ("giant metadata area", |c| {
+            c.meta_area_sectors = u64::MAX / 4
+        }),
+    ];
+    for (what, bend) in cases {
+        let mut cfg = sample_config();
+        bend(&mut cfg);
+        let bytes = codec::encode_checkpoint(&[5; 16], 1, &cfg, &RemapTable::default()).unwrap();
+        match codec::decode_checkpoint(&bytes) {
+            Err(MetaError::Invalid(_)) => {}
+            Err(e) => panic!("{what}: wrong error {e}"),
+            Ok(_) => panic!("{what}: accepted"),
+        }
+    }
+    let good =
+        codec::encode_checkpoint(&[5; 16], 1, &sample_config(), &RemapTable::default()).unwrap();
+    assert!(codec::decode_checkpoint(&good).is_ok());
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+    /// Whatever a superblock says (with a valid CRC), reading never panics and never
+    /// trusts sizes beyond the device.
+    #[test]
+    fn any_superblock_is_read_safely(
+        area in proptest::prelude::any::<u64>(),
+        jb in proptest::prelude::any::<u32>(),
+        js in proptest::prelude::any::<u32>(),
+        ckb in proptest::prelude::any::<u64>(),
+        slot in 0u32..3,
+    ) {
+        let t = two();
+        let at = t.j.ckpt_slot;
+        forge_superblock(&t, at, |sb| {
+            sb.area_bytes = area;
+            sb.journal_blocks = jb.max(1);
+            sb.journal_start = js;
+            sb.ckpt_bytes = ckb;
+            sb.ckpt_slot = slot.min(1);
+        });
+        if let Ok(m) = read_device(&*t.io, &t.a) {
+            proptest::prop_assert!(m.layout.area_bytes <= 32 << 20);
+        }
+    }
+}
+
+#[test]
+fn layout_sizes() {
+    let small = Layout::for_spare(24 << 20);
+    assert_eq!(small.area_bytes, 8 << 20);
+    assert!(small.capacity() > 90_000);
+    let big = Layout::for_spare(1 << 40);
+    assert_eq!(big.area_bytes, 128 << 20);
+    assert!(big.capacity() >= 1_000_000, "{}", big.capacity());
+    assert!(big.ckpt_offset(1) + big.ckpt_slot_bytes() <= big.area_bytes);
+}

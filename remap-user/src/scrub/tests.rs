@@ -1,0 +1,409 @@
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, atomic::AtomicU64},
+    time::Instant,
+};
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::{
+    blockdev::SimIo,
+    control::exit,
+    dm::SimDm,
+    engine::{Engine, Volume, tests::SimWatch},
+};
+
+const SIM: u32 = 240;
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn pieces_are_chunk_aligned_and_stop_before_remapped_chunks() {
+    let none = BTreeSet::new();
+    assert_eq!(
+        plan(0, 10 * MIB, 4096, MIB, &none),
+        Some(Plan::Read(0..MIB))
+    );
+    assert_eq!(
+        plan(MIB + 100, 10 * MIB, 4096, MIB, &none),
+        Some(Plan::Read(MIB..2 * MIB)),
+        "a position inside a chunk starts at the chunk"
+    );
+    assert_eq!(
+        plan(9 * MIB + 4096, 10 * MIB, 4096, MIB, &none),
+        Some(Plan::Read(9 * MIB + 4096..10 * MIB)),
+        "the last piece is short"
+    );
+    assert_eq!(plan(10 * MIB, 10 * MIB, 4096, MIB, &none), None);
+    assert_eq!(
+        plan(0, 10 * MIB + 100, 4096, MIB, &none),
+        Some(Plan::Read(0..MIB))
+    );
+    assert_eq!(plan(10 * MIB, 10 * MIB + 100, 4096, MIB, &none), None);
+    assert_eq!(
+        plan(0, MIB, 4096, 100, &none),
+        Some(Plan::Read(0..4096)),
+        "at least one chunk"
+    );
+    let skip = BTreeSet::from([3, 4, 5, 300]);
+    assert_eq!(
+        plan(0, MIB, 4096, MIB, &skip),
+        Some(Plan::Read(0..3 * 4096))
+    );
+    assert_eq!(
+        plan(3 * 4096, MIB, 4096, MIB, &skip),
+        Some(Plan::Skip(3 * 4096..6 * 4096))
+    );
+    assert_eq!(
+        plan(6 * 4096, 2 * MIB, 4096, MIB, &skip),
+        Some(Plan::Read(6 * 4096..6 * 4096 + MIB))
+    );
+    assert_eq!(
+        plan(256 * 4096, 2 * MIB, 4096, MIB, &skip),
+        Some(Plan::Read(256 * 4096..300 * 4096))
+    );
+    assert_eq!(
+        plan(0, 4 * 4096, 4096, MIB, &BTreeSet::from([0, 1, 2, 3])),
+        Some(Plan::Skip(0..4 * 4096))
+    );
+}
+
+#[test]
+fn pacing_holds_the_rate() {
+    assert_eq!(pace(None, 100 * MIB, Duration::ZERO), Duration::ZERO);
+    assert_eq!(pace(Some(0), 100 * MIB, Duration::ZERO), Duration::ZERO);
+    assert_eq!(
+        pace(Some(10 * MIB), 10 * MIB, Duration::from_millis(250)),
+        Duration::from_millis(750)
+    );
+    assert_eq!(
+        pace(Some(10 * MIB), 10 * MIB, Duration::from_secs(3)),
+        Duration::ZERO,
+        "behind schedule: no wait"
+    );
+}
+
+#[test]
+fn foreground_io_makes_the_scrub_wait() {
+    let s = |r, w, f| IoSample {
+        read_sectors: r,
+        write_sectors: w,
+        in_flight: f,
+    };
+    let p = Some(s(1000, 500, 0));
+    assert_eq!(
+        yield_for(p, Some(s(3048, 500, 0)), 2048, 0),
+        None,
+        "only ours"
+    );
+    assert_eq!(
+        yield_for(p, Some(s(3056, 500, 0)), 2048, 0),
+        Some(YIELD_BASE),
+        "someone read too"
+    );
+    assert_eq!(yield_for(p, Some(s(1000, 508, 0)), 0, 0), Some(YIELD_BASE));
+    assert_eq!(
+        yield_for(p, Some(s(1000, 500, 1)), 0, 2),
+        Some(YIELD_BASE * 4),
+        "busy: back off more"
+    );
+    assert_eq!(yield_for(p, Some(s(1000, 500, 1)), 0, 9), Some(YIELD_MAX));
+    assert_eq!(
+        yield_for(p, Some(s(1000, 500, 1)), 0, YIELD_LIMIT),
+        None,
+        "never starved"
+    );
+    assert_eq!(yield_for(None, Some(s(0, 0, 3)), 0, 0), None);
+    assert_eq!(yield_for(p, None, 0, 0), None, "no counters");
+    let stat = "    4417      133   290434     1790     1066      812    27738     2398        2     3832     4188        0        0        0        0      177       52\n";
+    assert_eq!(parse_stat(stat), Some(s(290434, 27738, 2)));
+    assert_eq!(parse_stat("1 2 3"), None);
+    assert_eq!(parse_stat("a b c d e f g h i"), None);
+}
+
+#[test]
+fn eta_from_measured_pace_then_from_rate() {
+    assert_eq!(eta_secs(0, 0, 0.0, None), Some(0.0));
+    assert_eq!(eta_secs(100 * MIB, 10 * MIB, 2.0, Some(MIB)), Some(20.0));
+    assert_eq!(eta_secs(100 * MIB, 0, 0.0, Some(10 * MIB)), Some(10.0));
+    assert_eq!(
+        eta_secs(100 * MIB, MIB, 0.5, None),
+        None,
+        "too early to say"
+    );
+}
+
+fn cursor() -> Cursor {
+    Cursor {
+        version: 1,
+        volume: "v".into(),
+        uuid: "00ff".into(),
+        total_bytes: 64 * MIB,
+        chunk_bytes: 4096,
+        position_bytes: 8 * MIB,
+        rate_bytes_per_sec: Some(20 * MIB),
+        bad_chunks: 2,
+        state: ScrubState::Running,
+        started_ms: 1,
+        updated_ms: 2,
+    }
+}
+
+#[test]
+fn cursor_files_round_trip_and_refuse_nonsense() {
+    let c = cursor();
+    assert_eq!(Cursor::decode(&c.encode()), Ok(c.clone()));
+    let bad = |f: &dyn Fn(&mut Cursor)| {
+        let mut c = cursor();
+        f(&mut c);
+        Cursor::decode(&c.encode()).unwrap_err()
+    };
+    assert!(bad(&|c| c.version = 2).contains("version 2"));
+    assert!(bad(&|c| c.position_bytes = 65 * MIB).contains("position"));
+    assert!(bad(&|c| c.position_bytes = 100).contains("position"));
+    assert!(bad(&|c| c.chunk_bytes = 0).contains("chunk size"));
+    assert!(Cursor::decode(b"{\"version\":1}").is_err());
+    assert!(Cursor::decode(b"").is_err());
+    let mut extra: Value = serde_json::from_slice(&c.encode()).unwrap();
+    extra["x"] = json!(1);
+    assert!(Cursor::decode(extra.to_string().as_bytes()).is_err());
+    assert_eq!(cursor_path(Path::new("/s"), "../x"), None);
+    assert_eq!(cursor_path(Path::new("/s"), ".x"), None);
+    assert_eq!(
+        cursor_path(Path::new("/s"), "v"),
+        Some(PathBuf::from("/s/scrub/v.json"))
+    );
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "remap-scrub-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn cursor_is_saved_atomically_and_owner_only() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = temp_dir("save");
+    let path = cursor_path(&dir, "v").unwrap();
+    assert!(load(&path).unwrap().is_none());
+    let mut c = cursor();
+    save(&path, &c).unwrap();
+    c.position_bytes = 16 * MIB;
+    save(&path, &c).unwrap();
+    assert_eq!(load(&path).unwrap(), Some(c));
+    assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(
+        fs::metadata(path.parent().unwrap()).unwrap().mode() & 0o777,
+        0o700
+    );
+    let names: Vec<_> = fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["v.json"], "no temporary file left");
+    fs::write(&path, b"{ torn").unwrap();
+    assert!(matches!(load(&path), Err(ScrubError::Invalid { .. })));
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn status_says_state_position_and_eta() {
+    assert_eq!(status_json("v", None, None)["state"], "idle");
+    let c = cursor();
+    let s = status_json("v", Some(&c), Some(Session { from: 0, secs: 4.0 }));
+    assert_eq!(s["state"], "running");
+    assert_eq!(s["position_bytes"], 8 * MIB);
+    assert_eq!(s["percent"], 12.5);
+    assert_eq!(s["throughput_bytes_per_sec"], 2 * MIB);
+    assert_eq!(s["eta_secs"], 28, "56 MiB left at 2 MiB/s");
+    let s = status_json("v", Some(&c), None);
+    assert_eq!(
+        (s["state"].as_str(), s["eta_secs"].is_null()),
+        (Some("paused"), true),
+        "a running cursor without its thread"
+    );
+    let done = Cursor {
+        state: ScrubState::Done,
+        position_bytes: c.total_bytes,
+        ..c
+    };
+    let s = status_json("v", Some(&done), None);
+    assert_eq!(
+        (s["state"].as_str(), s["eta_secs"].as_u64()),
+        (Some("done"), Some(0))
+    );
+    assert_eq!(s["percent"], 100.0);
+}
+
+type Rig = (Engine<Arc<SimDm>, Arc<SimIo>, SimWatch>, Arc<SimIo>);
+
+/// The engine tests' volume `v`: a 64 MiB main device (minor 0), two 24 MiB spares.
+fn rig() -> Rig {
+    let mut r = crate::engine::tests::rig(SimDm::new());
+    r.create().unwrap();
+    (r.engine, r.io)
+}
+
+fn wait_done(scrubs: &mut Scrubs, v: &Volume) {
+    let t0 = Instant::now();
+    while scrubs.status("v", Some(v)).data["state"] != "done" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "scrub never finished"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn vol(e: &Engine<Arc<SimDm>, Arc<SimIo>, SimWatch>) -> &Volume {
+    e.volumes().next().unwrap()
+}
+
+#[test]
+fn a_latent_bad_block_is_found_and_remapped_and_a_stopped_scrub_resumes() {
+    let (mut engine, io) = rig();
+    // Chunk 5000 (sector 40000..40008) holds a bad sector nobody has read yet.
+    io.fail_reads(SIM, 0, 40003..40004);
+    let dir = temp_dir("engine");
+    let path = cursor_path(&dir, "v").unwrap();
+    let mut c = Cursor::new(vol(&engine), None, 0);
+    let mut sc = Scanner::new(vol(&engine).main.clone(), &c, MIB, BTreeSet::new());
+    let reads = |io: &SimIo| io.stats(SIM, 0).reads;
+    let mut found = Vec::new();
+    // Stop after 10 pieces, save, as the thread does on its way out.
+    for _ in 0..10 {
+        found.extend(sc.step(io.as_ref()).unwrap().bad);
+    }
+    c.position_bytes = sc.position;
+    save(&path, &c).unwrap();
+    assert_eq!(c.position_bytes, 10 * MIB);
+    assert!(found.is_empty());
+    let before = reads(&io);
+
+    // Restart from the file: it reads only what is left, piece by piece.
+    let c = load(&path).unwrap().unwrap();
+    assert!(c.fits(vol(&engine)));
+    let mut sc = Scanner::new(vol(&engine).main.clone(), &c, MIB, BTreeSet::new());
+    let mut first = None;
+    while let Some(s) = sc.step(io.as_ref()) {
+        first.get_or_insert(s.range.start);
+        found.extend(s.bad);
+    }
+    assert_eq!(first, Some(10 * MIB), "resumed, not from 0");
+    // 54 pieces, plus the failed piece's 256 chunks, plus a retry of the bad one.
+    assert_eq!(reads(&io) - before, 54 + 256 + 1);
+    assert_eq!(found, [5000]);
+
+    let rep = remap_found(&mut engine, "v", &found).unwrap().unwrap();
+    assert_eq!(rep.remapped, [5000]);
+    assert!(vol(&engine).remaps.get(5000).is_some());
+    assert_eq!(vol(&engine).remaps.get(5000).unwrap().pending, 0b1000);
+    // The detector's copy of the same error (or a second pass) changes nothing.
+    assert_eq!(remap_found(&mut engine, "v", &found).unwrap(), None);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// The threads: a scrub runs to the end and feeds the sink; one stopped midway leaves a
+/// cursor behind and resumes from it.
+#[test]
+fn scrub_threads_run_stop_and_resume() {
+    let (engine, io) = rig();
+    io.fail_reads(SIM, 0, 80000..80001);
+    let dir = temp_dir("threads");
+    type Found = Vec<(String, Vec<u64>)>;
+    let got: Arc<Mutex<Found>> = Arc::default();
+    let sink: Sink = {
+        let got = got.clone();
+        Arc::new(move |n: &str, c: Vec<u64>| got.lock().unwrap().push((n.into(), c)))
+    };
+    let mut scrubs = Scrubs::new(Some(ScrubSetup {
+        state_dir: dir.clone(),
+        io: io.clone(),
+        sink,
+        sample: |_| None,
+        piece_bytes: MIB,
+    }));
+    let v = vol(&engine);
+    // 8 MiB/s: 8 s for the volume, stopped long before that.
+    let r = scrubs.start(v, Some(8 * MIB), false);
+    assert_eq!(r.code, exit::OK, "{r:?}");
+    assert_eq!(r.data["state"], "running");
+    std::thread::sleep(Duration::from_millis(700));
+    let r = scrubs.stop("v", Some(v));
+    assert_eq!(r.data["state"], "paused", "{r:?}");
+    let pos = r.data["position_bytes"].as_u64().unwrap();
+    assert!(pos > 0 && pos < 64 * MIB, "{pos}");
+    let saved = load(&cursor_path(&dir, "v").unwrap()).unwrap().unwrap();
+    assert_eq!(
+        (saved.position_bytes, saved.state),
+        (pos, ScrubState::Paused)
+    );
+    assert_eq!(scrubs.status("v", Some(v)).data["state"], "paused");
+
+    // Unlimited from here; it picks up at the cursor.
+    let before = io.stats(SIM, 0).reads;
+    let r = scrubs.start(v, Some(0), false);
+    assert_eq!(r.data["position_bytes"], pos, "{r:?}");
+    wait_done(&mut scrubs, v);
+    let s = scrubs.status("v", Some(v)).data;
+    assert_eq!(s["position_bytes"], 64 * MIB);
+    assert_eq!(s["bad_chunks"], 1);
+    let pieces = (64 * MIB - pos) / MIB;
+    assert_eq!(io.stats(SIM, 0).reads - before, pieces + 256 + 1);
+    assert_eq!(*got.lock().unwrap(), [("v".to_string(), vec![10000])]);
+    assert_eq!(
+        load(&cursor_path(&dir, "v").unwrap())
+            .unwrap()
+            .unwrap()
+            .state,
+        ScrubState::Done
+    );
+    // Starting again after done is a new pass; --stop on it leaves it paused.
+    let r = scrubs.start(v, Some(0), false);
+    assert_eq!(r.code, exit::OK);
+    scrubs.shutdown();
+    let saved = load(&cursor_path(&dir, "v").unwrap()).unwrap().unwrap();
+    assert_ne!(
+        saved.state,
+        ScrubState::Paused,
+        "shutdown keeps it resumable"
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_interrupted_scrub_resumes_after_assembly() {
+    let (engine, io) = rig();
+    let dir = temp_dir("resume");
+    let v = vol(&engine);
+    let path = cursor_path(&dir, "v").unwrap();
+    let mut c = Cursor::new(v, None, 5);
+    c.position_bytes = 60 * MIB;
+    save(&path, &c).unwrap();
+    // Another volume's leftovers are ignored.
+    let mut other = c.clone();
+    other.uuid = "1234".into();
+    save(&cursor_path(&dir, "w").unwrap(), &other).unwrap();
+    let mut scrubs = Scrubs::new(Some(ScrubSetup {
+        state_dir: dir.clone(),
+        io: io.clone(),
+        sink: Arc::new(|_: &str, _: Vec<u64>| {}),
+        sample: |_| None,
+        piece_bytes: MIB,
+    }));
+    assert_eq!(scrubs.status("v", Some(v)).data["state"], "paused");
+    let before = io.stats(SIM, 0).reads;
+    scrubs.resume([v]);
+    wait_done(&mut scrubs, v);
+    assert_eq!(io.stats(SIM, 0).reads - before, 4, "only the last 4 MiB");
+    assert_eq!(scrubs.status("v", Some(v)).data["started_ms"], 5);
+    let _ = fs::remove_dir_all(&dir);
+}
