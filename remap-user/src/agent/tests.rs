@@ -6,15 +6,30 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use remap_common::kernel_dev;
+use remap_common::{Op, kernel_dev};
+use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
-    net::unix::{OwnedReadHalf, OwnedWriteHalf},
+    net::{
+        UnixStream,
+        unix::{OwnedReadHalf, OwnedWriteHalf},
+    },
+    sync::broadcast,
 };
 
-use super::*;
-use crate::{blockdev::SimIo, dm::SimDm, engine::tests::Json as _};
-use serde_json::Value;
+use super::{
+    engine_loop::hotplug,
+    hub::{HISTORY, SUBSCRIBER_BUFFER},
+    socket::{ReadErr, group_in, read_request},
+    *,
+};
+use crate::{
+    blockdev::{BlockDev, SimIo},
+    control::{Event, MAX_REQUEST_BYTES, exit},
+    dm::SimDm,
+    engine::{Watch, tests::Json as _},
+    render::VolumeMap,
+};
 
 const SIM: u32 = 240;
 const MIB: u64 = 1 << 20;

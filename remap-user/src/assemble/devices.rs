@@ -1,0 +1,148 @@
+//! A volume's device-mapper devices: created, or adopted and put right after a crash in the
+//! middle of a remap (a prepared table dropped, a region left suspended reloaded and resumed).
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::{
+    blockdev::BlockIo,
+    dm::DeviceMapper,
+    engine::{Engine, EngineError, Volume, Watch, region_name},
+    table,
+};
+
+impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
+    /// Drops the inactive table of every remap region that is not part of a running volume,
+    /// whether or not its volume assembles: a table prepared before a crash and never
+    /// committed must not go live at the next resume (an operator's, or a later start's).
+    pub(super) fn drop_stray_prepared_tables(&mut self) -> Vec<String> {
+        let mut dropped = Vec::new();
+        let Ok(devices) = self.dm.list("") else {
+            return dropped;
+        };
+        for d in devices {
+            if !d.uuid.starts_with("REMAP-") || !d.name.contains("-remap-r") {
+                continue;
+            }
+            let ours = self
+                .volumes
+                .keys()
+                .any(|v| d.name.starts_with(&format!("{v}-remap-r")));
+            if ours || !self.dm.info(&d.name).is_ok_and(|i| i.inactive_table) {
+                continue;
+            }
+            match self.dm.clear(&d.name) {
+                Ok(()) => {
+                    tracing::warn!(
+                        region = d.name,
+                        "dropped a table prepared before a crash and never committed"
+                    );
+                    dropped.push(d.name);
+                }
+                Err(e) => tracing::error!(region = d.name, "dropping a prepared table: {e}"),
+            }
+        }
+        dropped
+    }
+
+    /// Creates the volume's devices, or adopts them when they are up (the agent restarted):
+    /// any region whose live table differs from the metadata, or that is suspended (a crash
+    /// mid-remap), gets the metadata's table and is resumed.
+    pub(super) fn bring_up(
+        &mut self,
+        vol: &mut Volume,
+        notes: &mut Vec<String>,
+    ) -> Result<bool, EngineError> {
+        let name = vol.config.name.clone();
+        let up = self
+            .dm
+            .list(&name)
+            .map_err(|e| EngineError::Failed(e.to_string()))?;
+        let uuid = format!("REMAP-{}", vol.config.uuid);
+        let existing: BTreeMap<String, (u32, u32)> = up
+            .iter()
+            .filter(|d| d.uuid.starts_with(&uuid))
+            .map(|d| (d.name.clone(), d.dev))
+            .collect();
+        if let Some(other) = up
+            .iter()
+            .find(|d| d.name == name && !d.uuid.starts_with(&uuid))
+        {
+            return Err(EngineError::Refused(format!(
+                "a device-mapper device named `{name}` exists and is not this volume (uuid {})",
+                other.uuid
+            )));
+        }
+        if existing.is_empty() {
+            self.build_devices(vol)?;
+            return Ok(false);
+        }
+        let regions: BTreeSet<u32> = (0..vol.geo().regions()).collect();
+        for r in &regions {
+            let rn = region_name(&name, *r);
+            match existing.get(&rn) {
+                Some(dev) => vol.regions.push(*dev),
+                None => {
+                    return Err(EngineError::Refused(format!(
+                        "`{name}` is partly up: region device {rn} is missing. Stop it (dmsetup remove) and assemble again"
+                    )));
+                }
+            }
+        }
+        for r in regions {
+            let rn = region_name(&name, r);
+            let want = vol.region_lines(r);
+            let live = self
+                .dm
+                .table(&rn)
+                .map_err(|e| EngineError::Failed(e.to_string()))?;
+            let info = self
+                .dm
+                .info(&rn)
+                .map_err(|e| EngineError::Failed(e.to_string()))?;
+            // A crash between preparing a remap's table and its commit leaves that table in
+            // the inactive slot: a resume would make it live, with extents the metadata does
+            // not know. Dropped first, whatever else this region needs.
+            if info.inactive_table {
+                notes.push(format!("{rn}: dropped a table loaded but never made live"));
+                self.dm
+                    .clear(&rn)
+                    .map_err(|e| EngineError::Failed(e.to_string()))?;
+            }
+            if !crate::dm::same_table(&want, &live) && !info.suspended {
+                // Not left suspended by a crash of ours: the table went live by another hand
+                // (a `dmsetup resume` of a prepared table), and I/O may have gone where the
+                // metadata does not know. Reverting it could lose those writes.
+                return Err(EngineError::Refused(format!(
+                    "{rn} serves a table that differs from the metadata of `{name}` and is not suspended: it was resumed or loaded by hand, and writes may have gone to extents the metadata does not know. Refusing to revert it; see OPERATING.md (never resume a *-remap-r* device by hand)"
+                )));
+            }
+            if !crate::dm::same_table(&want, &live) {
+                notes.push(format!(
+                    "{rn}: left suspended with a table that differs from the metadata (a crash between commit and resume); reloaded"
+                ));
+                self.dm
+                    .suspend(&rn)
+                    .map_err(|e| EngineError::Failed(e.to_string()))?;
+                self.dm
+                    .load(&rn, &want)
+                    .map_err(|e| EngineError::Failed(e.to_string()))?;
+                self.dm
+                    .resume(&rn)
+                    .map_err(|e| EngineError::Failed(e.to_string()))?;
+            } else if info.suspended {
+                notes.push(format!("{rn}: was left suspended; resumed"));
+                self.dm
+                    .resume(&rn)
+                    .map_err(|e| EngineError::Failed(e.to_string()))?;
+            }
+        }
+        let top = table::render(&table::volume_table(vol.geo()), |d| vol.resolve(d));
+        vol.dev = match existing.get(&name) {
+            Some(dev) => *dev,
+            None => self
+                .dm
+                .create(&name, &uuid, &top)
+                .map_err(|e| EngineError::Failed(e.to_string()))?,
+        };
+        Ok(true)
+    }
+}
