@@ -2,7 +2,86 @@
 //! and of the volume device on top of them.
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::volume::{Geometry, PendingMode, RemapTable, Sector, UnreadablePolicy};
+use crate::volume::{Geometry, PendingMode, Remap, Sector, UnreadablePolicy};
+
+/// The remaps of one volume, by chunk.
+#[derive(Clone, Debug, Default)]
+pub struct RemapTable {
+    by_chunk: BTreeMap<u64, Remap>,
+    /// Region tables built from it and what changed since (see [`region_table`]).
+    pub(crate) memo: Memo,
+}
+
+/// Equal remaps, whatever tables were built from them.
+impl PartialEq for RemapTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.by_chunk == other.by_chunk
+    }
+}
+
+impl Eq for RemapTable {}
+
+/// Later entries for the same chunk win, as with [`RemapTable::insert`]; sorted input (a
+/// checkpoint) is built in linear time.
+impl FromIterator<(u64, Remap)> for RemapTable {
+    fn from_iter<T: IntoIterator<Item = (u64, Remap)>>(iter: T) -> Self {
+        Self {
+            by_chunk: iter.into_iter().collect(),
+            memo: Default::default(),
+        }
+    }
+}
+
+impl RemapTable {
+    pub fn get(&self, chunk: u64) -> Option<&Remap> {
+        self.by_chunk.get(&chunk)
+    }
+
+    pub fn insert(&mut self, chunk: u64, r: Remap) -> Option<Remap> {
+        self.memo.changed(chunk);
+        self.by_chunk.insert(chunk, r)
+    }
+
+    pub fn remove(&mut self, chunk: u64) -> Option<Remap> {
+        self.memo.changed(chunk);
+        self.by_chunk.remove(&chunk)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_chunk.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_chunk.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &Remap)> {
+        self.by_chunk.iter().map(|(c, r)| (*c, r))
+    }
+
+    /// Remaps of the chunks in `range`, in order.
+    pub fn range(&self, range: std::ops::Range<u64>) -> impl Iterator<Item = (u64, &Remap)> {
+        self.by_chunk.range(range).map(|(c, r)| (*c, r))
+    }
+
+    pub fn pending_blocks(&self) -> u64 {
+        self.by_chunk
+            .values()
+            .map(|r| u64::from(r.pending.count_ones()))
+            .sum()
+    }
+
+    /// The chunk whose data lives at `extent`, if any (errors on spares are remapped again).
+    pub fn chunk_at(&self, spare: u32, sector: Sector, chunk: Sector) -> Option<u64> {
+        self.by_chunk
+            .iter()
+            .find(|(_, r)| {
+                r.extent.spare == spare
+                    && (r.extent.start..r.extent.start + chunk).contains(&sector)
+            })
+            .map(|(c, _)| *c)
+    }
+}
 
 /// A device named by its role; resolved to `major:minor` when the table is rendered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -323,6 +402,26 @@ pub fn render(segments: &[Segment], resolve: impl Fn(DevRef) -> String) -> Vec<D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spare_sector_back_to_chunk() {
+        let mut t = RemapTable::default();
+        t.insert(
+            10,
+            Remap {
+                extent: Extent {
+                    spare: 1,
+                    start: 2048,
+                },
+                pending: 0b101,
+            },
+        );
+        assert_eq!(t.chunk_at(1, 2050, 8), Some(10));
+        assert_eq!(t.chunk_at(1, 2056, 8), None);
+        assert_eq!(t.chunk_at(0, 2050, 8), None);
+        assert_eq!(t.pending_blocks(), 2);
+    }
+
     use crate::volume::{Extent, Remap};
 
     fn geo() -> Geometry {

@@ -3,7 +3,6 @@
 //! A protected volume maps 1:1 onto its main device, chunk by chunk, except where a chunk was
 //! remapped to an extent of the spare pool. The volume is split into regions, each its own
 //! (hidden) device-mapper device, so that a remap reloads and suspends one region only.
-use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -179,85 +178,6 @@ pub enum PendingMode {
     Policy(UnreadablePolicy),
 }
 
-/// The remaps of one volume, by chunk.
-#[derive(Clone, Debug, Default)]
-pub struct RemapTable {
-    by_chunk: BTreeMap<u64, Remap>,
-    /// Region tables built from it and what changed since (see [`crate::table::region_table`]).
-    pub(crate) memo: crate::table::Memo,
-}
-
-/// Equal remaps, whatever tables were built from them.
-impl PartialEq for RemapTable {
-    fn eq(&self, other: &Self) -> bool {
-        self.by_chunk == other.by_chunk
-    }
-}
-
-impl Eq for RemapTable {}
-
-/// Later entries for the same chunk win, as with [`RemapTable::insert`]; sorted input (a
-/// checkpoint) is built in linear time.
-impl FromIterator<(u64, Remap)> for RemapTable {
-    fn from_iter<T: IntoIterator<Item = (u64, Remap)>>(iter: T) -> Self {
-        Self {
-            by_chunk: iter.into_iter().collect(),
-            memo: Default::default(),
-        }
-    }
-}
-
-impl RemapTable {
-    pub fn get(&self, chunk: u64) -> Option<&Remap> {
-        self.by_chunk.get(&chunk)
-    }
-
-    pub fn insert(&mut self, chunk: u64, r: Remap) -> Option<Remap> {
-        self.memo.changed(chunk);
-        self.by_chunk.insert(chunk, r)
-    }
-
-    pub fn remove(&mut self, chunk: u64) -> Option<Remap> {
-        self.memo.changed(chunk);
-        self.by_chunk.remove(&chunk)
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_chunk.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_chunk.is_empty()
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (u64, &Remap)> {
-        self.by_chunk.iter().map(|(c, r)| (*c, r))
-    }
-
-    /// Remaps of the chunks in `range`, in order.
-    pub fn range(&self, range: std::ops::Range<u64>) -> impl Iterator<Item = (u64, &Remap)> {
-        self.by_chunk.range(range).map(|(c, r)| (*c, r))
-    }
-
-    pub fn pending_blocks(&self) -> u64 {
-        self.by_chunk
-            .values()
-            .map(|r| u64::from(r.pending.count_ones()))
-            .sum()
-    }
-
-    /// The chunk whose data lives at `extent`, if any (errors on spares are remapped again).
-    pub fn chunk_at(&self, spare: u32, sector: Sector, chunk: Sector) -> Option<u64> {
-        self.by_chunk
-            .iter()
-            .find(|(_, r)| {
-                r.extent.spare == spare
-                    && (r.extent.start..r.extent.start + chunk).contains(&sector)
-            })
-            .map(|(c, _)| *c)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,24 +259,5 @@ mod tests {
             Geometry::new(1 << 20, 1000, 4096, 1 << 20),
             Err(GeometryError::BlockSize(1000))
         );
-    }
-
-    #[test]
-    fn spare_sector_back_to_chunk() {
-        let mut t = RemapTable::default();
-        t.insert(
-            10,
-            Remap {
-                extent: Extent {
-                    spare: 1,
-                    start: 2048,
-                },
-                pending: 0b101,
-            },
-        );
-        assert_eq!(t.chunk_at(1, 2050, 8), Some(10));
-        assert_eq!(t.chunk_at(1, 2056, 8), None);
-        assert_eq!(t.chunk_at(0, 2050, 8), None);
-        assert_eq!(t.pending_blocks(), 2);
     }
 }

@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 use remap_user::{
     metadata::{codec, replay},
-    volume::RemapTable,
+    table::RemapTable,
 };
 
 fuzz_target!(|data: &[u8]| {

@@ -13,7 +13,8 @@ use crate::{
         tests::{MAIN, MIB, S1, S2, SIM, SimWatch, golden, rig},
     },
     metadata::{self, Copy, Journal, Layout, SpareRecord, VolumeConfig, codec::uuid_bytes},
-    volume::{Extent, Geometry, Remap, RemapTable, UnreadablePolicy},
+    table::RemapTable,
+    volume::{Extent, Geometry, Remap, UnreadablePolicy},
 };
 
 /// Assembly refused the volume, saying `phrase`, and created no device.

@@ -13,7 +13,8 @@ use crate::{
         self, Journal, Layout, SpareRecord, VolumeConfig, codec::uuid_bytes, crash_point, header,
     },
     switch::region_name,
-    volume::{Geometry, PendingMode, RemapTable, SECTOR, Sector, UnreadablePolicy},
+    table::RemapTable,
+    volume::{Geometry, PendingMode, SECTOR, Sector, UnreadablePolicy},
 };
 
 impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {

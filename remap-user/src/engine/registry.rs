@@ -6,8 +6,8 @@ use crate::{
     allocate::Pool,
     blockdev::BlockDev,
     metadata::{Copy, Journal, VolumeConfig, codec::uuid_bytes},
-    table::{self, DevRef},
-    volume::{Geometry, RemapTable, Sector},
+    table::{self, DevRef, RemapTable},
+    volume::{Geometry, Sector},
 };
 
 /// A protected volume as the running agent knows it.

@@ -3,7 +3,10 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::{MetaError, VolumeConfig};
-use crate::volume::{Extent, Remap, RemapTable};
+use crate::{
+    table::RemapTable,
+    volume::{Extent, Remap},
+};
 
 pub const BLOCK: usize = 4096;
 pub const SB_MAGIC: [u8; 8] = *b"REMAPSB2";

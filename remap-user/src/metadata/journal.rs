@@ -7,7 +7,7 @@ use super::{
 };
 use crate::{
     blockdev::{BlockDev, BlockIo},
-    volume::RemapTable,
+    table::RemapTable,
 };
 
 /// The commit state of one volume, in memory.

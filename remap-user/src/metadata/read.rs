@@ -7,7 +7,7 @@ use super::{
 };
 use crate::{
     blockdev::{BlockDev, BlockIo},
-    volume::RemapTable,
+    table::RemapTable,
 };
 
 /// What one device's metadata says, after replaying its journal.

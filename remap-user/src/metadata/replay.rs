@@ -4,7 +4,7 @@ use super::{
     JournalPos, MetaError,
     codec::{self, BLOCK, JournalOp},
 };
-use crate::volume::RemapTable;
+use crate::table::RemapTable;
 
 /// The complete journal generations after a checkpoint, read but not yet applied.
 #[derive(Debug)]

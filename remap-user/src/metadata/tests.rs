@@ -4,7 +4,8 @@ use super::*;
 use crate::{
     allocate::Policy,
     blockdev::{DevIdentity, SimIo},
-    volume::{Extent, Geometry, PendingMode, Remap, RemapTable, UnreadablePolicy},
+    table::RemapTable,
+    volume::{Extent, Geometry, PendingMode, Remap, UnreadablePolicy},
 };
 use codec::{BLOCK, JournalOp, Superblock};
 

@@ -25,7 +25,8 @@ use remap_user::{
     assemble::newest_intact_copy,
     blockdev::{BlockDev, BlockDevError, BlockIo},
     metadata::{self, DeviceMeta, VolumeConfig},
-    volume::{PendingMode, RemapTable, pending_marker},
+    table::RemapTable,
+    volume::{PendingMode, pending_marker},
 };
 
 #[derive(Parser)]
