@@ -3,11 +3,12 @@
 use crate::{
     blockdev::{BlockDev, BlockIo},
     dm::DeviceMapper,
-    engine::{Engine, EngineError, Result, Volume, Watch},
+    kernel::{EngineError, Kernel, Result, Watch},
     metadata::{self, codec::JournalOp, crash_point},
+    registry::Volume,
 };
 
-impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
+impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     /// Commits remap changes: one journal append on every spare (a checkpoint when the
     /// journal is full).
     pub(crate) fn commit_ops(&self, vol: &mut Volume, ops: &[JournalOp]) -> Result<()> {

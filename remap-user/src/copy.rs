@@ -5,12 +5,13 @@ use std::collections::BTreeMap;
 use crate::{
     blockdev::BlockIo,
     dm::DeviceMapper,
-    engine::{Engine, EngineError, Result, Volume, Watch},
+    kernel::{EngineError, Kernel, Result, Watch},
+    registry::Volume,
     remap::source,
     volume::{Extent, PendingMode, Remap, SECTOR, pending_marker},
 };
 
-impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
+impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     /// Copies chunk `c` to `dst`; returns the pending mask (blocks that could not be read).
     /// The blocks of chunk `c` (remapped as `r`) that are still pending: those whose spare copy
     /// still holds the marker the copy wrote. A block written since (through dm-flakey, which

@@ -5,15 +5,25 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::{
     blockdev::{BlockDev, BlockIo},
     dm::DeviceMapper,
-    engine::{Engine, Volume, Watch},
+    kernel::{Kernel, Watch},
+    registry::Volume,
     remap::source,
     volume::{Geometry, Remap, SECTOR, Sector},
 };
 
+/// What locating saw that moves nothing, for the volume's health.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Seen {
+    /// Chunks named by a failed request whose blocks all read fine.
+    pub transient: u64,
+    /// Devices that failed every read, here and elsewhere.
+    pub path_faults: u64,
+}
+
 /// Reads of a block before it is declared unreadable.
 pub const READ_TRIES: u32 = 3;
 
-impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
+impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     /// Whether a device still answers reads at all: its first, middle and last blocks (a disk
     /// that lost sectors still reads most of them; a dead path reads none).
     pub(crate) fn answers(&self, dev: &BlockDev) -> bool {
@@ -31,9 +41,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     /// (chunk, where it lives now, mask of unreadable blocks). Chunks that read whole and were
     /// named only maybe (or fail no more than a transient) are left out.
     pub(crate) fn locate(
-        &mut self,
+        &self,
         vol: &Volume,
         chunks: &BTreeMap<u64, bool>,
+        seen: &mut Seen,
     ) -> Vec<(u64, Option<Remap>, u64)> {
         let g = *vol.geo();
         // Locate: which blocks of each chunk can be read where the chunk lives now. Outside the
@@ -51,10 +62,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     plan.push((c, old, 0));
                 } else {
                     // A neighbour in the same failed request, or a transient (see STRIKES).
-                    self.history
-                        .entry(vol.config.name.clone())
-                        .or_default()
-                        .transient += 1;
+                    seen.transient += 1;
                 }
                 continue;
             }
@@ -62,10 +70,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             if !definite && bad == old.map_or(0, |r| r.pending) {
                 // Every block reads fine: a neighbour in the same failed request, or a
                 // transient (see STRIKES).
-                self.history
-                    .entry(vol.config.name.clone())
-                    .or_default()
-                    .transient += 1;
+                seen.transient += 1;
                 continue;
             }
             plan.push((c, old, bad));
@@ -75,9 +80,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
 
     /// Drops from `plan` the chunks of a device that failed as a whole (a path fault).
     pub(crate) fn without_path_faults(
-        &mut self,
+        &self,
         vol: &Volume,
         mut plan: Vec<(u64, Option<Remap>, u64)>,
+        seen: &mut Seen,
     ) -> Vec<(u64, Option<Remap>, u64)> {
         let bpc = vol.geo().blocks_per_chunk();
         // A device where nothing of these chunks reads, and nothing elsewhere either, has not
@@ -106,10 +112,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     device = %src.path.display(),
                     "path fault: the device fails every read, here and elsewhere; nothing moved"
                 );
-                self.history
-                    .entry(vol.config.name.clone())
-                    .or_default()
-                    .path_faults += 1;
+                seen.path_faults += 1;
             }
         }
         if !dead.is_empty() {

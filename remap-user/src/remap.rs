@@ -8,8 +8,10 @@ use std::{
 use crate::{
     blockdev::{BlockDev, BlockIo},
     dm::DeviceMapper,
-    engine::{Engine, EngineError, Result, Volume, Watch},
+    kernel::{EngineError, Kernel, Result, Watch},
+    locate::Seen,
     metadata::{codec::JournalOp, crash_point},
+    registry::Volume,
     switch::region_name,
     volume::{Extent, Remap, SECTOR, Sector},
 };
@@ -44,114 +46,15 @@ pub(crate) fn batches(mut chunks: BTreeMap<u64, bool>) -> Vec<BTreeMap<u64, bool
     out
 }
 
-impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
-    /// The remap path for a batch of chunks of one volume (all of them move).
-    /// Remaps `chunks` in batches of at most [`REMAP_BATCH_MAX`], each under its own suspend, so
-    /// that I/O to the region gets through between them however many were asked for. On an
-    /// error the batches before it stand (each was committed) and the error is returned.
-    pub fn remap(&mut self, name: &str, chunks: BTreeSet<u64>) -> Result<RemapReport> {
-        let mut total: Option<RemapReport> = None;
-        for batch in batches(chunks.into_iter().map(|c| (c, true)).collect()) {
-            let r = self.remap_batch(name, batch)?;
-            match &mut total {
-                None => total = Some(r),
-                Some(t) => {
-                    t.remapped.extend(r.remapped);
-                    t.pending_blocks += r.pending_blocks;
-                    t.exhausted.extend(r.exhausted);
-                    for g in r.regions {
-                        if !t.regions.contains(&g) {
-                            t.regions.push(g);
-                        }
-                    }
-                    t.micros += r.micros;
-                    t.suspended_micros = t.suspended_micros.max(r.suspended_micros);
-                }
-            }
-        }
-        total.ok_or_else(|| EngineError::Invalid("no chunk to remap".into()))
-    }
-
-    pub fn remap_add(&mut self, name: &str, lba: u64, count: u64) -> Result<RemapReport> {
-        let vol = self.volume(name)?;
-        let g = vol.geo();
-        if count == 0 {
-            return Err(EngineError::Invalid("--count must be at least 1".into()));
-        }
-        if lba.checked_add(count).is_none_or(|end| end > g.size) {
-            return Err(EngineError::Invalid(format!(
-                "LBA range {lba}+{count} is past the end of `{name}` ({} sectors)",
-                g.size
-            )));
-        }
-        let chunks: BTreeSet<u64> = g.chunks_of_range(lba, count).collect();
-        let report = self.remap(name, chunks)?;
-        Ok(report)
-    }
-
-    /// The remap path; chunks marked `false` move only if an unreadable block is found in them.
-    pub(crate) fn remap_batch(
-        &mut self,
-        name: &str,
-        chunks: BTreeMap<u64, bool>,
-    ) -> Result<RemapReport> {
-        let t0 = Instant::now();
-        let mut vol = self
-            .volumes
-            .remove(name)
-            .ok_or_else(|| EngineError::NotFound(format!("no volume named `{name}`")))?;
-        // Chunks already on the pool that move again (a migration, an error on a spare) take
-        // no net space: health counts only the new ones.
-        let moved_again: BTreeSet<u64> = chunks
-            .keys()
-            .copied()
-            .filter(|c| vol.remaps.get(*c).is_some())
-            .collect();
-        let mut res = self.remap_in(&mut vol, chunks, t0);
-        if let Ok(r) = &mut res {
-            // Low or out of space: a hot spare joins, and what did not fit moves now.
-            if (!r.exhausted.is_empty() || Self::pool_low(&vol))
-                && self.promote_hot(&mut vol, "free space fell below the threshold")
-                && !r.exhausted.is_empty()
-            {
-                let retry = std::mem::take(&mut r.exhausted)
-                    .into_iter()
-                    .map(|c| (c, true))
-                    .collect();
-                if let Ok(more) = self.remap_in(&mut vol, retry, t0) {
-                    r.remapped.extend(more.remapped);
-                    r.exhausted = more.exhausted;
-                    r.pending_blocks += more.pending_blocks;
-                    r.regions.extend(more.regions);
-                    r.micros = more.micros;
-                }
-            }
-            self.mirror(&vol, Some(&r.remapped));
-            // The journal is durable on its own: a failed checkpoint here costs nothing but a
-            // later inline one.
-            if vol.journal.wants_checkpoint()
-                && let Err(e) = self.checkpoint(&mut vol)
-            {
-                tracing::warn!(volume = name, "background checkpoint failed: {e}");
-            }
-        }
-        self.volumes.insert(name.to_owned(), vol);
-        if let Ok(r) = &res {
-            let new = r
-                .remapped
-                .iter()
-                .filter(|c| !moved_again.contains(c))
-                .count();
-            self.note(name, new, 0);
-        }
-        res
-    }
-
+impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
+    /// One batch through the path as a transaction: locate, allocate, prepare the tables,
+    /// suspend, copy, commit, resume; on a failure before the commit, [`Self::back_out`].
     pub(crate) fn remap_in(
         &mut self,
         vol: &mut Volume,
         chunks: BTreeMap<u64, bool>,
         t0: Instant,
+        seen: &mut Seen,
     ) -> Result<RemapReport> {
         let g = *vol.geo();
         let bpc = g.blocks_per_chunk();
@@ -185,8 +88,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .collect()
         };
 
-        let plan = self.locate(vol, &chunks);
-        let plan = self.without_path_faults(vol, plan);
+        let plan = self.locate(vol, &chunks, seen);
+        let plan = self.without_path_faults(vol, plan, seen);
 
         // Allocate, in chunk order so neighbours can land next to each other.
         let mut moves: Vec<(u64, Option<Remap>, Extent, u64)> = Vec::new();
@@ -437,100 +340,71 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
 
     /// Maps rewritten pending blocks back as plain data: commit, then switch their regions.
     /// The data is already on the spare (dm-flakey passed the write through).
-    pub(crate) fn clear_pending(&mut self, name: &str, chunks: &BTreeMap<u64, u64>) -> Result<()> {
-        let mut vol = self
-            .volumes
-            .remove(name)
-            .ok_or_else(|| EngineError::NotFound(format!("no volume named `{name}`")))?;
-        let res = (|| {
-            let before = vol.remaps.clone();
-            let mut regions = BTreeSet::new();
-            for (c, mask) in chunks {
-                if let Some(r) = vol.remaps.get(*c).copied() {
-                    vol.remaps.insert(
-                        *c,
-                        Remap {
-                            pending: r.pending & !mask,
-                            ..r
-                        },
-                    );
-                    regions.insert(vol.geo().region_of_chunk(*c));
-                }
-            }
-            let ops: Vec<JournalOp> = chunks
-                .keys()
-                .filter_map(|c| {
-                    vol.remaps.get(*c).map(|r| JournalOp::Set {
-                        chunk: *c,
-                        remap: *r,
-                    })
-                })
-                .collect();
-            // Suspended from before the commit until the new tables are live: a crash in
-            // between leaves the regions suspended, which assembly reads as "ours, finish it",
-            // never as a table changed by hand.
-            let mut suspended = Vec::new();
-            let mut prepared = Ok(());
-            for &r in &regions {
-                let rn = region_name(&vol.config.name, r);
-                if let Err(e) = self.dm.load(&rn, &vol.region_lines(r)) {
-                    prepared = Err(EngineError::Failed(format!("loading {rn}: {e}")));
-                    break;
-                }
-                if let Err(e) = self.dm.suspend(&rn) {
-                    prepared = Err(EngineError::Failed(format!("suspending {rn}: {e}")));
-                    break;
-                }
-                suspended.push(r);
-            }
-            let committed = prepared.and_then(|()| self.commit_ops(&mut vol, &ops));
-            if let Err(e) = committed {
-                vol.remaps = before;
-                self.drop_prepared(&mut vol, &regions, &suspended);
-                return Err(e);
-            }
-            crash_point("pending-after-commit");
-            self.resume_all(&vol.config.name, &suspended);
-            for (c, mask) in chunks {
-                if let Some(r) = vol.remaps.get(*c).copied() {
-                    tracing::info!(
-                        volume = name,
-                        chunk = c,
-                        blocks = mask.count_ones(),
-                        "pending blocks rewritten: readable again"
-                    );
-                    if r.pending == 0 {
-                        self.mark_pending(&vol, r.extent, false);
-                    }
-                }
-            }
-            let changed: Vec<u64> = chunks.keys().copied().collect();
-            self.mirror(&vol, Some(&changed));
-            Ok(())
-        })();
-        self.volumes.insert(name.to_owned(), vol);
-        res
-    }
-
-    /// Looks at every pending block again, now and then: a rewrite the detector did not
-    /// report (it never misses one by design, but a lost event would otherwise leave written
-    /// data failing reads until the next start) is found by its missing marker.
-    pub fn recheck_pending(&mut self) {
-        let names: Vec<String> = self.volumes.keys().cloned().collect();
-        for name in names {
-            let found = self.rewritten_pending(&self.volumes[&name]);
-            if found.is_empty() {
-                continue;
-            }
-            tracing::warn!(
-                volume = name,
-                chunks = found.len(),
-                "pending blocks found rewritten without a reported write"
-            );
-            if let Err(e) = self.clear_pending(&name, &found) {
-                tracing::error!(volume = name, "mapping rewritten blocks back failed: {e}");
+    pub(crate) fn map_back(&mut self, vol: &mut Volume, chunks: &BTreeMap<u64, u64>) -> Result<()> {
+        let before = vol.remaps.clone();
+        let mut regions = BTreeSet::new();
+        for (c, mask) in chunks {
+            if let Some(r) = vol.remaps.get(*c).copied() {
+                vol.remaps.insert(
+                    *c,
+                    Remap {
+                        pending: r.pending & !mask,
+                        ..r
+                    },
+                );
+                regions.insert(vol.geo().region_of_chunk(*c));
             }
         }
+        let ops: Vec<JournalOp> = chunks
+            .keys()
+            .filter_map(|c| {
+                vol.remaps.get(*c).map(|r| JournalOp::Set {
+                    chunk: *c,
+                    remap: *r,
+                })
+            })
+            .collect();
+        // Suspended from before the commit until the new tables are live: a crash in
+        // between leaves the regions suspended, which assembly reads as "ours, finish it",
+        // never as a table changed by hand.
+        let mut suspended = Vec::new();
+        let mut prepared = Ok(());
+        for &r in &regions {
+            let rn = region_name(&vol.config.name, r);
+            if let Err(e) = self.dm.load(&rn, &vol.region_lines(r)) {
+                prepared = Err(EngineError::Failed(format!("loading {rn}: {e}")));
+                break;
+            }
+            if let Err(e) = self.dm.suspend(&rn) {
+                prepared = Err(EngineError::Failed(format!("suspending {rn}: {e}")));
+                break;
+            }
+            suspended.push(r);
+        }
+        let committed = prepared.and_then(|()| self.commit_ops(vol, &ops));
+        if let Err(e) = committed {
+            vol.remaps = before;
+            self.drop_prepared(vol, &regions, &suspended);
+            return Err(e);
+        }
+        crash_point("pending-after-commit");
+        self.resume_all(&vol.config.name, &suspended);
+        for (c, mask) in chunks {
+            if let Some(r) = vol.remaps.get(*c).copied() {
+                tracing::info!(
+                    volume = vol.config.name,
+                    chunk = c,
+                    blocks = mask.count_ones(),
+                    "pending blocks rewritten: readable again"
+                );
+                if r.pending == 0 {
+                    self.mark_pending(vol, r.extent, false);
+                }
+            }
+        }
+        let changed: Vec<u64> = chunks.keys().copied().collect();
+        self.mirror(vol, Some(&changed));
+        Ok(())
     }
 }
 

@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 use crate::{
     blockdev::BlockIo,
     dm::DeviceMapper,
-    engine::{Engine, Result, Volume, Watch, failed},
+    kernel::{Kernel, Result, Watch, failed},
+    registry::Volume,
     table,
 };
 
@@ -23,7 +24,7 @@ pub(crate) fn dm_uuid(uuid: &str, region: Option<u32>) -> String {
     }
 }
 
-impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
+impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     /// Creates the region devices and the volume on top of them.
     pub(crate) fn build_devices(&mut self, vol: &mut Volume) -> Result<()> {
         for r in 0..vol.geo().regions() {

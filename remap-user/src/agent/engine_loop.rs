@@ -16,6 +16,7 @@ use super::{
 use crate::{
     blockdev::BlockIo,
     control::{AgentRequest, Event, MAX_MAP_WIDTH, Request, Response, exit},
+    detect::event::BlockEvent,
     dm::DeviceMapper,
     engine::{Engine, RemapReport, Watch},
     health::AlertKind,
@@ -178,7 +179,8 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
                         op: Op::from_u8(ev.op).as_str().into(),
                     });
                 }
-                let reports = engine.on_errors(&batch);
+                let events: Vec<BlockEvent> = batch.iter().map(BlockEvent::from).collect();
+                let reports = engine.on_events(&events);
                 for r in &reports {
                     announce(&engine, hub, r, "error");
                 }

@@ -15,7 +15,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     /// committed must not go live at the next resume (an operator's, or a later start's).
     pub(super) fn drop_stray_prepared_tables(&mut self) -> Vec<String> {
         let mut dropped = Vec::new();
-        let Ok(devices) = self.dm.list("") else {
+        let Ok(devices) = self.k.dm.list("") else {
             return dropped;
         };
         for d in devices {
@@ -26,10 +26,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .volumes
                 .keys()
                 .any(|v| d.name.starts_with(&format!("{v}-remap-r")));
-            if ours || !self.dm.info(&d.name).is_ok_and(|i| i.inactive_table) {
+            if ours || !self.k.dm.info(&d.name).is_ok_and(|i| i.inactive_table) {
                 continue;
             }
-            match self.dm.clear(&d.name) {
+            match self.k.dm.clear(&d.name) {
                 Ok(()) => {
                     tracing::warn!(
                         region = d.name,
@@ -53,6 +53,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     ) -> Result<bool, EngineError> {
         let name = vol.config.name.clone();
         let up = self
+            .k
             .dm
             .list(&name)
             .map_err(|e| EngineError::Failed(e.to_string()))?;
@@ -72,7 +73,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             )));
         }
         if existing.is_empty() {
-            self.build_devices(vol)?;
+            self.k.build_devices(vol)?;
             return Ok(false);
         }
         let regions: BTreeSet<u32> = (0..vol.geo().regions()).collect();
@@ -91,10 +92,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             let rn = region_name(&name, r);
             let want = vol.region_lines(r);
             let live = self
+                .k
                 .dm
                 .table(&rn)
                 .map_err(|e| EngineError::Failed(e.to_string()))?;
             let info = self
+                .k
                 .dm
                 .info(&rn)
                 .map_err(|e| EngineError::Failed(e.to_string()))?;
@@ -103,7 +106,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             // not know. Dropped first, whatever else this region needs.
             if info.inactive_table {
                 notes.push(format!("{rn}: dropped a table loaded but never made live"));
-                self.dm
+                self.k
+                    .dm
                     .clear(&rn)
                     .map_err(|e| EngineError::Failed(e.to_string()))?;
             }
@@ -119,18 +123,22 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 notes.push(format!(
                     "{rn}: left suspended with a table that differs from the metadata (a crash between commit and resume); reloaded"
                 ));
-                self.dm
+                self.k
+                    .dm
                     .suspend(&rn)
                     .map_err(|e| EngineError::Failed(e.to_string()))?;
-                self.dm
+                self.k
+                    .dm
                     .load(&rn, &want)
                     .map_err(|e| EngineError::Failed(e.to_string()))?;
-                self.dm
+                self.k
+                    .dm
                     .resume(&rn)
                     .map_err(|e| EngineError::Failed(e.to_string()))?;
             } else if info.suspended {
                 notes.push(format!("{rn}: was left suspended; resumed"));
-                self.dm
+                self.k
+                    .dm
                     .resume(&rn)
                     .map_err(|e| EngineError::Failed(e.to_string()))?;
             }
@@ -139,6 +147,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         vol.dev = match existing.get(&name) {
             Some(dev) => *dev,
             None => self
+                .k
                 .dm
                 .create(&name, &uuid, &top)
                 .map_err(|e| EngineError::Failed(e.to_string()))?,

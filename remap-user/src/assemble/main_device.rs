@@ -47,7 +47,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             {
                 return refuse("it carries remap metadata or is in use by a volume".into());
             }
-            let id = self.io.identity(g).map_err(|e| {
+            let id = self.k.io.identity(g).map_err(|e| {
                 EngineError::Failed(format!("identifying {}: {e}", g.path.display()))
             })?;
             if let Some(why) = self.header_mismatch(config, g) {
@@ -81,6 +81,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 // Not this volume's main (another volume's, or no header where one must be);
                 // a disk with the recorded WWN or serial is worth naming in the refusal.
                 if self
+                    .k
                     .io
                     .identity(d)
                     .is_ok_and(|id| config.main.compare(&id) == IdentityMatch::Same)
@@ -94,7 +95,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 same.push(d.clone());
                 continue;
             }
-            let Ok(id) = self.io.identity(d) else {
+            let Ok(id) = self.k.io.identity(d) else {
                 continue;
             };
             match config.main.compare(&id) {
@@ -157,7 +158,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     /// own (same volume and member UUID, same data offset); a volume without one never takes a
     /// disk that carries a header (it is some volume's main, its data at an offset).
     fn header_mismatch(&self, config: &metadata::VolumeConfig, d: &BlockDev) -> Option<String> {
-        let found = header::read(&self.io, d);
+        let found = header::read(&self.k.io, d);
         if !config.has_header() {
             return match found {
                 Err(HeaderError::NoMagic) | Err(HeaderError::Io { .. }) => None,

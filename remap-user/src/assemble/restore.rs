@@ -40,7 +40,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         if !found[bi].meta.has_table {
             // Its table was dropped while a copy since set aside (not trusted) outranked it:
             // read it again, whole.
-            let again = metadata::read_device(&self.io, &found[bi].dev).map_err(|e| {
+            let again = metadata::read_device(&self.k.io, &found[bi].dev).map_err(|e| {
                 EngineError::Refused(format!(
                     "the metadata of `{}` on {} could not be read again: {e}",
                     found[bi].meta.config.name,
@@ -143,7 +143,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         // The raw disk mounted by itself (an in-place main seen by an automounter or an fstab
         // entry before remapd ran): its writes bypass the remaps and its reads see their stale
         // data. A volume over it would serve one thing while the mount changes another.
-        if let Some(why @ crate::blockdev::InUse::Mounted { .. }) = self.io.in_use(&main) {
+        if let Some(why @ crate::blockdev::InUse::Mounted { .. }) = self.k.io.in_use(&main) {
             return refuse(format!(
                 "main device {} is in use outside remap ({why}): writes there bypass the remaps. Unmount it, then: remapctl assemble {}",
                 main.path.display(),
@@ -151,6 +151,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             ));
         }
         let size = self
+            .k
             .io
             .size_bytes(&main)
             .map_err(|e| EngineError::Failed(e.to_string()))?;
@@ -234,12 +235,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             dev: (0, 0),
         };
         if resume.is_none() {
-            self.checkpoint(&mut vol)?;
+            self.k.checkpoint(&mut vol)?;
         }
         let adopted = self.bring_up(&mut vol, notes)?;
         let chunk_bytes = vol.geo().chunk * SECTOR;
         for d in std::iter::once(&vol.main).chain(vol.spares.values()) {
-            if let Err(e) = self.watch.watch(d, chunk_bytes) {
+            if let Err(e) = self.k.watch.watch(d, chunk_bytes) {
                 tracing::error!(device = %d.path.display(), "cannot watch: {e}");
             }
         }
@@ -251,10 +252,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .map(|(_, r)| r.extent)
                 .collect();
             for e in pending {
-                self.mark_pending(&vol, e, true);
+                self.k.mark_pending(&vol, e, true);
             }
         }
-        self.mirror(&vol, Some(&[]));
+        self.k.mirror(&vol, Some(&[]));
         if !vol.remaps.is_empty() {
             self.mirror_backlog.insert(vol.config.name.clone(), 0);
         }
@@ -262,7 +263,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         // Pending blocks rewritten while no agent watched (remapd down, or a write the
         // detector could not follow) are data now: committed and mapped back as such, the
         // same way a rewrite seen live is.
-        let rewritten = self.rewritten_pending(&vol);
+        let rewritten = self.k.rewritten_pending(&vol);
         self.volumes.insert(name.clone(), vol);
         if !rewritten.is_empty() {
             let blocks: u32 = rewritten.values().map(|m| m.count_ones()).sum();

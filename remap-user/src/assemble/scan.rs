@@ -36,10 +36,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         name: &str,
         main: &std::path::Path,
     ) -> Result<Vec<Assembled>, EngineError> {
-        let dev = self
-            .io
-            .open(main)
-            .map_err(|e| EngineError::Invalid(format!("main device {}: {e}", main.display())))?;
+        let dev =
+            self.k.io.open(main).map_err(|e| {
+                EngineError::Invalid(format!("main device {}: {e}", main.display()))
+            })?;
         Ok(self.assemble_inner(Some(name), true, Some(&dev)))
     }
 
@@ -50,7 +50,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         main: Option<&BlockDev>,
     ) -> Vec<Assembled> {
         let dropped = self.drop_stray_prepared_tables();
-        let devices = self.io.scan();
+        let devices = self.k.io.scan();
         let mut groups: BTreeMap<[u8; 16], Vec<Found>> = BTreeMap::new();
         let mut plain = Vec::new();
         let mut damaged = Vec::new();
@@ -64,7 +64,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 found.meta.has_table && !found.meta.degraded && found.meta.source == *src
             };
             let t0 = std::time::Instant::now();
-            let read = metadata::read_device_with(&self.io, &dev, |src| {
+            let read = metadata::read_device_with(&self.k.io, &dev, |src| {
                 !groups
                     .get(&src.volume_uuid)
                     .is_some_and(|g| g.iter().any(|f| twin(f, src)))

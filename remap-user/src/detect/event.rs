@@ -24,6 +24,55 @@ pub struct ErrorRecord {
     pub latency_us: Option<u32>,
 }
 
+/// What one detector record says happened, decoded once where records leave the detector: the
+/// engine reads this, never a raw record's kind and errno.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockEvent {
+    /// A request failed with `errno`.
+    Error {
+        dev: u32,
+        sector: u64,
+        sectors: u32,
+        errno: i32,
+    },
+    /// A write completed in a chunk that holds pending blocks.
+    Rewrite { dev: u32, sector: u64, sectors: u32 },
+    /// A request took longer than the slow threshold.
+    Slow {
+        dev: u32,
+        sector: u64,
+        sectors: u32,
+        latency_us: u32,
+    },
+}
+
+impl From<&ErrorEvent> for BlockEvent {
+    fn from(ev: &ErrorEvent) -> Self {
+        let (dev, sector, sectors) = (ev.dev, ev.sector, ev.nr_sector);
+        if ev.kind == remap_common::kind::SLOW {
+            Self::Slow {
+                dev,
+                sector,
+                sectors,
+                latency_us: ev.latency_us,
+            }
+        } else if ev.errno == 0 {
+            Self::Rewrite {
+                dev,
+                sector,
+                sectors,
+            }
+        } else {
+            Self::Error {
+                dev,
+                sector,
+                sectors,
+                errno: ev.errno,
+            }
+        }
+    }
+}
+
 /// Name of an event kind (see [`remap_common::kind`]).
 pub fn kind_name(kind: u8) -> &'static str {
     match kind {

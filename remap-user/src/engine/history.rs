@@ -176,11 +176,11 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     /// and alerted; nothing moves for it (its chunks cannot be read to be copied, and what
     /// fails is the path, not the medium). Returns the volume it belongs to.
     pub fn path_fault(&mut self, major: u32, minor: u32, why: &str) -> Option<String> {
-        let v = self.volumes.values().find(|v| {
-            std::iter::once(&v.main)
-                .chain(v.spares.values())
-                .any(|d| (d.major, d.minor) == (major, minor))
-        })?;
+        let (v, _) = crate::registry::owners(
+            self.volumes.values(),
+            remap_common::kernel_dev(major, minor),
+        )
+        .next()?;
         let name = v.config.name.clone();
         let h = self.history.entry(name.clone()).or_default();
         h.path_faults += 1;
@@ -192,7 +192,6 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         Some(name)
     }
 
-    /// Counts a slow request against its volume; returns the chunks it made weak.
     /// One more failed request of `chunk`'s own: how many within the window.
     pub(crate) fn strike(&mut self, name: &str, chunk: u64) -> usize {
         let t = self.started.elapsed().as_secs_f64();

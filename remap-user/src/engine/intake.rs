@@ -1,8 +1,6 @@
-//! Detector events in: which volume and chunk each concerns ([`Engine::owners`]), counted by
+//! Detector events in: which volume and chunk each concerns (through [`owners`]), counted by
 //! class, and turned into batches for the remap path.
 use std::collections::{BTreeMap, BTreeSet};
-
-use remap_common::ErrorEvent;
 
 use super::{
     Engine, Watch,
@@ -10,8 +8,10 @@ use super::{
 };
 use crate::{
     blockdev::BlockIo,
+    detect::event::BlockEvent,
     dm::DeviceMapper,
     health::STRIKES,
+    registry::{Member, owners},
     remap::{RemapReport, batches},
 };
 
@@ -19,43 +19,56 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     /// Feeds detector events to the remap path: per volume, batches of at most
     /// [`REMAP_BATCH_MAX`] chunks. Successful writes to pending chunks (errno 0) clear the
     /// blocks they rewrote.
-    pub fn on_errors(&mut self, events: &[ErrorEvent]) -> Vec<RemapReport> {
+    pub fn on_events(&mut self, events: &[BlockEvent]) -> Vec<RemapReport> {
         let mut work: BTreeMap<String, BTreeMap<u64, bool>> = BTreeMap::new();
         let mut rewrites: BTreeMap<String, BTreeMap<u64, u64>> = BTreeMap::new();
         let mut errors: BTreeMap<String, usize> = BTreeMap::new();
         let mut failing: BTreeSet<(String, u32)> = BTreeSet::new();
         for ev in events {
-            if ev.kind == remap_common::kind::SLOW {
-                for (name, chunk) in self.slow(ev) {
-                    work.entry(name).or_default().insert(chunk, true);
+            let (dev, sector, sectors, errno) = match *ev {
+                BlockEvent::Slow {
+                    dev,
+                    sector,
+                    sectors,
+                    latency_us,
+                } => {
+                    for (name, chunk) in self.slow(dev, sector, sectors, latency_us) {
+                        work.entry(name).or_default().insert(chunk, true);
+                    }
+                    continue;
                 }
-                continue;
-            }
-            if ev.errno == 0 {
-                for (name, chunk, mask) in self.rewritten(ev) {
-                    *rewrites.entry(name).or_default().entry(chunk).or_default() |= mask;
+                BlockEvent::Rewrite {
+                    dev,
+                    sector,
+                    sectors,
+                } => {
+                    for (name, chunk, mask) in self.rewritten(dev, sector, sectors) {
+                        *rewrites.entry(name).or_default().entry(chunk).or_default() |= mask;
+                    }
+                    continue;
                 }
-                continue;
-            }
-            let class = crate::detect::class::classify(ev.errno);
+                BlockEvent::Error {
+                    dev,
+                    sector,
+                    sectors,
+                    errno,
+                } => (dev, sector, sectors, errno),
+            };
+            let class = crate::detect::class::classify(errno);
             if !class.may_remap() {
-                self.not_media(ev);
+                self.not_media(dev, sector, errno);
                 continue;
             }
-            for (name, chunk, definite) in self.attribute(ev) {
+            for (name, chunk, definite) in self.attribute(dev, sector, sectors) {
                 // A request of its own that failed: the chunk moves now if a block does not
                 // read back; if all do, only once it has failed STRIKES times.
                 let definite = definite && self.strike(&name, chunk) >= STRIKES;
                 *work.entry(name).or_default().entry(chunk).or_default() |= definite;
             }
-            for v in self.volumes.values() {
-                if v.main.matches_kernel_dev(ev.dev) {
-                    *errors.entry(v.config.name.clone()).or_default() += 1;
-                } else if let Some((slot, _)) =
-                    v.spares.iter().find(|(_, s)| s.matches_kernel_dev(ev.dev))
-                {
-                    *errors.entry(v.config.name.clone()).or_default() += 1;
-                    failing.insert((v.config.name.clone(), *slot));
+            for (v, member) in owners(self.volumes.values(), dev) {
+                *errors.entry(v.config.name.clone()).or_default() += 1;
+                if let Member::Spare(slot) = member {
+                    failing.insert((v.config.name.clone(), slot));
                 }
             }
         }
@@ -64,7 +77,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         // A spare that fails gets nothing new, and a hot spare (if any) takes its place.
         for (name, slot) in failing {
-            let Some(mut vol) = self.volumes.remove(&name) else {
+            let Some(vol) = self.volumes.get_mut(&name) else {
                 continue;
             };
             if vol.pool.is_open(slot) {
@@ -74,10 +87,9 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     spare = %vol.spares[&slot].path.display(),
                     "spare reports I/O errors: no new extents on it"
                 );
-                self.promote_hot(&mut vol, "a pool device is failing");
-                self.mirror(&vol, Some(&[]));
+                self.k.promote_hot(vol, "a pool device is failing");
+                self.k.mirror(vol, Some(&[]));
             }
-            self.volumes.insert(name, vol);
         }
         for (name, chunks) in rewrites {
             if let Err(e) = self.clear_pending(&name, &chunks) {
@@ -98,21 +110,16 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
 
     /// An error that was not the medium's, on a volume's device: counted and alerted, never
     /// a reason to move data (a path, a controller or a target failed, not a sector).
-    pub(crate) fn not_media(&mut self, ev: &ErrorEvent) {
-        for v in self.volumes.values() {
-            let ours = v.main.matches_kernel_dev(ev.dev)
-                || v.spares.values().any(|s| s.matches_kernel_dev(ev.dev));
-            if !ours {
-                continue;
-            }
+    pub(crate) fn not_media(&mut self, dev: u32, sector: u64, errno: i32) {
+        for (v, _) in owners(self.volumes.values(), dev) {
             let h = self.history.entry(v.config.name.clone()).or_default();
             h.not_media += 1;
-            h.last_not_media = ev.errno;
+            h.last_not_media = errno;
             if h.not_media == 1 || h.not_media.is_power_of_two() {
                 tracing::warn!(
                     volume = v.config.name,
-                    errno = ev.errno,
-                    sector = ev.sector,
+                    errno,
+                    sector,
                     count = h.not_media,
                     "I/O error that is not the medium's (path, controller, target or resources): nothing moved"
                 );
@@ -120,21 +127,25 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
     }
 
-    pub(crate) fn slow(&mut self, ev: &ErrorEvent) -> Vec<(String, u64)> {
+    /// Counts a slow request against its volume; returns the chunks it made weak.
+    pub(crate) fn slow(
+        &mut self,
+        dev: u32,
+        sector: u64,
+        sectors: u32,
+        latency_us: u32,
+    ) -> Vec<(String, u64)> {
         let t = self.started.elapsed().as_secs_f64();
         let mut weak = Vec::new();
-        for v in self.volumes.values() {
-            let on_main = v.main.matches_kernel_dev(ev.dev);
-            if !on_main && !v.spares.values().any(|s| s.matches_kernel_dev(ev.dev)) {
-                continue;
-            }
+        for (v, member) in owners(self.volumes.values(), dev) {
+            let on_main = member == Member::Main;
             let h = self.history.entry(v.config.name.clone()).or_default();
             h.slow += 1;
             if !on_main {
                 continue;
             }
             // The last spares are for chunks that fail; a slow one still reads.
-            if Self::pool_low(v) {
+            if v.pool_low() {
                 continue;
             }
             if h.weak.len() > WEAK_TRACKED {
@@ -143,7 +154,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
             // A slow request of many chunks says nothing about which of them is weak.
             let g = v.geo();
-            let range = v.main_chunks(ev.sector, u64::from(ev.nr_sector));
+            let range = v.main_chunks(sector, u64::from(sectors));
             if range.end - range.start != 1 {
                 continue;
             }
@@ -160,7 +171,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                         volume = v.config.name,
                         chunk = c,
                         lba = c * g.chunk,
-                        latency_ms = ev.latency_us / 1000,
+                        latency_ms = latency_us / 1000,
                         "weak chunk: read slowly {WEAK_READS} times; moving it while it still reads"
                     );
                     weak.push((v.config.name.clone(), c));
@@ -175,17 +186,22 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     /// chunks move only if locating finds an unreadable block in them). Errors on the main
     /// device matter for chunks still there (a chunk already moved is a stale report, e.g. from
     /// locating it); errors on a spare matter for the chunk whose data lives there now.
-    pub(crate) fn attribute(&self, ev: &ErrorEvent) -> Vec<(String, u64, bool)> {
+    pub(crate) fn attribute(
+        &self,
+        dev: u32,
+        sector: u64,
+        sectors: u32,
+    ) -> Vec<(String, u64, bool)> {
         let mut out = Vec::new();
-        for v in self.volumes.values() {
+        for (v, member) in owners(self.volumes.values(), dev) {
             let g = v.geo();
-            if v.main.matches_kernel_dev(ev.dev) {
-                let range = v.main_chunks(ev.sector, u64::from(ev.nr_sector));
+            if member == Member::Main {
+                let range = v.main_chunks(sector, u64::from(sectors));
                 if range.is_empty() {
                     tracing::error!(
                         volume = v.config.name,
                         main = %v.main.path.display(),
-                        sector = ev.sector,
+                        sector,
                         "I/O error in the main's remap header or end room, outside the volume's data: nothing to move (the header's other copy and the spares' metadata identify the volume)"
                     );
                     continue;
@@ -196,24 +212,22 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                         .filter(|c| v.remaps.get(*c).is_none())
                         .map(|c| (v.config.name.clone(), c, definite)),
                 );
-            } else if let Some((slot, _)) =
-                v.spares.iter().find(|(_, s)| s.matches_kernel_dev(ev.dev))
-            {
-                if ev.sector < v.config.meta_area_sectors {
+            } else if let Member::Spare(slot) = member {
+                if sector < v.config.meta_area_sectors {
                     tracing::error!(
                         volume = v.config.name,
-                        spare = %v.spares[slot].path.display(),
-                        sector = ev.sector,
+                        spare = %v.spares[&slot].path.display(),
+                        sector,
                         "I/O error in a spare's metadata area; the other copies keep the volume safe"
                     );
                     continue;
                 }
-                let end = ev.sector + u64::from(ev.nr_sector.max(1));
-                let first = ev.sector - ev.sector % g.chunk;
+                let end = sector + u64::from(sectors.max(1));
+                let first = sector - sector % g.chunk;
                 let definite = end - first <= g.chunk;
                 let mut s = first;
                 while s < end {
-                    if let Some(c) = v.remaps.chunk_at(*slot, s, g.chunk) {
+                    if let Some(c) = v.remaps.chunk_at(slot, s, g.chunk) {
                         out.push((v.config.name.clone(), c, definite));
                     }
                     s += g.chunk;
@@ -225,23 +239,22 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
 
     /// Pending blocks of remapped chunks that a successful write to their spare extent fully
     /// covered: (volume, chunk, mask of rewritten pending blocks).
-    pub(crate) fn rewritten(&self, ev: &ErrorEvent) -> Vec<(String, u64, u64)> {
+    pub(crate) fn rewritten(&self, dev: u32, sector: u64, sectors: u32) -> Vec<(String, u64, u64)> {
         let mut out = Vec::new();
-        let end = ev.sector + u64::from(ev.nr_sector);
-        for v in self.volumes.values() {
+        let end = sector + u64::from(sectors);
+        for (v, member) in owners(self.volumes.values(), dev) {
             let g = v.geo();
-            let Some((slot, _)) = v.spares.iter().find(|(_, s)| s.matches_kernel_dev(ev.dev))
-            else {
+            let Member::Spare(slot) = member else {
                 continue;
             };
-            let mut s = ev.sector - ev.sector % g.chunk;
+            let mut s = sector - sector % g.chunk;
             while s < end {
-                if let Some(c) = v.remaps.chunk_at(*slot, s, g.chunk) {
+                if let Some(c) = v.remaps.chunk_at(slot, s, g.chunk) {
                     let r = v.remaps.get(c).expect("found above");
                     let mut mask = 0u64;
                     for b in 0..g.blocks_per_chunk() {
                         let bs = r.extent.start + u64::from(b) * g.block;
-                        if r.pending & (1 << b) != 0 && bs >= ev.sector && bs + g.block <= end {
+                        if r.pending & (1 << b) != 0 && bs >= sector && bs + g.block <= end {
                             mask |= 1 << b;
                         }
                     }

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use remap_common::{RemapKey, kernel_dev};
 
-use super::{Engine, EngineError, Result, Volume, Watch, failed, registry::same, views};
+use super::{Engine, EngineError, Kernel, Result, Volume, Watch, failed, views};
 use crate::{
     allocate::{Policy, Pool},
     blockdev::{BlockDev, BlockIo, DevIdentity, IdentityMatch},
@@ -12,6 +12,7 @@ use crate::{
     metadata::{
         self, Journal, Layout, SpareRecord, VolumeConfig, codec::uuid_bytes, crash_point, header,
     },
+    registry::same,
     switch::region_name,
     table::RemapTable,
     volume::{Geometry, PendingMode, SECTOR, Sector, UnreadablePolicy},
@@ -21,6 +22,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     /// Opens a device for a new role: it must exist, be a block device, and be free.
     pub(crate) fn claimable(&self, path: &Path, role: &str) -> Result<BlockDev> {
         let dev = self
+            .k
             .io
             .open(path)
             .map_err(|e| EngineError::Invalid(format!("{role}: {e}")))?;
@@ -43,7 +45,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 }
             }
         }
-        match metadata::read_device_with(&self.io, &dev, |_| false) {
+        match metadata::read_device_with(&self.k.io, &dev, |_| false) {
             Err(metadata::MetaError::NoMagic) => {}
             Ok(m) => {
                 return Err(EngineError::Refused(format!(
@@ -61,13 +63,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 )));
             }
         }
-        if let Some(model) = self.io.zoned(&dev).filter(|z| z == "host-managed") {
+        if let Some(model) = self.k.io.zoned(&dev).filter(|z| z == "host-managed") {
             return Err(EngineError::Invalid(format!(
                 "{role} {} is a zoned device ({model}): it takes writes only in sequence within each zone, and remap copies and writes chunks anywhere; use a conventional disk",
                 path.display()
             )));
         }
-        if let Some(why) = self.io.in_use(&dev) {
+        if let Some(why) = self.k.io.in_use(&dev) {
             return Err(EngineError::Refused(format!(
                 "{role} {} is in use ({why}); unmount or release it first",
                 path.display()
@@ -96,12 +98,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         if same(a, b) {
             return Some("they are the same device".into());
         }
-        let (sa, sb) = (self.io.stack(a), self.io.stack(b));
+        let (sa, sb) = (self.k.io.stack(a), self.k.io.stack(b));
         if let Some(s) = sa.iter().find(|s| sb.iter().any(|t| s.meets(t))) {
             let (maj, min) = s.dev;
             return Some(format!("both use the same sectors of device {maj}:{min}"));
         }
-        if let (Ok(ia), Ok(ib)) = (self.io.identity(a), self.io.identity(b))
+        if let (Ok(ia), Ok(ib)) = (self.k.io.identity(a), self.k.io.identity(b))
             && ia.compare(&ib) == IdentityMatch::Same
         {
             return Some("they are two paths to one disk (same WWN or serial number)".into());
@@ -114,7 +116,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     /// is hidden behind a new header.
     pub(crate) fn check_main_contents(&self, main: &BlockDev, in_place: bool) -> Result<()> {
         let shown = main.path.display();
-        match header::read(&self.io, main) {
+        match header::read(&self.k.io, main) {
             Err(header::HeaderError::NoMagic) => {}
             Err(header::HeaderError::Io { error, .. }) => {
                 return Err(EngineError::Failed(format!(
@@ -126,7 +128,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     |e| format!("a remap header that cannot be read ({e})"),
                     |h| format!("the remap header of volume `{}`", h.volume_name),
                 );
-                let mib = self.io.size_bytes(main).map_or(0, |b| b >> 20);
+                let mib = self.k.io.size_bytes(main).map_or(0, |b| b >> 20);
                 return Err(EngineError::Refused(format!(
                     "main device {shown} carries {whose}: assemble that volume (remapctl assemble); if it is gone for good, clear both copies of the header first: dd if=/dev/zero of={shown} bs=1M count=1 oflag=direct; dd if=/dev/zero of={shown} bs=1M seek={} count=1 oflag=direct",
                     mib.saturating_sub(1)
@@ -148,12 +150,14 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     pub(crate) fn holds(&self, dev: &BlockDev) -> Result<Option<&'static str>> {
         let shown = dev.path.display();
         let size = self
+            .k
             .io
             .size_bytes(dev)
             .map_err(|e| failed(format!("size of {shown}"))(e.to_string()))?;
         let len = (crate::signature::PROBE_BYTES as u64).min(size / 4096 * 4096) as usize;
         let mut start = vec![0u8; len];
-        self.io
+        self.k
+            .io
             .read_at(dev, 0, &mut start)
             .map_err(|e| failed(format!("reading the start of {shown}"))(e.to_string()))?;
         Ok(crate::signature::probe(&start))
@@ -169,11 +173,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             data_sectors: vol.geo().size,
             device_sectors,
         };
-        header::write(&self.io, &vol.main, &h).map_err(|e| EngineError::Failed(e.to_string()))
+        header::write(&self.k.io, &vol.main, &h).map_err(|e| EngineError::Failed(e.to_string()))
     }
 
     pub(crate) fn identity(&self, dev: &BlockDev) -> Result<DevIdentity> {
-        self.io
+        self.k
+            .io
             .identity(dev)
             .map_err(|e| EngineError::Failed(format!("identifying {}: {e}", dev.path.display())))
     }
@@ -200,6 +205,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             )));
         }
         if !self
+            .k
             .dm
             .list(name)
             .map_err(|e| failed("listing device-mapper devices")(e.to_string()))?
@@ -251,15 +257,16 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             spares.insert(i as u32, s);
         }
         let main_size = self
+            .k
             .io
             .size_bytes(&main)
             .map_err(|e| failed(format!("size of {}", main_path.display()))(e.to_string()))?;
         // Bad blocks are located, and kept pending, in the unit the medium fails in: on a 512e
         // disk one bad 4 KiB physical sector fails all eight of its logical sectors.
-        let block = self
-            .io
-            .physical_block_size(&main)
-            .map_err(|e| failed(format!("block size of {}", main_path.display()))(e.to_string()))?;
+        let block =
+            self.k.io.physical_block_size(&main).map_err(|e| {
+                failed(format!("block size of {}", main_path.display()))(e.to_string())
+            })?;
         // The header's room, unless the data stays where it is.
         let (front, tail) = if in_place {
             (0, 0)
@@ -287,6 +294,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let mut sizes = BTreeMap::new();
         for (slot, s) in &spares {
             let size = self
+                .k
                 .io
                 .size_bytes(s)
                 .map_err(|e| failed(format!("size of {}", s.path.display()))(e.to_string()))?;
@@ -311,7 +319,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 meta_failed: false,
             });
         }
-        let pending_mode = self.pending_mode(&main, unreadable)?;
+        let pending_mode = self.k.pending_mode(&main, unreadable)?;
         let config = VolumeConfig {
             name: name.to_owned(),
             uuid: new_uuid(),
@@ -341,7 +349,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         };
         // Old metadata on a spare must not outrank ours at assembly: wipe both slots first.
         for s in vol.spares.values() {
-            self.wipe_metadata(s)?;
+            self.k.wipe_metadata(s)?;
         }
         // The header before the metadata: a crash between them leaves a header that names a
         // volume no spare knows (refused at create, nothing assembles), never metadata that
@@ -351,25 +359,25 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         let undo_header = |engine: &Self, vol: &Volume| {
             if vol.config.has_header() {
-                let _ = header::erase(&engine.io, &vol.main);
+                let _ = header::erase(&engine.k.io, &vol.main);
             }
         };
-        if let Err(e) = self.checkpoint(&mut vol) {
+        if let Err(e) = self.k.checkpoint(&mut vol) {
             undo_header(self, &vol);
             return Err(e);
         }
         crash_point("create-after-metadata");
-        if let Err(e) = self.build_devices(&mut vol) {
-            self.teardown(&vol);
+        if let Err(e) = self.k.build_devices(&mut vol) {
+            self.k.teardown(&vol);
             for s in vol.spares.values() {
-                let _ = self.wipe_metadata(s);
+                let _ = self.k.wipe_metadata(s);
             }
             undo_header(self, &vol);
             return Err(e);
         }
         let chunk_bytes = vol.geo().chunk * SECTOR;
         for d in std::iter::once(&vol.main).chain(vol.spares.values()) {
-            if let Err(e) = self.watch.watch(d, chunk_bytes) {
+            if let Err(e) = self.k.watch.watch(d, chunk_bytes) {
                 tracing::error!(device = %d.path.display(), "cannot watch: {e}");
             }
         }
@@ -381,11 +389,53 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             "created /dev/mapper/{name}"
         );
         let status = views::status_of(&vol);
-        self.mirror(&vol, Some(&[]));
+        self.k.mirror(&vol, Some(&[]));
         self.volumes.insert(name.to_owned(), vol);
         Ok(status)
     }
 
+    pub fn stop(&mut self, name: &str) -> Result<views::Stopped> {
+        let vol = self.volume(name)?;
+        self.k.dm.remove(name).map_err(|e| {
+            EngineError::Refused(format!(
+                "cannot remove /dev/mapper/{name} ({e}); is it mounted or open?"
+            ))
+        })?;
+        for r in 0..vol.geo().regions() {
+            let rn = region_name(name, r);
+            self.k
+                .dm
+                .remove(&rn)
+                .map_err(|e| failed(format!("removing {rn}"))(e.to_string()))?;
+        }
+        let vol = self.volumes.remove(name).expect("looked up above");
+        let unmirrored = self.mirror_backlog.remove(name).unwrap_or(u64::MAX);
+        for d in std::iter::once(&vol.main).chain(vol.spares.values()) {
+            let _ = self.k.watch.unwatch(d);
+        }
+        for s in vol.spares.values() {
+            self.k.watch.mirror_pool(s, None);
+        }
+        let vdev = kernel_dev(vol.dev.0, vol.dev.1);
+        for (chunk, _) in vol.remaps.range(0..unmirrored) {
+            self.k.watch.mirror_remap(
+                RemapKey {
+                    volume_dev: vdev,
+                    _pad: 0,
+                    chunk,
+                },
+                None,
+            );
+        }
+        self.stopped.insert(name.to_owned());
+        tracing::info!(volume = name, "stopped");
+        Ok(views::Stopped {
+            stopped: name.to_owned(),
+        })
+    }
+}
+
+impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     pub(crate) fn pending_mode(
         &mut self,
         main: &BlockDev,
@@ -410,45 +460,6 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 "dm-flakey has no error_reads on this kernel: unreadable blocks follow the --unreadable policy"
             );
             PendingMode::Policy(unreadable)
-        })
-    }
-
-    pub fn stop(&mut self, name: &str) -> Result<views::Stopped> {
-        let vol = self.volume(name)?;
-        self.dm.remove(name).map_err(|e| {
-            EngineError::Refused(format!(
-                "cannot remove /dev/mapper/{name} ({e}); is it mounted or open?"
-            ))
-        })?;
-        for r in 0..vol.geo().regions() {
-            let rn = region_name(name, r);
-            self.dm
-                .remove(&rn)
-                .map_err(|e| failed(format!("removing {rn}"))(e.to_string()))?;
-        }
-        let vol = self.volumes.remove(name).expect("looked up above");
-        let unmirrored = self.mirror_backlog.remove(name).unwrap_or(u64::MAX);
-        for d in std::iter::once(&vol.main).chain(vol.spares.values()) {
-            let _ = self.watch.unwatch(d);
-        }
-        for s in vol.spares.values() {
-            self.watch.mirror_pool(s, None);
-        }
-        let vdev = kernel_dev(vol.dev.0, vol.dev.1);
-        for (chunk, _) in vol.remaps.range(0..unmirrored) {
-            self.watch.mirror_remap(
-                RemapKey {
-                    volume_dev: vdev,
-                    _pad: 0,
-                    chunk,
-                },
-                None,
-            );
-        }
-        self.stopped.insert(name.to_owned());
-        tracing::info!(volume = name, "stopped");
-        Ok(views::Stopped {
-            stopped: name.to_owned(),
         })
     }
 }

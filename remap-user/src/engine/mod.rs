@@ -11,71 +11,26 @@ use std::{
     time::Instant,
 };
 
-use remap_common::{PoolDev, RemapKey, RemapVal, kernel_dev};
-
-use crate::{
-    blockdev::{BlockDev, BlockIo},
-    dm::DeviceMapper,
-    volume::{Extent, PendingMode},
-};
+use crate::{blockdev::BlockIo, dm::DeviceMapper};
 
 mod history;
 mod intake;
 pub(crate) mod lifecycle;
-mod registry;
+mod remaps;
 mod spares;
 pub mod views;
 
+pub use crate::kernel::{EngineError, Watch};
+pub(crate) use crate::kernel::{Kernel, Result, failed};
+pub use crate::registry::Volume;
 pub use crate::remap::{REMAP_BATCH_MAX, RemapReport};
 pub use crate::switch::region_name;
 pub(crate) use history::History;
-pub use registry::Volume;
-
-/// Tells the error detector which devices to report.
-pub trait Watch {
-    fn watch(&mut self, dev: &BlockDev, chunk_bytes: u64) -> Result<(), String>;
-    fn unwatch(&mut self, dev: &BlockDev) -> Result<(), String>;
-    /// Reports writes to chunk `chunk` (in chunks from the start) of `dev`, or stops.
-    fn set_pending(&mut self, dev: &BlockDev, chunk: u64, on: bool) -> Result<(), String>;
-    /// Flags writes completing on `dev` in chunks `lo..=hi` from now on (`Some`), or stops and
-    /// says whether one did (`None`). A watcher that cannot tell says yes.
-    fn locate_window(&mut self, dev: &BlockDev, range: Option<(u64, u64)>) -> bool;
-    /// Mirrors a spare's usage where operators look (the pinned maps); `None`: it left.
-    fn mirror_pool(&mut self, spare: &BlockDev, value: Option<PoolDev>) {
-        let _ = (spare, value);
-    }
-    /// Mirrors one remap where operators look; `None`: the chunk is not remapped.
-    fn mirror_remap(&mut self, key: RemapKey, value: Option<RemapVal>) {
-        let _ = (key, value);
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Refused(String),
-    #[error("{0}")]
-    Invalid(String),
-    #[error("{0}")]
-    Failed(String),
-}
-
-pub(crate) type Result<T, E = EngineError> = std::result::Result<T, E>;
-
-pub(crate) fn failed(what: impl std::fmt::Display) -> impl FnOnce(String) -> EngineError {
-    let what = what.to_string();
-    move |e| EngineError::Failed(format!("{what}: {e}"))
-}
 
 pub struct Engine<D, I, W> {
-    pub(crate) dm: D,
-    pub(crate) io: I,
-    pub(crate) watch: W,
+    /// The kernel, as every step of the path works through it.
+    pub(crate) k: Kernel<D, I, W>,
     pub(crate) volumes: BTreeMap<String, Volume>,
-    /// Whether dm-flakey has `error_reads`, probed once.
-    pub(crate) error_reads: Option<bool>,
     /// Error and remap history per volume, for health and forecasts.
     pub(crate) history: BTreeMap<String, History>,
     pub(crate) started: Instant,
@@ -86,9 +41,6 @@ pub struct Engine<D, I, W> {
     /// This machine's id ([`machine_id`]): recorded in the volumes it creates; volumes
     /// recorded with another id are assembled only on an explicit request.
     pub host_id: Option<String>,
-    /// Messages of the suspended window, logged once its regions are resumed: logging can
-    /// block (journald, a console) on I/O to the very volume that is suspended.
-    pub(crate) deferred: std::sync::Mutex<Vec<String>>,
     /// Volumes found on the disks but not brought up, with why (a member missing, conflicting
     /// copies): `status` shows them, and a disk that appears later may complete them.
     pub(crate) down: BTreeMap<String, Down>,
@@ -121,16 +73,12 @@ pub const MIRROR_SLICE: usize = 4096;
 impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     pub fn new(dm: D, io: I, watch: W) -> Self {
         Self {
-            dm,
-            io,
-            watch,
+            k: Kernel::new(dm, io, watch),
             volumes: BTreeMap::new(),
-            error_reads: None,
             history: BTreeMap::new(),
             started: Instant::now(),
             mirror_backlog: BTreeMap::new(),
             host_id: None,
-            deferred: std::sync::Mutex::new(Vec::new()),
             down: BTreeMap::new(),
             stopped: BTreeSet::new(),
         }
@@ -141,11 +89,11 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     }
 
     pub fn dm(&self) -> &D {
-        &self.dm
+        &self.k.dm
     }
 
     pub fn io(&self) -> &I {
-        &self.io
+        &self.k.io
     }
 
     pub(crate) fn volume(&self, name: &str) -> Result<&Volume> {
@@ -174,61 +122,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .map(|(c, _)| c)
                 .collect();
             let n = chunks.len().min(budget.max(1));
-            self.mirror(&vol, Some(&chunks[..n]));
+            self.k.mirror(&vol, Some(&chunks[..n]));
             if let Some(&next) = chunks.get(n) {
                 self.mirror_backlog.insert(name.clone(), next);
             }
             self.volumes.insert(name, vol);
         }
         self.mirror_pending()
-    }
-
-    /// Mirrors the pool and the remaps of `chunks` (all of them when `None`) for bpftool.
-    pub(crate) fn mirror(&mut self, vol: &Volume, chunks: Option<&[u64]>) {
-        let vdev = kernel_dev(vol.dev.0, vol.dev.1);
-        for u in vol.pool.usage() {
-            if let Some(spare) = vol.spares.get(&u.slot) {
-                let v = PoolDev {
-                    volume_dev: vdev,
-                    slot: u.slot,
-                    chunks: u.total,
-                    used: u.used,
-                    free: u.free,
-                };
-                self.watch.mirror_pool(spare, Some(v));
-            }
-        }
-        let one = |w: &mut W, c: u64| {
-            let key = RemapKey {
-                volume_dev: vdev,
-                _pad: 0,
-                chunk: c,
-            };
-            let val = vol.remaps.get(c).and_then(|r| {
-                vol.spares.get(&r.extent.spare).map(|s| RemapVal {
-                    spare_dev: s.kernel_dev(),
-                    pending_blocks: r.pending.count_ones(),
-                    spare_sector: r.extent.start,
-                })
-            });
-            w.mirror_remap(key, val);
-        };
-        match chunks {
-            Some(cs) => cs.iter().for_each(|c| one(&mut self.watch, *c)),
-            None => vol.remaps.iter().for_each(|(c, _)| one(&mut self.watch, c)),
-        }
-    }
-
-    /// Tells the detector to report writes to the spare extent `e` (it holds pending blocks)
-    /// or to stop.
-    pub(crate) fn mark_pending(&mut self, vol: &Volume, e: Extent, on: bool) {
-        if vol.config.pending_mode != PendingMode::FlakeyErrorReads {
-            return;
-        }
-        let spare = &vol.spares[&e.spare];
-        if let Err(err) = self.watch.set_pending(spare, e.start / vol.geo().chunk, on) {
-            tracing::error!(spare = %spare.path.display(), "pending watch: {err}");
-        }
     }
 
     /// Closes what was opened of devices that are no member of a running volume (a scan reads
@@ -241,7 +141,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             .flat_map(|v| std::iter::once(&v.main).chain(v.spares.values()))
             .map(|d| (d.major, d.minor))
             .collect();
-        self.io.release_all_but(&keep);
+        self.k.io.release_all_but(&keep);
     }
 
     /// Whether a volume found on the disks is down.

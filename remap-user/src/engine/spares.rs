@@ -2,7 +2,7 @@
 //! removed, emptied onto the others, and a hot spare brought in when the pool runs low.
 use std::{collections::BTreeSet, path::Path};
 
-use super::{Engine, EngineError, Result, Volume, Watch, failed, views};
+use super::{Engine, EngineError, Kernel, Result, Volume, Watch, failed, views};
 use crate::{
     allocate::{Pool, PoolError},
     blockdev::BlockIo,
@@ -12,55 +12,17 @@ use crate::{
     volume::SECTOR,
 };
 
-/// Fraction of the pool that must stay free; below it a hot spare joins.
-pub const HOT_SPARE_THRESHOLD: f64 = 0.2;
 /// Chunks moved per batch when a spare is emptied.
 pub(crate) const MIGRATE_BATCH: usize = 256;
 
 impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
-    /// Brings a hot spare into the pool; false when there is none (or it could not join).
-    pub(crate) fn promote_hot(&mut self, vol: &mut Volume, why: &str) -> bool {
-        let area = vol.config.meta_area_sectors;
-        let Some(i) = vol.config.spares.iter().position(|s| s.hot) else {
-            return false;
-        };
-        let (slot, size) = (vol.config.spares[i].slot, vol.config.spares[i].size_sectors);
-        if vol.pool.add(slot, size, area).is_err() {
-            return false;
-        }
-        vol.config.spares[i].hot = false;
-        if let Err(e) = self.checkpoint(vol) {
-            vol.config.spares[i].hot = true;
-            let _ = vol.pool.remove(slot);
-            tracing::error!(volume = vol.config.name, "hot spare could not join: {e}");
-            return false;
-        }
-        tracing::warn!(
-            volume = vol.config.name,
-            spare = %vol.spares[&slot].path.display(),
-            "hot spare joined the pool: {why}"
-        );
-        true
-    }
-
-    /// A hot spare joins when the pool is exhausted or nearly so.
-    pub(crate) fn pool_low(vol: &Volume) -> bool {
-        let total: u64 = vol
-            .pool
-            .usage()
-            .iter()
-            .filter(|u| vol.pool.is_open(u.slot))
-            .map(|u| u.total)
-            .sum();
-        (vol.pool.available() as f64) < HOT_SPARE_THRESHOLD * total as f64
-    }
-
     /// Moves every chunk off a spare to the rest of the pool, batch by batch (each a normal,
     /// crash-safe remap), then removes it. Safe to run again after a crash: the spare stays
     /// marked draining in the metadata until it is empty.
     pub fn spare_migrate(&mut self, name: &str, path: &Path) -> Result<views::Migrated> {
         let vol = self.volume(name)?;
         let dev = self
+            .k
             .io
             .open(path)
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
@@ -80,7 +42,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             if let Some(r) = vol.config.spares.iter_mut().find(|s| s.slot == slot) {
                 r.draining = true;
             }
-            if let Err(e) = self.checkpoint(&mut vol) {
+            if let Err(e) = self.k.checkpoint(&mut vol) {
                 let _ = vol.pool.set_open(slot, true);
                 if let Some(r) = vol.config.spares.iter_mut().find(|s| s.slot == slot) {
                     r.draining = false;
@@ -141,6 +103,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         self.volume(name)?;
         let dev = self.claimable(path, "spare")?;
         let size = self
+            .k
             .io
             .size_bytes(&dev)
             .map_err(|e| failed(format!("size of {}", path.display()))(e.to_string()))?
@@ -157,7 +120,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             if !hot {
                 vol.pool.add(slot, size, area).expect("checked above");
             }
-            self.wipe_metadata(&dev)?;
+            self.k.wipe_metadata(&dev)?;
             vol.spares.insert(slot, dev.clone());
             vol.config.spares.push(SpareRecord {
                 slot,
@@ -169,7 +132,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 draining: false,
                 meta_failed: false,
             });
-            if let Err(e) = self.checkpoint(&mut vol) {
+            if let Err(e) = self.k.checkpoint(&mut vol) {
                 vol.spares.remove(&slot);
                 vol.config.spares.retain(|s| s.slot != slot);
                 let _ = vol.pool.remove(slot);
@@ -181,9 +144,9 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let chunk_bytes = vol.geo().chunk * SECTOR;
         let out = res.map(|()| views::pool_of(&vol));
         if out.is_ok() {
-            let _ = self.watch.watch(&dev, chunk_bytes);
+            let _ = self.k.watch.watch(&dev, chunk_bytes);
             tracing::info!(volume = name, spare = %path.display(), slot, hot, "spare added");
-            self.mirror(&vol, Some(&[]));
+            self.k.mirror(&vol, Some(&[]));
         }
         self.volumes.insert(name.to_owned(), vol);
         out
@@ -192,6 +155,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     pub fn spare_remove(&mut self, name: &str, path: &Path) -> Result<views::PoolView> {
         let vol = self.volume(name)?;
         let dev = self
+            .k
             .io
             .open(path)
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
@@ -218,7 +182,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             let rec = vol.config.spares.clone();
             vol.config.spares.retain(|s| s.slot != slot);
             let removed = vol.spares.remove(&slot).expect("slot found above");
-            if let Err(e) = self.checkpoint(&mut vol) {
+            if let Err(e) = self.k.checkpoint(&mut vol) {
                 vol.config.spares = rec;
                 vol.spares.insert(slot, removed);
                 let size = vol
@@ -231,13 +195,40 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 let _ = vol.pool.add(slot, size, area);
                 return Err(e);
             }
-            let _ = self.wipe_metadata(&removed);
-            let _ = self.watch.unwatch(&removed);
-            self.watch.mirror_pool(&removed, None);
+            let _ = self.k.wipe_metadata(&removed);
+            let _ = self.k.watch.unwatch(&removed);
+            self.k.watch.mirror_pool(&removed, None);
             Ok(())
         })();
         let out = res.map(|()| views::pool_of(&vol));
         self.volumes.insert(name.to_owned(), vol);
         out
+    }
+}
+
+impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
+    /// Brings a hot spare into the pool; false when there is none (or it could not join).
+    pub(crate) fn promote_hot(&mut self, vol: &mut Volume, why: &str) -> bool {
+        let area = vol.config.meta_area_sectors;
+        let Some(i) = vol.config.spares.iter().position(|s| s.hot) else {
+            return false;
+        };
+        let (slot, size) = (vol.config.spares[i].slot, vol.config.spares[i].size_sectors);
+        if vol.pool.add(slot, size, area).is_err() {
+            return false;
+        }
+        vol.config.spares[i].hot = false;
+        if let Err(e) = self.checkpoint(vol) {
+            vol.config.spares[i].hot = true;
+            let _ = vol.pool.remove(slot);
+            tracing::error!(volume = vol.config.name, "hot spare could not join: {e}");
+            return false;
+        }
+        tracing::warn!(
+            volume = vol.config.name,
+            spare = %vol.spares[&slot].path.display(),
+            "hot spare joined the pool: {why}"
+        );
+        true
     }
 }

@@ -18,7 +18,9 @@ use super::*;
 use crate::{
     allocate::Policy,
     blockdev::BlockDev,
+    blockdev::BlockIo,
     control::exit,
+    dm::DeviceMapper,
     health::STRIKES,
     metadata::{self, header},
     volume::UnreadablePolicy,
@@ -27,6 +29,17 @@ use crate::{
     blockdev::{InUse, SimIo},
     dm::{DmOp, SimDm},
 };
+
+impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
+    /// Raw detector records, decoded as the agent decodes them.
+    pub(crate) fn on_errors(&mut self, raw: &[ErrorEvent]) -> Vec<RemapReport> {
+        let events: Vec<_> = raw
+            .iter()
+            .map(crate::detect::event::BlockEvent::from)
+            .collect();
+        self.on_events(&events)
+    }
+}
 
 /// A view as the protocol's JSON, as the assertions read it.
 pub(crate) trait Json {
@@ -1681,7 +1694,7 @@ fn a_spare_that_holds_data_is_refused_and_nothing_changes() {
     );
     assert!(r.dm.log().is_empty());
     assert_eq!(r.io.peek(SIM, S2, 0, 2 * MIB as usize).unwrap(), before);
-    assert!(header::read(&*r.io, &r.engine.io.open(Path::new("/sim/main")).unwrap()).is_err());
+    assert!(header::read(&*r.io, &r.engine.io().open(Path::new("/sim/main")).unwrap()).is_err());
 }
 
 #[test]

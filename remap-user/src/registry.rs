@@ -1,5 +1,5 @@
-//! The running volumes: each one's devices, pool and remap table, and which volume a device
-//! belongs to.
+//! The running volumes: each one's devices, pool and remap table, and which member of which
+//! volume a device is.
 use std::collections::BTreeMap;
 
 use crate::{
@@ -107,6 +107,52 @@ impl Volume {
             .find(|(_, s)| same(s, dev))
             .map(|(slot, _)| *slot)
     }
+}
+
+/// Which member of a volume a device is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Member {
+    Main,
+    Spare(u32),
+}
+
+impl Volume {
+    /// Which member of this volume the kernel device `dev` (as the detector reports it) is.
+    pub(crate) fn member(&self, dev: u32) -> Option<Member> {
+        if self.main.matches_kernel_dev(dev) {
+            return Some(Member::Main);
+        }
+        self.spares
+            .iter()
+            .find(|(_, s)| s.matches_kernel_dev(dev))
+            .map(|(slot, _)| Member::Spare(*slot))
+    }
+
+    /// Whether the pool's free space fell below [`HOT_SPARE_THRESHOLD`] of its open devices.
+    pub(crate) fn pool_low(&self) -> bool {
+        let total: u64 = self
+            .pool
+            .usage()
+            .iter()
+            .filter(|u| self.pool.is_open(u.slot))
+            .map(|u| u.total)
+            .sum();
+        (self.pool.available() as f64) < HOT_SPARE_THRESHOLD * total as f64
+    }
+}
+
+/// Fraction of the pool that must stay free; below it a hot spare joins.
+pub const HOT_SPARE_THRESHOLD: f64 = 0.2;
+
+/// The running volumes that the kernel device `dev` is a member of, and as what: THE way from a
+/// device the detector names to the volumes it concerns.
+pub(crate) fn owners<'a>(
+    volumes: impl IntoIterator<Item = &'a Volume>,
+    dev: u32,
+) -> impl Iterator<Item = (&'a Volume, Member)> {
+    volumes
+        .into_iter()
+        .filter_map(move |v| v.member(dev).map(|m| (v, m)))
 }
 
 pub(crate) fn same(a: &BlockDev, b: &BlockDev) -> bool {
