@@ -78,4 +78,20 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     pub(crate) fn wipe_metadata(&self, dev: &BlockDev) -> Result<()> {
         metadata::wipe(&self.io, dev).map_err(|e| EngineError::Failed(e.to_string()))
     }
+
+    /// A change of a volume's configuration (its spares, the pool's devices) made durable:
+    /// `change` edits the volume and a checkpoint records it; when either fails, the volume is
+    /// put back as it was and the error returned. The one way configuration changes are made.
+    pub(crate) fn reconfigure<T>(
+        &self,
+        vol: &mut Volume,
+        change: impl FnOnce(&mut Volume) -> Result<T>,
+    ) -> Result<T> {
+        let before = (vol.config.clone(), vol.spares.clone(), vol.pool.clone());
+        let out = change(vol).and_then(|t| self.checkpoint(vol).map(|()| t));
+        if out.is_err() {
+            (vol.config, vol.spares, vol.pool) = before;
+        }
+        out
+    }
 }

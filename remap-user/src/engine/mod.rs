@@ -114,7 +114,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let Some((name, from)) = self.mirror_backlog.pop_first() else {
             return false;
         };
-        if let Some(vol) = self.volumes.remove(&name) {
+        if let Some(vol) = self.volumes.get(&name) {
             let chunks: Vec<u64> = vol
                 .remaps
                 .range(from..u64::MAX)
@@ -122,11 +122,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .map(|(c, _)| c)
                 .collect();
             let n = chunks.len().min(budget.max(1));
-            self.k.mirror(&vol, Some(&chunks[..n]));
+            self.k.mirror(vol, Some(&chunks[..n]));
             if let Some(&next) = chunks.get(n) {
                 self.mirror_backlog.insert(name.clone(), next);
             }
-            self.volumes.insert(name, vol);
         }
         self.mirror_pending()
     }

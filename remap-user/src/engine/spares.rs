@@ -36,22 +36,16 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 path.display()
             )));
         }
-        let mut vol = self.volumes.remove(name).expect("looked up above");
+        let vol = self.volumes.get_mut(name).expect("looked up above");
         if vol.pool.contains(slot) && vol.pool.is_open(slot) {
-            let _ = vol.pool.set_open(slot, false);
-            if let Some(r) = vol.config.spares.iter_mut().find(|s| s.slot == slot) {
-                r.draining = true;
-            }
-            if let Err(e) = self.k.checkpoint(&mut vol) {
-                let _ = vol.pool.set_open(slot, true);
+            self.k.reconfigure(vol, |vol| {
+                let _ = vol.pool.set_open(slot, false);
                 if let Some(r) = vol.config.spares.iter_mut().find(|s| s.slot == slot) {
-                    r.draining = false;
+                    r.draining = true;
                 }
-                self.volumes.insert(name.to_owned(), vol);
-                return Err(e);
-            }
+                Ok(())
+            })?;
         }
-        self.volumes.insert(name.to_owned(), vol);
         let total = self.volumes[name].pool.used_on(slot);
         let (mut moved, mut batches) = (0u64, 0u64);
         loop {
@@ -109,9 +103,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             .map_err(|e| failed(format!("size of {}", path.display()))(e.to_string()))?
             / SECTOR;
         let identity = self.identity(&dev)?;
-        let mut vol = self.volumes.remove(name).expect("looked up above");
+        let vol = self.volumes.get_mut(name).expect("looked up above");
         let slot = vol.spares.keys().next_back().map_or(0, |s| s + 1);
-        let res = (|| {
+        let k = &self.k;
+        let res = k.reconfigure(vol, |vol| {
             let area = vol.config.meta_area_sectors;
             // A hot spare must be usable when it joins: check its size now, add it then.
             Pool::new(vol.geo().chunk, vol.config.policy)
@@ -120,7 +115,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             if !hot {
                 vol.pool.add(slot, size, area).expect("checked above");
             }
-            self.k.wipe_metadata(&dev)?;
+            k.wipe_metadata(&dev)?;
             vol.spares.insert(slot, dev.clone());
             vol.config.spares.push(SpareRecord {
                 slot,
@@ -132,24 +127,15 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 draining: false,
                 meta_failed: false,
             });
-            if let Err(e) = self.k.checkpoint(&mut vol) {
-                vol.spares.remove(&slot);
-                vol.config.spares.retain(|s| s.slot != slot);
-                let _ = vol.pool.remove(slot);
-                return Err(e);
-            }
-            crash_point("spare-add-after-checkpoint");
             Ok(())
-        })();
+        });
+        res?;
+        crash_point("spare-add-after-checkpoint");
         let chunk_bytes = vol.geo().chunk * SECTOR;
-        let out = res.map(|()| views::pool_of(&vol));
-        if out.is_ok() {
-            let _ = self.k.watch.watch(&dev, chunk_bytes);
-            tracing::info!(volume = name, spare = %path.display(), slot, hot, "spare added");
-            self.k.mirror(&vol, Some(&[]));
-        }
-        self.volumes.insert(name.to_owned(), vol);
-        out
+        let _ = self.k.watch.watch(&dev, chunk_bytes);
+        tracing::info!(volume = name, spare = %path.display(), slot, hot, "spare added");
+        self.k.mirror(vol, Some(&[]));
+        Ok(views::pool_of(vol))
     }
 
     pub fn spare_remove(&mut self, name: &str, path: &Path) -> Result<views::PoolView> {
@@ -168,8 +154,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 path.display()
             )));
         }
-        let mut vol = self.volumes.remove(name).expect("looked up above");
-        let res = (|| {
+        let vol = self.volumes.get_mut(name).expect("looked up above");
+        let removed = self.k.reconfigure(vol, |vol| {
             let hot = vol.config.spares.iter().any(|s| s.slot == slot && s.hot);
             let removed_from_pool = if hot { Ok(()) } else { vol.pool.remove(slot) };
             removed_from_pool.map_err(|e| match e {
@@ -179,30 +165,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 )),
                 e => EngineError::Failed(e.to_string()),
             })?;
-            let rec = vol.config.spares.clone();
             vol.config.spares.retain(|s| s.slot != slot);
-            let removed = vol.spares.remove(&slot).expect("slot found above");
-            if let Err(e) = self.k.checkpoint(&mut vol) {
-                vol.config.spares = rec;
-                vol.spares.insert(slot, removed);
-                let size = vol
-                    .config
-                    .spares
-                    .iter()
-                    .find(|s| s.slot == slot)
-                    .map_or(0, |s| s.size_sectors);
-                let area = vol.config.meta_area_sectors;
-                let _ = vol.pool.add(slot, size, area);
-                return Err(e);
-            }
-            let _ = self.k.wipe_metadata(&removed);
-            let _ = self.k.watch.unwatch(&removed);
-            self.k.watch.mirror_pool(&removed, None);
-            Ok(())
-        })();
-        let out = res.map(|()| views::pool_of(&vol));
-        self.volumes.insert(name.to_owned(), vol);
-        out
+            Ok(vol.spares.remove(&slot).expect("slot found above"))
+        })?;
+        let _ = self.k.wipe_metadata(&removed);
+        let _ = self.k.watch.unwatch(&removed);
+        self.k.watch.mirror_pool(&removed, None);
+        Ok(views::pool_of(vol))
     }
 }
 
@@ -214,13 +183,14 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             return false;
         };
         let (slot, size) = (vol.config.spares[i].slot, vol.config.spares[i].size_sectors);
-        if vol.pool.add(slot, size, area).is_err() {
-            return false;
-        }
-        vol.config.spares[i].hot = false;
-        if let Err(e) = self.checkpoint(vol) {
-            vol.config.spares[i].hot = true;
-            let _ = vol.pool.remove(slot);
+        let joined = self.reconfigure(vol, |vol| {
+            vol.pool
+                .add(slot, size, area)
+                .map_err(|e| EngineError::Failed(e.to_string()))?;
+            vol.config.spares[i].hot = false;
+            Ok(())
+        });
+        if let Err(e) = joined {
             tracing::error!(volume = vol.config.name, "hot spare could not join: {e}");
             return false;
         }
