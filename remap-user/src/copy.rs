@@ -7,7 +7,6 @@ use crate::{
     dm::DeviceMapper,
     kernel::{EngineError, Kernel, Result, Watch},
     registry::Volume,
-    remap::source,
     volume::{Extent, PendingMode, Remap, SECTOR, pending_marker},
 };
 
@@ -65,7 +64,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         data: &mut [u8],
     ) -> Result<u64> {
         let g = vol.geo();
-        let (src, base) = source(vol, c, old);
+        let (src, base) = vol.source(c, old);
         let spare = &vol.spares[&dst.spare];
         let block_bytes = (g.block * SECTOR) as usize;
         let mut pending = bad;

@@ -7,7 +7,6 @@ use crate::{
     dm::DeviceMapper,
     kernel::{Kernel, Watch},
     registry::Volume,
-    remap::source,
     volume::{Geometry, Remap, SECTOR, Sector},
 };
 
@@ -52,7 +51,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         let mut plan: Vec<(u64, Option<Remap>, u64)> = Vec::new();
         for (&c, &definite) in chunks {
             let old = vol.remaps.get(c).copied();
-            let (src, base) = source(vol, c, old);
+            let (src, base) = vol.source(c, old);
             // A pending block rewritten meanwhile is data now: it moves with the chunk.
             let bad = old.map_or(0, |r| self.still_pending(vol, c, &r));
             // A chunk that reads whole is healthy: one request instead of one per block.
@@ -97,7 +96,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         };
         let mut per_dev: BTreeMap<(u32, u32), (bool, BlockDev)> = BTreeMap::new();
         for (c, old, bad) in &plan {
-            let (src, _) = source(vol, *c, *old);
+            let (src, _) = vol.source(*c, *old);
             let e = per_dev
                 .entry((src.major, src.minor))
                 .or_insert_with(|| (true, src.clone()));
@@ -117,7 +116,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         }
         if !dead.is_empty() {
             plan.retain(|(c, old, _)| {
-                let (src, _) = source(vol, *c, *old);
+                let (src, _) = vol.source(*c, *old);
                 !dead.contains(&(src.major, src.minor))
             });
         }

@@ -7,7 +7,7 @@ use crate::{
     blockdev::BlockDev,
     metadata::{Copy, Journal, VolumeConfig, codec::uuid_bytes},
     table::{self, DevRef, RemapTable},
-    volume::{Geometry, Sector},
+    volume::{Geometry, Remap, Sector},
 };
 
 /// A protected volume as the running agent knows it.
@@ -126,6 +126,14 @@ impl Volume {
             .iter()
             .find(|(_, s)| s.matches_kernel_dev(dev))
             .map(|(slot, _)| Member::Spare(*slot))
+    }
+
+    /// Where chunk `c` reads from now: its spare extent if remapped (`old`), else the main.
+    pub(crate) fn source(&self, c: u64, old: Option<Remap>) -> (&BlockDev, Sector) {
+        match old {
+            Some(r) => (&self.spares[&r.extent.spare], r.extent.start),
+            None => (&self.main, self.config.data_offset + c * self.geo().chunk),
+        }
     }
 
     /// Whether the pool's free space fell below [`HOT_SPARE_THRESHOLD`] of its open devices.

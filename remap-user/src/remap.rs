@@ -13,7 +13,7 @@ use crate::{
     metadata::{codec::JournalOp, crash_point},
     registry::Volume,
     switch::region_name,
-    volume::{Extent, Remap, SECTOR, Sector},
+    volume::{Extent, Remap, SECTOR},
 };
 
 /// What one pass of the remap path did, for logs, metrics and the caller.
@@ -70,7 +70,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         // under the suspend, never discarded; without such a write no failing read is repeated.
         let mut windows: BTreeMap<(u32, u32), (BlockDev, u64, u64)> = BTreeMap::new();
         for &c in chunks.keys() {
-            let (src, base) = source(vol, c, vol.remaps.get(c).copied());
+            let (src, base) = vol.source(c, vol.remaps.get(c).copied());
             let dc = base / g.chunk;
             let w = windows
                 .entry((src.major, src.minor))
@@ -180,7 +180,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         if !written.is_empty() {
             let mut buf = vec![0u8; block_bytes];
             for (c, old, _, bad) in moves.iter_mut() {
-                let (src, base) = source(vol, *c, *old);
+                let (src, base) = vol.source(*c, *old);
                 if *bad == 0 || !written.contains(&(src.major, src.minor)) {
                     continue;
                 }
@@ -415,13 +415,5 @@ pub(crate) fn restore(vol: &mut Volume, prior: &[(u64, Option<Remap>)]) {
             Some(o) => vol.remaps.insert(*c, *o),
             None => vol.remaps.remove(*c),
         };
-    }
-}
-
-/// Where chunk `c` reads from now: its spare extent if remapped, else the main device.
-pub(crate) fn source(vol: &Volume, c: u64, old: Option<Remap>) -> (&BlockDev, Sector) {
-    match old {
-        Some(r) => (&vol.spares[&r.extent.spare], r.extent.start),
-        None => (&vol.main, vol.config.data_offset + c * vol.geo().chunk),
     }
 }

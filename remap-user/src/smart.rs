@@ -6,14 +6,19 @@
 //! bridge that hides it) has no view: that is reported, never an error.
 use serde::{Deserialize, Serialize};
 
-use crate::health::Reason;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
     Ata,
     Scsi,
     Nvme,
+}
+
+/// One thing the drive's data says against the health score, and what it costs the score.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub penalty: u32,
+    pub why: String,
 }
 
 /// The counts remap takes from a drive's SMART data; `None` where the drive does not report one.
@@ -201,9 +206,9 @@ impl Smart {
     }
 
     /// What the drive's data says against the score, each with its reason.
-    pub fn reasons(&self) -> Vec<Reason> {
+    pub fn reasons(&self) -> Vec<Finding> {
         let mut out = Vec::new();
-        let mut add = |penalty, why: String| out.push(Reason { penalty, why });
+        let mut add = |penalty, why: String| out.push(Finding { penalty, why });
         if self.passed == Some(false) {
             add(
                 40,

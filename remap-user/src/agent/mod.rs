@@ -11,6 +11,7 @@
 pub(crate) mod dispatch;
 mod engine_loop;
 mod events;
+pub mod hook;
 mod host;
 mod hub;
 mod socket;
@@ -123,7 +124,7 @@ pub struct AgentOptions {
     /// The list of in-place mains for the udev rule ([`crate::members`]).
     pub in_place_list: Option<PathBuf>,
     /// The operator's alert hook (`--notify-exec`).
-    pub notify: Option<crate::hook::HookOptions>,
+    pub notify: Option<hook::HookOptions>,
     /// How often smartctl is asked about the main disks (`None`: never).
     pub smart_every: Option<Duration>,
 }
@@ -232,7 +233,7 @@ where
     let hook_task = opts
         .notify
         .clone()
-        .map(|h| tokio::spawn(crate::hook::run(h, hub.clone())));
+        .map(|h| tokio::spawn(hook::run(h, hub.clone())));
     let smart_task = opts
         .smart_every
         .map(|every| tokio::spawn(smart_reads(every, tx.clone())));

@@ -288,11 +288,13 @@ fn agent(a: AgentArgs) -> Result<()> {
             state_dir: a.state_dir,
             in_place_list: (a.in_place_list != std::path::Path::new("none"))
                 .then_some(a.in_place_list),
-            notify: a.notify_exec.map(|prog| remap_user::hook::HookOptions {
-                prog,
-                interval: Duration::from_secs(a.notify_interval),
-                timeout: Duration::from_secs(120),
-            }),
+            notify: a
+                .notify_exec
+                .map(|prog| remap_user::agent::hook::HookOptions {
+                    prog,
+                    interval: Duration::from_secs(a.notify_interval),
+                    timeout: Duration::from_secs(120),
+                }),
             smart_every: (a.smart_minutes > 0).then(|| Duration::from_secs(a.smart_minutes * 60)),
         },
         dm,

@@ -1720,3 +1720,41 @@ fn a_main_mounted_raw_is_not_assembled() {
     b.io.set_in_use(SIM, MAIN, None);
     assert_eq!(b.engine.assemble(None)[0].outcome, "created");
 }
+
+#[test]
+fn a_configuration_change_that_cannot_be_recorded_changes_nothing() {
+    let mut r = rig(SimDm::new());
+    r.create().unwrap();
+    r.engine.remap_add("v", 80, 8).unwrap();
+    r.io.add_disk("/sim/s3", SIM, 3, 24 * MIB, 512);
+    let before = r.status();
+    let pool_before = r.watch.pool.borrow().clone();
+    // The new spare's old metadata cannot be wiped: refused before anything is recorded.
+    r.io.fail_writes(SIM, 3, 0..1 << 20);
+    let e = r.engine.spare_add("v", Path::new("/sim/s3")).unwrap_err();
+    assert_eq!(e.code_for_test(), exit::ERROR, "{e}");
+    assert_eq!(r.status(), before, "the pool holds no device for the spare");
+    r.io.heal(SIM, 3, 0..1 << 20);
+    // No copy takes the checkpoint that records a change (a new spare's own copy would: a
+    // commit that reaches one copy goes forward): the volume is as it was.
+    let area = 64 << 20;
+    r.io.fail_writes(SIM, S1, 0..area);
+    r.io.fail_writes(SIM, S2, 0..area);
+    for res in [
+        r.engine
+            .spare_remove("v", Path::new("/sim/s2"))
+            .map(|v| v.j()),
+        r.engine
+            .spare_migrate("v", Path::new("/sim/s1"))
+            .map(|v| v.j()),
+    ] {
+        let e = res.unwrap_err();
+        assert_eq!(e.code_for_test(), exit::ERROR, "{e}");
+        assert_eq!(r.status(), before, "{e}");
+    }
+    assert_eq!(*r.watch.pool.borrow(), pool_before, "nothing new mirrored");
+    r.io.heal(SIM, S1, 0..area);
+    r.io.heal(SIM, S2, 0..area);
+    r.engine.spare_add("v", Path::new("/sim/s3")).unwrap();
+    assert_eq!(r.status()["pool"]["devices"].as_array().unwrap().len(), 3);
+}
