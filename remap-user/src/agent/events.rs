@@ -9,6 +9,7 @@ use crate::{
     control::Event,
     dm::DeviceMapper,
     engine::{Engine, RemapReport, Watch},
+    registry::{Member, owners},
 };
 
 /// LBAs listed in one remap event (a batch can move thousands of chunks; the count is exact).
@@ -46,23 +47,21 @@ pub(super) fn name_event<D: DeviceMapper, I: BlockIo, W: Watch>(
     engine: &Engine<D, I, W>,
     ev: &ErrorEvent,
 ) -> Named {
-    for v in engine.volumes() {
-        if v.main.matches_kernel_dev(ev.dev) {
-            return Named {
+    if let Some((v, member)) = owners(engine.volumes(), ev.dev).next() {
+        return match member {
+            Member::Main => Named {
                 volume: Some(v.config.name.clone()),
                 device: v.main.path.display().to_string(),
                 // The volume's chunk (its data sits after the header on the main); none
                 // when the sector is in the header's room.
                 main_chunk: Some(v.main_chunks(ev.sector, 1).next()),
-            };
-        }
-        if let Some(s) = v.spares.values().find(|s| s.matches_kernel_dev(ev.dev)) {
-            return Named {
+            },
+            Member::Spare(slot) => Named {
                 volume: Some(v.config.name.clone()),
-                device: s.path.display().to_string(),
+                device: v.spares[&slot].path.display().to_string(),
                 main_chunk: None,
-            };
-        }
+            },
+        };
     }
     let (ma, mi) = split_kernel_dev(ev.dev);
     Named {

@@ -5,7 +5,7 @@ use std::{collections::BTreeSet, path::Path};
 use super::{Engine, EngineError, Kernel, Result, Volume, Watch, failed, views};
 use crate::{
     allocate::{Pool, PoolError},
-    blockdev::BlockIo,
+    blockdev::{BlockDev, BlockIo},
     dm::DeviceMapper,
     engine::lifecycle::new_uuid,
     metadata::{SpareRecord, crash_point},
@@ -16,10 +16,8 @@ use crate::{
 pub(crate) const MIGRATE_BATCH: usize = 256;
 
 impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
-    /// Moves every chunk off a spare to the rest of the pool, batch by batch (each a normal,
-    /// crash-safe remap), then removes it. Safe to run again after a crash: the spare stays
-    /// marked draining in the metadata until it is empty.
-    pub fn spare_migrate(&mut self, name: &str, path: &Path) -> Result<views::Migrated> {
+    /// The volume `name`, and the slot and device of its spare at `path`.
+    fn spare_of(&self, name: &str, path: &Path) -> Result<(&Volume, u32, BlockDev)> {
         let vol = self.volume(name)?;
         let dev = self
             .k
@@ -29,6 +27,14 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let slot = vol.spare_slot(&dev).ok_or_else(|| {
             EngineError::NotFound(format!("{} is not a spare of `{name}`", path.display()))
         })?;
+        Ok((vol, slot, dev))
+    }
+
+    /// Moves every chunk off a spare to the rest of the pool, batch by batch (each a normal,
+    /// crash-safe remap), then removes it. Safe to run again after a crash: the spare stays
+    /// marked draining in the metadata until it is empty.
+    pub fn spare_migrate(&mut self, name: &str, path: &Path) -> Result<views::Migrated> {
+        let (vol, slot, _) = self.spare_of(name, path)?;
         let others = vol.config.spares.iter().filter(|s| s.slot != slot).count();
         if others == 0 {
             return Err(EngineError::Refused(format!(
@@ -139,15 +145,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     }
 
     pub fn spare_remove(&mut self, name: &str, path: &Path) -> Result<views::PoolView> {
-        let vol = self.volume(name)?;
-        let dev = self
-            .k
-            .io
-            .open(path)
-            .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        let slot = vol.spare_slot(&dev).ok_or_else(|| {
-            EngineError::NotFound(format!("{} is not a spare of `{name}`", path.display()))
-        })?;
+        let (vol, slot, _) = self.spare_of(name, path)?;
         if vol.spares.len() == 1 {
             return Err(EngineError::Refused(format!(
                 "{} is the last spare of `{name}`, which keeps its metadata: add another spare first",

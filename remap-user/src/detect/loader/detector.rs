@@ -144,27 +144,7 @@ impl Detector {
                 })?;
         }
 
-        let prog: &mut TracePoint = det
-            .ebpf
-            .program_mut(program)
-            .ok_or_else(|| DetectError::Io {
-                what: format!("eBPF object has no program {program}"),
-                source: io::ErrorKind::NotFound.into(),
-            })?
-            .try_into()
-            .map_err(|source| DetectError::Program {
-                what: format!("{program} is not a tracepoint program"),
-                source,
-            })?;
-        prog.load().map_err(|source| DetectError::Program {
-            what: format!("the kernel refused the {program} program"),
-            source,
-        })?;
-        prog.attach("block", tracepoint)
-            .map_err(|source| DetectError::Program {
-                what: format!("attaching to block:{tracepoint}"),
-                source,
-            })?;
+        det.attach_tp(program, tracepoint)?;
         let slow = match (req_layout, cfg.slow_threshold) {
             (Some(_), _) => {
                 det.attach_done_btf()?;
