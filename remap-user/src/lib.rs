@@ -96,3 +96,7 @@ pub mod render;
 
 // Filesystem, volume manager and partition signatures.
 pub mod signature;
+
+// The engine on simulated devices, for the unit tests.
+#[cfg(test)]
+pub(crate) mod testkit;

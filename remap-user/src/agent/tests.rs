@@ -27,8 +27,9 @@ use crate::{
     blockdev::{BlockDev, SimIo},
     control::{Event, MAX_REQUEST_BYTES, exit},
     dm::SimDm,
-    engine::{Watch, tests::Json as _},
+    engine::Watch,
     render::VolumeMap,
+    testkit::Json as _,
 };
 
 const SIM: u32 = 240;
@@ -743,8 +744,8 @@ fn a_second_agent_is_refused_by_the_machine_lock_and_told_who_holds_it() {
 #[test]
 fn a_volume_down_for_a_missing_spare_comes_up_when_it_appears_and_a_member_gone_is_a_path_fault() {
     use crate::{
-        engine::tests::{MAIN, S2, SIM, rig},
         hotplug::Batch,
+        testkit::{MAIN, S2, SIM, rig},
     };
     let appeared = Batch {
         appeared: true,

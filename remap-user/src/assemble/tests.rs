@@ -3,22 +3,19 @@
 use std::{path::Path, sync::Arc};
 
 use super::*;
-use crate::engine::tests::Json as _;
+use crate::testkit::{Json as _, MAIN, MIB, S1, S2, SIM, SimWatch, golden, rig};
 use crate::{
     allocate::Policy,
     blockdev::{BlockDev, DevIdentity},
     dm::{DeviceMapper as _, SimDm},
-    engine::{
-        region_name,
-        tests::{MAIN, MIB, S1, S2, SIM, SimWatch, golden, rig},
-    },
+    engine::region_name,
     metadata::{self, Copy, Journal, Layout, SpareRecord, VolumeConfig, codec::uuid_bytes},
     table::RemapTable,
     volume::{Extent, Geometry, Remap, UnreadablePolicy},
 };
 
 /// Assembly refused the volume, saying `phrase`, and created no device.
-fn assert_refused_and_nothing_made(b: &crate::engine::tests::Rig, rep: &[Assembled], phrase: &str) {
+fn assert_refused_and_nothing_made(b: &crate::testkit::Rig, rep: &[Assembled], phrase: &str) {
     assert_eq!(rep[0].outcome, "refused", "{rep:?}");
     assert!(rep[0].notes.iter().any(|n| n.contains(phrase)), "{rep:?}");
     assert!(b.dm.list("").unwrap().is_empty(), "nothing created");
@@ -129,7 +126,7 @@ fn a_clean_restart_writes_no_checkpoint_and_the_journal_goes_on() {
         [S1, S2].map(|m| io.peek(SIM, m, 0, j.layout.area_bytes as usize).unwrap())
     };
     let before = area(&a.io);
-    let reboot = |r: &crate::engine::tests::Rig| {
+    let reboot = |r: &crate::testkit::Rig| {
         let mut b = r.restart();
         b.dm = Arc::new(SimDm::new());
         b.engine = crate::engine::Engine::new(b.dm.clone(), b.io.clone(), SimWatch::default());
@@ -164,7 +161,7 @@ fn sim(minor: u32) -> BlockDev {
 }
 
 /// A rebooted machine: the disks as they are, no device-mapper devices, no agent.
-fn rebooted(a: &crate::engine::tests::Rig) -> crate::engine::tests::Rig {
+fn rebooted(a: &crate::testkit::Rig) -> crate::testkit::Rig {
     let mut b = a.restart();
     b.dm = Arc::new(SimDm::new());
     b.engine = crate::engine::Engine::new(b.dm.clone(), b.io.clone(), SimWatch::default());
@@ -173,13 +170,7 @@ fn rebooted(a: &crate::engine::tests::Rig) -> crate::engine::tests::Rig {
 
 /// Writes onto a new disk `minor` a copy of `v`'s metadata that claims `members` (slot,
 /// device UUID byte) at generation `generation`, as a crafted USB stick would.
-fn forge(
-    a: &crate::engine::tests::Rig,
-    minor: u32,
-    slot: u32,
-    members: &[(u32, u8)],
-    generation: u64,
-) {
+fn forge(a: &crate::testkit::Rig, minor: u32, slot: u32, members: &[(u32, u8)], generation: u64) {
     a.io.add_disk(&format!("/sim/x{minor}"), SIM, minor, 24 * MIB, 512);
     let s1 = BlockDev {
         path: "/sim/s1".into(),
@@ -229,7 +220,7 @@ fn forge(
     );
 }
 
-fn uuid_byte_of(a: &crate::engine::tests::Rig, minor: u32) -> u8 {
+fn uuid_byte_of(a: &crate::testkit::Rig, minor: u32) -> u8 {
     let d = BlockDev {
         path: "/sim/any".into(),
         major: SIM,

@@ -13,7 +13,8 @@ use crate::{
     blockdev::SimIo,
     control::exit,
     dm::SimDm,
-    engine::{Engine, Volume, tests::SimWatch},
+    engine::{Engine, Volume},
+    testkit::SimWatch,
 };
 
 const SIM: u32 = 240;
@@ -247,7 +248,7 @@ type Rig = (Engine<Arc<SimDm>, Arc<SimIo>, SimWatch>, Arc<SimIo>);
 
 /// The engine tests' volume `v`: a 64 MiB main device (minor 0), two 24 MiB spares.
 fn rig() -> Rig {
-    let mut r = crate::engine::tests::rig(SimDm::new());
+    let mut r = crate::testkit::rig(SimDm::new());
     r.create().unwrap();
     (r.engine, r.io)
 }
