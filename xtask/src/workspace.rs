@@ -24,7 +24,7 @@ pub fn build_host_bins() -> Result<PathBuf> {
             "--package",
             "remap-tests",
             "--features",
-            "remap-tests/flushcheck",
+            "remap-tests/product",
             "--bins",
         ])
         .current_dir(root())

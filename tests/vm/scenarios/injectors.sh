@@ -1,7 +1,9 @@
 #!/bin/sh
-# The fault injectors, checked against the kernel's own block_rq_error tracepoint (no remap
-# code involved): exact sector, size and errno for each.
-#vm: cases nullb-eio nullb-runtime-badblocks scsi-enodata blkdebug-eio
+# The kernel parts remap stands on, checked without its engine: the fault injectors against the
+# kernel's own block_rq_error tracepoint (exact sector, size and errno for each), and the
+# device-mapper boundary (dmsmoke: the kernel's answers, errors and holders as remap reads them).
+#vm: cases nullb-eio nullb-runtime-badblocks scsi-enodata blkdebug-eio dm-boundary
+#vm: needs dmsmoke
 #vm: disk bad 16M inject=read_aio:5:1000
 #vm: timeout 240
 . /vm/lib.sh
@@ -39,4 +41,12 @@ if dio-read "$sd" 4096 8 2>/dev/null; then fail scsi-enodata "read of a medium e
 : >$T/trace
 vd=$(vmdisk bad)
 if dio-read "$vd" 1000 8 2>/dev/null; then fail blkdebug-eio "read of sector 1000 succeeded"; else traced blkdebug-eio "$vd" 1000 8 5; fi
+
+# Every check dmsmoke makes on a scratch device it overwrites: one PASS or FAIL line each.
+scratch=$(nullb create --size 16)
+if dmsmoke "$scratch" >/tmp/smoke 2>&1 && grep -q '^RESULT PASS' /tmp/smoke; then
+    pass dm-boundary "$(grep -c '^PASS' /tmp/smoke) checks"
+else
+    fail dm-boundary "$(grep -E '^(FAIL|RESULT)' /tmp/smoke | head -5 | tr '\n' ' ')"
+fi
 exit 0

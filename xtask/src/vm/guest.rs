@@ -4,9 +4,9 @@ use anyhow::{Context as _, Result, bail};
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The binaries the guest gets: remap-user's, and the flush-point writer and checker of the
-/// tests (which `host-check` also runs on the host).
-pub const GUEST_BINS: &[&str] = &["remapd", "remapctl", "flushcheck"];
+/// The binaries the guest gets: remap-user's, and the tests' device-mapper boundary check and
+/// flush-point writer and checker (which `host-check` also runs on the host).
+pub const GUEST_BINS: &[&str] = &["remapd", "remapctl", "flushcheck", "dmsmoke"];
 
 const TRIPLE: &str = "x86_64-unknown-linux-gnu";
 
@@ -44,9 +44,11 @@ pub fn build(paths: &Paths) -> Result<GuestBins> {
             "remapctl",
             "--bin",
             "flushcheck",
+            "--bin",
+            "dmsmoke",
             // libdevmapper is only needed for its headers; a static link must not ask for it.
             "--features",
-            "remap-user/static,remap-tests/flushcheck",
+            "remap-user/static,remap-tests/product",
         ])
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .output()

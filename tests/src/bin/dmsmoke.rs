@@ -1,5 +1,5 @@
 //! Exercises the real device-mapper boundary on a scratch block device whose contents it
-//! overwrites: `dm_smoke /dev/loop0 [DEV...]` (the extra devices only get their identity
+//! overwrites: `dmsmoke /dev/loop0 [DEV...]` (the extra devices only get their identity
 //! printed). Prints one PASS/FAIL line per check and exits non-zero if any failed.
 use std::{
     path::{Path, PathBuf},
@@ -38,7 +38,7 @@ fn expect(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
 fn main() -> ExitCode {
     let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
     let Some(scratch) = args.first() else {
-        eprintln!("usage: dm_smoke SCRATCH_BLOCK_DEVICE [DEV...]");
+        eprintln!("usage: dmsmoke SCRATCH_BLOCK_DEVICE [DEV...]");
         return ExitCode::from(2);
     };
     for p in &args[1..] {
@@ -69,11 +69,11 @@ fn main() -> ExitCode {
         println!("FAIL aborted: {e:#}");
     }
     // Never leave the device behind, whatever failed.
-    if let Ok(dm) = Dm::new() {
-        if dm.info(NAME).is_ok() {
-            let _ = dm.resume(NAME);
-            let _ = dm.remove(NAME);
-        }
+    if let Ok(dm) = Dm::new()
+        && dm.info(NAME).is_ok()
+    {
+        let _ = dm.resume(NAME);
+        let _ = dm.remove(NAME);
     }
     if r.failed == 0 {
         println!("RESULT PASS");
