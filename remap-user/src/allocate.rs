@@ -150,6 +150,32 @@ impl Pool {
     pub fn contains(&self, slot: u32) -> bool {
         self.spares.contains_key(&slot)
     }
+    /// Allocate, the step: an extent for each chunk of `plan` (in chunk order, with what the
+    /// caller carries along), each asked for after its neighbour's (the one placed just before,
+    /// or the extent `remapped(chunk - 1)` already has) so that the contiguous policy keeps
+    /// neighbours together. Returns the placed chunks and those that did not fit.
+    pub fn place<T>(
+        &mut self,
+        plan: impl IntoIterator<Item = (u64, T)>,
+        remapped: impl Fn(u64) -> Option<Extent>,
+    ) -> (Vec<(u64, T, Extent)>, Vec<u64>) {
+        let (mut placed, mut exhausted) = (Vec::new(), Vec::new());
+        let mut prev: Option<(u64, Extent)> = None;
+        for (c, carried) in plan {
+            let after = match prev {
+                Some((pc, e)) if pc + 1 == c => Some(e),
+                _ => c.checked_sub(1).and_then(&remapped),
+            };
+            match self.allocate(after) {
+                Ok(e) => {
+                    prev = Some((c, e));
+                    placed.push((c, carried, e));
+                }
+                Err(_) => exhausted.push(c),
+            }
+        }
+        (placed, exhausted)
+    }
 
     /// Hands out one extent; `after` is the extent of the chunk just before, if remapped.
     pub fn allocate(&mut self, after: Option<Extent>) -> Result<Extent, PoolError> {
@@ -369,6 +395,33 @@ mod tests {
         p.add(0, 2048 + 10 * CHUNK, 2048).unwrap();
         p.add(1, 2048 + 100 * CHUNK, 2048).unwrap();
         p
+    }
+
+    #[test]
+    fn placed_neighbours_land_next_to_each_other_and_what_does_not_fit_is_named() {
+        let mut p = Pool::new(CHUNK, Policy::Contiguous);
+        p.add(0, 2048 + 6 * CHUNK, 2048).unwrap();
+        let at = |i: u64| 2048 + i * CHUNK;
+        // Chunk 30 is remapped at the third extent; the second is free again.
+        let _ = p.allocate(None).unwrap();
+        let second = p.allocate(None).unwrap();
+        let thirty = p.allocate(None).unwrap();
+        p.release(second).unwrap();
+        let plan = [(31, 'a'), (32, 'b'), (40, 'c'), (41, 'd'), (42, 'e')];
+        let (placed, exhausted) = p.place(plan, |c| (c == 30).then_some(thirty));
+        let got: Vec<(u64, char, Sector)> =
+            placed.iter().map(|(c, t, e)| (*c, *t, e.start)).collect();
+        assert_eq!(
+            got,
+            [
+                (31, 'a', at(3)),
+                (32, 'b', at(4)),
+                (40, 'c', at(1)),
+                (41, 'd', at(5))
+            ],
+            "31 after 30's extent (not in the first free one), 32 after 31, 40 where it fits"
+        );
+        assert_eq!(exhausted, [42], "the pool held six chunks");
     }
 
     #[test]

@@ -90,26 +90,17 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
 
         let plan = self.locate(vol, &chunks, seen);
         let plan = self.without_path_faults(vol, plan, seen);
+        let plan = plan.into_iter().map(|(c, old, bad)| (c, (old, bad)));
 
         // Allocate, in chunk order so neighbours can land next to each other.
-        let mut moves: Vec<(u64, Option<Remap>, Extent, u64)> = Vec::new();
-        let mut prev: Option<(u64, Extent)> = None;
-        for (c, old, bad) in plan {
-            let after = match prev {
-                Some((pc, e)) if pc + 1 == c => Some(e),
-                _ => c
-                    .checked_sub(1)
-                    .and_then(|p| vol.remaps.get(p))
-                    .map(|r| r.extent),
-            };
-            match vol.pool.allocate(after) {
-                Ok(e) => {
-                    prev = Some((c, e));
-                    moves.push((c, old, e, bad));
-                }
-                Err(_) => report.exhausted.push(c),
-            }
-        }
+        let (moves, exhausted) = vol
+            .pool
+            .place(plan, |c| vol.remaps.get(c).map(|r| r.extent));
+        report.exhausted = exhausted;
+        let mut moves: Vec<(u64, Option<Remap>, Extent, u64)> = moves
+            .into_iter()
+            .map(|(c, (old, bad), e)| (c, old, e, bad))
+            .collect();
         if !report.exhausted.is_empty() {
             tracing::error!(
                 volume = vol.config.name,
