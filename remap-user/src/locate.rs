@@ -124,9 +124,38 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     }
 }
 
+/// Reads `data` from `src` at byte `at` piece by piece (`piece` bytes each), each piece up to
+/// `tries` times, leaving out the pieces `skip` names; `attempt` is told of every read. The one
+/// read loop of locate, copy and the scrub. Returns the pieces that could not be read.
+pub(crate) fn read_pieces(
+    io: &(impl BlockIo + ?Sized),
+    src: &BlockDev,
+    at: u64,
+    data: &mut [u8],
+    (piece, tries): (usize, u32),
+    skip: impl Fn(usize) -> bool,
+    mut attempt: impl FnMut(),
+) -> Vec<usize> {
+    let mut failed = Vec::new();
+    for (i, buf) in data.chunks_mut(piece).enumerate() {
+        if skip(i) {
+            continue;
+        }
+        let off = at + (i * piece) as u64;
+        let ok = (0..tries).any(|_| {
+            attempt();
+            io.read_at(src, off, buf).is_ok()
+        });
+        if !ok {
+            failed.push(i);
+        }
+    }
+    failed
+}
+
 /// Reads a chunk at `base` on `src` block by block into `data` (chunk-sized), each block up to
-/// [`READ_TRIES`] times, skipping the blocks in `skip`: the one read loop of locate and copy.
-/// Returns `skip` with the blocks that could not be read added.
+/// [`READ_TRIES`] times, skipping the blocks in `skip`. Returns `skip` with the blocks that
+/// could not be read added.
 pub(crate) fn read_blocks(
     io: &impl BlockIo,
     src: &BlockDev,
@@ -136,15 +165,15 @@ pub(crate) fn read_blocks(
     data: &mut [u8],
 ) -> u64 {
     let block_bytes = (g.block * SECTOR) as usize;
-    let mut bad = skip;
-    for (b, buf) in data.chunks_mut(block_bytes).enumerate() {
-        if bad & (1 << b) != 0 {
-            continue;
-        }
-        let off = (base + b as u64 * g.block) * SECTOR;
-        if !(0..READ_TRIES).any(|_| io.read_at(src, off, buf).is_ok()) {
-            bad |= 1 << b;
-        }
-    }
-    bad
+    read_pieces(
+        io,
+        src,
+        base * SECTOR,
+        data,
+        (block_bytes, READ_TRIES),
+        |b| skip & (1 << b) != 0,
+        || {},
+    )
+    .into_iter()
+    .fold(skip, |bad, b| bad | 1 << b)
 }

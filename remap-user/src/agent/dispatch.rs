@@ -19,10 +19,15 @@ pub(crate) fn exit_code(e: &EngineError) -> i32 {
     }
 }
 
+/// Whether a caller may make a call: one that changes volumes needs root.
+pub(crate) fn may(mutates: bool, uid: u32) -> bool {
+    !mutates || uid == 0
+}
+
 /// A mutating call from anyone but root is refused. Checked where each call is served, so a
 /// caller that reaches the engine by some other path still cannot change anything.
 pub(crate) fn permitted(mutates: bool, uid: u32) -> Result<(), Response> {
-    if mutates && uid != 0 {
+    if !may(mutates, uid) {
         return Err(Response::err(
             exit::REFUSED,
             "permission denied: this command changes volumes and needs root",

@@ -189,7 +189,7 @@ where
             }
         };
         let cmd = call.cmd();
-        if call.mutates() && uid != 0 {
+        if !super::dispatch::may(call.mutates(), uid) {
             tracing::warn!(uid, cmd, "refused a changing call from a non-root caller");
             let resp = Response::err(
                 exit::REFUSED,

@@ -88,16 +88,21 @@ impl Scanner {
             .is_err()
         {
             let chunk = self.chunk as usize;
-            for (i, buf) in self.buf.chunks_mut(chunk).enumerate() {
-                let off = range.start + (i * chunk) as u64;
-                let ok = (0..CHUNK_TRIES).any(|_| {
-                    step.sectors += self.chunk / SECTOR;
-                    io.read_at(&self.dev, self.base + off, buf).is_ok()
-                });
-                if !ok {
-                    step.bad.push(off / self.chunk);
-                }
-            }
+            let sectors = &mut step.sectors;
+            let per_try = self.chunk / SECTOR;
+            let failed = crate::locate::read_pieces(
+                io,
+                &self.dev,
+                self.base + range.start,
+                &mut self.buf,
+                (chunk, CHUNK_TRIES),
+                |_| false,
+                || *sectors += per_try,
+            );
+            step.bad = failed
+                .into_iter()
+                .map(|i| (range.start + (i * chunk) as u64) / self.chunk)
+                .collect();
         }
         self.position = range.end;
         Some(step)
