@@ -118,9 +118,17 @@ if [ "$mode" = error-reads ]; then
     j=$(remapctl files "$VOL" --json)
     pend=$(json_num "$(status)" pending)
     umount /mnt/vf
+    # /f2's block is data again; /dir's and the free one stay pending (nothing writes them).
+    # The inode table block may go too: ext4 writes /f2's inode (its mtime) back in place when
+    # it checkpoints its journal, which can come before these reads.
     case "$j" in
     *'"path":"/f2"'*) fail rewrite-clears "/f2 still listed after its block was rewritten: $j" ;;
-    *'"path":"/dir"'*) expect_eq rewrite-clears "pending blocks" 3 "$pend" && pass rewrite-clears ;;
+    *'"path":"/dir"'*'"owner":"free"'* | *'"owner":"free"'*'"path":"/dir"'*)
+        case "$pend" in
+        3 | 2) pass rewrite-clears "$pend pending blocks left: $j" ;;
+        *) fail rewrite-clears "pending blocks: expected 3 (2 once ext4 rewrote the inode table block), got '$pend': $j" ;;
+        esac
+        ;;
     *) fail rewrite-clears "the others are gone too: $j" ;;
     esac
     # The status map's count follows (named again for the blocks pending now; ext4 may have
