@@ -162,7 +162,17 @@ impl Rig {
         }
     }
 
+    /// Volume `v` in place on the main (its data from sector 0), on both spares.
     pub(crate) fn create(&mut self) -> Result<Value> {
+        self.create_as(true)
+    }
+
+    /// Volume `v` with remap's header on the main (its data after the header).
+    pub(crate) fn create_with_header(&mut self) -> Result<Value> {
+        self.create_as(false)
+    }
+
+    fn create_as(&mut self, in_place: bool) -> Result<Value> {
         self.engine
             .create(
                 "v",
@@ -171,7 +181,7 @@ impl Rig {
                 4096,
                 16 * MIB,
                 Policy::FirstFit,
-                true,
+                in_place,
                 UnreadablePolicy::Error,
             )
             .map(|v| v.j())

@@ -1245,21 +1245,6 @@ fn stop_removes_volume_then_regions() {
 // The member header: the volume's data after it on the main.
 
 impl Rig {
-    pub(crate) fn create_with_header(&mut self) -> Result<Value> {
-        self.engine
-            .create(
-                "v",
-                Path::new("/sim/main"),
-                &["/sim/s1".into(), "/sim/s2".into()],
-                4096,
-                16 * MIB,
-                Policy::FirstFit,
-                false,
-                UnreadablePolicy::Error,
-            )
-            .map(|v| v.j())
-    }
-
     /// A reboot: the kernel forgets every device, the disks keep their contents.
     fn reboot(&self) -> Rig {
         let mut b = self.restart();
