@@ -74,6 +74,9 @@ struct TestArgs {
     /// Full trial counts for the crash and power-cut scenarios (much longer).
     #[arg(long)]
     soak: bool,
+    /// VM guests booted at once (each takes one core); the machine's cores when absent.
+    #[arg(long)]
+    jobs: Option<usize>,
 }
 
 fn main() {
@@ -119,6 +122,9 @@ fn run(cli: Cli) -> Result<i32> {
                 kernels: t.kernel,
                 scenario: t.scenario,
                 soak: t.soak,
+                jobs: t
+                    .jobs
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             })?;
             println!("{}", tally.line());
             Ok(i32::from(tally.failed > 0 || tally.ci_refused()))

@@ -148,6 +148,7 @@ pub struct TestOpts {
     pub kernels: Vec<String>,
     pub scenario: Option<String>,
     pub soak: bool,
+    pub jobs: usize,
 }
 
 pub fn run(o: &TestOpts) -> Result<Tally> {
@@ -219,6 +220,7 @@ fn run_tiers(o: &TestOpts) -> Result<Tally> {
             scenario: o.scenario.clone(),
             force_vm: o.vm_only,
             soak: o.soak,
+            jobs: o.jobs,
         })?;
         total.add(Tally {
             passed: s.passed,

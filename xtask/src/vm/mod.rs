@@ -20,6 +20,7 @@ use guest::GuestBins;
 use kernel::Kernel;
 use qemu::{Console, DiskSpec, End};
 use scenario::{Scenario, Verdict};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -65,6 +66,8 @@ pub struct ScenarioOpts {
     pub force_vm: bool,
     /// Full trial counts (`#vm: repeat N SOAK`, and VM_SOAK=1 for scripts that loop).
     pub soak: bool,
+    /// Guests booted at once.
+    pub jobs: usize,
 }
 
 #[derive(Default)]
@@ -410,41 +413,38 @@ pub fn run_scenarios(o: &ScenarioOpts) -> Result<Summary> {
         "prepared in {:.1}s",
         started.elapsed().as_secs_f64()
     ));
-    for (label, prepared) in &lab.kernels {
-        for s in &scenarios {
-            let verdicts = match prepared {
-                Ok((k, base)) => run_scenario(&lab, k, base, s, o.soak),
-                Err(e) => {
-                    let why = format!("guest kernel {label} unavailable: {e:#}");
-                    s.spec
-                        .cases
-                        .iter()
-                        .map(|c| (c.clone(), Verdict::Fail(why.clone())))
-                        .collect()
-                }
-            };
-            for (case, v) in verdicts {
-                match v {
-                    Verdict::Pass(note) if note.is_empty() => {
-                        println!("PASS {label}/{}/{case}", s.name);
-                        sum.passed += 1;
-                    }
-                    Verdict::Pass(note) => {
-                        println!("PASS {label}/{}/{case} ({note})", s.name);
-                        sum.passed += 1;
-                    }
-                    Verdict::Fail(why) => {
-                        println!("FAIL {label}/{}/{case}: {why}", s.name);
-                        sum.failed += 1;
-                    }
-                    Verdict::Skip(why) => {
-                        println!("SKIPPED {label}/{}/{case}: {why}", s.name);
-                        sum.skipped += 1;
-                    }
-                }
-            }
-        }
+    // One guest per core: each runs its vCPUs on one host thread (see qemu::run), so two
+    // scenarios at once take the two cores a single run leaves half idle. The queue hands out
+    // (kernel, scenario) pairs in order; a scenario's boots stay in sequence on their disks.
+    let queue: Vec<_> = scenarios
+        .iter()
+        .flat_map(|s| lab.kernels.iter().map(move |(label, k)| (label, k, s)))
+        .collect();
+    let jobs = o.jobs.clamp(1, queue.len().max(1));
+    if jobs > 1 {
+        step(&format!("{jobs} guests at a time"));
     }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let tally = std::sync::Mutex::new(Summary::default());
+    std::thread::scope(|sc| {
+        for _ in 0..jobs {
+            sc.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&(label, prepared, s)) = queue.get(i) else {
+                        break;
+                    };
+                    let verdicts = match prepared {
+                        Ok((k, base)) => run_scenario(&lab, k, base, s, o.soak),
+                        Err(e) => fail_all(s, &format!("guest kernel {label} unavailable: {e:#}")),
+                    };
+                    let mut sum = tally.lock().unwrap_or_else(|e| e.into_inner());
+                    report(label, s, verdicts, &mut sum);
+                }
+            });
+        }
+    });
+    sum = tally.into_inner().unwrap_or_else(|e| e.into_inner());
     step(&format!(
         "VM scenarios: {} passed, {} failed, {} skipped in {:.1}s",
         sum.passed,
@@ -453,6 +453,40 @@ pub fn run_scenarios(o: &ScenarioOpts) -> Result<Summary> {
         started.elapsed().as_secs_f64()
     ));
     Ok(sum)
+}
+
+fn fail_all(s: &Scenario, why: &str) -> Vec<(String, Verdict)> {
+    s.spec
+        .cases
+        .iter()
+        .map(|c| (c.clone(), Verdict::Fail(why.to_string())))
+        .collect()
+}
+
+/// Prints one line per case of a finished scenario and counts it.
+fn report(label: &str, s: &Scenario, verdicts: Vec<(String, Verdict)>, sum: &mut Summary) {
+    let mut out = std::io::stdout().lock();
+    for (case, v) in verdicts {
+        let line = match v {
+            Verdict::Pass(note) if note.is_empty() => {
+                sum.passed += 1;
+                format!("PASS {label}/{}/{case}", s.name)
+            }
+            Verdict::Pass(note) => {
+                sum.passed += 1;
+                format!("PASS {label}/{}/{case} ({note})", s.name)
+            }
+            Verdict::Fail(why) => {
+                sum.failed += 1;
+                format!("FAIL {label}/{}/{case}: {why}", s.name)
+            }
+            Verdict::Skip(why) => {
+                sum.skipped += 1;
+                format!("SKIPPED {label}/{}/{case}: {why}", s.name)
+            }
+        };
+        let _ = writeln!(out, "{line}");
+    }
 }
 
 /// One `SKIPPED kernel/scenario/case: why` line per case that cannot run.
