@@ -99,6 +99,22 @@ pub enum Request {
     Health {
         name: String,
     },
+    /// Starts moving the volume onto `to` (a new main) while it serves; `rate` in bytes a
+    /// second, 0 for no limit.
+    Evacuate {
+        name: String,
+        to: PathBuf,
+        #[serde(default)]
+        rate: u64,
+    },
+    /// Where the evacuation is.
+    EvacuateStatus {
+        name: String,
+    },
+    /// Takes the evacuation back: every chunk returns to the old main.
+    EvacuateAbort {
+        name: String,
+    },
 }
 
 /// Calls that the agent answers itself rather than the engine: views over its state and the
@@ -201,6 +217,9 @@ const ENGINE_CMDS: &[&str] = &[
     "remap-list",
     "pending",
     "health",
+    "evacuate",
+    "evacuate-status",
+    "evacuate-abort",
 ];
 const AGENT_CMDS: &[&str] = &[
     "events",
@@ -328,6 +347,18 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         files: Vec<String>,
     },
+    /// An evacuation started, ended, or crossed a tenth of the way.
+    Evacuation {
+        time_ms: u64,
+        volume: String,
+        /// "started", "progress", "done", "aborting", "aborted", "error".
+        what: String,
+        target: String,
+        done_bytes: u64,
+        total_bytes: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
     /// A subscriber read too slowly and missed this many events.
     Lagged { missed: u64 },
 }
@@ -346,6 +377,9 @@ impl Request {
             Self::RemapList { .. } => "remap-list",
             Self::Pending { .. } => "pending",
             Self::Health { .. } => "health",
+            Self::Evacuate { .. } => "evacuate",
+            Self::EvacuateStatus { .. } => "evacuate-status",
+            Self::EvacuateAbort { .. } => "evacuate-abort",
         }
     }
 
@@ -358,6 +392,8 @@ impl Request {
                 | Self::SpareAdd { .. }
                 | Self::SpareRemove { .. }
                 | Self::RemapAdd { .. }
+                | Self::Evacuate { .. }
+                | Self::EvacuateAbort { .. }
         )
     }
 }
@@ -458,6 +494,13 @@ mod tests {
             Request::RemapList { name: name() },
             Request::Pending { name: name() },
             Request::Health { name: name() },
+            Request::Evacuate {
+                name: name(),
+                to: "/dev/d".into(),
+                rate: 1 << 20,
+            },
+            Request::EvacuateStatus { name: name() },
+            Request::EvacuateAbort { name: name() },
         ];
         // Exhaustive on purpose: adding a variant fails to compile until it is listed above.
         for r in &all {
@@ -471,7 +514,10 @@ mod tests {
                 | Request::RemapAdd { .. }
                 | Request::RemapList { .. }
                 | Request::Pending { .. }
-                | Request::Health { .. } => {}
+                | Request::Health { .. }
+                | Request::Evacuate { .. }
+                | Request::EvacuateStatus { .. }
+                | Request::EvacuateAbort { .. } => {}
             }
         }
         all

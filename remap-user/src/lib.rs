@@ -27,6 +27,9 @@ pub mod switch;
 // Remap: one batch through the steps above, as a transaction with one way back.
 pub mod remap;
 
+// Evacuate: the whole volume moved onto a new main while it serves, window by window.
+pub mod evacuate;
+
 // What the path stands on.
 
 // The kernel's handles (device-mapper, block I/O, the detector's watch) every step uses.

@@ -45,6 +45,8 @@ pub struct VolumeState {
     pub pending_blocks: u64,
     pub chunk_bytes: u64,
     pub spares: Vec<SpareState>,
+    /// An evacuation under way: bytes on the target so far, of the volume's size.
+    pub evacuation: Option<(u64, u64)>,
 }
 
 /// Capacity and use of one spare of a pool, in chunks.
@@ -71,6 +73,10 @@ impl Snapshot {
                 remaps: v.remaps.len() as u64,
                 pending_blocks: v.remaps.pending_blocks(),
                 chunk_bytes: v.config.geometry.chunk * SECTOR,
+                evacuation: v.config.evacuation.as_ref().map(|e| {
+                    let g = &v.config.geometry;
+                    (e.done * g.chunk * SECTOR, g.size * SECTOR)
+                }),
                 spares: v
                     .pool
                     .usage()
@@ -418,6 +424,23 @@ impl Collector for StateCollector {
             "Blocks that could not be read when their chunk moved and were not rewritten since",
             s.volumes.iter().map(|v| (vol(v), clamp(v.pending_blocks))),
         )?;
+        let evacuating = || {
+            s.volumes
+                .iter()
+                .filter_map(|v| v.evacuation.map(|e| (v, e)))
+        };
+        gauge(
+            &mut enc,
+            "evacuation_done_bytes",
+            "An evacuation under way: bytes of the volume on the new disk so far",
+            evacuating().map(|(v, (done, _))| (vol(v), clamp(done))),
+        )?;
+        gauge(
+            &mut enc,
+            "evacuation_total_bytes",
+            "An evacuation under way: bytes of the volume to move",
+            evacuating().map(|(v, (_, total))| (vol(v), clamp(total))),
+        )?;
         let dev = |v: &VolumeState, d: &SpareState| {
             [
                 ("volume", v.name.clone()),
@@ -606,6 +629,7 @@ mod tests {
                 remaps: 3,
                 pending_blocks: 2,
                 chunk_bytes: 4096,
+                evacuation: Some((1 << 20, 4 << 20)),
                 spares: vec![
                     SpareState {
                         slot: 0,
@@ -653,6 +677,8 @@ mod tests {
             "remap_volumes 1",
             "remap_remaps{volume=\"vol0\"} 3",
             "remap_pending_blocks{volume=\"vol0\"} 2",
+            "remap_evacuation_done_bytes{volume=\"vol0\"} 1048576",
+            "remap_evacuation_total_bytes{volume=\"vol0\"} 4194304",
             "remap_pool_capacity_bytes{volume=\"vol0\",slot=\"0\",device=\"/dev/sdb\"} 409600",
             "remap_pool_used_bytes{volume=\"vol0\",slot=\"0\",device=\"/dev/sdb\"} 12288",
             "remap_pool_used_ratio{volume=\"vol0\"} 0.015",

@@ -23,6 +23,8 @@ pub struct Volume {
     pub regions: Vec<(u32, u32)>,
     /// major:minor of the volume's own device.
     pub dev: (u32, u32),
+    /// The new main of an evacuation under way ([`VolumeConfig::evacuation`]).
+    pub target: Option<BlockDev>,
 }
 
 impl Volume {
@@ -39,22 +41,34 @@ impl Volume {
                 .map(|b| (b.major, b.minor))
                 .unwrap_or((0, 0)),
             DevRef::Region(r) => self.regions.get(r as usize).copied().unwrap_or((0, 0)),
+            DevRef::Target => self
+                .target
+                .as_ref()
+                .map(|b| (b.major, b.minor))
+                .unwrap_or((0, 0)),
         };
         format!("{ma}:{mi}")
     }
 
     pub(crate) fn region_lines(&mut self, region: u32) -> Vec<table::DmLine> {
         let geo = self.config.geometry;
-        let mut segs =
-            table::region_table(&geo, region, &mut self.remaps, self.config.pending_mode);
-        // The table works in the volume's sectors; on the main they start after its header.
+        let moved = self.config.evacuation.as_ref().map_or(0, |e| e.done);
+        let mut segs = table::region_table_moved(
+            &geo,
+            region,
+            &mut self.remaps,
+            self.config.pending_mode,
+            moved,
+        );
+        // The table works in the volume's sectors; on the main (and the target) they start
+        // after its header.
         for s in &mut segs {
-            if let table::Target::Linear {
-                dev: DevRef::Main,
-                offset,
-            } = &mut s.target
-            {
-                *offset += self.config.data_offset;
+            if let table::Target::Linear { dev, offset } = &mut s.target {
+                match dev {
+                    DevRef::Main => *offset += self.config.data_offset,
+                    DevRef::Target => *offset += self.target_offset(),
+                    _ => {}
+                }
             }
         }
         table::render(&segs, |d| self.resolve(d))
@@ -97,8 +111,18 @@ impl Volume {
         self.geo().chunks_of_range(start, end - d - start)
     }
 
+    /// The devices the volume uses: the main, the spares, an evacuation's target.
+    pub(crate) fn members(&self) -> impl Iterator<Item = &BlockDev> {
+        std::iter::once(&self.main)
+            .chain(self.spares.values())
+            .chain(self.target.as_ref())
+    }
+
+    /// Whether `dev` is a member: the main, a spare, or an evacuation's target.
     pub(crate) fn main_or_spare(&self, dev: &BlockDev) -> bool {
-        same(&self.main, dev) || self.spares.values().any(|s| same(s, dev))
+        same(&self.main, dev)
+            || self.spares.values().any(|s| same(s, dev))
+            || self.target.as_ref().is_some_and(|t| same(t, dev))
     }
 
     pub(crate) fn spare_slot(&self, dev: &BlockDev) -> Option<u32> {
@@ -128,12 +152,28 @@ impl Volume {
             .map(|(slot, _)| Member::Spare(*slot))
     }
 
-    /// Where chunk `c` reads from now: its spare extent if remapped (`old`), else the main.
+    /// Where chunk `c` reads from now: its spare extent if remapped (`old`), else its home
+    /// (the main; the target if an evacuation moved it there).
     pub(crate) fn source(&self, c: u64, old: Option<Remap>) -> (&BlockDev, Sector) {
-        match old {
-            Some(r) => (&self.spares[&r.extent.spare], r.extent.start),
-            None => (&self.main, self.config.data_offset + c * self.geo().chunk),
+        match (old, &self.target) {
+            (Some(r), _) => (&self.spares[&r.extent.spare], r.extent.start),
+            (None, Some(t)) if c < self.evacuated() => {
+                (t, self.target_offset() + c * self.geo().chunk)
+            }
+            (None, _) => (&self.main, self.config.data_offset + c * self.geo().chunk),
         }
+    }
+
+    /// Chunks `0..evacuated()` are on the evacuation's target (none when there is none).
+    pub(crate) fn evacuated(&self) -> u64 {
+        self.config.evacuation.as_ref().map_or(0, |e| e.done)
+    }
+
+    pub(crate) fn target_offset(&self) -> Sector {
+        self.config
+            .evacuation
+            .as_ref()
+            .map_or(0, |e| e.target_offset)
     }
 
     /// Whether the pool's free space fell below [`HOT_SPARE_THRESHOLD`] of its open devices.

@@ -89,6 +89,8 @@ pub enum DevRef {
     Main,
     Spare(u32),
     Region(u32),
+    /// The new main of an evacuation under way, at the same offsets as the main.
+    Target,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,21 +162,37 @@ pub fn region_table(
     remaps: &mut RemapTable,
     mode: PendingMode,
 ) -> Vec<Segment> {
+    region_table_moved(geo, region, remaps, mode, 0)
+}
+
+/// [`region_table`] of a volume being evacuated: chunks below `moved` that are not remapped
+/// live on the target ([`DevRef::Target`]) instead of the main.
+pub fn region_table_moved(
+    geo: &Geometry,
+    region: u32,
+    remaps: &mut RemapTable,
+    mode: PendingMode,
+    moved: u64,
+) -> Vec<Segment> {
     let (start, len) = geo.region_span(region);
+    let chunks = start / geo.chunk..(start + len).div_ceil(geo.chunk);
+    // Where the boundary falls within the region is all that matters to its table.
+    let moved = moved.clamp(chunks.start, chunks.end) * geo.chunk;
     let key = MemoKey {
         start,
         len,
         chunk: geo.chunk,
         block: geo.block,
         mode,
+        moved,
     };
-    let chunks = start / geo.chunk..(start + len).div_ceil(geo.chunk);
     let changed = remaps.memo.take_changed(chunks);
+    let home = Home { moved };
     let out = match remaps.memo.regions.get(&region) {
-        Some((k, prev)) if *k == key => patch(prev, geo, start, remaps, mode, &changed),
+        Some((k, prev)) if *k == key => patch(prev, geo, start, remaps, mode, home, &changed),
         _ => {
             let mut out = Vec::new();
-            build(geo, start, start..start + len, remaps, mode, &mut out);
+            build(geo, start, start..start + len, remaps, mode, home, &mut out);
             out
         }
     };
@@ -198,6 +216,14 @@ struct MemoKey {
     chunk: Sector,
     block: Sector,
     mode: PendingMode,
+    moved: Sector,
+}
+
+/// Where a chunk that is not remapped lives: on the target below `moved` (a sector of the
+/// volume), on the main from there on.
+#[derive(Clone, Copy)]
+struct Home {
+    moved: Sector,
 }
 
 /// Past this many changed chunks not yet rebuilt, the memo is dropped (full builds again):
@@ -231,6 +257,7 @@ fn patch(
     rstart: Sector,
     remaps: &RemapTable,
     mode: PendingMode,
+    home: Home,
     changed: &[u64],
 ) -> Vec<Segment> {
     let mut out = Vec::with_capacity(prev.len() + 2 * changed.len());
@@ -271,6 +298,7 @@ fn patch(
             from..rstart + prev[last].end(),
             remaps,
             mode,
+            home,
             &mut out,
         );
         kept = last + 1;
@@ -288,6 +316,7 @@ fn build(
     range: std::ops::Range<Sector>,
     remaps: &RemapTable,
     mode: PendingMode,
+    home: Home,
     out: &mut Vec<Segment>,
 ) {
     // Pieces are cut to `range`: a span may start or end inside a chunk's blocks.
@@ -316,15 +345,22 @@ fn build(
             );
         }
     };
-    let main = |offset| Target::Linear {
-        dev: DevRef::Main,
-        offset,
+    // Sectors `at..at + len` at home: the target's part first, then the main's.
+    let at_home = |at: Sector, len: Sector| {
+        let split = home.moved.clamp(at, at + len);
+        let linear = |dev, offset| Target::Linear { dev, offset };
+        [
+            (at, split - at, linear(DevRef::Target, at)),
+            (split, at + len - split, linear(DevRef::Main, split)),
+        ]
     };
     let mut pos = range.start;
     for (chunk, r) in remaps.range(range.start / geo.chunk..range.end.div_ceil(geo.chunk)) {
         let cstart = chunk * geo.chunk;
         if cstart > pos {
-            piece(pos, cstart - pos, main(pos));
+            for (at, len, t) in at_home(pos, cstart - pos) {
+                piece(at, len, t);
+            }
         }
         pos = pos.max(cstart + geo.chunk);
         let spare = DevRef::Spare(r.extent.spare);
@@ -356,7 +392,9 @@ fn build(
         }
     }
     if range.end > pos {
-        piece(pos, range.end - pos, main(pos));
+        for (at, len, t) in at_home(pos, range.end - pos) {
+            piece(at, len, t);
+        }
     }
 }
 
@@ -620,6 +658,7 @@ mod tests {
             DevRef::Main => "8:0".into(),
             DevRef::Spare(i) => format!("8:{}", 16 * (i + 1)),
             DevRef::Region(i) => format!("252:{i}"),
+            DevRef::Target => "8:48".into(),
         });
         assert_eq!(lines[0], (0, 8, "linear".into(), "8:0 0".into()));
         assert_eq!(

@@ -162,6 +162,14 @@ impl Rig {
         }
     }
 
+    /// A reboot: the kernel forgets every device, the disks keep their contents.
+    pub(crate) fn reboot(&self) -> Rig {
+        let mut b = self.restart();
+        b.dm = Arc::new(SimDm::new());
+        b.engine = Engine::new(b.dm.clone(), b.io.clone(), SimWatch::default());
+        b
+    }
+
     /// Volume `v` in place on the main (its data from sector 0), on both spares.
     pub(crate) fn create(&mut self) -> Result<Value> {
         self.create_as(true)

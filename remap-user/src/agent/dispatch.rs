@@ -88,6 +88,9 @@ pub(crate) fn handle<D: DeviceMapper, I: BlockIo, W: Watch>(
         }
         Request::RemapList { name } => reply(engine.remap_list(&name)),
         Request::Pending { name } => reply(engine.pending(&name)),
+        Request::Evacuate { name, to, rate } => reply(engine.evacuate(&name, &to, rate)),
+        Request::EvacuateStatus { name } => reply(engine.evacuation(&name)),
+        Request::EvacuateAbort { name } => reply(engine.evacuate_abort(&name)),
     };
     (resp, None)
 }

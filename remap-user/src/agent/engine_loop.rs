@@ -47,11 +47,13 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
 ) {
     changed(&mut engine, hub);
     let mut next = None;
+    let mut evac_seen = EvacSeen::default();
     loop {
         let msg = match next.take() {
             Some(m) => m,
-            // Idle work (mirroring an assembled volume for bpftool) goes a slice at a time,
-            // only while no message waits.
+            // Idle work (mirroring an assembled volume for bpftool, an evacuation's next
+            // window) goes a slice at a time, only while no message waits: foreground
+            // requests and errors slow an evacuation, never the other way round.
             None if engine.mirror_pending() => match rx.try_recv() {
                 Ok(m) => m,
                 Err(mpsc::TryRecvError::Empty) => {
@@ -60,6 +62,16 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
                 }
                 Err(mpsc::TryRecvError::Disconnected) => return,
             },
+            None if let Some(due) = engine.evacuate_due() => {
+                match rx.recv_timeout(due.min(PENDING_RECHECK)) {
+                    Ok(m) => m,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        evacuation_step(&mut engine, hub, &mut evac_seen);
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
             None => match rx.recv_timeout(PENDING_RECHECK) {
                 Ok(m) => m,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -99,12 +111,20 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
                 if let Some(name) = &stopping {
                     hub.wait_unnamed(name, Duration::from_secs(30));
                 }
+                let evac_call = match &req {
+                    Request::Evacuate { name, .. } => Some((name.clone(), "started")),
+                    Request::EvacuateAbort { name } => Some((name.clone(), "aborting")),
+                    _ => None,
+                };
                 let (resp, manual) = match dispatch::permitted(mutates, uid) {
                     Ok(()) => dispatch::handle(&mut engine, req),
                     Err(refused) => (refused, None),
                 };
                 if let Some(report) = manual {
                     manual_remap(&report, hub);
+                }
+                if let (Some((name, what)), exit::OK) = (&evac_call, resp.code) {
+                    evacuation_called(&engine, hub, name, what);
                 }
                 if let Some(name) = stopping.filter(|_| resp.code == exit::OK) {
                     scrubs.volume_gone(&name);
@@ -187,6 +207,89 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
                 changed(&mut engine, hub);
             }
         }
+    }
+}
+
+/// An evacuation started or set going back, as an event.
+fn evacuation_called<D: DeviceMapper, I: BlockIo, W: Watch>(
+    engine: &Engine<D, I, W>,
+    hub: &Hub,
+    name: &str,
+    what: &str,
+) {
+    if let Ok(v) = engine.evacuation(name) {
+        hub.publish(Event::Evacuation {
+            time_ms: now_ms(),
+            volume: name.to_owned(),
+            what: what.to_owned(),
+            target: v.target,
+            done_bytes: v.done_bytes,
+            total_bytes: v.total_bytes,
+            detail: None,
+        });
+    }
+}
+
+/// What the loop last told of each evacuation: the tenth of the way it reached, its last
+/// error, and when the metrics last heard of it.
+#[derive(Default)]
+struct EvacSeen {
+    told: std::collections::BTreeMap<String, (u64, Option<String>)>,
+    published: Option<std::time::Instant>,
+}
+
+/// One evacuation step, and what it is worth telling: remaps of chunks it could not read,
+/// each tenth of the way, errors, the end.
+fn evacuation_step<D: DeviceMapper, I: BlockIo, W: Watch>(
+    engine: &mut Engine<D, I, W>,
+    hub: &Arc<Hub>,
+    seen: &mut EvacSeen,
+) {
+    let step = engine.evacuate_step();
+    for r in &step.reports {
+        announce(engine, hub, r, "evacuation");
+    }
+    let Some(name) = step.volume.clone() else {
+        return;
+    };
+    let Ok(view) = engine.evacuation(&name) else {
+        return;
+    };
+    let tenth = (view.done_bytes * 10)
+        .checked_div(view.total_bytes)
+        .unwrap_or(10);
+    let event = |what: &str, detail: Option<String>| Event::Evacuation {
+        time_ms: now_ms(),
+        volume: name.clone(),
+        what: what.to_string(),
+        target: view.target.clone(),
+        done_bytes: view.done_bytes,
+        total_bytes: view.total_bytes,
+        detail,
+    };
+    let told = seen.told.entry(name.clone()).or_insert((tenth, None));
+    if let Some((_, how)) = &step.ended {
+        hub.publish(event(how, None));
+        seen.told.remove(&name);
+        changed(engine, hub);
+        return;
+    }
+    if view.error.is_some() && view.error != told.1 {
+        hub.publish(event("error", view.error.clone()));
+    }
+    if tenth != told.0 {
+        hub.publish(event(view.state, None));
+    }
+    *told = (tenth, view.error.clone());
+    if !step.reports.is_empty() {
+        changed(engine, hub);
+    } else if seen
+        .published
+        .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+    {
+        // Progress for the metrics, at most once a second.
+        hub.set_state(Snapshot::of(engine.volumes()));
+        seen.published = Some(std::time::Instant::now());
     }
 }
 

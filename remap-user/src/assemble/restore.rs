@@ -140,6 +140,24 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
         }
         let main = self.find_main(config, plain, &spares, main)?;
+        // An evacuation under way: its target holds chunks no other disk has.
+        let target = match config.target_as_main() {
+            Some(as_main) => {
+                let others: Vec<BlockDev> = plain
+                    .iter()
+                    .filter(|d| (d.major, d.minor) != (main.major, main.minor))
+                    .cloned()
+                    .collect();
+                let t = self.find_main(&as_main, &others, &spares, None).map_err(|e| {
+                    EngineError::Refused(format!(
+                        "`{}` is being evacuated and its target is not here ({e}); its chunks there would be missing. Attach it and assemble again",
+                        config.name
+                    ))
+                })?;
+                Some(t)
+            }
+            None => None,
+        };
         // The raw disk mounted by itself (an in-place main seen by an automounter or an fstab
         // entry before remapd ran): its writes bypass the remaps and its reads see their stale
         // data. A volume over it would serve one thing while the mount changes another.
@@ -233,6 +251,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             remaps,
             regions: Vec::new(),
             dev: (0, 0),
+            target,
         };
         if resume.is_none() {
             self.k.checkpoint(&mut vol)?;

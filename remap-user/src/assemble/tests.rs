@@ -160,14 +160,6 @@ fn sim(minor: u32) -> BlockDev {
     }
 }
 
-/// A rebooted machine: the disks as they are, no device-mapper devices, no agent.
-fn rebooted(a: &crate::testkit::Rig) -> crate::testkit::Rig {
-    let mut b = a.restart();
-    b.dm = Arc::new(SimDm::new());
-    b.engine = crate::engine::Engine::new(b.dm.clone(), b.io.clone(), SimWatch::default());
-    b
-}
-
 /// Writes onto a new disk `minor` a copy of `v`'s metadata that claims `members` (slot,
 /// device UUID byte) at generation `generation`, as a crafted USB stick would.
 fn forge(a: &crate::testkit::Rig, minor: u32, slot: u32, members: &[(u32, u8)], generation: u64) {
@@ -240,7 +232,7 @@ fn a_disk_that_claims_membership_with_a_higher_generation_is_not_trusted() {
     // with an empty table: were it believed, chunk 10 would read the main's stale data.
     let (u1, u2) = (uuid_byte_of(&a, S1), uuid_byte_of(&a, S2));
     forge(&a, 30, 2, &[(0, u1), (1, u2), (2, 0xdd)], 100);
-    let mut b = rebooted(&a);
+    let mut b = a.reboot();
     let rep = b.engine.assemble(None);
     assert_eq!(rep.len(), 1, "{rep:?}");
     assert_eq!(rep[0].outcome, "created", "{rep:?}");
@@ -270,7 +262,7 @@ fn disks_that_vouch_for_each_other_against_the_members_are_a_conflict() {
     a.engine.stop("v").unwrap();
     forge(&a, 30, 0, &[(0, 0xd0), (1, 0xd1)], 50);
     forge(&a, 31, 1, &[(0, 0xd0), (1, 0xd1)], 50);
-    let mut b = rebooted(&a);
+    let mut b = a.reboot();
     let rep = b.engine.assemble(None);
     assert_refused_and_nothing_made(&b, &rep, "conflicting member sets");
 }
@@ -284,7 +276,7 @@ fn a_cloned_member_is_a_conflict() {
     a.io.add_disk("/sim/x30", SIM, 30, 24 * MIB, 512);
     let bytes = a.io.peek(SIM, S2, 0, area).unwrap();
     a.io.poke(SIM, 30, 0, &bytes).unwrap();
-    let mut b = rebooted(&a);
+    let mut b = a.reboot();
     let rep = b.engine.assemble(None);
     assert_eq!(rep[0].outcome, "refused", "{rep:?}");
     assert!(
@@ -300,7 +292,7 @@ fn another_machines_volume_waits_for_an_explicit_request_then_becomes_ours() {
     a.engine.host_id = Some("a".repeat(32));
     a.create().unwrap();
     a.engine.stop("v").unwrap();
-    let mut b = rebooted(&a);
+    let mut b = a.reboot();
     b.engine.host_id = Some("b".repeat(32));
     let rep = b.engine.assemble(None);
     assert_eq!(rep[0].outcome, "refused", "{rep:?}");
@@ -317,10 +309,10 @@ fn another_machines_volume_waits_for_an_explicit_request_then_becomes_ours() {
     );
     b.engine.stop("v").unwrap();
     // Now it is this machine's: it comes up by itself, and no longer on the first.
-    let mut c = rebooted(&b);
+    let mut c = b.reboot();
     c.engine.host_id = Some("b".repeat(32));
     assert_eq!(c.engine.assemble(None)[0].outcome, "created");
-    let mut d = rebooted(&b);
+    let mut d = b.reboot();
     d.engine.host_id = Some("a".repeat(32));
     assert_eq!(d.engine.assemble(None)[0].outcome, "refused");
 }
@@ -661,6 +653,7 @@ fn metadata_only(
         pending_marked: false,
         data_offset: 0,
         main_uuid: None,
+        evacuation: None,
     };
     let s1 = BlockDev {
         path: "/sim/s1".into(),

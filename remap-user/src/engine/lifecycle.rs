@@ -34,7 +34,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             )));
         }
         for v in self.volumes.values() {
-            for member in std::iter::once(&v.main).chain(v.spares.values()) {
+            for member in v.members() {
                 if let Some(why) = self.overlap(&dev, member) {
                     return Err(EngineError::Refused(format!(
                         "{role} {} overlaps {} of volume `{}`: {why}",
@@ -335,6 +335,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             pending_marked: true,
             data_offset: front,
             main_uuid: (!in_place).then(new_uuid),
+            evacuation: None,
         };
         let journal = Journal::new(layout, uuid_bytes(&config.uuid));
         let mut vol = Volume {
@@ -346,6 +347,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             remaps: RemapTable::default(),
             regions: Vec::new(),
             dev: (0, 0),
+            target: None,
         };
         // Old metadata on a spare must not outrank ours at assembly: wipe both slots first.
         for s in vol.spares.values() {

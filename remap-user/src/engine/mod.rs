@@ -13,6 +13,7 @@ use std::{
 
 use crate::{blockdev::BlockIo, dm::DeviceMapper};
 
+pub mod evacuate;
 mod history;
 mod intake;
 pub(crate) mod lifecycle;
@@ -47,6 +48,8 @@ pub struct Engine<D, I, W> {
     /// Volumes the operator stopped: automatic assembly (at start, on hotplug) leaves them
     /// down until `remapctl assemble` names them.
     pub(crate) stopped: BTreeSet<String>,
+    /// Evacuations this agent runs or ran: pace, speed, errors, how they ended.
+    pub(crate) evacuations: BTreeMap<String, evacuate::Progress>,
 }
 
 /// A volume found on the disks that is not up.
@@ -81,6 +84,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             host_id: None,
             down: BTreeMap::new(),
             stopped: BTreeSet::new(),
+            evacuations: BTreeMap::new(),
         }
     }
 
@@ -137,7 +141,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let keep: Vec<(u32, u32)> = self
             .volumes
             .values()
-            .flat_map(|v| std::iter::once(&v.main).chain(v.spares.values()))
+            .flat_map(|v| v.members())
             .map(|d| (d.major, d.minor))
             .collect();
         self.k.io.release_all_but(&keep);

@@ -1244,16 +1244,6 @@ fn stop_removes_volume_then_regions() {
 
 // The member header: the volume's data after it on the main.
 
-impl Rig {
-    /// A reboot: the kernel forgets every device, the disks keep their contents.
-    fn reboot(&self) -> Rig {
-        let mut b = self.restart();
-        b.dm = Arc::new(SimDm::new());
-        b.engine = Engine::new(b.dm.clone(), b.io.clone(), SimWatch::default());
-        b
-    }
-}
-
 /// Where the data starts on the main: 1 MiB.
 const D: u64 = 2048;
 

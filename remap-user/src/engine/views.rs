@@ -37,6 +37,31 @@ pub struct VolumeStatus {
     pub generation: u64,
     pub metadata_capacity: usize,
     pub pool: PoolView,
+    /// An evacuation under way (`remapctl evacuate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evacuation: Option<Evacuation>,
+}
+
+/// Where an evacuation is: bytes on the target so far (back on the old main when aborting),
+/// remaps still to fold in, speed and an estimate of the time left.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Evacuation {
+    pub volume: String,
+    /// "copying", "folding" (remapped chunks moving in from their spares), "aborting";
+    /// "done" or "aborted" once it ended.
+    pub state: &'static str,
+    pub target: String,
+    /// The volume's bytes `0..done_bytes` are on the target.
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub remaps_to_fold: u64,
+    /// The pace asked for, bytes a second (0: none).
+    pub rate: u64,
+    /// Bytes a second copied since this agent took it up.
+    pub speed: u64,
+    pub eta_seconds: Option<u64>,
+    /// Why the last step failed (it is tried again).
+    pub error: Option<String>,
 }
 
 /// A volume found on the disks that is not up, with why.
@@ -171,15 +196,23 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         match name {
             Some(n) => match self.down.get_key_value(n) {
                 Some(d) if !self.volumes.contains_key(n) => Ok(down(d)),
-                _ => Ok(Status::Up(Box::new(status_of(self.volume(n)?)))),
+                _ => Ok(Status::Up(Box::new(self.status_with(self.volume(n)?)))),
             },
             None => Ok(Status::All(
                 self.volumes
                     .values()
-                    .map(|v| Status::Up(Box::new(status_of(v))))
+                    .map(|v| Status::Up(Box::new(self.status_with(v))))
                     .chain(self.down.iter().map(down))
                     .collect(),
             )),
+        }
+    }
+
+    /// [`status_of`] with what the agent knows beyond the metadata (an evacuation's speed).
+    fn status_with(&self, vol: &Volume) -> VolumeStatus {
+        VolumeStatus {
+            evacuation: self.evacuation(&vol.config.name).ok(),
+            ..status_of(vol)
         }
     }
 
@@ -336,5 +369,6 @@ pub(crate) fn status_of(vol: &Volume) -> VolumeStatus {
         generation: vol.journal.generation,
         metadata_capacity: vol.journal.layout.capacity(),
         pool: pool_of(vol),
+        evacuation: None,
     }
 }

@@ -53,8 +53,10 @@ pub struct Superblock {
 pub enum JournalOp {
     /// Chunk now lives at this extent with these pending blocks.
     Set { chunk: u64, remap: Remap },
-    /// Chunk is back on the main device (reserved for migration).
+    /// Chunk is back on the main device (its remap folded in by an evacuation).
     Del { chunk: u64 },
+    /// The evacuation's sweep reached chunk `done` (chunks below it are on the target).
+    Evacuated { done: u64 },
 }
 
 #[repr(C)]
@@ -69,6 +71,7 @@ struct Record {
 
 const KIND_SET: u32 = 1;
 const KIND_DEL: u32 = 2;
+const KIND_EVACUATED: u32 = 3;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -286,7 +289,9 @@ pub fn decode_records(records: &[u8]) -> Result<RemapTable, MetaError> {
     for rec in records.chunks_exact(RECORD) {
         match op(rec)? {
             JournalOp::Set { chunk, remap } => out.push((chunk, remap)),
-            JournalOp::Del { .. } => return Err(MetaError::Invalid("delete in a checkpoint")),
+            JournalOp::Del { .. } | JournalOp::Evacuated { .. } => {
+                return Err(MetaError::Invalid("journal record in a checkpoint"));
+            }
         }
     }
     Ok(out.into_iter().collect())
@@ -319,6 +324,13 @@ fn record(op: &JournalOp) -> Record {
             start: 0,
             pending: 0,
         },
+        JournalOp::Evacuated { done } => Record {
+            chunk: done,
+            spare: 0,
+            kind: KIND_EVACUATED,
+            start: 0,
+            pending: 0,
+        },
     }
 }
 
@@ -336,6 +348,7 @@ fn op(bytes: &[u8]) -> Result<JournalOp, MetaError> {
             },
         }),
         KIND_DEL => Ok(JournalOp::Del { chunk: r.chunk }),
+        KIND_EVACUATED => Ok(JournalOp::Evacuated { done: r.chunk }),
         _ => Err(MetaError::Invalid("unknown record kind")),
     }
 }

@@ -61,6 +61,30 @@ pub struct VolumeConfig {
     /// The UUID written in the main's header (hex), with `data_offset`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub main_uuid: Option<String>,
+    /// The volume is being moved onto a new main device (`remapctl evacuate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evacuation: Option<Evacuation>,
+}
+
+/// An evacuation under way: the volume's chunks `0..done` live on the target (the new main),
+/// the rest where they were; remapped chunks stay on their spares until the sweep is done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evacuation {
+    pub target: DevIdentity,
+    /// The path it had when the evacuation began (for messages; never used to find it).
+    pub target_last_path: String,
+    /// The UUID of the header written on the target (hex), the main's UUID once it is done.
+    pub target_uuid: String,
+    /// Where the volume's data starts on the target, in sectors (after its header).
+    pub target_offset: Sector,
+    /// Chunks `0..done` are on the target (a journal record moves it along).
+    pub done: u64,
+    /// Going back: the chunks on the target move back to the old main, then the target is let go.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub aborting: bool,
+    /// Copy pace in bytes a second; 0: as fast as foreground I/O leaves room for.
+    #[serde(default)]
+    pub rate: u64,
 }
 
 fn is_zero(v: &Sector) -> bool {
@@ -117,7 +141,35 @@ impl VolumeConfig {
                 return bad("data offset on the main device");
             }
         }
+        if let Some(e) = &self.evacuation {
+            let end = e.target_offset.checked_add(g.size);
+            if e.done > g.chunks()
+                || !e.target_offset.is_multiple_of(g.chunk)
+                || e.target_offset == 0
+                || e.target_offset > header::MAX_DATA_OFFSET
+                || end.is_none_or(|end| {
+                    e.target.size_bytes > 0 && end > e.target.size_bytes / crate::volume::SECTOR
+                })
+            {
+                return bad("evacuation target");
+            }
+        }
         Ok(())
+    }
+
+    /// The configuration as it reads with the evacuation's target for its main: how assembly
+    /// finds the target (by the header remap wrote on it), and what the volume becomes when
+    /// the evacuation is done.
+    pub fn target_as_main(&self) -> Option<VolumeConfig> {
+        let e = self.evacuation.as_ref()?;
+        Some(VolumeConfig {
+            main: e.target.clone(),
+            main_last_path: e.target_last_path.clone(),
+            main_uuid: Some(e.target_uuid.clone()),
+            data_offset: e.target_offset,
+            evacuation: None,
+            ..self.clone()
+        })
     }
 
     /// Whether the main carries remap's header (the raw disk shows nothing of the volume).

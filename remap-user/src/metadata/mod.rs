@@ -22,7 +22,7 @@ mod replay;
 
 use crate::blockdev::BlockDev;
 use codec::VERSION;
-pub use config::{SpareRecord, VolumeConfig};
+pub use config::{Evacuation, SpareRecord, VolumeConfig};
 pub use faults::{crash_point, fault};
 pub use journal::{Copy, Journal, Written, wipe};
 pub use layout::{Layout, MAX_AREA_BYTES, MAX_SPARES};

@@ -222,15 +222,17 @@ fn read_from(
         generation: replay.generation,
         journal_crc: replay.crc,
     };
+    let mut config = ckpt.config;
     let remaps = if decode(&source) {
         let mut t = codec::decode_records(ckpt.records)?;
-        replay.apply(&journal, &mut t)?;
+        replay.apply(&journal, &mut config, &mut t)?;
         Some(t)
     } else {
+        replay.apply_config(&journal, &mut config)?;
         None
     };
     Ok(State {
-        config: ckpt.config,
+        config,
         remaps,
         replay,
         source,

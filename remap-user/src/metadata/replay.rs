@@ -1,5 +1,6 @@
 //! Replaying the journal: which complete generations follow a checkpoint, where the writer would
 //! go on, and applying them to a table.
+use super::VolumeConfig;
 use super::{
     JournalPos, MetaError,
     codec::{self, BLOCK, JournalOp},
@@ -25,7 +26,12 @@ pub struct Replay {
 
 impl Replay {
     /// Applies the replayed commits of `journal` (the ring this replay was found in).
-    pub fn apply(&self, journal: &[u8], remaps: &mut RemapTable) -> Result<(), MetaError> {
+    pub fn apply(
+        &self,
+        journal: &[u8],
+        config: &mut VolumeConfig,
+        remaps: &mut RemapTable,
+    ) -> Result<(), MetaError> {
         for (i, head) in &self.blocks {
             let at = *i as usize * BLOCK;
             for op in codec::journal_ops(&journal[at..at + BLOCK], head) {
@@ -36,10 +42,37 @@ impl Replay {
                     JournalOp::Del { chunk } => {
                         remaps.remove(chunk);
                     }
+                    JournalOp::Evacuated { done } => evacuated(config, done)?,
                 }
             }
         }
         Ok(())
+    }
+
+    /// Applies only what the commits change of the configuration (an evacuation's progress):
+    /// for copies whose remaps are not decoded, so that every copy's configuration is compared
+    /// at the state its journal reaches.
+    pub fn apply_config(&self, journal: &[u8], config: &mut VolumeConfig) -> Result<(), MetaError> {
+        for (i, head) in &self.blocks {
+            let at = *i as usize * BLOCK;
+            for op in codec::journal_ops(&journal[at..at + BLOCK], head) {
+                if let JournalOp::Evacuated { done } = op? {
+                    evacuated(config, done)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn evacuated(config: &mut VolumeConfig, done: u64) -> Result<(), MetaError> {
+    let chunks = config.geometry.chunks();
+    match &mut config.evacuation {
+        Some(e) if done <= chunks => {
+            e.done = done;
+            Ok(())
+        }
+        _ => Err(MetaError::Invalid("evacuation record")),
     }
 }
 

@@ -40,6 +40,7 @@ pub(crate) fn sample_config() -> VolumeConfig {
         pending_marked: false,
         data_offset: 0,
         main_uuid: None,
+        evacuation: None,
     }
 }
 

@@ -138,6 +138,34 @@ pub(crate) enum Cmd {
         #[arg(long, short, visible_alias = "wait", conflicts_with = "stop")]
         follow: bool,
     },
+    /// Move the whole volume onto a new disk while it serves (replacing a dying main): the
+    /// disk's data is copied window by window, remapped chunks folded in from their spares,
+    /// blocks the old disk cannot read kept pending (they fail reads until rewritten). At the
+    /// end DEV is the main, the pool is free again but for pending chunks, and the old disk
+    /// can be pulled. Survives restarts and power cuts; --abort takes it all back.
+    #[command(after_help = "Examples:
+  remapctl evacuate data --to /dev/sdc            start, then show progress until done
+  remapctl evacuate data --to /dev/sdc --rate 50  at most 50 MiB/s
+  remapctl evacuate data --status                 where it is (--json for scripts)
+  remapctl evacuate data --abort                  move everything back to the old disk")]
+    Evacuate {
+        name: String,
+        /// The new disk: at least the volume's size plus 2 MiB for remap's header.
+        #[arg(long, value_name = "DEV", required_unless_present_any = ["status", "abort"], conflicts_with_all = ["status", "abort"])]
+        to: Option<PathBuf>,
+        /// Pace in MiB/s; 0 or `none` for no limit (foreground I/O still goes first).
+        #[arg(long, value_name = "MIB/S", value_parser = parse_rate, conflicts_with_all = ["status", "abort"])]
+        rate: Option<u64>,
+        /// Show where the evacuation is (no root needed).
+        #[arg(long, conflicts_with = "abort")]
+        status: bool,
+        /// Take the evacuation back: every chunk returns to the old disk.
+        #[arg(long)]
+        abort: bool,
+        /// Return at once instead of showing progress until it ends.
+        #[arg(long)]
+        background: bool,
+    },
     /// Errors and remaps as remapd sees them: the recent ones, then new ones with --follow.
     Events {
         /// Keep the connection open and print each new event as it happens.

@@ -127,6 +127,24 @@ fn event_line(ev: &Event) -> String {
                 *suspended_micros as f64 / 1000.0,
             )
         }
+        Event::Evacuation {
+            time_ms,
+            volume,
+            what,
+            target,
+            done_bytes,
+            total_bytes,
+            detail,
+        } => format!(
+            "{}  evac   {volume:<12} {what} -> {target}  {} of {}{}",
+            render::utc(*time_ms),
+            render::bytes(*done_bytes),
+            render::bytes(*total_bytes),
+            detail
+                .as_deref()
+                .map(|d| format!("  ({d})"))
+                .unwrap_or_default(),
+        ),
         Event::Alert {
             time_ms,
             volume,

@@ -4,6 +4,7 @@ mod assemble;
 mod client;
 mod counters;
 mod debug;
+mod evacuate;
 mod events;
 mod generate;
 mod health;
@@ -86,6 +87,25 @@ fn run(cli: Cli) -> Result<i32> {
                 },
                 cli.json,
             );
+        }
+        Cmd::Evacuate {
+            name,
+            to,
+            rate,
+            status,
+            abort,
+            background,
+        } => {
+            let req = match (to, status, abort) {
+                (Some(to), ..) => Request::Evacuate {
+                    name: name.clone(),
+                    to,
+                    rate: rate.unwrap_or(0),
+                },
+                (None, _, true) => Request::EvacuateAbort { name: name.clone() },
+                (None, ..) => Request::EvacuateStatus { name: name.clone() },
+            };
+            return evacuate::evacuate(socket, &name, &req, status || background, cli.json);
         }
         Cmd::Assemble { name, main } => return assemble::assemble(socket, name, main, cli.json),
         Cmd::Create {

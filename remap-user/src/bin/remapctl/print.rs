@@ -73,6 +73,9 @@ pub(crate) fn print_status(v: &Value, map: Option<&VolumeMap>) {
     } else {
         println!("  raw main: remap header, data at {}", b(&v["data_offset"]));
     }
+    if v["evacuation"].is_object() {
+        println!("  {}", crate::evacuate::line(&v["evacuation"]));
+    }
     println!(
         "  chunk {}  regions {} x {}  generation {}",
         b(&v["chunk_size"]),

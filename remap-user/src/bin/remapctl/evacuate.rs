@@ -1,0 +1,148 @@
+//! `remapctl evacuate`: start, watch, abort the move of a volume onto a new disk.
+use std::{io::IsTerminal as _, path::Path, time::Duration};
+
+use anyhow::Result;
+use remap_user::{
+    control::{Request, exit},
+    render::{bytes, percent},
+};
+use serde_json::Value;
+
+use crate::{client::call, print::report_error};
+
+/// Sends `req`; unless `once`, follows the evacuation with a progress bar until it ends.
+pub(crate) fn evacuate(
+    socket: &Path,
+    name: &str,
+    req: &Request,
+    once: bool,
+    json: bool,
+) -> Result<i32> {
+    let resp = call(socket, req, None)?;
+    if let Some(e) = &resp.error {
+        report_error(json, resp.code, e);
+        return Ok(resp.code);
+    }
+    if once {
+        if json {
+            println!("{}", resp.data);
+        } else {
+            println!("{}", line(&resp.data));
+        }
+        return Ok(exit::OK);
+    }
+    follow(socket, name, resp.data, json)
+}
+
+fn follow(socket: &Path, name: &str, mut st: Value, json: bool) -> Result<i32> {
+    let total = st["total_bytes"].as_u64().unwrap_or(0);
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{wide_bar}] {bytes}/{total_bytes} {percent:>3}%  {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("evacuate {name}"));
+    loop {
+        bar.set_position(st["done_bytes"].as_u64().unwrap_or(0));
+        bar.set_message(message(&st));
+        if matches!(st["state"].as_str(), Some("done" | "aborted")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let resp = call(
+            socket,
+            &Request::EvacuateStatus {
+                name: name.to_owned(),
+            },
+            None,
+        )?;
+        if let Some(e) = &resp.error {
+            bar.abandon();
+            report_error(json, resp.code, e);
+            return Ok(resp.code);
+        }
+        st = resp.data;
+    }
+    bar.finish_and_clear();
+    if json {
+        println!("{st}");
+    } else {
+        println!("{}", line(&st));
+    }
+    Ok(if st["state"] == "done" {
+        exit::OK
+    } else {
+        exit::ERROR
+    })
+}
+
+fn message(v: &Value) -> String {
+    let mut m = v["state"].as_str().unwrap_or("?").to_string();
+    if let Some(s) = v["speed"].as_u64().filter(|s| *s > 0) {
+        m.push_str(&format!("  {}/s", bytes(s)));
+    }
+    if let Some(eta) = v["eta_seconds"].as_u64() {
+        m.push_str(&format!("  ETA {}", remap_user::health::human(eta as f64)));
+    }
+    if let Some(e) = v["error"].as_str() {
+        m.push_str(&format!("  (retrying: {e})"));
+    }
+    m
+}
+
+pub(crate) fn line(v: &Value) -> String {
+    let name = v["volume"].as_str().unwrap_or("?");
+    let done = v["done_bytes"].as_u64().unwrap_or(0);
+    let total = v["total_bytes"].as_u64().unwrap_or(0);
+    let mut line = format!(
+        "{name}: evacuation to {} {}  {} of {} ({}) on the new disk",
+        v["target"].as_str().unwrap_or("?"),
+        v["state"].as_str().unwrap_or("?"),
+        bytes(done),
+        bytes(total),
+        percent(done, total),
+    );
+    match v["remaps_to_fold"].as_u64() {
+        Some(n) if n > 0 => line.push_str(&format!(", {n} remapped chunks to fold in")),
+        _ => {}
+    }
+    match v["rate"].as_u64() {
+        Some(r) if r > 0 => line.push_str(&format!("  rate {}/s", bytes(r))),
+        _ => {}
+    }
+    line.push_str(&format!(
+        "  {}",
+        message(v).split_once("  ").map_or("", |(_, m)| m)
+    ));
+    line.trim_end().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn evacuation_line_says_where_it_is() {
+        let l = line(&json!({
+            "volume": "v", "state": "copying", "target": "/dev/vdd", "done_bytes": 1048576,
+            "total_bytes": 4194304, "remaps_to_fold": 3, "rate": 0, "speed": 2097152,
+            "eta_seconds": 2, "error": null,
+        }));
+        assert!(
+            l.starts_with("v: evacuation to /dev/vdd copying  1.0 MiB of 4.0 MiB (25"),
+            "{l}"
+        );
+        assert!(l.contains("3 remapped chunks to fold in"), "{l}");
+        assert!(l.contains("2.0 MiB/s"), "{l}");
+        assert!(l.contains("ETA"), "{l}");
+    }
+}

@@ -1,0 +1,258 @@
+//! Evacuation on simulated disks: every chunk arrives, writes made during it survive, pending
+//! blocks stay pending, an abort puts everything back, a restart resumes it.
+use std::path::Path;
+
+use crate::{
+    blockdev::BlockIo,
+    dm::{DeviceMapper, SimDm},
+    engine::region_name,
+    metadata::header,
+    testkit::*,
+};
+
+/// Where the data starts on the main: 1 MiB (the header's room).
+const D: u64 = 2048;
+/// The new disk's minor.
+const NEW: u32 = 20;
+
+fn with_new_disk(r: &Rig) {
+    r.io.add_disk("/sim/new", SIM, NEW, 64 * MIB, 512);
+}
+
+/// Steps until the evacuation ends; how it ended.
+fn run_out(r: &mut Rig) -> &'static str {
+    for _ in 0..1000 {
+        if let Some((_, how)) = r.engine.evacuate_step().ended {
+            return how;
+        }
+        let v = r.engine.evacuation("v").unwrap();
+        assert!(v.error.is_none(), "{v:?}");
+    }
+    panic!("the evacuation never ended");
+}
+
+/// Samples of the volume's sectors, one per 4 KiB chunk in steps, and the last one.
+fn samples(r: &Rig) -> Vec<u64> {
+    let size = r.status()["size_bytes"].as_u64().unwrap() / 512;
+    (0..size).step_by(997).chain([size - 1]).collect()
+}
+
+#[test]
+fn evacuation_moves_the_volume_writes_survive_pending_stays_and_the_pool_empties() {
+    let mut r = rig(SimDm::new());
+    r.create_with_header().unwrap();
+    with_new_disk(&r);
+    // A healthy remap (folded in at the end) and a pending block (stays pending).
+    r.engine.remap_add("v", 5000, 1).unwrap();
+    r.io.fail_reads(SIM, MAIN, D + 2001..D + 2002);
+    assert_eq!(r.error(MAIN, D + 2000, 8)[0].pending_blocks, 1);
+    // A block that goes bad on the old disk only now: the copy finds it.
+    r.io.fail_reads(SIM, MAIN, D + 20003..D + 20004);
+    let before = r.status();
+    let v = r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
+    assert_eq!(v.state, "copying");
+    assert_eq!(r.status()["evacuation"]["target"], "/sim/new");
+    // One window in, a write lands on a chunk still on the old disk, one on a moved chunk.
+    assert!(r.engine.evacuate_step().ended.is_none());
+    assert_eq!(r.engine.evacuation("v").unwrap().done_bytes, 4 * MIB);
+    let (early, late) = (vec![0x11u8; 512], vec![0x22u8; 512]);
+    r.write_volume(100, &early);
+    r.write_volume(30_000, &late);
+    assert_eq!(run_out(&mut r), "done");
+
+    let st = r.status();
+    assert_eq!(st["main"], "/sim/new", "{st}");
+    assert_eq!(
+        st["remaps"], 2,
+        "only the pending chunks stay remapped: {st}"
+    );
+    assert_eq!(st["pending"], 2, "{st}");
+    assert_eq!(
+        st["pool"]["available"],
+        before["pool"]["available"].as_u64().unwrap() + 1 - 1
+    );
+    assert!(
+        st.get("evacuation").is_none_or(|e| e["state"] == "done"),
+        "{st}"
+    );
+    let check = |r: &Rig| {
+        for s in samples(r) {
+            let want = match s {
+                100 => Some(early.clone()),
+                30_000 => Some(late.clone()),
+                2001 | 20003 => None,
+                _ => Some(golden(D + s)),
+            };
+            assert_eq!(r.read_volume(s), want, "sector {s}");
+        }
+        assert_eq!(r.read_volume(2001), None, "pending stays pending");
+        assert_eq!(
+            r.read_volume(20003),
+            None,
+            "found unreadable during the copy: pending"
+        );
+        assert_eq!(
+            r.read_volume(5000),
+            Some(golden(D + 5000)),
+            "the folded remap"
+        );
+    };
+    check(&r);
+    // The old disk is no longer used: no table names it, and its header is gone.
+    for reg in 0..4 {
+        let t = r.dm.table(&region_name("v", reg)).unwrap();
+        assert!(
+            t.iter()
+                .all(|(.., p)| !p.starts_with(&format!("{SIM}:{MAIN} "))),
+            "{t:?}"
+        );
+    }
+    let old = r.io.open(Path::new("/sim/main")).unwrap();
+    assert_eq!(
+        header::read(&*r.io, &old),
+        Err(header::HeaderError::NoMagic)
+    );
+    // After a reboot the new disk is found as the main.
+    let mut b = r.reboot();
+    let rep = b.engine.assemble(None);
+    assert_eq!(rep[0].outcome, "created", "{rep:?}");
+    assert_eq!(b.status()["main"], "/sim/new");
+    check(&b);
+}
+
+#[test]
+fn an_aborted_evacuation_puts_every_chunk_back_on_the_old_main() {
+    let mut r = rig(SimDm::new());
+    r.create_with_header().unwrap();
+    with_new_disk(&r);
+    r.engine.remap_add("v", 5000, 1).unwrap();
+    let tables: Vec<_> = (0..4)
+        .map(|g| r.dm.table(&region_name("v", g)).unwrap())
+        .collect();
+    r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
+    for _ in 0..5 {
+        r.engine.evacuate_step();
+    }
+    // Written while it lives on the new disk: it must come back.
+    let fresh = vec![0x33u8; 512];
+    r.write_volume(100, &fresh);
+    assert_eq!(r.engine.evacuate_abort("v").unwrap().state, "aborting");
+    assert_eq!(run_out(&mut r), "aborted");
+    let st = r.status();
+    assert_eq!(st["main"], "/sim/main");
+    assert_eq!(st["remaps"], 1);
+    let after: Vec<_> = (0..4)
+        .map(|g| r.dm.table(&region_name("v", g)).unwrap())
+        .collect();
+    assert_eq!(after, tables, "the tables are as before the evacuation");
+    assert_eq!(r.read_volume(100), Some(fresh));
+    assert_eq!(r.read_volume(7000), Some(golden(D + 7000)));
+    let new = r.io.open(Path::new("/sim/new")).unwrap();
+    assert_eq!(
+        header::read(&*r.io, &new),
+        Err(header::HeaderError::NoMagic)
+    );
+    // And it can be started again.
+    r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
+}
+
+#[test]
+fn an_evacuation_resumes_after_a_reboot_where_its_metadata_says() {
+    let mut r = rig(SimDm::new());
+    r.create_with_header().unwrap();
+    with_new_disk(&r);
+    r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
+    for _ in 0..6 {
+        r.engine.evacuate_step();
+    }
+    let fresh = vec![0x44u8; 512];
+    r.write_volume(8, &fresh);
+    let mut b = r.reboot();
+    let rep = b.engine.assemble(None);
+    assert_eq!(rep[0].outcome, "created", "{rep:?}");
+    let v = b.engine.evacuation("v").unwrap();
+    assert_eq!(v.done_bytes, 6 * 4 * MIB, "{v:?}");
+    assert_eq!(b.read_volume(8), Some(fresh.clone()));
+    assert_eq!(run_out(&mut b), "done");
+    assert_eq!(b.status()["main"], "/sim/new");
+    assert_eq!(b.read_volume(8), Some(fresh));
+    for s in samples(&b).into_iter().filter(|s| *s != 8) {
+        assert_eq!(b.read_volume(s), Some(golden(D + s)), "sector {s}");
+    }
+}
+
+#[test]
+fn a_write_racing_a_window_copy_is_copied_again_under_the_suspend() {
+    let mut r = rig(SimDm::new());
+    r.create_with_header().unwrap();
+    with_new_disk(&r);
+    r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
+    // A write to the window completes on the old disk after its copy, before the suspend.
+    let (io, seen) = (r.io.clone(), r.watch.write_seen.clone());
+    r.dm.on_next_suspend(move || {
+        io.poke(SIM, MAIN, (D + 16) * 512, &[0x55u8; 512]).unwrap();
+        seen.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    r.engine.evacuate_step();
+    assert_eq!(
+        r.read_volume(16),
+        Some(vec![0x55u8; 512]),
+        "the write was not lost"
+    );
+}
+
+#[test]
+fn bad_evacuation_targets_are_refused_and_change_nothing() {
+    let mut r = rig(SimDm::new());
+    r.create_with_header().unwrap();
+    with_new_disk(&r);
+    let before = r.status();
+    let refused = |r: &mut Rig, to: &str, code: i32, says: &str| {
+        let e = r.engine.evacuate("v", Path::new(to), 0).unwrap_err();
+        assert_eq!(e.code_for_test(), code, "{to}: {e}");
+        assert!(e.to_string().contains(says), "{to}: {e}");
+    };
+    refused(
+        &mut r,
+        "/sim/tiny",
+        crate::control::exit::USAGE,
+        "needs at least",
+    );
+    refused(
+        &mut r,
+        "/sim/main",
+        crate::control::exit::USAGE,
+        "main device of `v` itself",
+    );
+    refused(
+        &mut r,
+        "/sim/s1",
+        crate::control::exit::REFUSED,
+        "already part of volume",
+    );
+    refused(
+        &mut r,
+        "/sim/nope",
+        crate::control::exit::USAGE,
+        "evacuation target",
+    );
+    r.io.set_in_use(
+        SIM,
+        NEW,
+        Some(crate::blockdev::InUse::Held {
+            holders: vec!["dm-9".into()],
+        }),
+    );
+    refused(&mut r, "/sim/new", crate::control::exit::REFUSED, "in use");
+    assert_eq!(r.status(), before, "nothing changed");
+    assert!(r.engine.evacuation("v").is_err());
+    assert!(r.engine.evacuate_abort("v").is_err());
+    r.io.set_in_use(SIM, NEW, None);
+    r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
+    refused(
+        &mut r,
+        "/sim/new",
+        crate::control::exit::REFUSED,
+        "already being evacuated",
+    );
+}
