@@ -31,8 +31,19 @@ pub const WINDOW_BYTES: u64 = 4 << 20;
 pub enum Moved {
     /// The window is where it was going; `bytes` were copied.
     Done { bytes: u64 },
-    /// These chunks could not be read where they are: they must be remapped first.
-    Unreadable(Vec<u64>),
+    /// These chunks cannot move: they could not be read where they are, or not written where
+    /// they go. They are remapped first (the copy reads them block by block, and their data
+    /// lives in the pool from then on); the window then moves without them.
+    Stuck(Vec<u64>),
+}
+
+/// What folding a batch of remaps in did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Folded {
+    Done,
+    /// The target refused the write of this chunk: it stays remapped (nothing of the batch
+    /// changed).
+    Unwritable(u64),
 }
 
 /// The next window of the sweep: forward from `done` (`0..chunks` towards the target), or back
@@ -110,7 +121,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(bad)) => {
                 self.watch.locate_window(&src, None);
-                return Ok(Moved::Unreadable(bad));
+                return Ok(Moved::Stuck(bad));
             }
             Err(e) => {
                 self.watch.locate_window(&src, None);
@@ -144,7 +155,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             }
             match again {
                 Ok(Ok(_)) => {}
-                Ok(Err(bad)) => return Ok(Moved::Unreadable(bad)),
+                Ok(Err(bad)) => return Ok(Moved::Stuck(bad)),
                 Err(e) => return Err(e),
             }
         }
@@ -162,7 +173,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     /// Folds remapped chunks `chunks` (of one region, with no pending block, below the sweep)
     /// into the target: their data copied from the spares under the region's suspend, their
     /// remaps deleted, their extents free again.
-    pub(crate) fn fold_remaps(&mut self, vol: &mut Volume, chunks: &[u64]) -> Result<()> {
+    pub(crate) fn fold_remaps(&mut self, vol: &mut Volume, chunks: &[u64]) -> Result<Folded> {
         let g = *vol.geo();
         let Some(target) = vol.target.clone() else {
             return Err(EngineError::Failed(
@@ -170,7 +181,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             ));
         };
         let Some(&first) = chunks.first() else {
-            return Ok(());
+            return Ok(Folded::Done);
         };
         let region = g.region_of_chunk(first);
         let regions = BTreeSet::from([region]);
@@ -194,6 +205,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             return Err(EngineError::Failed(format!("suspending {rn}: {e}")));
         }
         let toff = vol.target_offset();
+        let mut unwritable = None;
         let copied = prior.iter().try_for_each(|(c, r)| {
             let r = r.ok_or_else(|| format!("chunk {c} is not remapped"))?;
             let spare = &vol.spares[&r.extent.spare];
@@ -202,7 +214,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
                 .map_err(|e| format!("reading chunk {c} from {}: {e}", spare.path.display()))?;
             self.io
                 .write_at(&target, (toff + c * g.chunk) * SECTOR, &buf)
-                .map_err(|e| format!("writing chunk {c} to {}: {e}", target.path.display()))
+                .map_err(|e| {
+                    unwritable = Some(*c);
+                    format!("writing chunk {c} to {}: {e}", target.path.display())
+                })
         });
         let flushed = copied.and_then(|()| {
             self.io
@@ -211,6 +226,14 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         });
         if let Err(e) = flushed {
             self.drop_prepared(vol, &regions, &[region]);
+            if let Some(c) = unwritable {
+                self.defer(format!(
+                    "volume {}: {e}; chunk {c} stays in the pool",
+                    vol.config.name
+                ));
+                self.flush_deferred();
+                return Ok(Folded::Unwritable(c));
+            }
             return Err(EngineError::Failed(format!("folding remaps in: {e}")));
         }
         for c in chunks {
@@ -233,7 +256,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             }
         }
         self.mirror(vol, Some(chunks));
-        Ok(())
+        Ok(Folded::Done)
     }
 }
 
@@ -244,7 +267,8 @@ fn set_done(vol: &mut Volume, done: u64) {
 }
 
 /// Copies `runs` from `src` to `dst` (each at its offset, in sectors) and flushes `dst`: the
-/// bytes copied, or the chunks that could not be read (`Ok(Err)`); a failed write is an error.
+/// bytes copied, or the chunks that could not be read from `src` or written to `dst`
+/// (`Ok(Err)`); a failed flush is an error.
 fn copy_runs<D: DeviceMapper, I: BlockIo, W: Watch>(
     k: &Kernel<D, I, W>,
     g: &Geometry,
@@ -273,15 +297,15 @@ fn copy_runs<D: DeviceMapper, I: BlockIo, W: Watch>(
         if !bad.is_empty() {
             continue;
         }
-        k.io.write_at(dst, at(dst_off, run.start), data)
-            .map_err(|e| {
-                EngineError::Failed(format!(
-                    "writing chunks {}..{} to {}: {e}",
-                    run.start,
-                    run.end,
-                    dst.path.display()
-                ))
-            })?;
+        // A write the destination refuses: chunk by chunk, to name the ones it refuses.
+        if k.io.write_at(dst, at(dst_off, run.start), data).is_err() {
+            for (i, piece) in data.chunks(cb).enumerate() {
+                let c = run.start + i as u64;
+                if k.io.write_at(dst, at(dst_off, c), piece).is_err() {
+                    bad.push(c);
+                }
+            }
+        }
         bytes += len as u64;
     }
     if !bad.is_empty() {

@@ -10,7 +10,7 @@ use super::{Engine, EngineError, Result, Watch, lifecycle::new_uuid, views};
 use crate::{
     blockdev::BlockIo,
     dm::DeviceMapper,
-    evacuate::{Moved, WINDOW_BYTES, next_window},
+    evacuate::{Folded, Moved, WINDOW_BYTES, next_window},
     metadata::{Evacuation, codec::uuid_bytes, header},
     registry::same,
     remap::{REMAP_BATCH_MAX, RemapReport},
@@ -33,6 +33,8 @@ pub(crate) struct Progress {
     /// "done" or "aborted" once it ended.
     ended: Option<&'static str>,
     target: String,
+    /// Remapped chunks the target refused to take: they stay in the pool.
+    keep: BTreeSet<u64>,
 }
 
 impl Progress {
@@ -45,6 +47,7 @@ impl Progress {
             error: None,
             ended: None,
             target,
+            keep: BTreeSet::new(),
         }
     }
 }
@@ -315,11 +318,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             let mut buf = vec![0u8; WINDOW_BYTES.max(g.chunk * SECTOR) as usize];
             return match self.k.move_window(vol, w, e.aborting, &mut buf)? {
                 Moved::Done { bytes } => Ok(bytes),
-                Moved::Unreadable(bad) => {
+                Moved::Stuck(bad) => {
                     tracing::warn!(
                         volume = name,
                         chunks = bad.len(),
-                        "the evacuation could not read these chunks: remapping them first"
+                        first = bad[0],
+                        "the evacuation could not read or place these chunks: remapping them first"
                     );
                     let r = self.remap(name, bad.into_iter().collect())?;
                     let exhausted = !r.exhausted.is_empty();
@@ -339,12 +343,14 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 0
             });
         }
-        // Folded in region by region, at most a remap batch at a time.
+        // Folded in region by region, at most a remap batch at a time; a chunk the target
+        // refused stays in the pool.
+        let keep = &self.evacuations.get(name).expect("a due evacuation").keep;
         let fold: Vec<u64> = {
             let mut region = None;
             vol.remaps
                 .iter()
-                .filter(|(_, r)| r.pending == 0)
+                .filter(|(c, r)| r.pending == 0 && !keep.contains(c))
                 .map(|(c, _)| c)
                 .take_while(|c| {
                     *region.get_or_insert(g.region_of_chunk(*c)) == g.region_of_chunk(*c)
@@ -353,8 +359,14 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .collect()
         };
         if !fold.is_empty() {
-            self.k.fold_remaps(vol, &fold)?;
-            return Ok(fold.len() as u64 * g.chunk * SECTOR);
+            return match self.k.fold_remaps(vol, &fold)? {
+                Folded::Done => Ok(fold.len() as u64 * g.chunk * SECTOR),
+                Folded::Unwritable(c) => {
+                    let p = self.evacuations.get_mut(name).expect("a due evacuation");
+                    p.keep.insert(c);
+                    Ok(0)
+                }
+            };
         }
         self.evacuation_ends(name, true).map(|()| {
             out.ended = Some((name.to_owned(), "done"));

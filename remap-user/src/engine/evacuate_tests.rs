@@ -256,3 +256,24 @@ fn bad_evacuation_targets_are_refused_and_change_nothing() {
         "already being evacuated",
     );
 }
+
+#[test]
+fn chunks_the_new_disk_refuses_stay_in_the_pool_and_read_back() {
+    let mut r = rig(SimDm::new());
+    r.create_with_header().unwrap();
+    with_new_disk(&r);
+    // The new disk refuses writes at two of the volume's blocks: one the sweep copies, one a
+    // remap to be folded in.
+    r.engine.remap_add("v", 9000, 1).unwrap();
+    r.io.fail_writes(SIM, NEW, D + 5600..D + 5601);
+    r.io.fail_writes(SIM, NEW, D + 9000..D + 9001);
+    r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
+    assert_eq!(run_out(&mut r), "done");
+    let st = r.status();
+    assert_eq!(st["main"], "/sim/new");
+    assert_eq!(st["remaps"], 2, "{st}");
+    assert_eq!(st["pending"], 0, "{st}");
+    for s in samples(&r).into_iter().chain([5600, 9000]) {
+        assert_eq!(r.read_volume(s), Some(golden(D + s)), "sector {s}");
+    }
+}

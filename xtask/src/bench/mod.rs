@@ -3,7 +3,7 @@
 //!
 //! Parts: `host` (the eBPF programs on the host kernel's real CPU, with fio on a loop device),
 //! `files` (naming lost files on ext4, XFS and btrfs of 10,000 and 100,000 files, on the host),
-//! and three VM sections (`overhead`, `reaction`, `storm`), each one boot of the laboratory
+//! and four VM sections (`overhead`, `reaction`, `storm`, `evacuate`), each one boot of the laboratory
 //! running `tests/vm/bench/SECTION.sh`. Tables go to stdout; `DIR/bench.json` (every record
 //! and the numbers behind the tables), `DIR/bench.png` and `DIR/tables.md` are written;
 //! `--update-docs` puts the tables into docs/BENCHMARKS.md. Nothing here asserts a timing.
@@ -31,8 +31,8 @@ pub struct BenchArgs {
     /// Where bench.json, bench.png and tables.md go (default: target/bench).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Only these parts (repeatable): host, files, overhead, reaction, storm.
-    #[arg(long = "only", value_parser = ["host", "files", "overhead", "reaction", "storm"])]
+    /// Only these parts (repeatable): host, files, overhead, reaction, storm, evacuate.
+    #[arg(long = "only", value_parser = ["host", "files", "overhead", "reaction", "storm", "evacuate"])]
     pub only: Vec<String>,
     /// Guest kernel of the VM parts.
     #[arg(long, default_value = "6.12")]
@@ -65,6 +65,9 @@ fn parse_param(s: &str) -> Result<(String, String), String> {
 pub fn step(msg: &str) {
     eprintln!("[bench] {msg}");
 }
+
+/// The VM sections, in the order they run.
+const SECTIONS: [&str; 4] = ["overhead", "reaction", "storm", "evacuate"];
 
 const DOC_BEGIN: &str = "<!-- bench:begin (written by cargo xtask bench --update-docs) -->";
 const DOC_END: &str = "<!-- bench:end -->";
@@ -114,6 +117,10 @@ fn params(section: &str, quick: bool) -> Vec<(&'static str, String)> {
             p("STORM_RANGES", "500"),
             p("STORM_READERS", "4"),
             p("STORM_TIMEOUT", if q { "300" } else { "600" }),
+        ],
+        ("evacuate", q) => vec![
+            p("EVAC_MB", if q { "256" } else { "1024" }),
+            p("FG_S", if q { "5" } else { "10" }),
         ],
         _ => Vec::new(),
     }
@@ -177,7 +184,7 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
         .join(&a.kernel)
         .join("results.txt");
     let mut sections = Vec::new();
-    for section in ["overhead", "reaction", "storm"] {
+    for section in SECTIONS {
         if !want(section) {
             continue;
         }
@@ -218,6 +225,7 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
         overhead: find("overhead"),
         reaction: find("reaction"),
         storm: find("storm"),
+        evacuate: find("evacuate"),
     });
     rep.tables.extend(files_table);
 
@@ -240,7 +248,7 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
         Ok(()) => step(&format!("plot: {}", png.display())),
         Err(e) => step(&format!("no plot: {e:#}")),
     }
-    let all_params: serde_json::Map<String, serde_json::Value> = ["overhead", "reaction", "storm"]
+    let all_params: serde_json::Map<String, serde_json::Value> = SECTIONS
         .iter()
         .map(|s| {
             let m: std::collections::BTreeMap<_, _> = params(s, a.quick).into_iter().collect();

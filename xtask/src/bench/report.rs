@@ -76,6 +76,7 @@ pub struct Inputs<'a> {
     pub overhead: Option<&'a SectionRun>,
     pub reaction: Option<&'a SectionRun>,
     pub storm: Option<&'a SectionRun>,
+    pub evacuate: Option<&'a SectionRun>,
 }
 
 fn num(v: &Value, k: &str) -> f64 {
@@ -123,7 +124,7 @@ fn mib(kb: f64) -> String {
 
 pub fn build(inp: &Inputs) -> Report {
     let mut r = Report::default();
-    let tcg = [inp.overhead, inp.reaction, inp.storm]
+    let tcg = [inp.overhead, inp.reaction, inp.storm, inp.evacuate]
         .iter()
         .flatten()
         .find_map(|s| s.accel.clone())
@@ -140,6 +141,7 @@ pub fn build(inp: &Inputs) -> Report {
     overhead(&mut r, inp.overhead, &vm_note, host_complete_ns);
     reaction(&mut r, inp.reaction, &vm_note);
     storm(&mut r, inp.storm, &vm_note);
+    evacuate(&mut r, inp.evacuate, &vm_note);
     targets(&mut r);
     r
 }
@@ -1068,6 +1070,57 @@ fn storm(r: &mut Report, s: Option<&SectionRun>, vm_note: &str) {
         ),
     ]);
     r.numbers.insert("storm".into(), v.clone());
+    r.tables.push(t);
+}
+
+// VM: evacuation.
+
+fn evacuate(r: &mut Report, s: Option<&SectionRun>, vm_note: &str) {
+    let Some(s) = s else { return };
+    section_error(r, s);
+    let Some(v) = s.first("evacuate") else { return };
+    let bytes = num(v, "bytes");
+    let mibs = |us: f64| {
+        if us.is_finite() && us > 0.0 {
+            format!("{:.1} MiB/s", bytes / 1048576.0 / (us / 1e6))
+        } else {
+            "–".into()
+        }
+    };
+    let (dd, evac, loaded) = (num(v, "dd_us"), num(v, "evac_us"), num(v, "loaded_us"));
+    let mut t = Table::new(
+        "Evacuation (VM)",
+        &format!(
+            "`remapctl evacuate` of a {:.0} MiB volume onto a new disk, next to a plain sequential              copy of the same size between the same kinds of disks (dd, O_DIRECT, 4 MiB requests),              same boot; then moved back with a foreground reader (fio 4 KiB random reads, QD1)              running, its latency next to the same reader on the idle volume. Ratio = plain              copy time / evacuation time (target >= 0.8 with no foreground load). {vm_note}",
+            bytes / 1048576.0
+        ),
+        &[
+            "plain copy",
+            "evacuation",
+            "ratio",
+            "with a reader",
+            "reader idle: p50 / p99 / IOPS",
+            "reader during: p50 / p99 / IOPS",
+        ],
+    );
+    let rd = |k: &str| {
+        let x = &v[k];
+        format!(
+            "{} / {} / {:.0}",
+            ms(Some(num(x, "p50_us"))),
+            ms(Some(num(x, "p99_us"))),
+            num(x, "iops")
+        )
+    };
+    t.rows.push(vec![
+        mibs(dd),
+        mibs(evac),
+        ratio(dd, evac, 2),
+        mibs(loaded),
+        rd("idle"),
+        rd("during"),
+    ]);
+    r.numbers.insert("evacuate".into(), v.clone());
     r.tables.push(t);
 }
 
