@@ -277,3 +277,20 @@ fn chunks_the_new_disk_refuses_stay_in_the_pool_and_read_back() {
         assert_eq!(r.read_volume(s), Some(golden(D + s)), "sector {s}");
     }
 }
+
+#[test]
+fn an_error_on_the_old_main_for_a_chunk_already_moved_moves_nothing() {
+    let mut r = rig(SimDm::new());
+    r.create_with_header().unwrap();
+    with_new_disk(&r);
+    r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
+    r.engine.evacuate_step();
+    // Block 100 lives on the new disk now: the old disk's error there is stale.
+    r.io.fail_reads(SIM, MAIN, D + 800..D + 801);
+    assert!(r.error(MAIN, D + 800, 8).is_empty());
+    assert_eq!(r.status()["remaps"], 0);
+    assert_eq!(r.read_volume(800), Some(golden(D + 800)));
+    // One still on the old disk moves as ever.
+    r.io.fail_reads(SIM, MAIN, D + 40_000..D + 40_001);
+    assert_eq!(r.error(MAIN, D + 40_000, 8)[0].remapped, [5000]);
+}

@@ -159,7 +159,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 continue;
             }
             for c in range {
-                if v.remaps.get(c).is_some() {
+                if v.remaps.get(c).is_some() || c < v.evacuated() {
                     continue;
                 }
                 let seen = h.weak.entry(c).or_default();
@@ -184,8 +184,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     /// Which volume chunks an error event concerns, and whether the error names the chunk for
     /// sure (a request within one chunk) or only maybe (a larger request failed somewhere: the
     /// chunks move only if locating finds an unreadable block in them). Errors on the main
-    /// device matter for chunks still there (a chunk already moved is a stale report, e.g. from
-    /// locating it); errors on a spare matter for the chunk whose data lives there now.
+    /// device matter for chunks still there (a chunk already moved, to the pool or by an
+    /// evacuation, is a stale report, e.g. from locating it); errors on a spare matter for the chunk whose data lives there now.
     pub(crate) fn attribute(
         &self,
         dev: u32,
@@ -207,9 +207,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     continue;
                 }
                 let definite = range.end - range.start == 1;
+                // Chunks an evacuation moved to the new disk are not on the main any more.
                 out.extend(
                     range
-                        .filter(|c| v.remaps.get(*c).is_none())
+                        .filter(|c| *c >= v.evacuated() && v.remaps.get(*c).is_none())
                         .map(|c| (v.config.name.clone(), c, definite)),
                 );
             } else if let Member::Spare(slot) = member {
