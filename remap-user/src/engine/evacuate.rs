@@ -186,7 +186,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     volume: name.to_owned(),
                     state,
                     target: p.target.clone(),
-                    done_bytes: g.size * SECTOR,
+                    done_bytes: if state == "done" { g.size * SECTOR } else { 0 },
                     total_bytes: g.size * SECTOR,
                     remaps_to_fold: 0,
                     rate: 0,

@@ -63,6 +63,7 @@ fgjob() {
         echo "ioengine=psync"
         echo "verify=crc32c"
         echo "rw=randwrite"
+        echo "rate_iops=100"
         echo "randseed=$1"
         for o in "$@"; do case "$o" in *=*) echo "$o" ;; esac; done
         echo "[fg]"
@@ -266,11 +267,12 @@ if out=$(remapctl evacuate $VOL --to "$main" --rate 2 --background 2>&1); then
     while [ "$(json_num "$(evac)" done_bytes)" -lt $((8 * MIB)) ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
     head -c 4096 /dev/urandom >/tmp/blk
     dio-write $DEV 16 8 /tmp/blk && dd if=/tmp/blk of=/tmp/golden bs=4096 seek=2 conv=notrunc status=none
+    at=$(json_num "$(evac)" done_bytes)
     remapctl evacuate $VOL --abort >/dev/null
     if wait_state aborted 600; then
         st=$(status)
         expect_eq abort main "$new2" "$(json_str "$st" main)" && cmp_golden abort &&
-            pass abort "aborted at $(json_num "$(evac)" done_bytes) bytes; everything back on $new2"
+            pass abort "aborted at $at bytes; everything back on $new2; $(json_num "$st" remaps) remaps (chunks the old disk refused)"
     else
         fail abort "not aborted: $(evac)"
     fi
