@@ -22,9 +22,13 @@ use crate::{
     volume::{Geometry, Remap, SECTOR},
 };
 
-/// Bytes one window moves at most: the suspend it may need lasts one copy of this much, as a
-/// remap batch's does (1,024 chunks of 4 KiB).
+/// Bytes copied again under a suspend at most, when a write raced a window's copy: as long as
+/// a remap batch's copy (1,024 chunks of 4 KiB). Also the copy buffer, and the first window.
 pub const WINDOW_BYTES: u64 = 4 << 20;
+/// The largest window: a window switches with one table load, suspend, commit and resume, so
+/// idle stretches go in large windows; a write racing one sends the sweep back to
+/// [`WINDOW_BYTES`] (it is never copied again under the suspend: see [`Moved::Raced`]).
+pub const MAX_WINDOW_BYTES: u64 = 64 << 20;
 
 /// What one window did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +39,9 @@ pub enum Moved {
     /// they go. They are remapped first (the copy reads them block by block, and their data
     /// lives in the pool from then on); the window then moves without them.
     Stuck(Vec<u64>),
+    /// A write raced the copy of a window larger than [`WINDOW_BYTES`]: nothing changed (the
+    /// region was resumed on its old table); the sweep goes on in small windows.
+    Raced,
 }
 
 /// What folding a batch of remaps in did.
@@ -46,10 +53,11 @@ pub enum Folded {
     Unwritable(u64),
 }
 
-/// The next window of the sweep: forward from `done` (`0..chunks` towards the target), or back
-/// from `done` when aborting; never across a region, so that one region is suspended.
-pub fn next_window(g: &Geometry, done: u64, back: bool) -> Option<Range<u64>> {
-    let per = (WINDOW_BYTES / (g.chunk * SECTOR)).max(1);
+/// The next window of the sweep, at most `bytes` long: forward from `done` (`0..chunks`
+/// towards the target), or back from `done` when aborting; never across a region, so that one
+/// region is suspended.
+pub fn next_window(g: &Geometry, done: u64, back: bool, bytes: u64) -> Option<Range<u64>> {
+    let per = (bytes / (g.chunk * SECTOR)).max(1);
     let region_chunks = g.region / g.chunk;
     if back {
         if done == 0 {
@@ -147,8 +155,14 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             return Err(EngineError::Failed(format!("suspending {rn}: {e}")));
         }
         // Suspended: every write to the window has completed. One that did since the copy
-        // began is on the source only: the window is copied again.
+        // began is on the source only: the window is copied again, if it is small enough to
+        // be copied under a suspend; a large one is given up (the sweep goes on in small ones).
+        let small = (range.end - range.start) * g.chunk * SECTOR <= WINDOW_BYTES;
         if self.watch.locate_window(&src, None) {
+            if !small {
+                self.drop_prepared(vol, &regions, &[region]);
+                return Ok(Moved::Raced);
+            }
             let again = copy(self, buf);
             if !matches!(again, Ok(Ok(_))) {
                 self.drop_prepared(vol, &regions, &[region]);
@@ -280,7 +294,15 @@ fn copy_runs<D: DeviceMapper, I: BlockIo, W: Watch>(
     let cb = (g.chunk * SECTOR) as usize;
     let mut bytes = 0;
     let mut bad = Vec::new();
-    for run in runs {
+    // Runs cut to the buffer's size.
+    let per = (buf.len() / cb).max(1) as u64;
+    let pieces = runs.iter().flat_map(|r| {
+        (r.start..r.end)
+            .step_by(per as usize)
+            .map(move |a| a..(a + per).min(r.end))
+    });
+    for run in pieces {
+        let run = &run;
         let len = (run.end - run.start) as usize * cb;
         let data = &mut buf[..len];
         let at = |off: u64, c: u64| (off + c * g.chunk) * SECTOR;
@@ -324,18 +346,20 @@ mod tests {
     fn windows_stay_inside_regions_both_ways() {
         // 64 MiB, 4 KiB chunks, 6 MiB regions (the last one short): 1,536-chunk regions.
         let g = Geometry::new(64 << 20, 512, 4096, 6 << 20).unwrap();
-        assert_eq!(next_window(&g, 0, false), Some(0..1024));
-        assert_eq!(next_window(&g, 1024, false), Some(1024..1536));
-        assert_eq!(next_window(&g, 1536, false), Some(1536..2560));
-        assert_eq!(next_window(&g, 16_000, false), Some(16_000..16_384));
-        assert_eq!(next_window(&g, 16_384, false), None);
-        assert_eq!(next_window(&g, 1536, true), Some(512..1536));
-        assert_eq!(next_window(&g, 512, true), Some(0..512));
-        assert_eq!(next_window(&g, 1600, true), Some(1536..1600));
-        assert_eq!(next_window(&g, 0, true), None);
+        assert_eq!(next_window(&g, 0, false, WINDOW_BYTES), Some(0..1024));
+        assert_eq!(next_window(&g, 1024, false, WINDOW_BYTES), Some(1024..1536));
+        assert_eq!(next_window(&g, 1536, false, WINDOW_BYTES), Some(1536..2560));
+        assert_eq!(next_window(&g, 16_000, false, WINDOW_BYTES), Some(16_000..16_384));
+        assert_eq!(next_window(&g, 16_384, false, WINDOW_BYTES), None);
+        assert_eq!(next_window(&g, 1536, true, WINDOW_BYTES), Some(512..1536));
+        assert_eq!(next_window(&g, 512, true, WINDOW_BYTES), Some(0..512));
+        assert_eq!(next_window(&g, 1600, true, WINDOW_BYTES), Some(1536..1600));
+        assert_eq!(next_window(&g, 0, true, WINDOW_BYTES), None);
+        assert_eq!(next_window(&g, 0, false, MAX_WINDOW_BYTES), Some(0..1536));
+        assert_eq!(next_window(&g, 2000, true, MAX_WINDOW_BYTES), Some(1536..2000));
         let mut forward = Vec::new();
         let mut done = 0;
-        while let Some(w) = next_window(&g, done, false) {
+        while let Some(w) = next_window(&g, done, false, WINDOW_BYTES) {
             assert_eq!(g.region_of_chunk(w.start), g.region_of_chunk(w.end - 1));
             done = w.end;
             forward.push(w);
@@ -343,7 +367,7 @@ mod tests {
         assert_eq!(forward.first().map(|w| w.start), Some(0));
         assert!(forward.windows(2).all(|p| p[0].end == p[1].start));
         let mut back = done;
-        while let Some(w) = next_window(&g, back, true) {
+        while let Some(w) = next_window(&g, back, true, WINDOW_BYTES) {
             assert_eq!(w.end, back);
             assert_eq!(g.region_of_chunk(w.start), g.region_of_chunk(w.end - 1));
             back = w.start;

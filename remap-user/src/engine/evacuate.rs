@@ -10,7 +10,7 @@ use super::{Engine, EngineError, Result, Watch, lifecycle::new_uuid, views};
 use crate::{
     blockdev::BlockIo,
     dm::DeviceMapper,
-    evacuate::{Folded, Moved, WINDOW_BYTES, next_window},
+    evacuate::{Folded, MAX_WINDOW_BYTES, Moved, WINDOW_BYTES, next_window},
     metadata::{Evacuation, codec::uuid_bytes, header},
     registry::same,
     remap::{REMAP_BATCH_MAX, RemapReport},
@@ -35,6 +35,10 @@ pub(crate) struct Progress {
     target: String,
     /// Remapped chunks the target refused to take: they stay in the pool.
     keep: BTreeSet<u64>,
+    /// The next window's size in bytes (see [`crate::evacuate::MAX_WINDOW_BYTES`]).
+    window: u64,
+    /// The copy buffer, allocated once: nothing is allocated while a region is suspended.
+    buf: Vec<u8>,
 }
 
 impl Progress {
@@ -48,6 +52,8 @@ impl Progress {
             ended: None,
             target,
             keep: BTreeSet::new(),
+            window: WINDOW_BYTES,
+            buf: Vec::new(),
         }
     }
 }
@@ -314,10 +320,20 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 e.target_last_path
             )));
         }
-        if let Some(w) = next_window(&g, e.done, e.aborting) {
-            let mut buf = vec![0u8; WINDOW_BYTES.max(g.chunk * SECTOR) as usize];
-            return match self.k.move_window(vol, w, e.aborting, &mut buf)? {
+        let p = self.evacuations.get_mut(name).expect("a due evacuation");
+        if let Some(w) = next_window(&g, e.done, e.aborting, p.window) {
+            if p.buf.is_empty() {
+                p.buf = vec![0u8; WINDOW_BYTES.max(g.chunk * SECTOR) as usize];
+            }
+            let moved = self.k.move_window(vol, w, e.aborting, &mut p.buf);
+            // Idle stretches go in growing windows; a raced write or a bad area, small ones.
+            p.window = match &moved {
+                Ok(Moved::Done { .. }) => (p.window * 2).min(MAX_WINDOW_BYTES),
+                _ => WINDOW_BYTES,
+            };
+            return match moved? {
                 Moved::Done { bytes } => Ok(bytes),
+                Moved::Raced => Ok(0),
                 Moved::Stuck(bad) => {
                     tracing::warn!(
                         volume = name,

@@ -162,16 +162,18 @@ fn an_evacuation_resumes_after_a_reboot_where_its_metadata_says() {
     r.create_with_header().unwrap();
     with_new_disk(&r);
     r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
-    for _ in 0..6 {
+    for _ in 0..3 {
         r.engine.evacuate_step();
     }
+    let before = r.engine.evacuation("v").unwrap().done_bytes;
+    assert!(before > 0 && before < 62 * MIB, "{before}");
     let fresh = vec![0x44u8; 512];
     r.write_volume(8, &fresh);
     let mut b = r.reboot();
     let rep = b.engine.assemble(None);
     assert_eq!(rep[0].outcome, "created", "{rep:?}");
     let v = b.engine.evacuation("v").unwrap();
-    assert_eq!(v.done_bytes, 6 * 4 * MIB, "{v:?}");
+    assert_eq!(v.done_bytes, before, "{v:?}");
     assert_eq!(b.read_volume(8), Some(fresh.clone()));
     assert_eq!(run_out(&mut b), "done");
     assert_eq!(b.status()["main"], "/sim/new");
@@ -297,4 +299,36 @@ fn an_error_on_the_old_main_for_a_chunk_already_moved_moves_nothing() {
     // One still on the old disk moves as ever.
     r.io.fail_reads(SIM, MAIN, D + 40_000..D + 40_001);
     assert_eq!(r.error(MAIN, D + 40_000, 8)[0].remapped, [5000]);
+}
+
+#[test]
+fn a_write_racing_a_large_window_gives_it_up_and_the_sweep_goes_on_in_small_ones() {
+    let mut r = rig(SimDm::new());
+    r.create_with_header().unwrap();
+    with_new_disk(&r);
+    r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
+    r.engine.evacuate_step();
+    assert_eq!(r.engine.evacuation("v").unwrap().done_bytes, 4 * MIB);
+    // The next window is 8 MiB: too large to copy again under a suspend.
+    let (io, seen) = (r.io.clone(), r.watch.write_seen.clone());
+    let at = 4 * MIB / 512 + 16;
+    r.dm.on_next_suspend(move || {
+        io.poke(SIM, MAIN, (D + at) * 512, &[0x66u8; 512]).unwrap();
+        seen.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    r.engine.evacuate_step();
+    assert_eq!(
+        r.engine.evacuation("v").unwrap().done_bytes,
+        4 * MIB,
+        "given up, nothing moved"
+    );
+    assert_eq!(r.read_volume(at), Some(vec![0x66u8; 512]));
+    r.engine.evacuate_step();
+    assert_eq!(
+        r.engine.evacuation("v").unwrap().done_bytes,
+        8 * MIB,
+        "then a small window"
+    );
+    assert_eq!(run_out(&mut r), "done");
+    assert_eq!(r.read_volume(at), Some(vec![0x66u8; 512]));
 }

@@ -21,12 +21,17 @@ bytes=$(status_num size_bytes)
 
 # wait_done: polls until the evacuation ended; prints the microseconds it took from $1.
 wait_done() {
-    local t0=$1 st
+    local t0=$1 st n=0
     while :; do
-        st=$(remapctl --json evacuate $VOL --status 2>/dev/null)
+        st=$(remapctl --json evacuate $VOL --status 2>&1)
         case "$(json_str "$st" state)" in
         done | aborted) break ;;
         esac
+        n=$((n + 1))
+        if [ $n -gt 6000 ]; then
+            progress "evacuation not done after 300 s: $st; $(tail -5 "$LOG" | tr '\n' ' ')"
+            exit 1
+        fi
         sleep 0.05
     done
     echo $(($(now_us) - t0))
