@@ -29,7 +29,7 @@ wait_done() {
         esac
         n=$((n + 1))
         if [ $n -gt 6000 ]; then
-            progress "evacuation not done after 300 s: $st; $(tail -5 "$LOG" | tr '\n' ' ')"
+            progress "evacuation not done after 300 s: $st; $(tail -5 "$LOG" | tr '\n' ' ')" >&2
             exit 1
         fi
         sleep 0.05
