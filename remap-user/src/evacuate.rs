@@ -349,14 +349,20 @@ mod tests {
         assert_eq!(next_window(&g, 0, false, WINDOW_BYTES), Some(0..1024));
         assert_eq!(next_window(&g, 1024, false, WINDOW_BYTES), Some(1024..1536));
         assert_eq!(next_window(&g, 1536, false, WINDOW_BYTES), Some(1536..2560));
-        assert_eq!(next_window(&g, 16_000, false, WINDOW_BYTES), Some(16_000..16_384));
+        assert_eq!(
+            next_window(&g, 16_000, false, WINDOW_BYTES),
+            Some(16_000..16_384)
+        );
         assert_eq!(next_window(&g, 16_384, false, WINDOW_BYTES), None);
         assert_eq!(next_window(&g, 1536, true, WINDOW_BYTES), Some(512..1536));
         assert_eq!(next_window(&g, 512, true, WINDOW_BYTES), Some(0..512));
         assert_eq!(next_window(&g, 1600, true, WINDOW_BYTES), Some(1536..1600));
         assert_eq!(next_window(&g, 0, true, WINDOW_BYTES), None);
         assert_eq!(next_window(&g, 0, false, MAX_WINDOW_BYTES), Some(0..1536));
-        assert_eq!(next_window(&g, 2000, true, MAX_WINDOW_BYTES), Some(1536..2000));
+        assert_eq!(
+            next_window(&g, 2000, true, MAX_WINDOW_BYTES),
+            Some(1536..2000)
+        );
         let mut forward = Vec::new();
         let mut done = 0;
         while let Some(w) = next_window(&g, done, false, WINDOW_BYTES) {

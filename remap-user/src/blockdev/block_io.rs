@@ -180,21 +180,30 @@ pub(super) const MAX_IO: usize = 1 << 20;
 const MIN_ALIGN: u64 = 4096;
 
 /// A heap buffer of `len` bytes aligned to `align`, without unsafe code: the slack in front
-/// is skipped.
-struct Aligned {
+/// is skipped. A buffer that large copies go through (an evacuation's) is one of these, so
+/// that O_DIRECT takes it as it is instead of through a bounce buffer.
+pub struct Aligned {
     raw: Vec<u8>,
     start: usize,
     len: usize,
 }
 
 impl Aligned {
-    fn new(len: usize, align: usize) -> Self {
+    pub fn new(len: usize, align: usize) -> Self {
         let raw = vec![0u8; len + align];
         let start = raw.as_ptr().align_offset(align);
         Self { raw, start, len }
     }
-    fn buf(&mut self) -> &mut [u8] {
+    pub fn buf(&mut self) -> &mut [u8] {
         &mut self.raw[self.start..self.start + self.len]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 

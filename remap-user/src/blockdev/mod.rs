@@ -20,7 +20,7 @@ mod size;
 #[cfg(test)]
 mod tests;
 
-pub use block_io::{BlockIo, DirectIo};
+pub use block_io::{Aligned, BlockIo, DirectIo};
 pub use identity::{DevIdentity, IdentityMatch, parse_vpd_pg80};
 pub use in_use::{
     DevNo, InUse, Lower, Span, device_spans, dm_lowers, parse_mountinfo, resolve_spans,

@@ -8,7 +8,7 @@ use std::{
 
 use super::{Engine, EngineError, Result, Watch, lifecycle::new_uuid, views};
 use crate::{
-    blockdev::BlockIo,
+    blockdev::{Aligned, BlockIo},
     dm::DeviceMapper,
     evacuate::{Folded, MAX_WINDOW_BYTES, Moved, WINDOW_BYTES, next_window},
     metadata::{Evacuation, codec::uuid_bytes, header},
@@ -22,7 +22,6 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(10);
 
 /// What the running agent knows of an evacuation beyond its metadata: pace, speed, errors,
 /// and how the last one ended.
-#[derive(Clone, Debug)]
 pub(crate) struct Progress {
     started: Instant,
     /// Bytes copied since this agent took the evacuation up.
@@ -37,8 +36,9 @@ pub(crate) struct Progress {
     keep: BTreeSet<u64>,
     /// The next window's size in bytes (see [`crate::evacuate::MAX_WINDOW_BYTES`]).
     window: u64,
-    /// The copy buffer, allocated once: nothing is allocated while a region is suspended.
-    buf: Vec<u8>,
+    /// The copy buffer, allocated once (nothing is allocated while a region is suspended)
+    /// and page-aligned (O_DIRECT takes it without a bounce buffer).
+    buf: Aligned,
 }
 
 impl Progress {
@@ -53,7 +53,7 @@ impl Progress {
             target,
             keep: BTreeSet::new(),
             window: WINDOW_BYTES,
-            buf: Vec::new(),
+            buf: Aligned::new(0, 1),
         }
     }
 }
@@ -323,9 +323,9 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let p = self.evacuations.get_mut(name).expect("a due evacuation");
         if let Some(w) = next_window(&g, e.done, e.aborting, p.window) {
             if p.buf.is_empty() {
-                p.buf = vec![0u8; WINDOW_BYTES.max(g.chunk * SECTOR) as usize];
+                p.buf = Aligned::new(WINDOW_BYTES.max(g.chunk * SECTOR) as usize, 4096);
             }
-            let moved = self.k.move_window(vol, w, e.aborting, &mut p.buf);
+            let moved = self.k.move_window(vol, w, e.aborting, p.buf.buf());
             // Idle stretches go in growing windows; a raced write or a bad area, small ones.
             p.window = match &moved {
                 Ok(Moved::Done { .. }) => (p.window * 2).min(MAX_WINDOW_BYTES),

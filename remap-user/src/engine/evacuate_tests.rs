@@ -241,7 +241,12 @@ fn bad_evacuation_targets_are_refused_and_change_nothing() {
     // A device over the main's own sectors (a partition of it, a linear device on it).
     r.io.add_disk("/sim/part", SIM, 21, 64 * MIB, 512);
     r.io.set_part_of((SIM, 21), (SIM, MAIN), 0, 64 * MIB / 512);
-    refused(&mut r, "/sim/part", crate::control::exit::REFUSED, "overlaps");
+    refused(
+        &mut r,
+        "/sim/part",
+        crate::control::exit::REFUSED,
+        "overlaps",
+    );
     r.io.set_in_use(
         SIM,
         NEW,

@@ -119,8 +119,9 @@ fn params(section: &str, quick: bool) -> Vec<(&'static str, String)> {
             p("STORM_TIMEOUT", if q { "300" } else { "600" }),
         ],
         ("evacuate", q) => vec![
-            p("EVAC_MB", if q { "256" } else { "1024" }),
+            p("EVAC_MB", if q { "64" } else { "160" }),
             p("FG_S", if q { "5" } else { "10" }),
+            p("FG_IOPS", "2000"),
         ],
         _ => Vec::new(),
     }

@@ -1091,8 +1091,13 @@ fn evacuate(r: &mut Report, s: Option<&SectionRun>, vm_note: &str) {
     let mut t = Table::new(
         "Evacuation (VM)",
         &format!(
-            "`remapctl evacuate` of a {:.0} MiB volume onto a new disk, next to a plain sequential              copy of the same size between the same kinds of disks (dd, O_DIRECT, 4 MiB requests),              same boot; then moved back with a foreground reader (fio 4 KiB random reads, QD1)              running, its latency next to the same reader on the idle volume. Ratio = plain              copy time / evacuation time (target >= 0.8 with no foreground load). {vm_note}",
-            bytes / 1048576.0
+            "`remapctl evacuate` of a {:.0} MiB volume onto a new disk, next to a plain sequential \
+             copy of the same size between the same kinds of disks (dd, O_DIRECT, 4 MiB requests), \
+             same boot; another volume moved with a foreground reader (fio 4 KiB random reads, QD1, {} \
+             a second) running, its latency next to the same reader on the idle volume. Ratio = \
+             plain copy time / evacuation time (target >= 0.8 with no foreground load). {vm_note}",
+            bytes / 1048576.0,
+            num(v, "fg_iops"),
         ),
         &[
             "plain copy",
