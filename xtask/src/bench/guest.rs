@@ -152,8 +152,9 @@ fn run_once(
     let started = std::time::SystemTime::now();
     let console_path = dir.join(format!("{section}.console.log"));
     let mut console = fs::File::create(&console_path)?;
-    let mut child = Command::new(exe)
-        .env(crate::vm::MTTCG_ENV, "1")
+    let mut cmd = Command::new(exe);
+    cmd.env(crate::vm::MTTCG_ENV, "1");
+    let mut child = cmd
         .args(["vm", "exec", "--kernel", kernel, "--timeout"])
         .arg(timeout.as_secs().to_string())
         .arg(script)

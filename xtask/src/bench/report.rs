@@ -1101,8 +1101,9 @@ fn evacuate(r: &mut Report, s: Option<&SectionRun>, vm_note: &str) {
         ),
         &[
             "plain copy",
-            "evacuation",
+            "evacuation (agent's log)",
             "ratio",
+            "evacuation (remapctl, polled)",
             "with a reader",
             "reader idle: p50 / p99 / IOPS",
             "reader during: p50 / p99 / IOPS",
@@ -1121,6 +1122,7 @@ fn evacuate(r: &mut Report, s: Option<&SectionRun>, vm_note: &str) {
         mibs(dd),
         mibs(evac),
         ratio(dd, evac, 2),
+        mibs(num(v, "wall_us")),
         mibs(loaded),
         rd("idle"),
         rd("during"),
