@@ -1,5 +1,5 @@
 //! `remapctl evacuate`: start, watch, abort the move of a volume onto a new disk.
-use std::{io::IsTerminal as _, path::Path, time::Duration};
+use std::path::Path;
 
 use anyhow::Result;
 use remap_user::{
@@ -8,7 +8,11 @@ use remap_user::{
 };
 use serde_json::Value;
 
-use crate::{client::call, print::report_error};
+use crate::{
+    client::call,
+    follow::{Job, follow},
+    print::report_error,
+};
 
 /// Sends `req`; unless `once`, follows the evacuation with a progress bar until it ends.
 pub(crate) fn evacuate(
@@ -31,46 +35,24 @@ pub(crate) fn evacuate(
         }
         return Ok(exit::OK);
     }
-    follow(socket, name, resp.data, json)
+    follow_evacuation(socket, name, resp.data, json)
 }
 
-fn follow(socket: &Path, name: &str, mut st: Value, json: bool) -> Result<i32> {
-    let total = st["total_bytes"].as_u64().unwrap_or(0);
-    let bar = if std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new(total)
-    } else {
-        indicatif::ProgressBar::hidden()
+fn follow_evacuation(socket: &Path, name: &str, st: Value, json: bool) -> Result<i32> {
+    let job = Job {
+        prefix: format!("evacuate {name}"),
+        status: &Request::EvacuateStatus {
+            name: name.to_owned(),
+        },
+        position: "done_bytes",
+        total: "total_bytes",
+        message,
+        running: |st| !matches!(st["state"].as_str(), Some("done" | "aborted")),
     };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix} [{wide_bar}] {bytes}/{total_bytes} {percent:>3}%  {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(format!("evacuate {name}"));
-    loop {
-        bar.set_position(st["done_bytes"].as_u64().unwrap_or(0));
-        bar.set_message(message(&st));
-        if matches!(st["state"].as_str(), Some("done" | "aborted")) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-        let resp = call(
-            socket,
-            &Request::EvacuateStatus {
-                name: name.to_owned(),
-            },
-            None,
-        )?;
-        if let Some(e) = &resp.error {
-            bar.abandon();
-            report_error(json, resp.code, e);
-            return Ok(resp.code);
-        }
-        st = resp.data;
-    }
-    bar.finish_and_clear();
+    let st = match follow(socket, job, st, json)? {
+        Ok(st) => st,
+        Err(code) => return Ok(code),
+    };
     if json {
         println!("{st}");
     } else {

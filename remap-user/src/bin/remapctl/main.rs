@@ -6,6 +6,7 @@ mod counters;
 mod debug;
 mod evacuate;
 mod events;
+mod follow;
 mod generate;
 mod health;
 mod member;

@@ -1,5 +1,5 @@
 //! `remapctl scrub`: start, stop, watch a volume's background read of its main device.
-use std::{io::IsTerminal as _, path::Path, time::Duration};
+use std::path::Path;
 
 use anyhow::Result;
 use remap_user::{
@@ -8,7 +8,11 @@ use remap_user::{
 };
 use serde_json::Value;
 
-use crate::{client::call, print::report_error};
+use crate::{
+    client::call,
+    follow::{Job, follow},
+    print::report_error,
+};
 
 /// `--rate`: MiB/s as a number (fractions allowed), 0 or `none` for no limit; in bytes/s.
 pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
@@ -64,52 +68,32 @@ pub(crate) fn scrub(socket: &Path, name: &str, o: ScrubOpts, json: bool) -> Resu
 }
 
 /// Polls the status until the scrub ends, with a progress bar on a terminal.
-fn follow_scrub(socket: &Path, name: &str, mut st: Value, json: bool) -> Result<i32> {
-    let total = st["total_bytes"].as_u64().unwrap_or(0);
-    let bar = if std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new(total)
-    } else {
-        indicatif::ProgressBar::hidden()
+fn follow_scrub(socket: &Path, name: &str, st: Value, json: bool) -> Result<i32> {
+    let job = Job {
+        prefix: format!("scrub {name}"),
+        status: &AgentRequest::ScrubStatus {
+            name: name.to_owned(),
+        },
+        position: "position_bytes",
+        total: "total_bytes",
+        message: |st| {
+            let eta = st["eta_secs"]
+                .as_f64()
+                .map_or_else(|| "?".into(), remap_user::health::human);
+            format!(
+                "{}  {} bad  ETA {eta}",
+                st["throughput_bytes_per_sec"]
+                    .as_u64()
+                    .map_or_else(|| "-".into(), |t| format!("{}/s", bytes(t))),
+                st["bad_chunks"].as_u64().unwrap_or(0),
+            )
+        },
+        running: |st| st["state"] == "running",
     };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix} [{wide_bar}] {bytes}/{total_bytes} {percent:>3}%  {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(format!("scrub {name}"));
-    loop {
-        bar.set_position(st["position_bytes"].as_u64().unwrap_or(0));
-        let eta = st["eta_secs"]
-            .as_f64()
-            .map_or_else(|| "?".into(), remap_user::health::human);
-        bar.set_message(format!(
-            "{}  {} bad  ETA {eta}",
-            st["throughput_bytes_per_sec"]
-                .as_u64()
-                .map_or_else(|| "-".into(), |t| format!("{}/s", bytes(t))),
-            st["bad_chunks"].as_u64().unwrap_or(0),
-        ));
-        if st["state"] != "running" {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-        let resp = call(
-            socket,
-            &AgentRequest::ScrubStatus {
-                name: name.to_owned(),
-            },
-            None,
-        )?;
-        if let Some(e) = &resp.error {
-            bar.abandon();
-            report_error(json, resp.code, e);
-            return Ok(resp.code);
-        }
-        st = resp.data;
-    }
-    bar.finish_and_clear();
+    let st = match follow(socket, job, st, json)? {
+        Ok(st) => st,
+        Err(code) => return Ok(code),
+    };
     if json {
         println!("{st}");
     } else {
