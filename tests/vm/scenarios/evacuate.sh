@@ -97,17 +97,18 @@ cmp_golden() {
     for m in $(seq 0 $((SIZE / MIB - 1))); do
         case " $PENDING_MIBS " in
         *" $m "*)
-            # One pass of 4 KiB reads going on past errors (a failed block reads as zeros),
-            # against the golden MiB with the pending blocks zeroed; each of those must fail.
-            /usr/bin/dd if=$DEV of=/tmp/got bs=4096 skip=$((m * 256)) count=256 iflag=direct \
+            # One pass of 512-byte reads (the unit blocks are pending in here) going on past
+            # errors (a failed one reads as zeros), against the golden MiB with the pending
+            # sectors zeroed; each of those must fail.
+            /usr/bin/dd if=$DEV of=/tmp/got bs=512 skip=$((m * 2048)) count=2048 iflag=direct \
                 conv=noerror,sync status=none 2>/dev/null
             dd if=/tmp/golden of=/tmp/want bs=1M skip=$m count=1 status=none
-            for b in $PENDING_BLOCKS; do
-                [ $((b / 256)) = $m ] || continue
-                dd if=/dev/zero of=/tmp/want bs=4096 seek=$((b - m * 256)) count=1 conv=notrunc status=none
-                dio-read $DEV $((b * 8)) 8 2>/dev/null && { fail "$1" "pending block $b read"; ok=0; }
+            for p in $PENDING_SECTORS; do
+                [ $((p / 2048)) = $m ] || continue
+                dd if=/dev/zero of=/tmp/want bs=512 seek=$((p - m * 2048)) count=1 conv=notrunc status=none
+                dio-read $DEV $p 1 2>/dev/null && { fail "$1" "pending sector $p read"; ok=0; }
             done
-            cmp -s /tmp/got /tmp/want || { fail "$1" "MiB $m (with pending blocks) differs"; ok=0; }
+            cmp -s /tmp/got /tmp/want || { fail "$1" "MiB $m (with pending sectors) differs"; ok=0; }
             ;;
         *)
             dd if=$DEV of=/tmp/got bs=1M skip=$m count=1 iflag=direct status=none 2>/dev/null ||
@@ -135,6 +136,7 @@ dd if=/tmp/golden of=$DEV bs=1M oflag=direct status=none
 PB1=1000                      # pending from the start (volume block, 4 KiB)
 PB2=$((SIZE / 4096 - 300))    # goes bad on the old disk after the evacuation started
 PENDING_BLOCKS="$PB1 $PB2"
+PENDING_SECTORS="$((PB1 * 8 + 3)) $((PB2 * 8 + 5))" # the bad sectors added below
 PENDING_MIBS="$((PB1 / 256)) $((PB2 / 256))"
 nullb bad add "$main" $((D + PB1 * 8 + 3))-$((D + PB1 * 8 + 3))
 dio-read $DEV $((PB1 * 8)) 8 2>/dev/null && info "block $PB1 read"
@@ -213,6 +215,7 @@ error-reads)
         fail rewrite-pending "rewrite of block $PB1 failed"
     fi
     PENDING_BLOCKS=$PB2
+    PENDING_SECTORS=$((PB2 * 8 + 5))
     ;;
 *)
     skip rewrite-pending "kernel $VM_KERNEL: no dm-flakey error_reads; a pending block refuses writes too"
