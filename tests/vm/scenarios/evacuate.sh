@@ -97,18 +97,21 @@ cmp_golden() {
     for m in $(seq 0 $((SIZE / MIB - 1))); do
         case " $PENDING_MIBS " in
         *" $m "*)
-            # One pass of 512-byte reads (the unit blocks are pending in here) going on past
-            # errors (a failed one reads as zeros), against the golden MiB with the pending
-            # sectors zeroed; each of those must fail.
-            /usr/bin/dd if=$DEV of=/tmp/got bs=512 skip=$((m * 2048)) count=2048 iflag=direct \
-                conv=noerror,sync status=none 2>/dev/null
-            dd if=/tmp/golden of=/tmp/want bs=1M skip=$m count=1 status=none
-            for p in $PENDING_SECTORS; do
-                [ $((p / 2048)) = $m ] || continue
-                dd if=/dev/zero of=/tmp/want bs=512 seek=$((p - m * 2048)) count=1 conv=notrunc status=none
-                dio-read $DEV $p 1 2>/dev/null && { fail "$1" "pending sector $p read"; ok=0; }
+            # The pending sectors must fail reads; the stretches between them (one O_DIRECT
+            # read each) must match.
+            a=$((m * 2048))
+            for p in $(printf '%s\n' $PENDING_SECTORS $(((m + 1) * 2048)) | sort -n); do
+                [ "$p" -ge "$a" ] && [ "$p" -le $(((m + 1) * 2048)) ] || continue
+                if [ "$p" -gt "$a" ]; then
+                    dio-read $DEV "$a" $((p - a)) /tmp/got 2>/dev/null || { fail "$1" "sectors $a-$((p - 1)) fail reads"; ok=0; }
+                    dd if=/tmp/golden of=/tmp/want bs=512 skip="$a" count=$((p - a)) status=none
+                    cmp -s /tmp/got /tmp/want || { fail "$1" "sectors $a-$((p - 1)) differ"; ok=0; }
+                fi
+                if [ "$p" -lt $(((m + 1) * 2048)) ]; then
+                    dio-read $DEV "$p" 1 2>/dev/null && { fail "$1" "pending sector $p read"; ok=0; }
+                fi
+                a=$((p + 1))
             done
-            cmp -s /tmp/got /tmp/want || { fail "$1" "MiB $m (with pending sectors) differs"; ok=0; }
             ;;
         *)
             dd if=$DEV of=/tmp/got bs=1M skip=$m count=1 iflag=direct status=none 2>/dev/null ||
