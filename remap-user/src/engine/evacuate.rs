@@ -425,17 +425,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             let _ = header::erase(&self.k.io, &left);
         }
         // Pending chunks stay on their spares; their watch follows nothing on the main.
-        let pending: BTreeSet<u64> = vol
-            .remaps
-            .iter()
-            .filter(|(_, r)| r.pending != 0)
-            .map(|(c, _)| c)
-            .collect();
+        let pending = vol.remaps.iter().filter(|(_, r)| r.pending != 0).count();
         tracing::info!(
             volume = name,
             main = %vol.main.path.display(),
             released = %left.path.display(),
-            pending_chunks = pending.len(),
+            pending_chunks = pending,
             "evacuation {}",
             if done { "done: the new disk is the main" } else { "aborted: the volume is on its old main" }
         );
