@@ -9,7 +9,7 @@
 //! not touched by the sweep: they keep serving from their spares, so `--abort` can take every
 //! chunk back to the old main as it was. Pending chunks stay on their spares for good (their
 //! blocks keep failing reads until rewritten).
-use std::{collections::BTreeSet, ops::Range};
+use std::{collections::BTreeSet, ops::Range, time::Instant};
 
 use crate::{
     blockdev::{BlockDev, BlockIo},
@@ -125,6 +125,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         let copy = |k: &Self, buf: &mut [u8]| {
             copy_runs(k, &g, &runs, (&src, src_off), (&dst, dst_off), buf)
         };
+        let started = Instant::now();
         let bytes = match copy(self, buf) {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(bad)) => {
@@ -137,6 +138,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             }
         };
         crash_point("evacuate-after-copy");
+        let copied = Instant::now();
 
         // The region's table with the window moved, prepared while I/O still flows.
         let was = vol.evacuated();
@@ -149,11 +151,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             self.drop_prepared(vol, &regions, &[]);
             return Err(EngineError::Failed(format!("loading {rn}: {e}")));
         }
+        let loaded = Instant::now();
         if let Err(e) = self.dm.suspend(&rn) {
             self.watch.locate_window(&src, None);
             self.drop_prepared(vol, &regions, &[]);
             return Err(EngineError::Failed(format!("suspending {rn}: {e}")));
         }
+        let suspended = Instant::now();
         // Suspended: every write to the window has completed. One that did since the copy
         // began is on the source only: the window is copied again, if it is small enough to
         // be copied under a suspend; a large one is given up (the sweep goes on in small ones).
@@ -181,6 +185,18 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         }
         crash_point("evacuate-after-commit");
         self.resume_all(&vol.config.name, &[region]);
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        let now = Instant::now();
+        tracing::debug!(
+            volume = vol.config.name,
+            chunks = range.end - range.start,
+            bytes,
+            copy_ms = ms(started, copied),
+            load_ms = ms(copied, loaded),
+            suspend_ms = ms(loaded, suspended),
+            suspended_ms = ms(suspended, now),
+            "window moved"
+        );
         Ok(Moved::Done { bytes })
     }
 

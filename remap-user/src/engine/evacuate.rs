@@ -393,6 +393,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     /// The end: the target becomes the main (`done`), or is let go (aborted). One checkpoint
     /// records it; the tables need no change (they already map every chunk where it is).
     fn evacuation_ends(&mut self, name: &str, done: bool) -> Result<()> {
+        let started = Instant::now();
         let vol = self.volumes.get_mut(name).expect("a due volume");
         let chunk_bytes = vol.geo().chunk * SECTOR;
         // The header of the disk let go is erased only where remap wrote one: an in-place
@@ -431,6 +432,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             main = %vol.main.path.display(),
             released = %left.path.display(),
             pending_chunks = pending,
+            end_ms = started.elapsed().as_millis() as u64,
             "evacuation {}",
             if done { "done: the new disk is the main" } else { "aborted: the volume is on its old main" }
         );

@@ -9,7 +9,7 @@
 emit_guest
 # The agent's own "evacuation started" and "done" lines time it (a remapctl call under TCG
 # costs a tenth of a second: polling would be part of what is measured).
-export REMAP_LOG=info
+export REMAP_LOG=info,remap_user::evacuate=debug
 nb_create 0 $((EVAC_MB + 2)) 1
 nb_create 1 $((EVAC_MB + 2)) 1
 nb_create 2 32 1
@@ -59,7 +59,24 @@ log_us() {
 # foreground load that leaves the guest's CPUs room); fio's JSON to OUT.
 fio_reader() {
     fio --name=fg --filename=/dev/mapper/$VOL --rw=randread --bs=4k --direct=1 --ioengine=psync \
-        --rate_iops="$FG_IOPS" --time_based --runtime="$1" --output-format=json >"$2" 2>/dev/null
+        --rate_iops="$FG_IOPS" --time_based --runtime="$1" --output-format=json $FIO_EXTRA >"$2" 2>/dev/null
+}
+# lat_between LOG FROM_MS TO_MS: {"iops":..,"p50_us":..,"p99_us":..} of the reads in fio's
+# latency log LOG (unix epoch milliseconds, nanoseconds) that completed between FROM and TO.
+lat_between() {
+    awk -F', *' -v a="$2" -v b="$3" '$1 % 86400000 >= a && $1 % 86400000 <= b { print $2 }' "$1" | sort -n | awk -v ms=$(($3 - $2)) '
+        { v[NR] = $1 }
+        END {
+            if (NR == 0) { printf "{\"iops\":0,\"p50_us\":0,\"p99_us\":0}"; exit }
+            printf "{\"iops\":%.1f,\"p50_us\":%.1f,\"p99_us\":%.1f}", NR * 1000 / ms,
+                v[int((NR - 1) * 0.5) + 1] / 1000, v[int((NR - 1) * 0.99) + 1] / 1000
+        }'
+}
+# log_ms VOLUME started|done: the agent's line for VOLUME's evacuation, in milliseconds since
+# midnight (UTC, as the log's stamps and fio's epoch times both are).
+log_ms() {
+    grep -E "evacuation $2.* volume=\"?$1\"? " "$LOG" | head -1 | awk '
+        { split($1, t, "T"); split(t[2], h, ":"); printf "%d", (h[1] * 3600 + h[2] * 60 + h[3]) * 1000 }'
 }
 lat() { # lat FIO_JSON: {"iops":..,"p50_us":..,"p99_us":..}
     awk '
@@ -77,25 +94,32 @@ for i in 1 2; do
     dd_us=$(($(now_us) - t0))
 done
 dd if=/dev/zero of=/dev/nullb1 bs=1M count=4 oflag=direct status=none
+# The evacuations' targets written once before, as dd's was: null_blk allocates its memory on
+# a sector's first write, a cost no disk has (it made the evacuation look 3 times slower).
+dd if=/dev/zero of=/dev/nullb5 bs=1M count=$((EVAC_MB + 2)) oflag=direct status=none
 progress "plain copy of $((bytes >> 20)) MiB: $((dd_us / 1000)) ms"
 
-# With FG_S > 0, `vol` moves while a foreground reader runs (see the header): off by default
-# while the hang it met in the benchmark guest is not understood.
+# With FG_S > 0, `vol` moves while a foreground reader runs (see the header).
 loaded_us=0 idle='{}' during='{}'
 if [ "$FG_S" -gt 0 ]; then
     fio_reader "$FG_S" /tmp/idle.json
     idle=$(lat /tmp/idle.json)
     progress "reader on the idle volume: $idle"
-    fio_reader 3600 /tmp/during.json &
+    # The reader logs each read's latency with its time; the ones that completed between the
+    # agent's "started" and "done" lines are the reader during the evacuation.
+    FIO_EXTRA="--write_lat_log=/tmp/fg --log_unix_epoch=1" fio_reader 3600 /tmp/during.json &
     fpid=$!
     sleep 1
     t0=$(now_us)
     out=$(timeout 120 remapctl evacuate $VOL --to /dev/nullb1 --background 2>&1) ||
         { progress "evacuate failed: $out"; exit 1; }
-    loaded_us=$(wait_done $VOL "$t0")
-    kill -INT $fpid
+    wait_done $VOL "$t0" >/dev/null
+    loaded_us=$(log_us $VOL)
+    # $fpid is the subshell running fio_reader: SIGINT goes to fio itself (its child), which
+    # then stops and writes its report; the subshell would only wait for it.
+    kill -INT $(cat /proc/$fpid/task/$fpid/children)
     wait $fpid
-    during=$(lat /tmp/during.json)
+    during=$(lat_between /tmp/fg_lat.1.log "$(log_ms $VOL started)" "$(log_ms $VOL done)")
     progress "evacuation with a reader: $((loaded_us / 1000)) ms; reader: $during"
 fi
 
@@ -105,5 +129,6 @@ wall_us=$(wait_done quiet "$t0")
 evac_us=$(log_us quiet)
 progress "evacuation: $((evac_us / 1000)) ms by the agent's log, $((wall_us / 1000)) ms by remapctl"
 emit evacuate "{\"bytes\":$bytes,\"fg_iops\":$FG_IOPS,\"dd_us\":$dd_us,\"evac_us\":$evac_us,\"wall_us\":$wall_us,\"loaded_us\":$loaded_us,\"idle\":$idle,\"during\":$during}"
+grep -E "window moved|evacuation" "$LOG" | sed 's/^/bench: log: /' | cut -c1-300
 agent_stop
 emit done "{\"section\":\"evacuate\"}"

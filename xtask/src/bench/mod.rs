@@ -120,7 +120,7 @@ fn params(section: &str, quick: bool) -> Vec<(&'static str, String)> {
         ],
         ("evacuate", q) => vec![
             p("EVAC_MB", if q { "64" } else { "160" }),
-            p("FG_S", "0"),
+            p("FG_S", if q { "5" } else { "10" }),
             p("FG_IOPS", "2000"),
         ],
         _ => Vec::new(),

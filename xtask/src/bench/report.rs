@@ -1093,8 +1093,10 @@ fn evacuate(r: &mut Report, s: Option<&SectionRun>, vm_note: &str) {
         &format!(
             "`remapctl evacuate` of a {:.0} MiB volume onto a new disk, next to a plain sequential \
              copy of the same size between the same kinds of disks (dd, O_DIRECT, 4 MiB requests), \
-             same boot; another volume moved with a foreground reader (fio 4 KiB random reads, QD1, {} \
-             a second) running, its latency next to the same reader on the idle volume. Ratio = \
+             same boot (every target written once before: null_blk allocates memory on a first \
+             write); another volume moved with a foreground reader (fio 4 KiB random reads, QD1, {} \
+             a second) running, its latency (the reads that completed between the agent's \
+             \"started\" and \"done\" lines) next to the same reader on the idle volume. Ratio = \
              plain copy time / evacuation time (target >= 0.8 with no foreground load). {vm_note}",
             bytes / 1048576.0,
             num(v, "fg_iops"),
@@ -1106,15 +1108,15 @@ fn evacuate(r: &mut Report, s: Option<&SectionRun>, vm_note: &str) {
             "evacuation (remapctl, polled)",
             "with a reader",
             "reader idle: p50 / p99 / IOPS",
-            "reader during: p50 / p99 / IOPS",
+            "reader during the evacuation: p50 / p99 / IOPS",
         ],
     );
     let rd = |k: &str| {
         let x = &v[k];
         format!(
-            "{} / {} / {:.0}",
-            ms(Some(num(x, "p50_us"))),
-            ms(Some(num(x, "p99_us"))),
+            "{:.0} µs / {:.0} µs / {:.0}",
+            num(x, "p50_us"),
+            num(x, "p99_us"),
             num(x, "iops")
         )
     };
@@ -1195,6 +1197,18 @@ fn targets(r: &mut Report) {
                 Some(*worst >= 0.97),
             );
         }
+    }
+    if let Some(e) = n.get("evacuate") {
+        let r = num(e, "dd_us") / num(e, "evac_us");
+        row(
+            "evacuation ≥ 0.8 of a plain copy, no foreground load (VM)",
+            format!(
+                "{r:.2}; a reader's p99 during it {:.0} µs (idle {:.0} µs)",
+                num(&e["during"], "p99_us"),
+                num(&e["idle"], "p99_us")
+            ),
+            r.is_finite().then_some(r >= 0.8),
+        );
     }
     if let Some(rs) = n.get("reaction").and_then(Value::as_array)
         && let (Some(first), Some(last)) = (rs.first(), rs.last())

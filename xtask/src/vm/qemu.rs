@@ -273,6 +273,12 @@ pub fn run(b: &Boot) -> Result<Outcome> {
     };
     cmd.args(["-serial", &format!("file:{}", escape(&results_path))]);
     cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+    // A guest that hangs can be looked at from outside: `gdb target/vm/<kernel>/vmlinux`,
+    // `target remote :PORT`, `info threads` shows where each vCPU is.
+    if let Some(port) = std::env::var_os("REMAP_VM_GDB") {
+        cmd.arg("-gdb")
+            .arg(format!("tcp:127.0.0.1:{}", port.to_string_lossy()));
+    }
     for (i, (d, file)) in b.disks.iter().enumerate() {
         // cache=writeback: the guest sees a volatile write cache and so issues real flushes
         // and FUA (the path remap must get right); qemu fdatasyncs the file on each flush.
