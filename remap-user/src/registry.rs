@@ -102,13 +102,21 @@ impl Volume {
     /// The volume chunks a request of `len` sectors at `sector` of the main device touches:
     /// none when it lies wholly in remap's header or the room at the end.
     pub(crate) fn main_chunks(&self, sector: Sector, len: Sector) -> std::ops::Range<u64> {
-        let d = self.config.data_offset;
+        self.chunks_at(self.config.data_offset, sector, len)
+    }
+
+    /// [`Self::main_chunks`] for sectors of an evacuation's target.
+    pub(crate) fn target_chunks(&self, sector: Sector, len: Sector) -> std::ops::Range<u64> {
+        self.chunks_at(self.target_offset(), sector, len)
+    }
+
+    fn chunks_at(&self, offset: Sector, sector: Sector, len: Sector) -> std::ops::Range<u64> {
         let end = sector.saturating_add(len.max(1));
-        if end <= d {
+        if end <= offset {
             return 0..0;
         }
-        let start = sector.saturating_sub(d);
-        self.geo().chunks_of_range(start, end - d - start)
+        let start = sector.saturating_sub(offset);
+        self.geo().chunks_of_range(start, end - offset - start)
     }
 
     /// The devices the volume uses: the main, the spares, an evacuation's target.
@@ -138,6 +146,8 @@ impl Volume {
 pub enum Member {
     Main,
     Spare(u32),
+    /// An evacuation's target: it serves the chunks moved so far.
+    Target,
 }
 
 impl Volume {
@@ -145,6 +155,13 @@ impl Volume {
     pub(crate) fn member(&self, dev: u32) -> Option<Member> {
         if self.main.matches_kernel_dev(dev) {
             return Some(Member::Main);
+        }
+        if self
+            .target
+            .as_ref()
+            .is_some_and(|t| t.matches_kernel_dev(dev))
+        {
+            return Some(Member::Target);
         }
         self.spares
             .iter()

@@ -61,6 +61,14 @@ pub(super) fn name_event<D: DeviceMapper, I: BlockIo, W: Watch>(
                 device: v.spares[&slot].path.display().to_string(),
                 main_chunk: None,
             },
+            Member::Target => Named {
+                volume: Some(v.config.name.clone()),
+                device: v
+                    .target
+                    .as_ref()
+                    .map_or(String::new(), |t| t.path.display().to_string()),
+                main_chunk: Some(v.target_chunks(ev.sector, 1).next()),
+            },
         };
     }
     let (ma, mi) = split_kernel_dev(ev.dev);

@@ -258,7 +258,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         let adopted = self.bring_up(&mut vol, notes)?;
         let chunk_bytes = vol.geo().chunk * SECTOR;
-        for d in std::iter::once(&vol.main).chain(vol.spares.values()) {
+        for d in vol.members() {
             if let Err(e) = self.k.watch.watch(d, chunk_bytes) {
                 tracing::error!(device = %d.path.display(), "cannot watch: {e}");
             }

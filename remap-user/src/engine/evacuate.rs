@@ -139,6 +139,11 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             let _ = header::erase(&self.k.io, &dev);
             return Err(e);
         }
+        // The new disk serves the chunks moved to it from the first window on: its errors
+        // move them as the main's do.
+        if let Err(e) = self.k.watch.watch(&dev, g.chunk * SECTOR) {
+            tracing::error!(device = %to.display(), "cannot watch: {e}");
+        }
         vol.target = Some(dev);
         tracing::info!(volume = name, target = %to.display(), rate, "evacuation started");
         self.evacuations
@@ -419,6 +424,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             let _ = self.k.watch.unwatch(&old);
             old
         } else {
+            let _ = self.k.watch.unwatch(&target);
             target
         };
         // The disk let go keeps no header that names the volume (best effort: it may be dying).

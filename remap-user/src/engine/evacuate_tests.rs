@@ -337,3 +337,54 @@ fn a_write_racing_a_large_window_gives_it_up_and_the_sweep_goes_on_in_small_ones
     assert_eq!(run_out(&mut r), "done");
     assert_eq!(r.read_volume(at), Some(vec![0x66u8; 512]));
 }
+
+#[test]
+fn the_new_disk_is_watched_and_its_errors_move_the_chunks_it_serves() {
+    let mut r = rig(SimDm::new());
+    r.create_with_header().unwrap();
+    with_new_disk(&r);
+    let watched = |r: &Rig| r.watch.watched.borrow().contains(&(SIM, NEW));
+    r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
+    assert!(watched(&r), "the target is watched from the start");
+    r.engine.evacuate_step();
+    // Block 100 (sectors 800-807) is on the new disk now; one of its sectors goes bad there.
+    let data = vec![0x5au8; 512];
+    r.write_volume(800, &data);
+    r.io.fail_reads(SIM, NEW, D + 801..D + 802);
+    let reports = r.error(NEW, D + 800, 8);
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert_eq!(reports[0].remapped, [100]);
+    assert_eq!(reports[0].pending_blocks, 1);
+    assert_eq!(r.read_volume(800), Some(data.clone()));
+    assert_eq!(
+        r.read_volume(801),
+        None,
+        "the unreadable block fails, never zeros"
+    );
+    // An error on the new disk for a chunk the sweep has not reached is stale.
+    r.io.fail_reads(SIM, NEW, D + 60_000..D + 60_001);
+    assert!(r.error(NEW, D + 60_000, 8).is_empty());
+    assert_eq!(r.read_volume(60_000), Some(golden(D + 60_000)));
+    assert_eq!(run_out(&mut r), "done");
+    assert_eq!(r.status()["pending"], 1, "{}", r.status());
+    assert_eq!(r.read_volume(800), Some(data));
+    assert_eq!(r.read_volume(801), None);
+    assert!(watched(&r), "the new main is watched");
+    assert!(
+        !r.watch.watched.borrow().contains(&(SIM, MAIN)),
+        "the old one is not"
+    );
+}
+
+#[test]
+fn an_aborted_evacuation_stops_watching_the_new_disk() {
+    let mut r = rig(SimDm::new());
+    r.create_with_header().unwrap();
+    with_new_disk(&r);
+    r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
+    r.engine.evacuate_step();
+    r.engine.evacuate_abort("v").unwrap();
+    assert_eq!(run_out(&mut r), "aborted");
+    assert!(!r.watch.watched.borrow().contains(&(SIM, NEW)));
+    assert!(r.watch.watched.borrow().contains(&(SIM, MAIN)));
+}

@@ -195,22 +195,29 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let mut out = Vec::new();
         for (v, member) in owners(self.volumes.values(), dev) {
             let g = v.geo();
-            if member == Member::Main {
-                let range = v.main_chunks(sector, u64::from(sectors));
+            if matches!(member, Member::Main | Member::Target) {
+                let on_main = member == Member::Main;
+                let (range, dev) = if on_main {
+                    (v.main_chunks(sector, u64::from(sectors)), &v.main)
+                } else {
+                    let t = v.target.as_ref().expect("a target member");
+                    (v.target_chunks(sector, u64::from(sectors)), t)
+                };
                 if range.is_empty() {
                     tracing::error!(
                         volume = v.config.name,
-                        main = %v.main.path.display(),
+                        device = %dev.path.display(),
                         sector,
-                        "I/O error in the main's remap header or end room, outside the volume's data: nothing to move (the header's other copy and the spares' metadata identify the volume)"
+                        "I/O error in remap's header or end room, outside the volume's data: nothing to move (the header's other copy and the spares' metadata identify the volume)"
                     );
                     continue;
                 }
                 let definite = range.end - range.start == 1;
-                // Chunks an evacuation moved to the new disk are not on the main any more.
+                // During an evacuation a chunk that is not remapped lives on the new disk if
+                // the sweep moved it, else on the main: an error elsewhere is stale.
                 out.extend(
                     range
-                        .filter(|c| *c >= v.evacuated() && v.remaps.get(*c).is_none())
+                        .filter(|c| (*c >= v.evacuated()) == on_main && v.remaps.get(*c).is_none())
                         .map(|c| (v.config.name.clone(), c, definite)),
                 );
             } else if let Member::Spare(slot) = member {

@@ -378,7 +378,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             return Err(e);
         }
         let chunk_bytes = vol.geo().chunk * SECTOR;
-        for d in std::iter::once(&vol.main).chain(vol.spares.values()) {
+        for d in vol.members() {
             if let Err(e) = self.k.watch.watch(d, chunk_bytes) {
                 tracing::error!(device = %d.path.display(), "cannot watch: {e}");
             }
@@ -412,7 +412,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         let vol = self.volumes.remove(name).expect("looked up above");
         let unmirrored = self.mirror_backlog.remove(name).unwrap_or(u64::MAX);
-        for d in std::iter::once(&vol.main).chain(vol.spares.values()) {
+        for d in vol.members() {
             let _ = self.k.watch.unwatch(d);
         }
         for s in vol.spares.values() {

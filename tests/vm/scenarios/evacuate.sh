@@ -8,8 +8,10 @@
 #     working with the old disk powered off (null_blk power 0);
 #   - remapd killed at each step of an evacuation (after a window's copy, after its commit,
 #     after folding remaps in) and restarted resumes it to the end, the writer verifying;
+#   - a sector that goes bad on the new disk in a chunk already moved there is found by a read
+#     like one on the main: the chunk moves to the pool, its bad block pending;
 #   - --abort moves every chunk back: the old disk is the main again, nothing lost.
-#vm: cases setup evacuate-live fio-during pending-kept rewrite-pending pool-freed old-disk-off crash-resume abort
+#vm: cases setup evacuate-live target-bad fio-during pending-kept rewrite-pending pool-freed old-disk-off crash-resume abort
 #vm: needs remapd remapctl
 #vm: timeout 900
 . /vm/lib.sh
@@ -138,9 +140,10 @@ head -c "$SIZE" /dev/urandom >/tmp/golden
 dd if=/tmp/golden of=$DEV bs=1M oflag=direct status=none
 PB1=1000                      # pending from the start (volume block, 4 KiB)
 PB2=$((SIZE / 4096 - 300))    # goes bad on the old disk after the evacuation started
-PENDING_BLOCKS="$PB1 $PB2"
-PENDING_SECTORS="$((PB1 * 8 + 3)) $((PB2 * 8 + 5))" # the bad sectors added below
-PENDING_MIBS="$((PB1 / 256)) $((PB2 / 256))"
+PB3=300                       # goes bad on the new disk once the sweep moved it there
+PENDING_BLOCKS="$PB1 $PB2 $PB3"
+PENDING_SECTORS="$((PB1 * 8 + 3)) $((PB2 * 8 + 5)) $((PB3 * 8 + 2))" # the bad sectors added below
+PENDING_MIBS="$((PB1 / 256)) $((PB2 / 256)) $((PB3 / 256))"
 nullb bad add "$main" $((D + PB1 * 8 + 3))-$((D + PB1 * 8 + 3))
 dio-read $DEV $((PB1 * 8)) 8 2>/dev/null && info "block $PB1 read"
 n=0
@@ -165,6 +168,20 @@ info "started: $out"
 nullb bad add "$main" $((D + PB2 * 8 + 5))-$((D + PB2 * 8 + 5))
 at_bad=$(json_num "$(evac)" done_bytes)
 info "the old disk's block $PB2 went bad with $at_bad bytes moved"
+n=0
+while [ "$(json_num "$(evac)" done_bytes)" -le $(((PB3 + 1) * 4096)) ] && [ $n -lt 300 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+nullb bad add "$new" $((D + PB3 * 8 + 2))-$((D + PB3 * 8 + 2))
+if dio-read $DEV $((PB3 * 8)) 8 2>/dev/null; then
+    fail target-bad "block $PB3 read back from a bad sector of the new disk"
+else
+    n=0
+    while [ "$(json_num "$(status)" pending)" != 2 ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
+    expect_eq target-bad pending 2 "$(json_num "$(status)" pending)" &&
+        pass target-bad "block $PB3 failed on the new disk after it moved there: remapped, pending"
+fi
 if wait_state done 600; then
     pass evacuate-live "$(grep -c 'evacuation' /tmp/remapd.log) log lines; events: $(remapctl events | grep -c evac)"
 else
@@ -183,16 +200,16 @@ dd if=$DEV of=/tmp/fgrange bs=1M skip=32 count=8 iflag=direct status=none
 dd if=/tmp/fgrange of=/tmp/golden bs=1M seek=32 count=8 conv=notrunc status=none
 
 st=$(status)
-if [ "$(json_num "$st" pending)" = 2 ] && cmp_golden pending-kept; then
+if [ "$(json_num "$st" pending)" = 3 ] && cmp_golden pending-kept; then
     pass pending-kept "blocks $PENDING_BLOCKS fail reads, every other block matches"
 else
     fail pending-kept "pending $(json_num "$st" pending)"
 fi
 used=$(remapctl spare list $VOL --json | grep -o '"used":[0-9]*' | tr -dc '0-9\n' | awk '{ s += $1 } END { print s }')
 expect_eq pool-freed main "$new" "$(json_str "$st" main)" &&
-    expect_eq pool-freed remaps 2 "$(json_num "$st" remaps)" &&
-    expect_eq pool-freed "pool chunks used" 2 "$used" &&
-    pass pool-freed "main $new, $used of $pool_total pool chunks used (the two pending chunks)"
+    expect_eq pool-freed remaps 3 "$(json_num "$st" remaps)" &&
+    expect_eq pool-freed "pool chunks used" 3 "$used" &&
+    pass pool-freed "main $new, $used of $pool_total pool chunks used (the three pending chunks)"
 
 # --- the old disk goes away
 nullb power "$main" off
@@ -211,14 +228,14 @@ error-reads)
     if dio-write $DEV $((PB1 * 8)) 8 /tmp/blk && dio-read $DEV $((PB1 * 8)) 8 /tmp/got && cmp -s /tmp/blk /tmp/got; then
         dd if=/tmp/blk of=/tmp/golden bs=4096 seek=$PB1 conv=notrunc status=none
         n=0
-        while [ "$(json_num "$(status)" pending)" != 1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
-        expect_eq rewrite-pending pending 1 "$(json_num "$(status)" pending)" &&
+        while [ "$(json_num "$(status)" pending)" != 2 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+        expect_eq rewrite-pending pending 2 "$(json_num "$(status)" pending)" &&
             pass rewrite-pending "block $PB1 rewritten on the new main's volume reads back"
     else
         fail rewrite-pending "rewrite of block $PB1 failed"
     fi
-    PENDING_BLOCKS=$PB2
-    PENDING_SECTORS=$((PB2 * 8 + 5))
+    PENDING_BLOCKS="$PB2 $PB3"
+    PENDING_SECTORS="$((PB2 * 8 + 5)) $((PB3 * 8 + 2))"
     ;;
 *)
     skip rewrite-pending "kernel $VM_KERNEL: no dm-flakey error_reads; a pending block refuses writes too"
