@@ -9,13 +9,18 @@
 //! not touched by the sweep: they keep serving from their spares, so `--abort` can take every
 //! chunk back to the old main as it was. Pending chunks stay on their spares for good (their
 //! blocks keep failing reads until rewritten).
+//!
+//! Two passes, as GNU ddrescue reads a failing disk: the first moves every window that copies
+//! whole and skips one that does not (further after failures in a row), so that a bad area is
+//! not hammered before the rest is safe; the second goes over the gaps carefully, remapping the
+//! chunks it cannot copy ([`next_step`]).
 use std::{collections::BTreeSet, ops::Range, time::Instant};
 
 use crate::{
     blockdev::{BlockDev, BlockIo},
     dm::DeviceMapper,
     kernel::{EngineError, Kernel, Result, Watch},
-    metadata::{codec::JournalOp, crash_point},
+    metadata::{Evacuation, apply_evacuated, codec::JournalOp, crash_point},
     registry::Volume,
     remap::restore,
     switch::region_name,
@@ -42,6 +47,9 @@ pub enum Moved {
     /// A write raced the copy of a window larger than [`WINDOW_BYTES`]: nothing changed (the
     /// region was resumed on its old table); the sweep goes on in small windows.
     Raced,
+    /// The first pass met a read or a write that failed: nothing changed; the window is left
+    /// for the second pass (ddrescue's way: what reads goes first, bad areas are not hammered).
+    Skipped,
 }
 
 /// What folding a batch of remaps in did.
@@ -75,6 +83,59 @@ pub fn next_window(g: &Geometry, done: u64, back: bool, bytes: u64) -> Option<Ra
     }
 }
 
+/// The journal record that moves `range`, a window of the sweep, to the target (or back) from
+/// the state `e`: the prefix moves with [`JournalOp::Evacuated`]; a window of the first pass
+/// past a gap starts or extends a range beyond it, and the abort takes the last range back
+/// first ([`JournalOp::EvacuatedAhead`]).
+pub fn window_op(e: &Evacuation, range: &Range<u64>, back: bool) -> JournalOp {
+    let last = e.ahead.last().copied();
+    match (back, last) {
+        (true, Some((start, end))) if range.end == end => JournalOp::EvacuatedAhead {
+            start,
+            end: range.start,
+        },
+        (true, _) => JournalOp::Evacuated { done: range.start },
+        (false, _) if range.start <= e.done => JournalOp::Evacuated { done: range.end },
+        (false, Some((start, end))) if end == range.start => JournalOp::EvacuatedAhead {
+            start,
+            end: range.end,
+        },
+        (false, _) => JournalOp::EvacuatedAhead {
+            start: range.start,
+            end: range.end,
+        },
+    }
+}
+
+/// The sweep's next window and how it moves: `(range, back, careful)`, at most `bytes` long.
+/// Forward, the first pass goes from `cursor` (at or past everything on the target) to the end,
+/// skipping what it cannot copy; then the second pass moves what is left from `done` on, in
+/// order, carefully (see [`Moved::Stuck`]). Back (`e.aborting`), the ranges past the prefix go
+/// first, last to first, then the prefix. `None`: nothing is left to move.
+pub fn next_step(
+    g: &Geometry,
+    e: &Evacuation,
+    cursor: u64,
+    bytes: u64,
+) -> Option<(Range<u64>, bool, bool)> {
+    if e.aborting {
+        if let Some(&(start, end)) = e.ahead.last() {
+            let w = next_window(g, end, true, bytes)?;
+            return Some((w.start.max(start)..w.end, true, true));
+        }
+        return next_window(g, e.done, true, bytes).map(|w| (w, true, true));
+    }
+    if let Some(w) = next_window(g, cursor, false, bytes) {
+        return Some((w, false, false));
+    }
+    let w = next_window(g, e.done, false, bytes)?;
+    let end = e
+        .ahead
+        .first()
+        .map_or(w.end, |&(start, _)| w.end.min(start));
+    Some((w.start..end, false, true))
+}
+
 /// Runs of chunks in `range` that are not remapped (only those move).
 fn home_runs(vol: &Volume, range: Range<u64>) -> Vec<Range<u64>> {
     let mut runs: Vec<Range<u64>> = Vec::new();
@@ -91,13 +152,16 @@ fn home_runs(vol: &Volume, range: Range<u64>) -> Vec<Range<u64>> {
 
 impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     /// Moves the chunks of `range` (one window of [`next_window`]) that are not remapped: to
-    /// the target (`back` false: the sweep's `done` becomes `range.end`) or back to the main
-    /// (`back`: `done` becomes `range.start`). `buf` is at least a window long.
+    /// the target (`back` false) or back to the main (`back`); the record is [`window_op`]'s.
+    /// `careful` false (the first pass): a window that does not copy whole is
+    /// [`Moved::Skipped`]; true: its bad chunks are named ([`Moved::Stuck`]). `buf` is at
+    /// least a window long.
     pub(crate) fn move_window(
         &mut self,
         vol: &mut Volume,
         range: Range<u64>,
         back: bool,
+        careful: bool,
         buf: &mut [u8],
     ) -> Result<Moved> {
         let g = *vol.geo();
@@ -112,7 +176,14 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         } else {
             (main, vol.config.data_offset, target, vol.target_offset())
         };
-        let new_done = if back { range.start } else { range.end };
+        let was = vol
+            .config
+            .evacuation
+            .clone()
+            .ok_or_else(|| EngineError::Failed("no evacuation under way".to_string()))?;
+        let op = window_op(&was, &range, back);
+        let mut now = was.clone();
+        apply_evacuated(&mut now, &op);
         let runs = home_runs(vol, range.clone());
         let region = g.region_of_chunk(range.start);
         let regions = BTreeSet::from([region]);
@@ -123,14 +194,18 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         self.watch
             .locate_window(&src, Some((first, first + (range.end - range.start) - 1)));
         let copy = |k: &Self, buf: &mut [u8]| {
-            copy_runs(k, &g, &runs, (&src, src_off), (&dst, dst_off), buf)
+            copy_runs(k, &g, &runs, (&src, src_off), (&dst, dst_off), buf, careful)
         };
         let started = Instant::now();
         let bytes = match copy(self, buf) {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(bad)) => {
                 self.watch.locate_window(&src, None);
-                return Ok(Moved::Stuck(bad));
+                return Ok(if careful {
+                    Moved::Stuck(bad)
+                } else {
+                    Moved::Skipped
+                });
             }
             Err(e) => {
                 self.watch.locate_window(&src, None);
@@ -141,11 +216,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         let copied = Instant::now();
 
         // The region's table with the window moved, prepared while I/O still flows.
-        let was = vol.evacuated();
-        set_done(vol, new_done);
+        vol.config.evacuation = Some(now.clone());
         let rn = region_name(&vol.config.name, region);
         let loaded = self.dm.load(&rn, &vol.region_lines(region));
-        set_done(vol, was);
+        vol.config.evacuation = Some(was.clone());
         if let Err(e) = loaded {
             self.watch.locate_window(&src, None);
             self.drop_prepared(vol, &regions, &[]);
@@ -173,13 +247,14 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             }
             match again {
                 Ok(Ok(_)) => {}
+                Ok(Err(_)) if !careful => return Ok(Moved::Skipped),
                 Ok(Err(bad)) => return Ok(Moved::Stuck(bad)),
                 Err(e) => return Err(e),
             }
         }
-        set_done(vol, new_done);
-        if let Err(e) = self.commit_ops(vol, &[JournalOp::Evacuated { done: new_done }]) {
-            set_done(vol, was);
+        vol.config.evacuation = Some(now);
+        if let Err(e) = self.commit_ops(vol, &[op]) {
+            vol.config.evacuation = Some(was);
             self.drop_prepared(vol, &regions, &[region]);
             return Err(e);
         }
@@ -290,15 +365,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     }
 }
 
-fn set_done(vol: &mut Volume, done: u64) {
-    if let Some(e) = &mut vol.config.evacuation {
-        e.done = done;
-    }
-}
-
 /// Copies `runs` from `src` to `dst` (each at its offset, in sectors) and flushes `dst`: the
 /// bytes copied, or the chunks that could not be read from `src` or written to `dst`
-/// (`Ok(Err)`); a failed flush is an error.
+/// (`Ok(Err)`: with `careful` false, only the first piece that failed, its chunks not read one
+/// by one); a failed flush is an error.
 fn copy_runs<D: DeviceMapper, I: BlockIo, W: Watch>(
     k: &Kernel<D, I, W>,
     g: &Geometry,
@@ -306,6 +376,7 @@ fn copy_runs<D: DeviceMapper, I: BlockIo, W: Watch>(
     (src, src_off): (&BlockDev, u64),
     (dst, dst_off): (&BlockDev, u64),
     buf: &mut [u8],
+    careful: bool,
 ) -> Result<std::result::Result<u64, Vec<u64>>> {
     let cb = (g.chunk * SECTOR) as usize;
     let mut bytes = 0;
@@ -322,9 +393,12 @@ fn copy_runs<D: DeviceMapper, I: BlockIo, W: Watch>(
         let len = (run.end - run.start) as usize * cb;
         let data = &mut buf[..len];
         let at = |off: u64, c: u64| (off + c * g.chunk) * SECTOR;
-        // One read for the run; chunk by chunk only when it fails, to name the bad ones
-        // (ddrescue's fast pass: the careful one is the remap's block-by-block locate).
+        // One read for the run; chunk by chunk only when it fails in the careful pass, to name
+        // the bad ones (whose blocks the remap's locate then reads one by one).
         if k.io.read_at(src, at(src_off, run.start), data).is_err() {
+            if !careful {
+                return Ok(Err(vec![run.start]));
+            }
             for (i, piece) in data.chunks_mut(cb).enumerate() {
                 let c = run.start + i as u64;
                 if k.io.read_at(src, at(src_off, c), piece).is_err() {
@@ -337,6 +411,9 @@ fn copy_runs<D: DeviceMapper, I: BlockIo, W: Watch>(
         }
         // A write the destination refuses: chunk by chunk, to name the ones it refuses.
         if k.io.write_at(dst, at(dst_off, run.start), data).is_err() {
+            if !careful {
+                return Ok(Err(vec![run.start]));
+            }
             for (i, piece) in data.chunks(cb).enumerate() {
                 let c = run.start + i as u64;
                 if k.io.write_at(dst, at(dst_off, c), piece).is_err() {
@@ -357,6 +434,103 @@ fn copy_runs<D: DeviceMapper, I: BlockIo, W: Watch>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{blockdev::DevIdentity, metadata::Evacuation};
+
+    fn evac(done: u64, ahead: Vec<(u64, u64)>, aborting: bool) -> Evacuation {
+        Evacuation {
+            target: DevIdentity {
+                wwn: None,
+                serial: None,
+                by_id: None,
+                size_bytes: 0,
+            },
+            target_last_path: String::new(),
+            target_uuid: String::new(),
+            target_offset: 2048,
+            done,
+            ahead,
+            aborting,
+            rate: 0,
+        }
+    }
+
+    #[test]
+    fn the_first_pass_goes_on_past_a_gap_the_second_fills_it_an_abort_takes_all_back() {
+        // 64 MiB, 4 KiB chunks, 16 MiB regions: 4,096-chunk regions, 1,024-chunk windows.
+        let g = Geometry::new(64 << 20, 512, 4096, 16 << 20).unwrap();
+        let w = WINDOW_BYTES;
+        // First pass from the start: the prefix grows.
+        let e = evac(0, vec![], false);
+        assert_eq!(next_step(&g, &e, 0, w), Some((0..1024, false, false)));
+        assert_eq!(
+            window_op(&e, &(0..1024), false),
+            JournalOp::Evacuated { done: 1024 }
+        );
+        // 1024..2048 was skipped: the first pass goes on at 3072 and starts a range there...
+        let e = evac(1024, vec![], false);
+        assert_eq!(next_step(&g, &e, 3072, w), Some((3072..4096, false, false)));
+        let op = window_op(&e, &(3072..4096), false);
+        assert_eq!(
+            op,
+            JournalOp::EvacuatedAhead {
+                start: 3072,
+                end: 4096
+            }
+        );
+        let mut e = e;
+        apply_evacuated(&mut e, &op);
+        // ... which the next window extends.
+        assert_eq!(
+            window_op(&e, &(4096..5120), false),
+            JournalOp::EvacuatedAhead {
+                start: 3072,
+                end: 5120
+            }
+        );
+        // At the end, the second pass starts at the prefix and stops at the range.
+        assert_eq!(
+            next_step(&g, &e, g.chunks(), w),
+            Some((1024..2048, false, true))
+        );
+        let e2 = evac(1024, vec![(1500, 4096)], false);
+        assert_eq!(
+            next_step(&g, &e2, g.chunks(), w),
+            Some((1024..1500, false, true))
+        );
+        let op = window_op(&e2, &(1024..1500), false);
+        let mut e2 = e2;
+        apply_evacuated(&mut e2, &op);
+        assert_eq!(
+            (e2.done, e2.ahead.len()),
+            (4096, 0),
+            "the range joined the prefix"
+        );
+        // Everything moved: nothing left.
+        assert_eq!(
+            next_step(&g, &evac(g.chunks(), vec![], false), g.chunks(), w),
+            None
+        );
+        // Aborting: the last range first, back from its end, never below its start...
+        let e = evac(1024, vec![(3072, 3500), (5000, 5100)], true);
+        assert_eq!(next_step(&g, &e, 5100, w), Some((5000..5100, true, true)));
+        assert_eq!(
+            window_op(&e, &(5000..5100), true),
+            JournalOp::EvacuatedAhead {
+                start: 5000,
+                end: 5000
+            }
+        );
+        let e = evac(1024, vec![(3072, 5100)], true);
+        assert_eq!(next_step(&g, &e, 5100, w), Some((4096..5100, true, true)));
+        // ... then the prefix.
+        let e = evac(1024, vec![], true);
+        assert_eq!(next_step(&g, &e, 9999, w), Some((0..1024, true, true)));
+        assert_eq!(
+            window_op(&e, &(0..1024), true),
+            JournalOp::Evacuated { done: 0 }
+        );
+        assert_eq!(next_step(&g, &evac(0, vec![], true), 0, w), None);
+    }
 
     #[test]
     fn windows_stay_inside_regions_both_ways() {

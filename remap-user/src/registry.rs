@@ -52,13 +52,18 @@ impl Volume {
 
     pub(crate) fn region_lines(&mut self, region: u32) -> Vec<table::DmLine> {
         let geo = self.config.geometry;
-        let moved = self.config.evacuation.as_ref().map_or(0, |e| e.done);
+        let moved: Vec<_> = self
+            .config
+            .evacuation
+            .as_ref()
+            .map(|e| e.moved_ranges().collect())
+            .unwrap_or_default();
         let mut segs = table::region_table_moved(
             &geo,
             region,
             &mut self.remaps,
             self.config.pending_mode,
-            moved,
+            &moved,
         );
         // The table works in the volume's sectors; on the main (and the target) they start
         // after its header.
@@ -174,16 +179,14 @@ impl Volume {
     pub(crate) fn source(&self, c: u64, old: Option<Remap>) -> (&BlockDev, Sector) {
         match (old, &self.target) {
             (Some(r), _) => (&self.spares[&r.extent.spare], r.extent.start),
-            (None, Some(t)) if c < self.evacuated() => {
-                (t, self.target_offset() + c * self.geo().chunk)
-            }
+            (None, Some(t)) if self.moved(c) => (t, self.target_offset() + c * self.geo().chunk),
             (None, _) => (&self.main, self.config.data_offset + c * self.geo().chunk),
         }
     }
 
-    /// Chunks `0..evacuated()` are on the evacuation's target (none when there is none).
-    pub(crate) fn evacuated(&self) -> u64 {
-        self.config.evacuation.as_ref().map_or(0, |e| e.done)
+    /// Whether an evacuation moved chunk `c` to its target.
+    pub(crate) fn moved(&self, c: u64) -> bool {
+        self.config.evacuation.as_ref().is_some_and(|e| e.moved(c))
     }
 
     pub(crate) fn target_offset(&self) -> Sector {

@@ -1,6 +1,9 @@
 //! Device-mapper tables (pure): from the volume model to the segments of each region device
 //! and of the volume device on top of them.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ops::Range,
+};
 
 use crate::volume::{Geometry, PendingMode, Remap, Sector, UnreadablePolicy};
 
@@ -162,32 +165,37 @@ pub fn region_table(
     remaps: &mut RemapTable,
     mode: PendingMode,
 ) -> Vec<Segment> {
-    region_table_moved(geo, region, remaps, mode, 0)
+    region_table_moved(geo, region, remaps, mode, &[])
 }
 
-/// [`region_table`] of a volume being evacuated: chunks below `moved` that are not remapped
-/// live on the target ([`DevRef::Target`]) instead of the main.
+/// [`region_table`] of a volume being evacuated: chunks of the `moved` ranges (in order) that
+/// are not remapped live on the target ([`DevRef::Target`]) instead of the main.
 pub fn region_table_moved(
     geo: &Geometry,
     region: u32,
     remaps: &mut RemapTable,
     mode: PendingMode,
-    moved: u64,
+    moved: &[Range<u64>],
 ) -> Vec<Segment> {
     let (start, len) = geo.region_span(region);
     let chunks = start / geo.chunk..(start + len).div_ceil(geo.chunk);
-    // Where the boundary falls within the region is all that matters to its table.
-    let moved = moved.clamp(chunks.start, chunks.end) * geo.chunk;
+    // Where the moved ranges fall within the region is all that matters to its table.
+    let clip = |c: u64| c.clamp(chunks.start, chunks.end) * geo.chunk;
+    let moved: Vec<Range<Sector>> = moved
+        .iter()
+        .map(|r| clip(r.start)..clip(r.end))
+        .filter(|r| !r.is_empty())
+        .collect();
     let key = MemoKey {
         start,
         len,
         chunk: geo.chunk,
         block: geo.block,
         mode,
-        moved,
+        moved: moved.clone(),
     };
     let changed = remaps.memo.take_changed(chunks);
-    let home = Home { moved };
+    let home = Home { moved: &moved };
     let out = match remaps.memo.regions.get(&region) {
         Some((k, prev)) if *k == key => patch(prev, geo, start, remaps, mode, home, &changed),
         _ => {
@@ -209,21 +217,21 @@ pub struct Memo {
 }
 
 /// What a remembered table was built for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct MemoKey {
     start: Sector,
     len: Sector,
     chunk: Sector,
     block: Sector,
     mode: PendingMode,
-    moved: Sector,
+    moved: Vec<Range<Sector>>,
 }
 
-/// Where a chunk that is not remapped lives: on the target below `moved` (a sector of the
-/// volume), on the main from there on.
+/// Where a chunk that is not remapped lives: on the target in the `moved` ranges (sectors of
+/// the volume, in order), on the main elsewhere.
 #[derive(Clone, Copy)]
-struct Home {
-    moved: Sector,
+struct Home<'a> {
+    moved: &'a [Range<Sector>],
 }
 
 /// Past this many changed chunks not yet rebuilt, the memo is dropped (full builds again):
@@ -257,7 +265,7 @@ fn patch(
     rstart: Sector,
     remaps: &RemapTable,
     mode: PendingMode,
-    home: Home,
+    home: Home<'_>,
     changed: &[u64],
 ) -> Vec<Segment> {
     let mut out = Vec::with_capacity(prev.len() + 2 * changed.len());
@@ -316,7 +324,7 @@ fn build(
     range: std::ops::Range<Sector>,
     remaps: &RemapTable,
     mode: PendingMode,
-    home: Home,
+    home: Home<'_>,
     out: &mut Vec<Segment>,
 ) {
     // Pieces are cut to `range`: a span may start or end inside a chunk's blocks.
@@ -345,14 +353,25 @@ fn build(
             );
         }
     };
-    // Sectors `at..at + len` at home: the target's part first, then the main's.
+    // Sectors `at..at + len` at home: in pieces on the target (the moved ranges) and the main.
     let at_home = |at: Sector, len: Sector| {
-        let split = home.moved.clamp(at, at + len);
         let linear = |dev, offset| Target::Linear { dev, offset };
-        [
-            (at, split - at, linear(DevRef::Target, at)),
-            (split, at + len - split, linear(DevRef::Main, split)),
-        ]
+        let end = at + len;
+        let mut out = Vec::new();
+        let mut pos = at;
+        let first = home.moved.partition_point(|r| r.end <= at);
+        for r in home.moved[first..].iter().take_while(|r| r.start < end) {
+            let (a, b) = (r.start.max(pos), r.end.min(end));
+            if a > pos {
+                out.push((pos, a - pos, linear(DevRef::Main, pos)));
+            }
+            out.push((a, b - a, linear(DevRef::Target, a)));
+            pos = b;
+        }
+        if pos < end {
+            out.push((pos, end - pos, linear(DevRef::Main, pos)));
+        }
+        out
     };
     let mut pos = range.start;
     for (chunk, r) in remaps.range(range.start / geo.chunk..range.end.div_ceil(geo.chunk)) {

@@ -66,7 +66,7 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
                 match rx.recv_timeout(due.min(PENDING_RECHECK)) {
                     Ok(m) => m,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        evacuation_step(&mut engine, hub, &mut evac_seen);
+                        evacuation_step(&mut engine, &mut scrubs, hub, &mut evac_seen);
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -125,6 +125,14 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
                 }
                 if let (Some((name, what)), exit::OK) = (&evac_call, resp.code) {
                     evacuation_called(&engine, hub, name, what);
+                    // The evacuation reads every chunk itself, and a scrub would read the
+                    // old disk for chunks no longer there: a running scrub waits for its end.
+                    if *what == "started" && scrubs.hold(name) {
+                        tracing::info!(
+                            volume = name.as_str(),
+                            "scrub held while the evacuation runs; it goes on after"
+                        );
+                    }
                 }
                 if let Some(name) = stopping.filter(|_| resp.code == exit::OK) {
                     scrubs.volume_gone(&name);
@@ -242,6 +250,7 @@ struct EvacSeen {
 /// each tenth of the way, errors, the end.
 fn evacuation_step<D: DeviceMapper, I: BlockIo, W: Watch>(
     engine: &mut Engine<D, I, W>,
+    scrubs: &mut Scrubs,
     hub: &Arc<Hub>,
     seen: &mut EvacSeen,
 ) {
@@ -271,6 +280,8 @@ fn evacuation_step<D: DeviceMapper, I: BlockIo, W: Watch>(
     if let Some((_, how)) = &step.ended {
         hub.publish(event(how, None));
         seen.told.remove(&name);
+        // A scrub held for the evacuation goes on, on the volume's main as it is now.
+        scrubs.resume(engine.volumes());
         changed(engine, hub);
         return;
     }

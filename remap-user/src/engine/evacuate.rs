@@ -10,7 +10,7 @@ use super::{Engine, EngineError, Result, Watch, lifecycle::new_uuid, views};
 use crate::{
     blockdev::{Aligned, BlockIo},
     dm::DeviceMapper,
-    evacuate::{Folded, MAX_WINDOW_BYTES, Moved, WINDOW_BYTES, next_window},
+    evacuate::{Folded, MAX_WINDOW_BYTES, Moved, WINDOW_BYTES, next_step},
     metadata::{Evacuation, codec::uuid_bytes, header},
     registry::same,
     remap::{REMAP_BATCH_MAX, RemapReport},
@@ -36,6 +36,11 @@ pub(crate) struct Progress {
     keep: BTreeSet<u64>,
     /// The next window's size in bytes (see [`crate::evacuate::MAX_WINDOW_BYTES`]).
     window: u64,
+    /// Where the first pass goes on (`None`: not known yet, see [`first_pass_at`]).
+    cursor: Option<u64>,
+    /// Chunks the first pass jumps over after its next failure besides the window that failed
+    /// (0 after a success; doubled at each failure in a row, ddrescue's way).
+    skip: u64,
     /// The copy buffer, allocated once (nothing is allocated while a region is suspended)
     /// and page-aligned (O_DIRECT takes it without a bounce buffer).
     buf: Aligned,
@@ -53,10 +58,21 @@ impl Progress {
             target,
             keep: BTreeSet::new(),
             window: WINDOW_BYTES,
+            cursor: None,
+            skip: 0,
             buf: Aligned::new(0, 1),
         }
     }
 }
+
+/// Where the first pass of `e` goes on when no agent has been running it: after everything
+/// on the target (what it skipped before a restart is the second pass's).
+fn first_pass_at(e: &Evacuation) -> u64 {
+    e.ahead.last().map_or(e.done, |r| r.1).max(e.done)
+}
+
+/// The most the first pass jumps over after failures in a row.
+const MAX_SKIP_BYTES: u64 = 1 << 30;
 
 /// What one step did, for the agent's log, events and metrics.
 #[derive(Debug, Default)]
@@ -115,6 +131,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             target_uuid: new_uuid(),
             target_offset: front,
             done: 0,
+            ahead: Vec::new(),
             aborting: false,
             rate,
         };
@@ -199,6 +216,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     target: p.target.clone(),
                     done_bytes: if state == "done" { g.size * SECTOR } else { 0 },
                     total_bytes: g.size * SECTOR,
+                    skipped_bytes: 0,
                     remaps_to_fold: 0,
                     rate: 0,
                     speed: 0,
@@ -211,7 +229,15 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             };
         };
         let chunk_bytes = g.chunk * SECTOR;
-        let done_bytes = e.done * chunk_bytes;
+        let done_bytes = e.moved_chunks() * chunk_bytes;
+        let cursor = p
+            .and_then(|p| p.cursor)
+            .unwrap_or_else(|| first_pass_at(e))
+            .min(g.chunks());
+        let skipped_bytes = cursor
+            .saturating_sub(e.done)
+            .saturating_sub(e.moved_chunks() - e.done)
+            * chunk_bytes;
         let total_bytes = g.size * SECTOR;
         let remaps_to_fold = vol.remaps.iter().filter(|(_, r)| r.pending == 0).count() as u64;
         let speed = p.map_or(0, |p| {
@@ -241,6 +267,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .map_or(e.target_last_path.clone(), |t| t.path.display().to_string()),
             done_bytes,
             total_bytes,
+            skipped_bytes,
             remaps_to_fold,
             rate: e.rate,
             speed,
@@ -326,18 +353,45 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             )));
         }
         let p = self.evacuations.get_mut(name).expect("a due evacuation");
-        if let Some(w) = next_window(&g, e.done, e.aborting, p.window) {
+        let cursor = *p.cursor.get_or_insert_with(|| first_pass_at(&e));
+        if let Some((w, back, careful)) = next_step(&g, &e, cursor, p.window) {
             if p.buf.is_empty() {
                 p.buf = Aligned::new(WINDOW_BYTES.max(g.chunk * SECTOR) as usize, 4096);
             }
-            let moved = self.k.move_window(vol, w, e.aborting, p.buf.buf());
+            let moved = self
+                .k
+                .move_window(vol, w.clone(), back, careful, p.buf.buf());
             // Idle stretches go in growing windows; a raced write or a bad area, small ones.
             p.window = match &moved {
                 Ok(Moved::Done { .. }) => (p.window * 2).min(MAX_WINDOW_BYTES),
                 _ => WINDOW_BYTES,
             };
+            let first_pass = !back && !careful;
             return match moved? {
-                Moved::Done { bytes } => Ok(bytes),
+                Moved::Done { bytes } => {
+                    if first_pass {
+                        p.cursor = Some(w.end);
+                        p.skip = 0;
+                    }
+                    Ok(bytes)
+                }
+                Moved::Skipped => {
+                    // The window and `skip` chunks after it are left for the second pass.
+                    let per = WINDOW_BYTES / (g.chunk * SECTOR);
+                    let to = (w.end + p.skip).min(g.chunks());
+                    tracing::warn!(
+                        volume = name,
+                        from = w.start,
+                        to,
+                        "the evacuation's first pass could not copy chunks {}..{to}: skipped, for the second pass once the rest is on the new disk",
+                        w.start
+                    );
+                    p.cursor = Some(to);
+                    p.skip = (p.skip * 2)
+                        .max(per)
+                        .min(MAX_SKIP_BYTES / (g.chunk * SECTOR));
+                    Ok(0)
+                }
                 Moved::Raced => Ok(0),
                 Moved::Stuck(bad) => {
                     tracing::warn!(

@@ -388,3 +388,73 @@ fn an_aborted_evacuation_stops_watching_the_new_disk() {
     assert!(!r.watch.watched.borrow().contains(&(SIM, NEW)));
     assert!(r.watch.watched.borrow().contains(&(SIM, MAIN)));
 }
+
+#[test]
+fn the_first_pass_skips_a_bad_area_and_the_second_pass_comes_back_for_it() {
+    let mut r = rig(SimDm::new());
+    r.create_with_header().unwrap();
+    with_new_disk(&r);
+    // Chunk 1500 (in the second window, 1024..3072) has a bad sector on the old disk.
+    let bad = 1500 * 8 + 3;
+    r.io.fail_reads(SIM, MAIN, D + bad..D + bad + 1);
+    r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
+    for _ in 0..3 {
+        assert!(r.engine.evacuate_step().ended.is_none());
+    }
+    // The window holding it was skipped whole, the next one moved: nothing was remapped yet,
+    // the bad area was read once.
+    let v = r.engine.evacuation("v").unwrap();
+    assert_eq!(v.done_bytes, 2048 * 4096, "{v:?}");
+    assert_eq!(v.skipped_bytes, 2048 * 4096, "{v:?}");
+    assert_eq!(r.status()["remaps"], 0);
+    assert_eq!(r.read_volume(3500 * 8), Some(golden(D + 3500 * 8)));
+    // The second pass comes back for it once the rest is on the new disk.
+    assert_eq!(run_out(&mut r), "done");
+    let st = r.status();
+    assert_eq!(
+        (st["remaps"].as_u64(), st["pending"].as_u64()),
+        (Some(1), Some(1)),
+        "{st}"
+    );
+    assert_eq!(r.read_volume(bad), None, "unreadable, never zeros");
+    for s in samples(&r).into_iter().chain([bad - 1, bad + 1]) {
+        assert_eq!(r.read_volume(s), Some(golden(D + s)), "sector {s}");
+    }
+}
+
+#[test]
+fn skipped_areas_survive_a_reboot_and_an_abort_puts_everything_back() {
+    let mut r = rig(SimDm::new());
+    r.create_with_header().unwrap();
+    with_new_disk(&r);
+    let bad = 1500 * 8 + 3;
+    r.io.fail_reads(SIM, MAIN, D + bad..D + bad + 1);
+    let tables: Vec<_> = (0..4)
+        .map(|g| r.dm.table(&region_name("v", g)).unwrap())
+        .collect();
+    r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
+    for _ in 0..4 {
+        r.engine.evacuate_step();
+    }
+    let before = r.engine.evacuation("v").unwrap();
+    assert!(
+        before.skipped_bytes > 0 && before.done_bytes > 2048 * 4096,
+        "{before:?}"
+    );
+    // Written where the first pass moved it, past the gap.
+    let fresh = vec![0x66u8; 512];
+    r.write_volume(3500 * 8, &fresh);
+    let mut b = r.reboot();
+    assert_eq!(b.engine.assemble(None)[0].outcome, "created");
+    let v = b.engine.evacuation("v").unwrap();
+    assert_eq!(v.done_bytes, before.done_bytes, "{v:?}");
+    assert_eq!(b.read_volume(3500 * 8), Some(fresh.clone()));
+    b.engine.evacuate_abort("v").unwrap();
+    assert_eq!(run_out(&mut b), "aborted");
+    let after: Vec<_> = (0..4)
+        .map(|g| b.dm.table(&region_name("v", g)).unwrap())
+        .collect();
+    assert_eq!(after, tables, "the tables are as before the evacuation");
+    assert_eq!(b.read_volume(3500 * 8), Some(fresh));
+    assert_eq!(b.status()["remaps"], 0);
+}

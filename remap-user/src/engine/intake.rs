@@ -159,7 +159,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 continue;
             }
             for c in range {
-                if v.remaps.get(c).is_some() || c < v.evacuated() {
+                if v.remaps.get(c).is_some() || v.moved(c) {
                     continue;
                 }
                 let seen = h.weak.entry(c).or_default();
@@ -217,7 +217,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 // the sweep moved it, else on the main: an error elsewhere is stale.
                 out.extend(
                     range
-                        .filter(|c| (*c >= v.evacuated()) == on_main && v.remaps.get(*c).is_none())
+                        .filter(|c| v.moved(*c) != on_main && v.remaps.get(*c).is_none())
                         .map(|c| (v.config.name.clone(), c, definite)),
                 );
             } else if let Member::Spare(slot) = member {

@@ -51,9 +51,12 @@ pub struct Evacuation {
     /// "done" or "aborted" once it ended.
     pub state: &'static str,
     pub target: String,
-    /// The volume's bytes `0..done_bytes` are on the target.
+    /// Bytes of the volume on the target.
     pub done_bytes: u64,
     pub total_bytes: u64,
+    /// Bytes the first pass could not copy (bad areas it skipped), left for the second pass,
+    /// which goes over them carefully once the rest is on the target.
+    pub skipped_bytes: u64,
     pub remaps_to_fold: u64,
     /// The pace asked for, bytes a second (0: none).
     pub rate: u64,

@@ -57,6 +57,9 @@ pub enum JournalOp {
     Del { chunk: u64 },
     /// The evacuation's sweep reached chunk `done` (chunks below it are on the target).
     Evacuated { done: u64 },
+    /// The first pass's range of chunks on the target beyond the sweep that starts at `start`
+    /// now ends at `end` (see [`crate::metadata::Evacuation::set_ahead`]).
+    EvacuatedAhead { start: u64, end: u64 },
 }
 
 #[repr(C)]
@@ -72,6 +75,7 @@ struct Record {
 const KIND_SET: u32 = 1;
 const KIND_DEL: u32 = 2;
 const KIND_EVACUATED: u32 = 3;
+const KIND_EVACUATED_AHEAD: u32 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -289,7 +293,9 @@ pub fn decode_records(records: &[u8]) -> Result<RemapTable, MetaError> {
     for rec in records.chunks_exact(RECORD) {
         match op(rec)? {
             JournalOp::Set { chunk, remap } => out.push((chunk, remap)),
-            JournalOp::Del { .. } | JournalOp::Evacuated { .. } => {
+            JournalOp::Del { .. }
+            | JournalOp::Evacuated { .. }
+            | JournalOp::EvacuatedAhead { .. } => {
                 return Err(MetaError::Invalid("journal record in a checkpoint"));
             }
         }
@@ -331,6 +337,13 @@ fn record(op: &JournalOp) -> Record {
             start: 0,
             pending: 0,
         },
+        JournalOp::EvacuatedAhead { start, end } => Record {
+            chunk: end,
+            spare: 0,
+            kind: KIND_EVACUATED_AHEAD,
+            start,
+            pending: 0,
+        },
     }
 }
 
@@ -349,6 +362,10 @@ fn op(bytes: &[u8]) -> Result<JournalOp, MetaError> {
         }),
         KIND_DEL => Ok(JournalOp::Del { chunk: r.chunk }),
         KIND_EVACUATED => Ok(JournalOp::Evacuated { done: r.chunk }),
+        KIND_EVACUATED_AHEAD => Ok(JournalOp::EvacuatedAhead {
+            start: r.start,
+            end: r.chunk,
+        }),
         _ => Err(MetaError::Invalid("unknown record kind")),
     }
 }
@@ -545,7 +562,11 @@ mod tests {
         let ops: Vec<_> = remaps(300)
             .iter()
             .map(|(chunk, r)| JournalOp::Set { chunk, remap: *r })
-            .chain([JournalOp::Del { chunk: 5 }])
+            .chain([
+                JournalOp::Del { chunk: 5 },
+                JournalOp::Evacuated { done: 9 },
+                JournalOp::EvacuatedAhead { start: 12, end: 40 },
+            ])
             .collect();
         let bytes = encode_journal(&[1; 16], 77, &ops);
         assert_eq!(bytes.len(), 3 * BLOCK);

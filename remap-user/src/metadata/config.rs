@@ -66,8 +66,9 @@ pub struct VolumeConfig {
     pub evacuation: Option<Evacuation>,
 }
 
-/// An evacuation under way: the volume's chunks `0..done` live on the target (the new main),
-/// the rest where they were; remapped chunks stay on their spares until the sweep is done.
+/// An evacuation under way: the volume's chunks `0..done` and those of the `ahead` ranges live
+/// on the target (the new main), the rest where they were; remapped chunks stay on their
+/// spares until the sweep is done.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Evacuation {
     pub target: DevIdentity,
@@ -79,12 +80,73 @@ pub struct Evacuation {
     pub target_offset: Sector,
     /// Chunks `0..done` are on the target (a journal record moves it along).
     pub done: u64,
+    /// Ranges of chunks beyond `done` also on the target, `(start, end)`: sorted, apart from
+    /// each other and from `done` (see [`Evacuation::normalize`]). The first pass moves what
+    /// reads and skips what does not (ddrescue's way); the gaps are the second pass's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ahead: Vec<(u64, u64)>,
     /// Going back: the chunks on the target move back to the old main, then the target is let go.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub aborting: bool,
     /// Copy pace in bytes a second; 0: as fast as foreground I/O leaves room for.
     #[serde(default)]
     pub rate: u64,
+}
+
+/// The most `ahead` ranges a configuration may carry (a first pass over a disk with more bad
+/// areas than this goes on in the second pass's way).
+pub const MAX_AHEAD: usize = 4096;
+
+impl Evacuation {
+    /// Whether chunk `c` is on the target.
+    pub fn moved(&self, c: u64) -> bool {
+        c < self.done || self.ahead.iter().any(|&(s, e)| (s..e).contains(&c))
+    }
+
+    /// How many chunks are on the target.
+    pub fn moved_chunks(&self) -> u64 {
+        self.done + self.ahead.iter().map(|(s, e)| e - s).sum::<u64>()
+    }
+
+    /// The chunk ranges on the target, in order.
+    pub fn moved_ranges(&self) -> impl Iterator<Item = std::ops::Range<u64>> + '_ {
+        std::iter::once(0..self.done)
+            .chain(self.ahead.iter().map(|&(s, e)| s..e))
+            .filter(|r| !r.is_empty())
+    }
+
+    /// Sorts and merges the `ahead` ranges, and folds those that reach `done` into it.
+    pub fn normalize(&mut self) {
+        self.ahead.retain(|(s, e)| s < e);
+        self.ahead.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(self.ahead.len());
+        for &(s, e) in &self.ahead {
+            match out.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => out.push((s, e)),
+            }
+        }
+        out.retain(|&(s, e)| {
+            if s <= self.done {
+                self.done = self.done.max(e);
+                false
+            } else {
+                true
+            }
+        });
+        self.ahead = out;
+    }
+
+    /// The range of `ahead` that starts at `start` now ends at `end` (gone when `end <=
+    /// start`, new when none started there): how the journal moves the first pass along and
+    /// an abort takes it back.
+    pub fn set_ahead(&mut self, start: u64, end: u64) {
+        self.ahead.retain(|r| r.0 != start);
+        if end > start {
+            self.ahead.push((start, end));
+        }
+        self.normalize();
+    }
 }
 
 fn is_zero(v: &Sector) -> bool {
@@ -143,7 +205,12 @@ impl VolumeConfig {
         }
         if let Some(e) = &self.evacuation {
             let end = e.target_offset.checked_add(g.size);
+            let ranges_ok = e.ahead.len() <= MAX_AHEAD
+                && e.ahead.iter().all(|&(s, end)| s < end && end <= g.chunks())
+                && e.ahead.first().is_none_or(|&(s, _)| s > e.done)
+                && e.ahead.windows(2).all(|w| w[0].1 < w[1].0);
             if e.done > g.chunks()
+                || !ranges_ok
                 || !e.target_offset.is_multiple_of(g.chunk)
                 || e.target_offset == 0
                 || e.target_offset > header::MAX_DATA_OFFSET

@@ -22,12 +22,12 @@ mod replay;
 
 use crate::blockdev::BlockDev;
 use codec::VERSION;
-pub use config::{Evacuation, SpareRecord, VolumeConfig};
+pub use config::{Evacuation, MAX_AHEAD, SpareRecord, VolumeConfig};
 pub use faults::{crash_point, fault};
 pub use journal::{Copy, Journal, Written, wipe};
 pub use layout::{Layout, MAX_AREA_BYTES, MAX_SPARES};
 pub use read::{DeviceMeta, JournalPos, Source, read_device, read_device_with, read_superblock};
-pub use replay::{Replay, replay};
+pub use replay::{Replay, apply_evacuated, replay};
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MetaError {

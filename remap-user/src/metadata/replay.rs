@@ -1,6 +1,6 @@
 //! Replaying the journal: which complete generations follow a checkpoint, where the writer would
 //! go on, and applying them to a table.
-use super::VolumeConfig;
+use super::{Evacuation, VolumeConfig};
 use super::{
     JournalPos, MetaError,
     codec::{self, BLOCK, JournalOp},
@@ -42,7 +42,9 @@ impl Replay {
                     JournalOp::Del { chunk } => {
                         remaps.remove(chunk);
                     }
-                    JournalOp::Evacuated { done } => evacuated(config, done)?,
+                    op @ (JournalOp::Evacuated { .. } | JournalOp::EvacuatedAhead { .. }) => {
+                        evacuated(config, op)?
+                    }
                 }
             }
         }
@@ -56,8 +58,12 @@ impl Replay {
         for (i, head) in &self.blocks {
             let at = *i as usize * BLOCK;
             for op in codec::journal_ops(&journal[at..at + BLOCK], head) {
-                if let JournalOp::Evacuated { done } = op? {
-                    evacuated(config, done)?;
+                let op = op?;
+                if matches!(
+                    op,
+                    JournalOp::Evacuated { .. } | JournalOp::EvacuatedAhead { .. }
+                ) {
+                    evacuated(config, op)?;
                 }
             }
         }
@@ -65,14 +71,36 @@ impl Replay {
     }
 }
 
-fn evacuated(config: &mut VolumeConfig, done: u64) -> Result<(), MetaError> {
+/// An evacuation's record applied: checked as a configuration read from a disk is (a record
+/// that would leave it out of bounds is refused).
+fn evacuated(config: &mut VolumeConfig, op: JournalOp) -> Result<(), MetaError> {
     let chunks = config.geometry.chunks();
-    match &mut config.evacuation {
-        Some(e) if done <= chunks => {
+    let bad = || MetaError::Invalid("evacuation record");
+    let e = config.evacuation.as_mut().ok_or_else(bad)?;
+    let in_bounds = match op {
+        JournalOp::Evacuated { done } => done <= chunks,
+        JournalOp::EvacuatedAhead { start, end } => start <= chunks && end <= chunks,
+        _ => false,
+    };
+    if !in_bounds {
+        return Err(bad());
+    }
+    apply_evacuated(e, &op);
+    if e.ahead.len() > super::MAX_AHEAD {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// What an evacuation's journal record does to its state (other records do nothing to it).
+pub fn apply_evacuated(e: &mut Evacuation, op: &JournalOp) {
+    match *op {
+        JournalOp::Evacuated { done } => {
             e.done = done;
-            Ok(())
+            e.normalize();
         }
-        _ => Err(MetaError::Invalid("evacuation record")),
+        JournalOp::EvacuatedAhead { start, end } => e.set_ahead(start, end),
+        JournalOp::Set { .. } | JournalOp::Del { .. } => {}
     }
 }
 

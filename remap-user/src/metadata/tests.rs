@@ -334,10 +334,84 @@ fn hostile_superblock_sizes_are_refused_before_anything_is_allocated() {
     }
 }
 
+/// `c` in the middle of an evacuation whose first pass skipped chunks 10..20.
+fn evacuating(c: &mut VolumeConfig) {
+    c.evacuation = Some(Evacuation {
+        target: DevIdentity {
+            wwn: None,
+            serial: Some("NEW".into()),
+            by_id: None,
+            size_bytes: 0,
+        },
+        target_last_path: "/dev/nullb9".into(),
+        target_uuid: "bb".repeat(16),
+        target_offset: 2048,
+        done: 10,
+        ahead: vec![(20, 30)],
+        aborting: false,
+        rate: 0,
+    });
+}
+
+fn ahead(c: &mut VolumeConfig, ranges: Vec<(u64, u64)>) {
+    evacuating(c);
+    c.evacuation.as_mut().unwrap().ahead = ranges;
+}
+
+#[test]
+fn ranges_past_the_sweep_merge_and_join_it() {
+    let mut c = sample_config();
+    evacuating(&mut c);
+    let e = c.evacuation.as_mut().unwrap();
+    assert!(e.moved(9) && !e.moved(10) && e.moved(20) && e.moved(29) && !e.moved(30));
+    assert_eq!(e.moved_chunks(), 20);
+    // The first pass goes on past the range, then skips again.
+    e.set_ahead(20, 40);
+    e.set_ahead(50, 60);
+    assert_eq!(e.ahead, [(20, 40), (50, 60)]);
+    assert_eq!(
+        e.moved_ranges().collect::<Vec<_>>(),
+        [0..10, 20..40, 50..60]
+    );
+    // The second pass fills the first gap: the range joins the prefix.
+    e.done = 20;
+    e.normalize();
+    assert_eq!((e.done, e.ahead.clone()), (40, vec![(50, 60)]));
+    // An abort takes the last range back, piece by piece.
+    e.set_ahead(50, 55);
+    assert_eq!(e.ahead, [(50, 55)]);
+    e.set_ahead(50, 50);
+    assert!(e.ahead.is_empty());
+    assert_eq!(e.moved_chunks(), 40);
+}
+
 #[test]
 fn hostile_configurations_are_refused() {
     type Bend = fn(&mut VolumeConfig);
-    let cases: [(&str, Bend); 6] = [
+    let chunks = sample_config().geometry.chunks();
+    assert!(chunks > 100);
+    let cases: [(&str, Bend); 11] = [
+        ("an evacuation's range backwards", |c| {
+            ahead(c, vec![(30, 20)])
+        }),
+        ("an evacuation's range past the end", |c| {
+            let n = c.geometry.chunks();
+            ahead(c, vec![(20, n + 1)])
+        }),
+        ("an evacuation's range inside its prefix", |c| {
+            ahead(c, vec![(5, 30)])
+        }),
+        ("an evacuation's ranges out of order", |c| {
+            ahead(c, vec![(40, 50), (20, 30)])
+        }),
+        ("too many evacuation ranges", |c| {
+            ahead(
+                c,
+                (0..=MAX_AHEAD as u64)
+                    .map(|i| (11 + 2 * i, 12 + 2 * i))
+                    .collect(),
+            )
+        }),
         ("a million regions", |c| {
             c.geometry.size = 1 << 40;
             c.geometry.region = c.geometry.chunk;
@@ -368,6 +442,13 @@ fn hostile_configurations_are_refused() {
     let good =
         codec::encode_checkpoint(&[5; 16], 1, &sample_config(), &RemapTable::default()).unwrap();
     assert!(codec::decode_checkpoint(&good).is_ok());
+    let mut cfg = sample_config();
+    evacuating(&mut cfg);
+    let good = codec::encode_checkpoint(&[5; 16], 1, &cfg, &RemapTable::default()).unwrap();
+    assert_eq!(
+        codec::decode_checkpoint(&good).unwrap().config.evacuation,
+        cfg.evacuation
+    );
 }
 
 proptest::proptest! {

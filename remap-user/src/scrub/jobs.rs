@@ -130,6 +130,14 @@ impl Scrubs {
             Ok(p) => p,
             Err(r) => return r,
         };
+        if vol.config.evacuation.is_some() {
+            return refuse(
+                exit::REFUSED,
+                format!(
+                    "`{name}` is being evacuated, which reads every chunk itself: scrub it after (remapctl evacuate {name} --status)"
+                ),
+            );
+        }
         let rate = rate.map(|r| (r > 0).then_some(r));
         if let Some(job) = self.jobs.get_mut(&name).filter(|j| j.running()) {
             if !restart {
@@ -283,12 +291,15 @@ impl Scrubs {
         status_json(name, cursor.as_ref(), None)
     }
 
-    /// Resumes the scrubs that were running when the agent (or the volume) stopped: called
-    /// after assembly.
+    /// Resumes the scrubs that were running when the agent (or the volume) stopped, or that
+    /// an evacuation held: called after assembly and when an evacuation ends. A volume being
+    /// evacuated keeps its scrub held.
     pub fn resume<'a>(&mut self, volumes: impl IntoIterator<Item = &'a Volume>) {
         let mut found = Vec::new();
         for v in volumes {
-            if self.jobs.get(&v.config.name).is_some_and(Job::running) {
+            if self.jobs.get(&v.config.name).is_some_and(Job::running)
+                || v.config.evacuation.is_some()
+            {
                 continue;
             }
             let Ok(path) = self.path(&v.config.name) else {
@@ -315,8 +326,19 @@ impl Scrubs {
 
     /// The volume went down: its scrub stops and resumes when the volume is assembled again.
     pub fn volume_gone(&mut self, name: &str) {
-        if let Some(mut job) = self.jobs.remove(name) {
-            job.stop(ScrubState::Running);
+        self.hold(name);
+    }
+
+    /// Stops the scrub of `name` where it is, to go on at the next [`Self::resume`]; whether
+    /// one was running.
+    pub fn hold(&mut self, name: &str) -> bool {
+        match self.jobs.remove(name) {
+            Some(mut job) => {
+                let running = job.running();
+                job.stop(ScrubState::Running);
+                running
+            }
+            None => false,
         }
     }
 

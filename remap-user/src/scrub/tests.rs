@@ -408,3 +408,48 @@ fn an_interrupted_scrub_resumes_after_assembly() {
     assert_eq!(scrubs.status("v", Some(v)).data["started_ms"], 5);
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// An evacuation reads every chunk itself: a scrub waits for it (held where it is, refused if
+/// asked for), then goes on, on the new main.
+#[test]
+fn a_scrub_waits_for_an_evacuation_and_goes_on_after_on_the_new_main() {
+    let mut r = crate::testkit::rig(SimDm::new());
+    r.create_with_header().unwrap();
+    const NEW: u32 = 20;
+    r.io.add_disk("/sim/new", SIM, NEW, 64 * MIB, 512);
+    let dir = temp_dir("evacuation");
+    let mut scrubs = Scrubs::new(Some(ScrubSetup {
+        state_dir: dir.clone(),
+        io: r.io.clone(),
+        sink: Arc::new(|_: &str, _: Vec<u64>| {}),
+        sample: |_| None,
+        piece_bytes: MIB,
+    }));
+    let started = scrubs.start(vol(&r.engine), Some(8 * MIB), false);
+    assert_eq!(started.code, exit::OK, "{started:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
+    assert!(scrubs.hold("v"), "a running scrub is held");
+    let path = cursor_path(&dir, "v").unwrap();
+    let held = fs::read(&path).unwrap();
+    assert_eq!(load(&path).unwrap().unwrap().state, ScrubState::Running);
+    // Asked for meanwhile: refused, nothing changed; an assembly does not resume it either.
+    let again = scrubs.start(vol(&r.engine), None, false);
+    assert_eq!(again.code, exit::REFUSED, "{again:?}");
+    assert!(
+        again.error.as_deref().unwrap_or("").contains("evacuated"),
+        "{again:?}"
+    );
+    scrubs.resume([vol(&r.engine)]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(fs::read(&path).unwrap(), held);
+    while r.engine.evacuate_step().ended.is_none() {}
+    // After the end it goes on where it was, reading the new main.
+    let before = r.io.stats(SIM, NEW).reads;
+    scrubs.resume([vol(&r.engine)]);
+    let r2 = scrubs.start(vol(&r.engine), Some(0), false);
+    assert_eq!(r2.code, exit::OK, "{r2:?}");
+    wait_done(&mut scrubs, vol(&r.engine));
+    assert!(r.io.stats(SIM, NEW).reads > before);
+    let _ = fs::remove_dir_all(&dir);
+}

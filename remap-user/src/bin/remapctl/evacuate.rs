@@ -91,6 +91,13 @@ pub(crate) fn line(v: &Value) -> String {
         bytes(total),
         percent(done, total),
     );
+    match v["skipped_bytes"].as_u64() {
+        Some(n) if n > 0 => line.push_str(&format!(
+            ", {} unreadable on the first pass (the second comes back for it)",
+            bytes(n)
+        )),
+        _ => {}
+    }
     match v["remaps_to_fold"].as_u64() {
         Some(n) if n > 0 => line.push_str(&format!(", {n} remapped chunks to fold in")),
         _ => {}
@@ -117,8 +124,9 @@ mod tests {
         let l = line(&json!({
             "volume": "v", "state": "copying", "target": "/dev/vdd", "done_bytes": 1048576,
             "total_bytes": 4194304, "remaps_to_fold": 3, "rate": 0, "speed": 2097152,
-            "eta_seconds": 2, "error": null,
+            "eta_seconds": 2, "error": null, "skipped_bytes": 524288,
         }));
+        assert!(l.contains("512.0 KiB unreadable on the first pass"), "{l}");
         assert!(
             l.starts_with("v: evacuation to /dev/vdd copying  1.0 MiB of 4.0 MiB (25"),
             "{l}"
