@@ -75,7 +75,7 @@ impl Snapshot {
                 chunk_bytes: v.config.geometry.chunk * SECTOR,
                 evacuation: v.config.evacuation.as_ref().map(|e| {
                     let g = &v.config.geometry;
-                    (e.done * g.chunk * SECTOR, g.size * SECTOR)
+                    (e.moved_chunks() * g.chunk * SECTOR, g.size * SECTOR)
                 }),
                 spares: v
                     .pool

@@ -98,6 +98,12 @@ impl<T: BlockIo + ?Sized> BlockIo for &T {
     fn logical_block_size(&self, dev: &BlockDev) -> Result<u64, BlockDevError> {
         (**self).logical_block_size(dev)
     }
+    fn physical_block_size(&self, dev: &BlockDev) -> Result<u64, BlockDevError> {
+        (**self).physical_block_size(dev)
+    }
+    fn zoned(&self, dev: &BlockDev) -> Option<String> {
+        (**self).zoned(dev)
+    }
     fn identity(&self, dev: &BlockDev) -> Result<DevIdentity, BlockDevError> {
         (**self).identity(dev)
     }
@@ -136,6 +142,12 @@ impl<T: BlockIo + ?Sized> BlockIo for Arc<T> {
     }
     fn logical_block_size(&self, dev: &BlockDev) -> Result<u64, BlockDevError> {
         (**self).logical_block_size(dev)
+    }
+    fn physical_block_size(&self, dev: &BlockDev) -> Result<u64, BlockDevError> {
+        (**self).physical_block_size(dev)
+    }
+    fn zoned(&self, dev: &BlockDev) -> Option<String> {
+        (**self).zoned(dev)
     }
     fn identity(&self, dev: &BlockDev) -> Result<DevIdentity, BlockDevError> {
         (**self).identity(dev)

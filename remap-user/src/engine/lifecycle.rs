@@ -445,14 +445,24 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     ) -> Result<PendingMode> {
         let has = match self.error_reads {
             Some(h) => h,
-            None => {
-                let h = self
-                    .dm
-                    .flakey_error_reads(&format!("{}:{}", main.major, main.minor))
-                    .unwrap_or(false);
-                self.error_reads = Some(h);
-                h
-            }
+            None => match self
+                .dm
+                .flakey_error_reads(&format!("{}:{}", main.major, main.minor))
+            {
+                Ok(h) => {
+                    self.error_reads = Some(h);
+                    h
+                }
+                // Not an answer about the kernel: not kept, so the next volume asks again.
+                Err(e) => {
+                    tracing::warn!(
+                        device = %main.path.display(),
+                        policy = ?unreadable,
+                        "cannot tell whether dm-flakey can fail reads only ({e}): unreadable blocks of this volume follow the --unreadable policy"
+                    );
+                    return Ok(PendingMode::Policy(unreadable));
+                }
+            },
         };
         Ok(if has {
             PendingMode::FlakeyErrorReads

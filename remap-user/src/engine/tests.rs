@@ -17,7 +17,7 @@ use crate::{
     dm::DeviceMapper,
     health::STRIKES,
     metadata::{self, header},
-    volume::UnreadablePolicy,
+    volume::{PendingMode, UnreadablePolicy},
 };
 use crate::{
     blockdev::{InUse, SimIo},
@@ -1503,4 +1503,21 @@ fn a_configuration_change_that_cannot_be_recorded_changes_nothing() {
     r.io.heal(SIM, S2, 0..area);
     r.engine.spare_add("v", Path::new("/sim/s3")).unwrap();
     assert_eq!(r.status()["pool"]["devices"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn a_failed_error_reads_probe_is_not_taken_for_the_kernels_answer() {
+    let r = rig(SimDm::new());
+    let mut k = r.engine.k;
+    let main = r.io.open(Path::new("/sim/main")).unwrap();
+    // The probe fails once: this volume falls back to the policy, the next one asks again.
+    r.dm.fail_next(DmOp::Probe);
+    assert_eq!(
+        k.pending_mode(&main, UnreadablePolicy::Error).unwrap(),
+        PendingMode::Policy(UnreadablePolicy::Error)
+    );
+    assert_eq!(
+        k.pending_mode(&main, UnreadablePolicy::Error).unwrap(),
+        PendingMode::FlakeyErrorReads
+    );
 }
