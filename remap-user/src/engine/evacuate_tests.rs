@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::{
     blockdev::BlockIo,
-    dm::{DeviceMapper, SimDm},
+    dm::{DeviceMapper, DmLine, SimDm},
     engine::region_name,
     metadata::header,
     testkit::*,
@@ -15,8 +15,19 @@ const D: u64 = 2048;
 /// The new disk's minor.
 const NEW: u32 = 20;
 
-fn with_new_disk(r: &Rig) {
+/// The volume `v` with a header on its main, and a free 64 MiB disk `/sim/new` to move it to.
+fn with_new_disk() -> Rig {
+    let mut r = rig(SimDm::new());
+    r.create_with_header().unwrap();
     r.io.add_disk("/sim/new", SIM, NEW, 64 * MIB, 512);
+    r
+}
+
+/// The live tables of the volume's four regions.
+fn live_tables(r: &Rig) -> Vec<Vec<DmLine>> {
+    (0..4)
+        .map(|g| r.dm.table(&region_name("v", g)).unwrap())
+        .collect()
 }
 
 /// Steps until the evacuation ends; how it ended.
@@ -39,9 +50,7 @@ fn samples(r: &Rig) -> Vec<u64> {
 
 #[test]
 fn evacuation_moves_the_volume_writes_survive_pending_stays_and_the_pool_empties() {
-    let mut r = rig(SimDm::new());
-    r.create_with_header().unwrap();
-    with_new_disk(&r);
+    let mut r = with_new_disk();
     // A healthy remap (folded in at the end) and a pending block (stays pending).
     r.engine.remap_add("v", 5000, 1).unwrap();
     r.io.fail_reads(SIM, MAIN, D + 2001..D + 2002);
@@ -122,13 +131,9 @@ fn evacuation_moves_the_volume_writes_survive_pending_stays_and_the_pool_empties
 
 #[test]
 fn an_aborted_evacuation_puts_every_chunk_back_on_the_old_main() {
-    let mut r = rig(SimDm::new());
-    r.create_with_header().unwrap();
-    with_new_disk(&r);
+    let mut r = with_new_disk();
     r.engine.remap_add("v", 5000, 1).unwrap();
-    let tables: Vec<_> = (0..4)
-        .map(|g| r.dm.table(&region_name("v", g)).unwrap())
-        .collect();
+    let tables = live_tables(&r);
     r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
     for _ in 0..5 {
         r.engine.evacuate_step();
@@ -141,9 +146,7 @@ fn an_aborted_evacuation_puts_every_chunk_back_on_the_old_main() {
     let st = r.status();
     assert_eq!(st["main"], "/sim/main");
     assert_eq!(st["remaps"], 1);
-    let after: Vec<_> = (0..4)
-        .map(|g| r.dm.table(&region_name("v", g)).unwrap())
-        .collect();
+    let after = live_tables(&r);
     assert_eq!(after, tables, "the tables are as before the evacuation");
     assert_eq!(r.read_volume(100), Some(fresh));
     assert_eq!(r.read_volume(7000), Some(golden(D + 7000)));
@@ -158,9 +161,7 @@ fn an_aborted_evacuation_puts_every_chunk_back_on_the_old_main() {
 
 #[test]
 fn an_evacuation_resumes_after_a_reboot_where_its_metadata_says() {
-    let mut r = rig(SimDm::new());
-    r.create_with_header().unwrap();
-    with_new_disk(&r);
+    let mut r = with_new_disk();
     r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
     for _ in 0..3 {
         r.engine.evacuate_step();
@@ -185,9 +186,7 @@ fn an_evacuation_resumes_after_a_reboot_where_its_metadata_says() {
 
 #[test]
 fn a_write_racing_a_window_copy_is_copied_again_under_the_suspend() {
-    let mut r = rig(SimDm::new());
-    r.create_with_header().unwrap();
-    with_new_disk(&r);
+    let mut r = with_new_disk();
     r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
     // A write to the window completes on the old disk after its copy, before the suspend.
     let (io, seen) = (r.io.clone(), r.watch.write_seen.clone());
@@ -205,9 +204,7 @@ fn a_write_racing_a_window_copy_is_copied_again_under_the_suspend() {
 
 #[test]
 fn bad_evacuation_targets_are_refused_and_change_nothing() {
-    let mut r = rig(SimDm::new());
-    r.create_with_header().unwrap();
-    with_new_disk(&r);
+    let mut r = with_new_disk();
     let before = r.status();
     let refused = |r: &mut Rig, to: &str, code: i32, says: &str| {
         let e = r.engine.evacuate("v", Path::new(to), 0).unwrap_err();
@@ -270,9 +267,7 @@ fn bad_evacuation_targets_are_refused_and_change_nothing() {
 
 #[test]
 fn chunks_the_new_disk_refuses_stay_in_the_pool_and_read_back() {
-    let mut r = rig(SimDm::new());
-    r.create_with_header().unwrap();
-    with_new_disk(&r);
+    let mut r = with_new_disk();
     // The new disk refuses writes at two of the volume's blocks: one the sweep copies, one a
     // remap to be folded in.
     r.engine.remap_add("v", 9000, 1).unwrap();
@@ -291,9 +286,7 @@ fn chunks_the_new_disk_refuses_stay_in_the_pool_and_read_back() {
 
 #[test]
 fn an_error_on_the_old_main_for_a_chunk_already_moved_moves_nothing() {
-    let mut r = rig(SimDm::new());
-    r.create_with_header().unwrap();
-    with_new_disk(&r);
+    let mut r = with_new_disk();
     r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
     r.engine.evacuate_step();
     // Block 100 lives on the new disk now: the old disk's error there is stale.
@@ -308,9 +301,7 @@ fn an_error_on_the_old_main_for_a_chunk_already_moved_moves_nothing() {
 
 #[test]
 fn a_write_racing_a_large_window_gives_it_up_and_the_sweep_goes_on_in_small_ones() {
-    let mut r = rig(SimDm::new());
-    r.create_with_header().unwrap();
-    with_new_disk(&r);
+    let mut r = with_new_disk();
     r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
     r.engine.evacuate_step();
     assert_eq!(r.engine.evacuation("v").unwrap().done_bytes, 4 * MIB);
@@ -340,9 +331,7 @@ fn a_write_racing_a_large_window_gives_it_up_and_the_sweep_goes_on_in_small_ones
 
 #[test]
 fn the_new_disk_is_watched_and_its_errors_move_the_chunks_it_serves() {
-    let mut r = rig(SimDm::new());
-    r.create_with_header().unwrap();
-    with_new_disk(&r);
+    let mut r = with_new_disk();
     let watched = |r: &Rig| r.watch.watched.borrow().contains(&(SIM, NEW));
     r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
     assert!(watched(&r), "the target is watched from the start");
@@ -378,9 +367,7 @@ fn the_new_disk_is_watched_and_its_errors_move_the_chunks_it_serves() {
 
 #[test]
 fn an_aborted_evacuation_stops_watching_the_new_disk() {
-    let mut r = rig(SimDm::new());
-    r.create_with_header().unwrap();
-    with_new_disk(&r);
+    let mut r = with_new_disk();
     r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
     r.engine.evacuate_step();
     r.engine.evacuate_abort("v").unwrap();
@@ -391,9 +378,7 @@ fn an_aborted_evacuation_stops_watching_the_new_disk() {
 
 #[test]
 fn the_first_pass_skips_a_bad_area_and_the_second_pass_comes_back_for_it() {
-    let mut r = rig(SimDm::new());
-    r.create_with_header().unwrap();
-    with_new_disk(&r);
+    let mut r = with_new_disk();
     // Chunk 1500 (in the second window, 1024..3072) has a bad sector on the old disk.
     let bad = 1500 * 8 + 3;
     r.io.fail_reads(SIM, MAIN, D + bad..D + bad + 1);
@@ -424,14 +409,10 @@ fn the_first_pass_skips_a_bad_area_and_the_second_pass_comes_back_for_it() {
 
 #[test]
 fn skipped_areas_survive_a_reboot_and_an_abort_puts_everything_back() {
-    let mut r = rig(SimDm::new());
-    r.create_with_header().unwrap();
-    with_new_disk(&r);
+    let mut r = with_new_disk();
     let bad = 1500 * 8 + 3;
     r.io.fail_reads(SIM, MAIN, D + bad..D + bad + 1);
-    let tables: Vec<_> = (0..4)
-        .map(|g| r.dm.table(&region_name("v", g)).unwrap())
-        .collect();
+    let tables = live_tables(&r);
     r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
     for _ in 0..4 {
         r.engine.evacuate_step();
@@ -451,9 +432,7 @@ fn skipped_areas_survive_a_reboot_and_an_abort_puts_everything_back() {
     assert_eq!(b.read_volume(3500 * 8), Some(fresh.clone()));
     b.engine.evacuate_abort("v").unwrap();
     assert_eq!(run_out(&mut b), "aborted");
-    let after: Vec<_> = (0..4)
-        .map(|g| b.dm.table(&region_name("v", g)).unwrap())
-        .collect();
+    let after = live_tables(&b);
     assert_eq!(after, tables, "the tables are as before the evacuation");
     assert_eq!(b.read_volume(3500 * 8), Some(fresh));
     assert_eq!(b.status()["remaps"], 0);
