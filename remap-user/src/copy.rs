@@ -11,10 +11,10 @@ use crate::{
 };
 
 impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
-    /// Copies chunk `c` to `dst`; returns the pending mask (blocks that could not be read).
-    /// The blocks of chunk `c` (remapped as `r`) that are still pending: those whose spare copy
-    /// still holds the marker the copy wrote. A block written since (through dm-flakey, which
-    /// passes writes) holds the writer's data, whether or not the detector saw the write.
+    /// The blocks of chunk `c` (remapped as `r`) that are still pending: those whose copy (on
+    /// the spare, or at home) still holds the marker the copy wrote. A block written since
+    /// (through dm-flakey, which passes writes) holds the writer's data, whether or not the
+    /// detector saw the write.
     pub(crate) fn still_pending(&self, vol: &Volume, c: u64, r: &Remap) -> u64 {
         if r.pending == 0
             || !vol.config.pending_marked
@@ -23,7 +23,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             return r.pending;
         }
         let g = vol.geo();
-        let Some(spare) = vol.spares.get(&r.extent.spare) else {
+        let Some((dev, base)) = vol.place(c, r) else {
             return r.pending;
         };
         let mut buf = vec![0u8; (g.block * SECTOR) as usize];
@@ -32,8 +32,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             if r.pending & (1 << b) == 0 {
                 continue;
             }
-            let off = (r.extent.start + u64::from(b) * g.block) * SECTOR;
-            if self.io.read_at(spare, off, &mut buf).is_ok()
+            let off = (base + u64::from(b) * g.block) * SECTOR;
+            if self.io.read_at(dev, off, &mut buf).is_ok()
                 && buf != pending_marker(&vol.config.uuid, c, b, buf.len())
             {
                 left &= !(1 << b);
@@ -54,6 +54,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             .collect()
     }
 
+    /// Copies chunk `c` to `dst`; returns the pending mask (blocks that could not be read).
     /// `data` is a chunk-sized buffer allocated before the suspend: nothing is allocated while
     /// a region is suspended.
     pub(crate) fn copy_chunk(

@@ -22,9 +22,8 @@ use crate::{
     kernel::{EngineError, Kernel, Result, Watch},
     metadata::{Evacuation, apply_evacuated, codec::JournalOp, crash_point},
     registry::Volume,
-    remap::restore,
     switch::region_name,
-    volume::{Geometry, Remap, SECTOR},
+    volume::{Extent, Geometry, Remap, SECTOR, Sector},
 };
 
 /// Bytes copied again under a suspend at most, when a write raced a window's copy: as long as
@@ -136,11 +135,16 @@ pub fn next_step(
     Some((w.start..end, false, true))
 }
 
-/// Runs of chunks in `range` that are not remapped (only those move).
+/// Runs of chunks in `range` that live at home (only those move: a chunk on a spare stays
+/// there until the fold).
 fn home_runs(vol: &Volume, range: Range<u64>) -> Vec<Range<u64>> {
     let mut runs: Vec<Range<u64>> = Vec::new();
     let mut at = range.start;
-    let remapped = vol.remaps.range(range.clone()).map(|(c, _)| c);
+    let remapped = vol
+        .remaps
+        .range(range.clone())
+        .filter(|(_, r)| r.on_spare())
+        .map(|(c, _)| c);
     for c in remapped.chain(std::iter::once(range.end)) {
         if c > at {
             runs.push(at..c);
@@ -252,6 +256,17 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
                 Err(e) => return Err(e),
             }
         }
+        // Chunks at home with pending blocks move with the window, and the watch for their
+        // rewrite follows them: on where they go before the resume, off where they were after.
+        let pending_here: Vec<(u64, Remap, BlockDev, Sector)> = vol
+            .remaps
+            .range(range.clone())
+            .filter(|(_, r)| !r.on_spare() && r.pending != 0)
+            .map(|(c, r)| {
+                let (dev, at) = vol.home(c);
+                (c, *r, dev.clone(), at)
+            })
+            .collect();
         vol.config.evacuation = Some(now);
         if let Err(e) = self.commit_ops(vol, &[op]) {
             vol.config.evacuation = Some(was);
@@ -259,7 +274,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             return Err(e);
         }
         crash_point("evacuate-after-commit");
+        for (c, r, ..) in &pending_here {
+            self.mark_pending(vol, *c, r, true);
+        }
         self.resume_all(&vol.config.name, &[region]);
+        for (_, _, dev, at) in &pending_here {
+            self.watch_pending_at(vol, dev, *at, false);
+        }
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
         let now = Instant::now();
         tracing::debug!(
@@ -275,9 +296,11 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         Ok(Moved::Done { bytes })
     }
 
-    /// Folds remapped chunks `chunks` (of one region, with no pending block, below the sweep)
-    /// into the target: their data copied from the spares under the region's suspend, their
-    /// remaps deleted, their extents free again.
+    /// Folds remapped chunks `chunks` (of one region, below the sweep) into the target: their
+    /// data copied from the spares under the region's suspend, their extents free again. A
+    /// chunk with no pending block is no longer remapped; one with pending blocks stays so at
+    /// home ([`Extent::home`]): the copy brings its markers (or zeros) along, and its pending
+    /// blocks keep failing reads on the target until rewritten.
     pub(crate) fn fold_remaps(&mut self, vol: &mut Volume, chunks: &[u64]) -> Result<Folded> {
         let g = *vol.geo();
         let Some(target) = vol.target.clone() else {
@@ -290,16 +313,50 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         };
         let region = g.region_of_chunk(first);
         let regions = BTreeSet::from([region]);
-        let prior: Vec<(u64, Option<Remap>)> = chunks
-            .iter()
-            .map(|c| (*c, vol.remaps.get(*c).copied()))
-            .collect();
+        let mut prior: Vec<(u64, Remap)> = Vec::with_capacity(chunks.len());
         for c in chunks {
-            vol.remaps.remove(*c);
+            match vol.remaps.get(*c) {
+                Some(r) if r.on_spare() => prior.push((*c, *r)),
+                _ => {
+                    return Err(EngineError::Failed(format!(
+                        "chunk {c} is not remapped to a spare: nothing to fold"
+                    )));
+                }
+            }
         }
+        let restore_prior = |vol: &mut Volume| {
+            for (c, r) in &prior {
+                vol.remaps.insert(*c, *r);
+            }
+        };
+        // What each chunk becomes, from its pending blocks as they are now (a block rewritten
+        // before the suspend is found again under it).
+        let folded = |k: &Self, vol: &Volume| -> Vec<(u64, Option<Remap>)> {
+            prior
+                .iter()
+                .map(|(c, r)| {
+                    let pending = k.still_pending(vol, *c, r);
+                    let home = Remap {
+                        extent: Extent::home(c * g.chunk),
+                        pending,
+                    };
+                    (*c, (pending != 0).then_some(home))
+                })
+                .collect()
+        };
+        let apply = |vol: &mut Volume, to: &[(u64, Option<Remap>)]| {
+            for (c, r) in to {
+                match r {
+                    Some(r) => vol.remaps.insert(*c, *r),
+                    None => vol.remaps.remove(*c),
+                };
+            }
+        };
         let rn = region_name(&vol.config.name, region);
+        let mut to = folded(self, vol);
+        apply(vol, &to);
         let loaded = self.dm.load(&rn, &vol.region_lines(region));
-        restore(vol, &prior);
+        restore_prior(vol);
         if let Err(e) = loaded {
             self.drop_prepared(vol, &regions, &[]);
             return Err(EngineError::Failed(format!("loading {rn}: {e}")));
@@ -312,7 +369,6 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         let toff = vol.target_offset();
         let mut unwritable = None;
         let copied = prior.iter().try_for_each(|(c, r)| {
-            let r = r.ok_or_else(|| format!("chunk {c} is not remapped"))?;
             let spare = &vol.spares[&r.extent.spare];
             self.io
                 .read_at(spare, r.extent.start * SECTOR, &mut buf)
@@ -341,23 +397,45 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             }
             return Err(EngineError::Failed(format!("folding remaps in: {e}")));
         }
-        for c in chunks {
-            vol.remaps.remove(*c);
+        // Suspended, no write reaches these chunks: a pending block rewritten since the table
+        // was prepared is data now, and the prepared table must say so.
+        let again = folded(self, vol);
+        if again != to {
+            to = again;
+            apply(vol, &to);
+            let loaded = self.dm.load(&rn, &vol.region_lines(region));
+            restore_prior(vol);
+            if let Err(e) = loaded {
+                self.drop_prepared(vol, &regions, &[region]);
+                return Err(EngineError::Failed(format!("loading {rn}: {e}")));
+            }
         }
-        let ops: Vec<JournalOp> = chunks
+        apply(vol, &to);
+        let ops: Vec<JournalOp> = to
             .iter()
-            .map(|c| JournalOp::Del { chunk: *c })
+            .map(|(c, r)| match r {
+                Some(r) => JournalOp::Set {
+                    chunk: *c,
+                    remap: *r,
+                },
+                None => JournalOp::Del { chunk: *c },
+            })
             .collect();
         if let Err(e) = self.commit_ops(vol, &ops) {
-            restore(vol, &prior);
+            restore_prior(vol);
             self.drop_prepared(vol, &regions, &[region]);
             return Err(e);
         }
         crash_point("evacuate-after-fold");
+        // Writes to pending blocks are watched where they live from before the resume.
+        for (c, r) in to.iter().filter_map(|(c, r)| r.map(|r| (*c, r))) {
+            self.mark_pending(vol, c, &r, true);
+        }
         self.resume_all(&vol.config.name, &[region]);
-        for (_, r) in &prior {
-            if let Some(r) = r {
-                let _ = vol.pool.release(r.extent);
+        for (c, r) in &prior {
+            let _ = vol.pool.release(r.extent);
+            if r.pending != 0 {
+                self.mark_pending(vol, *c, r, false);
             }
         }
         self.mirror(vol, Some(chunks));

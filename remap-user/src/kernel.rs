@@ -10,7 +10,7 @@ use crate::{
     blockdev::{BlockDev, BlockIo},
     dm::DeviceMapper,
     registry::Volume,
-    volume::{Extent, PendingMode},
+    volume::{PendingMode, Remap, Sector},
 };
 
 /// Tells the error detector which devices to report.
@@ -95,11 +95,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
                 _pad: 0,
                 chunk: c,
             };
+            // A chunk at home shows its place on the main (or the target).
             let val = vol.remaps.get(c).and_then(|r| {
-                vol.spares.get(&r.extent.spare).map(|s| RemapVal {
-                    spare_dev: s.kernel_dev(),
+                let (dev, at) = vol.place(c, r)?;
+                Some(RemapVal {
+                    spare_dev: dev.kernel_dev(),
                     pending_blocks: r.pending.count_ones(),
-                    spare_sector: r.extent.start,
+                    spare_sector: at,
                 })
             });
             w.mirror_remap(key, val);
@@ -110,15 +112,21 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         }
     }
 
-    /// Tells the detector to report writes to the spare extent `e` (it holds pending blocks)
-    /// or to stop.
-    pub(crate) fn mark_pending(&mut self, vol: &Volume, e: Extent, on: bool) {
+    /// Tells the detector to report writes to where chunk `c`, remapped as `r`, lives now (it
+    /// holds pending blocks) or to stop: its spare extent, or its place at home.
+    pub(crate) fn mark_pending(&mut self, vol: &Volume, c: u64, r: &Remap, on: bool) {
+        let (dev, at) = vol.source(c, Some(*r));
+        self.watch_pending_at(vol, dev, at, on);
+    }
+
+    /// [`Self::mark_pending`] for the chunk at sector `at` of `dev`, a place it no longer
+    /// has in the volume's model.
+    pub(crate) fn watch_pending_at(&mut self, vol: &Volume, dev: &BlockDev, at: Sector, on: bool) {
         if vol.config.pending_mode != PendingMode::FlakeyErrorReads {
             return;
         }
-        let spare = &vol.spares[&e.spare];
-        if let Err(err) = self.watch.set_pending(spare, e.start / vol.geo().chunk, on) {
-            tracing::error!(spare = %spare.path.display(), "pending watch: {err}");
+        if let Err(err) = self.watch.set_pending(dev, at / vol.geo().chunk, on) {
+            tracing::error!(device = %dev.path.display(), "pending watch: {err}");
         }
     }
 }

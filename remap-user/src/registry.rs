@@ -174,14 +174,37 @@ impl Volume {
             .map(|(slot, _)| Member::Spare(*slot))
     }
 
-    /// Where chunk `c` reads from now: its spare extent if remapped (`old`), else its home
-    /// (the main; the target if an evacuation moved it there).
+    /// Where chunk `c` reads from now: its spare extent if remapped (`old`) to one, else its
+    /// home.
     pub(crate) fn source(&self, c: u64, old: Option<Remap>) -> (&BlockDev, Sector) {
-        match (old, &self.target) {
-            (Some(r), _) => (&self.spares[&r.extent.spare], r.extent.start),
-            (None, Some(t)) if self.moved(c) => (t, self.target_offset() + c * self.geo().chunk),
-            (None, _) => (&self.main, self.config.data_offset + c * self.geo().chunk),
+        match old {
+            Some(r) if r.on_spare() => (&self.spares[&r.extent.spare], r.extent.start),
+            _ => self.home(c),
         }
+    }
+
+    /// Where chunk `c`, remapped as `r`, lives: [`Self::source`], or `None` for a spare that is
+    /// not open (a view or a check asks, not the data path).
+    pub(crate) fn place(&self, c: u64, r: &Remap) -> Option<(&BlockDev, Sector)> {
+        match self.spares.get(&r.extent.spare) {
+            Some(s) => Some((s, r.extent.start)),
+            None if r.extent.is_home() => Some(self.home(c)),
+            None => None,
+        }
+    }
+
+    /// The place of chunk `c` at home: on the main, or on the target if an evacuation moved
+    /// it there.
+    pub(crate) fn home(&self, c: u64) -> (&BlockDev, Sector) {
+        match &self.target {
+            Some(t) if self.moved(c) => (t, self.target_offset() + c * self.geo().chunk),
+            _ => (&self.main, self.config.data_offset + c * self.geo().chunk),
+        }
+    }
+
+    /// Whether chunk `c` lives at home (not remapped, or remapped to [`crate::volume::Extent::home`]).
+    pub(crate) fn at_home(&self, c: u64) -> bool {
+        self.remaps.get(c).is_none_or(|r| !r.on_spare())
     }
 
     /// Whether an evacuation moved chunk `c` to its target.

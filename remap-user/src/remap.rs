@@ -93,9 +93,9 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         let plan = plan.into_iter().map(|(c, old, bad)| (c, (old, bad)));
 
         // Allocate, in chunk order so neighbours can land next to each other.
-        let (moves, exhausted) = vol
-            .pool
-            .place(plan, |c| vol.remaps.get(c).map(|r| r.extent));
+        let (moves, exhausted) = vol.pool.place(plan, |c| {
+            vol.remaps.get(c).filter(|r| r.on_spare()).map(|r| r.extent)
+        });
         report.exhausted = exhausted;
         let mut moves: Vec<(u64, Option<Remap>, Extent, u64)> = moves
             .into_iter()
@@ -282,16 +282,22 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             );
         }
 
-        // The old extents of chunks that moved again are free now.
-        for (_, old, e, pending) in &copied {
+        // The old extents of chunks that moved again are free now (a chunk at home held none).
+        for (c, old, e, pending) in &copied {
             if let Some(o) = old {
-                let _ = vol.pool.release(o.extent);
+                if o.on_spare() {
+                    let _ = vol.pool.release(o.extent);
+                }
                 if o.pending != 0 {
-                    self.mark_pending(vol, o.extent, false);
+                    self.mark_pending(vol, *c, o, false);
                 }
             }
             if *pending != 0 {
-                self.mark_pending(vol, *e, true);
+                let now = Remap {
+                    extent: *e,
+                    pending: *pending,
+                };
+                self.mark_pending(vol, *c, &now, true);
             }
         }
         for (c, _, e, pending) in &copied {
@@ -334,27 +340,27 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     pub(crate) fn map_back(&mut self, vol: &mut Volume, chunks: &BTreeMap<u64, u64>) -> Result<()> {
         let before = vol.remaps.clone();
         let mut regions = BTreeSet::new();
+        let mut ops = Vec::new();
         for (c, mask) in chunks {
             if let Some(r) = vol.remaps.get(*c).copied() {
-                vol.remaps.insert(
-                    *c,
-                    Remap {
-                        pending: r.pending & !mask,
-                        ..r
-                    },
-                );
+                let now = Remap {
+                    pending: r.pending & !mask,
+                    ..r
+                };
+                // A chunk at home with nothing pending is not remapped at all.
+                if now.pending == 0 && !now.on_spare() {
+                    vol.remaps.remove(*c);
+                    ops.push(JournalOp::Del { chunk: *c });
+                } else {
+                    vol.remaps.insert(*c, now);
+                    ops.push(JournalOp::Set {
+                        chunk: *c,
+                        remap: now,
+                    });
+                }
                 regions.insert(vol.geo().region_of_chunk(*c));
             }
         }
-        let ops: Vec<JournalOp> = chunks
-            .keys()
-            .filter_map(|c| {
-                vol.remaps.get(*c).map(|r| JournalOp::Set {
-                    chunk: *c,
-                    remap: *r,
-                })
-            })
-            .collect();
         // Suspended from before the commit until the new tables are live: a crash in
         // between leaves the regions suspended, which assembly reads as "ours, finish it",
         // never as a table changed by hand.
@@ -381,16 +387,17 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         crash_point("pending-after-commit");
         self.resume_all(&vol.config.name, &suspended);
         for (c, mask) in chunks {
-            if let Some(r) = vol.remaps.get(*c).copied() {
-                tracing::info!(
-                    volume = vol.config.name,
-                    chunk = c,
-                    blocks = mask.count_ones(),
-                    "pending blocks rewritten: readable again"
-                );
-                if r.pending == 0 {
-                    self.mark_pending(vol, r.extent, false);
-                }
+            let Some(was) = before.get(*c) else {
+                continue;
+            };
+            tracing::info!(
+                volume = vol.config.name,
+                chunk = c,
+                blocks = mask.count_ones(),
+                "pending blocks rewritten: readable again"
+            );
+            if vol.remaps.get(*c).is_none_or(|r| r.pending == 0) {
+                self.mark_pending(vol, *c, was, false);
             }
         }
         let changed: Vec<u64> = chunks.keys().copied().collect();

@@ -382,29 +382,31 @@ fn build(
             }
         }
         pos = pos.max(cstart + geo.chunk);
-        let spare = DevRef::Spare(r.extent.spare);
+        // A chunk whose data came home lies wholly in a moved range or outside all of them.
+        let (dev, base) = if r.extent.is_home() {
+            let moved = home.moved.iter().any(|m| m.contains(&cstart));
+            let dev = if moved { DevRef::Target } else { DevRef::Main };
+            (dev, cstart)
+        } else {
+            (DevRef::Spare(r.extent.spare), r.extent.start)
+        };
         // Most remapped chunks read whole: one piece, not one per block.
         if r.pending == 0 {
-            let target = Target::Linear {
-                dev: spare,
-                offset: r.extent.start,
-            };
+            let target = Target::Linear { dev, offset: base };
             piece(cstart, geo.chunk, target);
             continue;
         }
         for b in 0..geo.blocks_per_chunk() {
             let boff = u64::from(b) * geo.block;
-            let offset = r.extent.start + boff;
+            let offset = base + boff;
             let target = if r.pending & (1 << b) == 0 {
-                Target::Linear { dev: spare, offset }
+                Target::Linear { dev, offset }
             } else {
                 match mode {
-                    PendingMode::FlakeyErrorReads => Target::ErrorReads { dev: spare, offset },
+                    PendingMode::FlakeyErrorReads => Target::ErrorReads { dev, offset },
                     PendingMode::Policy(UnreadablePolicy::Error) => Target::Error,
-                    // The copy wrote zeros to the spare for this block.
-                    PendingMode::Policy(UnreadablePolicy::Zero) => {
-                        Target::Linear { dev: spare, offset }
-                    }
+                    // The copy wrote zeros where this block is.
+                    PendingMode::Policy(UnreadablePolicy::Zero) => Target::Linear { dev, offset },
                 }
             };
             piece(cstart + boff, geo.block, target);

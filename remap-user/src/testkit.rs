@@ -166,7 +166,8 @@ impl Rig {
     pub(crate) fn reboot(&self) -> Rig {
         let mut b = self.restart();
         b.dm = Arc::new(SimDm::new());
-        b.engine = Engine::new(b.dm.clone(), b.io.clone(), SimWatch::default());
+        b.watch = SimWatch::default();
+        b.engine = Engine::new(b.dm.clone(), b.io.clone(), b.watch.clone());
         b
     }
 

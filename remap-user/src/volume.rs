@@ -130,6 +130,27 @@ pub struct Extent {
     pub start: Sector,
 }
 
+impl Extent {
+    /// The slot no spare takes: an extent there is the chunk's own place on the main (see
+    /// [`Extent::home`]).
+    pub const HOME_SLOT: u32 = u32::MAX;
+
+    /// The place of the chunk starting at volume sector `at` on the volume's main (the target
+    /// of an evacuation, where it moved the chunk): for a chunk whose pending blocks live
+    /// there, as an evacuation leaves them (its data came home; the blocks it could not read
+    /// keep failing reads until rewritten), holding no spare.
+    pub fn home(at: Sector) -> Self {
+        Self {
+            spare: Self::HOME_SLOT,
+            start: at,
+        }
+    }
+
+    pub fn is_home(&self) -> bool {
+        self.spare == Self::HOME_SLOT
+    }
+}
+
 /// One remapped chunk: where its data lives now, and which of its blocks could not be read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Remap {
@@ -137,6 +158,13 @@ pub struct Remap {
     /// Bit i set: logical block i of the chunk was unreadable when the chunk moved, and has
     /// not been rewritten since ("pending", as drive firmware calls it).
     pub pending: u64,
+}
+
+impl Remap {
+    /// Whether the chunk lives on a spare (not [`Extent::home`]).
+    pub fn on_spare(&self) -> bool {
+        !self.extent.is_home()
+    }
 }
 
 /// What an unreadable block turns into where the kernel cannot fail reads and pass writes.

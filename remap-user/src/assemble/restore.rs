@@ -196,7 +196,24 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 config.name
             ));
         }
-        let mut extents: Vec<_> = meta.remaps.iter().map(|(_, r)| r.extent).collect();
+        // A chunk at home holds no spare: its place is its own, and nothing else.
+        let chunk = config.geometry.chunk;
+        if let Some((c, _)) = meta
+            .remaps
+            .iter()
+            .find(|(c, r)| r.extent.is_home() && r.extent.start != c * chunk)
+        {
+            return refuse(format!(
+                "metadata of `{}` is inconsistent (chunk {c}): it lives at home at another chunk's place",
+                config.name
+            ));
+        }
+        let mut extents: Vec<_> = meta
+            .remaps
+            .iter()
+            .filter(|(_, r)| r.on_spare())
+            .map(|(_, r)| r.extent)
+            .collect();
         pool.take_all(&mut extents).map_err(|e| {
             let at = match e {
                 PoolError::AlreadyOwned(x) | PoolError::OutOfRange(x) => {
@@ -268,10 +285,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .remaps
                 .iter()
                 .filter(|(_, r)| r.pending != 0)
-                .map(|(_, r)| r.extent)
+                .map(|(c, r)| (c, *r))
                 .collect();
-            for e in pending {
-                self.k.mark_pending(&vol, e, true);
+            for (c, r) in pending {
+                self.k.mark_pending(&vol, c, &r, true);
             }
         }
         self.k.mirror(&vol, Some(&[]));

@@ -239,7 +239,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             .saturating_sub(e.moved_chunks() - e.done)
             * chunk_bytes;
         let total_bytes = g.size * SECTOR;
-        let remaps_to_fold = vol.remaps.iter().filter(|(_, r)| r.pending == 0).count() as u64;
+        let remaps_to_fold = vol.remaps.iter().filter(|(_, r)| r.on_spare()).count() as u64;
         let speed = p.map_or(0, |p| {
             let secs = p.started.elapsed().as_secs_f64();
             if secs > 0.5 {
@@ -418,14 +418,15 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 0
             });
         }
-        // Folded in region by region, at most a remap batch at a time; a chunk the target
-        // refused stays in the pool.
+        // Folded in region by region, at most a remap batch at a time (chunks with pending
+        // blocks too: they stay remapped, at home); a chunk the target refused stays in the
+        // pool.
         let keep = &self.evacuations.get(name).expect("a due evacuation").keep;
         let fold: Vec<u64> = {
             let mut region = None;
             vol.remaps
                 .iter()
-                .filter(|(c, r)| r.pending == 0 && !keep.contains(c))
+                .filter(|(c, r)| r.on_spare() && !keep.contains(c))
                 .map(|(c, _)| c)
                 .take_while(|c| {
                     *region.get_or_insert(g.region_of_chunk(*c)) == g.region_of_chunk(*c)
@@ -485,13 +486,16 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         if left_has_header {
             let _ = header::erase(&self.k.io, &left);
         }
-        // Pending chunks stay on their spares; their watch follows nothing on the main.
+        // Chunks with pending blocks are at home (their rewrite watch is on the new main,
+        // which was the target: nothing moves), or on a spare the target refused to take.
         let pending = vol.remaps.iter().filter(|(_, r)| r.pending != 0).count();
+        let in_pool = vol.remaps.iter().filter(|(_, r)| r.on_spare()).count();
         tracing::info!(
             volume = name,
             main = %vol.main.path.display(),
             released = %left.path.display(),
             pending_chunks = pending,
+            chunks_in_pool = in_pool,
             end_ms = started.elapsed().as_millis() as u64,
             "evacuation {}",
             if done { "done: the new disk is the main" } else { "aborted: the volume is on its old main" }

@@ -49,7 +49,7 @@ fn samples(r: &Rig) -> Vec<u64> {
 }
 
 #[test]
-fn evacuation_moves_the_volume_writes_survive_pending_stays_and_the_pool_empties() {
+fn evacuation_moves_the_volume_writes_survive_pending_comes_home_and_the_pool_is_full_again() {
     let mut r = with_new_disk();
     // A healthy remap (folded in at the end) and a pending block (stays pending).
     r.engine.remap_add("v", 5000, 1).unwrap();
@@ -77,8 +77,26 @@ fn evacuation_moves_the_volume_writes_survive_pending_stays_and_the_pool_empties
     );
     assert_eq!(st["pending"], 2, "{st}");
     assert_eq!(
-        st["pool"]["available"],
-        before["pool"]["available"].as_u64().unwrap() + 1 - 1
+        before["pool"]["available"].as_u64().unwrap() + 2,
+        st["pool"]["total"].as_u64().unwrap(),
+        "{before}"
+    );
+    assert_eq!(
+        st["pool"]["available"], st["pool"]["total"],
+        "every extent released, the pending chunks' too: {st}"
+    );
+    // The pending chunks live at home on the new main, where their writes are watched.
+    let list = r.engine.remap_list("v").unwrap();
+    assert!(
+        list.iter()
+            .all(|e| e.home && e.spare.as_deref() == Some("/sim/new")),
+        "{list:?}"
+    );
+    let home_chunk = |s: u64| (D + s) / 8;
+    assert_eq!(
+        *r.watch.pending.borrow(),
+        [(NEW, home_chunk(2000)), (NEW, home_chunk(20000))].into(),
+        "the rewrite watch follows the pending blocks home, and nothing else is watched"
     );
     assert!(
         st.get("evacuation").is_none_or(|e| e["state"] == "done"),
@@ -127,6 +145,21 @@ fn evacuation_moves_the_volume_writes_survive_pending_stays_and_the_pool_empties
     assert_eq!(rep[0].outcome, "created", "{rep:?}");
     assert_eq!(b.status()["main"], "/sim/new");
     check(&b);
+    assert_eq!(b.watch.pending.borrow().len(), 2);
+    // A rewrite of a pending block on the new main is data again: that chunk is not
+    // remapped any more; the other stays pending.
+    let fresh = vec![0x5au8; 512];
+    b.io.poke(SIM, NEW, (D + 2001) * 512, &fresh).unwrap();
+    b.engine.on_errors(&[event(NEW, D + 2001, 1, 0)]);
+    assert_eq!(b.read_volume(2001), Some(fresh));
+    assert_eq!(b.read_volume(20003), None);
+    let st = b.status();
+    assert_eq!(
+        (st["remaps"].as_u64(), st["pending"].as_u64()),
+        (Some(1), Some(1)),
+        "{st}"
+    );
+    assert_eq!(*b.watch.pending.borrow(), [(NEW, home_chunk(20000))].into());
 }
 
 #[test]

@@ -159,7 +159,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 continue;
             }
             for c in range {
-                if v.remaps.get(c).is_some() || v.moved(c) {
+                if !v.at_home(c) || v.moved(c) {
                     continue;
                 }
                 let seen = h.weak.entry(c).or_default();
@@ -217,7 +217,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 // the sweep moved it, else on the main: an error elsewhere is stale.
                 out.extend(
                     range
-                        .filter(|c| v.moved(*c) != on_main && v.remaps.get(*c).is_none())
+                        .filter(|c| v.moved(*c) != on_main && v.at_home(*c))
                         .map(|c| (v.config.name.clone(), c, definite)),
                 );
             } else if let Member::Spare(slot) = member {
@@ -245,32 +245,46 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         out
     }
 
-    /// Pending blocks of remapped chunks that a successful write to their spare extent fully
-    /// covered: (volume, chunk, mask of rewritten pending blocks).
+    /// Pending blocks of remapped chunks that a successful write to where they live (their
+    /// spare extent, or their place at home) fully covered: (volume, chunk, mask of rewritten
+    /// pending blocks).
     pub(crate) fn rewritten(&self, dev: u32, sector: u64, sectors: u32) -> Vec<(String, u64, u64)> {
         let mut out = Vec::new();
         let end = sector + u64::from(sectors);
         for (v, member) in owners(self.volumes.values(), dev) {
             let g = v.geo();
-            let Member::Spare(slot) = member else {
-                continue;
+            let chunks: Vec<u64> = match member {
+                Member::Spare(slot) => (sector - sector % g.chunk..end)
+                    .step_by(g.chunk as usize)
+                    .filter_map(|s| v.remaps.chunk_at(slot, s, g.chunk))
+                    .collect(),
+                Member::Main | Member::Target => {
+                    let on_main = member == Member::Main;
+                    let range = if on_main {
+                        v.main_chunks(sector, u64::from(sectors))
+                    } else {
+                        v.target_chunks(sector, u64::from(sectors))
+                    };
+                    range
+                        .filter(|c| v.moved(*c) != on_main && v.at_home(*c))
+                        .collect()
+                }
             };
-            let mut s = sector - sector % g.chunk;
-            while s < end {
-                if let Some(c) = v.remaps.chunk_at(slot, s, g.chunk) {
-                    let r = v.remaps.get(c).expect("found above");
-                    let mut mask = 0u64;
-                    for b in 0..g.blocks_per_chunk() {
-                        let bs = r.extent.start + u64::from(b) * g.block;
-                        if r.pending & (1 << b) != 0 && bs >= sector && bs + g.block <= end {
-                            mask |= 1 << b;
-                        }
-                    }
-                    if mask != 0 {
-                        out.push((v.config.name.clone(), c, mask));
+            for c in chunks {
+                let Some(r) = v.remaps.get(c) else {
+                    continue;
+                };
+                let (_, base) = v.source(c, Some(*r));
+                let mut mask = 0u64;
+                for b in 0..g.blocks_per_chunk() {
+                    let bs = base + u64::from(b) * g.block;
+                    if r.pending & (1 << b) != 0 && bs >= sector && bs + g.block <= end {
+                        mask |= 1 << b;
                     }
                 }
-                s += g.chunk;
+                if mask != 0 {
+                    out.push((v.config.name.clone(), c, mask));
+                }
             }
         }
         out

@@ -72,11 +72,11 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             .ok_or_else(|| EngineError::NotFound(format!("no volume named `{name}`")))?;
         let mut seen = Seen::default();
         // Chunks already on the pool that move again (a migration, an error on a spare) take
-        // no net space: health counts only the new ones.
+        // no net space: health counts only the new ones (a chunk at home takes a spare anew).
         let moved_again: BTreeSet<u64> = chunks
             .keys()
             .copied()
-            .filter(|c| vol.remaps.get(*c).is_some())
+            .filter(|c| vol.remaps.get(*c).is_some_and(|r| r.on_spare()))
             .collect();
         let mut res = self.k.remap_in(vol, chunks, t0, &mut seen);
         if let Ok(r) = &mut res {

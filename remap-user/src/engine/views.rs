@@ -134,6 +134,10 @@ pub struct RemapEntry {
     pub spare_slot: u32,
     pub spare_sector: u64,
     pub pending_blocks: u32,
+    /// The chunk's data is at home (on the main, or the target of an evacuation that moved
+    /// it), its pending blocks failing reads there: `spare` and `spare_sector` name that
+    /// place, `spare_slot` is none's ([`crate::volume::Extent::HOME_SLOT`]).
+    pub home: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -225,17 +229,18 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         Ok(vol
             .remaps
             .iter()
-            .map(|(c, r)| RemapEntry {
-                chunk: c,
-                lba: c * chunk,
-                sectors: chunk,
-                spare: vol
-                    .spares
-                    .get(&r.extent.spare)
-                    .map(|s| s.path.display().to_string()),
-                spare_slot: r.extent.spare,
-                spare_sector: r.extent.start,
-                pending_blocks: r.pending.count_ones(),
+            .map(|(c, r)| {
+                let place = vol.place(c, r);
+                RemapEntry {
+                    chunk: c,
+                    lba: c * chunk,
+                    sectors: chunk,
+                    spare: place.map(|(d, _)| d.path.display().to_string()),
+                    spare_slot: r.extent.spare,
+                    spare_sector: place.map_or(r.extent.start, |(_, at)| at),
+                    pending_blocks: r.pending.count_ones(),
+                    home: r.extent.is_home(),
+                }
             })
             .collect())
     }

@@ -188,6 +188,9 @@ impl VolumeConfig {
         if slots.len() != self.spares.len() {
             return bad("a spare slot is named twice");
         }
+        if slots.last() == Some(&crate::volume::Extent::HOME_SLOT) {
+            return bad("a spare in the slot that means the main");
+        }
         if bytes(self.meta_area_sectors).is_none_or(|b| b > MAX_AREA_BYTES) {
             return bad("metadata area larger than the format allows");
         }
