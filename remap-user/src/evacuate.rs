@@ -7,8 +7,9 @@
 //! under the suspend it is copied again only if one completed meanwhile, so a region is
 //! suspended about as long as a remap keeps it, and a write is never lost. Remapped chunks are
 //! not touched by the sweep: they keep serving from their spares, so `--abort` can take every
-//! chunk back to the old main as it was. Pending chunks stay on their spares for good (their
-//! blocks keep failing reads until rewritten).
+//! chunk back to the old main as it was. At the end they are folded in, those with pending
+//! blocks too: they stay remapped at home ([`Extent::home`]), their blocks failing reads on the
+//! new main until rewritten, and a later sweep moves them with their window.
 //!
 //! Two passes, as GNU ddrescue reads a failing disk: the first moves every window that copies
 //! whole and skips one that does not (further after failures in a row), so that a bad area is

@@ -66,9 +66,11 @@ impl Volume {
             &moved,
         );
         // The table works in the volume's sectors; on the main (and the target) they start
-        // after its header.
+        // after its header (pending blocks at home too: dm-flakey passes their writes there).
         for s in &mut segs {
-            if let table::Target::Linear { dev, offset } = &mut s.target {
+            if let table::Target::Linear { dev, offset }
+            | table::Target::ErrorReads { dev, offset } = &mut s.target
+            {
                 match dev {
                     DevRef::Main => *offset += self.config.data_offset,
                     DevRef::Target => *offset += self.target_offset(),

@@ -384,7 +384,8 @@ fn build(
         pos = pos.max(cstart + geo.chunk);
         // A chunk whose data came home lies wholly in a moved range or outside all of them.
         let (dev, base) = if r.extent.is_home() {
-            let moved = home.moved.iter().any(|m| m.contains(&cstart));
+            let i = home.moved.partition_point(|m| m.end <= cstart);
+            let moved = home.moved.get(i).is_some_and(|m| m.contains(&cstart));
             let dev = if moved { DevRef::Target } else { DevRef::Main };
             (dev, cstart)
         } else {
@@ -617,6 +618,26 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn a_chunk_at_home_fails_its_pending_blocks_where_it_lives() {
+        let g = geo();
+        let mut t = RemapTable::default();
+        t.insert(3, remap(Extent::HOME_SLOT, 24, 0b10));
+        let mode = PendingMode::FlakeyErrorReads;
+        // On the main, or on the target once an evacuation moved it there.
+        for (moved, dev) in [(vec![], DevRef::Main), (vec![0..4], DevRef::Target)] {
+            let segs = region_table_moved(&g, 0, &mut t, mode, &moved);
+            assert_covers(&segs, g.region);
+            assert_eq!(lookup(&segs, 24), Target::Linear { dev, offset: 24 });
+            assert_eq!(lookup(&segs, 25), Target::ErrorReads { dev, offset: 25 });
+            assert_eq!(lookup(&segs, 26), Target::Linear { dev, offset: 26 });
+        }
+        // With nothing pending it is no different from a chunk not remapped: one segment.
+        t.insert(3, remap(Extent::HOME_SLOT, 24, 0));
+        let segs = region_table(&g, 0, &mut t, mode);
+        assert_eq!(segs.len(), 1, "{segs:?}");
     }
 
     #[test]

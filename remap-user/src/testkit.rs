@@ -207,6 +207,13 @@ impl Rig {
     /// Where `sector` of the volume lives under the live tables: (minor, byte offset) when
     /// its segment is linear, `None` otherwise (pending, error).
     fn live_place(&self, sector: u64) -> Option<(u32, u64)> {
+        self.live_target(sector).filter(|t| t.2).map(|t| (t.0, t.1))
+    }
+
+    /// Where a write of `sector` of the volume lands under the live tables: (minor, byte
+    /// offset, whether reads get there too) for a linear segment or a pending one (dm-flakey
+    /// `error_reads` passes writes); `None` for dm-error.
+    fn live_target(&self, sector: u64) -> Option<(u32, u64, bool)> {
         let vol = self.engine.volume("v").unwrap();
         let g = *vol.geo();
         let r = g.region_of_chunk(sector / g.chunk);
@@ -216,13 +223,15 @@ impl Rig {
             .iter()
             .find(|(s, l, ..)| (*s..s + l).contains(&rel))
             .unwrap();
-        if ty != "linear" {
-            return None;
-        }
+        let reads = match ty.as_str() {
+            "linear" => true,
+            "flakey" => false,
+            _ => return None,
+        };
         let mut p = params.split_whitespace();
         let minor: u32 = p.next()?.split(':').nth(1)?.parse().ok()?;
         let off: u64 = p.next()?.parse().ok()?;
-        Some((minor, (off + rel - start) * 512))
+        Some((minor, (off + rel - start) * 512, reads))
     }
 
     /// What reading `sector` through the volume returns, following the live tables.
@@ -231,12 +240,15 @@ impl Rig {
         self.io.peek(SIM, minor, at, 512).ok()
     }
 
-    /// Writes one sector through the volume's live tables (a linear segment only), durably.
-    pub(crate) fn write_volume(&self, sector: u64, data: &[u8]) {
-        let (minor, at) = self
-            .live_place(sector)
-            .expect("a write to a linear segment");
+    /// Writes one sector through the volume's live tables (a linear segment, or a pending
+    /// block's, whose writes dm-flakey passes), durably; where it landed (minor, sector), as
+    /// the detector would report it.
+    pub(crate) fn write_volume(&self, sector: u64, data: &[u8]) -> (u32, u64) {
+        let (minor, at, _) = self
+            .live_target(sector)
+            .expect("a write to a linear or pending segment");
         self.io.poke(SIM, minor, at, data).unwrap();
+        (minor, at / 512)
     }
 }
 

@@ -740,3 +740,59 @@ fn a_million_remaps_assemble_and_are_counted() {
     );
     let _ = MIB;
 }
+
+/// Commits `r` for chunk 2 of a stopped volume `v` on every copy, as the engine would.
+fn commit_chunk_2(a: &mut crate::testkit::Rig, r: Remap) {
+    let vol = a.engine.volumes.get_mut("v").unwrap();
+    vol.remaps.insert(2, r);
+    let copies: Vec<Copy<'_>> = vol.copies();
+    let mut j = vol.journal.clone();
+    let ops = [metadata::codec::JournalOp::Set { chunk: 2, remap: r }];
+    let done = j.commit(&*a.io, &copies, &ops, &vol.config, &vol.remaps);
+    assert!(done.unwrap().failed.is_empty());
+}
+
+#[test]
+fn a_chunk_at_home_is_assembled_where_it_is_and_nowhere_else() {
+    // Chunk 2 at home with block 1 pending (as an evacuation leaves it): it stays on the
+    // main, its pending block fails reads there, and it takes no spare.
+    let mut a = rig(SimDm::new());
+    a.create().unwrap();
+    // What the fold copied home for the block: the copy's marker.
+    let uuid = a.engine.volumes["v"].config.uuid.clone();
+    let marker = crate::volume::pending_marker(&uuid, 2, 1, 512);
+    a.io.poke(SIM, MAIN, 17 * 512, &marker).unwrap();
+    commit_chunk_2(
+        &mut a,
+        Remap {
+            extent: Extent::home(16),
+            pending: 0b10,
+        },
+    );
+    let total = a.status()["pool"]["total"].clone();
+    a.engine.stop("v").unwrap();
+    let mut b = a.restart();
+    let rep = b.engine.assemble(None);
+    assert_eq!(rep[0].outcome, "created", "{rep:?}");
+    assert_eq!(b.read_volume(16), Some(golden(16)));
+    assert_eq!(b.read_volume(17), None, "the pending block fails reads");
+    assert_eq!(b.read_volume(18), Some(golden(18)));
+    let st = b.status();
+    assert_eq!(st["pool"]["available"], total, "{st}");
+    assert_eq!(*b.watch.pending.borrow(), [(MAIN, 2)].into());
+
+    // Hostile: a chunk "at home" at another chunk's place would read that chunk's data.
+    let mut a = rig(SimDm::new());
+    a.create().unwrap();
+    commit_chunk_2(
+        &mut a,
+        Remap {
+            extent: Extent::home(24),
+            pending: 0b10,
+        },
+    );
+    a.engine.stop("v").unwrap();
+    let mut b = a.restart();
+    let rep = b.engine.assemble(None);
+    assert_refused_and_nothing_made(&b, &rep, "at another chunk's place");
+}

@@ -149,8 +149,13 @@ fn evacuation_moves_the_volume_writes_survive_pending_comes_home_and_the_pool_is
     // A rewrite of a pending block on the new main is data again: that chunk is not
     // remapped any more; the other stays pending.
     let fresh = vec![0x5au8; 512];
-    b.io.poke(SIM, NEW, (D + 2001) * 512, &fresh).unwrap();
-    b.engine.on_errors(&[event(NEW, D + 2001, 1, 0)]);
+    let (minor, at) = b.write_volume(2001, &fresh);
+    assert_eq!(
+        (minor, at),
+        (NEW, D + 2001),
+        "the write lands at the block's home"
+    );
+    b.engine.on_errors(&[event(minor, at, 1, 0)]);
     assert_eq!(b.read_volume(2001), Some(fresh));
     assert_eq!(b.read_volume(20003), None);
     let st = b.status();
@@ -469,4 +474,66 @@ fn skipped_areas_survive_a_reboot_and_an_abort_puts_everything_back() {
     assert_eq!(after, tables, "the tables are as before the evacuation");
     assert_eq!(b.read_volume(3500 * 8), Some(fresh));
     assert_eq!(b.status()["remaps"], 0);
+}
+
+#[test]
+fn chunks_at_home_move_with_the_next_evacuation_and_an_error_there_sends_them_to_the_pool() {
+    const NEW2: u32 = 21;
+    let home_chunk = |s: u64| (D + s) / 8;
+    let mut r = with_new_disk();
+    r.io.fail_reads(SIM, MAIN, D + 2001..D + 2002);
+    r.error(MAIN, D + 2000, 8);
+    r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
+    assert_eq!(run_out(&mut r), "done");
+    assert_eq!(*r.watch.pending.borrow(), [(NEW, home_chunk(2000))].into());
+    let check = |r: &Rig| {
+        for s in samples(r).into_iter().chain([2000, 2002]) {
+            let want = (s != 2001).then(|| golden(D + s));
+            assert_eq!(r.read_volume(s), want, "sector {s}");
+        }
+    };
+
+    // The next disk: the chunk at home moves with its window, its rewrite watch with it; an
+    // abort takes both back.
+    r.io.add_disk("/sim/new2", SIM, NEW2, 64 * MIB, 512);
+    let tables = live_tables(&r);
+    r.engine.evacuate("v", Path::new("/sim/new2"), 0).unwrap();
+    r.engine.evacuate_step();
+    assert_eq!(r.engine.evacuation("v").unwrap().done_bytes, 4 * MIB);
+    assert_eq!(*r.watch.pending.borrow(), [(NEW2, home_chunk(2000))].into());
+    check(&r);
+    r.engine.evacuate_abort("v").unwrap();
+    assert_eq!(run_out(&mut r), "aborted");
+    assert_eq!(live_tables(&r), tables);
+    assert_eq!(*r.watch.pending.borrow(), [(NEW, home_chunk(2000))].into());
+    check(&r);
+
+    r.engine.evacuate("v", Path::new("/sim/new2"), 0).unwrap();
+    assert_eq!(run_out(&mut r), "done");
+    assert_eq!(*r.watch.pending.borrow(), [(NEW2, home_chunk(2000))].into());
+    let list = r.engine.remap_list("v").unwrap();
+    assert_eq!(list.len(), 1);
+    assert!(list[0].home && list[0].spare.as_deref() == Some("/sim/new2"));
+    check(&r);
+
+    // Another block of it fails on the disk it lives on now: the chunk goes to the pool, the
+    // pending block still pending, the new one too.
+    let total = r.status()["pool"]["total"].as_u64().unwrap();
+    r.io.fail_reads(SIM, NEW2, D + 2003..D + 2004);
+    let rep = r.error(NEW2, D + 2003, 1);
+    assert_eq!(rep[0].remapped, [home_chunk(2000) - D / 8]);
+    assert_eq!(rep[0].pending_blocks, 2);
+    assert_eq!(r.read_volume(2001), None);
+    assert_eq!(r.read_volume(2003), None);
+    assert_eq!(r.read_volume(2002), Some(golden(D + 2002)));
+    let st = r.status();
+    assert_eq!(st["pool"]["available"].as_u64(), Some(total - 1), "{st}");
+    let list = r.engine.remap_list("v").unwrap();
+    assert!(!list[0].home, "{list:?}");
+    let watched = r.watch.pending.borrow().clone();
+    assert_eq!(watched.len(), 1);
+    assert!(
+        watched.iter().all(|(minor, _)| *minor != NEW2),
+        "{watched:?}"
+    );
 }

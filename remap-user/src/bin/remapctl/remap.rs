@@ -11,7 +11,11 @@ pub(crate) fn print_list(v: &Value) {
             "{:>12} {:>8} {:<20} {:>12} {:>8}",
             r["lba"].to_string(),
             r["sectors"].to_string(),
-            r["spare"].as_str().unwrap_or("?"),
+            match (r["spare"].as_str(), r["home"].as_bool()) {
+                (Some(dev), Some(true)) => format!("{dev} (home)"),
+                (Some(dev), _) => dev.to_owned(),
+                (None, _) => "?".to_owned(),
+            },
             r["spare_sector"].to_string(),
             r["pending_blocks"].to_string(),
         );
