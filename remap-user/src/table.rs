@@ -627,7 +627,8 @@ mod tests {
         t.insert(3, remap(Extent::HOME_SLOT, 24, 0b10));
         let mode = PendingMode::FlakeyErrorReads;
         // On the main, or on the target once an evacuation moved it there.
-        for (moved, dev) in [(vec![], DevRef::Main), (vec![0..4], DevRef::Target)] {
+        let first_chunks: Vec<Range<u64>> = std::iter::once(0..4).collect();
+        for (moved, dev) in [(vec![], DevRef::Main), (first_chunks, DevRef::Target)] {
             let segs = region_table_moved(&g, 0, &mut t, mode, &moved);
             assert_covers(&segs, g.region);
             assert_eq!(lookup(&segs, 24), Target::Linear { dev, offset: 24 });
