@@ -178,6 +178,10 @@ pub struct WatchedDev {
     /// Requests that take at least this long (µs, issue to completion) are reported as slow;
     /// 0 turns slow-I/O detection off for the device.
     pub slow_us: u32,
+    /// 1 while a chunk of the device holds pending blocks (a spare's extent, or a chunk at
+    /// home on a main): a write too long for the per-chunk look-up
+    /// ([`PENDING_SCAN_CHUNKS`]) is reported whole, and the agent finds the chunks in it.
+    pub has_pending: u32,
 }
 
 /// Key of the de-duplication LRU.

@@ -327,10 +327,10 @@ fn watch_rewrites(dev: u32, sector: u64, nr_sector: u32, watched: WatchedDev, ar
             return;
         }
     }
-    // A write past what the loop can look at, to a pool device (where pending blocks live):
-    // reported whole, the agent finds the pending chunks in its range. A missed rewrite would
-    // leave written data failing reads.
-    if last - first >= PENDING_SCAN_CHUNKS && POOL_DEVS.get_ptr(dev).is_some() {
+    // A write past what the loop can look at, to a device where pending blocks live (a spare,
+    // or a main holding chunks at home): reported whole, the agent finds the pending chunks
+    // in its range. A missed rewrite would leave written data failing reads.
+    if last - first >= PENDING_SCAN_CHUNKS && watched.has_pending != 0 {
         send_rewrite(dev, sector, nr_sector);
     }
 }

@@ -14,7 +14,11 @@ use std::{
 };
 
 use remap_common::{Counters, ErrorEvent};
-use remap_tests::{blockio::direct_read, faultdisk::FaultDisk, loopdev::LoopDevice};
+use remap_tests::{
+    blockio::{direct_read, direct_write},
+    faultdisk::FaultDisk,
+    loopdev::LoopDevice,
+};
 use remap_user::{
     blockdev::BlockDev,
     detect::{CompletionWatch, Detector, DetectorConfig, ProgramChoice},
@@ -218,6 +222,33 @@ fn repeats_in_one_chunk_are_deduplicated_in_the_kernel() {
     assert_eq!(sectors, vec![800, 1600]);
     let c = det.counters().unwrap();
     assert_eq!((c.events, c.dedups), (2, 4));
+}
+
+#[test]
+fn a_write_over_a_pending_chunk_is_reported_however_long_it_is() {
+    // Any watched device may hold pending blocks (a spare, or a main with chunks at home after
+    // an evacuation): a short write is looked at chunk by chunk (reported only over a pending
+    // one); one too long for that is reported whole while the device has a pending chunk (the
+    // agent finds which, if any, it covered).
+    let disk = Disk::new(16 << 20, &[]);
+    let mut det = Detector::start(&config("rewrite", ProgramChoice::Error)).unwrap();
+    det.watch(&disk.dev(), 4096).unwrap();
+    det.set_pending(&disk.dev(), 300).unwrap();
+    let write = |sector: u64, len: usize| {
+        direct_write(&disk.path(), sector * 512, &vec![0x5a; len]).unwrap();
+    };
+    write(300 * 8, 4096);
+    write(1000 * 8, 4096);
+    // 512 KiB (one request: 128 chunks) from chunk 200: chunk 300 lies past the first
+    // PENDING_SCAN_CHUNKS of it.
+    write(200 * 8, 512 << 10);
+    write(2000 * 8, 512 << 10);
+    let events = collect(&mut det, Duration::from_millis(500));
+    let got: Vec<(u64, u32, i32)> = events
+        .iter()
+        .map(|e| (e.sector, e.nr_sector, e.errno))
+        .collect();
+    assert_eq!(got, vec![(2400, 8, 0), (1600, 1024, 0), (16000, 1024, 0)]);
 }
 
 #[test]

@@ -8,6 +8,7 @@ fn w(shift: u32) -> WatchedDev {
     WatchedDev {
         chunk_shift: shift,
         slow_us: 500_000,
+        has_pending: 0,
     }
 }
 

@@ -36,9 +36,11 @@ impl Watcher {
         if chunk_bytes < 512 || !chunk_bytes.is_power_of_two() {
             return Err(DetectError::BadChunkSize(chunk_bytes));
         }
+        let key = dev.kernel_dev();
         let value = WatchedDev {
             chunk_shift: (chunk_bytes / 512).trailing_zeros(),
             slow_us: self.slow_us,
+            has_pending: u32::from(self.has_pending(key)),
         };
         // The request's start is stamped only with I/O accounting (or a scheduler) on.
         if self.slow_us > 0 && self.btf {
@@ -54,7 +56,6 @@ impl Watcher {
             }
         }
         // The hash first: a slot that turns shared sends the programs there.
-        let key = dev.kernel_dev();
         self.map
             .insert(key, value, 0)
             .map_err(|source| DetectError::Map {
@@ -89,6 +90,7 @@ impl Watcher {
         let res = if on {
             self.pending_keys.insert((key.dev, chunk));
             self.arm()?;
+            self.flag_pending(dev)?;
             self.pending.insert(key, 1, 0)
         } else {
             match self.pending.remove(&key) {
@@ -103,7 +105,37 @@ impl Watcher {
         if !on {
             self.pending_keys.remove(&(key.dev, chunk));
         }
+        self.flag_pending(dev)?;
         self.arm()
+    }
+
+    fn has_pending(&self, dev: u32) -> bool {
+        self.pending_keys
+            .range((dev, 0)..=(dev, u64::MAX))
+            .next()
+            .is_some()
+    }
+
+    /// Keeps the device's [`WatchedDev::has_pending`] true to its pending chunks (set before
+    /// the first is marked, cleared after the last is gone, as [`Self::arm`]).
+    fn flag_pending(&mut self, dev: &BlockDev) -> Result<(), DetectError> {
+        let key = dev.kernel_dev();
+        let want = u32::from(self.has_pending(key));
+        let Some(mut value) = self.devs.get(&key).copied() else {
+            return Ok(());
+        };
+        if value.has_pending == want {
+            return Ok(());
+        }
+        value.has_pending = want;
+        self.map
+            .insert(key, value, 0)
+            .map_err(|source| DetectError::Map {
+                what: format!("flagging pending chunks of {}", dev.path.display()),
+                source,
+            })?;
+        self.devs.insert(key, value);
+        self.write_slot(watch_slot(key), &dev.path)
     }
 
     /// Turns the rewrite watch on while anything is pending or being located, off otherwise:
