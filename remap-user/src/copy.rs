@@ -45,8 +45,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     /// The pending blocks of `vol` rewritten since they were marked: chunk → their mask.
     pub(crate) fn rewritten_pending(&self, vol: &Volume) -> BTreeMap<u64, u64> {
         vol.remaps
-            .iter()
-            .filter(|(_, r)| r.pending != 0)
+            .pending_chunks()
             .filter_map(|(c, r)| {
                 let cleared = r.pending & !self.still_pending(vol, c, r);
                 (cleared != 0).then_some((c, cleared))

@@ -11,6 +11,9 @@ use crate::volume::{Geometry, PendingMode, Remap, Sector, UnreadablePolicy};
 #[derive(Clone, Debug, Default)]
 pub struct RemapTable {
     by_chunk: BTreeMap<u64, Remap>,
+    /// The chunks with pending blocks: few next to the remaps (a million, where a disk failed
+    /// widely), and what the rewrite watch, the recheck and every status look at.
+    pending: BTreeSet<u64>,
     /// Region tables built from it and what changed since (see [`region_table`]).
     pub(crate) memo: Memo,
 }
@@ -28,8 +31,15 @@ impl Eq for RemapTable {}
 /// checkpoint) is built in linear time.
 impl FromIterator<(u64, Remap)> for RemapTable {
     fn from_iter<T: IntoIterator<Item = (u64, Remap)>>(iter: T) -> Self {
+        let by_chunk: BTreeMap<u64, Remap> = iter.into_iter().collect();
+        let pending = by_chunk
+            .iter()
+            .filter(|(_, r)| r.pending != 0)
+            .map(|(c, _)| *c)
+            .collect();
         Self {
-            by_chunk: iter.into_iter().collect(),
+            by_chunk,
+            pending,
             memo: Default::default(),
         }
     }
@@ -42,11 +52,17 @@ impl RemapTable {
 
     pub fn insert(&mut self, chunk: u64, r: Remap) -> Option<Remap> {
         self.memo.changed(chunk);
+        if r.pending != 0 {
+            self.pending.insert(chunk);
+        } else {
+            self.pending.remove(&chunk);
+        }
         self.by_chunk.insert(chunk, r)
     }
 
     pub fn remove(&mut self, chunk: u64) -> Option<Remap> {
         self.memo.changed(chunk);
+        self.pending.remove(&chunk);
         self.by_chunk.remove(&chunk)
     }
 
@@ -67,10 +83,14 @@ impl RemapTable {
         self.by_chunk.range(range).map(|(c, r)| (*c, r))
     }
 
+    /// The remaps with pending blocks, in chunk order.
+    pub fn pending_chunks(&self) -> impl Iterator<Item = (u64, &Remap)> {
+        self.pending.iter().map(|c| (*c, &self.by_chunk[c]))
+    }
+
     pub fn pending_blocks(&self) -> u64 {
-        self.by_chunk
-            .values()
-            .map(|r| u64::from(r.pending.count_ones()))
+        self.pending_chunks()
+            .map(|(_, r)| u64::from(r.pending.count_ones()))
             .sum()
     }
 
@@ -483,6 +503,27 @@ mod tests {
     }
 
     use crate::volume::{Extent, Remap};
+
+    #[test]
+    fn the_pending_chunks_are_known_without_a_walk_of_every_remap() {
+        let mut t: RemapTable = [
+            (1, remap(0, 8, 0)),
+            (2, remap(0, 16, 0b1)),
+            (3, remap(0, 24, 0)),
+        ]
+        .into_iter()
+        .collect();
+        let pending = |t: &RemapTable| t.pending_chunks().map(|(c, _)| c).collect::<Vec<_>>();
+        assert_eq!(pending(&t), [2]);
+        t.insert(3, remap(0, 24, 0b11));
+        t.insert(2, remap(0, 16, 0));
+        assert_eq!(pending(&t), [3]);
+        assert_eq!(t.pending_blocks(), 2);
+        t.insert(5, remap(Extent::HOME_SLOT, 40, 0b100));
+        t.remove(3);
+        assert_eq!(pending(&t), [5]);
+        assert_eq!(t.pending_blocks(), 1);
+    }
 
     fn geo() -> Geometry {
         Geometry::new(64 << 20, 512, 4096, 16 << 20).unwrap()

@@ -281,12 +281,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
         }
         if vol.config.pending_mode == PendingMode::FlakeyErrorReads {
-            let pending: Vec<_> = vol
-                .remaps
-                .iter()
-                .filter(|(_, r)| r.pending != 0)
-                .map(|(c, r)| (c, *r))
-                .collect();
+            let pending: Vec<_> = vol.remaps.pending_chunks().map(|(c, r)| (c, *r)).collect();
             for (c, r) in pending {
                 self.k.mark_pending(&vol, c, &r, true);
             }

@@ -488,7 +488,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         // Chunks with pending blocks are at home (their rewrite watch is on the new main,
         // which was the target: nothing moves), or on a spare the target refused to take.
-        let pending = vol.remaps.iter().filter(|(_, r)| r.pending != 0).count();
+        let pending = vol.remaps.pending_chunks().count();
         let in_pool = vol.remaps.iter().filter(|(_, r)| r.on_spare()).count();
         tracing::info!(
             volume = name,

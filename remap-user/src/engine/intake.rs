@@ -254,9 +254,16 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         for (v, member) in owners(self.volumes.values(), dev) {
             let g = v.geo();
             let chunks: Vec<u64> = match member {
-                Member::Spare(slot) => (sector - sector % g.chunk..end)
-                    .step_by(g.chunk as usize)
-                    .filter_map(|s| v.remaps.chunk_at(slot, s, g.chunk))
+                // Only the chunks with pending blocks matter: never a walk of every remap.
+                Member::Spare(slot) => v
+                    .remaps
+                    .pending_chunks()
+                    .filter(|(_, r)| {
+                        r.extent.spare == slot
+                            && r.extent.start < end
+                            && r.extent.start + g.chunk > sector
+                    })
+                    .map(|(c, _)| c)
                     .collect(),
                 Member::Main | Member::Target => {
                     let on_main = member == Member::Main;

@@ -262,7 +262,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let vol = self.volume(name)?;
         let g = vol.geo();
         let mut out = Vec::new();
-        for (c, r) in vol.remaps.iter() {
+        for (c, r) in vol.remaps.pending_chunks() {
             for b in 0..g.blocks_per_chunk() {
                 if r.pending & (1 << b) != 0 {
                     out.push((c * g.chunk + u64::from(b) * g.block, g.block));
