@@ -288,7 +288,15 @@ impl Scrubs {
             .ok()
             .and_then(|p| load(&p).ok().flatten())
             .filter(|c| c.fits(vol));
-        status_json(name, cursor.as_ref(), None)
+        let mut v = status_json(name, cursor.as_ref(), None);
+        // Held by an evacuation, not paused by anyone: it goes on when the evacuation ends
+        // (mdadm shows a check behind a recovery as DELAYED).
+        if vol.config.evacuation.is_some() && cursor.is_some_and(|c| c.state == ScrubState::Running)
+        {
+            v["state"] = json!("delayed");
+            v["delayed_by"] = json!("evacuation");
+        }
+        v
     }
 
     /// Resumes the scrubs that were running when the agent (or the volume) stopped, or that

@@ -433,6 +433,8 @@ fn a_scrub_waits_for_an_evacuation_and_goes_on_after_on_the_new_main() {
     let path = cursor_path(&dir, "v").unwrap();
     let held = fs::read(&path).unwrap();
     assert_eq!(load(&path).unwrap().unwrap().state, ScrubState::Running);
+    let st = scrubs.status("v", Some(vol(&r.engine))).data;
+    assert_eq!(st["state"], "delayed", "{st}");
     // Asked for meanwhile: refused, nothing changed; an assembly does not resume it either.
     let again = scrubs.start(vol(&r.engine), None, false);
     assert_eq!(again.code, exit::REFUSED, "{again:?}");

@@ -131,6 +131,9 @@ fn scrub_line(v: &Value) -> String {
             line.push_str(&format!("  ETA {}", remap_user::health::human(eta)));
         }
     }
+    if state == "delayed" {
+        line.push_str("  (waits for the evacuation under way; goes on when it ends)");
+    }
     if let Some(e) = v["error"].as_str() {
         line.push_str(&format!("  (error: {e})"));
     }
