@@ -76,6 +76,7 @@ fn evacuation_moves_the_volume_writes_survive_pending_comes_home_and_the_pool_is
         "only the pending chunks stay remapped: {st}"
     );
     assert_eq!(st["pending"], 2, "{st}");
+    assert_eq!(st["remaps_at_home"], 2, "{st}");
     assert_eq!(
         before["pool"]["available"].as_u64().unwrap() + 2,
         st["pool"]["total"].as_u64().unwrap(),

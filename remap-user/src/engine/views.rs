@@ -32,6 +32,9 @@ pub struct VolumeStatus {
     pub region_size: u64,
     pub regions: u32,
     pub remaps: usize,
+    /// Remapped chunks whose data is at home (their pending blocks failing reads there, as
+    /// an evacuation leaves them): of `remaps`, those that hold no spare.
+    pub remaps_at_home: usize,
     pub pending: u64,
     pub pending_mode: &'static str,
     pub generation: u64,
@@ -372,6 +375,11 @@ pub(crate) fn status_of(vol: &Volume) -> VolumeStatus {
         region_size: g.region * SECTOR,
         regions: g.regions(),
         remaps: vol.remaps.len(),
+        remaps_at_home: vol
+            .remaps
+            .pending_chunks()
+            .filter(|(_, r)| !r.on_spare())
+            .count(),
         pending: vol.remaps.pending_blocks(),
         pending_mode: mode_name(vol.config.pending_mode),
         generation: vol.journal.generation,

@@ -83,8 +83,12 @@ pub(crate) fn print_status(v: &Value, map: Option<&VolumeMap>) {
         b(&v["region_size"]),
         v["generation"],
     );
+    let at_home = match v["remaps_at_home"].as_u64() {
+        Some(n) if n > 0 => format!(" ({n} of them at home on the main, no spare held)"),
+        _ => String::new(),
+    };
     println!(
-        "  remapped {} chunks  pending {} blocks (mode {})",
+        "  remapped {} chunks{at_home}  pending {} blocks (mode {})",
         v["remaps"],
         v["pending"],
         v["pending_mode"].as_str().unwrap_or("?"),
