@@ -192,6 +192,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         let runs = home_runs(vol, range.clone());
         let region = g.region_of_chunk(range.start);
         let regions = BTreeSet::from([region]);
+        // The window switches through its region's device.
+        self.materialize(vol, &regions)?;
 
         // Writes to the window's home on the source are watched from before the first read
         // until the suspend: without one, what was copied is what the source holds.
@@ -314,6 +316,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         };
         let region = g.region_of_chunk(first);
         let regions = BTreeSet::from([region]);
+        self.materialize(vol, &regions)?;
         let mut prior: Vec<(u64, Remap)> = Vec::with_capacity(chunks.len());
         for c in chunks {
             match vol.remaps.get(*c) {

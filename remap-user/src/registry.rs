@@ -19,8 +19,10 @@ pub struct Volume {
     pub spares: BTreeMap<u32, BlockDev>,
     pub pool: Pool,
     pub remaps: RemapTable,
-    /// major:minor of each region device, by region index.
-    pub regions: Vec<(u32, u32)>,
+    /// major:minor of each region device there is, by region index. A region gets its device
+    /// with its first remap (or an evacuation's first window in it); until then the volume's
+    /// table maps it straight to the main, and its I/O crosses one device-mapper layer.
+    pub regions: BTreeMap<u32, (u32, u32)>,
     /// major:minor of the volume's own device.
     pub dev: (u32, u32),
     /// The new main of an evacuation under way ([`VolumeConfig::evacuation`]).
@@ -40,7 +42,7 @@ impl Volume {
                 .get(&s)
                 .map(|b| (b.major, b.minor))
                 .unwrap_or((0, 0)),
-            DevRef::Region(r) => self.regions.get(r as usize).copied().unwrap_or((0, 0)),
+            DevRef::Region(r) => self.regions.get(&r).copied().unwrap_or((0, 0)),
             DevRef::Target => self
                 .target
                 .as_ref()
@@ -79,6 +81,35 @@ impl Volume {
             }
         }
         table::render(&segs, |d| self.resolve(d))
+    }
+
+    /// The volume device's own table: the regions that have a device through it, the others
+    /// straight to the main (adjacent ones in one segment).
+    pub(crate) fn volume_lines(&self) -> Vec<table::DmLine> {
+        let mut segs = table::volume_table(self.geo(), |r| self.regions.contains_key(&r));
+        for s in &mut segs {
+            if let table::Target::Linear {
+                dev: DevRef::Main,
+                offset,
+            } = &mut s.target
+            {
+                *offset += self.config.data_offset;
+            }
+        }
+        table::render(&segs, |d| self.resolve(d))
+    }
+
+    /// Whether region `r` must have its own device: a chunk of it is remapped, or lives on an
+    /// evacuation's target.
+    pub(crate) fn needs_region(&self, r: u32) -> bool {
+        let g = self.geo();
+        let (start, len) = g.region_span(r);
+        let chunks = start / g.chunk..(start + len).div_ceil(g.chunk);
+        self.remaps.range(chunks.clone()).next().is_some()
+            || self.config.evacuation.as_ref().is_some_and(|e| {
+                e.moved_ranges()
+                    .any(|m| m.start < chunks.end && chunks.start < m.end)
+            })
     }
 
     /// The spares as metadata copies.

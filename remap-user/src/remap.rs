@@ -117,6 +117,16 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
 
         crash_point("after-allocate");
 
+        // A region's first remap gives it its device (the volume's table goes through it from
+        // then on): nothing of the batch is prepared yet, so a failure only frees the extents.
+        if let Err(e) = self.materialize(vol, &regions) {
+            close_windows(&mut self.watch);
+            for (_, _, e, _) in &moves {
+                let _ = vol.pool.release(*e);
+            }
+            return Err(e);
+        }
+
         // Prepare: the regions' new tables go into their inactive slots while I/O still flows,
         // so that building and parsing them (it grows with the region's remaps) is not time
         // spent suspended. They take the blocks the locate found bad as the pending ones; the
@@ -338,6 +348,11 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     /// Maps rewritten pending blocks back as plain data: commit, then switch their regions.
     /// The data is already on the spare (dm-flakey passed the write through).
     pub(crate) fn map_back(&mut self, vol: &mut Volume, chunks: &BTreeMap<u64, u64>) -> Result<()> {
+        let touched: BTreeSet<u32> = chunks
+            .keys()
+            .map(|c| vol.geo().region_of_chunk(*c))
+            .collect();
+        self.materialize(vol, &touched)?;
         let before = vol.remaps.clone();
         let mut regions = BTreeSet::new();
         let mut ops = Vec::new();

@@ -7,8 +7,8 @@ use crate::{
     blockdev::BlockIo,
     dm::DeviceMapper,
     kernel::{Kernel, Result, Watch, failed},
+    metadata::crash_point,
     registry::Volume,
-    table,
 };
 
 /// Name of the hidden device of one region: next to its volume in `dmsetup ls`, and plainly
@@ -25,23 +25,121 @@ pub(crate) fn dm_uuid(uuid: &str, region: Option<u32>) -> String {
 }
 
 impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
-    /// Creates the region devices and the volume on top of them.
+    /// Creates the devices of the regions that need one ([`Volume::needs_region`]) and the
+    /// volume on top: a region with nothing remapped costs no device-mapper layer.
     pub(crate) fn build_devices(&mut self, vol: &mut Volume) -> Result<()> {
         for r in 0..vol.geo().regions() {
-            let lines = vol.region_lines(r);
-            let name = region_name(&vol.config.name, r);
-            let devno = self
-                .dm
-                .create(&name, &dm_uuid(&vol.config.uuid, Some(r)), &lines)
-                .map_err(|e| failed(format!("creating {name}"))(e.to_string()))?;
-            vol.regions.push(devno);
+            if vol.needs_region(r) {
+                self.create_region(vol, r)?;
+            }
         }
-        let lines = table::render(&table::volume_table(vol.geo()), |d| vol.resolve(d));
+        let lines = vol.volume_lines();
         vol.dev = self
             .dm
             .create(&vol.config.name, &dm_uuid(&vol.config.uuid, None), &lines)
             .map_err(|e| failed(format!("creating {}", vol.config.name))(e.to_string()))?;
         Ok(())
+    }
+
+    fn create_region(&self, vol: &mut Volume, r: u32) -> Result<()> {
+        let lines = vol.region_lines(r);
+        let name = region_name(&vol.config.name, r);
+        let devno = self
+            .dm
+            .create(&name, &dm_uuid(&vol.config.uuid, Some(r)), &lines)
+            .map_err(|e| failed(format!("creating {name}"))(e.to_string()))?;
+        vol.regions.insert(r, devno);
+        Ok(())
+    }
+
+    /// Gives `regions` their devices where they have none yet, before a step that switches
+    /// them: each made with the table the region has now (nothing changes for its I/O), then
+    /// the volume's table swapped to go through them, under one short suspend of the volume
+    /// (the first remap of a region pays it; later ones suspend only their region). On a
+    /// failure the volume is left as it was.
+    pub(crate) fn materialize(&mut self, vol: &mut Volume, regions: &BTreeSet<u32>) -> Result<()> {
+        let new: Vec<u32> = regions
+            .iter()
+            .copied()
+            .filter(|r| !vol.regions.contains_key(r))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let name = vol.config.name.clone();
+        let undo = |k: &Self, vol: &mut Volume, made: &[u32]| {
+            for r in made {
+                vol.regions.remove(r);
+                let _ = k.dm.remove(&region_name(&name, *r));
+            }
+        };
+        let mut made = Vec::new();
+        for &r in &new {
+            if let Err(e) = self.create_region(vol, r) {
+                undo(self, vol, &made);
+                return Err(e);
+            }
+            made.push(r);
+        }
+        crash_point("after-region-device");
+        let lines = vol.volume_lines();
+        if let Err(e) = self.dm.load(&name, &lines) {
+            undo(self, vol, &made);
+            return Err(failed(format!("loading {name}"))(e.to_string()));
+        }
+        if let Err(e) = self.dm.suspend_keeping_fs(&name) {
+            let _ = self.dm.clear(&name);
+            undo(self, vol, &made);
+            return Err(failed(format!("suspending {name}"))(e.to_string()));
+        }
+        if let Err(e) = self.dm.resume(&name) {
+            // Suspended with the new table loaded: the region devices stay (the table that
+            // goes live at the next resume needs them); assembly finishes it after a restart.
+            return Err(failed(format!("resuming {name}"))(e.to_string()));
+        }
+        tracing::info!(volume = name, regions = ?new, "region devices made for the first remaps there");
+        Ok(())
+    }
+
+    /// Takes the devices of regions that no longer need one ([`Volume::needs_region`]: an
+    /// evacuation ended, nothing of them remapped) out from under the volume: its table maps
+    /// them straight to the main again (one short suspend of the volume), then they go.
+    pub(crate) fn dematerialize(&mut self, vol: &mut Volume) -> Result<Vec<u32>> {
+        let extra: Vec<u32> = vol
+            .regions
+            .keys()
+            .copied()
+            .filter(|r| !vol.needs_region(*r))
+            .collect();
+        if extra.is_empty() {
+            return Ok(extra);
+        }
+        let name = vol.config.name.clone();
+        let kept = vol.regions.clone();
+        for r in &extra {
+            vol.regions.remove(r);
+        }
+        let lines = vol.volume_lines();
+        let swapped = self
+            .dm
+            .load(&name, &lines)
+            .and_then(|()| self.dm.suspend_keeping_fs(&name))
+            .and_then(|()| self.dm.resume(&name));
+        if let Err(e) = swapped {
+            vol.regions = kept;
+            let _ = self.dm.clear(&name);
+            let _ = self.dm.resume(&name);
+            return Err(failed(format!("swapping the table of {name}"))(
+                e.to_string(),
+            ));
+        }
+        for r in &extra {
+            let rn = region_name(&name, *r);
+            if let Err(e) = self.dm.remove(&rn) {
+                tracing::warn!(region = rn, "removing a region device no longer used: {e}");
+            }
+        }
+        Ok(extra)
     }
 
     /// Removes whatever devices of `vol` exist (volume first: it holds the regions).

@@ -440,21 +440,26 @@ fn build(
     }
 }
 
-/// The volume device's own table: its regions, end to end.
-pub fn volume_table(geo: &Geometry) -> Vec<Segment> {
-    (0..geo.regions())
-        .map(|r| {
-            let (start, len) = geo.region_span(r);
-            Segment {
-                start,
-                len,
-                target: Target::Linear {
-                    dev: DevRef::Region(r),
-                    offset: 0,
-                },
+/// The volume device's own table: its regions end to end, through their devices where
+/// `has_device` says so, straight to the main elsewhere (adjacent ones merged).
+pub fn volume_table(geo: &Geometry, has_device: impl Fn(u32) -> bool) -> Vec<Segment> {
+    let mut out = Vec::new();
+    for r in 0..geo.regions() {
+        let (start, len) = geo.region_span(r);
+        let target = if has_device(r) {
+            Target::Linear {
+                dev: DevRef::Region(r),
+                offset: 0,
             }
-        })
-        .collect()
+        } else {
+            Target::Linear {
+                dev: DevRef::Main,
+                offset: start,
+            }
+        };
+        push(&mut out, Segment { start, len, target });
+    }
+    out
 }
 
 /// One line of a table as device-mapper takes it: (start, length, target type, parameters).
@@ -707,10 +712,36 @@ mod tests {
     #[test]
     fn volume_table_concatenates_regions() {
         let g = Geometry::new((40 << 20) + 4096, 512, 4096, 16 << 20).unwrap();
-        let v = volume_table(&g);
+        let v = volume_table(&g, |_| true);
         assert_covers(&v, g.size);
         assert_eq!(v.len(), 3);
         assert_eq!(v[2].len, g.size - 2 * g.region);
+    }
+
+    #[test]
+    fn regions_without_a_device_map_straight_to_the_main_in_one_piece() {
+        let g = Geometry::new(64 << 20, 512, 4096, 16 << 20).unwrap();
+        let main = |offset| Target::Linear {
+            dev: DevRef::Main,
+            offset,
+        };
+        assert_eq!(
+            volume_table(&g, |_| false),
+            [Segment {
+                start: 0,
+                len: g.size,
+                target: main(0)
+            }]
+        );
+        // Region 2 only: the main before and after it.
+        let v = volume_table(&g, |r| r == 2);
+        assert_covers(&v, g.size);
+        let targets: Vec<Target> = v.iter().map(|s| s.target).collect();
+        let through = Target::Linear {
+            dev: DevRef::Region(2),
+            offset: 0,
+        };
+        assert_eq!(targets, [main(0), through, main(3 * g.region)]);
     }
 
     #[test]

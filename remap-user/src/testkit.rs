@@ -17,7 +17,7 @@ use crate::{
     allocate::Policy,
     blockdev::{BlockDev, BlockIo, SimIo},
     dm::{DeviceMapper, SimDm},
-    engine::{Engine, EngineError, RemapReport, Result, Watch, region_name},
+    engine::{Engine, EngineError, RemapReport, Result, Watch},
     volume::UnreadablePolicy,
 };
 
@@ -214,24 +214,40 @@ impl Rig {
     /// offset, whether reads get there too) for a linear segment or a pending one (dm-flakey
     /// `error_reads` passes writes); `None` for dm-error.
     fn live_target(&self, sector: u64) -> Option<(u32, u64, bool)> {
-        let vol = self.engine.volume("v").unwrap();
-        let g = *vol.geo();
-        let r = g.region_of_chunk(sector / g.chunk);
-        let lines = self.dm.table(&region_name("v", r)).unwrap();
-        let rel = sector - g.region_span(r).0;
-        let (start, _, ty, params) = lines
-            .iter()
-            .find(|(s, l, ..)| (*s..s + l).contains(&rel))
-            .unwrap();
-        let reads = match ty.as_str() {
-            "linear" => true,
-            "flakey" => false,
-            _ => return None,
-        };
-        let mut p = params.split_whitespace();
-        let minor: u32 = p.next()?.split(':').nth(1)?.parse().ok()?;
-        let off: u64 = p.next()?.parse().ok()?;
-        Some((minor, (off + rel - start) * 512, reads))
+        // The volume's table first: a region through its device, or straight to a disk.
+        let mut lines = self.dm.table("v").unwrap();
+        let mut at = sector;
+        loop {
+            let (start, _, ty, params) = lines
+                .iter()
+                .find(|(s, l, ..)| (*s..s + l).contains(&at))
+                .unwrap()
+                .clone();
+            let reads = match ty.as_str() {
+                "linear" => true,
+                "flakey" => false,
+                _ => return None,
+            };
+            let mut p = params.split_whitespace();
+            let (major, minor) = p.next()?.split_once(':')?;
+            let (major, minor): (u32, u32) = (major.parse().ok()?, minor.parse().ok()?);
+            let off: u64 = p.next()?.parse().ok()?;
+            at = off + at - start;
+            if major != crate::dm::SIM_MAJOR {
+                return Some((minor, at * 512, reads));
+            }
+            let below = self.dm.list("").unwrap();
+            let dev = below.iter().find(|d| d.dev == (major, minor))?;
+            lines = self.dm.table(&dev.name).unwrap();
+        }
+    }
+
+    /// Gives `v`'s `regions` their devices, as their first remaps would: for tests of what
+    /// a crash in a region's switch leaves.
+    pub(crate) fn region_devices(&mut self, regions: &[u32]) {
+        let vol = self.engine.volumes.get_mut("v").unwrap();
+        let regions = regions.iter().copied().collect();
+        self.engine.k.materialize(vol, &regions).unwrap();
     }
 
     /// What reading `sector` through the volume returns, following the live tables.
@@ -273,4 +289,28 @@ pub(crate) fn golden(sector: u64) -> Vec<u8> {
     let base = sector - sector % 8;
     let within = ((sector - base) * 512) as usize;
     pattern(base)[within..within + 512].to_vec()
+}
+
+/// The tables of `volume`'s devices by name, the volume's naming its region devices by name
+/// rather than number (a region made at its first remap gets a later number than at an
+/// assembly, for the same table).
+pub(crate) fn named_tables(
+    dm: &SimDm,
+    volume: &str,
+) -> BTreeMap<String, Vec<crate::table::DmLine>> {
+    let devs = dm.list(volume).unwrap();
+    let named = |p: &str| {
+        devs.iter()
+            .find(|d| p.starts_with(&format!("{}:{} ", d.dev.0, d.dev.1)))
+            .map_or(p.to_owned(), |d| d.name.clone())
+    };
+    devs.iter()
+        .map(|d| {
+            let mut t = dm.table(&d.name).unwrap();
+            for l in &mut t {
+                l.3 = named(&l.3);
+            }
+            (d.name.clone(), t)
+        })
+        .collect()
 }

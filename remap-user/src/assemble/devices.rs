@@ -76,18 +76,23 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             self.k.build_devices(vol)?;
             return Ok(false);
         }
-        let regions: BTreeSet<u32> = (0..vol.geo().regions()).collect();
-        for r in &regions {
-            let rn = region_name(&name, *r);
+        // A region without a device holds nothing remapped (the volume maps it to the main);
+        // one that needs a device and has none is not something a crash of ours leaves.
+        for r in 0..vol.geo().regions() {
+            let rn = region_name(&name, r);
             match existing.get(&rn) {
-                Some(dev) => vol.regions.push(*dev),
-                None => {
+                Some(dev) => {
+                    vol.regions.insert(r, *dev);
+                }
+                None if vol.needs_region(r) => {
                     return Err(EngineError::Refused(format!(
                         "`{name}` is partly up: region device {rn} is missing. Stop it (dmsetup remove) and assemble again"
                     )));
                 }
+                None => {}
             }
         }
+        let regions: BTreeSet<u32> = vol.regions.keys().copied().collect();
         for r in regions {
             let rn = region_name(&name, r);
             let want = vol.region_lines(r);
@@ -143,9 +148,25 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     .map_err(|e| EngineError::Failed(e.to_string()))?;
             }
         }
-        let top = table::render(&table::volume_table(vol.geo()), |d| vol.resolve(d));
+        let top = vol.volume_lines();
         vol.dev = match existing.get(&name) {
-            Some(dev) => *dev,
+            Some(dev) => {
+                self.adopt_volume_table(vol, &top, notes)?;
+                // Devices of regions with nothing remapped (a crash before a region's first
+                // remap committed, or an evacuation's end) go: what runs is what a fresh
+                // assembly builds.
+                let gone = self
+                    .k
+                    .dematerialize(vol)
+                    .map_err(|e| EngineError::Failed(e.to_string()))?;
+                if !gone.is_empty() {
+                    notes.push(format!(
+                        "{} region device(s) with nothing remapped removed (the volume maps those regions to the main)",
+                        gone.len()
+                    ));
+                }
+                *dev
+            }
             None => self
                 .k
                 .dm
@@ -153,5 +174,62 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .map_err(|e| EngineError::Failed(e.to_string()))?,
         };
         Ok(true)
+    }
+
+    /// The volume's own table, adopted: it goes through the region devices there are, or (a
+    /// crash while a region got its device) maps that region straight to the main, which is
+    /// the same place for every sector: then it is swapped for `top`. A table of any other
+    /// shape was made by hand and is refused.
+    fn adopt_volume_table(
+        &mut self,
+        vol: &Volume,
+        top: &[table::DmLine],
+        notes: &mut Vec<String>,
+    ) -> Result<(), EngineError> {
+        let name = &vol.config.name;
+        let err = |e: crate::dm::DmError| EngineError::Failed(e.to_string());
+        let info = self.k.dm.info(name).map_err(err)?;
+        if info.inactive_table {
+            self.k.dm.clear(name).map_err(err)?;
+        }
+        let live = self.k.dm.table(name).map_err(err)?;
+        if !crate::dm::same_table(top, &live) {
+            // Which regions the live table sends through their devices.
+            let through = |r: u32| {
+                vol.regions.get(&r).is_some_and(|(ma, mi)| {
+                    let dev = format!("{ma}:{mi} ");
+                    live.iter().any(|l| l.3.starts_with(&dev))
+                })
+            };
+            let mut segs = table::volume_table(vol.geo(), through);
+            for s in &mut segs {
+                if let table::Target::Linear {
+                    dev: table::DevRef::Main,
+                    offset,
+                } = &mut s.target
+                {
+                    *offset += vol.config.data_offset;
+                }
+            }
+            let shape = table::render(&segs, |d| vol.resolve(d));
+            let direct_but_needed =
+                (0..vol.geo().regions()).any(|r| !through(r) && vol.needs_region(r));
+            if !crate::dm::same_table(&shape, &live) || direct_but_needed {
+                return Err(EngineError::Refused(format!(
+                    "{name} serves a table remap did not make (it was loaded by hand): refusing to replace it; stop the volume (dmsetup remove) and assemble again"
+                )));
+            }
+            notes.push(format!(
+                "{name}: its table went through fewer region devices than there are (a crash while a region got its device); swapped"
+            ));
+            self.k.dm.load(name, top).map_err(err)?;
+            self.k.dm.suspend_keeping_fs(name).map_err(err)?;
+        } else if info.suspended {
+            notes.push(format!("{name}: was left suspended; resumed"));
+        }
+        if !crate::dm::same_table(top, &live) || info.suspended {
+            self.k.dm.resume(name).map_err(err)?;
+        }
+        Ok(())
     }
 }

@@ -266,7 +266,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             spares,
             pool,
             remaps,
-            regions: Vec::new(),
+            regions: BTreeMap::new(),
             dev: (0, 0),
             target,
         };

@@ -1,6 +1,6 @@
 //! Assembly on simulated device-mapper and disks: adopted after a restart, rebuilt exactly
 //! after a reboot or a crash mid-remap, and refused, creating nothing, whenever it would guess.
-use std::{path::Path, sync::Arc};
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use super::*;
 use crate::testkit::{Json as _, MAIN, MIB, S1, S2, SIM, SimWatch, golden, rig};
@@ -8,7 +8,6 @@ use crate::{
     allocate::Policy,
     blockdev::{BlockDev, DevIdentity},
     dm::{DeviceMapper as _, SimDm},
-    engine::region_name,
     metadata::{self, Copy, Journal, Layout, SpareRecord, VolumeConfig, codec::uuid_bytes},
     table::RemapTable,
     volume::{Extent, Geometry, Remap, UnreadablePolicy},
@@ -21,10 +20,11 @@ fn assert_refused_and_nothing_made(b: &crate::testkit::Rig, rep: &[Assembled], p
     assert!(b.dm.list("").unwrap().is_empty(), "nothing created");
 }
 
-fn tables(dm: &SimDm, n: u32) -> Vec<Vec<crate::table::DmLine>> {
-    (0..n)
-        .map(|r| dm.table(&region_name("v", r)).unwrap())
-        .collect()
+/// [`crate::testkit::named_tables`] of `v`, which has at most `n` region devices.
+fn tables(dm: &SimDm, n: u32) -> BTreeMap<String, Vec<crate::table::DmLine>> {
+    let t = crate::testkit::named_tables(dm, "v");
+    assert!(t.len() <= n as usize + 1, "{t:?}");
+    t
 }
 
 #[test]
@@ -425,7 +425,7 @@ fn all_copies_damaged_means_no_volume() {
 fn a_table_prepared_but_never_committed_is_dropped_not_resumed() {
     let mut a = rig(SimDm::new());
     a.create().unwrap();
-    let table = a.dm.table("v-remap-r0000").unwrap();
+    a.region_devices(&[0]);
     // What a crash between preparing a remap of chunk 2 and its commit leaves: a table
     // naming a spare extent in the inactive slot, the region suspended.
     let vol = a.engine.volumes.get_mut("v").unwrap();
@@ -447,9 +447,10 @@ fn a_table_prepared_but_never_committed_is_dropped_not_resumed() {
         rep[0].notes.iter().any(|n| n.contains("dropped a table")),
         "{rep:?}"
     );
-    let info = b.dm.info("v-remap-r0000").unwrap();
-    assert!(!info.suspended && !info.inactive_table, "{info:?}");
-    assert_eq!(b.dm.table("v-remap-r0000").unwrap(), table);
+    // Nothing of region 0 is remapped: the dropped table never went live, and its device
+    // went too (the volume maps the region to the main, as a fresh assembly would).
+    assert!(b.dm.info("v-remap-r0000").is_err(), "{:?}", b.dm.list(""));
+    assert!(!b.dm.info("v").unwrap().suspended);
     assert_eq!(b.read_volume(17), Some(golden(17)));
 }
 
@@ -457,6 +458,7 @@ fn a_table_prepared_but_never_committed_is_dropped_not_resumed() {
 fn a_prepared_table_is_dropped_even_when_its_volume_does_not_assemble() {
     let mut a = rig(SimDm::new());
     a.create().unwrap();
+    a.region_devices(&[0]);
     let vol = a.engine.volumes.get_mut("v").unwrap();
     let e = vol.pool.allocate(None).unwrap();
     vol.remaps.insert(
@@ -488,6 +490,7 @@ fn a_prepared_table_is_dropped_even_when_its_volume_does_not_assemble() {
 fn a_region_resumed_by_hand_on_another_table_is_refused_not_reverted() {
     let mut a = rig(SimDm::new());
     a.create().unwrap();
+    a.region_devices(&[0]);
     // An operator's `dmsetup load` + `resume` of something else than the metadata says
     // (e.g. a prepared table after a crash): I/O has been going there.
     let vol = a.engine.volumes.get_mut("v").unwrap();
@@ -568,6 +571,7 @@ fn a_pending_block_rewritten_while_no_agent_ran_is_pending_no_more() {
 fn a_crash_between_commit_and_load_is_repaired_from_the_metadata() {
     let mut a = rig(SimDm::new());
     a.create().unwrap();
+    a.region_devices(&[0]);
     // Commit a remap of chunk 2 (data copied, metadata durable) without switching the
     // table: what a crash right after the commit leaves.
     let vol = a.engine.volumes.get_mut("v").unwrap();
@@ -795,4 +799,49 @@ fn a_chunk_at_home_is_assembled_where_it_is_and_nowhere_else() {
     let mut b = a.restart();
     let rep = b.engine.assemble(None);
     assert_refused_and_nothing_made(&b, &rep, "at another chunk's place");
+}
+
+#[test]
+fn a_region_device_made_but_not_yet_under_the_volume_is_removed() {
+    // What a crash between making a region's device and swapping the volume's table leaves:
+    // the device, with the region's table, and a volume that maps the region to the main.
+    let mut a = rig(SimDm::new());
+    a.create().unwrap();
+    let vol = a.engine.volumes.get_mut("v").unwrap();
+    let lines = vol.region_lines(1);
+    let uuid = crate::switch::dm_uuid(&vol.config.uuid, Some(1));
+    a.dm.create("v-remap-r0001", &uuid, &lines).unwrap();
+    let mut b = a.restart();
+    let rep = b.engine.assemble(None);
+    assert_eq!(rep[0].outcome, "adopted", "{rep:?}");
+    assert!(
+        rep[0].notes.iter().any(|n| n.contains("removed")),
+        "{rep:?}"
+    );
+    // What a fresh assembly builds: one layer.
+    assert_eq!(tables(&b.dm, 0).len(), 1, "{:?}", tables(&b.dm, 0));
+    assert_eq!(b.read_volume(40_000), Some(golden(40_000)));
+    // A remap there makes it again.
+    b.io.fail_reads(SIM, MAIN, 40_001..40_002);
+    assert_eq!(b.error(MAIN, 40_000, 8)[0].remapped, [5000]);
+    assert_eq!(b.read_volume(40_000), Some(golden(40_000)));
+}
+
+#[test]
+fn a_volume_table_loaded_by_hand_is_refused_not_replaced() {
+    let mut a = rig(SimDm::new());
+    a.create().unwrap();
+    let by_hand: Vec<crate::table::DmLine> =
+        vec![(0, 64 * MIB / 512, "linear".into(), format!("{SIM}:{S1} 0"))];
+    a.dm.load("v", &by_hand).unwrap();
+    a.dm.suspend("v").unwrap();
+    a.dm.resume("v").unwrap();
+    let mut b = a.restart();
+    let rep = b.engine.assemble(None);
+    assert_eq!(rep[0].outcome, "refused", "{rep:?}");
+    assert!(
+        rep[0].notes.iter().any(|n| n.contains("by hand")),
+        "{rep:?}"
+    );
+    assert_eq!(b.dm.table("v").unwrap(), by_hand, "left alone");
 }

@@ -186,6 +186,16 @@ impl DeviceMapper for Dm {
         Ok(())
     }
 
+    fn suspend_keeping_fs(&self, name: &str) -> Result<(), DmError> {
+        let op = DmOp::Suspend;
+        let dm_name = Self::name(op, name)?;
+        let options = DmOptions::default().set_flags(DmFlags::DM_SUSPEND | DmFlags::DM_SKIP_LOCKFS);
+        self.dm
+            .device_suspend(&DevId::Name(dm_name), options)
+            .map_err(|e| map_err(op, name, e))?;
+        Ok(())
+    }
+
     fn resume(&self, name: &str) -> Result<(), DmError> {
         let op = DmOp::Resume;
         let dm_name = Self::name(op, name)?;

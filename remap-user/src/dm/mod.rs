@@ -174,6 +174,11 @@ pub trait DeviceMapper {
     fn clear(&self, name: &str) -> Result<(), DmError>;
     /// Suspends (flushing in-flight I/O; new I/O queues in the kernel until resume).
     fn suspend(&self, name: &str) -> Result<(), DmError>;
+    /// [`Self::suspend`] without freezing a filesystem mounted on the device: for swapping in
+    /// a table that maps every sector where the live one does (nothing for it to sync first).
+    fn suspend_keeping_fs(&self, name: &str) -> Result<(), DmError> {
+        self.suspend(name)
+    }
     /// Resumes, swapping in the inactive table if one was loaded.
     fn resume(&self, name: &str) -> Result<(), DmError>;
     /// Removes a device that nobody holds open. Refused while it is suspended (the kernel
@@ -205,6 +210,9 @@ macro_rules! forward_device_mapper {
             }
             fn suspend(&self, name: &str) -> Result<(), DmError> {
                 (**self).suspend(name)
+            }
+            fn suspend_keeping_fs(&self, name: &str) -> Result<(), DmError> {
+                (**self).suspend_keeping_fs(name)
             }
             fn resume(&self, name: &str) -> Result<(), DmError> {
                 (**self).resume(name)

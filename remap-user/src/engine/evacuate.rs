@@ -486,6 +486,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         if left_has_header {
             let _ = header::erase(&self.k.io, &left);
         }
+        // Regions with nothing remapped go back to one device-mapper layer.
+        if let Err(e) = self.k.dematerialize(vol) {
+            tracing::warn!(volume = name, "region devices kept: {e}");
+        }
         // Chunks with pending blocks are at home (their rewrite watch is on the new main,
         // which was the target: nothing moves), or on a spare the target refused to take.
         let pending = vol.remaps.pending_chunks().count();

@@ -204,16 +204,21 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 "volume `{name}` already exists"
             )));
         }
-        if !self
+        // The names of its region devices too: they are made later, at a region's first
+        // remap, and must be free then.
+        let region_prefix = region_name(name, 0);
+        let region_prefix = &region_prefix[..region_prefix.len() - 4];
+        if let Some(d) = self
             .k
             .dm
             .list(name)
             .map_err(|e| failed("listing device-mapper devices")(e.to_string()))?
             .iter()
-            .all(|d| d.name != name)
+            .find(|d| d.name == name || d.name.starts_with(region_prefix))
         {
             return Err(EngineError::Refused(format!(
-                "a device-mapper device named `{name}` already exists"
+                "a device-mapper device named `{}` already exists",
+                d.name
             )));
         }
         if spare_paths.is_empty() {
@@ -345,7 +350,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             spares,
             pool,
             remaps: RemapTable::default(),
-            regions: Vec::new(),
+            regions: BTreeMap::new(),
             dev: (0, 0),
             target: None,
         };
@@ -403,8 +408,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 "cannot remove /dev/mapper/{name} ({e}); is it mounted or open?"
             ))
         })?;
-        for r in 0..vol.geo().regions() {
-            let rn = region_name(name, r);
+        for r in vol.regions.keys() {
+            let rn = region_name(name, *r);
             self.k
                 .dm
                 .remove(&rn)

@@ -75,7 +75,7 @@ fn read_meta(io: &SimIo, minor: u32) -> metadata::DeviceMeta {
 }
 
 #[test]
-fn create_builds_regions_under_the_volume_and_commits_generation_one() {
+fn create_builds_one_layer_and_commits_generation_one() {
     let mut r = rig(SimDm::new());
     let st = r.create().unwrap();
     assert_eq!(st["regions"], 4);
@@ -85,17 +85,17 @@ fn create_builds_regions_under_the_volume_and_commits_generation_one() {
             .into_iter()
             .filter(|l| !l.contains("remap-probe"))
             .collect();
+    // Nothing remapped: no region device, the volume maps the main in one piece.
+    assert_eq!(log, ["create v"]);
     assert_eq!(
-        log,
-        [
-            "create v-remap-r0000",
-            "create v-remap-r0001",
-            "create v-remap-r0002",
-            "create v-remap-r0003",
-            "create v"
-        ]
+        r.dm.table("v").unwrap(),
+        [(
+            0,
+            64 * MIB / 512,
+            "linear".into(),
+            format!("{SIM}:{MAIN} 0")
+        )]
     );
-    assert_eq!(r.dm.table("v").unwrap().len(), 4);
     for s in [S1, S2] {
         let m = read_meta(&r.io, s);
         assert_eq!((m.generation, m.remaps.len()), (1, 0));
@@ -112,6 +112,7 @@ fn create_builds_regions_under_the_volume_and_commits_generation_one() {
 fn a_bad_sector_moves_its_chunk_copying_every_readable_block() {
     let mut r = rig(SimDm::new());
     r.create().unwrap();
+    r.region_devices(&[0]);
     r.dm.take_log();
     r.io.fail_reads(SIM, MAIN, 1001..1002);
     let reports = r.error(MAIN, 1000, 8);
@@ -230,6 +231,7 @@ fn a_chunk_read_slowly_three_times_moves_with_all_its_data() {
 fn a_burst_is_one_suspend_per_region_and_one_commit() {
     let mut r = rig(SimDm::new());
     r.create().unwrap();
+    r.region_devices(&[0, 2]);
     r.dm.take_log();
     let mut events = Vec::new();
     for c in (10..20).chain([9000, 9001]) {
@@ -257,6 +259,7 @@ fn a_burst_is_one_suspend_per_region_and_one_commit() {
 fn a_large_manual_remap_is_cut_into_bounded_suspends() {
     let mut r = rig(SimDm::new());
     r.create().unwrap();
+    r.region_devices(&[0]);
     r.dm.take_log();
     let n = 2 * REMAP_BATCH_MAX as u64 + 100;
     let v = r.engine.remap_add("v", 0, n * 8).unwrap().j();
@@ -313,6 +316,7 @@ fn a_stale_report_for_a_moved_chunk_is_ignored() {
 fn a_commit_no_copy_takes_changes_nothing() {
     let mut r = rig(SimDm::new());
     r.create().unwrap();
+    r.region_devices(&[0]);
     let before = r.status();
     let table = r.dm.table("v-remap-r0000").unwrap();
     r.dm.take_log();
@@ -344,6 +348,7 @@ fn a_commit_no_copy_takes_changes_nothing() {
 fn a_failed_suspend_releases_the_extent() {
     let mut r = rig(SimDm::new());
     r.create().unwrap();
+    r.region_devices(&[0]);
     let before = r.status();
     r.dm.fail_next(DmOp::Suspend);
     assert!(r.engine.remap("v", BTreeSet::from([7])).is_err());
@@ -359,6 +364,7 @@ fn a_failed_suspend_releases_the_extent() {
 fn a_region_resumed_by_hand_during_the_copy_is_committed_as_it_serves() {
     let mut r = rig(SimDm::new());
     r.create().unwrap();
+    r.region_devices(&[0]);
     r.io.fail_reads(SIM, MAIN, 1001..1002);
     let dm = r.dm.clone();
     r.dm.after_next_suspend(move || dm.resume("v-remap-r0000").unwrap());
@@ -378,6 +384,7 @@ fn a_region_resumed_by_hand_during_the_copy_is_committed_as_it_serves() {
 fn a_region_whose_prepared_table_was_dropped_by_hand_commits_nothing() {
     let mut r = rig(SimDm::new());
     r.create().unwrap();
+    r.region_devices(&[0]);
     r.io.fail_reads(SIM, MAIN, 1001..1002);
     let before = r.status();
     let dm = r.dm.clone();
@@ -482,6 +489,7 @@ fn errors_that_are_not_the_mediums_are_counted_and_alerted_and_move_nothing() {
 fn a_block_that_fails_only_at_the_copy_gets_its_table_loaded_again_before_the_commit() {
     let mut r = rig(SimDm::new());
     r.create().unwrap();
+    r.region_devices(&[0]);
     // Two failed requests of the chunk's own while it reads fine: transients.
     for _ in 1..STRIKES {
         assert!(r.error(MAIN, 1000, 8).iter().all(|x| x.remapped.is_empty()));
@@ -513,6 +521,7 @@ fn a_block_that_fails_only_at_the_copy_gets_its_table_loaded_again_before_the_co
 fn a_failed_prepare_changes_nothing_and_suspends_nothing() {
     let mut r = rig(SimDm::new());
     r.create().unwrap();
+    r.region_devices(&[0]);
     let before = r.status();
     let table = r.dm.table("v-remap-r0000").unwrap();
     r.dm.take_log();
@@ -921,9 +930,10 @@ fn region_sizes_below_the_bound_are_refused_before_anything_is_made() {
 }
 
 #[test]
-fn a_failed_create_removes_only_its_own_devices() {
+fn a_create_whose_region_name_is_taken_is_refused_and_leaves_it_alone() {
     let mut r = rig(SimDm::new());
-    // Someone else's device with the name of the new volume's second region.
+    // Someone else's device with the name of the new volume's second region (made only at
+    // its first remap: refused now, not then).
     let foreign: Vec<crate::dm::DmLine> = vec![(0, 8, "error".into(), String::new())];
     r.dm.create("v-remap-r0001", "SOMEONE-ELSE", &foreign)
         .unwrap();
@@ -938,7 +948,7 @@ fn a_failed_create_removes_only_its_own_devices() {
     assert_eq!(
         left,
         ["v-remap-r0001"],
-        "ours removed, the foreign one kept"
+        "nothing made, the foreign one kept"
     );
     assert_eq!(r.dm.list("v").unwrap()[0].uuid, "SOMEONE-ELSE");
     // Nothing of the volume is left on the spares either.
@@ -1225,11 +1235,14 @@ fn health_counts_errors_and_forecasts_from_remaps() {
 fn stop_removes_volume_then_regions() {
     let mut r = rig(SimDm::new());
     r.create().unwrap();
+    r.region_devices(&[1, 3]);
     r.dm.take_log();
     r.engine.stop("v").unwrap();
     let log = r.dm.take_log();
-    assert_eq!(log[0], "remove v");
-    assert_eq!(log.len(), 5);
+    assert_eq!(
+        log,
+        ["remove v", "remove v-remap-r0001", "remove v-remap-r0003"]
+    );
     assert!(
         r.engine
             .status(None)
@@ -1520,4 +1533,68 @@ fn a_failed_error_reads_probe_is_not_taken_for_the_kernels_answer() {
         k.pending_mode(&main, UnreadablePolicy::Error).unwrap(),
         PendingMode::FlakeyErrorReads
     );
+}
+
+#[test]
+fn a_regions_first_remap_gives_it_its_device_and_later_ones_suspend_only_it() {
+    let mut r = rig(SimDm::new());
+    r.create().unwrap();
+    r.dm.take_log();
+    r.io.fail_reads(SIM, MAIN, 1001..1002);
+    assert_eq!(r.error(MAIN, 1000, 8)[0].remapped, [125]);
+    assert_eq!(
+        r.dm.take_log(),
+        [
+            "create v-remap-r0000",
+            "load v",
+            "suspend v",
+            "resume v",
+            "load v-remap-r0000",
+            "suspend v-remap-r0000",
+            "resume v-remap-r0000"
+        ],
+        "the volume's table swapped once, to go through the new region device"
+    );
+    let v = r.dm.table("v").unwrap();
+    assert_eq!(
+        v.len(),
+        2,
+        "region 0 through its device, the rest to the main: {v:?}"
+    );
+    r.io.fail_reads(SIM, MAIN, 2001..2002);
+    assert_eq!(r.error(MAIN, 2000, 8)[0].remapped, [250]);
+    assert_eq!(
+        r.dm.take_log(),
+        [
+            "load v-remap-r0000",
+            "suspend v-remap-r0000",
+            "resume v-remap-r0000"
+        ]
+    );
+    assert_eq!(r.read_volume(1000), Some(golden(1000)));
+    assert_eq!(r.read_volume(40_000), Some(golden(40_000)));
+    // After a reboot the same devices, and no more.
+    let mut b = r.reboot();
+    b.engine.assemble(None);
+    assert_eq!(named_tables(&b.dm, "v"), named_tables(&r.dm, "v"));
+}
+
+#[test]
+fn a_region_device_that_cannot_go_under_the_volume_leaves_everything_as_it_was() {
+    let mut r = rig(SimDm::new());
+    r.create().unwrap();
+    let before = r.status();
+    let tables = named_tables(&r.dm, "v");
+    r.io.fail_reads(SIM, MAIN, 1001..1002);
+    r.dm.fail_next(DmOp::Suspend);
+    assert!(r.error(MAIN, 1000, 8).iter().all(|x| x.remapped.is_empty()));
+    assert_eq!(r.status(), before, "no extent taken, nothing committed");
+    assert_eq!(
+        named_tables(&r.dm, "v"),
+        tables,
+        "no region device left behind"
+    );
+    assert!(!r.dm.info("v").unwrap().inactive_table);
+    // The next error on it goes through.
+    assert_eq!(r.error(MAIN, 1000, 8)[0].remapped, [125]);
 }

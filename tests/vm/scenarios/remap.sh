@@ -35,12 +35,11 @@ else
     exit 1
 fi
 
-# --- region devices: the volume is a short table over hidden, recognisable region devices
-t=$(dmsetup table "$VOL" | wc -l)
-r=$(dmsetup ls | grep -c "^$VOL-remap-r")
-expect_eq regions-hidden "volume table lines" 4 "$t" &&
-    expect_eq regions-hidden "region devices" 4 "$r" &&
-    pass regions-hidden "$(dmsetup table "$VOL" | tr '\n' ';')"
+# --- region devices: none while nothing is remapped (one layer: the volume maps the main);
+# a region's first remap gives it a hidden, recognisable device (checked after the remaps)
+t0=$(dmsetup table "$VOL" | wc -l)
+r0=$(dmsetup ls | grep -c "^$VOL-remap-r")
+first_table=$(dmsetup table "$VOL" | tr '\n' ';')
 
 # Known data everywhere, then a golden copy to compare against.
 dd if=/dev/urandom of="/dev/mapper/$VOL" bs=1M count=64 oflag=direct status=none
@@ -58,6 +57,13 @@ while [ "$(num remaps)" != 5 ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); do
 expect_eq auto-remap remaps 5 "$(num remaps)" &&
     expect_eq auto-remap "pending blocks" 13 "$(num pending)" &&
     pass auto-remap "$(grep -c 'chunk remapped' /tmp/remapd.log) remaps logged"
+t=$(dmsetup table "$VOL" | wc -l)
+r=$(dmsetup ls | grep -c "^$VOL-remap-r")
+expect_eq regions-hidden "volume table lines at creation" 1 "$t0" &&
+    expect_eq regions-hidden "region devices at creation" 0 "$r0" &&
+    expect_eq regions-hidden "volume table lines with a remap in every region" 4 "$t" &&
+    expect_eq regions-hidden "region devices with a remap in every region" 4 "$r" &&
+    pass regions-hidden "at creation: $first_table after: $(dmsetup table "$VOL" | tr '\n' ';')"
 
 mode=$(json_str "$(status)" pending_mode)
 is_bad() { case " $bad " in *" $1 "*) return 0 ;; esac; return 1; }
