@@ -86,7 +86,12 @@ impl Volume {
     /// The volume device's own table: the regions that have a device through it, the others
     /// straight to the main (adjacent ones in one segment).
     pub(crate) fn volume_lines(&self) -> Vec<table::DmLine> {
-        let mut segs = table::volume_table(self.geo(), |r| self.regions.contains_key(&r));
+        self.volume_lines_through(|r| self.regions.contains_key(&r))
+    }
+
+    /// [`Self::volume_lines`] with the regions `through` says going through their devices.
+    pub(crate) fn volume_lines_through(&self, through: impl Fn(u32) -> bool) -> Vec<table::DmLine> {
+        let mut segs = table::volume_table(self.geo(), through);
         for s in &mut segs {
             if let table::Target::Linear {
                 dev: DevRef::Main,

@@ -201,17 +201,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     live.iter().any(|l| l.3.starts_with(&dev))
                 })
             };
-            let mut segs = table::volume_table(vol.geo(), through);
-            for s in &mut segs {
-                if let table::Target::Linear {
-                    dev: table::DevRef::Main,
-                    offset,
-                } = &mut s.target
-                {
-                    *offset += vol.config.data_offset;
-                }
-            }
-            let shape = table::render(&segs, |d| vol.resolve(d));
+            let shape = vol.volume_lines_through(through);
             let direct_but_needed =
                 (0..vol.geo().regions()).any(|r| !through(r) && vol.needs_region(r));
             if !crate::dm::same_table(&shape, &live) || direct_but_needed {
