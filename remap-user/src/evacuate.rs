@@ -24,7 +24,7 @@ use crate::{
     metadata::{Evacuation, apply_evacuated, codec::JournalOp, crash_point},
     registry::Volume,
     switch::region_name,
-    volume::{Extent, Geometry, Remap, SECTOR, Sector},
+    volume::{Extent, Geometry, RegionMap, Remap, SECTOR, Sector},
 };
 
 /// Bytes copied again under a suspend at most, when a write raced a window's copy: as long as
@@ -64,22 +64,26 @@ pub enum Folded {
 /// The next window of the sweep, at most `bytes` long: forward from `done` (`0..chunks`
 /// towards the target), or back from `done` when aborting; never across a region, so that one
 /// region is suspended.
-pub fn next_window(g: &Geometry, done: u64, back: bool, bytes: u64) -> Option<Range<u64>> {
+pub fn next_window(
+    regions: RegionMap<'_>,
+    done: u64,
+    back: bool,
+    bytes: u64,
+) -> Option<Range<u64>> {
+    let g = regions.geo;
     let per = (bytes / (g.chunk * SECTOR)).max(1);
-    let region_chunks = g.region / g.chunk;
     if back {
         if done == 0 {
             return None;
         }
-        let last = done - 1;
-        let floor = last / region_chunks * region_chunks;
+        let floor = regions.chunks(regions.of_chunk(done - 1)).start;
         Some(done.saturating_sub(per).max(floor)..done)
     } else {
         if done >= g.chunks() {
             return None;
         }
-        let ceil = (done / region_chunks + 1) * region_chunks;
-        Some(done..(done + per).min(ceil).min(g.chunks()))
+        let ceil = regions.chunks(regions.of_chunk(done)).end;
+        Some(done..(done + per).min(ceil))
     }
 }
 
@@ -113,7 +117,7 @@ pub fn window_op(e: &Evacuation, range: &Range<u64>, back: bool) -> JournalOp {
 /// order, carefully (see [`Moved::Stuck`]). Back (`e.aborting`), the ranges past the prefix go
 /// first, last to first, then the prefix. `None`: nothing is left to move.
 pub fn next_step(
-    g: &Geometry,
+    g: RegionMap<'_>,
     e: &Evacuation,
     cursor: u64,
     bytes: u64,
@@ -190,7 +194,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         let mut now = was.clone();
         apply_evacuated(&mut now, &op);
         let runs = home_runs(vol, range.clone());
-        let region = g.region_of_chunk(range.start);
+        let region = vol.config.regions().of_chunk(range.start);
         let regions = BTreeSet::from([region]);
         // The window switches through its region's device.
         self.materialize(vol, &regions)?;
@@ -314,7 +318,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         let Some(&first) = chunks.first() else {
             return Ok(Folded::Done);
         };
-        let region = g.region_of_chunk(first);
+        let region = vol.config.regions().of_chunk(first);
         let regions = BTreeSet::from([region]);
         self.materialize(vol, &regions)?;
         let mut prior: Vec<(u64, Remap)> = Vec::with_capacity(chunks.len());
@@ -543,14 +547,14 @@ mod tests {
         let w = WINDOW_BYTES;
         // First pass from the start: the prefix grows.
         let e = evac(0, vec![], false);
-        assert_eq!(next_step(&g, &e, 0, w), Some((0..1024, false, false)));
+        assert_eq!(next_step(RegionMap::fixed(&g), &e, 0, w), Some((0..1024, false, false)));
         assert_eq!(
             window_op(&e, &(0..1024), false),
             JournalOp::Evacuated { done: 1024 }
         );
         // 1024..2048 was skipped: the first pass goes on at 3072 and starts a range there...
         let e = evac(1024, vec![], false);
-        assert_eq!(next_step(&g, &e, 3072, w), Some((3072..4096, false, false)));
+        assert_eq!(next_step(RegionMap::fixed(&g), &e, 3072, w), Some((3072..4096, false, false)));
         let op = window_op(&e, &(3072..4096), false);
         assert_eq!(
             op,
@@ -571,12 +575,12 @@ mod tests {
         );
         // At the end, the second pass starts at the prefix and stops at the range.
         assert_eq!(
-            next_step(&g, &e, g.chunks(), w),
+            next_step(RegionMap::fixed(&g), &e, g.chunks(), w),
             Some((1024..2048, false, true))
         );
         let e2 = evac(1024, vec![(1500, 4096)], false);
         assert_eq!(
-            next_step(&g, &e2, g.chunks(), w),
+            next_step(RegionMap::fixed(&g), &e2, g.chunks(), w),
             Some((1024..1500, false, true))
         );
         let op = window_op(&e2, &(1024..1500), false);
@@ -589,12 +593,12 @@ mod tests {
         );
         // Everything moved: nothing left.
         assert_eq!(
-            next_step(&g, &evac(g.chunks(), vec![], false), g.chunks(), w),
+            next_step(RegionMap::fixed(&g), &evac(g.chunks(), vec![], false), g.chunks(), w),
             None
         );
         // Aborting: the last range first, back from its end, never below its start...
         let e = evac(1024, vec![(3072, 3500), (5000, 5100)], true);
-        assert_eq!(next_step(&g, &e, 5100, w), Some((5000..5100, true, true)));
+        assert_eq!(next_step(RegionMap::fixed(&g), &e, 5100, w), Some((5000..5100, true, true)));
         assert_eq!(
             window_op(&e, &(5000..5100), true),
             JournalOp::EvacuatedAhead {
@@ -603,41 +607,41 @@ mod tests {
             }
         );
         let e = evac(1024, vec![(3072, 5100)], true);
-        assert_eq!(next_step(&g, &e, 5100, w), Some((4096..5100, true, true)));
+        assert_eq!(next_step(RegionMap::fixed(&g), &e, 5100, w), Some((4096..5100, true, true)));
         // ... then the prefix.
         let e = evac(1024, vec![], true);
-        assert_eq!(next_step(&g, &e, 9999, w), Some((0..1024, true, true)));
+        assert_eq!(next_step(RegionMap::fixed(&g), &e, 9999, w), Some((0..1024, true, true)));
         assert_eq!(
             window_op(&e, &(0..1024), true),
             JournalOp::Evacuated { done: 0 }
         );
-        assert_eq!(next_step(&g, &evac(0, vec![], true), 0, w), None);
+        assert_eq!(next_step(RegionMap::fixed(&g), &evac(0, vec![], true), 0, w), None);
     }
 
     #[test]
     fn windows_stay_inside_regions_both_ways() {
         // 64 MiB, 4 KiB chunks, 6 MiB regions (the last one short): 1,536-chunk regions.
         let g = Geometry::new(64 << 20, 512, 4096, 6 << 20).unwrap();
-        assert_eq!(next_window(&g, 0, false, WINDOW_BYTES), Some(0..1024));
-        assert_eq!(next_window(&g, 1024, false, WINDOW_BYTES), Some(1024..1536));
-        assert_eq!(next_window(&g, 1536, false, WINDOW_BYTES), Some(1536..2560));
+        assert_eq!(next_window(RegionMap::fixed(&g), 0, false, WINDOW_BYTES), Some(0..1024));
+        assert_eq!(next_window(RegionMap::fixed(&g), 1024, false, WINDOW_BYTES), Some(1024..1536));
+        assert_eq!(next_window(RegionMap::fixed(&g), 1536, false, WINDOW_BYTES), Some(1536..2560));
         assert_eq!(
-            next_window(&g, 16_000, false, WINDOW_BYTES),
+            next_window(RegionMap::fixed(&g), 16_000, false, WINDOW_BYTES),
             Some(16_000..16_384)
         );
-        assert_eq!(next_window(&g, 16_384, false, WINDOW_BYTES), None);
-        assert_eq!(next_window(&g, 1536, true, WINDOW_BYTES), Some(512..1536));
-        assert_eq!(next_window(&g, 512, true, WINDOW_BYTES), Some(0..512));
-        assert_eq!(next_window(&g, 1600, true, WINDOW_BYTES), Some(1536..1600));
-        assert_eq!(next_window(&g, 0, true, WINDOW_BYTES), None);
-        assert_eq!(next_window(&g, 0, false, MAX_WINDOW_BYTES), Some(0..1536));
+        assert_eq!(next_window(RegionMap::fixed(&g), 16_384, false, WINDOW_BYTES), None);
+        assert_eq!(next_window(RegionMap::fixed(&g), 1536, true, WINDOW_BYTES), Some(512..1536));
+        assert_eq!(next_window(RegionMap::fixed(&g), 512, true, WINDOW_BYTES), Some(0..512));
+        assert_eq!(next_window(RegionMap::fixed(&g), 1600, true, WINDOW_BYTES), Some(1536..1600));
+        assert_eq!(next_window(RegionMap::fixed(&g), 0, true, WINDOW_BYTES), None);
+        assert_eq!(next_window(RegionMap::fixed(&g), 0, false, MAX_WINDOW_BYTES), Some(0..1536));
         assert_eq!(
-            next_window(&g, 2000, true, MAX_WINDOW_BYTES),
+            next_window(RegionMap::fixed(&g), 2000, true, MAX_WINDOW_BYTES),
             Some(1536..2000)
         );
         let mut forward = Vec::new();
         let mut done = 0;
-        while let Some(w) = next_window(&g, done, false, WINDOW_BYTES) {
+        while let Some(w) = next_window(RegionMap::fixed(&g), done, false, WINDOW_BYTES) {
             assert_eq!(g.region_of_chunk(w.start), g.region_of_chunk(w.end - 1));
             done = w.end;
             forward.push(w);
@@ -645,7 +649,7 @@ mod tests {
         assert_eq!(forward.first().map(|w| w.start), Some(0));
         assert!(forward.windows(2).all(|p| p[0].end == p[1].start));
         let mut back = done;
-        while let Some(w) = next_window(&g, back, true, WINDOW_BYTES) {
+        while let Some(w) = next_window(RegionMap::fixed(&g), back, true, WINDOW_BYTES) {
             assert_eq!(w.end, back);
             assert_eq!(g.region_of_chunk(w.start), g.region_of_chunk(w.end - 1));
             back = w.start;

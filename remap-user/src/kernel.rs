@@ -61,6 +61,8 @@ pub struct Kernel<D, I, W> {
     /// Messages of the suspended window, logged once its regions are resumed: logging can
     /// block (journald, a console) on I/O to the very volume that is suspended.
     pub(crate) deferred: Mutex<Vec<String>>,
+    /// Segments past which a region's table is cut in two ([`crate::split`]).
+    pub(crate) cut_segments: usize,
 }
 
 impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
@@ -71,6 +73,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             watch,
             error_reads: None,
             deferred: Mutex::new(Vec::new()),
+            cut_segments: crate::split::CUT_SEGMENTS,
         }
     }
 

@@ -24,6 +24,9 @@ pub mod commit;
 // Switch: the region's new table loaded, the region suspended and resumed.
 pub mod switch;
 
+// Split: a region whose table grew long cut in two, so a remap's cost stays flat.
+pub mod split;
+
 // Remap: one batch through the steps above, as a transaction with one way back.
 pub mod remap;
 

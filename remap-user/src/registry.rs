@@ -53,6 +53,17 @@ impl Volume {
     }
 
     pub(crate) fn region_lines(&mut self, region: u32) -> Vec<table::DmLine> {
+        let span = self.config.regions().span(region);
+        self.span_lines(span, Some(region))
+    }
+
+    /// The table of the volume's sectors `span` as a region device spanning them serves it
+    /// ([`table::span_table`]; `memo`: the region it is, to patch its last build).
+    pub(crate) fn span_lines(
+        &mut self,
+        span: (Sector, Sector),
+        memo: Option<u32>,
+    ) -> Vec<table::DmLine> {
         let geo = self.config.geometry;
         let moved: Vec<_> = self
             .config
@@ -60,12 +71,13 @@ impl Volume {
             .as_ref()
             .map(|e| e.moved_ranges().collect())
             .unwrap_or_default();
-        let mut segs = table::region_table_moved(
+        let mut segs = table::span_table(
             &geo,
-            region,
+            span,
             &mut self.remaps,
             self.config.pending_mode,
             &moved,
+            memo,
         );
         // The table works in the volume's sectors; on the main (and the target) they start
         // after its header (pending blocks at home too: dm-flakey passes their writes there).
@@ -91,7 +103,7 @@ impl Volume {
 
     /// [`Self::volume_lines`] with the regions `through` says going through their devices.
     pub(crate) fn volume_lines_through(&self, through: impl Fn(u32) -> bool) -> Vec<table::DmLine> {
-        let mut segs = table::volume_table(self.geo(), through);
+        let mut segs = table::volume_table(self.config.regions(), through);
         for s in &mut segs {
             if let table::Target::Linear {
                 dev: DevRef::Main,
@@ -107,9 +119,7 @@ impl Volume {
     /// Whether region `r` must have its own device: a chunk of it is remapped, or lives on an
     /// evacuation's target.
     pub(crate) fn needs_region(&self, r: u32) -> bool {
-        let g = self.geo();
-        let (start, len) = g.region_span(r);
-        let chunks = start / g.chunk..(start + len).div_ceil(g.chunk);
+        let chunks = self.config.regions().chunks(r);
         self.remaps.range(chunks.clone()).next().is_some()
             || self.config.evacuation.as_ref().is_some_and(|e| {
                 e.moved_ranges()

@@ -26,6 +26,8 @@ pub struct RemapReport {
     pub regions: Vec<u32>,
     pub micros: u64,
     pub suspended_micros: u64,
+    /// Regions made by cutting long ones after the batch.
+    pub cut: Vec<u32>,
 }
 
 /// Most chunks one remap batch takes: a storm is remapped in batches of this many, each under
@@ -113,7 +115,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             report.micros = t0.elapsed().as_micros() as u64;
             return Ok(report);
         }
-        let regions: BTreeSet<u32> = moves.iter().map(|(c, ..)| g.region_of_chunk(*c)).collect();
+        let regions: BTreeSet<u32> = moves
+            .iter()
+            .map(|(c, ..)| vol.config.regions().of_chunk(*c))
+            .collect();
 
         crash_point("after-allocate");
 
@@ -229,7 +234,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             .iter()
             .zip(&prepared_bad)
             .filter(|((_, _, _, pending), bad)| pending != *bad)
-            .map(|((c, ..), _)| g.region_of_chunk(*c))
+            .map(|((c, ..), _)| vol.config.regions().of_chunk(*c))
             .collect();
         for &r in &stale {
             let rn = region_name(&vol.config.name, r);
@@ -325,6 +330,9 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         }
         report.regions = regions.into_iter().collect();
         report.micros = t0.elapsed().as_micros() as u64;
+        // After the report's time: the batch is in; a region it made long is cut before the
+        // next one comes.
+        report.cut = self.cut_long_regions(vol, &report.regions);
         Ok(report)
     }
 
@@ -350,7 +358,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     pub(crate) fn map_back(&mut self, vol: &mut Volume, chunks: &BTreeMap<u64, u64>) -> Result<()> {
         let touched: BTreeSet<u32> = chunks
             .keys()
-            .map(|c| vol.geo().region_of_chunk(*c))
+            .map(|c| vol.config.regions().of_chunk(*c))
             .collect();
         self.materialize(vol, &touched)?;
         let before = vol.remaps.clone();
@@ -373,7 +381,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
                         remap: now,
                     });
                 }
-                regions.insert(vol.geo().region_of_chunk(*c));
+                regions.insert(vol.config.regions().of_chunk(*c));
             }
         }
         // Suspended from before the commit until the new tables are live: a crash in

@@ -28,7 +28,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     /// Creates the devices of the regions that need one ([`Volume::needs_region`]) and the
     /// volume on top: a region with nothing remapped costs no device-mapper layer.
     pub(crate) fn build_devices(&mut self, vol: &mut Volume) -> Result<()> {
-        for r in 0..vol.geo().regions() {
+        let order: Vec<u32> = vol.config.regions().in_order().collect();
+        for r in order {
             if vol.needs_region(r) {
                 self.create_region(vol, r)?;
             }
@@ -147,7 +148,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     /// volume's device-mapper UUIDs, never another's device that happens to have the name.
     pub(crate) fn teardown(&self, vol: &Volume) {
         let name = &vol.config.name;
-        let mut ours: BTreeMap<String, String> = (0..vol.geo().regions())
+        let mut ours: BTreeMap<String, String> = (0..vol.config.regions().count())
             .map(|r| (region_name(name, r), dm_uuid(&vol.config.uuid, Some(r))))
             .collect();
         ours.insert(name.clone(), dm_uuid(&vol.config.uuid, None));

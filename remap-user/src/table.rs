@@ -5,7 +5,7 @@ use std::{
     ops::Range,
 };
 
-use crate::volume::{Geometry, PendingMode, Remap, Sector, UnreadablePolicy};
+use crate::volume::{Geometry, PendingMode, RegionMap, Remap, Sector, UnreadablePolicy};
 
 /// The remaps of one volume, by chunk.
 #[derive(Clone, Debug, Default)]
@@ -81,6 +81,24 @@ impl RemapTable {
     /// Remaps of the chunks in `range`, in order.
     pub fn range(&self, range: std::ops::Range<u64>) -> impl Iterator<Item = (u64, &Remap)> {
         self.by_chunk.range(range).map(|(c, r)| (*c, r))
+    }
+
+    /// How many segments the last table built for region `region` has (none remembered: 0).
+    pub fn segments_of(&self, region: u32) -> usize {
+        self.memo.regions.get(&region).map_or(0, |(_, segs)| segs.len())
+    }
+
+    /// Where to cut the chunks `range` in two with about as many remaps on each side: at the
+    /// middle remap, never at the range's first chunk (each side keeps at least one chunk).
+    pub fn middle(&self, range: std::ops::Range<u64>) -> Option<u64> {
+        let n = self.by_chunk.range(range.clone()).count();
+        let at = self
+            .by_chunk
+            .range(range.clone())
+            .map(|(c, _)| *c)
+            .skip(n / 2)
+            .find(|c| *c > range.start)?;
+        (at < range.end).then_some(at)
     }
 
     /// The remaps with pending blocks, in chunk order.
@@ -185,19 +203,23 @@ pub fn region_table(
     remaps: &mut RemapTable,
     mode: PendingMode,
 ) -> Vec<Segment> {
-    region_table_moved(geo, region, remaps, mode, &[])
+    span_table(geo, geo.region_span(region), remaps, mode, &[], Some(region))
 }
 
-/// [`region_table`] of a volume being evacuated: chunks of the `moved` ranges (in order) that
-/// are not remapped live on the target ([`DevRef::Target`]) instead of the main.
-pub fn region_table_moved(
+/// The table of the volume's sectors `span` (first sector, length: a region's) with the
+/// chunks of the `moved` ranges (in order) that are not remapped on the target
+/// ([`DevRef::Target`]) instead of the main, as [`region_table`] builds it. With `memo`, the
+/// build is remembered as that region's and patched next time; without, it is built whole
+/// (checking a device found running against the metadata).
+pub fn span_table(
     geo: &Geometry,
-    region: u32,
+    span: (Sector, Sector),
     remaps: &mut RemapTable,
     mode: PendingMode,
     moved: &[Range<u64>],
+    memo: Option<u32>,
 ) -> Vec<Segment> {
-    let (start, len) = geo.region_span(region);
+    let (start, len) = span;
     let chunks = start / geo.chunk..(start + len).div_ceil(geo.chunk);
     // Where the moved ranges fall within the region is all that matters to its table.
     let clip = |c: u64| c.clamp(chunks.start, chunks.end) * geo.chunk;
@@ -206,6 +228,12 @@ pub fn region_table_moved(
         .map(|r| clip(r.start)..clip(r.end))
         .filter(|r| !r.is_empty())
         .collect();
+    let home = Home { moved: &moved };
+    let Some(region) = memo else {
+        let mut out = Vec::new();
+        build(geo, start, start..start + len, remaps, mode, home, &mut out);
+        return out;
+    };
     let key = MemoKey {
         start,
         len,
@@ -215,7 +243,6 @@ pub fn region_table_moved(
         moved: moved.clone(),
     };
     let changed = remaps.memo.take_changed(chunks);
-    let home = Home { moved: &moved };
     let out = match remaps.memo.regions.get(&region) {
         Some((k, prev)) if *k == key => patch(prev, geo, start, remaps, mode, home, &changed),
         _ => {
@@ -442,10 +469,10 @@ fn build(
 
 /// The volume device's own table: its regions end to end, through their devices where
 /// `has_device` says so, straight to the main elsewhere (adjacent ones merged).
-pub fn volume_table(geo: &Geometry, has_device: impl Fn(u32) -> bool) -> Vec<Segment> {
+pub fn volume_table(regions: RegionMap<'_>, has_device: impl Fn(u32) -> bool) -> Vec<Segment> {
     let mut out = Vec::new();
-    for r in 0..geo.regions() {
-        let (start, len) = geo.region_span(r);
+    for r in regions.in_order() {
+        let (start, len) = regions.span(r);
         let target = if has_device(r) {
             Target::Linear {
                 dev: DevRef::Region(r),
@@ -675,7 +702,7 @@ mod tests {
         // On the main, or on the target once an evacuation moved it there.
         let first_chunks: Vec<Range<u64>> = std::iter::once(0..4).collect();
         for (moved, dev) in [(vec![], DevRef::Main), (first_chunks, DevRef::Target)] {
-            let segs = region_table_moved(&g, 0, &mut t, mode, &moved);
+            let segs = span_table(&g, g.region_span(0), &mut t, mode, &moved, Some(0));
             assert_covers(&segs, g.region);
             assert_eq!(lookup(&segs, 24), Target::Linear { dev, offset: 24 });
             assert_eq!(lookup(&segs, 25), Target::ErrorReads { dev, offset: 25 });
@@ -712,10 +739,41 @@ mod tests {
     #[test]
     fn volume_table_concatenates_regions() {
         let g = Geometry::new((40 << 20) + 4096, 512, 4096, 16 << 20).unwrap();
-        let v = volume_table(&g, |_| true);
+        let v = volume_table(RegionMap::fixed(&g), |_| true);
         assert_covers(&v, g.size);
         assert_eq!(v.len(), 3);
         assert_eq!(v[2].len, g.size - 2 * g.region);
+    }
+
+    #[test]
+    fn cut_regions_take_their_place_in_the_volume_table() {
+        let g = Geometry::new(64 << 20, 512, 4096, 16 << 20).unwrap();
+        // Region 1 (chunks 4096..8192) cut at 6000, then its first part again at 5000.
+        let cuts = crate::volume::Cuts::from(vec![6000, 5000]);
+        let m = RegionMap { geo: &g, cuts: &cuts };
+        let v = volume_table(m, |_| true);
+        assert_covers(&v, g.size);
+        let through: Vec<(u32, Sector, Sector)> = v
+            .iter()
+            .map(|s| match s.target {
+                Target::Linear {
+                    dev: DevRef::Region(r),
+                    offset: 0,
+                } => (r, s.start / g.chunk, s.len / g.chunk),
+                t => panic!("{t:?}"),
+            })
+            .collect();
+        assert_eq!(
+            through,
+            [
+                (0, 0, 4096),
+                (1, 4096, 904),
+                (5, 5000, 1000),
+                (4, 6000, 2192),
+                (2, 8192, 4096),
+                (3, 12288, 4096)
+            ]
+        );
     }
 
     #[test]
@@ -726,7 +784,7 @@ mod tests {
             offset,
         };
         assert_eq!(
-            volume_table(&g, |_| false),
+            volume_table(RegionMap::fixed(&g), |_| false),
             [Segment {
                 start: 0,
                 len: g.size,
@@ -734,7 +792,7 @@ mod tests {
             }]
         );
         // Region 2 only: the main before and after it.
-        let v = volume_table(&g, |r| r == 2);
+        let v = volume_table(RegionMap::fixed(&g), |r| r == 2);
         assert_covers(&v, g.size);
         let targets: Vec<Target> = v.iter().map(|s| s.target).collect();
         let through = Target::Linear {

@@ -122,6 +122,161 @@ impl Geometry {
     }
 }
 
+/// Where regions were cut beyond the geometry's fixed ones: a region whose table grew past a
+/// bound is cut in two at a chunk, and the part from there on is a region of its own, so that
+/// the cost of one remap does not grow with the remaps before it. Kept in the order the cuts
+/// were made (the metadata records them so): the region starting at the `i`th cut is region
+/// `geometry.regions() + i`, its name and device stay when later cuts come.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Vec<u64>", into = "Vec<u64>")]
+pub struct Cuts {
+    order: Vec<u64>,
+    /// The same cuts by chunk, with their index in `order`.
+    by_chunk: std::collections::BTreeMap<u64, u32>,
+}
+
+impl From<Vec<u64>> for Cuts {
+    fn from(order: Vec<u64>) -> Self {
+        let by_chunk = order.iter().enumerate().map(|(i, c)| (*c, i as u32)).collect();
+        Self { order, by_chunk }
+    }
+}
+
+impl From<Cuts> for Vec<u64> {
+    fn from(c: Cuts) -> Self {
+        c.order
+    }
+}
+
+impl Cuts {
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// The cut chunks in the order they were made.
+    pub fn chunks(&self) -> &[u64] {
+        &self.order
+    }
+
+    /// Whether every cut is one remap could have made: inside the volume, off the fixed
+    /// boundaries, each once, and within the format's region count.
+    pub fn fit(&self, geo: &Geometry) -> bool {
+        let per_region = geo.region / geo.chunk;
+        self.by_chunk.len() == self.order.len()
+            && self
+                .order
+                .iter()
+                .all(|&c| c > 0 && c < geo.chunks() && !c.is_multiple_of(per_region))
+            && u64::from(geo.regions()) + self.order.len() as u64 <= u64::from(MAX_REGIONS)
+    }
+
+    /// Adds a cut at chunk `c` (a journal record, or a split being made).
+    pub fn push(&mut self, c: u64) {
+        if self.by_chunk.insert(c, self.order.len() as u32).is_none() {
+            self.order.push(c);
+        }
+    }
+
+    /// Takes the last cut back (a split that did not go through).
+    pub fn pop(&mut self) {
+        if let Some(c) = self.order.pop() {
+            self.by_chunk.remove(&c);
+        }
+    }
+}
+
+/// The volume's regions: the geometry's fixed ones with the [`Cuts`] made in them.
+#[derive(Clone, Copy, Debug)]
+pub struct RegionMap<'a> {
+    pub geo: &'a Geometry,
+    pub cuts: &'a Cuts,
+}
+
+/// No cuts: the regions of a volume that never had one.
+static NO_CUTS: Cuts = Cuts {
+    order: Vec::new(),
+    by_chunk: std::collections::BTreeMap::new(),
+};
+
+impl<'a> RegionMap<'a> {
+    /// The geometry's fixed regions, with no cut.
+    pub fn fixed(geo: &'a Geometry) -> Self {
+        Self {
+            geo,
+            cuts: &NO_CUTS,
+        }
+    }
+}
+
+impl RegionMap<'_> {
+    /// How many regions there are (fixed ones first, then one per cut).
+    pub fn count(&self) -> u32 {
+        self.geo.regions() + self.cuts.len() as u32
+    }
+
+    fn per_region(&self) -> u64 {
+        self.geo.region / self.geo.chunk
+    }
+
+    /// The region holding chunk `c`.
+    pub fn of_chunk(&self, c: u64) -> u32 {
+        let fixed = self.geo.region_of_chunk(c);
+        let from = u64::from(fixed) * self.per_region();
+        if c == from {
+            return fixed;
+        }
+        match self.cuts.by_chunk.range(from + 1..=c).next_back() {
+            Some((_, i)) => self.geo.regions() + i,
+            None => fixed,
+        }
+    }
+
+    /// First chunk of region `r`.
+    fn first_chunk(&self, r: u32) -> u64 {
+        let fixed = self.geo.regions();
+        if r < fixed {
+            u64::from(r) * self.per_region()
+        } else {
+            self.cuts.order[(r - fixed) as usize]
+        }
+    }
+
+    /// First sector and length of region `r`.
+    pub fn span(&self, r: u32) -> (Sector, Sector) {
+        let first = self.first_chunk(r);
+        let fixed_end = ((first / self.per_region() + 1) * self.per_region()).min(self.geo.chunks());
+        let end = match self.cuts.by_chunk.range(first + 1..).next() {
+            Some((&c, _)) if c < fixed_end => c,
+            _ => fixed_end,
+        };
+        (first * self.geo.chunk, (end - first) * self.geo.chunk)
+    }
+
+    /// The chunks of region `r`.
+    pub fn chunks(&self, r: u32) -> std::ops::Range<u64> {
+        let (start, len) = self.span(r);
+        start / self.geo.chunk..(start + len) / self.geo.chunk
+    }
+
+    /// Every region, in the order of the volume's sectors.
+    pub fn in_order(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.geo.regions()).flat_map(move |f| {
+            let from = u64::from(f) * self.per_region();
+            let to = from + self.per_region();
+            std::iter::once(f).chain(
+                self.cuts
+                    .by_chunk
+                    .range(from + 1..to)
+                    .map(move |(_, i)| self.geo.regions() + i),
+            )
+        })
+    }
+}
+
 /// A chunk-sized piece of a spare device, in sectors from the start of that device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Extent {
@@ -287,5 +442,45 @@ mod tests {
             Geometry::new(1 << 20, 1000, 4096, 1 << 20),
             Err(GeometryError::BlockSize(1000))
         );
+    }
+
+    #[test]
+    fn cut_regions_find_their_chunks_and_keep_their_numbers() {
+        let g = geo(); // 4 regions of 4096 chunks
+        let cuts = Cuts::from(vec![6000, 5000, 4097]);
+        let m = RegionMap { geo: &g, cuts: &cuts };
+        assert_eq!(m.count(), 7);
+        assert_eq!(m.in_order().collect::<Vec<_>>(), [0, 1, 6, 5, 4, 2, 3]);
+        for (c, r) in [(0, 0), (4096, 1), (4097, 6), (4999, 6), (5000, 5), (6000, 4), (8191, 4), (8192, 2)] {
+            assert_eq!(m.of_chunk(c), r, "chunk {c}");
+        }
+        assert_eq!(m.chunks(1), 4096..4097);
+        assert_eq!(m.chunks(6), 4097..5000);
+        assert_eq!(m.chunks(4), 6000..8192);
+        assert_eq!(m.span(5), (5000 * 8, 1000 * 8));
+        // Every chunk in exactly the region whose span holds it.
+        let mut next = 0;
+        for r in m.in_order() {
+            let c = m.chunks(r);
+            assert_eq!(c.start, next);
+            assert!(c.clone().all(|x| m.of_chunk(x) == r));
+            next = c.end;
+        }
+        assert_eq!(next, g.chunks());
+        assert!(cuts.fit(&g));
+        // Serialized as the list of cuts, in the order they were made.
+        let json = serde_json::to_string(&cuts).unwrap();
+        assert_eq!(json, "[6000,5000,4097]");
+        assert_eq!(serde_json::from_str::<Cuts>(&json).unwrap(), cuts);
+    }
+
+    #[test]
+    fn cuts_remap_could_not_have_made_do_not_fit() {
+        let g = geo();
+        for bad in [vec![0], vec![4096], vec![g.chunks()], vec![g.chunks() + 5], vec![7, 7]] {
+            assert!(!Cuts::from(bad.clone()).fit(&g), "{bad:?}");
+        }
+        let many: Vec<u64> = (1..=u64::from(MAX_REGIONS)).filter(|c| c % 4096 != 0).collect();
+        assert!(!Cuts::from(many).fit(&g), "more regions than the format allows");
     }
 }

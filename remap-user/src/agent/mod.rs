@@ -127,6 +127,8 @@ pub struct AgentOptions {
     pub notify: Option<hook::HookOptions>,
     /// How often smartctl is asked about the main disks (`None`: never).
     pub smart_every: Option<Duration>,
+    /// Segments past which a region's table is cut in two ([`crate::split::CUT_SEGMENTS`]).
+    pub region_segments: usize,
 }
 
 /// How often the main loop checks the engine thread when systemd set no watchdog.
@@ -171,6 +173,7 @@ where
     let io = Arc::new(io);
     let mut engine = Engine::new(dm, Arc::clone(&io), watcher);
     engine.host_id = crate::engine::machine_id();
+    engine.k.cut_segments = opts.region_segments;
     let (tx, rx) = mpsc::channel();
     let scrubs = Scrubs::new(Some(ScrubSetup {
         state_dir: opts.state_dir.clone(),

@@ -78,7 +78,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         // A region without a device holds nothing remapped (the volume maps it to the main);
         // one that needs a device and has none is not something a crash of ours leaves.
-        for r in 0..vol.geo().regions() {
+        let order: Vec<u32> = vol.config.regions().in_order().collect();
+        for r in order {
             let rn = region_name(&name, r);
             match existing.get(&rn) {
                 Some(dev) => {
@@ -92,31 +93,30 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 None => {}
             }
         }
+        let err = |e: crate::dm::DmError| EngineError::Failed(e.to_string());
+        // Regions whose device serves the right table over a longer span (a cut stopped
+        // before shrinking it): put right once the volume no longer goes through that part.
+        let mut shrink = Vec::new();
         let regions: BTreeSet<u32> = vol.regions.keys().copied().collect();
         for r in regions {
             let rn = region_name(&name, r);
             let want = vol.region_lines(r);
-            let live = self
-                .k
-                .dm
-                .table(&rn)
-                .map_err(|e| EngineError::Failed(e.to_string()))?;
-            let info = self
-                .k
-                .dm
-                .info(&rn)
-                .map_err(|e| EngineError::Failed(e.to_string()))?;
+            let live = self.k.dm.table(&rn).map_err(err)?;
+            let info = self.k.dm.info(&rn).map_err(err)?;
             // A crash between preparing a remap's table and its commit leaves that table in
             // the inactive slot: a resume would make it live, with extents the metadata does
             // not know. Dropped first, whatever else this region needs.
             if info.inactive_table {
                 notes.push(format!("{rn}: dropped a table loaded but never made live"));
-                self.k
-                    .dm
-                    .clear(&rn)
-                    .map_err(|e| EngineError::Failed(e.to_string()))?;
+                self.k.dm.clear(&rn).map_err(err)?;
             }
-            if !crate::dm::same_table(&want, &live) && !info.suspended {
+            let same = crate::dm::same_table(&want, &live);
+            if !same && !info.suspended {
+                let (start, _) = vol.config.regions().span(r);
+                if self.serves_its_span(vol, &live, start) {
+                    shrink.push(r);
+                    continue;
+                }
                 // Not left suspended by a crash of ours: the table went live by another hand
                 // (a `dmsetup resume` of a prepared table), and I/O may have gone where the
                 // metadata does not know. Reverting it could lose those writes.
@@ -124,102 +124,153 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                     "{rn} serves a table that differs from the metadata of `{name}` and is not suspended: it was resumed or loaded by hand, and writes may have gone to extents the metadata does not know. Refusing to revert it; see OPERATING.md (never resume a *-remap-r* device by hand)"
                 )));
             }
-            if !crate::dm::same_table(&want, &live) {
+            if !same {
                 notes.push(format!(
                     "{rn}: left suspended with a table that differs from the metadata (a crash between commit and resume); reloaded"
                 ));
-                self.k
-                    .dm
-                    .suspend(&rn)
-                    .map_err(|e| EngineError::Failed(e.to_string()))?;
-                self.k
-                    .dm
-                    .load(&rn, &want)
-                    .map_err(|e| EngineError::Failed(e.to_string()))?;
-                self.k
-                    .dm
-                    .resume(&rn)
-                    .map_err(|e| EngineError::Failed(e.to_string()))?;
+                self.k.dm.suspend(&rn).map_err(err)?;
+                self.k.dm.load(&rn, &want).map_err(err)?;
+                self.k.dm.resume(&rn).map_err(err)?;
             } else if info.suspended {
                 notes.push(format!("{rn}: was left suspended; resumed"));
-                self.k
-                    .dm
-                    .resume(&rn)
-                    .map_err(|e| EngineError::Failed(e.to_string()))?;
+                self.k.dm.resume(&rn).map_err(err)?;
             }
         }
         let top = vol.volume_lines();
         vol.dev = match existing.get(&name) {
             Some(dev) => {
-                self.adopt_volume_table(vol, &top, notes)?;
-                // Devices of regions with nothing remapped (a crash before a region's first
-                // remap committed, or an evacuation's end) go: what runs is what a fresh
-                // assembly builds.
-                let gone = self
-                    .k
-                    .dematerialize(vol)
-                    .map_err(|e| EngineError::Failed(e.to_string()))?;
-                if !gone.is_empty() {
-                    notes.push(format!(
-                        "{} region device(s) with nothing remapped removed (the volume maps those regions to the main)",
-                        gone.len()
-                    ));
-                }
+                self.adopt_volume_table(vol, &existing, &top, notes)?;
                 *dev
             }
-            None => self
-                .k
-                .dm
-                .create(&name, &uuid, &top)
-                .map_err(|e| EngineError::Failed(e.to_string()))?,
+            None => self.k.dm.create(&name, &uuid, &top).map_err(err)?,
         };
+        for r in shrink {
+            let rn = region_name(&name, r);
+            notes.push(format!(
+                "{rn}: served a longer span than its region (a crash while a region was cut); shortened"
+            ));
+            let want = vol.region_lines(r);
+            self.k.dm.load(&rn, &want).map_err(err)?;
+            self.k.dm.suspend(&rn).map_err(err)?;
+            self.k.dm.resume(&rn).map_err(err)?;
+        }
+        // Devices of this volume that are no region of it (made for a cut that was never
+        // committed): nothing goes through them any more.
+        let ours: BTreeSet<String> = vol
+            .regions
+            .keys()
+            .map(|r| region_name(&name, *r))
+            .chain([name.clone()])
+            .collect();
+        for stray in existing.keys().filter(|n| !ours.contains(*n)) {
+            notes.push(format!(
+                "{stray}: not a region of `{name}` (a cut that was not committed); removed"
+            ));
+            self.k.dm.remove(stray).map_err(err)?;
+        }
+        // Devices of regions with nothing remapped (a crash before a region's first remap
+        // committed, or an evacuation's end) go: what runs is what a fresh assembly builds.
+        let gone = self.k.dematerialize(vol).map_err(|e| EngineError::Failed(e.to_string()))?;
+        if !gone.is_empty() {
+            notes.push(format!(
+                "{} region device(s) with nothing remapped removed (the volume maps those regions to the main)",
+                gone.len()
+            ));
+        }
         Ok(true)
     }
 
-    /// The volume's own table, adopted: it goes through the region devices there are, or (a
-    /// crash while a region got its device) maps that region straight to the main, which is
-    /// the same place for every sector: then it is swapped for `top`. A table of any other
-    /// shape was made by hand and is refused.
+    /// Whether a device's `live` table is what the metadata puts on the volume's sectors from
+    /// `start` on, for as long as the table is: so it is, whatever span it was made for.
+    fn serves_its_span(&self, vol: &mut Volume, live: &[table::DmLine], start: u64) -> bool {
+        let len = live.last().map_or(0, |l| l.0 + l.1);
+        let chunk = vol.geo().chunk;
+        len > 0
+            && start.is_multiple_of(chunk)
+            && len.is_multiple_of(chunk)
+            && start
+                .checked_add(len)
+                .is_some_and(|end| end <= vol.geo().size)
+            && crate::dm::same_table(&vol.span_lines((start, len), None), live)
+    }
+
+    /// The volume's own table, adopted. Its lines may go straight to the main or through
+    /// any device of this volume (a crash while a region got its device or was cut): each is
+    /// checked to put the metadata's mapping on its sectors, then the table is swapped for
+    /// `top`. A line of any other kind was made by hand and the table is refused.
     fn adopt_volume_table(
         &mut self,
-        vol: &Volume,
+        vol: &mut Volume,
+        existing: &BTreeMap<String, (u32, u32)>,
         top: &[table::DmLine],
         notes: &mut Vec<String>,
     ) -> Result<(), EngineError> {
-        let name = &vol.config.name;
+        let name = vol.config.name.clone();
         let err = |e: crate::dm::DmError| EngineError::Failed(e.to_string());
-        let info = self.k.dm.info(name).map_err(err)?;
+        let info = self.k.dm.info(&name).map_err(err)?;
         if info.inactive_table {
-            self.k.dm.clear(name).map_err(err)?;
+            self.k.dm.clear(&name).map_err(err)?;
         }
-        let live = self.k.dm.table(name).map_err(err)?;
+        let live = self.k.dm.table(&name).map_err(err)?;
         if !crate::dm::same_table(top, &live) {
-            // Which regions the live table sends through their devices.
-            let through = |r: u32| {
-                vol.regions.get(&r).is_some_and(|(ma, mi)| {
-                    let dev = format!("{ma}:{mi} ");
-                    live.iter().any(|l| l.3.starts_with(&dev))
-                })
-            };
-            let shape = vol.volume_lines_through(through);
-            let direct_but_needed =
-                (0..vol.geo().regions()).any(|r| !through(r) && vol.needs_region(r));
-            if !crate::dm::same_table(&shape, &live) || direct_but_needed {
-                return Err(EngineError::Refused(format!(
-                    "{name} serves a table remap did not make (it was loaded by hand): refusing to replace it; stop the volume (dmsetup remove) and assemble again"
-                )));
+            for line in &live {
+                if !self.line_is_true(vol, existing, line)? {
+                    return Err(EngineError::Refused(format!(
+                        "{name} serves a table remap did not make (it was loaded by hand): refusing to replace it; stop the volume (dmsetup remove) and assemble again"
+                    )));
+                }
             }
             notes.push(format!(
-                "{name}: its table went through fewer region devices than there are (a crash while a region got its device); swapped"
+                "{name}: its table went through other region devices than the metadata's (a crash while a region got its device or was cut); swapped"
             ));
-            self.k.dm.load(name, top).map_err(err)?;
-            self.k.dm.suspend_keeping_fs(name).map_err(err)?;
+            self.k.dm.load(&name, top).map_err(err)?;
+            self.k.dm.suspend_keeping_fs(&name).map_err(err)?;
         } else if info.suspended {
             notes.push(format!("{name}: was left suspended; resumed"));
         }
         if !crate::dm::same_table(top, &live) || info.suspended {
-            self.k.dm.resume(name).map_err(err)?;
+            self.k.dm.resume(&name).map_err(err)?;
         }
         Ok(())
+    }
+
+    /// Whether one line of a running volume's table puts the metadata's mapping on its
+    /// sectors: straight to the main where nothing is remapped, or through a device of this
+    /// volume from its start whose table is what the metadata has there.
+    fn line_is_true(
+        &self,
+        vol: &mut Volume,
+        existing: &BTreeMap<String, (u32, u32)>,
+        line: &table::DmLine,
+    ) -> Result<bool, EngineError> {
+        let (start, len, kind, params) = line;
+        let mut p = params.split_whitespace();
+        let (Some(dev), Some(Ok(offset)), None) =
+            (p.next(), p.next().map(str::parse::<u64>), p.next())
+        else {
+            return Ok(false);
+        };
+        if kind != "linear" {
+            return Ok(false);
+        }
+        let main = vol.resolve(table::DevRef::Main);
+        if dev == main {
+            let want = vol.span_lines((*start, *len), None);
+            return Ok(offset == vol.config.data_offset + start
+                && want.len() == 1
+                && want[0].2 == "linear"
+                && want[0].3 == format!("{main} {offset}"));
+        }
+        let Some(device) = existing
+            .iter()
+            .find(|(n, (ma, mi))| *n != &vol.config.name && format!("{ma}:{mi}") == dev)
+            .map(|(n, _)| n.clone())
+        else {
+            return Ok(false);
+        };
+        let err = |e: crate::dm::DmError| EngineError::Failed(e.to_string());
+        let serves = self.k.dm.table(&device).map_err(err)?;
+        let served = serves.last().map_or(0, |l| l.0 + l.1);
+        Ok(offset == 0 && *len <= served && self.serves_its_span(vol, &serves, *start))
     }
 }

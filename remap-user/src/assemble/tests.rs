@@ -658,6 +658,7 @@ fn metadata_only(
         data_offset: 0,
         main_uuid: None,
         evacuation: None,
+        cuts: Default::default(),
     };
     let s1 = BlockDev {
         path: "/sim/s1".into(),
@@ -844,4 +845,46 @@ fn a_volume_table_loaded_by_hand_is_refused_not_replaced() {
         "{rep:?}"
     );
     assert_eq!(b.dm.table("v").unwrap(), by_hand, "left alone");
+}
+
+#[test]
+fn region_cuts_remap_could_not_have_made_are_refused() {
+    // In a journal record and in a checkpoint: at a fixed region boundary, at chunk 0,
+    // past the end. Each would make a region of no chunks or outside the volume.
+    for (at, in_checkpoint) in [(4096, false), (0, false), (1 << 40, false), (4096, true)] {
+        let mut a = rig(SimDm::new());
+        a.create().unwrap();
+        let vol = a.engine.volumes.get_mut("v").unwrap();
+        let copies: Vec<Copy<'_>> = vol.copies();
+        let mut j = vol.journal.clone();
+        if in_checkpoint {
+            let mut config = vol.config.clone();
+            config.cuts.push(at);
+            assert!(j.checkpoint(&*a.io, &copies, &config, &vol.remaps).is_ok());
+        } else {
+            let ops = [metadata::codec::JournalOp::Cut { at }];
+            assert!(j.commit(&*a.io, &copies, &ops, &vol.config, &vol.remaps).is_ok());
+        }
+        a.engine.stop("v").unwrap();
+        let mut b = a.restart();
+        // No copy that reads as a volume (the record), or a damaged newest state (the
+        // checkpoint): nothing is made of it.
+        let rep = b.engine.assemble(None);
+        assert!(rep.iter().all(|r| r.outcome == "refused"), "{at}: {rep:?}");
+        assert_eq!(rep.is_empty(), !in_checkpoint, "{at}: {rep:?}");
+        assert!(b.dm.list("").unwrap().is_empty(), "{at}: nothing created");
+    }
+    // The same record at a chunk inside a region assembles, with the region cut there.
+    let mut a = rig(SimDm::new());
+    a.create().unwrap();
+    let vol = a.engine.volumes.get_mut("v").unwrap();
+    let copies: Vec<Copy<'_>> = vol.copies();
+    let mut j = vol.journal.clone();
+    let ops = [metadata::codec::JournalOp::Cut { at: 4100 }];
+    assert!(j.commit(&*a.io, &copies, &ops, &vol.config, &vol.remaps).is_ok());
+    a.engine.stop("v").unwrap();
+    let mut b = a.restart();
+    let rep = b.engine.assemble(None);
+    assert_eq!(rep[0].outcome, "created", "{rep:?}");
+    assert_eq!(b.engine.volumes["v"].config.cuts.chunks(), [4100]);
 }

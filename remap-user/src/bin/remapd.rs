@@ -125,6 +125,17 @@ struct AgentArgs {
         value_name = "MIN"
     )]
     smart_minutes: u64,
+    /// A region whose table grows past this many segments is cut in two (its part from the
+    /// middle remap on becomes a region of its own), so that a remap costs the same at a
+    /// million remaps as at the first. Smaller: shorter suspends, more region devices.
+    #[arg(
+        long,
+        env = "REMAPD_REGION_SEGMENTS",
+        default_value_t = remap_user::split::CUT_SEGMENTS as u64,
+        value_parser = clap::value_parser!(u64).range(16..=1_000_000),
+        value_name = "N"
+    )]
+    region_segments: u64,
     /// Where the log goes: the journal when systemd connected stderr to it (auto), or force.
     #[arg(long, env = "REMAPD_LOG_TARGET", default_value = "auto", value_parser = ["auto", "journald", "stderr"])]
     log_target: String,
@@ -296,6 +307,7 @@ fn agent(a: AgentArgs) -> Result<()> {
                     timeout: Duration::from_secs(120),
                 }),
             smart_every: (a.smart_minutes > 0).then(|| Duration::from_secs(a.smart_minutes * 60)),
+            region_segments: a.region_segments as usize,
         },
         dm,
         DirectIo::default(),

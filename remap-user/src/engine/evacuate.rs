@@ -354,7 +354,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         let p = self.evacuations.get_mut(name).expect("a due evacuation");
         let cursor = *p.cursor.get_or_insert_with(|| first_pass_at(&e));
-        if let Some((w, back, careful)) = next_step(&g, &e, cursor, p.window) {
+        if let Some((w, back, careful)) = next_step(vol.config.regions(), &e, cursor, p.window) {
             if p.buf.is_empty() {
                 p.buf = Aligned::new(WINDOW_BYTES.max(g.chunk * SECTOR) as usize, 4096);
             }
@@ -424,12 +424,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let keep = &self.evacuations.get(name).expect("a due evacuation").keep;
         let fold: Vec<u64> = {
             let mut region = None;
+            let regions = vol.config.regions();
             vol.remaps
                 .iter()
                 .filter(|(c, r)| r.on_spare() && !keep.contains(c))
                 .map(|(c, _)| c)
                 .take_while(|c| {
-                    *region.get_or_insert(g.region_of_chunk(*c)) == g.region_of_chunk(*c)
+                    *region.get_or_insert(regions.of_chunk(*c)) == regions.of_chunk(*c)
                 })
                 .take(REMAP_BATCH_MAX)
                 .collect()

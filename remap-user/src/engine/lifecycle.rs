@@ -341,6 +341,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             data_offset: front,
             main_uuid: (!in_place).then(new_uuid),
             evacuation: None,
+            cuts: Default::default(),
         };
         let journal = Journal::new(layout, uuid_bytes(&config.uuid));
         let mut vol = Volume {

@@ -373,7 +373,7 @@ pub(crate) fn status_of(vol: &Volume) -> VolumeStatus {
         chunk_size: g.chunk * SECTOR,
         block_size: g.block * SECTOR,
         region_size: g.region * SECTOR,
-        regions: g.regions(),
+        regions: vol.config.regions().count(),
         remaps: vol.remaps.len(),
         remaps_at_home: vol
             .remaps

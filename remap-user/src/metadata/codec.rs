@@ -60,6 +60,9 @@ pub enum JournalOp {
     /// The first pass's range of chunks on the target beyond the sweep that starts at `start`
     /// now ends at `end` (see [`crate::metadata::Evacuation::set_ahead`]).
     EvacuatedAhead { start: u64, end: u64 },
+    /// The region holding chunk `at` was cut there: from `at` on it is a region of its own
+    /// ([`crate::volume::Cuts`]).
+    Cut { at: u64 },
 }
 
 #[repr(C)]
@@ -76,6 +79,7 @@ const KIND_SET: u32 = 1;
 const KIND_DEL: u32 = 2;
 const KIND_EVACUATED: u32 = 3;
 const KIND_EVACUATED_AHEAD: u32 = 4;
+const KIND_CUT: u32 = 5;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -295,7 +299,8 @@ pub fn decode_records(records: &[u8]) -> Result<RemapTable, MetaError> {
             JournalOp::Set { chunk, remap } => out.push((chunk, remap)),
             JournalOp::Del { .. }
             | JournalOp::Evacuated { .. }
-            | JournalOp::EvacuatedAhead { .. } => {
+            | JournalOp::EvacuatedAhead { .. }
+            | JournalOp::Cut { .. } => {
                 return Err(MetaError::Invalid("journal record in a checkpoint"));
             }
         }
@@ -344,6 +349,13 @@ fn record(op: &JournalOp) -> Record {
             start,
             pending: 0,
         },
+        JournalOp::Cut { at } => Record {
+            chunk: at,
+            spare: 0,
+            kind: KIND_CUT,
+            start: 0,
+            pending: 0,
+        },
     }
 }
 
@@ -366,6 +378,7 @@ fn op(bytes: &[u8]) -> Result<JournalOp, MetaError> {
             start: r.start,
             end: r.chunk,
         }),
+        KIND_CUT => Ok(JournalOp::Cut { at: r.chunk }),
         _ => Err(MetaError::Invalid("unknown record kind")),
     }
 }
@@ -566,6 +579,7 @@ mod tests {
                 JournalOp::Del { chunk: 5 },
                 JournalOp::Evacuated { done: 9 },
                 JournalOp::EvacuatedAhead { start: 12, end: 40 },
+                JournalOp::Cut { at: 77 },
             ])
             .collect();
         let bytes = encode_journal(&[1; 16], 77, &ops);

@@ -64,6 +64,10 @@ pub struct VolumeConfig {
     /// The volume is being moved onto a new main device (`remapctl evacuate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evacuation: Option<Evacuation>,
+    /// Where regions were cut beyond the geometry's fixed ones (a region's table grew past
+    /// the bound): absent on volumes that never had one.
+    #[serde(default, skip_serializing_if = "crate::volume::Cuts::is_empty")]
+    pub cuts: crate::volume::Cuts,
 }
 
 /// An evacuation under way: the volume's chunks `0..done` and those of the `ahead` ranges live
@@ -179,6 +183,9 @@ impl VolumeConfig {
         if g.size.div_ceil(g.region) > u64::from(crate::volume::MAX_REGIONS) {
             return bad("more regions than the format allows");
         }
+        if !self.cuts.fit(g) {
+            return bad("region cuts");
+        }
         if self.spares.is_empty() || self.spares.len() > MAX_SPARES {
             return bad("spare count");
         }
@@ -240,6 +247,14 @@ impl VolumeConfig {
             evacuation: None,
             ..self.clone()
         })
+    }
+
+    /// The volume's regions, with the cuts made in them.
+    pub fn regions(&self) -> crate::volume::RegionMap<'_> {
+        crate::volume::RegionMap {
+            geo: &self.geometry,
+            cuts: &self.cuts,
+        }
     }
 
     /// Whether the main carries remap's header (the raw disk shows nothing of the volume).

@@ -45,6 +45,7 @@ impl Replay {
                     op @ (JournalOp::Evacuated { .. } | JournalOp::EvacuatedAhead { .. }) => {
                         evacuated(config, op)?
                     }
+                    JournalOp::Cut { at } => cut(config, at)?,
                 }
             }
         }
@@ -58,12 +59,12 @@ impl Replay {
         for (i, head) in &self.blocks {
             let at = *i as usize * BLOCK;
             for op in codec::journal_ops(&journal[at..at + BLOCK], head) {
-                let op = op?;
-                if matches!(
-                    op,
-                    JournalOp::Evacuated { .. } | JournalOp::EvacuatedAhead { .. }
-                ) {
-                    evacuated(config, op)?;
+                match op? {
+                    op @ (JournalOp::Evacuated { .. } | JournalOp::EvacuatedAhead { .. }) => {
+                        evacuated(config, op)?
+                    }
+                    JournalOp::Cut { at } => cut(config, at)?,
+                    JournalOp::Set { .. } | JournalOp::Del { .. } => {}
                 }
             }
         }
@@ -92,6 +93,15 @@ fn evacuated(config: &mut VolumeConfig, op: JournalOp) -> Result<(), MetaError> 
     Ok(())
 }
 
+/// A region's cut applied: checked as the cuts of a configuration read from a disk are.
+fn cut(config: &mut VolumeConfig, at: u64) -> Result<(), MetaError> {
+    config.cuts.push(at);
+    if !config.cuts.fit(&config.geometry) {
+        return Err(MetaError::Invalid("region cut record"));
+    }
+    Ok(())
+}
+
 /// What an evacuation's journal record does to its state (other records do nothing to it).
 pub fn apply_evacuated(e: &mut Evacuation, op: &JournalOp) {
     match *op {
@@ -100,7 +110,7 @@ pub fn apply_evacuated(e: &mut Evacuation, op: &JournalOp) {
             e.normalize();
         }
         JournalOp::EvacuatedAhead { start, end } => e.set_ahead(start, end),
-        JournalOp::Set { .. } | JournalOp::Del { .. } => {}
+        JournalOp::Set { .. } | JournalOp::Del { .. } | JournalOp::Cut { .. } => {}
     }
 }
 

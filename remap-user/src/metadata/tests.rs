@@ -41,6 +41,7 @@ pub(crate) fn sample_config() -> VolumeConfig {
         data_offset: 0,
         main_uuid: None,
         evacuation: None,
+        cuts: Default::default(),
     }
 }
 
@@ -390,7 +391,16 @@ fn hostile_configurations_are_refused() {
     type Bend = fn(&mut VolumeConfig);
     let chunks = sample_config().geometry.chunks();
     assert!(chunks > 100);
-    let cases: [(&str, Bend); 11] = [
+    let cases: [(&str, Bend); 14] = [
+        ("a region cut on a fixed boundary", |c| {
+            let at = c.geometry.region / c.geometry.chunk;
+            c.cuts.push(at)
+        }),
+        ("a region cut past the end", |c| {
+            let at = c.geometry.chunks();
+            c.cuts.push(at)
+        }),
+        ("a region cut at chunk 0", |c| c.cuts.push(0)),
         ("an evacuation's range backwards", |c| {
             ahead(c, vec![(30, 20)])
         }),
