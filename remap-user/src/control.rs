@@ -88,6 +88,10 @@ pub enum Request {
         name: String,
         lba: u64,
         count: u64,
+        /// Further LBAs, each with the same `count` (a list of bad sectors in one request:
+        /// their chunks go in batches of up to 1,024, not one batch each).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        more: Vec<u64>,
     },
     RemapList {
         name: String,
@@ -451,6 +455,7 @@ mod tests {
             name: "v".into(),
             lba: 8,
             count: 2,
+            more: vec![],
         };
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(s, r#"{"cmd":"remap-add","name":"v","lba":8,"count":2}"#);
@@ -490,6 +495,7 @@ mod tests {
                 name: name(),
                 lba: 0,
                 count: 1,
+                more: vec![64, 128],
             },
             Request::RemapList { name: name() },
             Request::Pending { name: name() },

@@ -547,14 +547,20 @@ mod tests {
         let w = WINDOW_BYTES;
         // First pass from the start: the prefix grows.
         let e = evac(0, vec![], false);
-        assert_eq!(next_step(RegionMap::fixed(&g), &e, 0, w), Some((0..1024, false, false)));
+        assert_eq!(
+            next_step(RegionMap::fixed(&g), &e, 0, w),
+            Some((0..1024, false, false))
+        );
         assert_eq!(
             window_op(&e, &(0..1024), false),
             JournalOp::Evacuated { done: 1024 }
         );
         // 1024..2048 was skipped: the first pass goes on at 3072 and starts a range there...
         let e = evac(1024, vec![], false);
-        assert_eq!(next_step(RegionMap::fixed(&g), &e, 3072, w), Some((3072..4096, false, false)));
+        assert_eq!(
+            next_step(RegionMap::fixed(&g), &e, 3072, w),
+            Some((3072..4096, false, false))
+        );
         let op = window_op(&e, &(3072..4096), false);
         assert_eq!(
             op,
@@ -593,12 +599,20 @@ mod tests {
         );
         // Everything moved: nothing left.
         assert_eq!(
-            next_step(RegionMap::fixed(&g), &evac(g.chunks(), vec![], false), g.chunks(), w),
+            next_step(
+                RegionMap::fixed(&g),
+                &evac(g.chunks(), vec![], false),
+                g.chunks(),
+                w
+            ),
             None
         );
         // Aborting: the last range first, back from its end, never below its start...
         let e = evac(1024, vec![(3072, 3500), (5000, 5100)], true);
-        assert_eq!(next_step(RegionMap::fixed(&g), &e, 5100, w), Some((5000..5100, true, true)));
+        assert_eq!(
+            next_step(RegionMap::fixed(&g), &e, 5100, w),
+            Some((5000..5100, true, true))
+        );
         assert_eq!(
             window_op(&e, &(5000..5100), true),
             JournalOp::EvacuatedAhead {
@@ -607,34 +621,70 @@ mod tests {
             }
         );
         let e = evac(1024, vec![(3072, 5100)], true);
-        assert_eq!(next_step(RegionMap::fixed(&g), &e, 5100, w), Some((4096..5100, true, true)));
+        assert_eq!(
+            next_step(RegionMap::fixed(&g), &e, 5100, w),
+            Some((4096..5100, true, true))
+        );
         // ... then the prefix.
         let e = evac(1024, vec![], true);
-        assert_eq!(next_step(RegionMap::fixed(&g), &e, 9999, w), Some((0..1024, true, true)));
+        assert_eq!(
+            next_step(RegionMap::fixed(&g), &e, 9999, w),
+            Some((0..1024, true, true))
+        );
         assert_eq!(
             window_op(&e, &(0..1024), true),
             JournalOp::Evacuated { done: 0 }
         );
-        assert_eq!(next_step(RegionMap::fixed(&g), &evac(0, vec![], true), 0, w), None);
+        assert_eq!(
+            next_step(RegionMap::fixed(&g), &evac(0, vec![], true), 0, w),
+            None
+        );
     }
 
     #[test]
     fn windows_stay_inside_regions_both_ways() {
         // 64 MiB, 4 KiB chunks, 6 MiB regions (the last one short): 1,536-chunk regions.
         let g = Geometry::new(64 << 20, 512, 4096, 6 << 20).unwrap();
-        assert_eq!(next_window(RegionMap::fixed(&g), 0, false, WINDOW_BYTES), Some(0..1024));
-        assert_eq!(next_window(RegionMap::fixed(&g), 1024, false, WINDOW_BYTES), Some(1024..1536));
-        assert_eq!(next_window(RegionMap::fixed(&g), 1536, false, WINDOW_BYTES), Some(1536..2560));
+        assert_eq!(
+            next_window(RegionMap::fixed(&g), 0, false, WINDOW_BYTES),
+            Some(0..1024)
+        );
+        assert_eq!(
+            next_window(RegionMap::fixed(&g), 1024, false, WINDOW_BYTES),
+            Some(1024..1536)
+        );
+        assert_eq!(
+            next_window(RegionMap::fixed(&g), 1536, false, WINDOW_BYTES),
+            Some(1536..2560)
+        );
         assert_eq!(
             next_window(RegionMap::fixed(&g), 16_000, false, WINDOW_BYTES),
             Some(16_000..16_384)
         );
-        assert_eq!(next_window(RegionMap::fixed(&g), 16_384, false, WINDOW_BYTES), None);
-        assert_eq!(next_window(RegionMap::fixed(&g), 1536, true, WINDOW_BYTES), Some(512..1536));
-        assert_eq!(next_window(RegionMap::fixed(&g), 512, true, WINDOW_BYTES), Some(0..512));
-        assert_eq!(next_window(RegionMap::fixed(&g), 1600, true, WINDOW_BYTES), Some(1536..1600));
-        assert_eq!(next_window(RegionMap::fixed(&g), 0, true, WINDOW_BYTES), None);
-        assert_eq!(next_window(RegionMap::fixed(&g), 0, false, MAX_WINDOW_BYTES), Some(0..1536));
+        assert_eq!(
+            next_window(RegionMap::fixed(&g), 16_384, false, WINDOW_BYTES),
+            None
+        );
+        assert_eq!(
+            next_window(RegionMap::fixed(&g), 1536, true, WINDOW_BYTES),
+            Some(512..1536)
+        );
+        assert_eq!(
+            next_window(RegionMap::fixed(&g), 512, true, WINDOW_BYTES),
+            Some(0..512)
+        );
+        assert_eq!(
+            next_window(RegionMap::fixed(&g), 1600, true, WINDOW_BYTES),
+            Some(1536..1600)
+        );
+        assert_eq!(
+            next_window(RegionMap::fixed(&g), 0, true, WINDOW_BYTES),
+            None
+        );
+        assert_eq!(
+            next_window(RegionMap::fixed(&g), 0, false, MAX_WINDOW_BYTES),
+            Some(0..1536)
+        );
         assert_eq!(
             next_window(RegionMap::fixed(&g), 2000, true, MAX_WINDOW_BYTES),
             Some(1536..2000)

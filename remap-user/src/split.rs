@@ -76,11 +76,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             return Err(e);
         }
         crash_point("after-cut-swap");
-        if let Err(e) = self.commit_ops(vol, &[JournalOp::Cut { at }]) {
-            // The volume goes through the new device and the tables agree with it: kept, and
-            // recorded with the next checkpoint (a restart before it puts the old layout back).
-            return Err(e);
-        }
+        // On a failure the volume goes on through the new device (every table agrees with
+        // it): the cut is recorded with the next checkpoint, or a restart before it puts the
+        // old layout back.
+        self.commit_ops(vol, &[JournalOp::Cut { at }])?;
         crash_point("after-cut-commit");
         let lines = vol.region_lines(r);
         let shrunk = self
@@ -162,14 +161,18 @@ mod tests {
         let rn = crate::switch::region_name("v", region);
         let log = r.dm.take_log();
         assert!(
-            log.iter().all(|l| l.ends_with(&rn) || rep[0].cut.len() == 1),
+            log.iter()
+                .all(|l| l.ends_with(&rn) || rep[0].cut.len() == 1),
             "{log:?}"
         );
         // A reboot assembles the same layout and tables.
         let mut b = r.reboot();
         b.engine.assemble(None);
         assert_eq!(named_tables(&b.dm, "v"), named_tables(&r.dm, "v"));
-        assert_eq!(b.engine.volumes["v"].config.cuts, r.engine.volumes["v"].config.cuts);
+        assert_eq!(
+            b.engine.volumes["v"].config.cuts,
+            r.engine.volumes["v"].config.cuts
+        );
         assert_eq!(b.read_volume(2004 * 8 + 4), Some(golden(2004 * 8 + 4)));
     }
 
@@ -185,7 +188,11 @@ mod tests {
             let vol = b.engine.volumes.get_mut("v").unwrap();
             let (start, _) = vol.config.regions().span(0);
             let (nstart, nlen) = vol.config.regions().span(4);
-            assert_eq!(nstart, start + vol.config.regions().span(0).1, "region 4 follows 0");
+            assert_eq!(
+                nstart,
+                start + vol.config.regions().span(0).1,
+                "region 4 follows 0"
+            );
             vol.span_lines((start, nstart + nlen - start), None)
         };
         r.dm.load("v-remap-r0000", &wide).unwrap();
@@ -194,7 +201,10 @@ mod tests {
         let mut b = r.restart();
         let rep = b.engine.assemble(None);
         assert_eq!(rep[0].outcome, "adopted", "{rep:?}");
-        assert!(rep[0].notes.iter().any(|n| n.contains("shortened")), "{rep:?}");
+        assert!(
+            rep[0].notes.iter().any(|n| n.contains("shortened")),
+            "{rep:?}"
+        );
         want.remove("v");
         let mut got = named_tables(&b.dm, "v");
         got.remove("v");
@@ -239,7 +249,10 @@ mod tests {
         let mut b = r.restart();
         let rep = b.engine.assemble(None);
         assert_eq!(rep[0].outcome, "adopted", "{rep:?}");
-        assert!(rep[0].notes.iter().any(|n| n.contains("not a region")), "{rep:?}");
+        assert!(
+            rep[0].notes.iter().any(|n| n.contains("not a region")),
+            "{rep:?}"
+        );
         assert_eq!(named_tables(&b.dm, "v"), before);
         for c in &SCATTERED[..2] {
             assert_eq!(b.read_volume(c * 8), Some(golden(c * 8)));
@@ -252,7 +265,10 @@ mod tests {
         let mut c = r2.restart();
         let rep = c.engine.assemble(None);
         assert_eq!(rep[0].outcome, "refused", "{rep:?}");
-        assert!(rep[0].notes.iter().any(|n| n.contains("by hand")), "{rep:?}");
+        assert!(
+            rep[0].notes.iter().any(|n| n.contains("by hand")),
+            "{rep:?}"
+        );
         assert_eq!(named_tables(&c.dm, "v"), live, "nothing changed");
     }
 }

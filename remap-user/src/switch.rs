@@ -98,7 +98,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             // goes live at the next resume needs them); assembly finishes it after a restart.
             return Err(failed(format!("resuming {name}"))(e.to_string()));
         }
-        tracing::info!(volume = name, regions = ?new, "region devices made for the first remaps there");
+        tracing::info!(volume = name, regions = ?new, "region devices made and the volume swapped to go through them");
         Ok(())
     }
 

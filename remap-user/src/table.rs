@@ -85,7 +85,10 @@ impl RemapTable {
 
     /// How many segments the last table built for region `region` has (none remembered: 0).
     pub fn segments_of(&self, region: u32) -> usize {
-        self.memo.regions.get(&region).map_or(0, |(_, segs)| segs.len())
+        self.memo
+            .regions
+            .get(&region)
+            .map_or(0, |(_, segs)| segs.len())
     }
 
     /// Where to cut the chunks `range` in two with about as many remaps on each side: at the
@@ -203,7 +206,14 @@ pub fn region_table(
     remaps: &mut RemapTable,
     mode: PendingMode,
 ) -> Vec<Segment> {
-    span_table(geo, geo.region_span(region), remaps, mode, &[], Some(region))
+    span_table(
+        geo,
+        geo.region_span(region),
+        remaps,
+        mode,
+        &[],
+        Some(region),
+    )
 }
 
 /// The table of the volume's sectors `span` (first sector, length: a region's) with the
@@ -750,7 +760,10 @@ mod tests {
         let g = Geometry::new(64 << 20, 512, 4096, 16 << 20).unwrap();
         // Region 1 (chunks 4096..8192) cut at 6000, then its first part again at 5000.
         let cuts = crate::volume::Cuts::from(vec![6000, 5000]);
-        let m = RegionMap { geo: &g, cuts: &cuts };
+        let m = RegionMap {
+            geo: &g,
+            cuts: &cuts,
+        };
         let v = volume_table(m, |_| true);
         assert_covers(&v, g.size);
         let through: Vec<(u32, Sector, Sector)> = v

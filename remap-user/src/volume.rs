@@ -137,7 +137,11 @@ pub struct Cuts {
 
 impl From<Vec<u64>> for Cuts {
     fn from(order: Vec<u64>) -> Self {
-        let by_chunk = order.iter().enumerate().map(|(i, c)| (*c, i as u32)).collect();
+        let by_chunk = order
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (*c, i as u32))
+            .collect();
         Self { order, by_chunk }
     }
 }
@@ -248,7 +252,8 @@ impl RegionMap<'_> {
     /// First sector and length of region `r`.
     pub fn span(&self, r: u32) -> (Sector, Sector) {
         let first = self.first_chunk(r);
-        let fixed_end = ((first / self.per_region() + 1) * self.per_region()).min(self.geo.chunks());
+        let fixed_end =
+            ((first / self.per_region() + 1) * self.per_region()).min(self.geo.chunks());
         let end = match self.cuts.by_chunk.range(first + 1..).next() {
             Some((&c, _)) if c < fixed_end => c,
             _ => fixed_end,
@@ -448,10 +453,22 @@ mod tests {
     fn cut_regions_find_their_chunks_and_keep_their_numbers() {
         let g = geo(); // 4 regions of 4096 chunks
         let cuts = Cuts::from(vec![6000, 5000, 4097]);
-        let m = RegionMap { geo: &g, cuts: &cuts };
+        let m = RegionMap {
+            geo: &g,
+            cuts: &cuts,
+        };
         assert_eq!(m.count(), 7);
         assert_eq!(m.in_order().collect::<Vec<_>>(), [0, 1, 6, 5, 4, 2, 3]);
-        for (c, r) in [(0, 0), (4096, 1), (4097, 6), (4999, 6), (5000, 5), (6000, 4), (8191, 4), (8192, 2)] {
+        for (c, r) in [
+            (0, 0),
+            (4096, 1),
+            (4097, 6),
+            (4999, 6),
+            (5000, 5),
+            (6000, 4),
+            (8191, 4),
+            (8192, 2),
+        ] {
             assert_eq!(m.of_chunk(c), r, "chunk {c}");
         }
         assert_eq!(m.chunks(1), 4096..4097);
@@ -477,10 +494,21 @@ mod tests {
     #[test]
     fn cuts_remap_could_not_have_made_do_not_fit() {
         let g = geo();
-        for bad in [vec![0], vec![4096], vec![g.chunks()], vec![g.chunks() + 5], vec![7, 7]] {
+        for bad in [
+            vec![0],
+            vec![4096],
+            vec![g.chunks()],
+            vec![g.chunks() + 5],
+            vec![7, 7],
+        ] {
             assert!(!Cuts::from(bad.clone()).fit(&g), "{bad:?}");
         }
-        let many: Vec<u64> = (1..=u64::from(MAX_REGIONS)).filter(|c| c % 4096 != 0).collect();
-        assert!(!Cuts::from(many).fit(&g), "more regions than the format allows");
+        let many: Vec<u64> = (1..=u64::from(MAX_REGIONS))
+            .filter(|c| c % 4096 != 0)
+            .collect();
+        assert!(
+            !Cuts::from(many).fit(&g),
+            "more regions than the format allows"
+        );
     }
 }

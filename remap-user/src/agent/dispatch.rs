@@ -81,8 +81,14 @@ pub(crate) fn handle<D: DeviceMapper, I: BlockIo, W: Watch>(
         }
         Request::Health { name } => reply(engine.health(&name)),
         Request::SpareList { name } => reply(engine.spare_list(&name)),
-        Request::RemapAdd { name, lba, count } => {
-            let r = engine.remap_add(&name, lba, count);
+        Request::RemapAdd {
+            name,
+            lba,
+            count,
+            more,
+        } => {
+            let lbas: Vec<u64> = std::iter::once(lba).chain(more).collect();
+            let r = engine.remap_add(&name, &lbas, count);
             let report = r.as_ref().ok().cloned();
             return (reply(r), report);
         }

@@ -170,7 +170,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         // Devices of regions with nothing remapped (a crash before a region's first remap
         // committed, or an evacuation's end) go: what runs is what a fresh assembly builds.
-        let gone = self.k.dematerialize(vol).map_err(|e| EngineError::Failed(e.to_string()))?;
+        let gone = self
+            .k
+            .dematerialize(vol)
+            .map_err(|e| EngineError::Failed(e.to_string()))?;
         if !gone.is_empty() {
             notes.push(format!(
                 "{} region device(s) with nothing remapped removed (the volume maps those regions to the main)",

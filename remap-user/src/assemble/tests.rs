@@ -119,8 +119,8 @@ fn a_serial_less_main_among_disks_of_its_size_is_refused_until_named() {
 fn a_clean_restart_writes_no_checkpoint_and_the_journal_goes_on() {
     let mut a = rig(SimDm::new());
     a.create().unwrap();
-    a.engine.remap_add("v", 80, 8).unwrap();
-    a.engine.remap_add("v", 800, 16).unwrap();
+    a.engine.remap_add("v", &[80], 8).unwrap();
+    a.engine.remap_add("v", &[800], 16).unwrap();
     let j = a.engine.volumes["v"].journal.clone();
     let area = |io: &crate::blockdev::SimIo| {
         [S1, S2].map(|m| io.peek(SIM, m, 0, j.layout.area_bytes as usize).unwrap())
@@ -145,7 +145,7 @@ fn a_clean_restart_writes_no_checkpoint_and_the_journal_goes_on() {
         (k.generation, k.next, k.used, k.ckpt_slot, k.ckpt_gen),
         (j.generation, j.next, j.used, j.ckpt_slot, j.ckpt_gen)
     );
-    b.engine.remap_add("v", 8000, 8).unwrap();
+    b.engine.remap_add("v", &[8000], 8).unwrap();
     let want = tables(&b.dm, 4);
     let c = reboot(&b);
     assert_eq!(c.status()["remaps"], 4);
@@ -225,7 +225,7 @@ fn uuid_byte_of(a: &crate::testkit::Rig, minor: u32) -> u8 {
 fn a_disk_that_claims_membership_with_a_higher_generation_is_not_trusted() {
     let mut a = rig(SimDm::new());
     a.create().unwrap();
-    a.engine.remap_add("v", 80, 8).unwrap();
+    a.engine.remap_add("v", &[80], 8).unwrap();
     let legit = a.status();
     a.engine.stop("v").unwrap();
     // It names the real spares (their UUIDs are on them) and itself, 100 generations on,
@@ -321,7 +321,7 @@ fn another_machines_volume_waits_for_an_explicit_request_then_becomes_ours() {
 fn copies_that_differ_at_the_same_generation_are_refused() {
     let mut a = rig(SimDm::new());
     a.create().unwrap();
-    a.engine.remap_add("v", 80, 8).unwrap();
+    a.engine.remap_add("v", &[80], 8).unwrap();
     a.engine.stop("v").unwrap();
     // S2's last commit says something else with the same generation (its own extent for
     // the chunk): both copies are intact and newest, and they disagree.
@@ -362,7 +362,7 @@ fn copies_that_differ_at_the_same_generation_are_refused() {
 fn a_stale_copy_is_outranked_and_rewritten() {
     let mut a = rig(SimDm::new());
     a.create().unwrap();
-    a.engine.remap_add("v", 80, 8).unwrap();
+    a.engine.remap_add("v", &[80], 8).unwrap();
     // The last commit never reached S2 (a crash between the copies).
     let j = a.engine.volumes["v"].journal.clone();
     let last = (j.next + j.layout.journal_blocks - 1) % j.layout.journal_blocks;
@@ -863,7 +863,10 @@ fn region_cuts_remap_could_not_have_made_are_refused() {
             assert!(j.checkpoint(&*a.io, &copies, &config, &vol.remaps).is_ok());
         } else {
             let ops = [metadata::codec::JournalOp::Cut { at }];
-            assert!(j.commit(&*a.io, &copies, &ops, &vol.config, &vol.remaps).is_ok());
+            assert!(
+                j.commit(&*a.io, &copies, &ops, &vol.config, &vol.remaps)
+                    .is_ok()
+            );
         }
         a.engine.stop("v").unwrap();
         let mut b = a.restart();
@@ -881,7 +884,10 @@ fn region_cuts_remap_could_not_have_made_are_refused() {
     let copies: Vec<Copy<'_>> = vol.copies();
     let mut j = vol.journal.clone();
     let ops = [metadata::codec::JournalOp::Cut { at: 4100 }];
-    assert!(j.commit(&*a.io, &copies, &ops, &vol.config, &vol.remaps).is_ok());
+    assert!(
+        j.commit(&*a.io, &copies, &ops, &vol.config, &vol.remaps)
+            .is_ok()
+    );
     a.engine.stop("v").unwrap();
     let mut b = a.restart();
     let rep = b.engine.assemble(None);

@@ -429,9 +429,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 .iter()
                 .filter(|(c, r)| r.on_spare() && !keep.contains(c))
                 .map(|(c, _)| c)
-                .take_while(|c| {
-                    *region.get_or_insert(regions.of_chunk(*c)) == regions.of_chunk(*c)
-                })
+                .take_while(|c| *region.get_or_insert(regions.of_chunk(*c)) == regions.of_chunk(*c))
                 .take(REMAP_BATCH_MAX)
                 .collect()
         };

@@ -49,7 +49,7 @@ fn samples(r: &Rig) -> Vec<u64> {
 fn evacuation_moves_the_volume_writes_survive_pending_comes_home_and_the_pool_is_full_again() {
     let mut r = with_new_disk();
     // A healthy remap (folded in at the end) and a pending block (stays pending).
-    r.engine.remap_add("v", 5000, 1).unwrap();
+    r.engine.remap_add("v", &[5000], 1).unwrap();
     r.io.fail_reads(SIM, MAIN, D + 2001..D + 2002);
     assert_eq!(r.error(MAIN, D + 2000, 8)[0].pending_blocks, 1);
     // A block that goes bad on the old disk only now: the copy finds it.
@@ -170,7 +170,7 @@ fn evacuation_moves_the_volume_writes_survive_pending_comes_home_and_the_pool_is
 #[test]
 fn an_aborted_evacuation_puts_every_chunk_back_on_the_old_main() {
     let mut r = with_new_disk();
-    r.engine.remap_add("v", 5000, 1).unwrap();
+    r.engine.remap_add("v", &[5000], 1).unwrap();
     let tables = live_tables(&r);
     r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();
     for _ in 0..5 {
@@ -308,7 +308,7 @@ fn chunks_the_new_disk_refuses_stay_in_the_pool_and_read_back() {
     let mut r = with_new_disk();
     // The new disk refuses writes at two of the volume's blocks: one the sweep copies, one a
     // remap to be folded in.
-    r.engine.remap_add("v", 9000, 1).unwrap();
+    r.engine.remap_add("v", &[9000], 1).unwrap();
     r.io.fail_writes(SIM, NEW, D + 5600..D + 5601);
     r.io.fail_writes(SIM, NEW, D + 9000..D + 9001);
     r.engine.evacuate("v", Path::new("/sim/new"), 0).unwrap();

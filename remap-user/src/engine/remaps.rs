@@ -13,6 +13,10 @@ use crate::{
     remap::{RemapReport, batches},
 };
 
+/// Most LBAs one `remap add` request names (so that its line stays under the socket's
+/// request limit, whatever the LBAs' digits).
+pub const MAX_LBAS: usize = 4096;
+
 impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     /// Remaps `chunks` in batches of at most [`REMAP_BATCH_MAX`], each under its own suspend, so
     /// that I/O to the region gets through between them however many were asked for. On an
@@ -41,20 +45,29 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     }
 
     /// A remap the operator asked for (`remapctl remap add`): the chunks `count` sectors at
-    /// `lba` touch, every one of them moved.
-    pub fn remap_add(&mut self, name: &str, lba: u64, count: u64) -> Result<RemapReport> {
+    /// each of `lbas` touch, every one of them moved (all checked before any moves).
+    pub fn remap_add(&mut self, name: &str, lbas: &[u64], count: u64) -> Result<RemapReport> {
         let vol = self.volume(name)?;
         let g = vol.geo();
         if count == 0 {
             return Err(EngineError::Invalid("--count must be at least 1".into()));
         }
-        if lba.checked_add(count).is_none_or(|end| end > g.size) {
+        if lbas.len() > MAX_LBAS {
             return Err(EngineError::Invalid(format!(
-                "LBA range {lba}+{count} is past the end of `{name}` ({} sectors)",
-                g.size
+                "{} LBAs in one request: at most {MAX_LBAS}; send the rest in another",
+                lbas.len()
             )));
         }
-        let chunks: BTreeSet<u64> = g.chunks_of_range(lba, count).collect();
+        let mut chunks = BTreeSet::new();
+        for &lba in lbas {
+            if lba.checked_add(count).is_none_or(|end| end > g.size) {
+                return Err(EngineError::Invalid(format!(
+                    "LBA range {lba}+{count} is past the end of `{name}` ({} sectors)",
+                    g.size
+                )));
+            }
+            chunks.extend(g.chunks_of_range(lba, count));
+        }
         self.remap(name, chunks)
     }
 

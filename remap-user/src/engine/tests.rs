@@ -262,7 +262,7 @@ fn a_large_manual_remap_is_cut_into_bounded_suspends() {
     r.region_devices(&[0]);
     r.dm.take_log();
     let n = 2 * REMAP_BATCH_MAX as u64 + 100;
-    let v = r.engine.remap_add("v", 0, n * 8).unwrap().j();
+    let v = r.engine.remap_add("v", &[0], n * 8).unwrap().j();
     assert_eq!(v["remapped"].as_array().map(Vec::len), Some(n as usize));
     let log = r.dm.take_log();
     let suspends = log.iter().filter(|l| l.starts_with("suspend")).count();
@@ -545,7 +545,7 @@ fn a_failed_prepare_changes_nothing_and_suspends_nothing() {
 fn errors_on_a_spare_extent_move_the_chunk_again() {
     let mut r = rig(SimDm::new());
     r.create().unwrap();
-    r.engine.remap_add("v", 800, 8).unwrap();
+    r.engine.remap_add("v", &[800], 8).unwrap();
     let first = r
         .engine
         .volume("v")
@@ -997,19 +997,27 @@ fn bad_input_is_refused_and_changes_nothing() {
             "no volume named",
         ),
         (
-            r.engine.remap_add("v", 64 * MIB / 512, 1).map(|v| v.j()),
+            r.engine.remap_add("v", &[64 * MIB / 512], 1).map(|v| v.j()),
             exit::USAGE,
             "past the end",
         ),
         (
-            r.engine.remap_add("v", u64::MAX, 2).map(|v| v.j()),
+            r.engine.remap_add("v", &[u64::MAX], 2).map(|v| v.j()),
             exit::USAGE,
             "past the end",
         ),
         (
-            r.engine.remap_add("v", 0, 0).map(|v| v.j()),
+            r.engine.remap_add("v", &[0], 0).map(|v| v.j()),
             exit::USAGE,
             "at least 1",
+        ),
+        (
+            // One LBA of a list past the end: none of the others moves either.
+            r.engine
+                .remap_add("v", &[80, 64 * MIB / 512, 160], 8)
+                .map(|v| v.j()),
+            exit::USAGE,
+            "past the end",
         ),
         (
             r.engine
@@ -1056,7 +1064,7 @@ fn bad_input_is_refused_and_changes_nothing() {
 fn spares_with_extents_stay_and_empty_ones_go() {
     let mut r = rig(SimDm::new());
     r.create().unwrap();
-    r.engine.remap_add("v", 0, 1).unwrap();
+    r.engine.remap_add("v", &[0], 1).unwrap();
     let e = r
         .engine
         .spare_remove("v", Path::new("/sim/s1"))
@@ -1082,7 +1090,7 @@ fn pool_and_remaps_are_mirrored_for_bpftool() {
     let mut r = rig(SimDm::new());
     r.create().unwrap();
     assert_eq!(r.watch.pool.borrow().len(), 2);
-    r.engine.remap_add("v", 80, 8).unwrap();
+    r.engine.remap_add("v", &[80], 8).unwrap();
     let m = r.watch.remaps.borrow().get(&10).copied().unwrap();
     let e = r.engine.volume("v").unwrap().remaps.get(10).unwrap().extent;
     assert_eq!(
@@ -1099,7 +1107,7 @@ fn pool_and_remaps_are_mirrored_for_bpftool() {
 fn assembly_mirrors_remaps_in_slices_that_never_undo_newer_ones() {
     let mut r = rig(SimDm::new());
     r.create().unwrap();
-    r.engine.remap_add("v", 0, 8 * 10).unwrap();
+    r.engine.remap_add("v", &[0], 8 * 10).unwrap();
     let mut b = r.restart();
     assert_eq!(b.engine.assemble(None)[0].outcome, "adopted");
     assert!(
@@ -1164,7 +1172,7 @@ fn migration_empties_a_spare_and_removes_it() {
     let mut r = rig(SimDm::new());
     r.create().unwrap();
     for c in [3u64, 9, 600, 601, 602, 5000] {
-        r.engine.remap_add("v", c * 8, 8).unwrap();
+        r.engine.remap_add("v", &[c * 8], 8).unwrap();
     }
     assert_eq!(r.status()["pool"]["devices"][0]["used"], 6);
     let out = r
@@ -1484,7 +1492,7 @@ fn a_main_mounted_raw_is_not_assembled() {
 fn a_configuration_change_that_cannot_be_recorded_changes_nothing() {
     let mut r = rig(SimDm::new());
     r.create().unwrap();
-    r.engine.remap_add("v", 80, 8).unwrap();
+    r.engine.remap_add("v", &[80], 8).unwrap();
     r.io.add_disk("/sim/s3", SIM, 3, 24 * MIB, 512);
     let before = r.status();
     let pool_before = r.watch.pool.borrow().clone();
@@ -1533,6 +1541,24 @@ fn a_failed_error_reads_probe_is_not_taken_for_the_kernels_answer() {
         k.pending_mode(&main, UnreadablePolicy::Error).unwrap(),
         PendingMode::FlakeyErrorReads
     );
+}
+
+#[test]
+fn a_list_of_lbas_is_one_request_in_batches_of_scattered_chunks() {
+    let mut r = rig(SimDm::new());
+    r.create().unwrap();
+    // 1,500 chunks, none next to another: two batches, one commit each.
+    let lbas: Vec<u64> = (0..1500u64).map(|i| i * 16).collect();
+    let g0 = r.status()["generation"].as_u64().unwrap();
+    let v = r.engine.remap_add("v", &lbas, 1).unwrap().j();
+    assert_eq!(v["remapped"].as_array().unwrap().len(), 1500);
+    assert_eq!(r.status()["remaps"], 1500);
+    let g1 = r.status()["generation"].as_u64().unwrap();
+    assert!(
+        g1 - g0 >= 2 && g1 - g0 < 20,
+        "{g0} -> {g1}: a batch per 1,024 chunks (and cuts)"
+    );
+    assert_eq!(r.read_volume(16 * 777), Some(golden(16 * 777)));
 }
 
 #[test]

@@ -30,7 +30,12 @@ pub struct VolumeStatus {
     /// The unit bad blocks are located and kept pending in (the physical sector).
     pub block_size: u64,
     pub region_size: u64,
+    /// Regions in all: the fixed ones (`region_size` each) and those cut from long ones.
     pub regions: u32,
+    /// Of `regions`, those cut from regions whose table grew long ([`crate::split`]).
+    pub regions_cut: usize,
+    /// Regions with a device of their own (those with remaps): the others cost no layer.
+    pub region_devices: usize,
     pub remaps: usize,
     /// Remapped chunks whose data is at home (their pending blocks failing reads there, as
     /// an evacuation leaves them): of `remaps`, those that hold no spare.
@@ -374,6 +379,8 @@ pub(crate) fn status_of(vol: &Volume) -> VolumeStatus {
         block_size: g.block * SECTOR,
         region_size: g.region * SECTOR,
         regions: vol.config.regions().count(),
+        regions_cut: vol.config.cuts.len(),
+        region_devices: vol.regions.len(),
         remaps: vol.remaps.len(),
         remaps_at_home: vol
             .remaps

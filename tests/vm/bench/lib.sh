@@ -130,6 +130,14 @@ raw_remaps() {
 # req_add LBA COUNT: one remap-add request line.
 req_add() { printf '{"cmd":"remap-add","name":"%s","lba":%d,"count":%d}\n' "$VOL" "$1" "$2"; }
 
+# req_add_spaced CHUNK N GAP: one remap-add request for N chunks from CHUNK, GAP chunks apart.
+req_add_spaced() {
+    awk -v v="$VOL" -v c="$1" -v n="$2" -v g="$3" 'BEGIN {
+        printf "{\"cmd\":\"remap-add\",\"name\":\"%s\",\"lba\":%d,\"count\":8,\"more\":[", v, c * 8
+        for (i = 1; i < n; i++) printf "%s%d", (i > 1 ? "," : ""), (c + i * g) * 8
+        print "]}" }'
+}
+
 # Background remaps, built in steps that only add: step k puts RUNS runs of L_k contiguous chunks
 # at the same offset OFF_k of each of RUNS equal strides of the volume, one gap chunk apart,
 # so the runs never merge into one table segment. One request (one batch) per run.
@@ -139,6 +147,10 @@ BG_OFF=0
 bg_grow() {
     local target=$1 add=$(($1 - BG)) len r t0 fails
     [ $add -gt 0 ] || return 0
+    if [ "$SCATTER" = 1 ]; then
+        bg_grow_scattered "$target"
+        return
+    fi
     len=$((add / RUNS))
     [ $len -ge 1 ] || len=1
     local runs=$((add / len))
@@ -153,6 +165,38 @@ bg_grow() {
     BG=$((BG + runs * len))
     emit build "{\"target\":$target,\"remaps\":$BG,\"actual\":$(status_num remaps),\"runs\":$runs,\"run_chunks\":$len,\"micros\":$us,\"failed\":$fails}"
     progress "background: $BG remaps ($runs runs of $len chunks) in $((us / 1000)) ms"
+}
+
+# bg_grow_scattered TARGET: remap j is odd chunk 2 (j % 1024) + 1 of 8 MiB window
+# (389 (j / 1024)) % (windows): no two adjacent, one request per window's share.
+bg_grow_scattered() {
+    local target=$1 j=$BG w n t0 us fails windows=$((CHUNKS / 2048))
+    : >/tmp/bg.req
+    while [ $j -lt "$target" ]; do
+        w=$(((389 * (j / 1024)) % windows))
+        n=$((1024 - j % 1024))
+        [ $((j + n)) -le "$target" ] || n=$((target - j))
+        req_add_spaced $((w * 2048 + 2 * (j % 1024) + 1)) $n 2 >>/tmp/bg.req
+        j=$((j + n))
+    done
+    t0=$(now_us)
+    fails=$(raw_remaps /tmp/bg.req)
+    us=$(($(now_us) - t0))
+    local runs
+    runs=$(wc -l </tmp/bg.req)
+    BG=$target
+    emit build "{\"target\":$target,\"remaps\":$BG,\"actual\":$(status_num remaps),\"runs\":$runs,\"run_chunks\":1,\"scattered\":true,\"regions\":$(status_num regions),\"micros\":$us,\"failed\":$fails}"
+    progress "background: $BG scattered remaps ($runs requests) in $((us / 1000)) ms, $(status_num regions) regions"
+}
+
+# The most segments one region device's table has.
+longest_region() {
+    local r n m=0
+    for r in $(dmsetup ls | awk -v v="$VOL-remap-r" 'index($1, v) == 1 {print $1}'); do
+        n=$(dmsetup table "$r" | wc -l)
+        [ "$n" -gt $m ] && m=$n
+    done
+    echo $m
 }
 
 # Region tables: total segments of the volume's regions, and of one region.

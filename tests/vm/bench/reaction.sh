@@ -1,6 +1,11 @@
 # Reaction, flat-table reloads, assembly and metadata cost, as the remaps accumulate.
 # Parameters (from the header xtask writes): SIZES, SCALE_SIZES, RUNS, INJECT, FLAT_REPS,
-# FLAT_SCATTERED_MAX, META_N, META_BURSTS, READER_IOPS, BASELINE_S.
+# FLAT_SCATTERED_MAX, META_N, META_BURSTS, READER_IOPS, BASELINE_S, SCATTER.
+#
+# SCATTER=1: the background is scattered remaps, no two adjacent (two segments each): the odd
+# chunks of 8 MiB windows, one request of 1,024 chunks per window, the windows taken in an
+# order that spreads them over the volume; injections and the metadata remaps take even
+# chunks (of region 1 and region 5), the metadata bursts one request of spaced chunks each.
 #
 # One volume of 8 GiB (2 Mi chunks of 4 KiB, 8 regions of 1 GiB) over a null_blk disk without
 # memory, two 8 GiB spares. For each size in SIZES the background grows to that many remaps,
@@ -36,7 +41,7 @@ for s in $SIZES; do
 done
 INJ_OFF=$((used + 8))
 MISC_OFF=$((INJ_OFF + 256))
-[ $((MISC_OFF + 256)) -lt $STRIDE ] || { echo "layout does not fit: stride $STRIDE" >&2; exit 1; }
+[ "$SCATTER" = 1 ] || [ $((MISC_OFF + 256)) -lt $STRIDE ] || { echo "layout does not fit: stride $STRIDE" >&2; exit 1; }
 # Injection i goes to stride INJ_S0 + i % INJ_NS of the injected region (after the first 32 MiB,
 # which the same-region reader reads), at offset INJ_OFF + i / INJ_NS.
 INJ_S0=$(((INJ_REGION * REGION_CHUNKS + 8192 + STRIDE - 1) / STRIDE))
@@ -94,7 +99,11 @@ emit readers-baseline "{\"terse\":$(jstr "$READERS_TERSE")}"
 INJ=
 inject_one() {
     local c s n=0 e u r line k2
-    c=$(((INJ_S0 + INJ_I % INJ_NS) * STRIDE + INJ_OFF + INJ_I / INJ_NS))
+    if [ "$SCATTER" = 1 ]; then
+        c=$((INJ_REGION * REGION_CHUNKS + 8192 + 2 * ((INJ_I * 4099) % 120000)))
+    else
+        c=$(((INJ_S0 + INJ_I % INJ_NS) * STRIDE + INJ_OFF + INJ_I / INJ_NS))
+    fi
     INJ_I=$((INJ_I + 1))
     s=$((c * 8))
     echo >$T/trace
@@ -178,8 +187,13 @@ meta_cost() {
     local n=$2 k=$3 i c m0 m1 d0 d1 t0 us fails
     : >/tmp/meta.req
     for ((i = 0; i < n / k; i++)); do
-        c=$((((MISC_I + i) % RUNS) * STRIDE + MISC_OFF + (MISC_I + i) / RUNS * 64))
-        req_add $((c * 8)) $((k * 8)) >>/tmp/meta.req
+        if [ "$SCATTER" = 1 ]; then
+            c=$((5 * REGION_CHUNKS + 2 * (MISC_I + i) * k))
+            req_add_spaced "$c" "$k" 2 >>/tmp/meta.req
+        else
+            c=$((((MISC_I + i) % RUNS) * STRIDE + MISC_OFF + (MISC_I + i) / RUNS * 64))
+            req_add $((c * 8)) $((k * 8)) >>/tmp/meta.req
+        fi
     done
     MISC_I=$((MISC_I + n / k))
     local g0 g1
@@ -263,7 +277,7 @@ for size in $SIZES; do
     bg_grow "$size"
     start_remaps=$(status_num remaps)
     segs=$(region_segments)
-    inj_segs=$(dmsetup table "$VOL-remap-r$(printf %04d $INJ_REGION)" | wc -l)
+    inj_segs=$(longest_region)
     progress "reaction at $size remaps ($segs segments): $INJECT errors"
     readers_start
     # One error first, not counted: the first of a series pays for cold caches.

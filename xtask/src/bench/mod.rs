@@ -99,6 +99,7 @@ fn params(section: &str, quick: bool) -> Vec<(&'static str, String)> {
             p("META_BURSTS", "1 8"),
             p("READER_IOPS", "100"),
             p("BASELINE_S", "3"),
+            p("SCATTER", "0"),
         ],
         ("reaction", false) => vec![
             p("SIZES", "0 1000 10000 100000 1000000"),
@@ -111,6 +112,7 @@ fn params(section: &str, quick: bool) -> Vec<(&'static str, String)> {
             p("META_BURSTS", "1 8 64"),
             p("READER_IOPS", "100"),
             p("BASELINE_S", "5"),
+            p("SCATTER", "0"),
         ],
         ("storm", q) => vec![
             p("STORM_CHUNKS", "10000"),

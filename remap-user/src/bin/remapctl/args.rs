@@ -223,10 +223,12 @@ pub(crate) enum SpareCmd {
 
 #[derive(Subcommand)]
 pub(crate) enum RemapCmd {
-    /// Move the chunks holding LBA..LBA+COUNT (512-byte sectors) to the pool.
+    /// Move the chunks holding LBA..LBA+COUNT (512-byte sectors) to the pool; several LBAs
+    /// (a list of bad sectors, e.g. from badblocks) go in one request, batched.
     Add {
         name: String,
-        lba: u64,
+        #[arg(required = true, num_args = 1..)]
+        lba: Vec<u64>,
         #[arg(long, default_value_t = 1)]
         count: u64,
     },

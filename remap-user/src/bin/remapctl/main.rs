@@ -135,7 +135,12 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Health { name } => Request::Health { name },
         Cmd::Spare(SpareCmd::List { name }) => Request::SpareList { name },
-        Cmd::Remap(RemapCmd::Add { name, lba, count }) => Request::RemapAdd { name, lba, count },
+        Cmd::Remap(RemapCmd::Add { name, lba, count }) => Request::RemapAdd {
+            name,
+            lba: lba[0],
+            count,
+            more: lba[1..].to_vec(),
+        },
         Cmd::Remap(RemapCmd::List { name }) => Request::RemapList { name },
         Cmd::Pending { name, .. } => Request::Pending { name },
     };

@@ -76,11 +76,18 @@ pub(crate) fn print_status(v: &Value, map: Option<&VolumeMap>) {
     if v["evacuation"].is_object() {
         println!("  {}", crate::evacuate::line(&v["evacuation"]));
     }
+    let cut = v["regions_cut"].as_u64().unwrap_or(0);
+    let fixed = v["regions"].as_u64().unwrap_or(0) - cut;
+    let cut = if cut > 0 {
+        format!(" + {cut} cut from long ones")
+    } else {
+        String::new()
+    };
     println!(
-        "  chunk {}  regions {} x {}  generation {}",
+        "  chunk {}  regions {fixed} x {}{cut} ({} with a device)  generation {}",
         b(&v["chunk_size"]),
-        v["regions"],
         b(&v["region_size"]),
+        v["region_devices"],
         v["generation"],
     );
     let at_home = match v["remaps_at_home"].as_u64() {
