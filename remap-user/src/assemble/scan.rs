@@ -182,6 +182,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                         "assembled ({})",
                         report.outcome
                     );
+                    // What was put right on the way (a crash's leftovers), where operators look.
+                    for n in &report.notes {
+                        tracing::warn!(volume = name, "{n}");
+                    }
                 }
                 Err(e) => {
                     tracing::error!(volume = name, "not assembled: {e}");

@@ -133,7 +133,7 @@ fn timeout(section: &str, quick: bool) -> Duration {
     Duration::from_secs(match (section, quick) {
         ("overhead", true) => 1200,
         ("overhead", false) => 2400,
-        ("reaction", true) => 1800,
+        ("reaction", true) => 3600,
         ("reaction", false) => 5400,
         (_, true) => 900,
         (_, false) => 1200,
