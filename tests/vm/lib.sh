@@ -30,3 +30,28 @@ json_num() { printf '%s\n' "$1" | sed -n "s/.*\"$2\":\(-\{0,1\}[0-9][0-9]*\).*/\
 
 # json_str LINE KEY: the string value of "KEY":"..." in a one-line JSON object.
 json_str() { printf '%s\n' "$1" | sed -n "s/.*\"$2\":\"\([^\"]*\)\".*/\1/p"; }
+
+# start_agent [CRASH_POINT]: starts remapd (aborting at CRASH_POINT, REMAP_CRASH_AT, when
+# given), its log in $log (a file per start), its pid in $agent; waits until it is ready.
+start_agent() {
+    starts=$((starts + 1))
+    log=/tmp/remapd.$starts.log
+    if [ -n "$1" ]; then
+        REMAP_CRASH_AT=$1 remapd >>/tmp/remapd.out 2>"$log" &
+    else
+        remapd >>/tmp/remapd.out 2>"$log" &
+    fi
+    agent=$!
+    wait_for "$log" "remapd ready" 60
+}
+stop_agent() {
+    kill -TERM "$agent" 2>/dev/null
+    wait "$agent"
+}
+
+# dm_tables: the table of every device-mapper device, sorted, with references to other
+# devices written as their names (a fresh assembly may number region devices differently).
+dm_tables() {
+    dmsetup ls | awk '{ gsub(/[()]/, "", $2); print $2, $1 }' >/tmp/mm
+    dmsetup table | awk 'NR == FNR { m[$1] = $2; next } { for (i = 1; i <= NF; i++) if ($i in m) $i = m[$i]; print }' /tmp/mm - | sort
+}

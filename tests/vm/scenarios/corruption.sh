@@ -36,10 +36,6 @@ start_agent() {
 }
 status() { timeout 60 remapctl status "$VOL" --json 2>/dev/null; }
 remap() { timeout 120 remapctl remap add "$VOL" "$1" --count "$2" >/dev/null 2>>/tmp/setup.err; }
-tables() {
-    dmsetup ls | awk '{ gsub(/[()]/, "", $2); print $2, $1 }' >/tmp/mm
-    dmsetup table | awk 'NR == FNR { m[$1] = $2; next } { for (i = 1; i <= NF; i++) if ($i in m) $i = m[$i]; print }' /tmp/mm - | sort
-}
 new_data() {
     /usr/bin/dd if=/dev/urandom of=$DEV bs=1M count=64 oflag=direct status=none &&
         /usr/bin/dd if=$DEV of=/tmp/golden bs=1M iflag=direct status=none
@@ -127,7 +123,7 @@ new_data
 st=$(status)
 R=$(json_num "$st" remaps)
 G=$(json_num "$st" generation)
-tables >/tmp/tables.want
+dm_tables >/tmp/tables.want
 if ! out=$(timeout 60 remapctl stop "$VOL" 2>&1) || [ "$(dmsetup ls)" != "No devices found" ]; then
     fail setup "stop: $out $(dmsetup ls)"
     exit 1
@@ -191,7 +187,7 @@ expect_valid_or_refused() {
     assemble
     if [ $rc = 0 ]; then
         describe
-        tables >/tmp/tables.got
+        dm_tables >/tmp/tables.got
         if [ "$(json_num "$st" remaps)" = "$R" ] && [ "$(json_num "$st" generation)" = $((G + 1)) ] &&
             [ "$diff_chunks" = 0 ] && cmp -s /tmp/tables.want /tmp/tables.got; then
             pass "$c" "assembled from the valid copy: $msg"

@@ -16,17 +16,6 @@ sp2=$(nullb create --size 24)
 sp3=$(nullb create --size 24)
 
 starts=0
-start_agent() { # [CRASH_POINT]
-    starts=$((starts + 1))
-    log=/tmp/remapd.$starts.log
-    if [ -n "$1" ]; then
-        REMAP_CRASH_AT=$1 remapd >>/tmp/remapd.out 2>"$log" &
-    else
-        remapd >>/tmp/remapd.out 2>"$log" &
-    fi
-    agent=$!
-    wait_for "$log" "remapd ready" 60
-}
 crashed() { # POINT: the agent aborted there
     wait "$agent"
     rc=$?

@@ -24,29 +24,8 @@ sp2=$(nullb create --size 24)
 
 # --- the agent
 agent="" log="" starts=0
-start_agent() { # [CRASH_POINT]: starts remapd (aborting at CRASH_POINT), waits until ready
-    starts=$((starts + 1))
-    log=/tmp/remapd.$starts.log
-    if [ -n "$1" ]; then
-        REMAP_CRASH_AT=$1 remapd >>/tmp/remapd.out 2>"$log" &
-    else
-        remapd >>/tmp/remapd.out 2>"$log" &
-    fi
-    agent=$!
-    wait_for "$log" "remapd ready" 60
-}
-stop_agent() {
-    kill -TERM "$agent" 2>/dev/null
-    wait "$agent"
-}
 status() { timeout 60 remapctl status "$VOL" --json 2>/dev/null; }
 
-# The tables of every device-mapper device, with the volume's references to its region
-# devices written as names (a fresh assembly may number them differently).
-tables() {
-    dmsetup ls | awk '{ gsub(/[()]/, "", $2); print $2, $1 }' >/tmp/mm
-    dmsetup table | awk 'NR == FNR { m[$1] = $2; next } { for (i = 1; i <= NF; i++) if ($i in m) $i = m[$i]; print }' /tmp/mm - | sort
-}
 suspended() { dmsetup info 2>/dev/null | grep -c SUSPENDED; }
 resume_all() {
     for d in $(dmsetup ls | awk '{ print $1 }'); do
@@ -206,7 +185,7 @@ trial() {
     esac
 
     # The live tables must be what a fresh assembly builds from the metadata alone.
-    live=$(tables)
+    live=$(dm_tables)
     stop_agent
     dmsetup remove "$VOL" || echo "dmsetup remove $VOL failed" >>/tmp/why
     for d in $(dmsetup ls | awk '{ print $1 }' | grep "^$VOL-remap-r"); do
@@ -215,7 +194,7 @@ trial() {
     [ "$(dmsetup ls)" = "No devices found" ] || echo "devices left: $(dmsetup ls | tr '\n' ' ')" >>/tmp/why
     start_agent || echo "remapd not ready for the fresh assembly" >>/tmp/why
     grep -q "assembled (created)" "$log" || echo "fresh assembly: $(grep -E 'assembled|not assembled' "$log" | tr '\n' ' ')" >>/tmp/why
-    fresh=$(tables)
+    fresh=$(dm_tables)
     if [ "$live" != "$fresh" ]; then
         echo "live tables differ from a fresh assembly: $(printf '%s\n' "$live" >/tmp/t1; printf '%s\n' "$fresh" >/tmp/t2; diff /tmp/t1 /tmp/t2 | grep '^[-+][^-+]' | head -6 | tr '\n' ';')" >>/tmp/why
     fi

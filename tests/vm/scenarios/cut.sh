@@ -21,27 +21,7 @@ sp1=$(nullb create --size 24)
 sp2=$(nullb create --size 24)
 
 agent="" log="" starts=0
-start_agent() { # [CRASH_POINT]
-    starts=$((starts + 1))
-    log=/tmp/remapd.$starts.log
-    if [ -n "$1" ]; then
-        REMAP_CRASH_AT=$1 remapd >>/tmp/remapd.out 2>"$log" &
-    else
-        remapd >>/tmp/remapd.out 2>"$log" &
-    fi
-    agent=$!
-    wait_for "$log" "remapd ready" 60
-}
-stop_agent() {
-    kill -TERM "$agent" 2>/dev/null
-    wait "$agent"
-}
 status() { timeout 60 remapctl status "$VOL" --json 2>/dev/null; }
-# Every device's table, region devices named rather than numbered.
-tables() {
-    dmsetup ls | awk '{ gsub(/[()]/, "", $2); print $2, $1 }' >/tmp/mm
-    dmsetup table | awk 'NR == FNR { m[$1] = $2; next } { for (i = 1; i <= NF; i++) if ($i in m) $i = m[$i]; print }' /tmp/mm - | sort
-}
 # The most lines any region device's table has.
 longest() {
     for d in $(dmsetup ls | awk '{ print $1 }' | grep "^$VOL-remap-r"); do dmsetup table "$d" | wc -l; done | sort -n | tail -1
@@ -54,7 +34,7 @@ fresh_tables() {
     stop_agent
     dmsetup remove "$VOL"
     for d in $(dmsetup ls | awk '{ print $1 }' | grep "^$VOL-remap-r"); do dmsetup remove "$d"; done
-    start_agent && grep -q "assembled (created)" "$log" && tables >/tmp/fresh
+    start_agent && grep -q "assembled (created)" "$log" && dm_tables >/tmp/fresh
 }
 # remap_chunks C...: one request per chunk (each a batch of its own)
 remap_chunks() {
@@ -95,7 +75,7 @@ else
     fail cuts-bounded "remap add: $(cat /tmp/add.out)"
 fi
 if same_data; then pass readable-identical "64 MiB"; else fail readable-identical "the volume differs from what was written"; fi
-live=$(tables)
+live=$(dm_tables)
 fresh_tables
 fresh=$(cat /tmp/fresh)
 if [ -n "$fresh" ] && [ "$live" = "$fresh" ] && same_data; then
@@ -154,7 +134,7 @@ for p in after-region-device after-cut-swap after-cut-commit; do
         case "$notes" in *"$want"*) ;; *) echo "adoption did not note '$want' (noted: $notes)" >>/tmp/why ;; esac
     done </tmp/want
     long=$(longest)
-    live=$(tables)
+    live=$(dm_tables)
     fresh_tables
     fresh=$(cat /tmp/fresh)
     if [ -z "$fresh" ] || [ "$live" != "$fresh" ]; then
