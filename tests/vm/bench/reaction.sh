@@ -52,8 +52,11 @@ MISC_I=0
 progress "main $MAIN_MB MiB, $RUNS runs per step, stride $STRIDE chunks"
 main=/dev/nullb0
 nb_create 0 $MAIN_MB 0
-sp0=$(hybrid_spare bsp0 1 2 $MAIN_MB)
-sp1=$(hybrid_spare bsp1 3 4 $MAIN_MB)
+# The spares a little larger than the main: a main with no WWN or serial is told apart from
+# them by its size when the volume is assembled at start (remap does not guess by path).
+SPARE_MB=$((MAIN_MB + 64))
+sp0=$(hybrid_spare bsp0 1 2 $SPARE_MB)
+sp1=$(hybrid_spare bsp1 3 4 $SPARE_MB)
 META_DEVS="/dev/nullb1 /dev/nullb3"
 DATA_DEVS="/dev/nullb2 /dev/nullb4"
 trace_setup
@@ -65,7 +68,7 @@ agent_stop
 agent_start || exit 1
 remapctl --json create --in-place $VOL --main $main --spare "$sp0" --spare "$sp1" >/tmp/create.json ||
     { echo "create failed: $(cat /tmp/create.json)" >&2; exit 1; }
-check_meta_window $MAIN_MB "$(cat /tmp/create.json)" || exit 1
+check_meta_window $SPARE_MB "$(cat /tmp/create.json)" || exit 1
 emit volume "$(cat /tmp/create.json)"
 
 # readers_start: two rate-limited 4 KiB random readers, one on another region and one on the
