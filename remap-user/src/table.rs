@@ -115,15 +115,23 @@ impl RemapTable {
             .sum()
     }
 
-    /// The chunk whose data lives at `extent`, if any (errors on spares are remapped again).
-    pub fn chunk_at(&self, spare: u32, sector: Sector, chunk: Sector) -> Option<u64> {
+    /// The chunks whose data lives on spare `spare` within `sectors` (errors on spares are
+    /// remapped again), in one walk of the remaps however many chunks the range holds.
+    pub fn chunks_on(
+        &self,
+        spare: u32,
+        sectors: std::ops::Range<Sector>,
+        chunk: Sector,
+    ) -> Vec<u64> {
         self.by_chunk
             .iter()
-            .find(|(_, r)| {
+            .filter(|(_, r)| {
                 r.extent.spare == spare
-                    && (r.extent.start..r.extent.start + chunk).contains(&sector)
+                    && r.extent.start < sectors.end
+                    && sectors.start < r.extent.start + chunk
             })
             .map(|(c, _)| *c)
+            .collect()
     }
 }
 
@@ -538,9 +546,14 @@ mod tests {
                 pending: 0b101,
             },
         );
-        assert_eq!(t.chunk_at(1, 2050, 8), Some(10));
-        assert_eq!(t.chunk_at(1, 2056, 8), None);
-        assert_eq!(t.chunk_at(0, 2050, 8), None);
+        assert_eq!(t.chunks_on(1, 2050..2051, 8), [10]);
+        assert_eq!(t.chunks_on(1, 2056..2057, 8), [] as [u64; 0]);
+        assert_eq!(t.chunks_on(0, 2050..2051, 8), [] as [u64; 0]);
+        assert_eq!(
+            t.chunks_on(1, 2040..2049, 8),
+            [10],
+            "the range's last sector"
+        );
         assert_eq!(t.pending_blocks(), 2);
     }
 

@@ -233,12 +233,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 let end = sector + u64::from(sectors.max(1));
                 let first = sector - sector % g.chunk;
                 let definite = end - first <= g.chunk;
-                let mut s = first;
-                while s < end {
-                    if let Some(c) = v.remaps.chunk_at(slot, s, g.chunk) {
-                        out.push((v.config.name.clone(), c, definite));
-                    }
-                    s += g.chunk;
+                for c in v.remaps.chunks_on(slot, sector..end, g.chunk) {
+                    out.push((v.config.name.clone(), c, definite));
                 }
             }
         }

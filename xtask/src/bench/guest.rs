@@ -154,6 +154,7 @@ fn run_once(
     let mut console = fs::File::create(&console_path)?;
     let mut cmd = Command::new(exe);
     cmd.env(crate::vm::MTTCG_ENV, "1");
+    cmd.env(crate::vm::MEM_ENV, "4G");
     let mut child = cmd
         .args(["vm", "exec", "--kernel", kernel, "--timeout"])
         .arg(timeout.as_secs().to_string())

@@ -13,7 +13,7 @@ mod newc;
 mod qemu;
 mod scenario;
 
-pub use qemu::MTTCG_ENV;
+pub use qemu::{MEM_ENV, MTTCG_ENV};
 
 use anyhow::{Context, Result, bail};
 use guest::GuestBins;

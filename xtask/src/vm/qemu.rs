@@ -251,9 +251,10 @@ pub fn run(b: &Boot) -> Result<Outcome> {
     if b.console != Console::Interactive {
         append.push_str(" quiet");
     }
+    let mem = std::env::var(MEM_ENV).unwrap_or_else(|_| "1G".to_string());
     cmd.args([
         "-m",
-        "1G",
+        &mem,
         "-smp",
         "2",
         "-nodefaults",
@@ -467,6 +468,9 @@ pub fn console_tail(path: &Path, n: usize) -> String {
 /// Announces an accelerator once per process, so a slow TCG run is not a mystery.
 /// Set (to anything) for one host thread per guest vCPU under TCG.
 pub const MTTCG_ENV: &str = "REMAP_VM_MTTCG";
+/// The guest's memory (qemu's `-m`), 1G when unset: the benchmarks ask for more, for a million
+/// scattered remaps' tables in the kernel (hundreds of MiB of dm targets) and the agent's.
+pub const MEM_ENV: &str = "REMAP_VM_MEM";
 
 pub fn announce_accel() {
     static ONCE: std::sync::Once = std::sync::Once::new();
