@@ -154,9 +154,9 @@ rm -f /tmp/flood.*
 
 # --- the command line
 cli cli-unknown-command 2 "unrecognized subcommand 'frobnicate'" frobnicate
-cli cli-lba-not-number 2 "invalid value 'eight' for '<LBA>'" remap add vol0 eight
+cli cli-lba-not-number 2 "invalid value 'eight' for '<LBA>...'" remap add vol0 eight
 cli cli-lba-negative 2 "unexpected argument '-5'" remap add vol0 -5
-cli cli-lba-overflow 2 "invalid value '18446744073709551616' for '<LBA>'" remap add vol0 18446744073709551616
+cli cli-lba-overflow 2 "invalid value '18446744073709551616' for '<LBA>...'" remap add vol0 18446744073709551616
 cli cli-bad-size 2 "unknown size unit \`MB\`" create x --main "$m1" --spare "$s3" --chunk-size 4MB
 cli cli-bad-policy 2 "unknown allocation policy \`random\`" create x --main "$m1" --spare "$s3" --policy random
 cli cli-missing-spare 2 "the following required arguments were not provided" create x --main "$m1"
