@@ -4,7 +4,7 @@ use crate::{
     blockdev::{BlockDev, BlockIo},
     dm::DeviceMapper,
     kernel::{EngineError, Kernel, Result, Watch},
-    metadata::{self, codec::JournalOp, crash_point},
+    metadata::{self, Layout, codec::JournalOp, crash_point},
     registry::Volume,
 };
 
@@ -22,9 +22,11 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         Ok(())
     }
 
-    /// Writes the whole state (configuration changes) to every spare.
+    /// Writes the whole state (configuration changes) to every spare, its journal going on
+    /// in the unit of the copies it is written to now.
     pub(crate) fn checkpoint(&self, vol: &mut Volume) -> Result<()> {
         let mut j = vol.journal.clone();
+        j.set_unit(self.journal_unit(vol));
         let written = j
             .checkpoint(&self.io, &vol.copies(), &vol.config, &vol.remaps)
             .map_err(|e| EngineError::Failed(format!("writing metadata: {e}")))?;
@@ -73,6 +75,16 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
                 }
             }
         }
+    }
+
+    /// The journal unit of the volume's metadata copies ([`Layout::unit_for`]); a copy whose
+    /// physical block size cannot be read counts as 4 KiB (what was written before units).
+    pub(crate) fn journal_unit(&self, vol: &Volume) -> u32 {
+        Layout::unit_for(vol.copies().iter().map(|c| {
+            self.io
+                .physical_block_size(c.dev)
+                .unwrap_or(u64::from(metadata::codec::MAX_UNIT))
+        }))
     }
 
     pub(crate) fn wipe_metadata(&self, dev: &BlockDev) -> Result<()> {

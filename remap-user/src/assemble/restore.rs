@@ -270,7 +270,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             dev: (0, 0),
             target,
         };
-        if resume.is_none() {
+        // A copy whose blocks grew larger than the journal's unit (a spare cloned to a
+        // 4Kn disk) must not be appended to in the smaller unit: a checkpoint moves the
+        // journal to the copies' unit. A smaller one waits for the next checkpoint.
+        if resume.is_none() || vol.journal.layout.unit < self.k.journal_unit(&vol) {
             self.k.checkpoint(&mut vol)?;
         }
         let adopted = self.bring_up(&mut vol, notes)?;

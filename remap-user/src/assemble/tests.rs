@@ -349,6 +349,7 @@ fn copies_that_differ_at_the_same_generation_are_refused() {
             chunk,
             remap: moved,
         }],
+        m.layout.unit,
     );
     let last = m.resume.expect("clean journal").next - 1;
     a.io.poke(SIM, S2, m.layout.journal_offset(last), &block)
@@ -366,8 +367,13 @@ fn a_stale_copy_is_outranked_and_rewritten() {
     // The last commit never reached S2 (a crash between the copies).
     let j = a.engine.volumes["v"].journal.clone();
     let last = (j.next + j.layout.journal_blocks - 1) % j.layout.journal_blocks;
-    a.io.poke(SIM, S2, j.layout.journal_offset(last), &[0u8; 4096])
-        .unwrap();
+    a.io.poke(
+        SIM,
+        S2,
+        j.layout.journal_offset(last),
+        &vec![0u8; j.layout.unit as usize],
+    )
+    .unwrap();
     let mut b = a.restart();
     let rep = b.engine.assemble(None);
     assert_eq!(rep[0].outcome, "adopted");

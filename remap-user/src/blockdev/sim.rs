@@ -34,6 +34,8 @@ const PAGE: usize = 4096;
 pub struct SimIoStats {
     pub reads: u64,
     pub writes: u64,
+    /// Bytes the writes that succeeded carried.
+    pub written_bytes: u64,
     pub flushes: u64,
     /// Reads and writes that failed (bad sectors, alignment, range).
     pub errors: u64,
@@ -42,6 +44,8 @@ pub struct SimIoStats {
 struct SimDisk {
     size: u64,
     block: u64,
+    /// The physical block size (a 512e disk: 4 KiB behind 512-byte logical blocks).
+    physical: u64,
     /// Absent pages read as zeros.
     pages: BTreeMap<u64, Box<[u8]>>,
     /// The flushed contents of pages written since the last flush (`None`: it was absent).
@@ -183,6 +187,7 @@ impl SimIo {
             SimDisk {
                 size: size_bytes,
                 block: block_bytes,
+                physical: block_bytes,
                 pages: BTreeMap::new(),
                 unflushed: BTreeMap::new(),
                 bad_reads: Vec::new(),
@@ -191,6 +196,14 @@ impl SimIo {
                 stats: SimIoStats::default(),
             },
         );
+    }
+
+    /// Gives the device physical blocks of `bytes` behind its logical ones (a 512e disk).
+    pub fn set_physical_block(&self, major: u32, minor: u32, bytes: u64) {
+        let _ = self.with(major, minor, |d| {
+            d.physical = bytes.max(d.block);
+            Ok(())
+        });
     }
 
     /// Reads touching any of `sectors` (512-byte units) fail with EIO until [`Self::heal`].
@@ -294,6 +307,14 @@ impl BlockIo for SimIo {
             })
     }
 
+    fn physical_block_size(&self, dev: &BlockDev) -> Result<u64, BlockDevError> {
+        self.with(dev.major, dev.minor, |d| Ok(d.physical))
+            .map_err(|source| BlockDevError::Io {
+                path: dev.path.clone(),
+                source,
+            })
+    }
+
     fn identity(&self, dev: &BlockDev) -> Result<DevIdentity, BlockDevError> {
         let serial = lock(&self.serials)
             .get(&(dev.major, dev.minor))
@@ -372,6 +393,7 @@ impl BlockIo for SimIo {
                         return Err(io::Error::from_raw_os_error(libc::EIO));
                     }
                     d.copy_in(offset, data, true);
+                    d.stats.written_bytes += data.len() as u64;
                     Ok(())
                 });
             d.stats.errors += u64::from(r.is_err());

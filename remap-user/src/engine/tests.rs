@@ -1624,3 +1624,57 @@ fn a_region_device_that_cannot_go_under_the_volume_leaves_everything_as_it_was()
     // The next error on it goes through.
     assert_eq!(r.error(MAIN, 1000, 8)[0].remapped, [125]);
 }
+
+/// The journal is written in its copies' atomic unit: 512 bytes on 512-byte spares, 4 KiB
+/// once a spare whose physical blocks are 4 KiB (512e) joins, 512 bytes again once it
+/// leaves; a lone remap writes its chunk and one unit per copy; the volume assembles the
+/// same at each step.
+#[test]
+fn the_journal_unit_follows_the_spares_physical_blocks() {
+    let mut r = rig(SimDm::new());
+    r.create().unwrap();
+    let unit = |r: &Rig| r.engine.volumes["v"].journal.layout.unit;
+    let written = |r: &Rig, minors: &[u32]| -> u64 {
+        minors
+            .iter()
+            .map(|m| r.io.stats(SIM, *m).written_bytes)
+            .sum()
+    };
+    assert_eq!(unit(&r), 512);
+    let w0 = written(&r, &[S1, S2]);
+    r.engine.remap_add("v", &[80], 8).unwrap();
+    assert_eq!(
+        written(&r, &[S1, S2]) - w0,
+        4096 + 2 * 512,
+        "chunk + one unit per copy"
+    );
+
+    r.io.add_disk("/sim/s3", SIM, 3, 24 * MIB, 512);
+    r.io.set_physical_block(SIM, 3, 4096);
+    r.engine.spare_add("v", Path::new("/sim/s3")).unwrap();
+    assert_eq!(unit(&r), 4096);
+    let w0 = written(&r, &[S1, S2, 3]);
+    r.engine.remap_add("v", &[160], 8).unwrap();
+    assert_eq!(written(&r, &[S1, S2, 3]) - w0, 4096 + 3 * 4096);
+    let mut b = r.restart();
+    let rep = b.engine.assemble(None);
+    assert_eq!(
+        (rep[0].outcome.as_str(), rep[0].remaps),
+        ("adopted", 2),
+        "{rep:?}"
+    );
+    assert_eq!(unit(&b), 4096);
+
+    b.engine.spare_remove("v", Path::new("/sim/s3")).unwrap();
+    assert_eq!(unit(&b), 512);
+    b.engine.remap_add("v", &[240], 8).unwrap();
+    let mut c = b.reboot();
+    let rep = c.engine.assemble(None);
+    assert_eq!(
+        (rep[0].outcome.as_str(), rep[0].remaps),
+        ("created", 3),
+        "{rep:?}"
+    );
+    assert_eq!(unit(&c), 512);
+    assert!(rep[0].notes.is_empty(), "{rep:?}");
+}

@@ -44,6 +44,8 @@ pub struct VolumeStatus {
     pub pending_mode: &'static str,
     pub generation: u64,
     pub metadata_capacity: usize,
+    /// Bytes a lone commit writes to each metadata copy (the spares' physical block).
+    pub journal_unit: u32,
     pub pool: PoolView,
     /// An evacuation under way (`remapctl evacuate`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -391,6 +393,7 @@ pub(crate) fn status_of(vol: &Volume) -> VolumeStatus {
         pending_mode: mode_name(vol.config.pending_mode),
         generation: vol.journal.generation,
         metadata_capacity: vol.journal.layout.capacity(),
+        journal_unit: vol.journal.layout.unit,
         pool: pool_of(vol),
         evacuation: None,
     }

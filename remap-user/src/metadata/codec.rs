@@ -13,13 +13,29 @@ pub const SB_MAGIC: [u8; 8] = *b"REMAPSB2";
 pub const CKPT_MAGIC: [u8; 8] = *b"REMAPCKP";
 pub const JOURNAL_MAGIC: [u8; 8] = *b"REMAPJNL";
 pub const VERSION: u32 = 2;
+/// Superblocks of a journal written in units other than 4 KiB ([`Superblock::journal_unit`]).
+/// A remapd that reads only version 2 must refuse them: it would read the ring in 4 KiB blocks,
+/// find none of the newer commits, and serve an older state.
+pub const VERSION_UNIT: u32 = 3;
 /// Checkpoints of volumes whose data sits after a header on the main: a remapd that predates
 /// the header must refuse them (it would read the volume at the wrong offset), not ignore it.
 pub const VERSION_HEADER: u32 = 3;
 const HEADER: usize = 64;
 pub const RECORD: usize = 32;
-/// Records that fit one journal block after its header.
-pub const RECORDS_PER_BLOCK: usize = (BLOCK - HEADER) / RECORD;
+/// The journal units a superblock may state: the atomic write unit of the spares (their
+/// physical block size), so that a torn append never damages a commit written before it.
+pub const MIN_UNIT: u32 = 512;
+pub const MAX_UNIT: u32 = BLOCK as u32;
+
+/// Records that fit one journal block of `unit` bytes after its header.
+pub fn records_per_block(unit: u32) -> usize {
+    (unit as usize - HEADER) / RECORD
+}
+
+/// Whether `unit` is a journal unit remap writes (a power of two from 512 B to 4 KiB).
+pub fn valid_unit(unit: u32) -> bool {
+    unit.is_power_of_two() && (MIN_UNIT..=MAX_UNIT).contains(&unit)
+}
 
 /// Superblock: where the current checkpoint is and where its journal starts. Two of them (at
 /// 0 and 4 KiB); the one naming the newest valid checkpoint wins.
@@ -44,7 +60,10 @@ pub struct Superblock {
     pub journal_blocks: u32,
     /// Size of the metadata area in bytes; data extents start after it.
     pub area_bytes: u64,
-    pub reserved: [u8; 36],
+    /// Bytes per journal block (version 3; 0 on disk in version 2, whose blocks are 4 KiB).
+    /// Decoded, it is always the unit.
+    pub journal_unit: u32,
+    pub reserved: [u8; 32],
     pub crc: u32,
 }
 
@@ -91,7 +110,9 @@ struct JournalHeader {
     parts: u16,
     count: u32,
     crc: u32,
-    reserved: [u8; 20],
+    /// The block's size when it is not 4 KiB (0 otherwise: version 2's blocks are unchanged).
+    unit: u32,
+    reserved: [u8; 16],
 }
 
 #[repr(C)]
@@ -139,10 +160,17 @@ pub fn uuid_hex(b: &[u8; 16]) -> String {
 }
 
 impl Superblock {
+    /// The superblock's bytes: version 2 (byte for byte what remap wrote before journal units)
+    /// for a 4 KiB journal unless `version` asks for 3, version 3 for any other unit.
     pub fn encode(&self) -> Vec<u8> {
         let mut sb = *self;
         sb.magic = SB_MAGIC;
-        sb.version = VERSION;
+        if sb.version != VERSION_UNIT && sb.journal_unit == MAX_UNIT {
+            sb.version = VERSION;
+            sb.journal_unit = 0;
+        } else {
+            sb.version = VERSION_UNIT;
+        }
         sb.crc = 0;
         let mut out = vec![0u8; BLOCK];
         out[..128].copy_from_slice(bytemuck::bytes_of(&sb));
@@ -155,7 +183,7 @@ impl Superblock {
         let b = bytes
             .get(..BLOCK)
             .ok_or(MetaError::Truncated("superblock"))?;
-        let sb: Self = bytemuck::pod_read_unaligned(&b[..128]);
+        let mut sb: Self = bytemuck::pod_read_unaligned(&b[..128]);
         if sb.magic != SB_MAGIC {
             // Another version of remap's metadata: refuse it, never take the device as free.
             // (A main's header is not metadata: that disk holds no volume state.)
@@ -167,8 +195,13 @@ impl Superblock {
         if crc_without(b, 124) != sb.crc {
             return Err(MetaError::Checksum("superblock"));
         }
-        if sb.version != VERSION {
-            return Err(MetaError::Version(sb.version));
+        match sb.version {
+            VERSION if sb.journal_unit == 0 => sb.journal_unit = MAX_UNIT,
+            VERSION_UNIT if valid_unit(sb.journal_unit) => {}
+            VERSION | VERSION_UNIT => {
+                return Err(MetaError::Invalid("superblock's journal unit"));
+            }
+            v => return Err(MetaError::Version(v)),
         }
         if sb.ckpt_slot > 1 || sb.journal_blocks == 0 {
             return Err(MetaError::Invalid("superblock fields out of range"));
@@ -383,15 +416,13 @@ fn op(bytes: &[u8]) -> Result<JournalOp, MetaError> {
     }
 }
 
-/// The journal blocks of one commit (generation `generation`).
-pub fn encode_journal(uuid: &[u8; 16], generation: u64, ops: &[JournalOp]) -> Vec<u8> {
-    let parts = ops.len().div_ceil(RECORDS_PER_BLOCK).max(1);
-    let mut out = vec![0u8; parts * BLOCK];
-    for (part, block) in out.chunks_mut(BLOCK).enumerate() {
-        let these = ops
-            .iter()
-            .skip(part * RECORDS_PER_BLOCK)
-            .take(RECORDS_PER_BLOCK);
+/// The journal blocks of one commit (generation `generation`), `unit` bytes each.
+pub fn encode_journal(uuid: &[u8; 16], generation: u64, ops: &[JournalOp], unit: u32) -> Vec<u8> {
+    let per = records_per_block(unit);
+    let parts = ops.len().div_ceil(per).max(1);
+    let mut out = vec![0u8; parts * unit as usize];
+    for (part, block) in out.chunks_mut(unit as usize).enumerate() {
+        let these = ops.iter().skip(part * per).take(per);
         let mut n = 0;
         for (i, o) in these.enumerate() {
             let at = HEADER + i * RECORD;
@@ -406,7 +437,8 @@ pub fn encode_journal(uuid: &[u8; 16], generation: u64, ops: &[JournalOp]) -> Ve
             parts: parts as u16,
             count: n,
             crc: 0,
-            reserved: [0; 20],
+            unit: if unit == MAX_UNIT { 0 } else { unit },
+            reserved: [0; 16],
         };
         block[..HEADER].copy_from_slice(bytemuck::bytes_of(&h));
         let crc = crc_without(block, 40);
@@ -426,8 +458,8 @@ pub struct JournalBlock {
     pub ops: Vec<JournalOp>,
 }
 
-pub fn decode_journal(uuid: &[u8; 16], block: &[u8]) -> Result<JournalBlock, MetaError> {
-    let h = journal_head(uuid, block)?;
+pub fn decode_journal(uuid: &[u8; 16], block: &[u8], unit: u32) -> Result<JournalBlock, MetaError> {
+    let h = journal_head(uuid, block, unit)?;
     Ok(JournalBlock {
         generation: h.generation,
         part: h.part,
@@ -448,9 +480,11 @@ pub struct JournalHead {
     pub crc: u32,
 }
 
-pub fn journal_head(uuid: &[u8; 16], block: &[u8]) -> Result<JournalHead, MetaError> {
+/// `unit` is the ring's (its superblock's): a block written in another unit (stale, from
+/// before the unit changed) is not one of its blocks.
+pub fn journal_head(uuid: &[u8; 16], block: &[u8], unit: u32) -> Result<JournalHead, MetaError> {
     let b = block
-        .get(..BLOCK)
+        .get(..unit as usize)
         .ok_or(MetaError::Truncated("journal block"))?;
     let h: JournalHeader = bytemuck::pod_read_unaligned(&b[..HEADER]);
     if h.magic != JOURNAL_MAGIC {
@@ -462,7 +496,10 @@ pub fn journal_head(uuid: &[u8; 16], block: &[u8]) -> Result<JournalHead, MetaEr
     if h.volume_uuid != *uuid {
         return Err(MetaError::Invalid("journal block of another volume"));
     }
-    if h.count as usize > RECORDS_PER_BLOCK || h.part >= h.parts {
+    if h.unit != if unit == MAX_UNIT { 0 } else { unit } {
+        return Err(MetaError::Invalid("journal block of another unit"));
+    }
+    if h.count as usize > records_per_block(unit) || h.part >= h.parts {
         return Err(MetaError::Invalid("journal block header out of range"));
     }
     Ok(JournalHead {
@@ -521,11 +558,10 @@ mod tests {
         assert_eq!(rebuilt, a);
     }
 
-    #[test]
-    fn superblock_round_trip_and_any_flip_is_caught() {
-        let sb = Superblock {
+    fn sample_superblock(unit: u32) -> Superblock {
+        Superblock {
             magic: SB_MAGIC,
-            version: VERSION,
+            version: 0,
             slot: 1,
             volume_uuid: [7; 16],
             device_uuid: [9; 16],
@@ -536,18 +572,68 @@ mod tests {
             journal_start: 5,
             journal_blocks: 256,
             area_bytes: 8 << 20,
-            reserved: [0; 36],
+            journal_unit: unit,
+            reserved: [0; 32],
             crc: 0,
-        };
-        let bytes = sb.encode();
-        let back = Superblock::decode(&bytes).unwrap();
-        assert_eq!((back.ckpt_gen, back.journal_start, back.slot), (42, 5, 1));
-        for i in 0..BLOCK {
-            let mut b = bytes.clone();
-            b[i] ^= 1;
-            assert!(Superblock::decode(&b).is_err(), "flip at {i}");
+        }
+    }
+
+    #[test]
+    fn superblock_round_trip_and_any_flip_is_caught() {
+        for unit in [512, BLOCK as u32] {
+            let bytes = sample_superblock(unit).encode();
+            let back = Superblock::decode(&bytes).unwrap();
+            assert_eq!((back.ckpt_gen, back.journal_start, back.slot), (42, 5, 1));
+            assert_eq!(back.journal_unit, unit);
+            for i in 0..BLOCK {
+                let mut b = bytes.clone();
+                b[i] ^= 1;
+                assert!(Superblock::decode(&b).is_err(), "flip at {i}");
+            }
         }
         assert_eq!(Superblock::decode(&[0; BLOCK]), Err(MetaError::NoMagic));
+    }
+
+    /// A 4 KiB journal keeps version 2's bytes (an older remapd reads it); any other unit is
+    /// version 3, which an older remapd refuses; a version 3 superblock may also state 4 KiB.
+    #[test]
+    fn journal_units_set_the_superblock_version_and_hostile_units_are_refused() {
+        let v2 = sample_superblock(BLOCK as u32).encode();
+        assert_eq!(u32::from_le_bytes(v2[8..12].try_into().unwrap()), VERSION);
+        assert_eq!(v2[88..92], [0; 4], "version 2 has no unit field");
+        let v3 = sample_superblock(1024).encode();
+        assert_eq!(
+            u32::from_le_bytes(v3[8..12].try_into().unwrap()),
+            VERSION_UNIT
+        );
+        let kept = Superblock {
+            version: VERSION_UNIT,
+            ..sample_superblock(BLOCK as u32)
+        };
+        let back = Superblock::decode(&kept.encode()).unwrap();
+        assert_eq!((back.version, back.journal_unit), (VERSION_UNIT, 4096));
+        // Hostile units: refused as invalid, before anything is sized from them.
+        let forge = |version: u32, unit: u32| {
+            let mut b = v3.clone();
+            b[8..12].copy_from_slice(&version.to_le_bytes());
+            b[88..92].copy_from_slice(&unit.to_le_bytes());
+            let crc = crc_without(&b[..BLOCK], 124);
+            b[124..128].copy_from_slice(&crc.to_le_bytes());
+            Superblock::decode(&b)
+        };
+        for unit in [0, 256, 768, 8192, u32::MAX] {
+            assert_eq!(
+                forge(VERSION_UNIT, unit),
+                Err(MetaError::Invalid("superblock's journal unit")),
+                "unit {unit}"
+            );
+        }
+        assert_eq!(
+            forge(VERSION, 512),
+            Err(MetaError::Invalid("superblock's journal unit")),
+            "version 2 with a unit"
+        );
+        assert_eq!(forge(4, 512), Err(MetaError::Version(4)));
     }
 
     #[test]
@@ -582,26 +668,39 @@ mod tests {
                 JournalOp::Cut { at: 77 },
             ])
             .collect();
-        let bytes = encode_journal(&[1; 16], 77, &ops);
-        assert_eq!(bytes.len(), 3 * BLOCK);
-        let mut back = Vec::new();
-        for (i, b) in bytes.chunks(BLOCK).enumerate() {
-            let j = decode_journal(&[1; 16], b).unwrap();
-            assert_eq!((j.generation, j.part, j.parts), (77, i as u16, 3));
-            back.extend(j.ops);
+        for (unit, parts) in [(BLOCK as u32, 3), (512, 22)] {
+            let u = unit as usize;
+            let bytes = encode_journal(&[1; 16], 77, &ops, unit);
+            assert_eq!(bytes.len(), parts * u);
+            let mut back = Vec::new();
+            for (i, b) in bytes.chunks(u).enumerate() {
+                let j = decode_journal(&[1; 16], b, unit).unwrap();
+                assert_eq!(
+                    (j.generation, j.part, j.parts),
+                    (77, i as u16, parts as u16)
+                );
+                back.extend(j.ops);
+            }
+            assert_eq!(back, ops);
+            assert!(
+                decode_journal(&[2; 16], &bytes[..u], unit).is_err(),
+                "other volume"
+            );
+            for i in (0..u).step_by(3) {
+                let mut b = bytes[..u].to_vec();
+                b[i] ^= 0x80;
+                assert!(decode_journal(&[1; 16], &b, unit).is_err(), "flip at {i}");
+            }
+            let empty = encode_journal(&[1; 16], 78, &[], unit);
+            assert_eq!(decode_journal(&[1; 16], &empty, unit).unwrap().ops, []);
         }
-        assert_eq!(back, ops);
-        assert!(
-            decode_journal(&[2; 16], &bytes[..BLOCK]).is_err(),
-            "other volume"
-        );
-        for i in (0..BLOCK).step_by(3) {
-            let mut b = bytes[..BLOCK].to_vec();
-            b[i] ^= 0x80;
-            assert!(decode_journal(&[1; 16], &b).is_err(), "flip at {i}");
-        }
-        let empty = encode_journal(&[1; 16], 78, &[]);
-        assert_eq!(decode_journal(&[1; 16], &empty).unwrap().ops, []);
+        // A block read in another unit than it was written in is not a block of that ring.
+        let big = encode_journal(&[1; 16], 79, &ops[..3], 4096);
+        let small = encode_journal(&[1; 16], 79, &ops[..3], 512);
+        assert!(decode_journal(&[1; 16], &big, 512).is_err());
+        let mut padded = small.clone();
+        padded.resize(4096, 0);
+        assert!(decode_journal(&[1; 16], &padded, 4096).is_err());
     }
 
     #[test]

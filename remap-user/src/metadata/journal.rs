@@ -102,6 +102,17 @@ impl Journal {
         }
     }
 
+    /// Changes the journal's unit (its blocks' size), before a checkpoint: the ring starts
+    /// over at block 0 in the new unit, and the blocks of the old one are stale (a reader in
+    /// the new unit does not take them for its own).
+    pub fn set_unit(&mut self, unit: u32) {
+        if unit != self.layout.unit {
+            self.layout = Layout::with_unit(self.layout.area_bytes, unit);
+            self.next = 0;
+            self.used = 0;
+        }
+    }
+
     /// Writes the whole state as generation `generation + 1` to the idle checkpoint slot of
     /// every copy, then a superblock naming it.
     pub fn checkpoint(
@@ -144,7 +155,8 @@ impl Journal {
                 journal_start: self.next,
                 journal_blocks: self.layout.journal_blocks,
                 area_bytes: self.layout.area_bytes,
-                reserved: [0; 36],
+                journal_unit: self.layout.unit,
+                reserved: [0; 32],
                 crc: 0,
             }
             .encode()
@@ -159,6 +171,9 @@ impl Journal {
             sb_of,
             None,
         );
+        if self.layout.unit != codec::MAX_UNIT {
+            refuse_older_readers(io, copies, &mut failed, 1 - slot);
+        }
         let written = outcome(copies, failed)?;
         self.generation = generation;
         self.ckpt_gen = generation;
@@ -178,8 +193,8 @@ impl Journal {
         remaps_after: &RemapTable,
     ) -> Result<Written, MetaError> {
         let generation = self.generation + 1;
-        let bytes = codec::encode_journal(&self.uuid, generation, ops);
-        let parts = (bytes.len() / BLOCK) as u32;
+        let bytes = codec::encode_journal(&self.uuid, generation, ops, self.layout.unit);
+        let parts = (bytes.len() / self.layout.unit as usize) as u32;
         let jb = self.layout.journal_blocks;
         // A commit never wraps: it starts over at block 0, skipping the ring's tail.
         let (at, skip) = if self.next + parts > jb {
@@ -207,6 +222,47 @@ impl Journal {
         self.next = (at + parts) % jb;
         self.used += skip + parts;
         Ok(written)
+    }
+}
+
+/// The superblock of `slot` (the previous checkpoint's) rewritten as version 3 where it is
+/// still version 2, once the journal is in another unit than 4 KiB: a remapd that predates
+/// units refuses the volume, where it would otherwise fall back to that superblock, read
+/// the ring in 4 KiB blocks, miss every newer commit and serve an older state. What it
+/// describes is unchanged (its unit stays 4 KiB). Read failures leave it as it is (it was
+/// damaged or never written); a write failure marks the copy as any failed write does.
+fn refuse_older_readers(
+    io: &impl BlockIo,
+    copies: &[Copy<'_>],
+    failed: &mut Vec<(u32, MetaError)>,
+    slot: u32,
+) {
+    let off = u64::from(slot) * BLOCK as u64;
+    for c in copies {
+        if failed.iter().any(|(s, _)| *s == c.slot) {
+            continue;
+        }
+        let mut buf = vec![0u8; BLOCK];
+        if io.read_at(c.dev, off, &mut buf).is_err() {
+            continue;
+        }
+        let Ok(sb) = Superblock::decode(&buf) else {
+            continue;
+        };
+        if sb.version != codec::VERSION {
+            continue;
+        }
+        let upgraded = Superblock {
+            version: codec::VERSION_UNIT,
+            ..sb
+        };
+        let r = io
+            .write_at(c.dev, off, &upgraded.encode())
+            .and_then(|()| io.flush(c.dev))
+            .map_err(|e| io_err(c.dev, e));
+        if let Err(e) = r {
+            failed.push((c.slot, e));
+        }
     }
 }
 

@@ -9,7 +9,9 @@ use super::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
     pub area_bytes: u64,
+    /// Journal blocks of `unit` bytes each.
     pub journal_blocks: u32,
+    pub unit: u32,
 }
 
 const SB_AREA: u64 = 2 * BLOCK as u64;
@@ -21,12 +23,36 @@ const MAX_JOURNAL_BLOCKS: u32 = 1 << 20;
 pub const MAX_SPARES: usize = 1024;
 
 impl Layout {
-    /// A quarter of the area is journal, the rest two checkpoint slots.
+    /// A quarter of the area is journal, in 4 KiB blocks; the rest two checkpoint slots.
     pub fn new(area_bytes: u64) -> Self {
-        let journal_blocks = (area_bytes / 4 / BLOCK as u64).clamp(16, 1 << 20) as u32;
+        Self::with_unit(area_bytes, codec::MAX_UNIT)
+    }
+
+    /// [`Layout::new`] with journal blocks of `unit` bytes: the same bytes of journal, so the
+    /// checkpoint slots do not move when the unit changes.
+    pub fn with_unit(area_bytes: u64, unit: u32) -> Self {
+        let blocks_4k = (area_bytes / 4 / BLOCK as u64).clamp(16, 1 << 20);
         Self {
             area_bytes,
-            journal_blocks,
+            journal_blocks: (blocks_4k * (BLOCK as u64 / u64::from(unit))) as u32,
+            unit,
+        }
+    }
+
+    /// The journal unit for copies whose physical blocks are `physical`: the largest of
+    /// them, so that no append is a read-modify-write inside a drive (a torn one could take
+    /// the commits beside it along), between 512 B and 4 KiB (larger blocks are written in
+    /// 4 KiB, as before units).
+    pub fn unit_for(physical: impl IntoIterator<Item = u64>) -> u32 {
+        let largest = physical
+            .into_iter()
+            .max()
+            .unwrap_or(u64::from(codec::MAX_UNIT));
+        let unit = largest.clamp(u64::from(codec::MIN_UNIT), u64::from(codec::MAX_UNIT)) as u32;
+        if codec::valid_unit(unit) {
+            unit
+        } else {
+            codec::MAX_UNIT
         }
     }
 
@@ -49,8 +75,13 @@ impl Layout {
         let layout = Layout {
             area_bytes: sb.area_bytes,
             journal_blocks: sb.journal_blocks,
+            unit: sb.journal_unit,
         };
+        // (The unit was checked when the superblock was decoded.) Checkpoints stay 4 KiB
+        // aligned: every device can read them with O_DIRECT.
         if sb.journal_blocks > MAX_JOURNAL_BLOCKS
+            || !(u64::from(sb.journal_blocks) * u64::from(sb.journal_unit))
+                .is_multiple_of(BLOCK as u64)
             || layout.journal_offset(sb.journal_blocks) > sb.area_bytes
             || sb.journal_start >= sb.journal_blocks
             || sb.ckpt_bytes > layout.ckpt_slot_bytes()
@@ -61,7 +92,7 @@ impl Layout {
     }
 
     pub fn journal_offset(&self, block: u32) -> u64 {
-        SB_AREA + u64::from(block) * BLOCK as u64
+        SB_AREA + u64::from(block) * u64::from(self.unit)
     }
 
     pub fn ckpt_slot_bytes(&self) -> u64 {

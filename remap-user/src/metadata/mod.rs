@@ -3,7 +3,9 @@
 //!
 //! Each spare starts with a metadata area: two superblocks, a journal ring and two checkpoint
 //! slots (docs/METADATA.md has the byte layout). A commit appends one journal block (more for a
-//! large batch) to every spare and flushes: that is the commit point. When the ring is full, or
+//! large batch) to every spare and flushes: that is the commit point. A journal block is the
+//! spares' atomic write unit (their largest physical block, 512 B to 4 KiB), so a lone remap
+//! writes 512 bytes per spare where the disks allow it. When the ring is full, or
 //! the configuration changes, a full checkpoint goes to the idle slot and a superblock naming it
 //! is written after it. Reading a device takes the newest valid checkpoint and replays the
 //! journal generations that follow it, complete ones only.
@@ -21,7 +23,7 @@ mod read;
 mod replay;
 
 use crate::blockdev::BlockDev;
-use codec::VERSION;
+use codec::{VERSION, VERSION_UNIT};
 pub use config::{Evacuation, MAX_AHEAD, SpareRecord, VolumeConfig};
 pub use faults::{crash_point, fault};
 pub use journal::{Copy, Journal, Written, wipe};
@@ -34,7 +36,7 @@ pub enum MetaError {
     #[error("no remap metadata here")]
     NoMagic,
     #[error(
-        "metadata format version {0} is not supported by this remapd (it reads version {VERSION})"
+        "metadata format version {0} is not supported by this remapd (it reads versions {VERSION} and {VERSION_UNIT})"
     )]
     Version(u32),
     #[error("{0} checksum mismatch (torn or corrupted write)")]

@@ -210,10 +210,16 @@ fn read_from(
             "checkpoint does not match its superblock",
         ));
     }
-    let mut journal = vec![0u8; layout.journal_blocks as usize * BLOCK];
+    let mut journal = vec![0u8; layout.journal_blocks as usize * layout.unit as usize];
     io.read_at(dev, layout.journal_offset(0), &mut journal)
         .map_err(|e| io_err(dev, e))?;
-    let replay = replay(&sb.volume_uuid, ckpt.generation, sb.journal_start, &journal);
+    let replay = replay(
+        &sb.volume_uuid,
+        ckpt.generation,
+        sb.journal_start,
+        &journal,
+        layout.unit,
+    );
     let source = Source {
         volume_uuid: sb.volume_uuid,
         ckpt_gen: sb.ckpt_gen,

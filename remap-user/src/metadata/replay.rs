@@ -3,7 +3,7 @@
 use super::{Evacuation, VolumeConfig};
 use super::{
     JournalPos, MetaError,
-    codec::{self, BLOCK, JournalOp},
+    codec::{self, JournalOp},
 };
 use crate::table::RemapTable;
 
@@ -22,6 +22,8 @@ pub struct Replay {
     pub resume: Option<JournalPos>,
     /// CRC-32C of the replayed blocks' CRCs, in order (part of [`Source`](super::Source)).
     pub crc: u32,
+    /// The ring's block size.
+    unit: usize,
 }
 
 impl Replay {
@@ -33,8 +35,8 @@ impl Replay {
         remaps: &mut RemapTable,
     ) -> Result<(), MetaError> {
         for (i, head) in &self.blocks {
-            let at = *i as usize * BLOCK;
-            for op in codec::journal_ops(&journal[at..at + BLOCK], head) {
+            let at = *i as usize * self.unit;
+            for op in codec::journal_ops(&journal[at..at + self.unit], head) {
                 match op? {
                     JournalOp::Set { chunk, remap } => {
                         remaps.insert(chunk, remap);
@@ -57,8 +59,8 @@ impl Replay {
     /// at the state its journal reaches.
     pub fn apply_config(&self, journal: &[u8], config: &mut VolumeConfig) -> Result<(), MetaError> {
         for (i, head) in &self.blocks {
-            let at = *i as usize * BLOCK;
-            for op in codec::journal_ops(&journal[at..at + BLOCK], head) {
+            let at = *i as usize * self.unit;
+            for op in codec::journal_ops(&journal[at..at + self.unit], head) {
                 match op? {
                     op @ (JournalOp::Evacuated { .. } | JournalOp::EvacuatedAhead { .. }) => {
                         evacuated(config, op)?
@@ -115,15 +117,16 @@ pub fn apply_evacuated(e: &mut Evacuation, op: &JournalOp) {
 }
 
 /// Finds the journal's complete generations after `from`, in order, stopping at the first
-/// missing or incomplete one; `start` is the block the checkpoint's commits begin at.
+/// missing or incomplete one; `start` is the block the checkpoint's commits begin at, and
+/// `unit` the size of the ring's blocks.
 /// Positions do not matter for the state (stale blocks carry older generations); they are
 /// followed only to tell where the writer would go on.
-pub fn replay(uuid: &[u8; 16], from: u64, start: u32, journal: &[u8]) -> Replay {
+pub fn replay(uuid: &[u8; 16], from: u64, start: u32, journal: &[u8], unit: u32) -> Replay {
     use std::collections::BTreeMap;
-    let ring = (journal.len() / BLOCK) as u32;
+    let ring = (journal.len() / unit as usize) as u32;
     let mut by_gen: BTreeMap<u64, Vec<(u32, codec::JournalHead)>> = BTreeMap::new();
-    for (i, block) in journal.chunks_exact(BLOCK).enumerate() {
-        if let Ok(h) = codec::journal_head(uuid, block)
+    for (i, block) in journal.chunks_exact(unit as usize).enumerate() {
+        if let Ok(h) = codec::journal_head(uuid, block, unit)
             && h.generation > from
         {
             by_gen.entry(h.generation).or_default().push((i as u32, h));
@@ -138,6 +141,7 @@ pub fn replay(uuid: &[u8; 16], from: u64, start: u32, journal: &[u8]) -> Replay 
             used: 0,
         }),
         crc: 0,
+        unit: unit as usize,
     };
     while let Some(mut parts) = by_gen.remove(&(out.generation + 1)) {
         let found = parts.len();

@@ -72,7 +72,15 @@ struct Two {
     cfg: VolumeConfig,
 }
 
+/// The journal units tests run in: the common 512-byte disk and the 4 KiB one (as before
+/// units, and on 4Kn or 512e disks).
+const UNITS: [u32; 2] = [512, 4096];
+
 fn two() -> Two {
+    two_in(512)
+}
+
+fn two_in(unit: u32) -> Two {
     let io = Arc::new(SimIo::new());
     io.add_device(240, 1, 32 << 20, 512);
     io.add_device(240, 2, 32 << 20, 512);
@@ -80,7 +88,7 @@ fn two() -> Two {
         io,
         a: dev(1),
         b: dev(2),
-        j: Journal::new(Layout::new(1 << 20), [5; 16]),
+        j: Journal::new(Layout::with_unit(1 << 20, unit), [5; 16]),
         table: RemapTable::default(),
         cfg: sample_config(),
     };
@@ -136,30 +144,125 @@ impl Two {
 
 #[test]
 fn commits_replay_to_the_same_table_on_every_copy() {
-    let mut t = two();
-    for i in 0..40 {
-        t.commit(&[set(i, 16384 + i * 8)]);
+    for unit in UNITS {
+        let mut t = two_in(unit);
+        for i in 0..40 {
+            t.commit(&[set(i, 16384 + i * 8)]);
+        }
+        for d in [&t.a, &t.b] {
+            let m = read_device(&*t.io, d).unwrap();
+            assert_eq!(m.generation, 41);
+            assert_eq!(m.remaps, t.table);
+            assert_eq!(m.config, t.cfg);
+        }
+        assert_eq!(read_device(&*t.io, &t.b).unwrap().slot, 1);
     }
-    for d in [&t.a, &t.b] {
-        let m = read_device(&*t.io, d).unwrap();
-        assert_eq!(m.generation, 41);
-        assert_eq!(m.remaps, t.table);
-        assert_eq!(m.config, t.cfg);
-    }
-    assert_eq!(read_device(&*t.io, &t.b).unwrap().slot, 1);
 }
 
 #[test]
 fn a_full_ring_turns_into_a_checkpoint_and_nothing_is_lost() {
-    let mut t = two();
-    let jb = t.j.layout.journal_blocks as u64;
-    for i in 0..3 * jb {
+    for unit in UNITS {
+        let mut t = two_in(unit);
+        let jb = t.j.layout.journal_blocks as u64;
+        for i in 0..3 * jb {
+            t.commit(&[set(i, 16384 + i * 8)]);
+        }
+        assert!(t.j.ckpt_gen > 1, "checkpointed along the way");
+        let m = read_device(&*t.io, &t.a).unwrap();
+        assert_eq!((m.generation, m.remaps.len() as u64), (3 * jb + 1, 3 * jb));
+        assert_eq!(m.remaps, t.table);
+    }
+}
+
+/// A lone commit writes one journal unit per copy: 512 bytes on 512-byte disks.
+#[test]
+fn a_lone_commit_writes_one_unit_per_copy() {
+    for unit in UNITS {
+        let mut t = two_in(unit);
+        let before = [t.io.stats(240, 1), t.io.stats(240, 2)];
+        t.commit(&[set(7, 16384)]);
+        for (i, minor) in [1, 2].into_iter().enumerate() {
+            let now = t.io.stats(240, minor);
+            assert_eq!(
+                now.written_bytes - before[i].written_bytes,
+                u64::from(unit),
+                "unit {unit}"
+            );
+        }
+    }
+}
+
+/// The unit changes at a checkpoint (a spare with larger physical blocks joined, or the
+/// last one left): the state is whole across it, the old unit's blocks still in the ring are
+/// not taken for the new one's, and once the ring is in another unit than 4 KiB both
+/// superblocks are version 3, so a remapd that predates units refuses the volume instead of
+/// reading the older one's ring in 4 KiB and serving an older state.
+#[test]
+fn the_journal_unit_changes_at_a_checkpoint_and_older_readers_are_refused() {
+    let mut t = two_in(4096);
+    for i in 0..20 {
         t.commit(&[set(i, 16384 + i * 8)]);
     }
-    assert!(t.j.ckpt_gen > 1, "checkpointed along the way");
+    let sb_version = |t: &Two, slot: u64| {
+        let raw = t.io.peek(240, 1, slot * BLOCK as u64, BLOCK).unwrap();
+        u32::from_le_bytes(raw[8..12].try_into().unwrap())
+    };
+    let copies = |t: &Two| {
+        [(0u32, &t.a, 1u8), (1, &t.b, 2)].map(|(slot, dev, u)| (slot, dev.clone(), [u; 16]))
+    };
+    let checkpoint_in = |t: &mut Two, unit: u32| {
+        let devs = copies(t);
+        let cs: Vec<_> = devs
+            .iter()
+            .map(|(slot, dev, uuid)| Copy {
+                dev,
+                slot: *slot,
+                uuid: *uuid,
+            })
+            .collect();
+        t.j.set_unit(unit);
+        assert!(
+            t.j.checkpoint(&*t.io, &cs, &t.cfg, &t.table)
+                .unwrap()
+                .failed
+                .is_empty()
+        );
+    };
+    checkpoint_in(&mut t, 4096);
+    assert_eq!((sb_version(&t, 0), sb_version(&t, 1)), (2, 2));
+    checkpoint_in(&mut t, 512);
+    assert_eq!((sb_version(&t, 0), sb_version(&t, 1)), (3, 3));
+    // The older superblock still describes its own checkpoint and 4 KiB ring.
+    let older = Superblock::decode(
+        &t.io
+            .peek(240, 1, u64::from(1 - t.j.ckpt_slot) * BLOCK as u64, BLOCK)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(older.journal_unit, 4096);
+    for i in 20..30 {
+        t.commit(&[set(i, 16384 + i * 8)]);
+    }
+    for d in [&t.a, &t.b] {
+        let m = read_device(&*t.io, d).unwrap();
+        assert_eq!((m.layout.unit, m.generation), (512, t.j.generation));
+        assert_eq!(m.remaps, t.table);
+        assert!(!m.degraded && m.notes.is_empty(), "{:?}", m.notes);
+        assert_eq!(
+            m.resume,
+            Some(JournalPos {
+                next: t.j.next,
+                used: t.j.used
+            })
+        );
+    }
+    // And back to 4 KiB: the 512-byte blocks past the state are stale, not commits.
+    checkpoint_in(&mut t, 4096);
+    t.commit(&[set(40, 20000)]);
     let m = read_device(&*t.io, &t.a).unwrap();
-    assert_eq!((m.generation, m.remaps.len() as u64), (3 * jb + 1, 3 * jb));
+    assert_eq!((m.layout.unit, m.generation), (4096, t.j.generation));
     assert_eq!(m.remaps, t.table);
+    assert!(m.resume.is_some() && m.notes.is_empty(), "{:?}", m.notes);
 }
 
 #[test]
@@ -173,27 +276,31 @@ fn a_large_batch_spans_blocks_and_replays_whole() {
 
 #[test]
 fn the_replay_ends_where_the_writer_would_go_on_across_wraps_and_checkpoints() {
-    let mut t = two();
-    let jb = t.j.layout.journal_blocks as u64;
-    // Commits of 1 and 3 blocks, so some do not fit the ring's tail and start over at 0.
-    for i in 0..2 * jb {
-        let n = if i % 5 == 0 { 300 } else { 1 };
-        let ops: Vec<_> = (0..n).map(|k| set(i * 1000 + k, 16384 + k * 8)).collect();
-        t.commit(&ops);
-        if i % 97 == 0 || i + 1 == 2 * jb {
-            let m = read_device(&*t.io, &t.a).unwrap();
-            let want = JournalPos {
-                next: t.j.next,
-                used: t.j.used,
-            };
-            assert_eq!(
-                (m.generation, m.resume),
-                (t.j.generation, Some(want)),
-                "after commit {i}"
-            );
+    for unit in UNITS {
+        let mut t = two_in(unit);
+        // The ring in 4 KiB (the remaps a checkpoint slot holds bound the commits).
+        let jb = t.j.layout.journal_blocks as u64 * u64::from(unit) / 4096;
+        // Commits of 1 and many blocks, so some do not fit the ring's tail and start over
+        // at 0.
+        for i in 0..2 * jb {
+            let n = if i % 5 == 0 { 300 } else { 1 };
+            let ops: Vec<_> = (0..n).map(|k| set(i * 1000 + k, 16384 + k * 8)).collect();
+            t.commit(&ops);
+            if i % 97 == 0 || i + 1 == 2 * jb {
+                let m = read_device(&*t.io, &t.a).unwrap();
+                let want = JournalPos {
+                    next: t.j.next,
+                    used: t.j.used,
+                };
+                assert_eq!(
+                    (m.generation, m.resume),
+                    (t.j.generation, Some(want)),
+                    "after commit {i}"
+                );
+            }
         }
+        assert!(t.j.ckpt_gen > 1, "checkpointed along the way");
     }
-    assert!(t.j.ckpt_gen > 1, "checkpointed along the way");
 }
 
 #[test]
@@ -218,20 +325,27 @@ fn a_copy_read_without_its_table_is_checked_all_the_same() {
 
 #[test]
 fn a_torn_commit_is_not_applied_and_the_previous_generation_stands() {
-    let mut t = two();
-    t.commit(&[set(1, 16384)]);
-    let ops: Vec<_> = (10..400).map(|i| set(i, 16384 + i * 8)).collect();
-    let next = t.j.next;
-    t.commit(&ops);
-    // Tear it: lose the second of its blocks on copy a.
-    t.io.poke(240, 1, t.j.layout.journal_offset(next + 1), &[0u8; BLOCK])
+    for unit in UNITS {
+        let mut t = two_in(unit);
+        t.commit(&[set(1, 16384)]);
+        let ops: Vec<_> = (10..400).map(|i| set(i, 16384 + i * 8)).collect();
+        let next = t.j.next;
+        t.commit(&ops);
+        // Tear it: lose the second of its blocks on copy a.
+        t.io.poke(
+            240,
+            1,
+            t.j.layout.journal_offset(next + 1),
+            &vec![0u8; unit as usize],
+        )
         .unwrap();
-    let a = read_device(&*t.io, &t.a).unwrap();
-    let b = read_device(&*t.io, &t.b).unwrap();
-    assert_eq!((a.generation, a.remaps.len()), (2, 1));
-    assert_eq!((b.generation, b.remaps.len()), (3, 391));
-    // Its first block is still in a's ring, newer than the state: no going on from there.
-    assert_eq!((a.resume, b.resume.is_some()), (None, true));
+        let a = read_device(&*t.io, &t.a).unwrap();
+        let b = read_device(&*t.io, &t.b).unwrap();
+        assert_eq!((a.generation, a.remaps.len()), (2, 1));
+        assert_eq!((b.generation, b.remaps.len()), (3, 391));
+        // Its first block is still in a's ring, newer than the state: no going on from there.
+        assert_eq!((a.resume, b.resume.is_some()), (None, true));
+    }
 }
 
 #[test]
@@ -298,13 +412,14 @@ fn forge_superblock(t: &Two, slot: u32, f: impl Fn(&mut Superblock)) {
 #[test]
 fn hostile_superblock_sizes_are_refused_before_anything_is_allocated() {
     type Forge = fn(&mut Superblock);
-    let cases: [(&str, Forge); 6] = [
+    let cases: [(&str, Forge); 7] = [
         ("huge area", |sb| sb.area_bytes = u64::MAX / 2),
         ("area past the device", |sb| sb.area_bytes = 64 << 20),
         ("journal past the area", |sb| sb.journal_blocks = u32::MAX),
         ("journal a little past the area", |sb| {
-            sb.journal_blocks = (sb.area_bytes / BLOCK as u64) as u32
+            sb.journal_blocks = (sb.area_bytes / u64::from(sb.journal_unit)) as u32
         }),
+        ("journal not in whole 4 KiB", |sb| sb.journal_blocks -= 1),
         ("checkpoint past its slot", |sb| sb.ckpt_bytes = u64::MAX),
         ("journal start past the ring", |sb| {
             sb.journal_start = u32::MAX

@@ -225,13 +225,19 @@ superblock() {
     [ "$(sb_field 257 48 8)" -gt "$(sb_field 256 48 8)" ] && b=257
     sb_field $b "$1" "$2"
 }
+# journal_unit: the journal's block size (the superblock's field at 88; 0 in version 2: 4 KiB).
+journal_unit() {
+    local u
+    u=$(superblock 88 4)
+    [ "${u:-0}" -gt 0 ] && echo "$u" || echo 4096
+}
 # ckpt_field OFFSET LEN: a field of the header of the checkpoint the newest superblock names
 # (config_len at 12, count at 40; docs/METADATA.md).
 ckpt_field() {
-    local jb area slot slot_bytes
-    jb=$(superblock 76 4) area=$(superblock 80 8) slot=$(superblock 68 4)
-    slot_bytes=$(((area - 8192 - jb * 4096) / 2 / 4096 * 4096))
-    sb_field $((256 + (8192 + jb * 4096 + slot * slot_bytes) / 4096)) "$1" "$2"
+    local jb area slot slot_bytes unit
+    jb=$(superblock 76 4) area=$(superblock 80 8) slot=$(superblock 68 4) unit=$(journal_unit)
+    slot_bytes=$(((area - 8192 - jb * unit) / 2 / 4096 * 4096))
+    sb_field $((256 + (8192 + jb * unit + slot * slot_bytes) / 4096)) "$1" "$2"
 }
 
 # scale_at SIZE: the volume's tables saved; the volume stopped and the agent restarted (it
@@ -272,7 +278,7 @@ scale_at() {
     local line remaps
     line=$(grep "assembled" "$LOG" | tail -1)
     remaps=$(status_num remaps)
-    emit scale "{\"size\":$1,\"remaps\":$remaps,\"regions\":${#regions[@]},\"segments\":$(region_segments),\"ready_micros\":$READY_US,\"start_micros\":$base,\"floor_micros\":$floor_us,\"floor_processes\":$((${#regions[@]} + 1)),\"kernel_floor_micros\":${kfloor:-0},\"kernel_assembly_micros\":${kasm:-0},\"hwm_kb\":$(proc_kb $AGENT_PID VmHWM),\"rss_kb\":$(proc_kb $AGENT_PID VmRSS),\"checkpoint_sectors\":$((m1 - m0)),\"ckpt_bytes\":$(superblock 56 8),\"config_bytes\":$(ckpt_field 12 4),\"journal_blocks\":$(superblock 76 4),\"log\":$(jstr "$line")}"
+    emit scale "{\"size\":$1,\"remaps\":$remaps,\"regions\":${#regions[@]},\"segments\":$(region_segments),\"ready_micros\":$READY_US,\"start_micros\":$base,\"floor_micros\":$floor_us,\"floor_processes\":$((${#regions[@]} + 1)),\"kernel_floor_micros\":${kfloor:-0},\"kernel_assembly_micros\":${kasm:-0},\"hwm_kb\":$(proc_kb $AGENT_PID VmHWM),\"rss_kb\":$(proc_kb $AGENT_PID VmRSS),\"checkpoint_sectors\":$((m1 - m0)),\"ckpt_bytes\":$(superblock 56 8),\"config_bytes\":$(ckpt_field 12 4),\"journal_blocks\":$(superblock 76 4),\"journal_unit\":$(journal_unit),\"log\":$(jstr "$line")}"
     progress "scale: $remaps remaps assembled, ready in $((READY_US / 1000)) ms, dmsetup floor $((floor_us / 1000)) ms"
 }
 

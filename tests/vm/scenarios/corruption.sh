@@ -3,13 +3,14 @@
 # before and after a checkpoint is stopped; then, one case at a time on a fresh copy of that
 # state, one copy gets flipped bytes in its newest superblock, a torn newest checkpoint, a torn
 # newest journal block, an older generation (a stale snapshot), a zeroed newest superblock or
-# a zeroed superblock pair.
+# a zeroed superblock pair. (The journal is in 512-byte blocks here, the disks' physical
+# block; journal-unit checks that and the move to 4 KiB when a 4Kn spare joins.)
 # Assembly must bring the volume up from the valid newest copy (same remaps, same tables,
 # every byte as written) or refuse with a message and create nothing. With every copy damaged
 # it must refuse: the newest state they held is gone, and an older one is not the volume
 # (checked with two copies, and with three after a spare was added, where each copy still has
 # an older valid superblock to fall back to). Offsets follow docs/METADATA.md.
-#vm: cases setup checkpoint-slots-alternate flip-sb-s1 flip-sb-s2 zero-newest-sb-s1 zero-newest-sb-s2 torn-ckpt-s1 torn-ckpt-s2 torn-journal-s1 torn-journal-s2 stale-s1 stale-s2 zero-sb-s1 zero-sb-s2 both-zero-sb both-flip-sb both-torn-ckpt both-flip-newest-sb both-zero-newest-sb rollback-torn-ckpt rollback-flip-sb rollback-zero-newest-sb clone-member foreign-host-waits foreign-host-explicit
+#vm: cases setup checkpoint-slots-alternate flip-sb-s1 flip-sb-s2 zero-newest-sb-s1 zero-newest-sb-s2 torn-ckpt-s1 torn-ckpt-s2 torn-journal-s1 torn-journal-s2 stale-s1 stale-s2 zero-sb-s1 zero-sb-s2 both-zero-sb both-flip-sb both-torn-ckpt both-flip-newest-sb both-zero-newest-sb rollback-torn-ckpt rollback-flip-sb rollback-zero-newest-sb clone-member journal-unit foreign-host-waits foreign-host-explicit
 #vm: needs remapd remapctl
 #vm: timeout 900
 . /vm/lib.sh
@@ -61,8 +62,9 @@ zero() {
 }
 # layout FILE P: where things are in a saved area (docs/METADATA.md), as variables prefixed P:
 # the newest superblock (highest ckpt_gen) P_SB and its generation P_GEN, the checkpoint it
-# names P_CKOFF (P_CKLEN bytes), the journal block with the highest generation P_JOFF
-# (P_JGEN), and what each superblock says, P_SBS.
+# names P_CKOFF (P_CKLEN bytes), the journal's block size P_UNIT (the superblock's unit at 88,
+# 0 for 4 KiB), the journal block with the highest generation P_JOFF (P_JGEN), and what each
+# superblock says, P_SBS.
 layout() {
     _f=$1 _p=$2
     _sbs="" _sb=0 _best=-1
@@ -77,15 +79,17 @@ layout() {
     done
     _base=$((_sb * 4096))
     _jb=$(u32 $_f $((_base + 76)))
+    _unit=$(u32 $_f $((_base + 88)))
+    [ "$_unit" = 0 ] && _unit=4096
     _slot=$(u32 $_f $((_base + 68)))
-    _slot_bytes=$(((AREA_BYTES - 8192 - _jb * 4096) / 2 / 4096 * 4096))
+    _slot_bytes=$(((AREA_BYTES - 8192 - _jb * _unit) / 2 / 4096 * 4096))
     # Journal blocks: magic REMAPJNL at 0, generation (u64 LE) at 24.
-    set -- $(od -A d -v -t x1 -j 8192 -N $((_jb * 4096)) $_f | awk '
+    set -- $(od -A d -v -t x1 -j 8192 -N $((_jb * _unit)) $_f | awk -v u=$_unit '
         function h(x,  a) { a = "0123456789abcdef"; return (index(a, substr(x, 1, 1)) - 1) * 16 + index(a, substr(x, 2, 1)) - 1 }
-        ($1 - 8192) % 4096 == 0 { blk = ($1 - 8192) / 4096; magic = ($2 $3 $4 $5 $6 $7 $8 $9 == "52454d41504a4e4c") }
-        ($1 - 8192) % 4096 == 16 && magic { g = 0; for (i = 17; i >= 10; i--) g = g * 256 + h($i); if (g > best) { best = g; bi = blk } }
+        ($1 - 8192) % u == 0 { blk = ($1 - 8192) / u; magic = ($2 $3 $4 $5 $6 $7 $8 $9 == "52454d41504a4e4c") }
+        ($1 - 8192) % u == 16 && magic { g = 0; for (i = 17; i >= 10; i--) g = g * 256 + h($i); if (g > best) { best = g; bi = blk } }
         END { print bi + 0, best + 0 }')
-    eval "${_p}_SB=$_sb ${_p}_GEN=$_best ${_p}_CKOFF=$((8192 + _jb * 4096 + _slot * _slot_bytes)) ${_p}_CKLEN=$(u64 $_f $((_base + 56))) ${_p}_JOFF=$((8192 + $1 * 4096)) ${_p}_JGEN=$2"
+    eval "${_p}_SB=$_sb ${_p}_GEN=$_best ${_p}_UNIT=$_unit ${_p}_CKOFF=$((8192 + _jb * _unit + _slot * _slot_bytes)) ${_p}_CKLEN=$(u64 $_f $((_base + 56))) ${_p}_JOFF=$((8192 + $1 * _unit)) ${_p}_JGEN=$2"
     eval "${_p}_SBS=\"\$_sbs\""
 }
 
@@ -116,7 +120,7 @@ CK_GEN=$(json_num "$(status)" generation)
 kill -TERM $agent
 wait $agent
 start_agent || { fail setup "remapd not ready after restart: $(tail -5 /tmp/remapd.log)"; exit 1; }
-# Then one commit of 100 chunks: the newest journal block holds 100 records (3,264 bytes).
+# Then one commit of 100 chunks: 100 records, one 4 KiB journal block or eight of 512 bytes.
 remap 110000 800 || { fail setup "remap: $(cat /tmp/setup.err)"; exit 1; }
 # New data everywhere: a table that lost a remap would read the old data from the main.
 new_data
@@ -132,7 +136,7 @@ dump "$sp1" /tmp/cur.s1
 dump "$sp2" /tmp/cur.s2
 layout /tmp/cur.s1 S1
 layout /tmp/cur.s2 S2
-note="remaps $R, generation $G, area $AREA_BYTES bytes; newest superblock $S1_SB/$S2_SB (generation $S1_GEN/$S2_GEN; the hot spare's removal wrote $CK_GEN), its checkpoint at $S1_CKOFF/$S2_CKOFF ($S1_CKLEN/$S2_CKLEN bytes), newest journal block at $S1_JOFF/$S2_JOFF (generation $S1_JGEN/$S2_JGEN); stale snapshot at generation $OLD_GEN"
+note="remaps $R, generation $G, area $AREA_BYTES bytes; newest superblock $S1_SB/$S2_SB (generation $S1_GEN/$S2_GEN; the hot spare's removal wrote $CK_GEN), its checkpoint at $S1_CKOFF/$S2_CKOFF ($S1_CKLEN/$S2_CKLEN bytes), newest journal block at $S1_JOFF/$S2_JOFF (unit $S1_UNIT, generation $S1_JGEN/$S2_JGEN); stale snapshot at generation $OLD_GEN"
 if [ "$S1_JGEN" = "$G" ] && [ "$S2_JGEN" = "$G" ] && [ "$S1_GEN" = $((G - 1)) ] && [ "$S2_GEN" = $((G - 1)) ] &&
     [ "$S1_GEN" = "$CK_GEN" ] &&
     [ "$OLD_GEN" -lt "$S1_GEN" ] && [ "$R" = 116 ]; then
@@ -218,17 +222,18 @@ expect_refused() {
 }
 
 for s in 1 2; do
-    eval "d=\$sp$s sb=\$S${s}_SB ckoff=\$S${s}_CKOFF cklen=\$S${s}_CKLEN joff=\$S${s}_JOFF"
+    eval "d=\$sp$s sb=\$S${s}_SB ckoff=\$S${s}_CKOFF cklen=\$S${s}_CKLEN joff=\$S${s}_JOFF unit=\$S${s}_UNIT"
     # (a) flipped bytes in the newest superblock (the volume UUID field)
     fresh && flip "$d" $((sb * 4096 + 16)) 8
     expect_valid_or_refused flip-sb-s$s
     # ... or zeroed (a lost write or a discard reads back as zeros)
     fresh && zero "$d" $((sb * 4096)) $((sb * 4096 + 4096))
     expect_valid_or_refused zero-newest-sb-s$s
-    # (b) torn writes: the second half of the newest checkpoint, of the newest journal block
+    # (b) torn writes: the second half of the newest checkpoint, of the newest journal commit
     fresh && zero "$d" $((ckoff + cklen / 2)) $((ckoff + cklen))
     expect_valid_or_refused torn-ckpt-s$s
-    fresh && zero "$d" $((joff + 2048)) $((joff + 4096))
+    # (a 512-byte block is written whole by the disk: there the commit's later blocks are lost)
+    fresh && zero "$d" $((joff + unit / 2)) $((joff + 4096))
     expect_valid_or_refused torn-journal-s$s
     # (d) a stale generation: an older snapshot of this copy's area
     fresh && restore "$d" /tmp/old.s$s
@@ -295,6 +300,45 @@ else
 fi
 cleanup
 zero "$sp4" 0 $AREA_BYTES
+
+# --- the journal is written in the spares' physical block: on these 512-byte disks a lone
+# remap writes its chunk (8 sectors) and one 512-byte block per copy. A 4Kn spare joining
+# moves the journal to 4 KiB blocks (a checkpoint), its leaving back to 512; the volume
+# assembles with every byte as written in between.
+wsect() {
+    _t=0
+    for _d in "$@"; do _t=$((_t + $(awk '{ print $7 }' /sys/block/${_d#/dev/}/stat))); done
+    echo $_t
+}
+unit_now() { json_num "$(status)" journal_unit; }
+sp5=$(nullb create --size 24 --bs 4096)
+fresh
+assemble
+u=""
+if [ $rc = 0 ]; then
+    u="$u$(unit_now)"
+    w0=$(wsect "$sp1" "$sp2") && remap 30000 8 && w1=$(wsect "$sp1" "$sp2")
+    u="$u $((w1 - w0))"
+    timeout 60 remapctl spare add "$VOL" "$sp5" >/tmp/out 2>&1 && u="$u $(unit_now)"
+    w0=$(wsect "$sp1" "$sp2" "$sp5") && remap 31000 8 && w1=$(wsect "$sp1" "$sp2" "$sp5")
+    u="$u $((w1 - w0))"
+    new_data
+    R5=$(json_num "$(status)" remaps)
+    timeout 60 remapctl stop "$VOL" >/dev/null 2>&1
+    assemble
+    describe
+    u="$u $(unit_now) $(json_num "$st" remaps)/$R5 $diff_chunks"
+    timeout 60 remapctl spare remove "$VOL" "$sp5" >>/tmp/out 2>&1 && u="$u $(unit_now)"
+fi
+# unit, sectors for a lone remap, unit with the 4Kn spare, sectors then, unit after a
+# restart, remaps, chunks that differ, unit once the 4Kn spare left.
+if [ "$u" = "512 10 4096 32 4096 $R5/$R5 0 512" ]; then
+    pass journal-unit "512-byte journal: a lone remap wrote 10 sectors to the two spares (8 of data); with a 4Kn spare 32 sectors to three (4 KiB blocks); assembled identical; back to 512 once it left"
+else
+    fail journal-unit "want '512 10 4096 32 4096 R/R 0 512', got '$u'; exit $rc: $msg; $(cat /tmp/out /tmp/setup.err 2>/dev/null | tail -3)"
+fi
+cleanup
+zero "$sp5" 0 8192
 
 # --- a volume belongs to the machine that made it (its machine id): after a move to another
 # machine it is not assembled at start, only when asked for by name, which takes it over.

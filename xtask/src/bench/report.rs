@@ -935,6 +935,7 @@ fn scale(r: &mut Report, s: &SectionRun, vm_note: &str) {
             "ready_us": ready, "hwm_kb": num(v, "hwm_kb"), "rss_kb": num(v, "rss_kb"),
             "ckpt_bytes": num(v, "ckpt_bytes"), "config_bytes": num(v, "config_bytes"),
             "journal_blocks": num(v, "journal_blocks"),
+            "journal_unit": v["journal_unit"].as_f64().map_or(4096.0, |u| if u > 0.0 { u } else { 4096.0 }),
         }));
     }
     r.plot_assembly = vec![
@@ -965,14 +966,20 @@ fn scale(r: &mut Report, s: &SectionRun, vm_note: &str) {
     let ring = numbers
         .iter()
         .find_map(|x| x["journal_blocks"].as_f64().filter(|b| *b > 0.0));
+    // The journal's block size (older results, and version 2 superblocks: 4 KiB).
+    let unit = numbers
+        .iter()
+        .find_map(|x| x["journal_unit"].as_f64())
+        .unwrap_or(4096.0);
     r.numbers.insert("scale".into(), Value::Array(numbers));
     let mut m = Table::new(
         "Metadata written per remap (VM)",
         "Remaps one per commit (a lone error: the worst case) and in bursts of adjacent chunks \
          (one commit per burst, as when several chunks fail together), at the given background; \
          sectors written to the spares' metadata disks (/sys/block/*/stat), both copies. A \
-         commit appends its journal blocks (4 KiB: a 64-byte header and up to 126 records of 32 \
-         bytes) to the ring of every spare, and the agent writes a checkpoint of the whole \
+         commit appends its journal blocks (the spares' physical block, 512 B to 4 KiB: a \
+         64-byte header and up to 14 to 126 records of 32 bytes) to the ring of every spare, \
+         and the agent writes a checkpoint of the whole \
          table (64 bytes + configuration + 32 bytes per remap, in 4 KiB blocks) when 3/4 of \
          the ring is used. Amortised = journal per remap + that checkpoint shared by the \
          remaps committed between two of them (ring length from the superblock).",
@@ -1004,7 +1011,7 @@ fn scale(r: &mut Report, s: &SectionRun, vm_note: &str) {
         let size = v["size"].as_f64().unwrap_or(remaps);
         let ck = config.map(|c| ((64.0 + c + 32.0 * remaps) / 4096.0).ceil() * 4096.0);
         // Journal blocks per commit, and commits until the ring is 3/4 used.
-        let blocks = (burst / 126.0).ceil();
+        let blocks = (burst / ((unit - 64.0) / 32.0).floor()).ceil();
         let commits = ring.map(|g| (g * 0.75 / blocks).floor().max(1.0));
         let amort = match (ck, commits) {
             (Some(c), Some(k)) => Some(per / spares + c / (k * burst)),

@@ -84,11 +84,12 @@ pub(crate) fn print_status(v: &Value, map: Option<&VolumeMap>) {
         String::new()
     };
     println!(
-        "  chunk {}  regions {fixed} x {}{cut} ({} with a device)  generation {}",
+        "  chunk {}  regions {fixed} x {}{cut} ({} with a device)  generation {} (journal in {})",
         b(&v["chunk_size"]),
         b(&v["region_size"]),
         v["region_devices"],
         v["generation"],
+        b(&v["journal_unit"]),
     );
     let at_home = match v["remaps_at_home"].as_u64() {
         Some(n) if n > 0 => format!(" ({n} of them at home on the main, no spare held)"),
