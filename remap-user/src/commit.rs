@@ -16,6 +16,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         let written = j
             .commit(&self.io, &vol.copies(), ops, &vol.config, &vol.remaps)
             .map_err(|e| EngineError::Failed(format!("committing metadata: {e}")))?;
+        // A checkpoint being written must know the ring its commits take (a commit that
+        // turned into a checkpoint has dropped it).
+        if j.ckpt_gen != vol.journal.ckpt_gen {
+            vol.rolling = None;
+        } else if let Some(r) = &mut vol.rolling {
+            r.committed(j.used - vol.journal.used);
+        }
         vol.journal = j;
         crash_point("after-commit");
         self.degrade_copies(vol, written.failed);
@@ -31,6 +38,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             .checkpoint(&self.io, &vol.copies(), &vol.config, &vol.remaps)
             .map_err(|e| EngineError::Failed(format!("writing metadata: {e}")))?;
         vol.journal = j;
+        // It took the slot a checkpoint written in slices was filling.
+        vol.rolling = None;
         self.degrade_copies(vol, written.failed);
         // A checkpoint runs with nothing suspended.
         self.flush_deferred();
@@ -64,6 +73,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             match j.checkpoint(&self.io, &vol.copies(), &vol.config, &vol.remaps) {
                 Ok(w) => {
                     vol.journal = j;
+                    vol.rolling = None;
                     failed = w.failed;
                 }
                 Err(e) => {
@@ -75,6 +85,69 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
                 }
             }
         }
+    }
+
+    /// One step of the checkpoint written a slice at a time: begun once half the ring holds
+    /// commits, `budget` bytes written to every copy per step, named by its superblocks at
+    /// the last. Taken while the agent is idle, so a remap waits for at most one slice, never
+    /// for the whole state (31 MiB per spare at a million remaps). True while one is under
+    /// way or due.
+    pub(crate) fn checkpoint_step(&self, vol: &mut Volume, budget: usize) -> Result<bool> {
+        if vol.rolling.is_none() {
+            if !vol.journal.wants_rolling() {
+                return Ok(false);
+            }
+            vol.rolling = vol
+                .journal
+                .begin_rolling(&vol.config, &vol.remaps)
+                .map_err(|e| EngineError::Failed(format!("writing metadata: {e}")))?;
+            return Ok(vol.rolling.is_some());
+        }
+        let Some(mut r) = vol.rolling.take() else {
+            return Ok(false);
+        };
+        let mut j = vol.journal.clone();
+        let step = j
+            .roll(&self.io, &vol.copies(), &mut r, budget)
+            .map_err(|e| EngineError::Failed(format!("writing metadata: {e}")))?;
+        vol.journal = j;
+        let going = match step {
+            metadata::Rolled::Going(w) => {
+                vol.rolling = Some(r);
+                self.degrade_copies(vol, w.failed);
+                vol.rolling.is_some()
+            }
+            metadata::Rolled::Done(w) => {
+                let (bytes, _) = r.progress();
+                tracing::info!(
+                    volume = vol.config.name,
+                    generation = vol.journal.ckpt_gen,
+                    bytes,
+                    slice = budget,
+                    "checkpoint written in slices"
+                );
+                self.degrade_copies(vol, w.failed);
+                false
+            }
+            metadata::Rolled::Dropped => false,
+        };
+        self.flush_deferred();
+        Ok(going)
+    }
+
+    /// Three quarters of the ring hold commits (no idle time came to write the checkpoint
+    /// in slices): the checkpoint under way is finished now, or the whole state written.
+    pub(crate) fn checkpoint_if_due(&self, vol: &mut Volume) -> Result<()> {
+        if !vol.journal.wants_checkpoint() {
+            return Ok(());
+        }
+        if vol.rolling.is_some() {
+            while self.checkpoint_step(vol, usize::MAX)? {}
+        }
+        if vol.journal.wants_checkpoint() {
+            self.checkpoint(vol)?;
+        }
+        Ok(())
     }
 
     /// The journal unit of the volume's metadata copies ([`Layout::unit_for`]); a copy whose

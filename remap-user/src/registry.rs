@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use crate::{
     allocate::Pool,
     blockdev::BlockDev,
-    metadata::{Copy, Journal, VolumeConfig, codec::uuid_bytes},
+    metadata::{Copy, Journal, Rolling, VolumeConfig, codec::uuid_bytes},
     table::{self, DevRef, RemapTable},
     volume::{Geometry, Remap, Sector},
 };
@@ -27,6 +27,8 @@ pub struct Volume {
     pub dev: (u32, u32),
     /// The new main of an evacuation under way ([`VolumeConfig::evacuation`]).
     pub target: Option<BlockDev>,
+    /// A checkpoint being written a slice at a time ([`crate::commit`]).
+    pub rolling: Option<Rolling>,
 }
 
 impl Volume {

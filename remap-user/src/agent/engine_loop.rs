@@ -62,6 +62,16 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
                 }
                 Err(mpsc::TryRecvError::Disconnected) => return,
             },
+            // A checkpoint likewise, a slice at a time: a request waits for one slice at
+            // most, never for the whole state.
+            None if engine.checkpoint_pending() => match rx.try_recv() {
+                Ok(m) => m,
+                Err(mpsc::TryRecvError::Empty) => {
+                    engine.checkpoint_some(crate::engine::CHECKPOINT_SLICE);
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => return,
+            },
             None if let Some(due) = engine.evacuate_due() => {
                 match rx.recv_timeout(due.min(PENDING_RECHECK)) {
                     Ok(m) => m,

@@ -269,6 +269,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             regions: BTreeMap::new(),
             dev: (0, 0),
             target,
+            rolling: None,
         };
         // A copy whose blocks grew larger than the journal's unit (a spare cloned to a
         // 4Kn disk) must not be appended to in the smaller unit: a checkpoint moves the

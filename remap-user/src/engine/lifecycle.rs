@@ -354,6 +354,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             regions: BTreeMap::new(),
             dev: (0, 0),
             target: None,
+            rolling: None,
         };
         // Old metadata on a spare must not outrank ours at assembly: wipe both slots first.
         for s in vol.spares.values() {

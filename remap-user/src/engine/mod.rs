@@ -50,6 +50,9 @@ pub struct Engine<D, I, W> {
     pub(crate) stopped: BTreeSet<String>,
     /// Evacuations this agent runs or ran: pace, speed, errors, how they ended.
     pub(crate) evacuations: BTreeMap<String, evacuate::Progress>,
+    /// Checkpoints in slices wait until then after one failed (the ring still turns into a
+    /// whole checkpoint when it fills): a failing disk must not keep the idle loop busy.
+    pub(crate) checkpoints_held: Option<Instant>,
 }
 
 /// A volume found on the disks that is not up.
@@ -73,6 +76,10 @@ pub fn machine_id() -> Option<String> {
 /// arrives meanwhile waits no longer than that.
 pub const MIRROR_SLICE: usize = 4096;
 
+/// Bytes of a checkpoint written to each copy per idle step ([`Engine::checkpoint_some`]):
+/// a request that arrives meanwhile waits for one such write per spare at most.
+pub const CHECKPOINT_SLICE: usize = 1 << 20;
+
 impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
     pub fn new(dm: D, io: I, watch: W) -> Self {
         Self {
@@ -85,6 +92,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             down: BTreeMap::new(),
             stopped: BTreeSet::new(),
             evacuations: BTreeMap::new(),
+            checkpoints_held: None,
         }
     }
 
@@ -132,6 +140,46 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
         }
         self.mirror_pending()
+    }
+
+    /// Whether some volume's checkpoint is under way or due, to be written in slices while
+    /// the agent is idle ([`crate::commit`]).
+    pub fn checkpoint_pending(&self) -> bool {
+        self.checkpoints_held.is_none_or(|t| Instant::now() >= t)
+            && self
+                .volumes
+                .values()
+                .any(|v| v.rolling.is_some() || v.journal.wants_rolling())
+    }
+
+    /// Writes one slice of the first volume's checkpoint that is under way or due; true while
+    /// some remain.
+    pub fn checkpoint_some(&mut self, budget: usize) -> bool {
+        let due = self
+            .volumes
+            .iter()
+            .find(|(_, v)| v.rolling.is_some() || v.journal.wants_rolling())
+            .map(|(n, _)| n.clone());
+        let Some(name) = due else {
+            return false;
+        };
+        let vol = self.volumes.get_mut(&name).expect("found above");
+        let had = vol.rolling.is_some();
+        let hold = || Some(Instant::now() + std::time::Duration::from_secs(60));
+        match self.k.checkpoint_step(vol, budget) {
+            // Due but nothing to begin: not again at once.
+            Ok(false) if !had => self.checkpoints_held = hold(),
+            Ok(_) => {}
+            Err(e) => {
+                vol.rolling = None;
+                self.checkpoints_held = hold();
+                tracing::warn!(
+                    volume = name,
+                    "checkpoint in slices failed: {e}; the journal holds every commit, and a full checkpoint is written when it fills"
+                );
+            }
+        }
+        self.checkpoint_pending()
     }
 
     /// Closes what was opened of devices that are no member of a running volume (a scan reads

@@ -114,10 +114,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
             self.k.mirror(vol, Some(&r.remapped));
             // The journal is durable on its own: a failed checkpoint here costs nothing but a
-            // later inline one.
-            if vol.journal.wants_checkpoint()
-                && let Err(e) = self.k.checkpoint(vol)
-            {
+            // later inline one. (Usually the checkpoint was written in slices while idle.)
+            if let Err(e) = self.k.checkpoint_if_due(vol) {
                 tracing::warn!(volume = name, "background checkpoint failed: {e}");
             }
         }

@@ -1678,3 +1678,63 @@ fn the_journal_unit_follows_the_spares_physical_blocks() {
     assert_eq!(unit(&c), 512);
     assert!(rep[0].notes.is_empty(), "{rep:?}");
 }
+
+/// Once half the journal ring holds commits, a checkpoint is begun and written a slice at a
+/// time while the agent is idle ([`Engine::checkpoint_some`]): no step writes more than a
+/// slice (and the superblocks) per copy, remaps go on between slices, the newest checkpoint
+/// then holds the state with only the later commits in the ring, and a restart adopts the
+/// volume with nothing to put right.
+#[test]
+fn the_checkpoint_is_written_in_slices_between_remaps() {
+    let mut r = rig(SimDm::new());
+    r.create().unwrap();
+    let journal = |r: &Rig| r.engine.volumes["v"].journal.clone();
+    let jb = journal(&r).layout.journal_blocks;
+    let mut chunk = 0u64;
+    while !r.engine.checkpoint_pending() {
+        r.engine.remap_add("v", &[chunk * 16], 8).unwrap();
+        chunk += 1;
+        assert!(chunk <= u64::from(jb), "never due");
+    }
+    let before = journal(&r);
+    assert!(
+        before.used >= jb / 2 && before.used < jb / 2 + 4,
+        "due at half the ring: {before:?}"
+    );
+    let budget = 8192;
+    let mut steps = 0;
+    while r.engine.checkpoint_pending() {
+        let w0 = r.io.stats(SIM, S1).written_bytes;
+        r.engine.checkpoint_some(budget);
+        let w = r.io.stats(SIM, S1).written_bytes - w0;
+        assert!(
+            w <= budget as u64 + 2 * 4096,
+            "step {steps} wrote {w} bytes"
+        );
+        if steps % 3 == 1 {
+            r.engine.remap_add("v", &[chunk * 16], 8).unwrap();
+            chunk += 1;
+        }
+        steps += 1;
+        assert!(steps < 1000, "never done");
+    }
+    let after = journal(&r);
+    assert!(steps > 4, "{steps} steps");
+    assert!(after.ckpt_gen > before.ckpt_gen && after.ckpt_gen < after.generation);
+    assert!(
+        after.used < jb / 8,
+        "the ring holds only the later commits: {after:?}"
+    );
+    let mut b = r.restart();
+    let rep = b.engine.assemble(None);
+    assert_eq!(
+        (rep[0].outcome.as_str(), rep[0].remaps),
+        ("adopted", chunk as usize),
+        "{rep:?}"
+    );
+    assert!(rep[0].notes.is_empty(), "{rep:?}");
+    assert_eq!(
+        b.engine.volumes["v"].journal, after,
+        "the journal goes on where it was"
+    );
+}

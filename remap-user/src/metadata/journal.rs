@@ -32,6 +32,44 @@ impl Journal {
     }
 }
 
+/// A checkpoint being written a slice at a time ([`Journal::begin_rolling`]). Apart from
+/// the [`Journal`], which is cloned for every commit: at a million remaps this is 31 MiB.
+#[derive(Debug)]
+pub struct Rolling {
+    /// The state it holds: the journal's generation when it began.
+    generation: u64,
+    /// The checkpoint (generation, slot) it replaces.
+    base: (u64, u32),
+    bytes: Vec<u8>,
+    written: usize,
+    /// Where the commits after `generation` begin, and the ring blocks they take.
+    start: u32,
+    used: u32,
+}
+
+impl Rolling {
+    /// A commit appended `blocks` ring blocks (its skipped tail included) meanwhile.
+    pub fn committed(&mut self, blocks: u32) {
+        self.used += blocks;
+    }
+
+    /// Bytes of the checkpoint, and how many are written.
+    pub fn progress(&self) -> (usize, usize) {
+        (self.written, self.bytes.len())
+    }
+}
+
+/// What one step of a [`Rolling`] checkpoint did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rolled {
+    /// A slice is on the copies that did not fail; more to go.
+    Going(Written),
+    /// The superblock names it: it is the newest checkpoint.
+    Done(Written),
+    /// Another checkpoint took its place: nothing was written.
+    Dropped,
+}
+
 /// A spare as the metadata writer addresses it.
 pub struct Copy<'a> {
     pub dev: &'a BlockDev,
@@ -123,13 +161,7 @@ impl Journal {
         remaps: &RemapTable,
     ) -> Result<Written, MetaError> {
         let generation = self.generation + 1;
-        let bytes = codec::encode_checkpoint(&self.uuid, generation, config, remaps)?;
-        if bytes.len() as u64 > self.layout.ckpt_slot_bytes() {
-            return Err(MetaError::Full {
-                count: remaps.len(),
-                capacity: self.layout.capacity(),
-            });
-        }
+        let bytes = self.encode(generation, config, remaps)?;
         let slot = 1 - self.ckpt_slot;
         let mut failed = Vec::new();
         write_each(
@@ -140,7 +172,48 @@ impl Journal {
             |_| bytes.as_slice().into(),
             None,
         );
-        let len = codec::checkpoint_len(&bytes)?;
+        self.name_checkpoint(io, copies, &mut failed, slot, generation, &bytes, self.next)?;
+        let written = outcome(copies, failed)?;
+        self.generation = generation;
+        self.ckpt_gen = generation;
+        self.ckpt_slot = slot;
+        self.used = 0;
+        Ok(written)
+    }
+
+    /// The checkpoint bytes of the state at `generation`, if they fit a slot.
+    fn encode(
+        &self,
+        generation: u64,
+        config: &VolumeConfig,
+        remaps: &RemapTable,
+    ) -> Result<Vec<u8>, MetaError> {
+        let bytes = codec::encode_checkpoint(&self.uuid, generation, config, remaps)?;
+        if bytes.len() as u64 > self.layout.ckpt_slot_bytes() {
+            return Err(MetaError::Full {
+                count: remaps.len(),
+                capacity: self.layout.capacity(),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Superblock `slot` of every copy, naming the checkpoint `bytes` of `generation` in that
+    /// slot, whose commits begin at journal block `start` (the checkpoint is on every copy,
+    /// flushed).
+    #[expect(clippy::too_many_arguments, reason = "one superblock's fields, named")]
+    fn name_checkpoint(
+        &self,
+        io: &impl BlockIo,
+        copies: &[Copy<'_>],
+        failed: &mut Vec<(u32, MetaError)>,
+        slot: u32,
+        generation: u64,
+        bytes: &[u8],
+        start: u32,
+    ) -> Result<(), MetaError> {
+        let len = codec::checkpoint_len(bytes)?;
+        let crc = crc32c::crc32c(&bytes[..len]);
         let sb_of = |c: &Copy<'_>| -> std::borrow::Cow<'static, [u8]> {
             Superblock {
                 magic: codec::SB_MAGIC,
@@ -150,9 +223,9 @@ impl Journal {
                 device_uuid: c.uuid,
                 ckpt_gen: generation,
                 ckpt_bytes: len as u64,
-                ckpt_crc: crc32c::crc32c(&bytes[..len]),
+                ckpt_crc: crc,
                 ckpt_slot: slot,
-                journal_start: self.next,
+                journal_start: start,
                 journal_blocks: self.layout.journal_blocks,
                 area_bytes: self.layout.area_bytes,
                 journal_unit: self.layout.unit,
@@ -166,20 +239,95 @@ impl Journal {
         write_each(
             io,
             copies,
-            &mut failed,
+            failed,
             u64::from(slot) * BLOCK as u64,
             sb_of,
             None,
         );
         if self.layout.unit != codec::MAX_UNIT {
-            refuse_older_readers(io, copies, &mut failed, 1 - slot);
+            refuse_older_readers(io, copies, failed, 1 - slot);
         }
+        Ok(())
+    }
+
+    /// Half the ring holds commits: time to begin a checkpoint written a slice at a time
+    /// ([`Journal::begin_rolling`]), long before [`Journal::wants_checkpoint`].
+    pub fn wants_rolling(&self) -> bool {
+        u64::from(self.used) * 2 >= u64::from(self.layout.journal_blocks)
+    }
+
+    /// A checkpoint of the state now (generation `generation`: it takes no generation of its
+    /// own), to be written a slice at a time by [`Journal::roll`] while commits go on. Until
+    /// its superblock is written the checkpoint it replaces stands, with every commit since
+    /// in the ring; the commits after it begin where the writer is now. `None` when the
+    /// newest checkpoint already holds the state.
+    pub fn begin_rolling(
+        &self,
+        config: &VolumeConfig,
+        remaps: &RemapTable,
+    ) -> Result<Option<Rolling>, MetaError> {
+        if self.generation == self.ckpt_gen {
+            return Ok(None);
+        }
+        Ok(Some(Rolling {
+            generation: self.generation,
+            base: (self.ckpt_gen, self.ckpt_slot),
+            bytes: self.encode(self.generation, config, remaps)?,
+            written: 0,
+            start: self.next,
+            used: 0,
+        }))
+    }
+
+    /// Writes the next `budget` bytes (at least 4 KiB) of `r` to the idle checkpoint slot of
+    /// every copy; once all are there, the superblock naming it. A checkpoint written
+    /// another way since `r` began (a configuration change, a full ring, a failed copy) has
+    /// taken its slot: `r` is dropped.
+    pub fn roll(
+        &mut self,
+        io: &impl BlockIo,
+        copies: &[Copy<'_>],
+        r: &mut Rolling,
+        budget: usize,
+    ) -> Result<Rolled, MetaError> {
+        if r.base != (self.ckpt_gen, self.ckpt_slot) {
+            return Ok(Rolled::Dropped);
+        }
+        let slot = 1 - self.ckpt_slot;
+        let mut failed = Vec::new();
+        if r.written < r.bytes.len() {
+            let n = budget
+                .next_multiple_of(BLOCK)
+                .max(BLOCK)
+                .min(r.bytes.len() - r.written);
+            let slice = &r.bytes[r.written..r.written + n];
+            write_each(
+                io,
+                copies,
+                &mut failed,
+                self.layout.ckpt_offset(slot) + r.written as u64,
+                |_| slice.into(),
+                None,
+            );
+            r.written += n;
+            if r.written < r.bytes.len() || !failed.is_empty() {
+                return outcome(copies, failed).map(Rolled::Going);
+            }
+        }
+        self.name_checkpoint(
+            io,
+            copies,
+            &mut failed,
+            slot,
+            r.generation,
+            &r.bytes,
+            r.start,
+        )?;
         let written = outcome(copies, failed)?;
-        self.generation = generation;
-        self.ckpt_gen = generation;
+        self.ckpt_gen = r.generation;
         self.ckpt_slot = slot;
-        self.used = 0;
-        Ok(written)
+        self.used = r.used;
+        Ok(Rolled::Done(written))
     }
 
     /// Commits `ops` as generation `generation + 1`: a journal append when it fits, a

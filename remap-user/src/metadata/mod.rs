@@ -26,7 +26,7 @@ use crate::blockdev::BlockDev;
 use codec::{VERSION, VERSION_UNIT};
 pub use config::{Evacuation, MAX_AHEAD, SpareRecord, VolumeConfig};
 pub use faults::{crash_point, fault};
-pub use journal::{Copy, Journal, Written, wipe};
+pub use journal::{Copy, Journal, Rolled, Rolling, Written, wipe};
 pub use layout::{Layout, MAX_AREA_BYTES, MAX_SPARES};
 pub use read::{DeviceMeta, JournalPos, Source, read_device, read_device_with, read_superblock};
 pub use replay::{Replay, apply_evacuated, replay};

@@ -114,6 +114,21 @@ fn two_in(unit: u32) -> Two {
 }
 
 impl Two {
+    fn copies(&self) -> [Copy<'_>; 2] {
+        [
+            Copy {
+                dev: &self.a,
+                slot: 0,
+                uuid: [1; 16],
+            },
+            Copy {
+                dev: &self.b,
+                slot: 1,
+                uuid: [2; 16],
+            },
+        ]
+    }
+
     fn commit(&mut self, ops: &[JournalOp]) {
         for op in ops {
             if let JournalOp::Set { chunk, remap } = op {
@@ -263,6 +278,85 @@ fn the_journal_unit_changes_at_a_checkpoint_and_older_readers_are_refused() {
     assert_eq!((m.layout.unit, m.generation), (4096, t.j.generation));
     assert_eq!(m.remaps, t.table);
     assert!(m.resume.is_some() && m.notes.is_empty(), "{:?}", m.notes);
+}
+
+/// A checkpoint written a slice at a time while commits go on: until its superblock is
+/// written, the checkpoint before it and the ring hold everything; after, the new one and
+/// the commits past it, with the writer's position where a reader finds it. A checkpoint
+/// written another way meanwhile (it takes the same slot) drops it.
+#[test]
+fn a_checkpoint_written_in_slices_while_commits_go_on_loses_nothing() {
+    for unit in UNITS {
+        let mut t = two_in(unit);
+        for i in 0..300 {
+            t.commit(&[set(i, 16384 + i * 8)]);
+        }
+        let before = t.j.ckpt_gen;
+        let at = t.j.generation;
+        let mut r = t.j.begin_rolling(&t.cfg, &t.table).unwrap().unwrap();
+        let mut steps = 0u64;
+        loop {
+            let used = t.j.used;
+            t.commit(&[set(1000 + steps, 30000 + steps * 8)]);
+            r.committed(t.j.used - used);
+            for d in [&t.a, &t.b] {
+                let m = read_device(&*t.io, d).unwrap();
+                assert_eq!((m.source.ckpt_gen, &m.remaps), (before, &t.table));
+            }
+            let mut j = t.j.clone();
+            let step = j.roll(&*t.io, &t.copies(), &mut r, 4096).unwrap();
+            t.j = j;
+            steps += 1;
+            match step {
+                Rolled::Going(w) => assert!(w.failed.is_empty()),
+                Rolled::Done(w) => {
+                    assert!(w.failed.is_empty());
+                    break;
+                }
+                Rolled::Dropped => panic!("dropped"),
+            }
+        }
+        assert!(steps >= 3, "{steps} slices");
+        assert_eq!((t.j.ckpt_gen, t.j.generation), (at, at + steps));
+        assert_eq!(
+            t.j.used, steps as u32,
+            "the ring holds only what came after it"
+        );
+        t.commit(&[set(5000, 40000)]);
+        for d in [&t.a, &t.b] {
+            let m = read_device(&*t.io, d).unwrap();
+            assert_eq!((m.source.ckpt_gen, &m.remaps), (at, &t.table));
+            assert_eq!(m.generation, t.j.generation);
+            assert!(!m.degraded && m.notes.is_empty(), "{:?}", m.notes);
+            let pos = JournalPos {
+                next: t.j.next,
+                used: t.j.used,
+            };
+            assert_eq!(m.resume, Some(pos));
+        }
+        // Another checkpoint takes its slot: the one in slices is dropped, unwritten.
+        let mut r = t.j.begin_rolling(&t.cfg, &t.table).unwrap().unwrap();
+        let mut j = t.j.clone();
+        assert!(matches!(
+            j.roll(&*t.io, &t.copies(), &mut r, 4096).unwrap(),
+            Rolled::Going(_)
+        ));
+        t.j = j;
+        let mut j = t.j.clone();
+        let w = j.checkpoint(&*t.io, &t.copies(), &t.cfg, &t.table).unwrap();
+        assert!(w.failed.is_empty());
+        t.j = j;
+        let mut j = t.j.clone();
+        assert_eq!(
+            j.roll(&*t.io, &t.copies(), &mut r, 1 << 30).unwrap(),
+            Rolled::Dropped
+        );
+        assert_eq!(j, t.j, "nothing changed");
+        let m = read_device(&*t.io, &t.a).unwrap();
+        assert_eq!((m.source.ckpt_gen, &m.remaps), (t.j.ckpt_gen, &t.table));
+        // Nothing since the newest checkpoint: nothing to begin.
+        assert!(t.j.begin_rolling(&t.cfg, &t.table).unwrap().is_none());
+    }
 }
 
 #[test]

@@ -1,6 +1,6 @@
 # Reaction, flat-table reloads, assembly and metadata cost, as the remaps accumulate.
 # Parameters (from the header xtask writes): SIZES, SCALE_SIZES, RUNS, INJECT, FLAT_REPS,
-# FLAT_SCATTERED_MAX, META_N, META_BURSTS, READER_IOPS, BASELINE_S, SCATTER.
+# FLAT_SCATTERED_MAX, META_N, META_BURSTS, READER_IOPS, BASELINE_S, SCATTER, REGION_SEGMENTS.
 #
 # SCATTER=1: the background is scattered remaps, no two adjacent (two segments each): the odd
 # chunks of 8 MiB windows, one request of 1,024 chunks per window, the windows taken in an
@@ -55,6 +55,8 @@ nb_create 0 $MAIN_MB 0
 # The spares a little larger than the main: a main with no WWN or serial is told apart from
 # them by its size when the volume is assembled at start (remap does not guess by path).
 SPARE_MB=$((MAIN_MB + 64))
+# REGION_SEGMENTS: remapd's bound on a region table (empty: its default), to compare bounds.
+[ -n "$REGION_SEGMENTS" ] && export REMAPD_REGION_SEGMENTS=$REGION_SEGMENTS
 sp0=$(hybrid_spare bsp0 1 2 $SPARE_MB)
 sp1=$(hybrid_spare bsp1 3 4 $SPARE_MB)
 META_DEVS="/dev/nullb1 /dev/nullb3"

@@ -100,6 +100,7 @@ fn params(section: &str, quick: bool) -> Vec<(&'static str, String)> {
             p("READER_IOPS", "100"),
             p("BASELINE_S", "3"),
             p("SCATTER", "0"),
+            p("REGION_SEGMENTS", ""),
         ],
         ("reaction", false) => vec![
             p("SIZES", "0 1000 10000 100000 1000000"),
@@ -113,6 +114,7 @@ fn params(section: &str, quick: bool) -> Vec<(&'static str, String)> {
             p("READER_IOPS", "100"),
             p("BASELINE_S", "5"),
             p("SCATTER", "0"),
+            p("REGION_SEGMENTS", ""),
         ],
         ("storm", q) => vec![
             p("STORM_CHUNKS", "10000"),
