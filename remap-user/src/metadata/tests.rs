@@ -92,24 +92,7 @@ fn two_in(unit: u32) -> Two {
         table: RemapTable::default(),
         cfg: sample_config(),
     };
-    let copies = [
-        Copy {
-            dev: &t.a,
-            slot: 0,
-            uuid: [1; 16],
-        },
-        Copy {
-            dev: &t.b,
-            slot: 1,
-            uuid: [2; 16],
-        },
-    ];
-    assert!(
-        t.j.checkpoint(&*t.io, &copies, &t.cfg, &t.table)
-            .unwrap()
-            .failed
-            .is_empty()
-    );
+    t.checkpoint();
     t
 }
 
@@ -135,25 +118,21 @@ impl Two {
                 self.table.insert(*chunk, *remap);
             }
         }
-        let copies = [
-            Copy {
-                dev: &self.a,
-                slot: 0,
-                uuid: [1; 16],
-            },
-            Copy {
-                dev: &self.b,
-                slot: 1,
-                uuid: [2; 16],
-            },
-        ];
-        assert!(
-            self.j
-                .commit(&*self.io, &copies, ops, &self.cfg, &self.table)
-                .unwrap()
-                .failed
-                .is_empty()
-        );
+        let mut j = self.j.clone();
+        let w = j
+            .commit(&*self.io, &self.copies(), ops, &self.cfg, &self.table)
+            .unwrap();
+        assert!(w.failed.is_empty());
+        self.j = j;
+    }
+
+    fn checkpoint(&mut self) {
+        let mut j = self.j.clone();
+        let w = j
+            .checkpoint(&*self.io, &self.copies(), &self.cfg, &self.table)
+            .unwrap();
+        assert!(w.failed.is_empty());
+        self.j = j;
     }
 }
 
@@ -222,26 +201,9 @@ fn the_journal_unit_changes_at_a_checkpoint_and_older_readers_are_refused() {
         let raw = t.io.peek(240, 1, slot * BLOCK as u64, BLOCK).unwrap();
         u32::from_le_bytes(raw[8..12].try_into().unwrap())
     };
-    let copies = |t: &Two| {
-        [(0u32, &t.a, 1u8), (1, &t.b, 2)].map(|(slot, dev, u)| (slot, dev.clone(), [u; 16]))
-    };
     let checkpoint_in = |t: &mut Two, unit: u32| {
-        let devs = copies(t);
-        let cs: Vec<_> = devs
-            .iter()
-            .map(|(slot, dev, uuid)| Copy {
-                dev,
-                slot: *slot,
-                uuid: *uuid,
-            })
-            .collect();
         t.j.set_unit(unit);
-        assert!(
-            t.j.checkpoint(&*t.io, &cs, &t.cfg, &t.table)
-                .unwrap()
-                .failed
-                .is_empty()
-        );
+        t.checkpoint();
     };
     checkpoint_in(&mut t, 4096);
     assert_eq!((sb_version(&t, 0), sb_version(&t, 1)), (2, 2));
@@ -446,24 +408,7 @@ fn a_torn_commit_is_not_applied_and_the_previous_generation_stands() {
 fn damaged_superblock_or_checkpoint_falls_back_to_the_other() {
     let mut t = two();
     t.commit(&[set(1, 16384)]);
-    let copies = [
-        Copy {
-            dev: &t.a,
-            slot: 0,
-            uuid: [1; 16],
-        },
-        Copy {
-            dev: &t.b,
-            slot: 1,
-            uuid: [2; 16],
-        },
-    ];
-    assert!(
-        t.j.checkpoint(&*t.io, &copies, &t.cfg, &t.table)
-            .unwrap()
-            .failed
-            .is_empty()
-    );
+    t.checkpoint();
     t.commit(&[set(2, 16392)]);
     // Zero the newest superblock of a: the older checkpoint plus the journal still hold
     // everything up to the checkpoint; generation 4 was after it and is in the journal.
