@@ -4,49 +4,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use remap_user::{
-    allocate::Policy,
-    blockdev::DevIdentity,
-    metadata::{SpareRecord, VolumeConfig, codec, replay},
+    metadata::{VolumeConfig, codec, replay},
     table::RemapTable,
-    volume::{Geometry, PendingMode, UnreadablePolicy},
 };
-
-/// A volume for journal records to apply to (evacuation and cut records change it).
-fn config() -> VolumeConfig {
-    let id = |serial: &str| DevIdentity {
-        wwn: None,
-        serial: Some(serial.into()),
-        by_id: None,
-        size_bytes: 64 << 20,
-    };
-    VolumeConfig {
-        name: "fuzz".into(),
-        uuid: "0123456789abcdef0123456789abcdef".into(),
-        geometry: Geometry::new(64 << 20, 512, 4096, 16 << 20).expect("a valid geometry"),
-        main: id("MAIN"),
-        main_last_path: "/dev/null".into(),
-        spares: vec![SpareRecord {
-            slot: 0,
-            identity: id("S0"),
-            uuid: "aa".repeat(16),
-            size_sectors: 131_072,
-            last_path: "/dev/null".into(),
-            hot: false,
-            draining: false,
-            meta_failed: false,
-        }],
-        policy: Policy::FirstFit,
-        unreadable: UnreadablePolicy::Error,
-        pending_mode: PendingMode::FlakeyErrorReads,
-        meta_area_sectors: (8 << 20) / 512,
-        host: None,
-        pending_marked: true,
-        data_offset: 0,
-        main_uuid: None,
-        evacuation: None,
-        cuts: Default::default(),
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let _ = codec::Superblock::decode(data);
@@ -61,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
             let whole = data.len() / u * u;
             let blocks = (whole / u) as u32;
             let mut table = RemapTable::default();
-            let mut config = config();
+            let mut config = VolumeConfig::sample();
             let _ = replay(&uuid, 0, 0, &data[..whole], unit).apply(
                 &data[..whole],
                 &mut config,

@@ -158,6 +158,45 @@ fn is_zero(v: &Sector) -> bool {
 }
 
 impl VolumeConfig {
+    /// A small volume (64 MiB, one spare), for tests and the fuzz target: journal records
+    /// need a configuration to apply to.
+    #[cfg(any(test, fuzzing))]
+    pub fn sample() -> Self {
+        let id = |serial: &str| DevIdentity {
+            wwn: None,
+            serial: Some(serial.into()),
+            by_id: None,
+            size_bytes: 64 << 20,
+        };
+        Self {
+            name: "vol0".into(),
+            uuid: "0123456789abcdef0123456789abcdef".into(),
+            geometry: Geometry::new(64 << 20, 512, 4096, 16 << 20).expect("a valid geometry"),
+            main: id("MAIN"),
+            main_last_path: "/dev/nullb0".into(),
+            spares: vec![SpareRecord {
+                slot: 0,
+                identity: id("S0"),
+                uuid: "aa".repeat(16),
+                size_sectors: 131_072,
+                last_path: "/dev/nullb1".into(),
+                hot: false,
+                draining: false,
+                meta_failed: false,
+            }],
+            policy: Policy::FirstFit,
+            unreadable: UnreadablePolicy::Error,
+            pending_mode: PendingMode::FlakeyErrorReads,
+            meta_area_sectors: (8 << 20) / 512,
+            host: None,
+            pending_marked: false,
+            data_offset: 0,
+            main_uuid: None,
+            evacuation: None,
+            cuts: Default::default(),
+        }
+    }
+
     /// Whether this configuration is one remap could have written: every size within the
     /// format's limits and consistent with the others. Run on every configuration read from a
     /// disk, before anything is sized from it.

@@ -2,47 +2,14 @@ use std::sync::Arc;
 
 use super::*;
 use crate::{
-    allocate::Policy,
     blockdev::{DevIdentity, SimIo},
     table::RemapTable,
-    volume::{Extent, Geometry, PendingMode, Remap, UnreadablePolicy},
+    volume::{Extent, Remap},
 };
 use codec::{BLOCK, JournalOp, Superblock};
 
 pub(crate) fn sample_config() -> VolumeConfig {
-    let id = |serial: &str| DevIdentity {
-        wwn: None,
-        serial: Some(serial.into()),
-        by_id: None,
-        size_bytes: 64 << 20,
-    };
-    VolumeConfig {
-        name: "vol0".into(),
-        uuid: "0123456789abcdef0123456789abcdef".into(),
-        geometry: Geometry::new(64 << 20, 512, 4096, 16 << 20).unwrap(),
-        main: id("MAIN"),
-        main_last_path: "/dev/nullb0".into(),
-        spares: vec![SpareRecord {
-            slot: 0,
-            identity: id("S0"),
-            uuid: "aa".repeat(16),
-            size_sectors: 131_072,
-            last_path: "/dev/nullb1".into(),
-            hot: false,
-            draining: false,
-            meta_failed: false,
-        }],
-        policy: Policy::FirstFit,
-        unreadable: UnreadablePolicy::Error,
-        pending_mode: PendingMode::FlakeyErrorReads,
-        meta_area_sectors: (8 << 20) / 512,
-        host: None,
-        pending_marked: false,
-        data_offset: 0,
-        main_uuid: None,
-        evacuation: None,
-        cuts: Default::default(),
-    }
+    VolumeConfig::sample()
 }
 
 fn dev(minor: u32) -> BlockDev {
