@@ -87,7 +87,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         }
     }
 
-    /// One step of the checkpoint written a slice at a time: begun once half the ring holds
+    /// One step of the checkpoint written a slice at a time: begun once 3/4 of the ring hold
     /// commits, `budget` bytes written to every copy per step, named by its superblocks at
     /// the last. Taken while the agent is idle, so a remap waits for at most one slice, never
     /// for the whole state (31 MiB per spare at a million remaps). True while one is under
@@ -135,8 +135,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         Ok(going)
     }
 
-    /// Three quarters of the ring hold commits (no idle time came to write the checkpoint
-    /// in slices): the checkpoint under way is finished now, or the whole state written.
+    /// Seven eighths of the ring hold commits (no idle time came to write the checkpoint in
+    /// slices): the checkpoint under way is finished now, or the whole state written.
     pub(crate) fn checkpoint_if_due(&self, vol: &mut Volume) -> Result<()> {
         if !vol.journal.wants_checkpoint() {
             return Ok(());

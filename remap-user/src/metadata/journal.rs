@@ -25,10 +25,11 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Three quarters of the ring hold commits: time for a checkpoint, taken while no region
-    /// is suspended, so a commit under suspend rarely has to write the whole state itself.
+    /// Seven eighths of the ring hold commits and the checkpoint begun at three quarters
+    /// ([`Journal::wants_rolling`]) is not written yet (no idle time came): time to write it
+    /// whole, while no region is suspended, so a commit under suspend rarely has to.
     pub fn wants_checkpoint(&self) -> bool {
-        u64::from(self.used) * 4 >= u64::from(self.layout.journal_blocks) * 3
+        u64::from(self.used) * 8 >= u64::from(self.layout.journal_blocks) * 7
     }
 }
 
@@ -250,10 +251,11 @@ impl Journal {
         Ok(())
     }
 
-    /// Half the ring holds commits: time to begin a checkpoint written a slice at a time
-    /// ([`Journal::begin_rolling`]), long before [`Journal::wants_checkpoint`].
+    /// Three quarters of the ring hold commits: time to begin a checkpoint written a slice
+    /// at a time ([`Journal::begin_rolling`]). The last eighth before
+    /// [`Journal::wants_checkpoint`] leaves thousands of commits for it to finish in.
     pub fn wants_rolling(&self) -> bool {
-        u64::from(self.used) * 2 >= u64::from(self.layout.journal_blocks)
+        u64::from(self.used) * 4 >= u64::from(self.layout.journal_blocks) * 3
     }
 
     /// A checkpoint of the state now (generation `generation`: it takes no generation of its

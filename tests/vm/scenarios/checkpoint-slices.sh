@@ -1,11 +1,11 @@
 #!/bin/sh
 # Checkpoints written in slices while the agent is idle. Rounds of 1,024 scattered remaps
-# (the same chunks moved again each round) fill half the journal ring; the idle agent then
+# (the same chunks moved again each round) fill 3/4 of the journal ring; the idle agent then
 # writes a checkpoint of the state a slice at a time and names it (its generation is the
 # state's, below the volume's: a whole-state checkpoint takes a generation of its own, and
-# the ring is far from the 3/4 that calls for one). The journal goes on after it; a
+# the ring is short of the 7/8 that calls for one). The journal goes on after it; a
 # restarted agent adopts the volume with nothing to put right, every byte as written.
-#vm: cases setup half-ring sliced-checkpoint adopted-identical
+#vm: cases setup three-quarter-ring sliced-checkpoint adopted-identical
 #vm: needs remapd remapctl
 #vm: timeout 900
 . /vm/lib.sh
@@ -36,21 +36,22 @@ unit=$(json_num "$st" journal_unit)
 pass setup "journal unit $unit, first checkpoint at generation $(newest_ckpt)"
 
 # The ring is a quarter of the 8 MiB area: 2 MiB, 4,096 blocks of 512 bytes, each holding 14
-# records; a round of 1,024 remaps is one commit of 74 blocks. 28 rounds pass half the ring.
+# records; a round of 1,024 remaps is one commit of 74 blocks. 42 rounds pass 3/4 of the ring
+# (3,072 blocks), not 7/8 (3,584).
 lbas=$(seq 0 16 16368 | tr '\n' ' ')
 ck0=$(newest_ckpt)
 round=0 bad=""
-while [ $round -lt 28 ]; do
+while [ $round -lt 42 ]; do
     # shellcheck disable=SC2086
     timeout 120 remapctl remap add "$VOL" $lbas >/tmp/add.out 2>&1 || { bad="round $round: $(tail -2 /tmp/add.out)"; break; }
     round=$((round + 1))
 done
 st=$(status)
 gen=$(json_num "$st" generation)
-if [ -z "$bad" ] && [ "$gen" -gt 28 ]; then
-    pass half-ring "$round rounds of 1,024 remaps, generation $gen, remaps $(json_num "$st" remaps)"
+if [ -z "$bad" ] && [ "$gen" -gt 42 ]; then
+    pass three-quarter-ring "$round rounds of 1,024 remaps, generation $gen, remaps $(json_num "$st" remaps)"
 else
-    fail half-ring "${bad:-generation $gen}"
+    fail three-quarter-ring "${bad:-generation $gen}"
 fi
 
 # Idle now: the checkpoint goes out in slices and is named.

@@ -981,7 +981,7 @@ fn scale(r: &mut Report, s: &SectionRun, vm_note: &str) {
          64-byte header and up to 14 to 126 records of 32 bytes) to the ring of every spare, \
          and the agent writes a checkpoint of the whole \
          table (64 bytes + configuration + 32 bytes per remap, in 4 KiB blocks), in 1 MiB \
-         slices while idle, once half the ring is used. Amortised = journal per remap + that checkpoint shared by the \
+         slices while idle, once 3/4 of the ring is used. Amortised = journal per remap + that checkpoint shared by the \
          remaps committed between two of them (ring length from the superblock).",
         &[
             "existing remaps",
@@ -1010,10 +1010,10 @@ fn scale(r: &mut Report, s: &SectionRun, vm_note: &str) {
         let remaps = num(v, "remaps");
         let size = v["size"].as_f64().unwrap_or(remaps);
         let ck = config.map(|c| ((64.0 + c + 32.0 * remaps) / 4096.0).ceil() * 4096.0);
-        // Journal blocks per commit, and commits until the ring is half used (a checkpoint
-        // is begun then and written in slices).
+        // Journal blocks per commit, and commits until the ring is 3/4 used (a checkpoint is
+        // begun then and written in slices).
         let blocks = (burst / ((unit - 64.0) / 32.0).floor()).ceil();
-        let commits = ring.map(|g| (g * 0.5 / blocks).floor().max(1.0));
+        let commits = ring.map(|g| (g * 0.75 / blocks).floor().max(1.0));
         let amort = match (ck, commits) {
             (Some(c), Some(k)) => Some(per / spares + c / (k * burst)),
             _ => None,
