@@ -194,6 +194,21 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             }
             out.push(report);
         }
+        // A running volume's disks are skipped by the scan, so naming it finds no copy: it is
+        // up (a disk's arrival may have brought it up a moment before), which is what was
+        // asked, not "no metadata".
+        if let Some(vol) = only.and_then(|n| self.volumes.get(n))
+            && !out.iter().any(|a| a.name == vol.config.name)
+        {
+            out.push(Assembled {
+                name: vol.config.name.clone(),
+                uuid: vol.config.uuid.clone(),
+                outcome: "already-running".into(),
+                generation: vol.journal.generation,
+                remaps: vol.remaps.len(),
+                notes: Vec::new(),
+            });
+        }
         // What is down, and why: for `status`, and for the next disk that appears.
         if only.is_none() {
             self.down.retain(|n, _| out.iter().any(|a| &a.name == n));

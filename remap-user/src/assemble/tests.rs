@@ -44,6 +44,13 @@ fn a_restarted_agent_adopts_the_running_volume() {
     assert_eq!(b.read_volume(1000), Some(golden(1000)));
     assert_eq!(b.watch.pending.borrow().len(), 1, "pending watch re-armed");
     assert_eq!(b.engine.assemble(None), vec![], "nothing left to assemble");
+    // Named, it is up (a disk's arrival may have brought it up a moment before the request):
+    // its disks are not scanned again, and it is not "no metadata".
+    let named = b.engine.assemble(Some("v"));
+    assert_eq!(named.len(), 1, "{named:?}");
+    assert_eq!(named[0].outcome, "already-running", "{named:?}");
+    assert_eq!(named[0].remaps, 1, "{named:?}");
+    assert!(b.engine.assemble(Some("w")).is_empty(), "another name finds nothing");
 }
 
 #[test]

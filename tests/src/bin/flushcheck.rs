@@ -85,6 +85,10 @@ enum Cmd {
         /// Fail unless the final state has at least this many remaps.
         #[arg(long, default_value_t = 0)]
         min_remaps: usize,
+        /// Fail unless the durable states cross at least this many checkpoints (a newer
+        /// checkpoint taking over from the one before).
+        #[arg(long, default_value_t = 0)]
+        min_checkpoints: u64,
     },
 }
 
@@ -125,7 +129,8 @@ fn main() {
             case,
             expect_violation,
             min_remaps,
-        } => check(&log, &case, expect_violation, min_remaps),
+            min_checkpoints,
+        } => check(&log, &case, expect_violation, (min_remaps, min_checkpoints)),
     };
     if let Err(e) = r {
         eprintln!("flushcheck: {e:#}");
@@ -328,6 +333,8 @@ impl BlockIo for ImageIo<'_> {
 /// What assembly would take: the chosen copy's state, and which spare holds each slot.
 struct Chosen {
     generation: u64,
+    /// The generation of the checkpoint its state starts from.
+    ckpt_gen: u64,
     config: VolumeConfig,
     remaps: RemapTable,
     slot_of: HashMap<u32, usize>,
@@ -344,6 +351,9 @@ struct Stats {
     max_remaps: usize,
     generation: u64,
     entries: u64,
+    /// Durable states whose checkpoint is newer than the last durable state's.
+    checkpoints: u64,
+    ckpt_gen: Option<u64>,
 }
 
 struct Checker {
@@ -460,6 +470,7 @@ impl Checker {
         let (_, m) = metas.into_iter().nth(pick)?;
         Some(Chosen {
             generation: m.generation,
+            ckpt_gen: m.source.ckpt_gen,
             config: m.config,
             remaps: m.remaps,
             slot_of,
@@ -501,12 +512,17 @@ impl Checker {
             ));
         }
         let (generation, remaps, area) = (c.generation, c.remaps.len(), c.config.meta_area_sectors);
+        let ckpt_gen = c.ckpt_gen;
         self.violations.extend(bad);
         self.meta_area = area;
         self.must_exist = true;
         if durable_point {
             self.stats.generation = self.stats.generation.max(generation);
             self.stats.max_remaps = self.stats.max_remaps.max(remaps);
+            if self.stats.ckpt_gen.is_some_and(|g| g < ckpt_gen) {
+                self.stats.checkpoints += 1;
+            }
+            self.stats.ckpt_gen = Some(ckpt_gen);
         }
     }
 
@@ -698,7 +714,9 @@ impl Checker {
     }
 }
 
-fn check(log: &Path, case: &str, expect_violation: bool, min_remaps: usize) -> Result<()> {
+/// `min` is the fewest remaps and checkpoints the run must reach.
+fn check(log: &Path, case: &str, expect_violation: bool, min: (usize, u64)) -> Result<()> {
+    let (min_remaps, min_checkpoints) = min;
     let f = File::open(log).with_context(|| format!("opening {}", log.display()))?;
     let mut r = LogReader::new(BufReader::with_capacity(1 << 20, f))
         .with_context(|| format!("reading {}", log.display()))?;
@@ -730,14 +748,15 @@ fn check(log: &Path, case: &str, expect_violation: bool, min_remaps: usize) -> R
     c.flush_point(r.nr_entries)?;
     let s = &c.stats;
     let summary = format!(
-        "{} log entries: {} flush points ({} distinct states), {} FUA writes and {} lone metadata writes checked; {} remaps, generation {}",
+        "{} log entries: {} flush points ({} distinct states), {} FUA writes and {} lone metadata writes checked; {} remaps, generation {}, {} checkpoints taking over",
         s.entries,
         s.flush_points,
         s.distinct,
         s.fua_points,
         s.solo_states,
         s.max_remaps,
-        s.generation
+        s.generation,
+        s.checkpoints
     );
     let first_bad: Vec<&str> = c.violations.iter().take(3).map(String::as_str).collect();
     if expect_violation {
@@ -760,6 +779,11 @@ fn check(log: &Path, case: &str, expect_violation: bool, min_remaps: usize) -> R
         println!(
             "FAIL {case}: only {} remaps, expected {min_remaps} ({summary})",
             s.max_remaps
+        );
+    } else if s.checkpoints < min_checkpoints {
+        println!(
+            "FAIL {case}: {} checkpoints took over, expected {min_checkpoints} ({summary})",
+            s.checkpoints
         );
     } else {
         println!("PASS {case}: {summary}");

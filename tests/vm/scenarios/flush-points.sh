@@ -8,6 +8,10 @@
 # metadata as assembly would and checks: acknowledged writes present, no extent owned twice,
 # bad blocks pending and readable ones not, no wrong data; each lone metadata write of an epoch
 # is checked on top of the flush point before it too (a crash may keep it without the rest).
+# The first run's disk has 4 KiB sectors, so the journal is written in 4 KiB blocks and its
+# 512-block ring passes 3/4 twice: checkpoints (written in slices between remaps, or whole at
+# 7/8) fall between the flush points too. The second run's disk has 512-byte sectors (a
+# 512-byte journal).
 # A second, shorter run injects a missing flush (REMAP_FAULT=skip-copy-flush: a chunk's copy
 # is not flushed before the commit that points at it): the checker must find it.
 #vm: cases remaps-done fault-run-done flush-points missing-flush-caught
@@ -15,7 +19,7 @@
 #vm: disk faultlog 128M
 #vm: needs remapd remapctl flushcheck
 #vm: timeout 900
-#vm: host-check flushcheck check @log --case flush-points --min-remaps 1000
+#vm: host-check flushcheck check @log --case flush-points --min-remaps 1000 --min-checkpoints 2
 #vm: host-check flushcheck check @faultlog --case missing-flush-caught --expect-violation
 . /vm/lib.sh
 
@@ -91,7 +95,7 @@ stop_agent() {
     wait $agent 2>/dev/null
 }
 
-data=$(nullb create --size $(((MAIN + 2 * SPARE) / 2048)) $NULLB_BAD)
+data=$(nullb create --size $(((MAIN + 2 * SPARE) / 2048)) --bs 4096 $NULLB_BAD)
 stack "" "$data" "$(vmdisk log)" || { fail remaps-done "setup: the log-writes stack"; exit 1; }
 start_agent || { fail remaps-done "remapd not ready: $(tail -5 "$log")"; exit 1; }
 if ! out=$(remapctl create --in-place vol0 --main /dev/mapper/main --spare /dev/mapper/s1 --spare /dev/mapper/s2 \
@@ -126,10 +130,12 @@ wstatus=$?
 st=$(remapctl status vol0 --json)
 remaps=$(json_num "$st" remaps)
 pending=$(json_num "$st" pending)
-if [ "$failed" = 0 ] && [ "$wstatus" = 0 ] && [ "${remaps:-0}" -ge 1000 ]; then
-    pass remaps-done "$remaps remaps in $((t1 - t0)) s with a flushing writer ($(cat /tmp/writer.out)); pending blocks ${pending:-?}"
+unit=$(json_num "$st" journal_unit)
+sliced=$(grep -c "checkpoint written in slices" "$log")
+if [ "$failed" = 0 ] && [ "$wstatus" = 0 ] && [ "${remaps:-0}" -ge 1000 ] && [ "$unit" = 4096 ] && [ "$sliced" -ge 1 ]; then
+    pass remaps-done "$remaps remaps in $((t1 - t0)) s with a flushing writer ($(cat /tmp/writer.out)); pending blocks ${pending:-?}; journal in $unit B blocks, $sliced checkpoints written in slices"
 else
-    fail remaps-done "remaps ${remaps:-?}, $failed failed ($(head -c 300 /tmp/remap-errors)), writer status $wstatus: $(tail -2 /tmp/writer.out)"
+    fail remaps-done "remaps ${remaps:-?}, $failed failed ($(head -c 300 /tmp/remap-errors)), writer status $wstatus: $(tail -2 /tmp/writer.out); journal unit ${unit:-?} (want 4096), checkpoints in slices $sliced (want 1 or more)"
 fi
 stop_agent
 unstack "" vol0 || info "teardown left: $(dmsetup ls | tr '\n' ' ')"
