@@ -50,7 +50,10 @@ fn a_restarted_agent_adopts_the_running_volume() {
     assert_eq!(named.len(), 1, "{named:?}");
     assert_eq!(named[0].outcome, "already-running", "{named:?}");
     assert_eq!(named[0].remaps, 1, "{named:?}");
-    assert!(b.engine.assemble(Some("w")).is_empty(), "another name finds nothing");
+    assert!(
+        b.engine.assemble(Some("w")).is_empty(),
+        "another name finds nothing"
+    );
 }
 
 #[test]
