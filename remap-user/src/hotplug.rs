@@ -20,8 +20,9 @@ pub const SETTLE: Duration = Duration::from_millis(300);
 /// What a uevent means to the agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change {
-    /// A block device appeared or changed (new size, new partition table): scan again.
-    Appeared,
+    /// A block device appeared or changed (new size, new partition table): scan again. Its
+    /// number, when the event gives it.
+    Appeared(Option<(u32, u32)>),
     /// A block device went away.
     Gone { major: u32, minor: u32 },
 }
@@ -41,11 +42,12 @@ pub fn change_of(packet: &[u8]) -> Option<Change> {
         return None;
     }
     let num = |k: &str| ev.env.get(k).and_then(|v| v.parse::<u32>().ok());
+    let dev = num("MAJOR").zip(num("MINOR"));
     match ev.action {
-        ActionType::Add | ActionType::Online => Some(Change::Appeared),
+        ActionType::Add | ActionType::Online => Some(Change::Appeared(dev)),
         // A change is news for a device-mapper device getting its table (LVM activating a
         // volume); for a disk it is mostly media polling, which must not scan every disk.
-        ActionType::Change if ev.env.contains_key("DM_NAME") => Some(Change::Appeared),
+        ActionType::Change if ev.env.contains_key("DM_NAME") => Some(Change::Appeared(dev)),
         ActionType::Remove | ActionType::Offline => Some(Change::Gone {
             major: num("MAJOR")?,
             minor: num("MINOR")?,
@@ -54,17 +56,17 @@ pub fn change_of(packet: &[u8]) -> Option<Change> {
     }
 }
 
-/// One settled batch of changes: whether anything appeared, and what went away.
+/// One settled batch of changes: what appeared (its number, when known), and what went away.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Batch {
-    pub appeared: bool,
+    pub appeared: Vec<Option<(u32, u32)>>,
     pub gone: Vec<(u32, u32)>,
 }
 
 impl Batch {
     fn add(&mut self, c: Change) {
         match c {
-            Change::Appeared => self.appeared = true,
+            Change::Appeared(d) => self.appeared.push(d),
             Change::Gone { major, minor } => self.gone.push((major, minor)),
         }
     }
@@ -132,7 +134,7 @@ mod tests {
             "DEVTYPE=disk",
             "SEQNUM=2211",
         ]);
-        assert_eq!(change_of(&add), Some(Change::Appeared));
+        assert_eq!(change_of(&add), Some(Change::Appeared(Some((252, 1)))));
         let remove = packet(&[
             "remove@/devices/virtual/block/nullb0",
             "ACTION=remove",
@@ -178,7 +180,11 @@ mod tests {
             "DM_UUID=LVM-abc",
             "SEQNUM=2215",
         ]);
-        assert_eq!(change_of(&lv), Some(Change::Appeared), "an LV activated");
+        assert_eq!(
+            change_of(&lv),
+            Some(Change::Appeared(None)),
+            "an LV activated"
+        );
         // udev's re-broadcast (group 2) starts with "libudev": not a kernel packet.
         assert_eq!(change_of(b"libudev\0\xfe\xed\xca\xfe"), None);
     }

@@ -32,6 +32,12 @@ pub struct Volume {
 }
 
 impl Volume {
+    /// Whether the device numbered `major:minor` is one remap made for this volume (its own
+    /// device or a region's).
+    pub fn made_device(&self, major: u32, minor: u32) -> bool {
+        self.dev == (major, minor) || self.regions.values().any(|&d| d == (major, minor))
+    }
+
     pub(crate) fn geo(&self) -> &Geometry {
         &self.config.geometry
     }

@@ -325,9 +325,19 @@ pub(super) fn hotplug<D: DeviceMapper, I: BlockIo, W: Watch>(
     for &(major, minor) in &batch.gone {
         engine.path_fault(major, minor, "the device went away");
     }
-    if !batch.appeared {
+    // Devices remapd made itself (a region's first remap, a cut) are no news: at a million
+    // scattered remaps a thousand are made, and a scan of every disk for each would hold up
+    // the remaps behind it. Their uevent carries no DM_UUID yet; their number is known.
+    let news = batch.appeared.iter().any(|d| {
+        d.is_none_or(|(major, minor)| !engine.volumes().any(|v| v.made_device(major, minor)))
+    });
+    if !news {
         return;
     }
+    tracing::info!(
+        devices = batch.appeared.len(),
+        "block devices appeared: scanning for volumes"
+    );
     for a in engine.assemble(None) {
         match a.outcome.as_str() {
             "created" | "adopted" => {

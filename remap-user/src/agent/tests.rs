@@ -748,7 +748,7 @@ fn a_volume_down_for_a_missing_spare_comes_up_when_it_appears_and_a_member_gone_
         testkit::{MAIN, S2, SIM, rig},
     };
     let appeared = Batch {
-        appeared: true,
+        appeared: vec![Some((SIM, S2))],
         gone: Vec::new(),
     };
     let mut a = rig(SimDm::new());
@@ -781,7 +781,7 @@ fn a_volume_down_for_a_missing_spare_comes_up_when_it_appears_and_a_member_gone_
     assert!(!b.engine.any_down());
     // Its main goes away: a path fault, alerted once, nothing moved.
     let gone = Batch {
-        appeared: false,
+        appeared: Vec::new(),
         gone: vec![(SIM, MAIN)],
     };
     hotplug(&mut b.engine, &mut scrubs, &gone);
@@ -800,7 +800,7 @@ fn a_volume_down_for_a_missing_spare_comes_up_when_it_appears_and_a_member_gone_
         &mut b.engine,
         &mut scrubs,
         &Batch {
-            appeared: false,
+            appeared: Vec::new(),
             gone: vec![(SIM, 77)],
         },
     );
@@ -810,6 +810,40 @@ fn a_volume_down_for_a_missing_spare_comes_up_when_it_appears_and_a_member_gone_
     hotplug(&mut b.engine, &mut scrubs, &appeared);
     assert!(b.engine.status(Some("v")).is_err());
     assert_eq!(b.engine.assemble(Some("v"))[0].outcome, "created");
+}
+
+#[test]
+fn devices_remapd_made_itself_appearing_do_not_scan_every_disk() {
+    use crate::{
+        hotplug::Batch,
+        testkit::{MAIN, SIM, rig},
+    };
+    let mut a = rig(SimDm::new());
+    a.create().unwrap();
+    a.io.fail_reads(SIM, MAIN, 1001..1002);
+    a.error(MAIN, 1000, 8);
+    let v = &a.engine.volumes["v"];
+    let (region, volume) = (*v.regions.values().next().expect("a region device"), v.dev);
+    let mut scrubs = Scrubs::new(None);
+    // A disk of no volume: a scan reads it for metadata.
+    let other = (SIM, 9);
+    let reads = |a: &crate::testkit::Rig| a.io.stats(other.0, other.1).reads;
+    let before = reads(&a);
+    let ours = Batch {
+        appeared: vec![Some(region), Some(volume)],
+        gone: Vec::new(),
+    };
+    hotplug(&mut a.engine, &mut scrubs, &ours);
+    assert_eq!(reads(&a), before, "a region device remapd made is no news");
+    for news in [vec![Some(region), Some(other)], vec![None]] {
+        let before = reads(&a);
+        let batch = Batch {
+            appeared: news.clone(),
+            gone: Vec::new(),
+        };
+        hotplug(&mut a.engine, &mut scrubs, &batch);
+        assert!(reads(&a) > before, "{news:?}: every disk scanned");
+    }
 }
 
 #[tokio::test]

@@ -12,8 +12,9 @@
 #   with --notify-exec: the volume is down with the reason in status; the spare powered on,
 #   it comes up with no command. A bad block read through it runs the hook once (a pending
 #   alert with its variables and JSON), a second read of the same block does not. The main
-#   powered off under a reader: one path-fault alert, nothing moved.
-#vm: cases transient-moves-nothing bad-sector-moves-at-once down-until-its-spare-appears spare-powered-on-assembles notify-exec-once-per-alert member-powered-off-is-one-path-fault
+#   powered off under a reader: one path-fault alert, nothing moved. The region device that
+#   alert's remap made does not make remapd scan every disk (only a disk it did not make does).
+#vm: cases transient-moves-nothing bad-sector-moves-at-once down-until-its-spare-appears spare-powered-on-assembles notify-exec-once-per-alert own-device-no-scan member-powered-off-is-one-path-fault
 #vm: disk flaky 64M inject=read_aio:5:8000:once inject=read_aio:5:20000
 #vm: needs remapd remapctl
 #vm: timeout 420
@@ -68,7 +69,7 @@ hsp=$(nullb create --size 24)
 # The metadata lives on the spares: the one that stays names the one that is missing.
 hsp2=$(nullb create --size 24)
 part2() {
-    for c in down-until-its-spare-appears spare-powered-on-assembles notify-exec-once-per-alert member-powered-off-is-one-path-fault; do
+    for c in down-until-its-spare-appears spare-powered-on-assembles notify-exec-once-per-alert own-device-no-scan member-powered-off-is-one-path-fault; do
         fail $c "$1"
     done
     exit 1
@@ -110,6 +111,9 @@ fi
 
 # The hook: one run per new alert, none for a stable count.
 hook_lines() { grep -c "^$1|$HP|" /tmp/hook.log; }
+scans() { grep -c "scanning for volumes" /tmp/remapd2.log; }
+sleep 2 # the power-on's uevents settled
+scans0=$(scans) regions0=$(dmsetup ls | grep -c "^$HP-remap-r")
 nullb bad add "$hmain" 4000-4007
 dio-read "/dev/mapper/$HP" 4000 8 2>/dev/null && info "sector 4000 read fine"
 wait_for /tmp/hook.log "^pending\|$HP\|" 20
@@ -121,6 +125,13 @@ if [ "$(hook_lines pending)" = 1 ] && printf '%s' "$line" | grep -q '"kind":"pen
     pass notify-exec-once-per-alert "ran once for the new pending block, not again for the same count: $(printf '%s' "$line" | cut -c1-200)"
 else
     fail notify-exec-once-per-alert "pending runs $(hook_lines pending); hook log: $(tr '\n' ' ' </tmp/hook.log | cut -c1-600)"
+fi
+# The remap made its region's device (a kernel uevent like any disk's, 5 s ago): no scan.
+regions1=$(dmsetup ls | grep -c "^$HP-remap-r")
+if [ "$scans0" -ge 1 ] && [ "$(scans)" = "$scans0" ] && [ "$regions1" -gt "$regions0" ]; then
+    pass own-device-no-scan "region devices $regions0 -> $regions1, scans for volumes still $scans0 (the spare's power-on made one)"
+else
+    fail own-device-no-scan "scans $scans0 -> $(scans) (want the same, and at least 1), region devices $regions0 -> $regions1 (want more)"
 fi
 
 # The main powered off under a reader: one path fault, nothing moved.
