@@ -229,7 +229,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         // The region's table with the window moved, prepared while I/O still flows.
         vol.config.evacuation = Some(now.clone());
         let rn = region_name(&vol.config.name, region);
-        let loaded = self.dm.load(&rn, &vol.region_lines(region));
+        let loaded = self.dm.load(&rn, vol.region_lines(region));
         vol.config.evacuation = Some(was.clone());
         if let Err(e) = loaded {
             self.watch.locate_window(&src, None);
@@ -363,7 +363,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         let rn = region_name(&vol.config.name, region);
         let mut to = folded(self, vol);
         apply(vol, &to);
-        let loaded = self.dm.load(&rn, &vol.region_lines(region));
+        let loaded = self.dm.load(&rn, vol.region_lines(region));
         restore_prior(vol);
         if let Err(e) = loaded {
             self.drop_prepared(vol, &regions, &[]);
@@ -411,7 +411,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         if again != to {
             to = again;
             apply(vol, &to);
-            let loaded = self.dm.load(&rn, &vol.region_lines(region));
+            let loaded = self.dm.load(&rn, vol.region_lines(region));
             restore_prior(vol);
             if let Err(e) = loaded {
                 self.drop_prepared(vol, &regions, &[region]);

@@ -661,7 +661,7 @@ mod tests {
             regions: vec![0],
             micros: 25_000,
             suspended_micros: 4_000,
-            cut: vec![],
+            ..RemapReport::default()
         });
         m.on_request("status", exit::OK);
         m.on_request("stop", exit::REFUSED);

@@ -29,6 +29,8 @@ pub struct Volume {
     pub target: Option<BlockDev>,
     /// A checkpoint being written a slice at a time ([`crate::commit`]).
     pub rolling: Option<Rolling>,
+    /// Region tables as last rendered for the kernel.
+    pub rendered: table::Rendered,
 }
 
 impl Volume {
@@ -60,18 +62,26 @@ impl Volume {
         format!("{ma}:{mi}")
     }
 
-    pub(crate) fn region_lines(&mut self, region: u32) -> Vec<table::DmLine> {
+    /// Region `region`'s table as its device serves it (built and rendered again only where
+    /// the remaps changed since the last time).
+    pub(crate) fn region_lines(&mut self, region: u32) -> &[table::DmLine] {
         let span = self.config.regions().span(region);
-        self.span_lines(span, Some(region))
+        let segs = self.span_segments(span, Some(region));
+        let mut rendered = std::mem::take(&mut self.rendered);
+        rendered.render(region, segs, |d| self.resolve(d));
+        self.rendered = rendered;
+        self.rendered.lines(region)
     }
 
-    /// The table of the volume's sectors `span` as a region device spanning them serves it
-    /// ([`table::span_table`]; `memo`: the region it is, to patch its last build).
-    pub(crate) fn span_lines(
-        &mut self,
-        span: (Sector, Sector),
-        memo: Option<u32>,
-    ) -> Vec<table::DmLine> {
+    /// The table of the volume's sectors `span` as a region device spanning them serves it.
+    pub(crate) fn span_lines(&mut self, span: (Sector, Sector)) -> Vec<table::DmLine> {
+        let segs = self.span_segments(span, None);
+        table::render(&segs, |d| self.resolve(d))
+    }
+
+    /// The segments of [`Self::span_lines`] ([`table::span_table`]; `memo`: the region it is,
+    /// to patch its last build).
+    fn span_segments(&mut self, span: (Sector, Sector), memo: Option<u32>) -> Vec<table::Segment> {
         let geo = self.config.geometry;
         let moved: Vec<_> = self
             .config
@@ -100,7 +110,7 @@ impl Volume {
                 }
             }
         }
-        table::render(&segs, |d| self.resolve(d))
+        segs
     }
 
     /// The volume device's own table: the regions that have a device through it, the others

@@ -26,6 +26,14 @@ pub struct RemapReport {
     pub regions: Vec<u32>,
     pub micros: u64,
     pub suspended_micros: u64,
+    /// Of `micros`: reading the failing chunks to find their bad blocks (before the suspend).
+    pub locate_micros: u64,
+    /// Of `micros`: building the regions' new tables and loading them, inactive.
+    pub prepare_micros: u64,
+    /// Of `prepare_micros`: the load ioctls alone (the kernel parsing the tables).
+    pub load_micros: u64,
+    /// Of `suspended_micros`: the journal commit on every spare.
+    pub commit_micros: u64,
     /// Regions made by cutting long ones after the batch.
     pub cut: Vec<u32>,
 }
@@ -90,8 +98,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
                 .collect()
         };
 
+        let tl = Instant::now();
         let plan = self.locate(vol, &chunks, seen);
         let plan = self.without_path_faults(vol, plan, seen);
+        report.locate_micros = tl.elapsed().as_micros() as u64;
         let plan = plan.into_iter().map(|(c, old, bad)| (c, (old, bad)));
 
         // Allocate, in chunk order so neighbours can land next to each other.
@@ -124,6 +134,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
 
         // A region's first remap gives it its device (the volume's table goes through it from
         // then on): nothing of the batch is prepared yet, so a failure only frees the extents.
+        let tp = Instant::now();
         if let Err(e) = self.materialize(vol, &regions) {
             close_windows(&mut self.watch);
             for (_, _, e, _) in &moves {
@@ -150,12 +161,17 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         let mut prepare_err = None;
         for &r in &regions {
             let rn = region_name(&vol.config.name, r);
-            if let Err(e) = self.dm.load(&rn, &vol.region_lines(r)) {
+            let lines = vol.region_lines(r);
+            let tl = Instant::now();
+            let loaded = self.dm.load(&rn, lines);
+            report.load_micros += tl.elapsed().as_micros() as u64;
+            if let Err(e) = loaded {
                 prepare_err = Some(EngineError::Failed(format!("loading {rn}: {e}")));
                 break;
             }
         }
         restore(vol, &prior);
+        report.prepare_micros = tp.elapsed().as_micros() as u64;
         if let Some(err) = prepare_err {
             close_windows(&mut self.watch);
             self.back_out(vol, &prior, &regions, &[], &moves);
@@ -238,7 +254,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             .collect();
         for &r in &stale {
             let rn = region_name(&vol.config.name, r);
-            if let Err(e) = self.dm.load(&rn, &vol.region_lines(r)) {
+            if let Err(e) = self.dm.load(&rn, vol.region_lines(r)) {
                 self.back_out(vol, &prior, &regions, &suspended, &moves);
                 return Err(EngineError::Failed(format!("loading {rn}: {e}")));
             }
@@ -281,10 +297,12 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
                 },
             })
             .collect();
+        let tc = Instant::now();
         if let Err(err) = self.commit_ops(vol, &ops) {
             self.back_out(vol, &prior, &regions, &suspended, &moves);
             return Err(err);
         }
+        report.commit_micros = tc.elapsed().as_micros() as u64;
 
         crash_point("before-resume");
         self.resume_all(&vol.config.name, &suspended);
@@ -391,7 +409,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         let mut prepared = Ok(());
         for &r in &regions {
             let rn = region_name(&vol.config.name, r);
-            if let Err(e) = self.dm.load(&rn, &vol.region_lines(r)) {
+            if let Err(e) = self.dm.load(&rn, vol.region_lines(r)) {
                 prepared = Err(EngineError::Failed(format!("loading {rn}: {e}")));
                 break;
             }

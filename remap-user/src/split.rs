@@ -81,10 +81,9 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         // old layout back.
         self.commit_ops(vol, &[JournalOp::Cut { at }])?;
         crash_point("after-cut-commit");
-        let lines = vol.region_lines(r);
         let shrunk = self
             .dm
-            .load(&rn, &lines)
+            .load(&rn, vol.region_lines(r))
             .and_then(|()| self.dm.suspend(&rn))
             .and_then(|()| self.dm.resume(&rn));
         if let Err(e) = shrunk {
@@ -193,7 +192,7 @@ mod tests {
                 start + vol.config.regions().span(0).1,
                 "region 4 follows 0"
             );
-            vol.span_lines((start, nstart + nlen - start), None)
+            vol.span_lines((start, nstart + nlen - start))
         };
         r.dm.load("v-remap-r0000", &wide).unwrap();
         r.dm.suspend("v-remap-r0000").unwrap();
@@ -226,7 +225,7 @@ mod tests {
             b.engine.assemble(None);
             let vol = b.engine.volumes.get_mut("v").unwrap();
             vol.config.cuts.push(SCATTERED[1]);
-            let mut lines = vol.region_lines(4);
+            let mut lines = vol.region_lines(4).to_vec();
             if spare_shift > 0 {
                 // A table that puts another place under the chunk: not the metadata's.
                 for l in &mut lines {

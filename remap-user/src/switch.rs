@@ -43,11 +43,11 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     }
 
     fn create_region(&self, vol: &mut Volume, r: u32) -> Result<()> {
-        let lines = vol.region_lines(r);
         let name = region_name(&vol.config.name, r);
+        let uuid = dm_uuid(&vol.config.uuid, Some(r));
         let devno = self
             .dm
-            .create(&name, &dm_uuid(&vol.config.uuid, Some(r)), &lines)
+            .create(&name, &uuid, vol.region_lines(r))
             .map_err(|e| failed(format!("creating {name}"))(e.to_string()))?;
         vol.regions.insert(r, devno);
         Ok(())
@@ -175,7 +175,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
             let dropped = self
                 .dm
                 .clear(&rn)
-                .or_else(|_| self.dm.load(&rn, &vol.region_lines(r)));
+                .or_else(|_| self.dm.load(&rn, vol.region_lines(r)));
             match dropped {
                 Ok(()) => {
                     if suspended.contains(&r) {

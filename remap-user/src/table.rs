@@ -511,7 +511,7 @@ pub fn volume_table(regions: RegionMap<'_>, has_device: impl Fn(u32) -> bool) ->
 pub type DmLine = (u64, u64, String, String);
 
 /// Renders segments for the kernel, naming devices with `resolve` (e.g. `8:16`).
-pub fn render(segments: &[Segment], resolve: impl Fn(DevRef) -> String) -> Vec<DmLine> {
+pub fn render(segments: &[Segment], mut resolve: impl FnMut(DevRef) -> String) -> Vec<DmLine> {
     segments
         .iter()
         .map(|s| {
@@ -527,6 +527,108 @@ pub fn render(segments: &[Segment], resolve: impl Fn(DevRef) -> String) -> Vec<D
             (s.start, s.len, ty.to_owned(), params)
         })
         .collect()
+}
+
+/// Region tables kept as rendered for the kernel, for the regions loaded last: a remap changes
+/// a few segments of a table of up to thousands, and rendering every line again (strings for
+/// each) cost ten times what patching the segments does. A kept table is reused only where its
+/// segments and the device numbers it named are unchanged, so it is never stale whatever
+/// happened to the remaps or the devices meanwhile.
+#[derive(Debug, Default)]
+pub struct Rendered {
+    tables: BTreeMap<u32, RenderedTable>,
+    clock: u64,
+}
+
+#[derive(Debug)]
+struct RenderedTable {
+    segments: Vec<Segment>,
+    lines: Vec<DmLine>,
+    /// Every device the lines name, as it was resolved.
+    devs: Vec<(DevRef, String)>,
+    used: u64,
+}
+
+/// Regions whose rendered tables are kept: a storm's batch touches a few, and at a million
+/// remaps all of them would take hundreds of megabytes.
+const RENDERED_KEPT: usize = 16;
+
+impl Rendered {
+    /// Renders `segments` as region `region`'s table, re-rendering only what differs from the
+    /// table kept for it; the lines are then [`Self::lines`].
+    pub fn render(
+        &mut self,
+        region: u32,
+        segments: Vec<Segment>,
+        resolve: impl Fn(DevRef) -> String,
+    ) {
+        self.clock += 1;
+        let used = self.clock;
+        let current = self
+            .tables
+            .get(&region)
+            .is_some_and(|t| t.devs.iter().all(|(d, s)| resolve(*d) == *s));
+        if !current {
+            let mut devs: Vec<(DevRef, String)> = Vec::new();
+            let lines = render(&segments, |d| named(&mut devs, d, &resolve));
+            self.tables.insert(
+                region,
+                RenderedTable {
+                    segments,
+                    lines,
+                    devs,
+                    used,
+                },
+            );
+        } else if let Some(t) = self.tables.get_mut(&region) {
+            let (old, new) = (&t.segments, &segments);
+            let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count();
+            let room = old.len().min(new.len()) - prefix;
+            let suffix = old
+                .iter()
+                .rev()
+                .zip(new.iter().rev())
+                .take(room)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let devs = &mut t.devs;
+            let middle = render(&new[prefix..new.len() - suffix], |d| {
+                named(devs, d, &resolve)
+            });
+            t.lines.splice(prefix..old.len() - suffix, middle);
+            t.segments = segments;
+            t.used = used;
+        }
+        if self.tables.len() > RENDERED_KEPT {
+            let oldest = self
+                .tables
+                .iter()
+                .min_by_key(|(_, t)| t.used)
+                .map(|(r, _)| *r);
+            if let Some(r) = oldest {
+                self.tables.remove(&r);
+            }
+        }
+    }
+
+    /// Region `region`'s table as last rendered (empty if it was not).
+    pub fn lines(&self, region: u32) -> &[DmLine] {
+        self.tables.get(&region).map_or(&[], |t| &t.lines)
+    }
+}
+
+/// `d` resolved, noted in `devs` the first time.
+fn named(
+    devs: &mut Vec<(DevRef, String)>,
+    d: DevRef,
+    resolve: &impl Fn(DevRef) -> String,
+) -> String {
+    if let Some((_, s)) = devs.iter().find(|(k, _)| *k == d) {
+        return s.clone();
+    }
+    let s = resolve(d);
+    devs.push((d, s.clone()));
+    s
 }
 
 #[cfg(test)]
@@ -826,6 +928,73 @@ mod tests {
             offset: 0,
         };
         assert_eq!(targets, [main(0), through, main(3 * g.region)]);
+    }
+
+    /// The kept tables are only a shortcut: after any sequence of changes to segments and to
+    /// device numbers, over more regions than are kept, the lines are a full render's.
+    #[test]
+    fn a_kept_rendered_table_is_always_what_a_full_render_gives() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let seg = |start: u64, kind: u64, dev: u64| Segment {
+            start,
+            len: 8,
+            target: match kind {
+                0 => Target::Linear {
+                    dev: DevRef::Main,
+                    offset: start,
+                },
+                1 => Target::Linear {
+                    dev: DevRef::Spare(dev as u32),
+                    offset: start * 3,
+                },
+                2 => Target::ErrorReads {
+                    dev: DevRef::Spare(dev as u32),
+                    offset: start * 5,
+                },
+                _ => Target::Error,
+            },
+        };
+        let regions = RENDERED_KEPT as u32 + 4;
+        let mut tables: Vec<Vec<Segment>> = vec![Vec::new(); regions as usize];
+        let mut minor = [16u64, 32, 48];
+        let mut kept = Rendered::default();
+        for step in 0..3000 {
+            let r = next(u64::from(regions)) as usize;
+            let t = &mut tables[r];
+            match next(5) {
+                // A remap: segments in the middle replaced by others.
+                0..=2 => {
+                    let at = next(t.len() as u64 + 1) as usize;
+                    let gone = next(3).min((t.len() - at) as u64) as usize;
+                    let new: Vec<Segment> = (0..next(4))
+                        .map(|i| seg(at as u64 * 8 + i, next(4), next(3)))
+                        .collect();
+                    t.splice(at..at + gone, new);
+                }
+                // A cut: the table shortened.
+                3 => {
+                    let keep = next(t.len() as u64 + 1) as usize;
+                    t.truncate(keep);
+                }
+                // A spare came back with another device number.
+                _ => minor[next(3) as usize] += 1,
+            }
+            let resolve = |d: DevRef| match d {
+                DevRef::Main => "8:0".to_string(),
+                DevRef::Spare(i) => format!("8:{}", minor[i as usize]),
+                DevRef::Region(i) => format!("252:{i}"),
+                DevRef::Target => "8:64".into(),
+            };
+            kept.render(r as u32, t.clone(), resolve);
+            assert_eq!(kept.lines(r as u32), render(t, resolve), "step {step}");
+            assert!(kept.tables.len() <= RENDERED_KEPT);
+        }
     }
 
     #[test]

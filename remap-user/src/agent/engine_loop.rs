@@ -438,6 +438,10 @@ fn announce<D: DeviceMapper, I: BlockIo, W: Watch>(
         exhausted = r.exhausted.len(),
         micros = r.micros,
         suspended_micros = r.suspended_micros,
+        locate_micros = r.locate_micros,
+        prepare_micros = r.prepare_micros,
+        load_micros = r.load_micros,
+        commit_micros = r.commit_micros,
         cause,
         "remap batch done"
     );

@@ -100,7 +100,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let regions: BTreeSet<u32> = vol.regions.keys().copied().collect();
         for r in regions {
             let rn = region_name(&name, r);
-            let want = vol.region_lines(r);
+            let want = vol.region_lines(r).to_vec();
             let live = self.k.dm.table(&rn).map_err(err)?;
             let info = self.k.dm.info(&rn).map_err(err)?;
             // A crash between preparing a remap's table and its commit leaves that table in
@@ -149,8 +149,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             notes.push(format!(
                 "{rn}: served a longer span than its region (a crash while a region was cut); shortened"
             ));
-            let want = vol.region_lines(r);
-            self.k.dm.load(&rn, &want).map_err(err)?;
+            self.k.dm.load(&rn, vol.region_lines(r)).map_err(err)?;
             self.k.dm.suspend(&rn).map_err(err)?;
             self.k.dm.resume(&rn).map_err(err)?;
         }
@@ -194,7 +193,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             && start
                 .checked_add(len)
                 .is_some_and(|end| end <= vol.geo().size)
-            && crate::dm::same_table(&vol.span_lines((start, len), None), live)
+            && crate::dm::same_table(&vol.span_lines((start, len)), live)
     }
 
     /// The volume's own table, adopted. Its lines may go straight to the main or through
@@ -258,7 +257,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         let main = vol.resolve(table::DevRef::Main);
         if dev == main {
-            let want = vol.span_lines((*start, *len), None);
+            let want = vol.span_lines((*start, *len));
             return Ok(offset == vol.config.data_offset + start
                 && want.len() == 1
                 && want[0].2 == "linear"

@@ -270,6 +270,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             dev: (0, 0),
             target,
             rolling: None,
+            rendered: Default::default(),
         };
         // A copy whose blocks grew larger than the journal's unit (a spare cloned to a
         // 4Kn disk) must not be appended to in the smaller unit: a checkpoint moves the

@@ -453,7 +453,7 @@ fn a_table_prepared_but_never_committed_is_dropped_not_resumed() {
             pending: 0,
         },
     );
-    let prepared = vol.region_lines(0);
+    let prepared = vol.region_lines(0).to_vec();
     a.dm.load("v-remap-r0000", &prepared).unwrap();
     a.dm.suspend("v-remap-r0000").unwrap();
     let mut b = a.restart();
@@ -484,7 +484,7 @@ fn a_prepared_table_is_dropped_even_when_its_volume_does_not_assemble() {
             pending: 0,
         },
     );
-    let prepared = vol.region_lines(0);
+    let prepared = vol.region_lines(0).to_vec();
     a.dm.load("v-remap-r0000", &prepared).unwrap();
     // The volume cannot assemble: its second spare lost its metadata.
     let s2 = BlockDev {
@@ -518,7 +518,7 @@ fn a_region_resumed_by_hand_on_another_table_is_refused_not_reverted() {
             pending: 0,
         },
     );
-    let by_hand = vol.region_lines(0);
+    let by_hand = vol.region_lines(0).to_vec();
     a.dm.load("v-remap-r0000", &by_hand).unwrap();
     a.dm.suspend("v-remap-r0000").unwrap();
     a.dm.resume("v-remap-r0000").unwrap();
@@ -825,7 +825,7 @@ fn a_region_device_made_but_not_yet_under_the_volume_is_removed() {
     let mut a = rig(SimDm::new());
     a.create().unwrap();
     let vol = a.engine.volumes.get_mut("v").unwrap();
-    let lines = vol.region_lines(1);
+    let lines = vol.region_lines(1).to_vec();
     let uuid = crate::switch::dm_uuid(&vol.config.uuid, Some(1));
     a.dm.create("v-remap-r0001", &uuid, &lines).unwrap();
     let mut b = a.restart();

@@ -355,6 +355,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             dev: (0, 0),
             target: None,
             rolling: None,
+            rendered: Default::default(),
         };
         // Old metadata on a spare must not outrank ours at assembly: wipe both slots first.
         for s in vol.spares.values() {

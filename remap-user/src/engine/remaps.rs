@@ -37,6 +37,11 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                         }
                     }
                     t.micros += r.micros;
+                    t.locate_micros += r.locate_micros;
+                    t.prepare_micros += r.prepare_micros;
+                    t.load_micros += r.load_micros;
+                    t.commit_micros += r.commit_micros;
+                    t.cut.extend(r.cut);
                     t.suspended_micros = t.suspended_micros.max(r.suspended_micros);
                 }
             }

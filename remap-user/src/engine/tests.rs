@@ -511,7 +511,13 @@ fn a_block_that_fails_only_at_the_copy_gets_its_table_loaded_again_before_the_co
         ]
     );
     let live = r.dm.table("v-remap-r0000").unwrap();
-    let want = r.engine.volumes.get_mut("v").unwrap().region_lines(0);
+    let want = r
+        .engine
+        .volumes
+        .get_mut("v")
+        .unwrap()
+        .region_lines(0)
+        .to_vec();
     assert!(crate::dm::same_table(&want, &live), "{live:?}");
     assert_eq!(r.read_volume(1003), None, "the pending block does not read");
     assert_eq!(r.read_volume(1002), Some(golden(1002)));

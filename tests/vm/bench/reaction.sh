@@ -100,7 +100,8 @@ readers_stop
 emit readers-baseline "{\"terse\":$(jstr "$READERS_TERSE")}"
 
 # inject_one: one error, waits for its batch; sets INJ to "REACTION SUSPENDED LOG_MICROS
-# LOG_SUSPENDED" (microseconds), or "- - - -" when it could not be timed.
+# LOG_SUSPENDED" (microseconds), or "- - - -" when it could not be timed, and PHASES to
+# remapd's own "locate prepare load commit" times of the batch.
 INJ=
 inject_one() {
     local c s n=0 e u r line k2
@@ -135,6 +136,10 @@ inject_one() {
         return
     fi
     INJ="$((r - e)) $((r - u)) $(echo "$line" | sed -n 's/.* micros=\([0-9]*\).*/\1/p') $(echo "$line" | sed -n 's/.*suspended_micros=\([0-9]*\).*/\1/p')"
+    PHASES=
+    for k2 in locate prepare load commit; do
+        PHASES="$PHASES $(echo "$line" | sed -n "s/.*${k2}_micros=\([0-9]*\).*/\1/p")"
+    done
 }
 
 # flat_cmp SIZE LABEL SEGMENTS REPS: a flat table of SEGMENTS 4 KiB linear segments alternating
@@ -293,7 +298,7 @@ for size in $SIZES; do
     readers_start
     # One error first, not counted: the first of a series pays for cold caches.
     inject_one
-    rs=() ss=() lm=() ls=() misses=0
+    rs=() ss=() lm=() ls=() pl=() pp=() pd=() pc=() misses=0
     for ((k = 0; k < INJECT; k++)); do
         inject_one
         read -r a b c d <<<"$INJ"
@@ -305,9 +310,14 @@ for size in $SIZES; do
         ss+=("$b")
         lm+=("${c:-0}")
         ls+=("${d:-0}")
+        read -r a b c d <<<"$PHASES"
+        pl+=("${a:-0}")
+        pp+=("${b:-0}")
+        pd+=("${c:-0}")
+        pc+=("${d:-0}")
     done
     readers_stop
-    emit reaction "{\"remaps\":$size,\"actual\":$start_remaps,\"segments\":$segs,\"region_segments\":$inj_segs,\"reaction\":$(jlist "${rs[@]}"),\"suspended\":$(jlist "${ss[@]}"),\"log_micros\":$(jlist "${lm[@]}"),\"log_suspended\":$(jlist "${ls[@]}"),\"missed\":$misses,\"readers\":$(jstr "$READERS_TERSE")}"
+    emit reaction "{\"remaps\":$size,\"actual\":$start_remaps,\"segments\":$segs,\"region_segments\":$inj_segs,\"reaction\":$(jlist "${rs[@]}"),\"suspended\":$(jlist "${ss[@]}"),\"log_micros\":$(jlist "${lm[@]}"),\"log_suspended\":$(jlist "${ls[@]}"),\"log_locate\":$(jlist "${pl[@]}"),\"log_prepare\":$(jlist "${pp[@]}"),\"log_load\":$(jlist "${pd[@]}"),\"log_commit\":$(jlist "${pc[@]}"),\"missed\":$misses,\"readers\":$(jstr "$READERS_TERSE")}"
     progress "flat tables at $size remaps"
     flat_cmp "$size" same $((segs + 8)) "$FLAT_REPS"
     if [ "$size" -gt 0 ] && [ "$size" -le "$FLAT_SCATTERED_MAX" ]; then
