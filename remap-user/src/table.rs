@@ -512,16 +512,44 @@ pub type DmLine = (u64, u64, String, String);
 
 /// Renders segments for the kernel, naming devices with `resolve` (e.g. `8:16`).
 pub fn render(segments: &[Segment], mut resolve: impl FnMut(DevRef) -> String) -> Vec<DmLine> {
+    render_noting(segments, &mut resolve, &mut Vec::new())
+}
+
+/// [`render`], resolving each device once and noting it in `devs` (where it is looked up
+/// first): a table of thousands of lines names two or three devices, and its lines are built
+/// without formatting machinery, since a region's whole table is rendered in a remap's path.
+fn render_noting(
+    segments: &[Segment],
+    resolve: &mut impl FnMut(DevRef) -> String,
+    devs: &mut Vec<(DevRef, String)>,
+) -> Vec<DmLine> {
+    let mut digits = itoa::Buffer::new();
+    let mut params = |dev: DevRef, offset: u64, tail: &str| {
+        let i = match devs.iter().position(|(d, _)| *d == dev) {
+            Some(i) => i,
+            None => {
+                devs.push((dev, resolve(dev)));
+                devs.len() - 1
+            }
+        };
+        let name = &devs[i].1;
+        let offset = digits.format(offset);
+        let mut p = String::with_capacity(name.len() + 1 + offset.len() + tail.len());
+        p.push_str(name);
+        p.push(' ');
+        p.push_str(offset);
+        p.push_str(tail);
+        p
+    };
     segments
         .iter()
         .map(|s| {
             let (ty, params) = match s.target {
-                Target::Linear { dev, offset } => ("linear", format!("{} {offset}", resolve(dev))),
+                Target::Linear { dev, offset } => ("linear", params(dev, offset, "")),
                 // up 0 s, down 1 s: always down; one feature argument.
-                Target::ErrorReads { dev, offset } => (
-                    "flakey",
-                    format!("{} {offset} 0 1 1 error_reads", resolve(dev)),
-                ),
+                Target::ErrorReads { dev, offset } => {
+                    ("flakey", params(dev, offset, " 0 1 1 error_reads"))
+                }
                 Target::Error => ("error", String::new()),
             };
             (s.start, s.len, ty.to_owned(), params)
@@ -560,7 +588,7 @@ impl Rendered {
         &mut self,
         region: u32,
         segments: Vec<Segment>,
-        resolve: impl Fn(DevRef) -> String,
+        mut resolve: impl FnMut(DevRef) -> String,
     ) {
         self.clock += 1;
         let used = self.clock;
@@ -570,7 +598,7 @@ impl Rendered {
             .is_some_and(|t| t.devs.iter().all(|(d, s)| resolve(*d) == *s));
         if !current {
             let mut devs: Vec<(DevRef, String)> = Vec::new();
-            let lines = render(&segments, |d| named(&mut devs, d, &resolve));
+            let lines = render_noting(&segments, &mut resolve, &mut devs);
             self.tables.insert(
                 region,
                 RenderedTable {
@@ -591,10 +619,7 @@ impl Rendered {
                 .take(room)
                 .take_while(|(a, b)| a == b)
                 .count();
-            let devs = &mut t.devs;
-            let middle = render(&new[prefix..new.len() - suffix], |d| {
-                named(devs, d, &resolve)
-            });
+            let middle = render_noting(&new[prefix..new.len() - suffix], &mut resolve, &mut t.devs);
             t.lines.splice(prefix..old.len() - suffix, middle);
             t.segments = segments;
             t.used = used;
@@ -615,20 +640,6 @@ impl Rendered {
     pub fn lines(&self, region: u32) -> &[DmLine] {
         self.tables.get(&region).map_or(&[], |t| &t.lines)
     }
-}
-
-/// `d` resolved, noted in `devs` the first time.
-fn named(
-    devs: &mut Vec<(DevRef, String)>,
-    d: DevRef,
-    resolve: &impl Fn(DevRef) -> String,
-) -> String {
-    if let Some((_, s)) = devs.iter().find(|(k, _)| *k == d) {
-        return s.clone();
-    }
-    let s = resolve(d);
-    devs.push((d, s.clone()));
-    s
 }
 
 #[cfg(test)]
