@@ -23,6 +23,10 @@ pub struct Volume {
     /// with its first remap (or an evacuation's first window in it); until then the volume's
     /// table maps it straight to the main, and its I/O crosses one device-mapper layer.
     pub regions: BTreeMap<u32, (u32, u32)>,
+    /// major:minor of each group device there is, by fixed region: a fixed region that was
+    /// cut goes through one ([`Self::wants_group`]), so that the volume's table names a device
+    /// per fixed region however many times they were cut.
+    pub groups: BTreeMap<u32, (u32, u32)>,
     /// major:minor of the volume's own device.
     pub dev: (u32, u32),
     /// The new main of an evacuation under way ([`VolumeConfig::evacuation`]).
@@ -35,9 +39,11 @@ pub struct Volume {
 
 impl Volume {
     /// Whether the device numbered `major:minor` is one remap made for this volume (its own
-    /// device or a region's).
+    /// device, a region's or a group's).
     pub fn made_device(&self, major: u32, minor: u32) -> bool {
-        self.dev == (major, minor) || self.regions.values().any(|&d| d == (major, minor))
+        self.dev == (major, minor)
+            || self.regions.values().any(|&d| d == (major, minor))
+            || self.groups.values().any(|&d| d == (major, minor))
     }
 
     pub(crate) fn geo(&self) -> &Geometry {
@@ -53,6 +59,7 @@ impl Volume {
                 .map(|b| (b.major, b.minor))
                 .unwrap_or((0, 0)),
             DevRef::Region(r) => self.regions.get(&r).copied().unwrap_or((0, 0)),
+            DevRef::Group(f) => self.groups.get(&f).copied().unwrap_or((0, 0)),
             DevRef::Target => self
                 .target
                 .as_ref()
@@ -113,15 +120,27 @@ impl Volume {
         segs
     }
 
-    /// The volume device's own table: the regions that have a device through it, the others
-    /// straight to the main (adjacent ones in one segment).
+    /// The volume device's own table: the fixed regions that have a group device through it,
+    /// the other regions through their devices where they have one, straight to the main
+    /// elsewhere (adjacent ones in one segment).
     pub(crate) fn volume_lines(&self) -> Vec<table::DmLine> {
-        self.volume_lines_through(|r| self.regions.contains_key(&r))
+        let segs = table::volume_table(
+            self.config.regions(),
+            |f| self.groups.contains_key(&f),
+            |r| self.regions.contains_key(&r),
+        );
+        self.render_top(segs)
     }
 
-    /// [`Self::volume_lines`] with the regions `through` says going through their devices.
-    pub(crate) fn volume_lines_through(&self, through: impl Fn(u32) -> bool) -> Vec<table::DmLine> {
-        let mut segs = table::volume_table(self.config.regions(), through);
+    /// The table of fixed region `f`'s group device, its pieces through the devices they have.
+    pub(crate) fn group_lines(&self, f: u32) -> Vec<table::DmLine> {
+        let segs =
+            table::group_table(self.config.regions(), f, |r| self.regions.contains_key(&r));
+        self.render_top(segs)
+    }
+
+    /// Renders a table of whole regions: lines to the main start after its header.
+    fn render_top(&self, mut segs: Vec<table::Segment>) -> Vec<table::DmLine> {
         for s in &mut segs {
             if let table::Target::Linear {
                 dev: DevRef::Main,
@@ -132,6 +151,13 @@ impl Volume {
             }
         }
         table::render(&segs, |d| self.resolve(d))
+    }
+
+    /// Whether fixed region `f` must go through a group device: it was cut, and a piece of it
+    /// has a device (where none has, the volume maps its pieces straight to the main).
+    pub(crate) fn wants_group(&self, f: u32) -> bool {
+        let map = self.config.regions();
+        map.is_cut(f) && map.pieces(f).any(|r| self.regions.contains_key(&r))
     }
 
     /// Whether region `r` must have its own device: a chunk of it is remapped, or lives on an

@@ -141,6 +141,8 @@ pub enum DevRef {
     Main,
     Spare(u32),
     Region(u32),
+    /// The group device of a cut fixed region.
+    Group(u32),
     /// The new main of an evacuation under way, at the same offsets as the main.
     Target,
 }
@@ -485,11 +487,47 @@ fn build(
     }
 }
 
-/// The volume device's own table: its regions end to end, through their devices where
+/// The volume device's own table: its fixed regions end to end, a cut one through its group
+/// device where `has_group` says so, the others region by region, through their devices where
 /// `has_device` says so, straight to the main elsewhere (adjacent ones merged).
-pub fn volume_table(regions: RegionMap<'_>, has_device: impl Fn(u32) -> bool) -> Vec<Segment> {
+pub fn volume_table(
+    regions: RegionMap<'_>,
+    has_group: impl Fn(u32) -> bool,
+    has_device: impl Fn(u32) -> bool,
+) -> Vec<Segment> {
     let mut out = Vec::new();
-    for r in regions.in_order() {
+    for f in 0..regions.geo.regions() {
+        if has_group(f) {
+            let (start, len) = regions.geo.region_span(f);
+            let dev = DevRef::Group(f);
+            let target = Target::Linear { dev, offset: 0 };
+            push(&mut out, Segment { start, len, target });
+        } else {
+            pieces_into(&mut out, regions, f, 0, &has_device);
+        }
+    }
+    out
+}
+
+/// The table of the group device of cut fixed region `f`: its pieces end to end, from the
+/// group's sector 0, through their devices where `has_device` says so, straight to the main
+/// elsewhere. The volume's table goes through it, so that a cut reloads this table, which
+/// names the pieces of one fixed region, and never the volume's, which would name them all.
+pub fn group_table(regions: RegionMap<'_>, f: u32, has_device: impl Fn(u32) -> bool) -> Vec<Segment> {
+    let mut out = Vec::new();
+    pieces_into(&mut out, regions, f, regions.geo.region_span(f).0, &has_device);
+    out
+}
+
+/// Appends the pieces of fixed region `f`, their sectors less `base`.
+fn pieces_into(
+    out: &mut Vec<Segment>,
+    regions: RegionMap<'_>,
+    f: u32,
+    base: Sector,
+    has_device: &impl Fn(u32) -> bool,
+) {
+    for r in regions.pieces(f) {
         let (start, len) = regions.span(r);
         let target = if has_device(r) {
             Target::Linear {
@@ -502,9 +540,9 @@ pub fn volume_table(regions: RegionMap<'_>, has_device: impl Fn(u32) -> bool) ->
                 offset: start,
             }
         };
-        push(&mut out, Segment { start, len, target });
+        let start = start - base;
+        push(out, Segment { start, len, target });
     }
-    out
 }
 
 /// One line of a table as device-mapper takes it: (start, length, target type, parameters).
@@ -875,7 +913,7 @@ mod tests {
     #[test]
     fn volume_table_concatenates_regions() {
         let g = Geometry::new((40 << 20) + 4096, 512, 4096, 16 << 20).unwrap();
-        let v = volume_table(RegionMap::fixed(&g), |_| true);
+        let v = volume_table(RegionMap::fixed(&g), |_| false, |_| true);
         assert_covers(&v, g.size);
         assert_eq!(v.len(), 3);
         assert_eq!(v[2].len, g.size - 2 * g.region);
@@ -890,7 +928,7 @@ mod tests {
             geo: &g,
             cuts: &cuts,
         };
-        let v = volume_table(m, |_| true);
+        let v = volume_table(m, |_| false, |_| true);
         assert_covers(&v, g.size);
         let through: Vec<(u32, Sector, Sector)> = v
             .iter()
@@ -916,6 +954,42 @@ mod tests {
     }
 
     #[test]
+    fn a_cut_fixed_region_goes_through_its_group_whose_table_holds_its_pieces() {
+        let g = Geometry::new(64 << 20, 512, 4096, 16 << 20).unwrap();
+        let cuts = crate::volume::Cuts::from(vec![6000, 5000]);
+        let m = RegionMap {
+            geo: &g,
+            cuts: &cuts,
+        };
+        let v = volume_table(m, |f| f == 1, |r| r != 5);
+        assert_covers(&v, g.size);
+        let lin = |dev, offset| Target::Linear { dev, offset };
+        let targets: Vec<(Sector, Target)> = v.iter().map(|s| (s.start, s.target)).collect();
+        assert_eq!(
+            targets,
+            [
+                (0, lin(DevRef::Region(0), 0)),
+                (g.region, lin(DevRef::Group(1), 0)),
+                (2 * g.region, lin(DevRef::Region(2), 0)),
+                (3 * g.region, lin(DevRef::Region(3), 0)),
+            ]
+        );
+        // The group's own sectors, its pieces in order; one without a device on the main.
+        let t = group_table(m, 1, |r| r != 5);
+        assert_covers(&t, g.region);
+        let pieces: Vec<(Sector, Sector, Target)> =
+            t.iter().map(|s| (s.start, s.len, s.target)).collect();
+        assert_eq!(
+            pieces,
+            [
+                (0, 904 * 8, lin(DevRef::Region(1), 0)),
+                (904 * 8, 1000 * 8, lin(DevRef::Main, 5000 * 8)),
+                (1904 * 8, 2192 * 8, lin(DevRef::Region(4), 0)),
+            ]
+        );
+    }
+
+    #[test]
     fn regions_without_a_device_map_straight_to_the_main_in_one_piece() {
         let g = Geometry::new(64 << 20, 512, 4096, 16 << 20).unwrap();
         let main = |offset| Target::Linear {
@@ -923,7 +997,7 @@ mod tests {
             offset,
         };
         assert_eq!(
-            volume_table(RegionMap::fixed(&g), |_| false),
+            volume_table(RegionMap::fixed(&g), |_| false, |_| false),
             [Segment {
                 start: 0,
                 len: g.size,
@@ -931,7 +1005,7 @@ mod tests {
             }]
         );
         // Region 2 only: the main before and after it.
-        let v = volume_table(RegionMap::fixed(&g), |r| r == 2);
+        let v = volume_table(RegionMap::fixed(&g), |_| false, |r| r == 2);
         assert_covers(&v, g.size);
         let targets: Vec<Target> = v.iter().map(|s| s.target).collect();
         let through = Target::Linear {

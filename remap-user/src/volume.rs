@@ -269,16 +269,29 @@ impl RegionMap<'_> {
 
     /// Every region, in the order of the volume's sectors.
     pub fn in_order(&self) -> impl Iterator<Item = u32> + '_ {
-        (0..self.geo.regions()).flat_map(move |f| {
-            let from = u64::from(f) * self.per_region();
-            let to = from + self.per_region();
-            std::iter::once(f).chain(
-                self.cuts
-                    .by_chunk
-                    .range(from + 1..to)
-                    .map(move |(_, i)| self.geo.regions() + i),
-            )
-        })
+        (0..self.geo.regions()).flat_map(move |f| self.pieces(f))
+    }
+
+    /// The regions fixed region `f` was cut into (itself first), in the order of its sectors.
+    pub fn pieces(&self, f: u32) -> impl Iterator<Item = u32> + '_ {
+        let from = u64::from(f) * self.per_region();
+        let to = from + self.per_region();
+        std::iter::once(f).chain(
+            self.cuts
+                .by_chunk
+                .range(from + 1..to)
+                .map(move |(_, i)| self.geo.regions() + i),
+        )
+    }
+
+    /// Whether fixed region `f` was cut.
+    pub fn is_cut(&self, f: u32) -> bool {
+        self.pieces(f).nth(1).is_some()
+    }
+
+    /// The fixed region that region `r` is (or was cut from).
+    pub fn fixed_of(&self, r: u32) -> u32 {
+        self.geo.region_of_chunk(self.first_chunk(r))
     }
 }
 
@@ -459,6 +472,9 @@ mod tests {
         };
         assert_eq!(m.count(), 7);
         assert_eq!(m.in_order().collect::<Vec<_>>(), [0, 1, 6, 5, 4, 2, 3]);
+        assert_eq!(m.pieces(1).collect::<Vec<_>>(), [1, 6, 5, 4]);
+        assert!(m.is_cut(1) && !m.is_cut(0) && !m.is_cut(3));
+        assert_eq!([4, 5, 6, 1, 2].map(|r| m.fixed_of(r)), [1, 1, 1, 1, 2]);
         for (c, r) in [
             (0, 0),
             (4096, 1),

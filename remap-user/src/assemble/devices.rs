@@ -6,6 +6,7 @@ use crate::{
     blockdev::BlockIo,
     dm::DeviceMapper,
     engine::{Engine, EngineError, Volume, Watch, region_name},
+    switch::group_name,
     table,
 };
 
@@ -19,13 +20,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             return dropped;
         };
         for d in devices {
-            if !d.uuid.starts_with("REMAP-") || !d.name.contains("-remap-r") {
+            if !d.uuid.starts_with("REMAP-") || !d.name.contains("-remap-") {
                 continue;
             }
             let ours = self
                 .volumes
                 .keys()
-                .any(|v| d.name.starts_with(&format!("{v}-remap-r")));
+                .any(|v| d.name.starts_with(&format!("{v}-remap-")));
             if ours || !self.k.dm.info(&d.name).is_ok_and(|i| i.inactive_table) {
                 continue;
             }
@@ -136,10 +137,35 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 self.k.dm.resume(&rn).map_err(err)?;
             }
         }
+        // The groups of the cut fixed regions: adopted like the volume, or made (a crash
+        // while the first cut of a fixed region made its group, or devices of a remapd from
+        // before groups). A group no longer wanted stays until the volume stops naming it.
+        for f in 0..vol.geo().regions() {
+            if !vol.wants_group(f) {
+                continue;
+            }
+            let gn = group_name(&name, f);
+            match existing.get(&gn) {
+                Some(dev) => {
+                    vol.groups.insert(f, *dev);
+                    let want = vol.group_lines(f);
+                    let base = vol.geo().region_span(f).0;
+                    self.adopt_table(vol, &existing, &gn, &want, base, notes)?;
+                }
+                None => {
+                    if existing.contains_key(&name) {
+                        notes.push(format!("{gn}: made; the volume goes through it"));
+                    }
+                    self.k
+                        .create_group(vol, f)
+                        .map_err(|e| EngineError::Failed(e.to_string()))?;
+                }
+            }
+        }
         let top = vol.volume_lines();
         vol.dev = match existing.get(&name) {
             Some(dev) => {
-                self.adopt_volume_table(vol, &existing, &top, notes)?;
+                self.adopt_table(vol, &existing, &name, &top, 0, notes)?;
                 *dev
             }
             None => self.k.dm.create(&name, &uuid, &top).map_err(err)?,
@@ -153,12 +179,14 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             self.k.dm.suspend(&rn).map_err(err)?;
             self.k.dm.resume(&rn).map_err(err)?;
         }
-        // Devices of this volume that are no region of it (made for a cut that was never
-        // committed): nothing goes through them any more.
+        // Devices of this volume that are no region or group of it (made for a cut that was
+        // never committed): nothing goes through them any more. Groups come first by name,
+        // before the regions they may name.
         let ours: BTreeSet<String> = vol
             .regions
             .keys()
             .map(|r| region_name(&name, *r))
+            .chain(vol.groups.keys().map(|f| group_name(&name, *f)))
             .chain([name.clone()])
             .collect();
         for stray in existing.keys().filter(|n| !ours.contains(*n)) {
@@ -196,56 +224,63 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             && crate::dm::same_table(&vol.span_lines((start, len)), live)
     }
 
-    /// The volume's own table, adopted. Its lines may go straight to the main or through
-    /// any device of this volume (a crash while a region got its device or was cut): each is
-    /// checked to put the metadata's mapping on its sectors, then the table is swapped for
-    /// `top`. A line of any other kind was made by hand and the table is refused.
-    fn adopt_volume_table(
+    /// The live table of the volume's device or of a group (`base`: its first sector in the
+    /// volume), adopted. Its lines may go straight to the main or through any device of this
+    /// volume (a crash while a region got its device or was cut): each is checked to put the
+    /// metadata's mapping on its sectors, then the table is swapped for `want`. A line of any
+    /// other kind was made by hand and the table is refused.
+    fn adopt_table(
         &mut self,
         vol: &mut Volume,
         existing: &BTreeMap<String, (u32, u32)>,
-        top: &[table::DmLine],
+        name: &str,
+        want: &[table::DmLine],
+        base: u64,
         notes: &mut Vec<String>,
     ) -> Result<(), EngineError> {
-        let name = vol.config.name.clone();
         let err = |e: crate::dm::DmError| EngineError::Failed(e.to_string());
-        let info = self.k.dm.info(&name).map_err(err)?;
+        let info = self.k.dm.info(name).map_err(err)?;
         if info.inactive_table {
-            self.k.dm.clear(&name).map_err(err)?;
+            self.k.dm.clear(name).map_err(err)?;
         }
-        let live = self.k.dm.table(&name).map_err(err)?;
-        if !crate::dm::same_table(top, &live) {
+        let live = self.k.dm.table(name).map_err(err)?;
+        let same = crate::dm::same_table(want, &live);
+        if !same {
             for line in &live {
-                if !self.line_is_true(vol, existing, line)? {
+                if !self.line_is_true(vol, existing, line, base, true)? {
                     return Err(EngineError::Refused(format!(
                         "{name} serves a table remap did not make (it was loaded by hand): refusing to replace it; stop the volume (dmsetup remove) and assemble again"
                     )));
                 }
             }
             notes.push(format!(
-                "{name}: its table went through other region devices than the metadata's (a crash while a region got its device or was cut); swapped"
+                "{name}: its table went through other devices than the metadata's (a crash while a region got its device or was cut); swapped"
             ));
-            self.k.dm.load(&name, top).map_err(err)?;
-            self.k.dm.suspend_keeping_fs(&name).map_err(err)?;
+            self.k.dm.load(name, want).map_err(err)?;
+            self.k.dm.suspend_keeping_fs(name).map_err(err)?;
         } else if info.suspended {
             notes.push(format!("{name}: was left suspended; resumed"));
         }
-        if !crate::dm::same_table(top, &live) || info.suspended {
-            self.k.dm.resume(&name).map_err(err)?;
+        if !same || info.suspended {
+            self.k.dm.resume(name).map_err(err)?;
         }
         Ok(())
     }
 
-    /// Whether one line of a running volume's table puts the metadata's mapping on its
-    /// sectors: straight to the main where nothing is remapped, or through a device of this
-    /// volume from its start whose table is what the metadata has there.
+    /// Whether one line of a table whose sector 0 is the volume's sector `base` puts the
+    /// metadata's mapping on its sectors: straight to the main where nothing is remapped, or
+    /// from its start through a device of this volume whose table is what the metadata has
+    /// there (a group's, line by line, where `groups` allows one).
     fn line_is_true(
         &self,
         vol: &mut Volume,
         existing: &BTreeMap<String, (u32, u32)>,
         line: &table::DmLine,
+        base: u64,
+        groups: bool,
     ) -> Result<bool, EngineError> {
         let (start, len, kind, params) = line;
+        let at = base + start;
         let mut p = params.split_whitespace();
         let (Some(dev), Some(Ok(offset)), None) =
             (p.next(), p.next().map(str::parse::<u64>), p.next())
@@ -257,8 +292,8 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         }
         let main = vol.resolve(table::DevRef::Main);
         if dev == main {
-            let want = vol.span_lines((*start, *len));
-            return Ok(offset == vol.config.data_offset + start
+            let want = vol.span_lines((at, *len));
+            return Ok(offset == vol.config.data_offset + at
                 && want.len() == 1
                 && want[0].2 == "linear"
                 && want[0].3 == format!("{main} {offset}"));
@@ -273,6 +308,20 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
         let err = |e: crate::dm::DmError| EngineError::Failed(e.to_string());
         let serves = self.k.dm.table(&device).map_err(err)?;
         let served = serves.last().map_or(0, |l| l.0 + l.1);
-        Ok(offset == 0 && *len <= served && self.serves_its_span(vol, &serves, *start))
+        if offset != 0 || *len > served {
+            return Ok(false);
+        }
+        if !device.starts_with(&format!("{}-remap-g", vol.config.name)) {
+            return Ok(self.serves_its_span(vol, &serves, at));
+        }
+        if !groups {
+            return Ok(false);
+        }
+        for l in &serves {
+            if !self.line_is_true(vol, existing, l, at, false)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }

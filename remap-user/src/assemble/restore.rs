@@ -267,6 +267,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             pool,
             remaps,
             regions: BTreeMap::new(),
+            groups: BTreeMap::new(),
             dev: (0, 0),
             target,
             rolling: None,

@@ -128,7 +128,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             report.notes.extend(
                 dropped
                     .iter()
-                    .filter(|d| d.starts_with(&format!("{name}-remap-r")))
+                    .filter(|d| d.starts_with(&format!("{name}-remap-")))
                     .map(|d| format!("{d}: dropped a table loaded but never made live")),
             );
             if self.volumes.contains_key(&name) {

@@ -352,6 +352,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
             pool,
             remaps: RemapTable::default(),
             regions: BTreeMap::new(),
+            groups: BTreeMap::new(),
             dev: (0, 0),
             target: None,
             rolling: None,
