@@ -134,8 +134,7 @@ impl Volume {
 
     /// The table of fixed region `f`'s group device, its pieces through the devices they have.
     pub(crate) fn group_lines(&self, f: u32) -> Vec<table::DmLine> {
-        let segs =
-            table::group_table(self.config.regions(), f, |r| self.regions.contains_key(&r));
+        let segs = table::group_table(self.config.regions(), f, |r| self.regions.contains_key(&r));
         self.render_top(segs)
     }
 

@@ -18,90 +18,110 @@ use crate::{
     volume::MAX_REGIONS,
 };
 
-/// Segments past which a region's table is cut in two: a table this long loads in tens of
-/// milliseconds even on an emulated CPU (a 250,000-segment one takes seconds), and a disk
-/// failing in scattered sectors (two segments a remap) fills the format's regions only past
-/// 60 million remaps.
-pub const CUT_SEGMENTS: usize = 2048;
+/// Segments past which a region's table is cut in two: a table this long loads in a few
+/// milliseconds even on an emulated CPU (2,048 segments take about 25, 250,000 take seconds).
+/// A cut reloads one group's table, which names the pieces of one fixed region (a table naming
+/// N devices loads in N² time), and a disk failing in scattered sectors (two segments a
+/// remap) fills the format's regions only past 8 million remaps.
+pub const CUT_SEGMENTS: usize = 512;
 
 impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
     /// Cuts every region of `regions` whose table is longer than the bound, and the parts
     /// again while they are (a volume assembled from before cuts existed catches up at its
-    /// first remap there). A failure is logged and leaves the volume serving what it did: the
-    /// remaps are in, only the next ones cost more.
+    /// first remap there), all in one step: one swap of each group's table, one commit. A
+    /// failure is logged and leaves the volume serving what it did: the remaps are in, only
+    /// the next ones cost more. Returns the new regions.
     pub(crate) fn cut_long_regions(&mut self, vol: &mut Volume, regions: &[u32]) -> Vec<u32> {
+        let before = vol.config.cuts.len();
         let mut todo: Vec<u32> = regions.to_vec();
-        let mut made = Vec::new();
+        let (mut new, mut shrink) = (BTreeSet::new(), BTreeSet::new());
         while let Some(r) = todo.pop() {
-            if vol.remaps.segments_of(r) <= self.cut_segments {
+            let map = vol.config.regions();
+            let has_device = vol.regions.contains_key(&r) || new.contains(&r);
+            if vol.remaps.segments_of(r) <= self.cut_segments
+                || map.count() >= MAX_REGIONS
+                || !has_device
+            {
                 continue;
             }
-            match self.cut(vol, r) {
-                Ok(Some(new)) => {
-                    made.push(new);
-                    todo.extend([r, new]);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(
-                        volume = vol.config.name,
-                        region = r,
-                        "cutting a long region table in two failed: {e}; remaps there cost more until the next try"
-                    );
-                    break;
-                }
+            let Some(at) = vol.remaps.middle(map.chunks(r)) else {
+                continue;
+            };
+            let part = map.count();
+            vol.config.cuts.push(at);
+            // Both parts' tables, built now: their length says whether to cut them again.
+            vol.region_lines(r);
+            vol.region_lines(part);
+            if !new.contains(&r) {
+                shrink.insert(r);
             }
+            new.insert(part);
+            todo.extend([r, part]);
         }
-        made
+        if new.is_empty() {
+            return Vec::new();
+        }
+        let cuts = vol.config.cuts.chunks()[before..].to_vec();
+        if let Err(e) = self.cut(vol, &new, &shrink, &cuts) {
+            tracing::warn!(
+                volume = vol.config.name,
+                regions = ?shrink,
+                "cutting long region tables failed: {e}; remaps there cost more until the next try"
+            );
+            return Vec::new();
+        }
+        new.into_iter().collect()
     }
 
-    /// Cuts region `r` at its middle remap; returns the new region (`None`: it cannot be cut,
-    /// or the format has no region left).
-    pub(crate) fn cut(&mut self, vol: &mut Volume, r: u32) -> Result<Option<u32>> {
-        let map = vol.config.regions();
-        let Some(at) = vol.remaps.middle(map.chunks(r)) else {
-            return Ok(None);
-        };
-        if map.count() >= MAX_REGIONS || !vol.regions.contains_key(&r) {
-            return Ok(None);
-        }
-        let new = map.count();
+    /// Makes `cuts` (the last ones in the model, whose new parts are `new`) real: the parts'
+    /// devices made and the tables above through them, the cuts committed, then the regions
+    /// they were cut from (`shrink`) shortened.
+    fn cut(
+        &mut self,
+        vol: &mut Volume,
+        new: &BTreeSet<u32>,
+        shrink: &BTreeSet<u32>,
+        cuts: &[u64],
+    ) -> Result<()> {
         let name = vol.config.name.clone();
-        let rn = region_name(&name, r);
-        vol.config.cuts.push(at);
-        // The new part's device serves what the region's device serves there: nothing
+        // Each new part's device serves what its region's device serves there: nothing
         // changes for any I/O when the group's table goes through it.
-        let made = self.materialize(vol, &BTreeSet::from([new]));
-        if let Err(e) = made {
-            vol.config.cuts.pop();
+        if let Err(e) = self.materialize(vol, new) {
+            for _ in cuts {
+                vol.config.cuts.pop();
+            }
             return Err(e);
         }
         crash_point("after-cut-swap");
-        // On a failure the volume goes on through the new device (every table agrees with
-        // it): the cut is recorded with the next checkpoint, or a restart before it puts the
-        // old layout back.
-        self.commit_ops(vol, &[JournalOp::Cut { at }])?;
+        // On a failure the volume goes on through the new devices (every table agrees with
+        // them): the cuts are recorded with the next checkpoint, or a restart before it puts
+        // the old layout back.
+        let ops: Vec<JournalOp> = cuts.iter().map(|&at| JournalOp::Cut { at }).collect();
+        self.commit_ops(vol, &ops)?;
         crash_point("after-cut-commit");
-        let shrunk = self
-            .dm
-            .load(&rn, vol.region_lines(r))
-            .and_then(|()| self.dm.suspend(&rn))
-            .and_then(|()| self.dm.resume(&rn));
-        if let Err(e) = shrunk {
-            // Its longer table maps its own sectors the same and the rest is not used: the
-            // next remap there (or assembly) loads it again.
-            let _ = self.dm.clear(&rn);
-            let _ = self.dm.resume(&rn);
-            return Err(failed(format!("shrinking {rn}"))(e.to_string()));
+        for &r in shrink {
+            let rn = region_name(&name, r);
+            let shrunk = self
+                .dm
+                .load(&rn, vol.region_lines(r))
+                .and_then(|()| self.dm.suspend(&rn))
+                .and_then(|()| self.dm.resume(&rn));
+            if let Err(e) = shrunk {
+                // Its longer table maps its own sectors the same and the rest is not used:
+                // the next remap there (or assembly) loads it again.
+                let _ = self.dm.clear(&rn);
+                let _ = self.dm.resume(&rn);
+                return Err(failed(format!("shrinking {rn}"))(e.to_string()));
+            }
         }
         tracing::info!(
             volume = name,
-            region = r,
-            new,
-            at_chunk = at,
-            "a region's table grew long: cut in two"
+            regions = ?shrink,
+            new = ?new,
+            at_chunks = ?cuts,
+            "long region tables cut in two"
         );
-        Ok(Some(new))
+        Ok(())
     }
 }
 
@@ -176,6 +196,138 @@ mod tests {
             r.engine.volumes["v"].config.cuts
         );
         assert_eq!(b.read_volume(2004 * 8 + 4), Some(golden(2004 * 8 + 4)));
+    }
+
+    #[test]
+    fn a_cut_reloads_its_fixed_regions_group_and_never_the_volumes_table() {
+        let mut r = cut_rig(&SCATTERED[..4]);
+        assert!(!r.engine.volumes["v"].config.cuts.is_empty(), "a first cut");
+        assert!(r.engine.volumes["v"].groups.contains_key(&0));
+        let top = r.dm.table("v").unwrap();
+        r.dm.take_log();
+        for &c in &SCATTERED[4..] {
+            r.io.fail_reads(SIM, MAIN, c * 8 + 3..c * 8 + 4);
+            assert_eq!(r.error(MAIN, c * 8, 8)[0].remapped, [c]);
+        }
+        let log = r.dm.take_log();
+        assert!(log.iter().any(|l| l == "load v-remap-g0000"), "{log:?}");
+        assert!(
+            !log.iter().any(|l| l.ends_with(" v")),
+            "the volume's table stays: {log:?}"
+        );
+        assert_eq!(r.dm.table("v").unwrap(), top);
+        // The volume names one device for region 0 however many pieces it has now.
+        let tables = named_tables(&r.dm, "v");
+        assert_eq!(tables["v"][0].3, "v-remap-g0000", "{:?}", tables["v"]);
+        assert!(tables["v-remap-g0000"].len() >= 6);
+        for c in SCATTERED {
+            assert_eq!(r.read_volume(c * 8), Some(golden(c * 8)), "chunk {c}");
+        }
+    }
+
+    #[test]
+    fn a_cut_not_committed_in_a_fixed_region_with_its_group_is_undone_at_adoption() {
+        let r = cut_rig(&SCATTERED[..8]);
+        let before = named_tables(&r.dm, "v");
+        {
+            // What a crash before a later cut's commit leaves: the group through a new piece.
+            let mut b = r.restart();
+            b.engine.assemble(None);
+            let vol = b.engine.volumes.get_mut("v").unwrap();
+            let new = vol.config.regions().count();
+            vol.config.cuts.push(SCATTERED[7] + 1);
+            b.engine.k.materialize(vol, &BTreeSet::from([new])).unwrap();
+            let live = named_tables(&r.dm, "v");
+            assert_ne!(live["v-remap-g0000"], before["v-remap-g0000"]);
+            assert_eq!(live["v"], before["v"], "the volume's table stayed");
+        }
+        let mut b = r.restart();
+        let rep = b.engine.assemble(None);
+        assert_eq!(rep[0].outcome, "adopted", "{rep:?}");
+        for note in [
+            "v-remap-g0000: its table went through other devices",
+            "not a region of",
+        ] {
+            assert!(
+                rep[0].notes.iter().any(|n| n.contains(note)),
+                "{note}: {rep:?}"
+            );
+        }
+        assert_eq!(named_tables(&b.dm, "v"), before);
+        for c in &SCATTERED[..8] {
+            assert_eq!(b.read_volume(c * 8), Some(golden(c * 8)));
+        }
+    }
+
+    #[test]
+    fn devices_of_a_remapd_from_before_groups_are_adopted_into_groups() {
+        let r = cut_rig(&SCATTERED[..8]);
+        let want = named_tables(&r.dm, "v");
+        {
+            // What a remapd without groups leaves: the volume names every piece itself.
+            let mut b = r.restart();
+            b.engine.assemble(None);
+            let vol = b.engine.volumes.get_mut("v").unwrap();
+            let groups = std::mem::take(&mut vol.groups);
+            assert!(!groups.is_empty());
+            let flat = vol.volume_lines();
+            r.dm.load("v", &flat).unwrap();
+            r.dm.suspend("v").unwrap();
+            r.dm.resume("v").unwrap();
+            for f in groups.keys() {
+                r.dm.remove(&crate::switch::group_name("v", *f)).unwrap();
+            }
+        }
+        let mut b = r.restart();
+        let rep = b.engine.assemble(None);
+        assert_eq!(rep[0].outcome, "adopted", "{rep:?}");
+        assert!(
+            rep[0]
+                .notes
+                .iter()
+                .any(|n| n.contains("v-remap-g0000: made")),
+            "{rep:?}"
+        );
+        assert_eq!(named_tables(&b.dm, "v"), want);
+        for c in &SCATTERED[..8] {
+            assert_eq!(b.read_volume(c * 8), Some(golden(c * 8)));
+            assert_eq!(b.read_volume(c * 8 + 3), None);
+        }
+    }
+
+    #[test]
+    fn a_batch_that_makes_a_region_many_times_too_long_is_cut_in_one_step() {
+        let mut r = rig(SimDm::new());
+        r.create().unwrap();
+        r.engine.k.cut_segments = 12;
+        r.dm.take_log();
+        // 30 chunks far apart in region 0 in one request: some 60 segments.
+        let lbas: Vec<u64> = (0..30).map(|k| (10 + k * 130) * 8).collect();
+        let rep = r.engine.remap_add("v", &lbas, 8).unwrap();
+        assert!(rep.cut.len() >= 5, "{rep:?}");
+        let log = r.dm.take_log();
+        let count = |what: &str| log.iter().filter(|l| *l == what).count();
+        assert_eq!(count("create v-remap-g0000"), 1, "{log:?}");
+        assert_eq!(
+            count("load v-remap-g0000"),
+            0,
+            "made once with every piece: {log:?}"
+        );
+        assert_eq!(
+            count("load v"),
+            2,
+            "the first remap, then the group: {log:?}"
+        );
+        let lens = region_lens(&r);
+        assert_eq!(lens.len(), rep.cut.len() + 1, "{lens:?}");
+        assert!(lens.iter().all(|(_, n)| *n <= 12), "{lens:?}");
+        for lba in lbas {
+            assert_eq!(r.read_volume(lba), Some(golden(lba)));
+            assert_eq!(r.read_volume(lba + 8), Some(golden(lba + 8)));
+        }
+        let mut b = r.reboot();
+        b.engine.assemble(None);
+        assert_eq!(named_tables(&b.dm, "v"), named_tables(&r.dm, "v"));
     }
 
     #[test]

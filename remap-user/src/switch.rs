@@ -115,18 +115,19 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         let name = vol.config.name.clone();
         // Devices made here that no live table names go again on a failure (`live`: the
         // fixed regions whose group went through its new pieces).
-        let undo = |k: &Self, vol: &mut Volume, made: &[u32], groups: &[u32], live: &BTreeSet<u32>| {
-            for f in groups {
-                vol.groups.remove(f);
-                let _ = k.dm.remove(&group_name(&name, *f));
-            }
-            for r in made {
-                if !live.contains(&vol.config.regions().fixed_of(*r)) {
-                    vol.regions.remove(r);
-                    let _ = k.dm.remove(&region_name(&name, *r));
+        let undo =
+            |k: &Self, vol: &mut Volume, made: &[u32], groups: &[u32], live: &BTreeSet<u32>| {
+                for f in groups {
+                    vol.groups.remove(f);
+                    let _ = k.dm.remove(&group_name(&name, *f));
                 }
-            }
-        };
+                for r in made {
+                    if !live.contains(&vol.config.regions().fixed_of(*r)) {
+                        vol.regions.remove(r);
+                        let _ = k.dm.remove(&region_name(&name, *r));
+                    }
+                }
+            };
         let mut live = BTreeSet::new();
         let mut made = Vec::new();
         for &r in &new {

@@ -513,9 +513,19 @@ pub fn volume_table(
 /// group's sector 0, through their devices where `has_device` says so, straight to the main
 /// elsewhere. The volume's table goes through it, so that a cut reloads this table, which
 /// names the pieces of one fixed region, and never the volume's, which would name them all.
-pub fn group_table(regions: RegionMap<'_>, f: u32, has_device: impl Fn(u32) -> bool) -> Vec<Segment> {
+pub fn group_table(
+    regions: RegionMap<'_>,
+    f: u32,
+    has_device: impl Fn(u32) -> bool,
+) -> Vec<Segment> {
     let mut out = Vec::new();
-    pieces_into(&mut out, regions, f, regions.geo.region_span(f).0, &has_device);
+    pieces_into(
+        &mut out,
+        regions,
+        f,
+        regions.geo.region_span(f).0,
+        &has_device,
+    );
     out
 }
 
@@ -1073,7 +1083,7 @@ mod tests {
             let resolve = |d: DevRef| match d {
                 DevRef::Main => "8:0".to_string(),
                 DevRef::Spare(i) => format!("8:{}", minor[i as usize]),
-                DevRef::Region(i) => format!("252:{i}"),
+                DevRef::Region(i) | DevRef::Group(i) => format!("252:{i}"),
                 DevRef::Target => "8:64".into(),
             };
             kept.render(r as u32, t.clone(), resolve);
@@ -1110,7 +1120,7 @@ mod tests {
         let lines = render(&segs, |d| match d {
             DevRef::Main => "8:0".into(),
             DevRef::Spare(i) => format!("8:{}", 16 * (i + 1)),
-            DevRef::Region(i) => format!("252:{i}"),
+            DevRef::Region(i) | DevRef::Group(i) => format!("252:{i}"),
             DevRef::Target => "8:48".into(),
         });
         assert_eq!(lines[0], (0, 8, "linear".into(), "8:0 0".into()));

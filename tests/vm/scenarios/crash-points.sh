@@ -188,7 +188,7 @@ trial() {
     live=$(dm_tables)
     stop_agent
     dmsetup remove "$VOL" || echo "dmsetup remove $VOL failed" >>/tmp/why
-    for d in $(dmsetup ls | awk '{ print $1 }' | grep "^$VOL-remap-r"); do
+    for d in $(dmsetup ls | awk '{ print $1 }' | grep "^$VOL-remap-"); do
         dmsetup remove "$d" || echo "dmsetup remove $d failed" >>/tmp/why
     done
     [ "$(dmsetup ls)" = "No devices found" ] || echo "devices left: $(dmsetup ls | tr '\n' ' ')" >>/tmp/why
