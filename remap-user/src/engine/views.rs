@@ -36,6 +36,8 @@ pub struct VolumeStatus {
     pub regions_cut: usize,
     /// Regions with a device of their own (those with remaps): the others cost no layer.
     pub region_devices: usize,
+    /// Cut fixed regions the volume reaches through a group device.
+    pub group_devices: usize,
     pub remaps: usize,
     /// Remapped chunks whose data is at home (their pending blocks failing reads there, as
     /// an evacuation leaves them): of `remaps`, those that hold no spare.
@@ -383,6 +385,7 @@ pub(crate) fn status_of(vol: &Volume) -> VolumeStatus {
         regions: vol.config.regions().count(),
         regions_cut: vol.config.cuts.len(),
         region_devices: vol.regions.len(),
+        group_devices: vol.groups.len(),
         remaps: vol.remaps.len(),
         remaps_at_home: vol
             .remaps

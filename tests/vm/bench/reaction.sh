@@ -248,31 +248,41 @@ ckpt_field() {
 }
 
 # scale_at SIZE: the volume's tables saved; the volume stopped and the agent restarted (it
-# assembles at start); the same tables created with dmsetup.
+# assembles at start); the same tables created with dmsetup (regions, the groups over them,
+# the volume over both: each device of the volume named by its stand-in's path).
 scale_at() {
-    local r t0 floor_us m0 m1 kfloor kasm regions=()
+    local r t0 floor_us m0 m1 kfloor kasm regions=() groups=()
     rm -rf /tmp/floor && mkdir /tmp/floor
-    for r in $(dmsetup ls | awk -v v="$VOL-remap-r" 'index($1, v) == 1 {print $1}' | sort); do
+    : >/tmp/floor/devnos
+    for r in $(dmsetup ls | awk -v v="$VOL-remap-" 'index($1, v) == 1 {print $1}' | sort); do
         dmsetup table "$r" >"/tmp/floor/$r"
-        regions+=("$r")
+        case $r in
+        "$VOL"-remap-g*) groups+=("$r") ;;
+        *) regions+=("$r") ;;
+        esac
+        echo "$(dmsetup info -c --noheadings -o major,minor --separator : "$r" | tr -d ' ') $r" >>/tmp/floor/devnos
+    done
+    dmsetup table "$VOL" >/tmp/floor/top
+    for r in "${groups[@]}" top; do
+        awk 'NR == FNR { m[$1] = $2; next } ($4 in m) { $4 = "/dev/mapper/bench-" m[$4] } { print }' \
+            /tmp/floor/devnos "/tmp/floor/$r" >"/tmp/floor/$r.named"
     done
     remapctl --json stop $VOL >/dev/null || { echo "stop failed" >&2; return 1; }
     agent_stop
-    # The kernel floor: the same region tables and a volume table over them, with dmsetup.
-    local off=0 size top=""
+    # The kernel floor: the same tables, with dmsetup.
     echo >$T/trace
     t0=$(now_us)
     for r in "${regions[@]}"; do
         dmsetup create "bench-$r" <"/tmp/floor/$r"
-        size=$(awk '{e = $1 + $2} END {print e}' "/tmp/floor/$r")
-        top+="$off $size linear /dev/mapper/bench-$r 0"$'\n'
-        off=$((off + size))
     done
-    printf '%s' "$top" | dmsetup create bench-floor
+    for r in "${groups[@]}"; do
+        dmsetup create "bench-$r" <"/tmp/floor/$r.named"
+    done
+    dmsetup create bench-floor </tmp/floor/top.named
     floor_us=$(($(now_us) - t0))
     read -r kfloor _ _ <<<"$(trace_pairs bench_io bench_ior)"
     dmsetup remove bench-floor
-    for r in "${regions[@]}"; do dmsetup remove "bench-$r"; done
+    for r in "${groups[@]}" "${regions[@]}"; do dmsetup remove "bench-$r"; done
     # The agent's start without assembly, right before: the part of "ready" that is not assembly.
     agent_start --no-assemble || return 1
     local base=$READY_US
@@ -285,7 +295,7 @@ scale_at() {
     local line remaps
     line=$(grep "assembled" "$LOG" | tail -1)
     remaps=$(status_num remaps)
-    emit scale "{\"size\":$1,\"remaps\":$remaps,\"regions\":${#regions[@]},\"segments\":$(region_segments),\"ready_micros\":$READY_US,\"start_micros\":$base,\"floor_micros\":$floor_us,\"floor_processes\":$((${#regions[@]} + 1)),\"kernel_floor_micros\":${kfloor:-0},\"kernel_assembly_micros\":${kasm:-0},\"hwm_kb\":$(proc_kb $AGENT_PID VmHWM),\"rss_kb\":$(proc_kb $AGENT_PID VmRSS),\"checkpoint_sectors\":$((m1 - m0)),\"ckpt_bytes\":$(superblock 56 8),\"config_bytes\":$(ckpt_field 12 4),\"journal_blocks\":$(superblock 76 4),\"journal_unit\":$(journal_unit),\"log\":$(jstr "$line")}"
+    emit scale "{\"size\":$1,\"remaps\":$remaps,\"regions\":${#regions[@]},\"segments\":$(region_segments),\"ready_micros\":$READY_US,\"start_micros\":$base,\"floor_micros\":$floor_us,\"floor_processes\":$((${#regions[@]} + ${#groups[@]} + 1)),\"kernel_floor_micros\":${kfloor:-0},\"kernel_assembly_micros\":${kasm:-0},\"hwm_kb\":$(proc_kb $AGENT_PID VmHWM),\"rss_kb\":$(proc_kb $AGENT_PID VmRSS),\"checkpoint_sectors\":$((m1 - m0)),\"ckpt_bytes\":$(superblock 56 8),\"config_bytes\":$(ckpt_field 12 4),\"journal_blocks\":$(superblock 76 4),\"journal_unit\":$(journal_unit),\"log\":$(jstr "$line")}"
     progress "scale: $remaps remaps assembled, ready in $((READY_US / 1000)) ms, dmsetup floor $((floor_us / 1000)) ms"
 }
 

@@ -79,7 +79,8 @@ pub(crate) fn print_status(v: &Value, map: Option<&VolumeMap>) {
     let cut = v["regions_cut"].as_u64().unwrap_or(0);
     let fixed = v["regions"].as_u64().unwrap_or(0) - cut;
     let cut = if cut > 0 {
-        format!(" + {cut} cut from long ones")
+        let groups = v["group_devices"].as_u64().unwrap_or(0);
+        format!(" + {cut} cut from long ones, through {groups} group device(s)")
     } else {
         String::new()
     };
