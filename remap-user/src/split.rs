@@ -260,6 +260,18 @@ mod tests {
     }
 
     #[test]
+    fn a_cut_volume_stops_with_its_groups_and_regions_and_is_made_again() {
+        let mut r = cut_rig(&SCATTERED[..8]);
+        let live = named_tables(&r.dm, "v");
+        assert!(live.contains_key("v-remap-g0000"));
+        r.engine.stop("v").unwrap();
+        assert_eq!(r.dm.list("").unwrap(), [], "every device removed");
+        let rep = r.engine.assemble(Some("v"));
+        assert_eq!(rep[0].outcome, "created", "{rep:?}");
+        assert_eq!(named_tables(&r.dm, "v"), live);
+    }
+
+    #[test]
     fn devices_of_a_remapd_from_before_groups_are_adopted_into_groups() {
         let r = cut_rig(&SCATTERED[..8]);
         let want = named_tables(&r.dm, "v");

@@ -13,7 +13,7 @@ use crate::{
         self, Journal, Layout, SpareRecord, VolumeConfig, codec::uuid_bytes, crash_point, header,
     },
     registry::same,
-    switch::region_name,
+    switch::{group_name, region_name},
     table::RemapTable,
     volume::{Geometry, PendingMode, SECTOR, Sector, UnreadablePolicy},
 };
@@ -204,10 +204,10 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 "volume `{name}` already exists"
             )));
         }
-        // The names of its region devices too: they are made later, at a region's first
-        // remap, and must be free then.
+        // The names of its region and group devices too: they are made later, at a region's
+        // first remap or cut, and must be free then.
         let region_prefix = region_name(name, 0);
-        let region_prefix = &region_prefix[..region_prefix.len() - 4];
+        let region_prefix = &region_prefix[..region_prefix.len() - 5];
         if let Some(d) = self
             .k
             .dm
@@ -412,12 +412,13 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Engine<D, I, W> {
                 "cannot remove /dev/mapper/{name} ({e}); is it mounted or open?"
             ))
         })?;
-        for r in vol.regions.keys() {
-            let rn = region_name(name, *r);
+        // Groups before the regions they hold.
+        let below = vol.groups.keys().map(|f| group_name(name, *f));
+        for dn in below.chain(vol.regions.keys().map(|r| region_name(name, *r))) {
             self.k
                 .dm
-                .remove(&rn)
-                .map_err(|e| failed(format!("removing {rn}"))(e.to_string()))?;
+                .remove(&dn)
+                .map_err(|e| failed(format!("removing {dn}"))(e.to_string()))?;
         }
         let vol = self.volumes.remove(name).expect("looked up above");
         let unmirrored = self.mirror_backlog.remove(name).unwrap_or(u64::MAX);

@@ -253,14 +253,18 @@ ckpt_field() {
 scale_at() {
     local r t0 floor_us m0 m1 kfloor kasm regions=() groups=()
     rm -rf /tmp/floor && mkdir /tmp/floor
-    : >/tmp/floor/devnos
-    for r in $(dmsetup ls | awk -v v="$VOL-remap-" 'index($1, v) == 1 {print $1}' | sort); do
-        dmsetup table "$r" >"/tmp/floor/$r"
+    # One dmsetup each for every table and every device number: thousands of regions.
+    dmsetup table | awk -v v="$VOL-remap-" -v d=/tmp/floor 'index($1, v) == 1 {
+        n = substr($1, 1, length($1) - 1)
+        if (n != last) { if (last != "") close(d "/" last); last = n }
+        $1 = ""; sub(/^ /, ""); print > (d "/" n) }'
+    dmsetup info -c --noheadings -o major,minor,name --separator : |
+        awk -F: -v v="$VOL-remap-" '{ gsub(/ /, "") } index($3, v) == 1 { print $1 ":" $2, $3 }' >/tmp/floor/devnos
+    for r in $(awk '{ print $2 }' /tmp/floor/devnos | sort); do
         case $r in
         "$VOL"-remap-g*) groups+=("$r") ;;
         *) regions+=("$r") ;;
         esac
-        echo "$(dmsetup info -c --noheadings -o major,minor --separator : "$r" | tr -d ' ') $r" >>/tmp/floor/devnos
     done
     dmsetup table "$VOL" >/tmp/floor/top
     for r in "${groups[@]}" top; do
