@@ -130,7 +130,9 @@ mod tests {
     use std::collections::BTreeSet;
 
     use crate::dm::{DeviceMapper as _, SimDm};
-    use crate::testkit::{MAIN, Rig, SIM, golden, named_tables, rig};
+    use crate::testkit::{
+        MAIN, Rig, SIM, assert_assembled, golden, named_tables, rig, swap_by_hand,
+    };
 
     /// Chunks of region 0 (chunks 0..4096) far apart: each remap adds segments of its own.
     const SCATTERED: [u64; 24] = [
@@ -243,16 +245,11 @@ mod tests {
         }
         let mut b = r.restart();
         let rep = b.engine.assemble(None);
-        assert_eq!(rep[0].outcome, "adopted", "{rep:?}");
-        for note in [
+        let notes = [
             "v-remap-g0000: its table went through other devices",
             "not a region of",
-        ] {
-            assert!(
-                rep[0].notes.iter().any(|n| n.contains(note)),
-                "{note}: {rep:?}"
-            );
-        }
+        ];
+        assert_assembled(&rep, "adopted", &notes);
         assert_eq!(named_tables(&b.dm, "v"), before);
         for c in &SCATTERED[..8] {
             assert_eq!(b.read_volume(c * 8), Some(golden(c * 8)));
@@ -283,23 +280,14 @@ mod tests {
             let groups = std::mem::take(&mut vol.groups);
             assert!(!groups.is_empty());
             let flat = vol.volume_lines();
-            r.dm.load("v", &flat).unwrap();
-            r.dm.suspend("v").unwrap();
-            r.dm.resume("v").unwrap();
+            swap_by_hand(&r.dm, "v", &flat);
             for f in groups.keys() {
                 r.dm.remove(&crate::switch::group_name("v", *f)).unwrap();
             }
         }
         let mut b = r.restart();
         let rep = b.engine.assemble(None);
-        assert_eq!(rep[0].outcome, "adopted", "{rep:?}");
-        assert!(
-            rep[0]
-                .notes
-                .iter()
-                .any(|n| n.contains("v-remap-g0000: made")),
-            "{rep:?}"
-        );
+        assert_assembled(&rep, "adopted", &["v-remap-g0000: made"]);
         assert_eq!(named_tables(&b.dm, "v"), want);
         for c in &SCATTERED[..8] {
             assert_eq!(b.read_volume(c * 8), Some(golden(c * 8)));
@@ -361,16 +349,10 @@ mod tests {
             );
             vol.span_lines((start, nstart + nlen - start))
         };
-        r.dm.load("v-remap-r0000", &wide).unwrap();
-        r.dm.suspend("v-remap-r0000").unwrap();
-        r.dm.resume("v-remap-r0000").unwrap();
+        swap_by_hand(&r.dm, "v-remap-r0000", &wide);
         let mut b = r.restart();
         let rep = b.engine.assemble(None);
-        assert_eq!(rep[0].outcome, "adopted", "{rep:?}");
-        assert!(
-            rep[0].notes.iter().any(|n| n.contains("shortened")),
-            "{rep:?}"
-        );
+        assert_assembled(&rep, "adopted", &["shortened"]);
         want.remove("v");
         let mut got = named_tables(&b.dm, "v");
         got.remove("v");
@@ -404,19 +386,13 @@ mod tests {
                         l.3 = p.join(" ");
                     }
                 }
-                r.dm.load("v-remap-r0004", &lines).unwrap();
-                r.dm.suspend("v-remap-r0004").unwrap();
-                r.dm.resume("v-remap-r0004").unwrap();
+                swap_by_hand(&r.dm, "v-remap-r0004", &lines);
             }
         };
         made(&r, 0);
         let mut b = r.restart();
         let rep = b.engine.assemble(None);
-        assert_eq!(rep[0].outcome, "adopted", "{rep:?}");
-        assert!(
-            rep[0].notes.iter().any(|n| n.contains("not a region")),
-            "{rep:?}"
-        );
+        assert_assembled(&rep, "adopted", &["not a region"]);
         assert_eq!(named_tables(&b.dm, "v"), before);
         for c in &SCATTERED[..2] {
             assert_eq!(b.read_volume(c * 8), Some(golden(c * 8)));
@@ -428,11 +404,7 @@ mod tests {
         let live = named_tables(&r2.dm, "v");
         let mut c = r2.restart();
         let rep = c.engine.assemble(None);
-        assert_eq!(rep[0].outcome, "refused", "{rep:?}");
-        assert!(
-            rep[0].notes.iter().any(|n| n.contains("by hand")),
-            "{rep:?}"
-        );
+        assert_assembled(&rep, "refused", &["by hand"]);
         assert_eq!(named_tables(&c.dm, "v"), live, "nothing changed");
     }
 }

@@ -291,6 +291,27 @@ pub(crate) fn golden(sector: u64) -> Vec<u8> {
     pattern(base)[within..within + 512].to_vec()
 }
 
+/// The first volume of an assembly report came out as `outcome`, its notes saying each of
+/// `phrases`.
+pub(crate) fn assert_assembled(
+    rep: &[crate::assemble::Assembled],
+    outcome: &str,
+    phrases: &[&str],
+) {
+    assert_eq!(rep[0].outcome, outcome, "{rep:?}");
+    for p in phrases {
+        assert!(rep[0].notes.iter().any(|n| n.contains(p)), "{p}: {rep:?}");
+    }
+}
+
+/// Makes `lines` the live table of `name` the way an operator would by hand: load, suspend,
+/// resume (what a crash of remapd mid-step also leaves, in some order).
+pub(crate) fn swap_by_hand(dm: &SimDm, name: &str, lines: &[crate::table::DmLine]) {
+    dm.load(name, lines).unwrap();
+    dm.suspend(name).unwrap();
+    dm.resume(name).unwrap();
+}
+
 /// The tables of `volume`'s devices by name, the volume's naming its region devices by name
 /// rather than number (a region made at its first remap gets a later number than at an
 /// assembly, for the same table).

@@ -3,7 +3,9 @@
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use super::*;
-use crate::testkit::{Json as _, MAIN, MIB, S1, S2, SIM, SimWatch, golden, rig};
+use crate::testkit::{
+    Json as _, MAIN, MIB, S1, S2, SIM, SimWatch, assert_assembled, golden, rig, swap_by_hand,
+};
 use crate::{
     allocate::Policy,
     blockdev::{BlockDev, DevIdentity},
@@ -288,11 +290,7 @@ fn a_cloned_member_is_a_conflict() {
     a.io.poke(SIM, 30, 0, &bytes).unwrap();
     let mut b = a.reboot();
     let rep = b.engine.assemble(None);
-    assert_eq!(rep[0].outcome, "refused", "{rep:?}");
-    assert!(
-        rep[0].notes.iter().any(|n| n.contains("same member")),
-        "{rep:?}"
-    );
+    assert_assembled(&rep, "refused", &["same member"]);
     assert!(b.dm.list("").unwrap().is_empty());
 }
 
@@ -305,18 +303,10 @@ fn another_machines_volume_waits_for_an_explicit_request_then_becomes_ours() {
     let mut b = a.reboot();
     b.engine.host_id = Some("b".repeat(32));
     let rep = b.engine.assemble(None);
-    assert_eq!(rep[0].outcome, "refused", "{rep:?}");
-    assert!(
-        rep[0].notes.iter().any(|n| n.contains("another machine")),
-        "{rep:?}"
-    );
+    assert_assembled(&rep, "refused", &["another machine"]);
     assert!(b.dm.list("").unwrap().is_empty(), "nothing created");
     let rep = b.engine.assemble(Some("v"));
-    assert_eq!(rep[0].outcome, "created", "{rep:?}");
-    assert!(
-        rep[0].notes.iter().any(|n| n.contains("taken over")),
-        "{rep:?}"
-    );
+    assert_assembled(&rep, "created", &["taken over"]);
     b.engine.stop("v").unwrap();
     // Now it is this machine's: it comes up by itself, and no longer on the first.
     let mut c = b.reboot();
@@ -519,19 +509,10 @@ fn a_region_resumed_by_hand_on_another_table_is_refused_not_reverted() {
         },
     );
     let by_hand = vol.region_lines(0).to_vec();
-    a.dm.load("v-remap-r0000", &by_hand).unwrap();
-    a.dm.suspend("v-remap-r0000").unwrap();
-    a.dm.resume("v-remap-r0000").unwrap();
+    swap_by_hand(&a.dm, "v-remap-r0000", &by_hand);
     let mut b = a.restart();
     let rep = b.engine.assemble(None);
-    assert_eq!(rep[0].outcome, "refused", "{rep:?}");
-    assert!(
-        rep[0]
-            .notes
-            .iter()
-            .any(|n| n.contains("resumed or loaded by hand")),
-        "{rep:?}"
-    );
+    assert_assembled(&rep, "refused", &["resumed or loaded by hand"]);
     assert_eq!(
         b.dm.table("v-remap-r0000").unwrap(),
         by_hand,
@@ -555,14 +536,7 @@ fn a_pending_block_rewritten_while_no_agent_ran_is_pending_no_more() {
         .unwrap();
     let mut b = a.restart();
     let rep = b.engine.assemble(None);
-    assert_eq!(rep[0].outcome, "adopted", "{rep:?}");
-    assert!(
-        rep[0]
-            .notes
-            .iter()
-            .any(|n| n.contains("rewritten while no agent watched")),
-        "{rep:?}"
-    );
+    assert_assembled(&rep, "adopted", &["rewritten while no agent watched"]);
     assert_eq!(b.status()["pending"], 0);
     assert_eq!(
         b.read_volume(1001),
@@ -830,11 +804,7 @@ fn a_region_device_made_but_not_yet_under_the_volume_is_removed() {
     a.dm.create("v-remap-r0001", &uuid, &lines).unwrap();
     let mut b = a.restart();
     let rep = b.engine.assemble(None);
-    assert_eq!(rep[0].outcome, "adopted", "{rep:?}");
-    assert!(
-        rep[0].notes.iter().any(|n| n.contains("removed")),
-        "{rep:?}"
-    );
+    assert_assembled(&rep, "adopted", &["removed"]);
     // What a fresh assembly builds: one layer.
     assert_eq!(tables(&b.dm, 0).len(), 1, "{:?}", tables(&b.dm, 0));
     assert_eq!(b.read_volume(40_000), Some(golden(40_000)));
@@ -850,16 +820,10 @@ fn a_volume_table_loaded_by_hand_is_refused_not_replaced() {
     a.create().unwrap();
     let by_hand: Vec<crate::table::DmLine> =
         vec![(0, 64 * MIB / 512, "linear".into(), format!("{SIM}:{S1} 0"))];
-    a.dm.load("v", &by_hand).unwrap();
-    a.dm.suspend("v").unwrap();
-    a.dm.resume("v").unwrap();
+    swap_by_hand(&a.dm, "v", &by_hand);
     let mut b = a.restart();
     let rep = b.engine.assemble(None);
-    assert_eq!(rep[0].outcome, "refused", "{rep:?}");
-    assert!(
-        rep[0].notes.iter().any(|n| n.contains("by hand")),
-        "{rep:?}"
-    );
+    assert_assembled(&rep, "refused", &["by hand"]);
     assert_eq!(b.dm.table("v").unwrap(), by_hand, "left alone");
 }
 
