@@ -8,7 +8,7 @@
 # remapd adopts the volume, which
 # reads back identical, with nothing suspended or prepared left, and its live tables are what
 # a fresh assembly builds.
-#vm: cases setup cuts-bounded readable-identical fresh-assembly-same after-region-device after-cut-swap after-cut-commit
+#vm: cases setup cuts-bounded readable-identical fresh-assembly-same after-region-device after-cut-swap after-cut-commit group-after-cut-swap
 #vm: needs remapd remapctl
 #vm: timeout 900
 . /vm/lib.sh
@@ -106,8 +106,13 @@ expect_notes() { # CRASH_POINT: one phrase a line
     after-cut-commit) echo "shortened" ;;
     esac
 }
-region=1
-for p in after-region-device after-cut-swap after-cut-commit; do
+# The last trial crashes a cut in region 0, which has its group already: what adoption puts
+# back is the group's table, not the volume's.
+for trial in "after-region-device 1" "after-cut-swap 2" "after-cut-commit 3" "after-cut-swap 0"; do
+    # shellcheck disable=SC2086
+    set -- $trial
+    p=$1 region=$2 case=$1
+    [ "$region" = 0 ] && case=group-$1
     : >/tmp/why
     base=$((region * 4096))
     remap_chunks $((base + 50)) || echo "first remap in region $region: $(cat /tmp/add.out)" >>/tmp/why
@@ -137,6 +142,9 @@ for p in after-region-device after-cut-swap after-cut-commit; do
     dmsetup info 2>/dev/null | grep -q "SUSPENDED" && echo "devices left suspended" >>/tmp/why
     same_data || echo "the volume differs from what was written after the restart" >>/tmp/why
     notes=$(grep -oE "shortened|not a region of|went through other devices" "$log" | sort -u | tr '\n' ';')
+    if [ "$region" = 0 ] && ! grep -q "$VOL-remap-g0000: its table went through other devices" "$log"; then
+        echo "adoption did not put the group's table back" >>/tmp/why
+    fi
     expect_notes "$p" >/tmp/want
     while IFS= read -r want; do
         case "$notes" in *"$want"*) ;; *) echo "adoption did not note '$want' (noted: $notes)" >>/tmp/why ;; esac
@@ -152,10 +160,9 @@ for p in after-region-device after-cut-swap after-cut-commit; do
     fi
     same_data || echo "the volume differs after a fresh assembly" >>/tmp/why
     if [ -s /tmp/why ]; then
-        fail "$p" "$(head -4 /tmp/why | tr '\n' ';')"
+        fail "$case" "$(head -4 /tmp/why | tr '\n' ';')"
     else
-        pass "$p" "crashed at remap $k of region $region; adoption: $notes longest region table $long lines"
+        pass "$case" "crashed at remap $k of region $region; adoption: $notes longest region table $long lines"
     fi
-    region=$((region + 1))
 done
 stop_agent
