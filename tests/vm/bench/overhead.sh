@@ -25,20 +25,29 @@ bpf_snap() {
             for (i = 1; i <= NF; i++) { if ($i == "run_time_ns") t = $(i + 1); if ($i == "run_cnt") c = $(i + 1) }
             if (name != "") printf "%s:%s:%s ", name, t, c }'
 }
-# pair SIZE AGENT PATTERN ROUND: fio on the raw disk and on the volume, one job after the other.
+# A plain dm-linear over the whole main disk, made with dmsetup while the agent is stopped: what
+# device-mapper alone costs, next to the volume (one dm-linear over the main too, at 0 remaps).
+PLAIN=remap-bench-plain
+# pair SIZE AGENT PATTERN ROUND: fio on the raw disk and on the volume, one job after the other;
+# with the agent off at 0 remaps, on the plain dm-linear too.
 pair() {
-    local rw bs qd b a out first second
+    local rw bs qd b a out jobs plain=""
     IFS=- read -r rw bs qd <<<"$3"
+    if [ "$1" = 0 ] && [ "$2" = off ]; then
+        dmsetup create $PLAIN --table "0 $((MAIN_MB * 2048)) linear $main 0" || return 1
+        plain="--name=plain --filename=/dev/mapper/$PLAIN"
+    fi
     if [ $(($4 % 2)) -eq 0 ]; then
-        first="--name=raw --filename=$main" second="--name=volume --filename=/dev/mapper/$VOL"
+        jobs="--name=raw --filename=$main --name=volume --filename=/dev/mapper/$VOL $plain"
     else
-        first="--name=volume --filename=/dev/mapper/$VOL" second="--name=raw --filename=$main"
+        jobs="$plain --name=volume --filename=/dev/mapper/$VOL --name=raw --filename=$main"
     fi
     b=$(bpf_snap)
     # shellcheck disable=SC2086
     out=$(fio_terse --ioengine=libaio --rw="$rw" --bs="$bs" --iodepth="${qd#qd}" \
-        --time_based --runtime="$FIO_S" --size=${MAIN_MB}M $first $second --stonewall | tr '\n' '|')
+        --time_based --runtime="$FIO_S" --size=${MAIN_MB}M --stonewall $jobs | tr '\n' '|')
     a=$(bpf_snap)
+    [ -z "$plain" ] || dmsetup remove $PLAIN || return 1
     emit fio "{\"remaps\":$1,\"agent\":\"$2\",\"pattern\":\"$3\",\"round\":$4,\"terse\":$(jstr "$out"),\"bpf_before\":$(jstr "$b"),\"bpf_after\":$(jstr "$a")}"
 }
 

@@ -98,6 +98,15 @@ pub fn size_label(n: f64) -> String {
     }
 }
 
+/// A ratio to three places, or a dash when a run did not measure it.
+fn ratio_cell(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.3}")
+    } else {
+        "–".into()
+    }
+}
+
 fn ms(us: Option<f64>) -> String {
     match us {
         Some(v) if v.is_finite() && v >= 100_000.0 => format!("{:.0} ms", v / 1000.0),
@@ -321,6 +330,8 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
         pattern: String,
         raw: Option<FioJob>,
         volume: Option<FioJob>,
+        /// A dm-linear over the whole main made with dmsetup (agent off, 0 remaps only).
+        plain: Option<FioJob>,
         bpf: BTreeMap<String, (u64, u64)>,
     }
     impl Run {
@@ -331,7 +342,7 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
             } else {
                 4.0
             };
-            [&self.raw, &self.volume]
+            [&self.raw, &self.volume, &self.plain]
                 .into_iter()
                 .flatten()
                 .map(|j| j.read.ios(bs) + j.write.ios(bs))
@@ -349,6 +360,7 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
                 pattern: v["pattern"].as_str()?.into(),
                 raw: job("raw"),
                 volume: job("volume"),
+                plain: job("plain"),
                 bpf: stats::bpf_delta(
                     &stats::parse_bpf_snap(v["bpf_before"].as_str().unwrap_or("")),
                     &stats::parse_bpf_snap(v["bpf_after"].as_str().unwrap_or("")),
@@ -378,14 +390,17 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
             .filter(|x| x.agent == agent && x.pattern == pattern && x.remaps == size)
             .collect()
     };
-    // Median over rounds of the volume / raw ratio of each pair.
-    let pair_ratio = |agent: &str, pattern: &str, size: f64| -> f64 {
+    // Median over rounds of the ratio of two jobs of the same run.
+    let run_ratio = |agent: &str, pattern: &str, size: f64, f: &dyn Fn(&Run) -> f64| -> f64 {
         let v: Vec<f64> = sel(agent, pattern, size)
             .iter()
-            .map(|x| iops(&x.volume) / iops(&x.raw))
+            .map(|x| f(x))
             .filter(|v| v.is_finite())
             .collect();
         percentile(&v, 50.0).unwrap_or(f64::NAN)
+    };
+    let pair_ratio = |agent: &str, pattern: &str, size: f64| -> f64 {
+        run_ratio(agent, pattern, size, &|x| iops(&x.volume) / iops(&x.raw))
     };
     let mut header = vec![
         "fio pattern".to_string(),
@@ -393,6 +408,8 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
         "raw: agent on ÷ off".into(),
         "raw: on ÷ off from BPF time".into(),
         "volume ÷ raw, agent off, 0 remaps".into(),
+        "plain dm-linear ÷ raw".into(),
+        "volume ÷ plain dm-linear".into(),
     ];
     // What the agent's programs add to one I/O of `pattern` (ns of VM time): their run time
     // over the I/Os of its runs with the agent on at 0 remaps (raw and volume jobs alike).
@@ -421,7 +438,10 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
              over rounds. \"agent off\": remapd stopped (the volume stays up); otherwise it runs \
              and its programs see every completion. At 0 remaps each pattern runs with the \
              agent off and on back to back (the order alternates), and \"raw: agent on ÷ off\" \
-             is the median of those adjacent pairs. \"from BPF time\": the same ratio computed from \
+             is the median of those adjacent pairs. \"plain dm-linear\": a dm-linear over \
+             the whole main made with dmsetup, run as a third job of the agent-off runs at 0 \
+             remaps: what device-mapper alone costs, against which the volume (one dm-linear \
+             over the main at 0 remaps) is compared. \"from BPF time\": the same ratio computed from \
              what the agent's programs ran per I/O (BPF statistics, all of it counted on the \
              I/O's critical path) against the time of one raw I/O (1/IOPS, agent off): not \
              swayed by the minute-to-minute speed of an emulated machine. Background remaps as in the reaction \
@@ -446,6 +466,8 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
             .collect();
         let agent_ratio = percentile(&agent_ratio, 50.0).unwrap_or(f64::NAN);
         let dm_only = pair_ratio("off", p, 0.0);
+        let plain = run_ratio("off", p, 0.0, &|x| iops(&x.plain) / iops(&x.raw));
+        let over_plain = run_ratio("off", p, 0.0, &|x| iops(&x.volume) / iops(&x.plain));
         let off_iops = percentile(&off, 50.0).unwrap_or(f64::NAN);
         // The programs' time put on the critical path of every I/O: 1 / (1 + added / per I/O).
         let from_bpf = 1.0 / (1.0 + bpf_ns_per_io(p) * off_iops / 1e9);
@@ -453,13 +475,13 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
             format!("`{p}`"),
             format!("{off_iops:.0}"),
             format!("{agent_ratio:.3}"),
-            if from_bpf.is_finite() {
-                format!("{from_bpf:.3}")
-            } else {
-                "–".into()
-            },
+            ratio_cell(from_bpf),
             format!("{dm_only:.3}"),
+            ratio_cell(plain),
+            ratio_cell(over_plain),
         ];
+        numbers.insert(format!("{p}/0/plain_dm"), json!(plain));
+        numbers.insert(format!("{p}/0/volume_over_plain"), json!(over_plain));
         numbers.insert(format!("{p}/agent_on_off"), json!(agent_ratio));
         numbers.insert(format!("{p}/agent_on_off_bpf"), json!(from_bpf));
         numbers.insert(format!("{p}/0/agent_off"), json!(dm_only));
@@ -483,6 +505,37 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
             "–".into()
         });
         t.rows.push(row);
+    }
+    // Per pattern, a few seconds a round: the emulated machine's speed swings by more than the
+    // layers cost. Every run of every pattern together tells device-mapper's part apart.
+    let geomean = |f: &dyn Fn(&Run) -> f64| {
+        let logs: Vec<f64> = runs
+            .iter()
+            .filter(|x| x.agent == "off" && x.remaps == 0.0)
+            .map(f)
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .map(f64::ln)
+            .collect();
+        mean(&logs).map_or(f64::NAN, f64::exp)
+    };
+    let vol_raw = geomean(&|x| iops(&x.volume) / iops(&x.raw));
+    let plain_raw = geomean(&|x| iops(&x.plain) / iops(&x.raw));
+    let vol_plain = geomean(&|x| iops(&x.volume) / iops(&x.plain));
+    if plain_raw.is_finite() {
+        let mut row = vec![
+            "every run of every pattern (geometric mean)".to_string(),
+            "–".into(),
+            "–".into(),
+            "–".into(),
+            ratio_cell(vol_raw),
+            ratio_cell(plain_raw),
+            ratio_cell(vol_plain),
+        ];
+        row.resize(t.header.len(), "–".into());
+        t.rows.push(row);
+        numbers.insert("all/0/agent_off".into(), json!(vol_raw));
+        numbers.insert("all/0/plain_dm".into(), json!(plain_raw));
+        numbers.insert("all/0/volume_over_plain".into(), json!(vol_plain));
     }
     r.plot_ratio = ratio_series
         .into_iter()
