@@ -251,8 +251,16 @@ pub fn encode_checkpoint(
 
 /// Length of the checkpoint whose first block is `head`.
 pub fn checkpoint_len(head: &[u8]) -> Result<usize, MetaError> {
-    let h = ckpt_header(head)?;
-    Ok(HEADER + h.config_len as usize + h.count as usize * RECORD)
+    ckpt_end(&ckpt_header(head)?)
+}
+
+/// Where a checkpoint ends, from its header: a header whose CRC matches may still state
+/// lengths no checkpoint has (forged, or written by a bug), and they must not wrap.
+fn ckpt_end(h: &CkptHeader) -> Result<usize, MetaError> {
+    (h.count as usize)
+        .checked_mul(RECORD)
+        .and_then(|n| n.checked_add(HEADER + h.config_len as usize))
+        .ok_or(MetaError::Invalid("checkpoint length"))
 }
 
 fn ckpt_header(bytes: &[u8]) -> Result<CkptHeader, MetaError> {
@@ -296,10 +304,7 @@ pub fn decode_checkpoint_vouched(bytes: &[u8]) -> Result<Checkpoint<'_>, MetaErr
 fn decode_checkpoint_with(bytes: &[u8], check_payload: bool) -> Result<Checkpoint<'_>, MetaError> {
     let h = ckpt_header(bytes)?;
     let config_end = HEADER + h.config_len as usize;
-    let end = (h.count as usize)
-        .checked_mul(RECORD)
-        .and_then(|n| n.checked_add(config_end))
-        .ok_or(MetaError::Invalid("checkpoint length"))?;
+    let end = ckpt_end(&h)?;
     let payload = bytes
         .get(HEADER..end)
         .ok_or(MetaError::Truncated("checkpoint"))?;
@@ -521,6 +526,47 @@ pub fn journal_ops<'a>(
         .map(op)
 }
 
+/// What [`reseal`] treats bytes as.
+#[cfg(any(test, fuzzing))]
+#[derive(Clone, Copy, Debug)]
+pub enum Sealed {
+    Superblock,
+    Checkpoint,
+    /// Journal blocks of this unit, each sealed on its own.
+    Journal(u32),
+}
+
+/// Recomputes the checksums of `bytes` as the structure `kind`, so that damaged or forged
+/// contents get past the checksum to the checks behind it: a disk can hold bytes whose CRC
+/// matches and whose fields lie (a forged superblock, a bug of another writer).
+#[cfg(any(test, fuzzing))]
+pub fn reseal(kind: Sealed, bytes: &mut [u8]) {
+    match kind {
+        Sealed::Superblock if bytes.len() >= 128 => {
+            let crc = crc_without(&bytes[..BLOCK.min(bytes.len())], 124);
+            bytes[124..128].copy_from_slice(&crc.to_le_bytes());
+        }
+        Sealed::Checkpoint if bytes.len() >= HEADER => {
+            let h: CkptHeader = bytemuck::pod_read_unaligned(&bytes[..HEADER]);
+            let end = (h.count as usize)
+                .saturating_mul(RECORD)
+                .saturating_add(HEADER + h.config_len as usize)
+                .min(bytes.len());
+            let payload = crc32c::crc32c(&bytes[HEADER..end]);
+            bytes[48..52].copy_from_slice(&payload.to_le_bytes());
+            let crc = crc_without(&bytes[..HEADER], 52);
+            bytes[52..56].copy_from_slice(&crc.to_le_bytes());
+        }
+        Sealed::Journal(unit) if valid_unit(unit) => {
+            for block in bytes.chunks_exact_mut(unit as usize) {
+                let crc = crc_without(block, 40);
+                block[40..44].copy_from_slice(&crc.to_le_bytes());
+            }
+        }
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -654,6 +700,20 @@ mod tests {
         let mut torn = bytes.clone();
         torn[BLOCK..].fill(0);
         assert!(decode_checkpoint(&torn).is_err());
+    }
+
+    /// A checkpoint header whose CRC matches but whose count cannot be a length is refused,
+    /// never wrapped into a small one (found by the forged-metadata property test).
+    #[test]
+    fn a_forged_checkpoint_count_is_refused_not_wrapped() {
+        let mut b = encode_checkpoint(&[3; 16], 9, &sample_config(), &remaps(3)).unwrap();
+        for count in [u64::MAX, u64::MAX / RECORD as u64 + 1, 1 << 59] {
+            b[40..48].copy_from_slice(&count.to_le_bytes());
+            reseal(Sealed::Checkpoint, &mut b);
+            let e = Err(MetaError::Invalid("checkpoint length"));
+            assert_eq!(checkpoint_len(&b), e, "count {count}");
+            assert!(decode_checkpoint(&b).is_err(), "count {count}");
+        }
     }
 
     #[test]

@@ -150,6 +150,15 @@ impl MemberHeader {
     }
 }
 
+/// Recomputes a header's checksum (see [`reseal`](super::codec::reseal)).
+#[cfg(any(test, fuzzing))]
+pub fn reseal(bytes: &mut [u8]) {
+    if let Some(raw) = bytes.get_mut(..size_of::<Raw>()) {
+        let c = crc(raw);
+        raw[CRC_AT..CRC_AT + 4].copy_from_slice(&c.to_le_bytes());
+    }
+}
+
 fn crc(raw: &[u8]) -> u32 {
     let d = crc32c::crc32c(&raw[..CRC_AT]);
     let d = crc32c::crc32c_append(d, &[0; 4]);

@@ -12,10 +12,13 @@
 //!
 //! [`codec`] encodes the blocks, [`header`] the main's own header; `config` is what a volume is,
 //! `layout` where things sit in the area, `journal` writes commits and checkpoints, `read` and
-//! `replay` read a device back, and `faults` holds the test build's crash points.
+//! `replay` read a device back, `faults` holds the test build's crash points and `fuzz` the fuzz
+//! target's body.
 pub mod codec;
 mod config;
 mod faults;
+#[cfg(any(test, fuzzing))]
+mod fuzz;
 pub mod header;
 mod journal;
 mod layout;
@@ -26,6 +29,8 @@ use crate::blockdev::BlockDev;
 use codec::{VERSION, VERSION_UNIT};
 pub use config::{Evacuation, MAX_AHEAD, SpareRecord, VolumeConfig};
 pub use faults::{crash_point, fault};
+#[cfg(any(test, fuzzing))]
+pub use fuzz::decode_any;
 pub use journal::{Copy, Journal, Rolled, Rolling, Written, wipe};
 pub use layout::{Layout, MAX_AREA_BYTES, MAX_SPARES};
 pub use read::{DeviceMeta, JournalPos, Source, read_device, read_device_with, read_superblock};
