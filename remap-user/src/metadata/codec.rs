@@ -417,7 +417,7 @@ fn op(bytes: &[u8]) -> Result<JournalOp, MetaError> {
             end: r.chunk,
         }),
         KIND_CUT => Ok(JournalOp::Cut { at: r.chunk }),
-        _ => Err(MetaError::Invalid("unknown record kind")),
+        kind => Err(MetaError::RecordKind(kind)),
     }
 }
 

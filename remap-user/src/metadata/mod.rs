@@ -50,6 +50,14 @@ pub enum MetaError {
     Truncated(&'static str),
     #[error("metadata is inconsistent: {0}")]
     Invalid(&'static str),
+    #[error("unknown metadata record kind {0} (written by a newer remapd, or damaged)")]
+    RecordKind(u32),
+    #[error("journal block {block} (commit generation {generation}): {error}")]
+    InJournal {
+        block: u32,
+        generation: u64,
+        error: Box<MetaError>,
+    },
     #[error("metadata configuration is unreadable: {0}")]
     Config(String),
     #[error(

@@ -34,43 +34,56 @@ impl Replay {
         config: &mut VolumeConfig,
         remaps: &mut RemapTable,
     ) -> Result<(), MetaError> {
-        for (i, head) in &self.blocks {
-            let at = *i as usize * self.unit;
-            for op in codec::journal_ops(&journal[at..at + self.unit], head) {
-                match op? {
-                    JournalOp::Set { chunk, remap } => {
-                        remaps.insert(chunk, remap);
-                    }
-                    JournalOp::Del { chunk } => {
-                        remaps.remove(chunk);
-                    }
-                    op @ (JournalOp::Evacuated { .. } | JournalOp::EvacuatedAhead { .. }) => {
-                        evacuated(config, op)?
-                    }
-                    JournalOp::Cut { at } => cut(config, at)?,
+        self.each_op(journal, |op| {
+            match op {
+                JournalOp::Set { chunk, remap } => {
+                    remaps.insert(chunk, remap);
                 }
+                JournalOp::Del { chunk } => {
+                    remaps.remove(chunk);
+                }
+                op => to_config(config, op)?,
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Applies only what the commits change of the configuration (an evacuation's progress):
     /// for copies whose remaps are not decoded, so that every copy's configuration is compared
     /// at the state its journal reaches.
     pub fn apply_config(&self, journal: &[u8], config: &mut VolumeConfig) -> Result<(), MetaError> {
+        self.each_op(journal, |op| to_config(config, op))
+    }
+
+    /// Every record of the replayed blocks, in order. A record that cannot be applied is
+    /// named by the ring block and the commit it is in, for whoever has to look at the disk.
+    fn each_op(
+        &self,
+        journal: &[u8],
+        mut f: impl FnMut(JournalOp) -> Result<(), MetaError>,
+    ) -> Result<(), MetaError> {
         for (i, head) in &self.blocks {
             let at = *i as usize * self.unit;
             for op in codec::journal_ops(&journal[at..at + self.unit], head) {
-                match op? {
-                    op @ (JournalOp::Evacuated { .. } | JournalOp::EvacuatedAhead { .. }) => {
-                        evacuated(config, op)?
-                    }
-                    JournalOp::Cut { at } => cut(config, at)?,
-                    JournalOp::Set { .. } | JournalOp::Del { .. } => {}
-                }
+                op.and_then(&mut f).map_err(|e| MetaError::InJournal {
+                    block: *i,
+                    generation: head.generation,
+                    error: Box::new(e),
+                })?;
             }
         }
         Ok(())
+    }
+}
+
+/// What a record changes of the configuration (remap records change nothing of it).
+fn to_config(config: &mut VolumeConfig, op: JournalOp) -> Result<(), MetaError> {
+    match op {
+        op @ (JournalOp::Evacuated { .. } | JournalOp::EvacuatedAhead { .. }) => {
+            evacuated(config, op)
+        }
+        JournalOp::Cut { at } => cut(config, at),
+        JournalOp::Set { .. } | JournalOp::Del { .. } => Ok(()),
     }
 }
 

@@ -742,3 +742,96 @@ fn the_real_encodings_decode() {
         decode_any(&b);
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+    /// A metadata area with a structure forged in place (a superblock, the checkpoint it
+    /// names, or a journal block in use; fields overwritten and every checksum that covers
+    /// them made to match, as a crafted disk would carry) is read without a panic or an
+    /// allocation its sizes ask for, and what is read stays within the device.
+    #[test]
+    fn a_metadata_area_forged_in_place_is_read_safely(
+        what in 0u8..3,
+        unit in proptest::sample::select(UNITS.to_vec()),
+        edits in proptest::collection::vec(
+            (proptest::prop_oneof![0usize..128, 0usize..4096], 1usize..=8, proptest::prelude::any::<u64>()),
+            1..6,
+        ),
+        block in 0u32..8,
+    ) {
+        let mut t = two_in(unit);
+        for b in 0..6 {
+            t.commit(&[set(b * 3, 16384 + b * 8), set(b * 3 + 1, 16392 + b * 8)]);
+        }
+        t.commit(&[JournalOp::Del { chunk: 3 }]);
+        let l = t.j.layout;
+        let (at, len, seal) = match what {
+            0 => (u64::from(t.j.ckpt_slot) * BLOCK as u64, BLOCK, codec::Sealed::Superblock),
+            1 => (l.ckpt_offset(t.j.ckpt_slot), 2 * BLOCK, codec::Sealed::Checkpoint),
+            _ => (
+                l.journal_offset(block % t.j.next.max(1)),
+                unit as usize,
+                codec::Sealed::Journal(unit),
+            ),
+        };
+        let mut b = t.io.peek(240, 1, at, len).unwrap();
+        for (off, width, value) in edits {
+            let off = off % b.len();
+            let n = width.min(b.len() - off);
+            b[off..off + n].copy_from_slice(&value.to_le_bytes()[..n]);
+        }
+        codec::reseal(seal, &mut b);
+        t.io.poke(240, 1, at, &b).unwrap();
+        if what == 1 {
+            // The superblock vouches for the checkpoint's length and CRC: forge those too.
+            if let Ok(n) = codec::checkpoint_len(&b) {
+                let crc = crc32c::crc32c(&b[..n.min(b.len())]);
+                forge_superblock(&t, t.j.ckpt_slot, |sb| {
+                    sb.ckpt_bytes = n as u64;
+                    sb.ckpt_crc = crc;
+                });
+            }
+        }
+        if let Ok(m) = read_device(&*t.io, &t.a) {
+            proptest::prop_assert!(m.layout.area_bytes <= 32 << 20);
+            proptest::prop_assert!(m.config.check().is_ok());
+        }
+    }
+}
+
+/// A journal record no remapd writes (in a block whose checksum matches) is refused, and the
+/// refusal names the ring block and the commit it is in, not only the record's kind.
+#[test]
+fn a_hostile_journal_record_is_named_by_its_block_and_commit() {
+    for unit in UNITS {
+        let mut t = two_in(unit);
+        t.commit(&[set(1, 16384)]);
+        let block = t.j.next;
+        t.commit(&[set(2, 16392)]);
+        let generation = t.j.generation;
+        let at = t.j.layout.journal_offset(block);
+        let mut b = t.io.peek(240, 1, at, unit as usize).unwrap();
+        // The kind of the block's first record (bytes 12..16 of a record after the header).
+        b[76..80].copy_from_slice(&9u32.to_le_bytes());
+        codec::reseal(codec::Sealed::Journal(unit), &mut b);
+        t.io.poke(240, 1, at, &b).unwrap();
+        let e = read_device(&*t.io, &t.a).unwrap_err();
+        assert_eq!(
+            e,
+            MetaError::InJournal {
+                block,
+                generation,
+                error: Box::new(MetaError::RecordKind(9)),
+            }
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!(
+                "journal block {block} (commit generation {generation})"
+            )) && text.contains("record kind 9"),
+            "{text}"
+        );
+        // The other copy, untouched, reads as it was written.
+        assert_eq!(read_device(&*t.io, &t.b).unwrap().remaps, t.table);
+    }
+}

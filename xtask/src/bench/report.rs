@@ -716,9 +716,10 @@ fn reaction(r: &mut Report, s: Option<&SectionRun>, vm_note: &str) {
         format!(
             "Existing remaps are scattered: no two adjacent (the odd chunks of 8 MiB windows \
              spread over the 8 GiB volume, one request of 1,024 chunks per window; {layout}), \
-             two segments each, and regions are cut past 2,048 segments, so a region's table \
-             stays short however many remaps there are; the flat 2N+1 column loads what one \
-             table of them all would be."
+             two segments each, and regions are cut past remapd's bound \
+             (`--region-segments`; the longest region table is in the second column), so a \
+             region's table stays short however many remaps there are; the flat 2N+1 column \
+             loads what one table of them all would be."
         )
     } else {
         format!(
