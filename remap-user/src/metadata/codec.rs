@@ -568,7 +568,7 @@ pub fn reseal(kind: Sealed, bytes: &mut [u8]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::metadata::tests::sample_config;
 
@@ -604,7 +604,7 @@ mod tests {
         assert_eq!(rebuilt, a);
     }
 
-    fn sample_superblock(unit: u32) -> Superblock {
+    pub(crate) fn sample_superblock(unit: u32) -> Superblock {
         Superblock {
             magic: SB_MAGIC,
             version: 0,

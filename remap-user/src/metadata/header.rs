@@ -237,10 +237,10 @@ pub fn erase(io: &impl BlockIo, dev: &BlockDev) -> Result<(), HeaderError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sample() -> MemberHeader {
+    pub(crate) fn sample() -> MemberHeader {
         MemberHeader {
             volume_uuid: [7; 16],
             member_uuid: [9; 16],

@@ -623,26 +623,7 @@ fn layout_sizes() {
 /// Real encodings of every structure on disk: superblocks of both versions, a checkpoint in
 /// the middle of an evacuation, a commit of every record kind in two units, a main's header.
 fn real_encodings() -> Vec<Vec<u8>> {
-    let sb = |unit| {
-        Superblock {
-            magic: codec::SB_MAGIC,
-            version: 0,
-            slot: 1,
-            volume_uuid: [7; 16],
-            device_uuid: [9; 16],
-            ckpt_gen: 42,
-            ckpt_bytes: 8192,
-            ckpt_crc: 0xdead,
-            ckpt_slot: 1,
-            journal_start: 5,
-            journal_blocks: 256,
-            area_bytes: 8 << 20,
-            journal_unit: unit,
-            reserved: [0; 32],
-            crc: 0,
-        }
-        .encode()
-    };
+    let sb = |unit| codec::tests::sample_superblock(unit).encode();
     let mut cfg = sample_config();
     evacuating(&mut cfg);
     let mut table = RemapTable::default();
@@ -665,14 +646,6 @@ fn real_encodings() -> Vec<Vec<u8>> {
         JournalOp::EvacuatedAhead { start: 20, end: 40 },
         JournalOp::Cut { at: 4096 },
     ];
-    let main = header::MemberHeader {
-        volume_uuid: [7; 16],
-        member_uuid: [8; 16],
-        volume_name: "vol0".into(),
-        data_offset: 2048,
-        data_sectors: 131_072,
-        device_sectors: 135_168,
-    };
     vec![
         sb(512),
         sb(4096),
@@ -685,7 +658,7 @@ fn real_encodings() -> Vec<Vec<u8>> {
             .enumerate()
             .flat_map(|(g, o)| codec::encode_journal(&[7; 16], g as u64 + 1, o, 1024))
             .collect(),
-        main.encode(),
+        header::tests::sample().encode(),
     ]
 }
 
