@@ -332,6 +332,8 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
         volume: Option<FioJob>,
         /// A dm-linear over the whole main made with dmsetup (agent off, 0 remaps only).
         plain: Option<FioJob>,
+        /// BPF statistics were on (they add two clock reads to every program run).
+        stats: bool,
         bpf: BTreeMap<String, (u64, u64)>,
     }
     impl Run {
@@ -361,6 +363,8 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
                 raw: job("raw"),
                 volume: job("volume"),
                 plain: job("plain"),
+                // Runs from before the field had them on throughout.
+                stats: v["stats"].as_u64().is_none_or(|s| s != 0),
                 bpf: stats::bpf_delta(
                     &stats::parse_bpf_snap(v["bpf_before"].as_str().unwrap_or("")),
                     &stats::parse_bpf_snap(v["bpf_after"].as_str().unwrap_or("")),
@@ -385,11 +389,16 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
         }
     }
     let iops = |j: &Option<FioJob>| j.as_ref().map_or(f64::NAN, |j| j.main().iops);
-    let sel = |agent: &str, pattern: &str, size: f64| -> Vec<&Run> {
+    // IOPS come from the runs without BPF statistics when there are any (they cost what
+    // they measure), the programs' time from the runs with them.
+    let unstat = runs.iter().any(|x| !x.stats);
+    let for_iops = |x: &Run| !unstat || !x.stats;
+    let sel_if = |agent: &str, pattern: &str, size: f64, keep: &dyn Fn(&Run) -> bool| {
         runs.iter()
-            .filter(|x| x.agent == agent && x.pattern == pattern && x.remaps == size)
-            .collect()
+            .filter(|x| x.agent == agent && x.pattern == pattern && x.remaps == size && keep(x))
+            .collect::<Vec<&Run>>()
     };
+    let sel = |agent: &str, pattern: &str, size: f64| sel_if(agent, pattern, size, &for_iops);
     // Median over rounds of the ratio of two jobs of the same run.
     let run_ratio = |agent: &str, pattern: &str, size: f64, f: &dyn Fn(&Run) -> f64| -> f64 {
         let v: Vec<f64> = sel(agent, pattern, size)
@@ -415,7 +424,7 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
     // over the I/Os of its runs with the agent on at 0 remaps (raw and volume jobs alike).
     let bpf_ns_per_io = |pattern: &str| -> f64 {
         let (mut ns, mut ios) = (0.0, 0.0);
-        for x in sel("on", pattern, 0.0) {
+        for x in sel_if("on", pattern, 0.0, &|x| x.stats) {
             ios += x.ios();
             ns += x.bpf.values().map(|(t, _)| *t as f64).sum::<f64>();
         }
@@ -441,7 +450,9 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
              is the median of those adjacent pairs. \"plain dm-linear\": a dm-linear over \
              the whole main made with dmsetup, run as a third job of the agent-off runs at 0 \
              remaps: what device-mapper alone costs, against which the volume (one dm-linear \
-             over the main at 0 remaps) is compared. \"from BPF time\": the same ratio computed from \
+             over the main at 0 remaps) is compared. BPF statistics (two clock reads added to \
+             every program run) are on in odd rounds only: the IOPS columns come from the even \
+             rounds, the programs' time from the odd ones. \"from BPF time\": the same ratio computed from \
              what the agent's programs ran per I/O (BPF statistics, all of it counted on the \
              I/O's critical path) against the time of one raw I/O (1/IOPS, agent off): not \
              swayed by the minute-to-minute speed of an emulated machine. Background remaps as in the reaction \
@@ -455,6 +466,8 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
     };
     let mut numbers = serde_json::Map::new();
     let mut ratio_series: BTreeMap<String, Vec<(String, f64)>> = BTreeMap::new();
+    // Logs of every adjacent agent on ÷ off pair of every pattern.
+    let mut agent_logs = Vec::new();
     for p in &patterns {
         let off: Vec<f64> = sel("off", p, 0.0).iter().map(|x| iops(&x.raw)).collect();
         let on: Vec<f64> = sel("on", p, 0.0).iter().map(|x| iops(&x.raw)).collect();
@@ -462,8 +475,9 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
             .iter()
             .zip(&on)
             .map(|(a, b)| b / a)
-            .filter(|v| v.is_finite())
+            .filter(|v| v.is_finite() && *v > 0.0)
             .collect();
+        agent_logs.extend(agent_ratio.iter().map(|v| v.ln()));
         let agent_ratio = percentile(&agent_ratio, 50.0).unwrap_or(f64::NAN);
         let dm_only = pair_ratio("off", p, 0.0);
         let plain = run_ratio("off", p, 0.0, &|x| iops(&x.plain) / iops(&x.raw));
@@ -511,7 +525,7 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
     let geomean = |f: &dyn Fn(&Run) -> f64| {
         let logs: Vec<f64> = runs
             .iter()
-            .filter(|x| x.agent == "off" && x.remaps == 0.0)
+            .filter(|x| x.agent == "off" && x.remaps == 0.0 && for_iops(x))
             .map(f)
             .filter(|v| v.is_finite() && *v > 0.0)
             .map(f64::ln)
@@ -525,7 +539,7 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
         let mut row = vec![
             "every run of every pattern (geometric mean)".to_string(),
             "–".into(),
-            "–".into(),
+            ratio_cell(mean(&agent_logs).map_or(f64::NAN, f64::exp)),
             "–".into(),
             ratio_cell(vol_raw),
             ratio_cell(plain_raw),
@@ -564,7 +578,7 @@ fn overhead(r: &mut Report, s: Option<&SectionRun>, vm_note: &str, host_complete
     let agg = |agent: &str| {
         let mut m: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         let mut ios = 0.0;
-        for x in runs.iter().filter(|x| x.agent == agent) {
+        for x in runs.iter().filter(|x| x.agent == agent && x.stats) {
             ios += x.ios();
             for (n, (t, c)) in &x.bpf {
                 let e = m.entry(n.clone()).or_default();
