@@ -620,6 +620,33 @@ fn layout_sizes() {
     assert!(big.ckpt_offset(1) + big.ckpt_slot_bytes() <= big.area_bytes);
 }
 
+/// What a lone remap costs in checkpoints, amortised, has a bound that no table size breaks: a
+/// checkpoint can be no larger than its slot, a slot grows with the ring, and one begins only
+/// after three quarters of the ring took commits (one block each, for a lone remap). So each
+/// commit's share is at most two journal blocks (1 KiB on 512-byte disks, where a lone remap
+/// then costs at most 1.5 KiB in all), at every area size and unit.
+#[test]
+fn a_commits_share_of_the_checkpoints_is_at_most_two_journal_blocks() {
+    let mut area = 8u64 << 20;
+    while area <= super::layout::MAX_AREA_BYTES {
+        for unit in [512u32, 1024, 2048, 4096] {
+            let l = Layout::with_unit(area, unit);
+            let commits = u64::from(l.journal_blocks) * 3 / 4;
+            let mut j = Journal::new(l, [1; 16]);
+            j.used = commits as u32 - 1;
+            assert!(!j.wants_rolling(), "{area} B in {unit} B blocks");
+            j.used += 1;
+            assert!(j.wants_rolling(), "{area} B in {unit} B blocks");
+            let share = l.ckpt_slot_bytes() as f64 / commits as f64;
+            assert!(
+                share <= 2.0 * f64::from(unit),
+                "{area} B area in {unit} B blocks: {share:.0} B of checkpoint per commit"
+            );
+        }
+        area *= 2;
+    }
+}
+
 /// Real encodings of every structure on disk: superblocks of both versions, a checkpoint in
 /// the middle of an evacuation, a commit of every record kind in two units, a main's header.
 fn real_encodings() -> Vec<Vec<u8>> {
