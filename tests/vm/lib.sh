@@ -31,6 +31,17 @@ json_num() { printf '%s\n' "$1" | sed -n "s/.*\"$2\":\(-\{0,1\}[0-9][0-9]*\).*/\
 # json_str LINE KEY: the string value of "KEY":"..." in a one-line JSON object.
 json_str() { printf '%s\n' "$1" | sed -n "s/.*\"$2\":\"\([^\"]*\)\".*/\1/p"; }
 
+# One remap's field, from `remap list --json` of volume $VOL (a one-line array):
+# remap_field CHUNK KEY
+remap_field() {
+    remapctl remap list "$VOL" --json | sed 's/},{/}\n{/g' | grep "\"chunk\":$1[,}]" | {
+        read -r l
+        v=$(json_num "$l" "$2")
+        [ -n "$v" ] || v=$(json_str "$l" "$2")
+        echo "$v"
+    }
+}
+
 # start_agent [CRASH_POINT]: starts remapd (aborting at CRASH_POINT, REMAP_CRASH_AT, when
 # given), its log in $log (a file per start), its pid in $agent; waits until it is ready.
 start_agent() {

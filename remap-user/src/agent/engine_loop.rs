@@ -97,8 +97,8 @@ pub fn engine_loop_with<D: DeviceMapper, I: BlockIo, W: Watch>(
                 scrubs.shutdown();
                 return;
             }
-            Msg::ScrubBad { volume, chunks } => {
-                scrub_found(&mut engine, &volume, &chunks, hub);
+            Msg::ScrubBad { volume, found } => {
+                scrub_found(&mut engine, &volume, &found, hub);
                 changed(&mut engine, hub);
             }
             Msg::Hotplug(batch) => {
@@ -368,18 +368,17 @@ fn manual_remap(r: &RemapReport, hub: &Hub) {
 fn scrub_found<D: DeviceMapper, I: BlockIo, W: Watch>(
     engine: &mut Engine<D, I, W>,
     volume: &str,
-    chunks: &[u64],
+    found: &crate::scrub::Found,
     hub: &Hub,
 ) {
-    let r = match crate::scrub::remap_found(engine, volume, chunks) {
-        Ok(Some(r)) => r,
-        Ok(None) => return,
-        Err(e) => {
-            tracing::error!(volume, "remapping what the scrub found failed: {e}");
-            return;
-        }
-    };
-    announce(engine, hub, &r, "scrub");
+    let mut reports = crate::scrub::report_blocks(engine, &found.blocks);
+    match crate::scrub::remap_found(engine, volume, &found.chunks) {
+        Ok(r) => reports.extend(r),
+        Err(e) => tracing::error!(volume, "remapping what the scrub found failed: {e}"),
+    }
+    for r in &reports {
+        announce(engine, hub, r, "scrub");
+    }
 }
 
 /// After a change: the state for metrics and status, and the agent's own health watch of every

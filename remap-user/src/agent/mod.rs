@@ -70,7 +70,7 @@ pub enum Msg {
     /// Chunks of `volume` that a scrub could not read.
     ScrubBad {
         volume: String,
-        chunks: Vec<u64>,
+        found: crate::scrub::Found,
     },
     /// Block devices appeared or went away (kernel uevents, settled).
     Hotplug(crate::hotplug::Batch),
@@ -180,11 +180,11 @@ where
         io,
         sink: {
             let tx = Mutex::new(tx.clone());
-            Arc::new(move |volume: &str, chunks: Vec<u64>| {
+            Arc::new(move |volume: &str, found: crate::scrub::Found| {
                 let tx = tx.lock().unwrap_or_else(|e| e.into_inner());
                 let _ = tx.send(Msg::ScrubBad {
                     volume: volume.to_owned(),
-                    chunks,
+                    found,
                 });
             })
         },

@@ -18,7 +18,6 @@ use crate::{
     blockdev::{BlockDev, BlockIo},
     control::{Response, exit},
     engine::Volume,
-    volume::SECTOR,
 };
 
 /// What the agent gives the scrubs.
@@ -185,9 +184,7 @@ impl Scrubs {
 
     fn spawn(&mut self, vol: &Volume, cursor: Cursor, path: PathBuf) {
         let Some(setup) = &self.setup else { return };
-        let skip = vol.remaps.iter().map(|(c, _)| c).collect();
-        let scanner = Scanner::new(vol.main.clone(), &cursor, setup.piece_bytes, skip)
-            .starting_at(vol.config.data_offset * SECTOR);
+        let scanner = Scanner::of_volume(vol, &cursor, setup.piece_bytes);
         let shared = Arc::new(Shared {
             live: Mutex::new(Live {
                 from: cursor.position_bytes,

@@ -1,6 +1,7 @@
-//! Scrub: read the whole main device of a volume in the background, so that blocks which went
-//! bad where nobody reads (latent errors) are found and moved while their neighbours can still
-//! be copied, instead of the day a reader needs them.
+//! Scrub: read the whole of a volume's data in the background (the main, and each remapped
+//! chunk where it lives: a spare wears too), so that blocks which went bad where nobody reads
+//! (latent errors) are found and moved while their neighbours can still be copied, instead of
+//! the day a reader needs them.
 //!
 //! The pure parts (piece planning, pacing, the yield decision, the cursor file's format, status and
 //! ETA) are free functions with tests. [`Scanner`] reads pieces through
@@ -23,7 +24,7 @@ use std::time::Duration;
 pub use cursor::{Cursor, ScrubError, ScrubState, cursor_path, load, save};
 pub use jobs::{ScrubSetup, Scrubs};
 pub use pieces::{IoSample, Plan, pace, parse_stat, plan, sysfs_sample, yield_for};
-pub use scanner::{Scanner, Sink, Step, remap_found};
+pub use scanner::{BadBlock, Found, Scanner, Sink, Step, remap_found, report_blocks};
 pub use status::{Session, eta_secs, status_json};
 
 /// Default pace: a few percent of a disk's sequential bandwidth, so that a scrub of a busy

@@ -1,48 +1,50 @@
-//! What to read next and when (pure): chunk-aligned pieces that skip remapped chunks, the pace,
+//! What to read next and when (pure): chunk-aligned pieces, remapped chunks apart, the pace,
 //! and when to step aside for foreground I/O.
-use std::{collections::BTreeSet, fs, ops::Range, time::Duration};
+use std::{fs, ops::Range, time::Duration};
 
 use super::{YIELD_BASE, YIELD_LIMIT, YIELD_MAX};
 use crate::blockdev::BlockDev;
 
-/// What to do with the next stretch of the device.
+/// What to do with the next stretch of the volume.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Plan {
-    /// Read these bytes.
+    /// Read these bytes of the main.
     Read(Range<u64>),
-    /// These chunks are remapped already: their data lives on a spare, and reading their
-    /// (possibly bad) main copy would only raise errors the detector then has to sort out.
-    Skip(Range<u64>),
+    /// These chunks are remapped: each is read where its data lives now (its spare extent,
+    /// or its blocks at home that are not pending), never at its (possibly bad) main copy,
+    /// which would only raise errors the detector then has to sort out.
+    Remapped(Range<u64>),
 }
 
 /// The next piece from `position`: chunk-aligned, at most `piece` bytes (at least one chunk),
-/// cut short before a chunk in `skip` (chunk indices). `None` at the end.
+/// all of it remapped chunks or none. `next_remapped(c)`: the first remapped chunk at or after
+/// chunk `c`. `None` at the end.
 pub fn plan(
     position: u64,
     total: u64,
     chunk: u64,
     piece: u64,
-    skip: &BTreeSet<u64>,
+    next_remapped: impl Fn(u64) -> Option<u64>,
 ) -> Option<Plan> {
     let start = position - position % chunk;
     let total = total - total % chunk;
     if start >= total {
         return None;
     }
+    let want = (piece - piece % chunk).max(chunk);
+    let end = (start + want).min(total);
     let first = start / chunk;
-    let last = total / chunk;
-    if skip.contains(&first) {
-        let mut c = first;
-        while c < last && skip.contains(&c) {
+    if next_remapped(first) == Some(first) {
+        let mut c = first + 1;
+        while c < end / chunk && next_remapped(c) == Some(c) {
             c += 1;
         }
-        return Some(Plan::Skip(start..c * chunk));
+        return Some(Plan::Remapped(start..c * chunk));
     }
-    let want = (piece - piece % chunk).max(chunk);
-    let mut end = (start + want).min(total);
-    if let Some(&s) = skip.range(first..end / chunk).next() {
-        end = s * chunk;
-    }
+    let end = match next_remapped(first) {
+        Some(s) if s * chunk < end => s * chunk,
+        _ => end,
+    };
     Some(Plan::Read(start..end))
 }
 

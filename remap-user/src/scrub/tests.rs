@@ -1,5 +1,5 @@
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, atomic::AtomicU64},
@@ -15,59 +15,74 @@ use crate::{
     dm::SimDm,
     engine::{Engine, Volume},
     testkit::SimWatch,
+    volume::{Extent, Remap},
 };
 
 const SIM: u32 = 240;
 const MIB: u64 = 1 << 20;
 
+/// The first chunk of `set` at or after a chunk.
+fn after(set: &BTreeSet<u64>) -> impl Fn(u64) -> Option<u64> + '_ {
+    |c| set.range(c..).next().copied()
+}
+
 #[test]
-fn pieces_are_chunk_aligned_and_stop_before_remapped_chunks() {
+fn pieces_are_chunk_aligned_and_remapped_chunks_apart() {
     let none = BTreeSet::new();
     assert_eq!(
-        plan(0, 10 * MIB, 4096, MIB, &none),
+        plan(0, 10 * MIB, 4096, MIB, after(&none)),
         Some(Plan::Read(0..MIB))
     );
     assert_eq!(
-        plan(MIB + 100, 10 * MIB, 4096, MIB, &none),
+        plan(MIB + 100, 10 * MIB, 4096, MIB, after(&none)),
         Some(Plan::Read(MIB..2 * MIB)),
         "a position inside a chunk starts at the chunk"
     );
     assert_eq!(
-        plan(9 * MIB + 4096, 10 * MIB, 4096, MIB, &none),
+        plan(9 * MIB + 4096, 10 * MIB, 4096, MIB, after(&none)),
         Some(Plan::Read(9 * MIB + 4096..10 * MIB)),
         "the last piece is short"
     );
-    assert_eq!(plan(10 * MIB, 10 * MIB, 4096, MIB, &none), None);
+    assert_eq!(plan(10 * MIB, 10 * MIB, 4096, MIB, after(&none)), None);
     assert_eq!(
-        plan(0, 10 * MIB + 100, 4096, MIB, &none),
+        plan(0, 10 * MIB + 100, 4096, MIB, after(&none)),
         Some(Plan::Read(0..MIB))
     );
-    assert_eq!(plan(10 * MIB, 10 * MIB + 100, 4096, MIB, &none), None);
     assert_eq!(
-        plan(0, MIB, 4096, 100, &none),
+        plan(10 * MIB, 10 * MIB + 100, 4096, MIB, after(&none)),
+        None
+    );
+    assert_eq!(
+        plan(0, MIB, 4096, 100, after(&none)),
         Some(Plan::Read(0..4096)),
         "at least one chunk"
     );
     let skip = BTreeSet::from([3, 4, 5, 300]);
     assert_eq!(
-        plan(0, MIB, 4096, MIB, &skip),
+        plan(0, MIB, 4096, MIB, after(&skip)),
         Some(Plan::Read(0..3 * 4096))
     );
     assert_eq!(
-        plan(3 * 4096, MIB, 4096, MIB, &skip),
-        Some(Plan::Skip(3 * 4096..6 * 4096))
+        plan(3 * 4096, MIB, 4096, MIB, after(&skip)),
+        Some(Plan::Remapped(3 * 4096..6 * 4096))
     );
     assert_eq!(
-        plan(6 * 4096, 2 * MIB, 4096, MIB, &skip),
+        plan(6 * 4096, 2 * MIB, 4096, MIB, after(&skip)),
         Some(Plan::Read(6 * 4096..6 * 4096 + MIB))
     );
     assert_eq!(
-        plan(256 * 4096, 2 * MIB, 4096, MIB, &skip),
+        plan(256 * 4096, 2 * MIB, 4096, MIB, after(&skip)),
         Some(Plan::Read(256 * 4096..300 * 4096))
     );
     assert_eq!(
-        plan(0, 4 * 4096, 4096, MIB, &BTreeSet::from([0, 1, 2, 3])),
-        Some(Plan::Skip(0..4 * 4096))
+        plan(0, 4 * 4096, 4096, MIB, after(&BTreeSet::from([0, 1, 2, 3]))),
+        Some(Plan::Remapped(0..4 * 4096))
+    );
+    // A long run of remapped chunks comes a piece at a time, like the rest.
+    let all: BTreeSet<u64> = (0..1024).collect();
+    assert_eq!(
+        plan(4096, 4 * MIB, 4096, MIB, after(&all)),
+        Some(Plan::Remapped(4096..4096 + MIB))
     );
 }
 
@@ -276,7 +291,7 @@ fn a_latent_bad_block_is_found_and_remapped_and_a_stopped_scrub_resumes() {
     let dir = temp_dir("engine");
     let path = cursor_path(&dir, "v").unwrap();
     let mut c = Cursor::new(vol(&engine), None, 0);
-    let mut sc = Scanner::new(vol(&engine).main.clone(), &c, MIB, BTreeSet::new());
+    let mut sc = Scanner::new(vol(&engine).main.clone(), &c, MIB);
     let reads = |io: &SimIo| io.stats(SIM, 0).reads;
     let mut found = Vec::new();
     // Stop after 10 pieces, save, as the thread does on its way out.
@@ -292,7 +307,7 @@ fn a_latent_bad_block_is_found_and_remapped_and_a_stopped_scrub_resumes() {
     // Restart from the file: it reads only what is left, piece by piece.
     let c = load(&path).unwrap().unwrap();
     assert!(c.fits(vol(&engine)));
-    let mut sc = Scanner::new(vol(&engine).main.clone(), &c, MIB, BTreeSet::new());
+    let mut sc = Scanner::new(vol(&engine).main.clone(), &c, MIB);
     let mut first = None;
     while let Some(s) = sc.step(io.as_ref()) {
         first.get_or_insert(s.range.start);
@@ -319,11 +334,11 @@ fn scrub_threads_run_stop_and_resume() {
     let (engine, io) = rig();
     io.fail_reads(SIM, 0, 80000..80001);
     let dir = temp_dir("threads");
-    type Found = Vec<(String, Vec<u64>)>;
-    let got: Arc<Mutex<Found>> = Arc::default();
+    type Got = Vec<(String, Found)>;
+    let got: Arc<Mutex<Got>> = Arc::default();
     let sink: Sink = {
         let got = got.clone();
-        Arc::new(move |n: &str, c: Vec<u64>| got.lock().unwrap().push((n.into(), c)))
+        Arc::new(move |n: &str, f: Found| got.lock().unwrap().push((n.into(), f)))
     };
     let mut scrubs = Scrubs::new(Some(ScrubSetup {
         state_dir: dir.clone(),
@@ -359,7 +374,11 @@ fn scrub_threads_run_stop_and_resume() {
     assert_eq!(s["bad_chunks"], 1);
     let pieces = (64 * MIB - pos) / MIB;
     assert_eq!(io.stats(SIM, 0).reads - before, pieces + 256 + 1);
-    assert_eq!(*got.lock().unwrap(), [("v".to_string(), vec![10000])]);
+    let found = Found {
+        chunks: vec![10000],
+        blocks: Vec::new(),
+    };
+    assert_eq!(*got.lock().unwrap(), [("v".to_string(), found)]);
     assert_eq!(
         load(&cursor_path(&dir, "v").unwrap())
             .unwrap()
@@ -396,7 +415,7 @@ fn an_interrupted_scrub_resumes_after_assembly() {
     let mut scrubs = Scrubs::new(Some(ScrubSetup {
         state_dir: dir.clone(),
         io: io.clone(),
-        sink: Arc::new(|_: &str, _: Vec<u64>| {}),
+        sink: Arc::new(|_: &str, _: Found| {}),
         sample: |_| None,
         piece_bytes: MIB,
     }));
@@ -421,7 +440,7 @@ fn a_scrub_waits_for_an_evacuation_and_goes_on_after_on_the_new_main() {
     let mut scrubs = Scrubs::new(Some(ScrubSetup {
         state_dir: dir.clone(),
         io: r.io.clone(),
-        sink: Arc::new(|_: &str, _: Vec<u64>| {}),
+        sink: Arc::new(|_: &str, _: Found| {}),
         sample: |_| None,
         piece_bytes: MIB,
     }));
@@ -454,4 +473,80 @@ fn a_scrub_waits_for_an_evacuation_and_goes_on_after_on_the_new_main() {
     wait_done(&mut scrubs, vol(&r.engine));
     assert!(r.io.stats(SIM, NEW).reads > before);
     let _ = fs::remove_dir_all(&dir);
+}
+
+/// Every chunk of the volume in one pass, from the start.
+fn scrub_all(mut sc: Scanner, io: &SimIo) -> (Vec<u64>, Vec<BadBlock>) {
+    let (mut bad, mut blocks) = (Vec::new(), Vec::new());
+    while let Some(s) = sc.step(io) {
+        bad.extend(s.bad);
+        blocks.extend(s.bad_blocks);
+    }
+    (bad, blocks)
+}
+
+/// A spare wears too: the scrub reads each remapped chunk on its spare (never its bad main
+/// copy), and a block gone bad there moves the chunk again, the rest of it copied.
+#[test]
+fn a_scrub_reads_remapped_chunks_on_their_spare_and_a_bad_block_there_moves_the_chunk() {
+    let (mut engine, io) = rig();
+    engine
+        .remap("v", BTreeSet::from([5000, 5001, 7000]))
+        .unwrap();
+    let was = *vol(&engine).remaps.get(5000).unwrap();
+    let spare = vol(&engine).spares[&was.extent.spare].clone();
+    // The main copies of the remapped chunks fail: a scrub reading them would name them.
+    io.fail_reads(SIM, 0, 40000..40016);
+    io.fail_reads(SIM, 0, 56000..56008);
+    io.fail_reads(SIM, spare.minor, was.extent.start + 5..was.extent.start + 6);
+    let c = Cursor::new(vol(&engine), None, 0);
+    let sc = Scanner::of_volume(vol(&engine), &c, MIB);
+    let (bad, blocks) = scrub_all(sc, &io);
+    assert_eq!(bad, [0u64; 0], "main copies of remapped chunks were read");
+    let want = BadBlock {
+        chunk: 5000,
+        dev: spare.kernel_dev(),
+        path: spare.path.clone(),
+        sector: was.extent.start + 5,
+        sectors: 1,
+    };
+    assert_eq!(blocks, [want]);
+
+    let reports = report_blocks(&mut engine, &blocks);
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert_eq!(reports[0].remapped, [5000]);
+    let now = *vol(&engine).remaps.get(5000).unwrap();
+    assert_ne!(now.extent, was.extent);
+    assert_eq!(now.pending, 1 << 5, "only the bad block is pending");
+    // The detector's copy of the same error finds the chunk gone from there: nothing moves.
+    assert!(report_blocks(&mut engine, &blocks).is_empty());
+}
+
+/// A chunk an evacuation folded home keeps its pending blocks failing until rewritten: the
+/// scrub reads its other blocks, and only a new bad one among them is reported.
+#[test]
+fn a_scrub_reads_a_chunk_at_home_except_its_pending_blocks() {
+    let (engine, io) = rig();
+    let v = vol(&engine);
+    let home = Remap {
+        extent: Extent::home(3000 * 8),
+        pending: 0b1,
+    };
+    io.fail_reads(SIM, 0, 24000..24001);
+    io.fail_reads(SIM, 0, 24003..24004);
+    let c = Cursor::new(v, None, 0);
+    let sc = Scanner::new(v.main.clone(), &c, MIB).with_remapped(
+        vec![(3000, home)],
+        BTreeMap::new(),
+        512,
+    );
+    let (bad, blocks) = scrub_all(sc, &io);
+    assert_eq!(bad, [0u64; 0]);
+    let sectors: Vec<u64> = blocks.iter().map(|b| b.sector).collect();
+    assert_eq!(
+        sectors,
+        [24003],
+        "the pending block is not read, the new bad one is named"
+    );
+    assert_eq!(blocks[0].dev, v.main.kernel_dev());
 }

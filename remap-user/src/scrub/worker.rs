@@ -58,7 +58,7 @@ impl Worker {
             let (rate, done, elapsed) = {
                 let mut l = self.shared.lock();
                 l.cursor.position_bytes = scanner.position;
-                l.cursor.bad_chunks += step.bad.len() as u64;
+                l.cursor.bad_chunks += step.bad_chunks();
                 (
                     l.cursor.rate_bytes_per_sec,
                     scanner.position - l.from,
@@ -71,7 +71,22 @@ impl Worker {
                     chunks = ?step.bad,
                     "scrub found unreadable chunks"
                 );
-                (self.sink)(&name, step.bad);
+            }
+            for b in &step.bad_blocks {
+                tracing::warn!(
+                    volume = name,
+                    chunk = b.chunk,
+                    device = %b.path.display(),
+                    sector = b.sector,
+                    "scrub found an unreadable block of a remapped chunk where it lives"
+                );
+            }
+            if !step.bad.is_empty() || !step.bad_blocks.is_empty() {
+                let found = super::Found {
+                    chunks: step.bad,
+                    blocks: step.bad_blocks,
+                };
+                (self.sink)(&name, found);
             }
             if saved_at.0.elapsed() >= SAVE_EVERY
                 || scanner.position - saved_at.1 >= SAVE_EVERY_BYTES

@@ -1,8 +1,9 @@
 #!/bin/sh
-# Scrub: remapd reads the whole main device of a volume in the background, and a block that
-# went bad where nobody reads (a latent error) is found and its chunk remapped before anyone
-# needs it. The scrub's position survives a restart of remapd, and no readable data changes.
-#vm: cases scrub-finds-latent scrub-status scrub-resume data-identical
+# Scrub: remapd reads the whole of a volume's data in the background, and a block that went
+# bad where nobody reads (a latent error) is found and its chunk remapped before anyone needs
+# it. The scrub's position survives a restart of remapd, and no readable data changes. A spare
+# wears too: a remapped chunk is read on its spare, where a block that went bad moves it again.
+#vm: cases scrub-finds-latent scrub-status scrub-resume data-identical scrub-reads-spares
 #vm: needs remapd remapctl
 #vm: timeout 600
 . /vm/lib.sh
@@ -161,6 +162,44 @@ if dio-read "/dev/mapper/$VOL" $LATENT 1 /tmp/got 2>/dev/null && [ "$(tr -d '\00
     ok=0
 fi
 [ $ok = 1 ] && pass data-identical "$(wc -l </tmp/diff) chunk(s) differ in a 4 KiB read, all the one with the unreadable block"
+
+# --- the remapped chunk's sector 5 goes bad on its spare, where nobody reads: a new pass of
+# the scrub reads the chunk there (its main copy, with the latent block, never), and it moves
+# again with its readable sectors
+sp=$(remap_field $LATENT_CHUNK spare)
+ss=$(remap_field $LATENT_CHUNK spare_sector)
+nullb bad add "$sp" "$((ss + 5))-$((ss + 5))"
+if [ -z "$ss" ] || ! out=$(remapctl scrub "$VOL" --restart --rate 0 2>&1); then
+    fail scrub-reads-spares "chunk $LATENT_CHUNK at '$sp:$ss'; scrub start: $out"
+elif ! wait_scrub_done 240; then
+    fail scrub-reads-spares "not done after 240 s: $(scrub_status)"
+else
+    n=0
+    while [ "$(remap_field $LATENT_CHUNK spare_sector)" = "$ss" ] && [ $n -lt 100 ]; do
+        sleep 0.1
+        n=$((n + 1))
+    done
+    sp_new=$(remap_field $LATENT_CHUNK spare)
+    ss_new=$(remap_field $LATENT_CHUNK spare_sector)
+    found=$(grep -c 'scrub found an unreadable block of a remapped chunk' /tmp/remapd2.log)
+    ok=1
+    for o in 0 1 2 4 6 7; do
+        s=$((LATENT_CHUNK * 8 + o))
+        dd if=/tmp/golden of=/tmp/want bs=512 skip=$s count=1 status=none
+        if ! dio-read "/dev/mapper/$VOL" $s 1 /tmp/got 2>/dev/null || ! cmp -s /tmp/want /tmp/got; then
+            fail scrub-reads-spares "sector $s of the chunk differs or fails after its move"
+            ok=0
+        fi
+    done
+    if [ "$sp_new:$ss_new" = "$sp:$ss" ] || [ -z "$ss_new" ]; then
+        fail scrub-reads-spares "chunk $LATENT_CHUNK still at $sp:$ss; found $found; $(scrub_status)"
+    elif [ $ok = 1 ]; then
+        expect_eq scrub-reads-spares "reports of the scrub" 1 "$found" &&
+            expect_eq scrub-reads-spares "bad chunks of this pass" 1 "$(json_num "$(scrub_status)" bad_chunks)" &&
+            expect_eq scrub-reads-spares "pending blocks (the latent one and the spare's)" 2 "$(remap_field $LATENT_CHUNK pending_blocks)" &&
+            pass scrub-reads-spares "chunk $LATENT_CHUNK moved from $sp:$ss to $sp_new:$ss_new, its 6 readable sectors identical"
+    fi
+fi
 
 kill -TERM $agent 2>/dev/null
 wait $agent 2>/dev/null

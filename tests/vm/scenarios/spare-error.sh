@@ -25,15 +25,6 @@ usage() {
     remapctl spare list $VOL --json | grep -o '"path":"[^"]*"\|"used":[0-9]*' | sed 's/^"[a-z]*"://; s/"//g' |
         paste -sd ' ' | awk '{ for (i = 1; i < NF; i += 2) printf "%s%s:%s", (i > 1 ? " " : ""), $i, $(i + 1); print "" }'
 }
-# One remap's field, from `remap list --json` (a one-line array): remap_field CHUNK KEY
-remap_field() {
-    remapctl remap list $VOL --json | sed 's/},{/}\n{/g' | grep "\"chunk\":$1," | {
-        read -r l
-        v=$(json_num "$l" "$2")
-        [ -n "$v" ] || v=$(json_str "$l" "$2")
-        echo "$v"
-    }
-}
 
 if ! out=$(remapctl create --in-place $VOL --main "$main" --spare "$sp1" --spare "$sp2" --region-size 16MiB 2>&1); then
     fail manual-remap "create: $out"
