@@ -147,8 +147,8 @@ pub enum AgentRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         main: Option<PathBuf>,
     },
-    /// Starts (or resumes, or re-paces) a background read of the volume's whole main device;
-    /// the chunks it cannot read are remapped. `rate` in bytes a second, 0 for no limit;
+    /// Starts (or resumes, or re-paces) a background read of the whole volume (the main, and
+    /// each remapped chunk where it lives); the chunks it cannot read are remapped. `rate` in bytes a second, 0 for no limit;
     /// absent: the paused scrub's rate, or the default.
     ScrubStart {
         name: String,

@@ -111,8 +111,9 @@ pub(crate) enum Cmd {
     /// Health of a volume: a score with the reasons behind it, when the pool will run out,
     /// and what changed since the last look.
     Health { name: String },
-    /// Read the whole main device in the background and remap every chunk that cannot be
-    /// read (latent bad blocks nobody has hit yet), at a bounded pace and out of the way of
+    /// Read the whole volume in the background (the main device, and each remapped chunk on
+    /// its spare) and remap every chunk that cannot be read (latent bad blocks nobody has hit
+    /// yet), at a bounded pace and out of the way of
     /// the volume's own I/O. A stopped scrub, or one cut short by a restart of remapd, resumes
     /// where it was.
     #[command(after_help = "Examples:
