@@ -108,7 +108,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
         };
         let mut j = vol.journal.clone();
         let step = j
-            .roll(&self.io, &vol.copies(), &mut r, budget)
+            .roll(&self.io, &vol.copies(), &mut r, budget, &vol.remaps)
             .map_err(|e| EngineError::Failed(format!("writing metadata: {e}")))?;
         vol.journal = j;
         let going = match step {
@@ -118,7 +118,7 @@ impl<D: DeviceMapper, I: BlockIo, W: Watch> Kernel<D, I, W> {
                 vol.rolling.is_some()
             }
             metadata::Rolled::Done(w) => {
-                let (bytes, _) = r.progress();
+                let bytes = r.written();
                 tracing::info!(
                     volume = vol.config.name,
                     generation = vol.journal.ckpt_gen,

@@ -210,6 +210,94 @@ impl Superblock {
     }
 }
 
+/// A checkpoint encoded piece by piece: a header's room, the configuration, then the records
+/// in chunk order as they are pushed; the header, which states their count and CRC, last.
+#[derive(Debug)]
+pub struct CkptEncoder {
+    uuid: [u8; 16],
+    generation: u64,
+    version: u32,
+    config_len: u32,
+    count: u64,
+    payload_crc: u32,
+}
+
+impl CkptEncoder {
+    /// The encoder of the checkpoint of `generation` with `config`, and its first bytes: a
+    /// zeroed header, then the configuration.
+    pub fn new(
+        uuid: &[u8; 16],
+        generation: u64,
+        config: &VolumeConfig,
+    ) -> Result<(Self, Vec<u8>), MetaError> {
+        let version = if config.has_header() {
+            VERSION_HEADER
+        } else {
+            VERSION
+        };
+        let config = serde_json::to_vec(config).map_err(|e| MetaError::Config(e.to_string()))?;
+        let mut out = Vec::with_capacity(HEADER + config.len());
+        out.extend_from_slice(&[0; HEADER]);
+        out.extend_from_slice(&config);
+        let e = Self {
+            uuid: *uuid,
+            generation,
+            version,
+            config_len: config.len() as u32,
+            count: 0,
+            payload_crc: crc32c::crc32c(&config),
+        };
+        Ok((e, out))
+    }
+
+    /// Appends the records of `remaps` (in chunk order, after those pushed before) to `out`;
+    /// returns how many.
+    pub fn push<'r>(
+        &mut self,
+        remaps: impl IntoIterator<Item = (u64, &'r Remap)>,
+        out: &mut Vec<u8>,
+    ) -> u64 {
+        let from = out.len();
+        for (chunk, r) in remaps {
+            out.extend_from_slice(bytemuck::bytes_of(&record(&JournalOp::Set {
+                chunk,
+                remap: *r,
+            })));
+        }
+        let n = ((out.len() - from) / RECORD) as u64;
+        self.count += n;
+        self.payload_crc = crc32c::crc32c_append(self.payload_crc, &out[from..]);
+        n
+    }
+
+    /// Records pushed so far.
+    pub fn count(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Where the checkpoint ends so far, padding aside (what its superblock's CRC covers).
+    pub fn end(&self) -> usize {
+        HEADER + self.config_len as usize + self.count as usize * RECORD
+    }
+
+    /// The header of what was pushed.
+    pub fn header(&self) -> [u8; HEADER] {
+        let mut h = CkptHeader {
+            magic: CKPT_MAGIC,
+            version: self.version,
+            config_len: self.config_len,
+            volume_uuid: self.uuid,
+            generation: self.generation,
+            count: self.count,
+            payload_crc: self.payload_crc,
+            crc: 0,
+            reserved: [0; 8],
+        };
+        h.crc = crc_without(bytemuck::bytes_of(&h), 52);
+        bytemuck::cast(h)
+    }
+}
+
 /// A full copy of the volume's state.
 pub fn encode_checkpoint(
     uuid: &[u8; 16],
@@ -217,34 +305,10 @@ pub fn encode_checkpoint(
     config: &VolumeConfig,
     remaps: &RemapTable,
 ) -> Result<Vec<u8>, MetaError> {
-    let version = if config.has_header() {
-        VERSION_HEADER
-    } else {
-        VERSION
-    };
-    let config = serde_json::to_vec(config).map_err(|e| MetaError::Config(e.to_string()))?;
-    let mut out = Vec::with_capacity(HEADER + config.len() + remaps.len() * RECORD + BLOCK);
-    out.extend_from_slice(&[0; HEADER]);
-    out.extend_from_slice(&config);
-    for (chunk, r) in remaps.iter() {
-        out.extend_from_slice(bytemuck::bytes_of(&record(&JournalOp::Set {
-            chunk,
-            remap: *r,
-        })));
-    }
-    let mut h = CkptHeader {
-        magic: CKPT_MAGIC,
-        version,
-        config_len: config.len() as u32,
-        volume_uuid: *uuid,
-        generation,
-        count: remaps.len() as u64,
-        payload_crc: crc32c::crc32c(&out[HEADER..]),
-        crc: 0,
-        reserved: [0; 8],
-    };
-    h.crc = crc_without(bytemuck::bytes_of(&h), 52);
-    out[..HEADER].copy_from_slice(bytemuck::bytes_of(&h));
+    let (mut e, mut out) = CkptEncoder::new(uuid, generation, config)?;
+    out.reserve(remaps.len() * RECORD + BLOCK);
+    e.push(remaps.iter(), &mut out);
+    out[..HEADER].copy_from_slice(&e.header());
     out.resize(out.len().next_multiple_of(BLOCK), 0);
     Ok(out)
 }

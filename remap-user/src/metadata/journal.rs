@@ -33,16 +33,31 @@ impl Journal {
     }
 }
 
-/// A checkpoint being written a slice at a time ([`Journal::begin_rolling`]). Apart from
-/// the [`Journal`], which is cloned for every commit: at a million remaps this is 31 MiB.
+/// A checkpoint being written a slice at a time ([`Journal::begin_rolling`]), encoded as it
+/// is written: it holds one slice, never the whole state (31 MiB at a million remaps), and no
+/// step encodes more than it writes.
+///
+/// Commits go on meanwhile, so each record is its chunk's state at `generation` or at a later
+/// commit, whichever was in the table when the encoder reached it. Replayed from `generation`
+/// on, as every checkpoint is, the journal's records give every chunk changed since its last
+/// state (a record sets a chunk's state whole, or removes it: the last one wins), so what a
+/// reader builds is the same. The configuration is the one at `generation`.
 #[derive(Debug)]
 pub struct Rolling {
     /// The state it holds: the journal's generation when it began.
     generation: u64,
     /// The checkpoint (generation, slot) it replaces.
     base: (u64, u32),
-    bytes: Vec<u8>,
-    written: usize,
+    enc: codec::CkptEncoder,
+    /// Encoded and not yet written; its first byte goes `at` bytes into the slot.
+    buf: Vec<u8>,
+    at: usize,
+    /// The first block, written last: its header states the count and CRC.
+    first: Option<Vec<u8>>,
+    /// The chunk the next record is taken from; `None` once every record is encoded.
+    next: Option<u64>,
+    /// CRC-32C of the checkpoint's bytes past the first block, as far as they are written.
+    rest_crc: u32,
     /// Where the commits after `generation` begin, and the ring blocks they take.
     start: u32,
     used: u32,
@@ -54,9 +69,9 @@ impl Rolling {
         self.used += blocks;
     }
 
-    /// Bytes of the checkpoint, and how many are written.
-    pub fn progress(&self) -> (usize, usize) {
-        (self.written, self.bytes.len())
+    /// Bytes of the checkpoint written so far.
+    pub fn written(&self) -> usize {
+        self.at
     }
 }
 
@@ -173,7 +188,17 @@ impl Journal {
             |_| bytes.as_slice().into(),
             None,
         );
-        self.name_checkpoint(io, copies, &mut failed, slot, generation, &bytes, self.next)?;
+        let len = codec::checkpoint_len(&bytes)?;
+        let crc = crc32c::crc32c(&bytes[..len]);
+        self.name_checkpoint(
+            io,
+            copies,
+            &mut failed,
+            slot,
+            generation,
+            (len, crc),
+            self.next,
+        )?;
         let written = outcome(copies, failed)?;
         self.generation = generation;
         self.ckpt_gen = generation;
@@ -190,18 +215,24 @@ impl Journal {
         remaps: &RemapTable,
     ) -> Result<Vec<u8>, MetaError> {
         let bytes = codec::encode_checkpoint(&self.uuid, generation, config, remaps)?;
-        if bytes.len() as u64 > self.layout.ckpt_slot_bytes() {
-            return Err(MetaError::Full {
-                count: remaps.len(),
-                capacity: self.layout.capacity(),
-            });
-        }
+        self.fits(bytes.len(), remaps.len())?;
         Ok(bytes)
     }
 
-    /// Superblock `slot` of every copy, naming the checkpoint `bytes` of `generation` in that
-    /// slot, whose commits begin at journal block `start` (the checkpoint is on every copy,
-    /// flushed).
+    /// Whether a checkpoint of `bytes` (of `count` remaps) fits a slot.
+    fn fits(&self, bytes: usize, count: usize) -> Result<(), MetaError> {
+        if bytes as u64 > self.layout.ckpt_slot_bytes() {
+            return Err(MetaError::Full {
+                count,
+                capacity: self.layout.capacity(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Superblock `slot` of every copy, naming the checkpoint of `generation` in that slot
+    /// (`len` bytes, padding aside, whose CRC-32C is `crc`), whose commits begin at journal
+    /// block `start` (the checkpoint is on every copy, flushed).
     #[expect(clippy::too_many_arguments, reason = "one superblock's fields, named")]
     fn name_checkpoint(
         &self,
@@ -210,11 +241,9 @@ impl Journal {
         failed: &mut Vec<(u32, MetaError)>,
         slot: u32,
         generation: u64,
-        bytes: &[u8],
+        (len, crc): (usize, u32),
         start: u32,
     ) -> Result<(), MetaError> {
-        let len = codec::checkpoint_len(bytes)?;
-        let crc = crc32c::crc32c(&bytes[..len]);
         let sb_of = |c: &Copy<'_>| -> std::borrow::Cow<'static, [u8]> {
             Superblock {
                 magic: codec::SB_MAGIC,
@@ -259,10 +288,10 @@ impl Journal {
     }
 
     /// A checkpoint of the state now (generation `generation`: it takes no generation of its
-    /// own), to be written a slice at a time by [`Journal::roll`] while commits go on. Until
-    /// its superblock is written the checkpoint it replaces stands, with every commit since
-    /// in the ring; the commits after it begin where the writer is now. `None` when the
-    /// newest checkpoint already holds the state.
+    /// own), to be encoded and written by [`Journal::roll`] a slice at a time while commits
+    /// go on. Until its superblock is written the checkpoint it replaces stands, with every
+    /// commit since in the ring; the commits after it begin where the writer is now. `None`
+    /// when the newest checkpoint already holds the state.
     pub fn begin_rolling(
         &self,
         config: &VolumeConfig,
@@ -271,18 +300,25 @@ impl Journal {
         if self.generation == self.ckpt_gen {
             return Ok(None);
         }
+        let (enc, buf) = codec::CkptEncoder::new(&self.uuid, self.generation, config)?;
+        self.fits(buf.len() + remaps.len() * codec::RECORD, remaps.len())?;
         Ok(Some(Rolling {
             generation: self.generation,
             base: (self.ckpt_gen, self.ckpt_slot),
-            bytes: self.encode(self.generation, config, remaps)?,
-            written: 0,
+            enc,
+            buf,
+            at: 0,
+            first: None,
+            next: Some(0),
+            rest_crc: 0,
             start: self.next,
             used: 0,
         }))
     }
 
-    /// Writes the next `budget` bytes (at least 4 KiB) of `r` to the idle checkpoint slot of
-    /// every copy; once all are there, the superblock naming it. A checkpoint written
+    /// Encodes the next `budget` bytes (at least 4 KiB) of `r` from `remaps` (the table now)
+    /// and writes them to the idle checkpoint slot of every copy; once all are there, the
+    /// first block, with the header, then the superblock naming it. A checkpoint written
     /// another way since `r` began (a configuration change, a full ring, a failed copy) has
     /// taken its slot: `r` is dropped.
     pub fn roll(
@@ -291,38 +327,84 @@ impl Journal {
         copies: &[Copy<'_>],
         r: &mut Rolling,
         budget: usize,
+        remaps: &RemapTable,
     ) -> Result<Rolled, MetaError> {
         if r.base != (self.ckpt_gen, self.ckpt_slot) {
             return Ok(Rolled::Dropped);
         }
         let slot = 1 - self.ckpt_slot;
+        let n = budget.next_multiple_of(BLOCK).max(BLOCK);
+        let want = n + if r.first.is_none() { BLOCK } else { 0 };
+        if let Some(from) = r.next
+            && r.buf.len() < want
+        {
+            let k = (want - r.buf.len()).div_ceil(codec::RECORD);
+            let mut last = from;
+            let got = r.enc.push(
+                remaps
+                    .range(from..u64::MAX)
+                    .take(k)
+                    .inspect(|(c, _)| last = *c),
+                &mut r.buf,
+            );
+            r.next = (got == k as u64).then(|| last + 1);
+            self.fits(r.enc.end(), r.enc.count())?;
+        }
+        let end = r.enc.end();
+        if r.next.is_none() {
+            r.buf
+                .resize((r.at + r.buf.len()).next_multiple_of(BLOCK) - r.at, 0);
+        }
+        if r.first.is_none() && r.buf.len() >= BLOCK {
+            r.first = Some(r.buf.drain(..BLOCK).collect());
+            r.at = BLOCK;
+        }
         let mut failed = Vec::new();
-        if r.written < r.bytes.len() {
-            let n = budget
-                .next_multiple_of(BLOCK)
-                .max(BLOCK)
-                .min(r.bytes.len() - r.written);
-            let slice = &r.bytes[r.written..r.written + n];
+        let m = (r.buf.len() / BLOCK * BLOCK).min(n);
+        if m > 0 {
+            let slice = &r.buf[..m];
             write_each(
                 io,
                 copies,
                 &mut failed,
-                self.layout.ckpt_offset(slot) + r.written as u64,
+                self.layout.ckpt_offset(slot) + r.at as u64,
                 |_| slice.into(),
                 None,
             );
-            r.written += n;
-            if r.written < r.bytes.len() || !failed.is_empty() {
-                return outcome(copies, failed).map(Rolled::Going);
-            }
+            let real = end.saturating_sub(r.at).min(m);
+            r.rest_crc = crc32c::crc32c_append(r.rest_crc, &slice[..real]);
+            r.at += m;
+            r.buf.drain(..m);
         }
+        if r.next.is_some() || !r.buf.is_empty() || !failed.is_empty() {
+            return outcome(copies, failed).map(Rolled::Going);
+        }
+        let mut first = r
+            .first
+            .take()
+            .expect("the first block is set aside once encoded");
+        let header = r.enc.header();
+        first[..header.len()].copy_from_slice(&header);
+        write_each(
+            io,
+            copies,
+            &mut failed,
+            self.layout.ckpt_offset(slot),
+            |_| first.as_slice().into(),
+            None,
+        );
+        let crc = if end <= BLOCK {
+            crc32c::crc32c(&first[..end])
+        } else {
+            crc32c::crc32c_combine(crc32c::crc32c(&first), r.rest_crc, end - BLOCK)
+        };
         self.name_checkpoint(
             io,
             copies,
             &mut failed,
             slot,
             r.generation,
-            &r.bytes,
+            (end, crc),
             r.start,
         )?;
         let written = outcome(copies, failed)?;
